@@ -1,0 +1,199 @@
+"""Triton kernels for product-key memory: the weighted gather from the value table and its backward.
+
+Math (T tokens, K selected rows each, a value table V of S rows by D columns):
+
+    forward          out[t, :]  = sum_k w[t, k] * V[idx[t, k], :]                (fp32 accumulate)
+    weights grad     dw[t, k]   = < dout[t, :], V[idx[t, k], :] >
+    values grad      dV[s, :]   = sum_{(t, k) : idx[t, k] = s} w[t, k] * dout[t, :]   (zero elsewhere)
+
+The values grad has two kernels: one adds each term with atomics as it goes (fast, order-dependent in
+the last bits), the other reduces the terms of each row in a fixed order over the positions sorted by
+row (deterministic, no atomics). Loads of 16-bit data are converted to the accumulator type at once,
+and every index offset is int64, so tables past 2**31 elements are addressed correctly.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memops._launches import record_launch
+
+
+@triton.jit
+def weighted_gather_fwd_kernel(
+    values_ptr, indices_ptr, weights_ptr, out_ptr,
+    K, D, stride_values,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    # One program per (token, D-slice): BLOCK_K rows of BLOCK_D contiguous columns are in flight at once.
+    token = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        rows = tl.load(indices_ptr + token * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+        w = tl.load(weights_ptr + token * K + offs_k, mask=mask_k, other=0).to(ACC)
+        tile = tl.load(
+            values_ptr + rows[:, None] * stride_values + offs_d[None, :],
+            mask=mask_k[:, None] & mask_d[None, :], other=0,
+        ).to(ACC)
+        acc += tl.sum(tile * w[:, None], axis=0)
+    tl.store(out_ptr + token * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def weighted_gather_bwd_kernel(
+    grad_out_ptr, values_ptr, indices_ptr, weights_ptr, grad_values_ptr, grad_weights_ptr,
+    K, D, stride_values,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    WEIGHTS_GRAD: tl.constexpr, ATOMIC_VALUES_GRAD: tl.constexpr,
+):
+    # One program per (token, K-slice). It walks D once: each step reads one slice of dout[t] and, for
+    # the weights grad, the same slice of the selected rows; the atomic values grad reuses that dout slice.
+    token = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    rows = tl.load(indices_ptr + token * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+    w = tl.load(weights_ptr + token * K + offs_k, mask=mask_k, other=0).to(ACC)
+    dw = tl.zeros((BLOCK_K,), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask = mask_k[:, None] & mask_d[None, :]
+        g = tl.load(grad_out_ptr + token * D + offs_d, mask=mask_d, other=0).to(ACC)
+        if WEIGHTS_GRAD:
+            tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0).to(ACC)
+            dw += tl.sum(tile * g[None, :], axis=1)
+        if ATOMIC_VALUES_GRAD:
+            # grad_values is dense, contiguous and in ACC precision (fp32 or fp64).
+            tl.atomic_add(grad_values_ptr + rows[:, None] * D + offs_d[None, :], w[:, None] * g[None, :], mask=mask)
+    if WEIGHTS_GRAD:
+        tl.store(grad_weights_ptr + token * K + offs_k, dw.to(grad_weights_ptr.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
+def values_grad_segment_kernel(
+    grad_out_ptr, weights_ptr, sorted_positions_ptr, segment_rows_ptr, segment_starts_ptr, grad_values_ptr,
+    K, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    # One program per (distinct row, D-slice). Positions t*K+k that chose the row are contiguous in the
+    # sorted order; they are summed BLOCK_N at a time in that fixed order, so the result is the same bits
+    # on every run, and each row is written once, straight into the output dtype.
+    segment = tl.program_id(0)
+    offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    row = tl.load(segment_rows_ptr + segment).to(tl.int64)
+    start = tl.load(segment_starts_ptr + segment)
+    end = tl.load(segment_starts_ptr + segment + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        positions = tl.load(sorted_positions_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+        w = tl.load(weights_ptr + positions, mask=mask_n, other=0).to(ACC)
+        tokens = positions // K
+        g = tl.load(grad_out_ptr + tokens[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+        acc += tl.sum(g * w[:, None], axis=0)
+    tl.store(grad_values_ptr + row * D + offs_d, acc.to(grad_values_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _accumulator(*tensors: torch.Tensor):
+    # fp64 inputs keep fp64 math, so fp64 gradcheck can run on the Triton path; everything else is fp32.
+    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
+def _block_d(D: int, cap: int) -> int:
+    return min(triton.next_power_of_2(D), cap)
+
+
+def gather_config(K: int, D: int, element_size: int) -> dict:
+    """Launch parameters for the forward: about 16 KiB of value rows in flight per program."""
+    block_d = _block_d(D, 1024 if element_size <= 2 else 512)
+    block_k = min(triton.next_power_of_2(K), max(1, 8192 // block_d), 32)
+    return {"BLOCK_K": block_k, "BLOCK_D": block_d, "num_warps": 4 if block_k * block_d >= 4096 else 2}
+
+
+def weighted_gather_fwd(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *, config: dict | None = None
+) -> torch.Tensor:
+    """out (T, D) in values.dtype from values (S, D) with unit column stride, indices (T, K) int32/int64
+    contiguous, weights (T, K) float contiguous. ``config`` overrides the launch parameters (tuning)."""
+    T, K = indices.shape
+    D = values.shape[1]
+    out = torch.empty((T, D), dtype=values.dtype, device=values.device)
+    if T == 0 or D == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    cfg = config or gather_config(K, D, values.element_size())
+    record_launch("weighted_gather_fwd_kernel")
+    weighted_gather_fwd_kernel[(T, triton.cdiv(D, cfg["BLOCK_D"]))](
+        values, indices, weights, out, K, D, values.stride(0),
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=_accumulator(values, weights),
+        num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def _segments(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions t*K+k sorted by the row they chose (stable), the distinct rows, and CSR offsets into them."""
+    sorted_rows, sorted_positions = torch.sort(indices.reshape(-1), stable=True)
+    segment_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    segment_starts = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(counts, 0, out=segment_starts[1:])
+    return sorted_positions, segment_rows, segment_starts
+
+
+def weighted_gather_bwd(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *,
+    deterministic: bool, values_grad: bool = True, weights_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_values (S, D) in values.dtype, grad_weights (T, K) in weights.dtype); None where not asked.
+
+    grad_out (T, D) contiguous; the other arguments as for :func:`weighted_gather_fwd`.
+    """
+    T, K = indices.shape
+    S, D = values.shape
+    acc = _accumulator(values, weights, grad_out)
+    acc_dtype = torch.float64 if acc == tl.float64 else torch.float32
+    grad_weights = torch.empty((T, K), dtype=weights.dtype, device=weights.device) if weights_grad else None
+    grad_values = None
+    if values_grad:
+        # The atomic kernel accumulates into a dense fp32 (fp64) buffer; the segment kernel writes rows
+        # in place, so only untouched rows need zeroing and the buffer is in values' own dtype.
+        atomic = not deterministic
+        buffer_dtype = acc_dtype if atomic else values.dtype
+        grad_values = torch.zeros((S, D), dtype=buffer_dtype, device=values.device)
+    if T * K == 0 or D == 0:
+        if grad_weights is not None:
+            grad_weights.zero_()
+        return (grad_values.to(values.dtype) if grad_values is not None else None), grad_weights
+
+    atomic_values_grad = values_grad and not deterministic
+    if weights_grad or atomic_values_grad:
+        block_d = _block_d(D, 256)
+        block_k = min(triton.next_power_of_2(K), max(1, 4096 // block_d), 32)
+        record_launch("weighted_gather_bwd_kernel")
+        weighted_gather_bwd_kernel[(T, triton.cdiv(K, block_k))](
+            grad_out, values, indices, weights,
+            grad_values if atomic_values_grad else grad_out,  # placeholder pointers: never touched
+            grad_weights if weights_grad else grad_out,
+            K, D, values.stride(0),
+            BLOCK_K=block_k, BLOCK_D=block_d, ACC=acc,
+            WEIGHTS_GRAD=weights_grad, ATOMIC_VALUES_GRAD=atomic_values_grad, num_warps=4,
+        )
+    if values_grad and deterministic:
+        sorted_positions, segment_rows, segment_starts = _segments(indices)
+        block_d = _block_d(D, 512)
+        record_launch("values_grad_segment_kernel")
+        values_grad_segment_kernel[(segment_rows.numel(), triton.cdiv(D, block_d))](
+            grad_out, weights, sorted_positions, segment_rows, segment_starts, grad_values, K, D,
+            BLOCK_N=8, BLOCK_D=block_d, ACC=acc, num_warps=4,
+        )
+    if grad_values is not None:
+        grad_values = grad_values.to(values.dtype)
+    return grad_values, grad_weights

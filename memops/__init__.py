@@ -1,0 +1,11 @@
+"""memops: Triton GPU kernels for learnable-memory operations, with pure-PyTorch references.
+
+Public ops run on backend "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or
+"reference" (memops.reference); see :func:`backend` and the MEMOPS_BACKEND environment variable.
+"""
+from memops._backend import BACKENDS, backend, get_backend
+from memops.product_key import weighted_gather
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "backend", "get_backend", "weighted_gather", "__version__"]

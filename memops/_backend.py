@@ -1,0 +1,89 @@
+"""Backend selection: which implementation a public op runs.
+
+``"triton"`` runs the kernels in ``memops.kernels``; ``"reference"`` runs ``memops.reference``;
+``"auto"`` (the default) picks triton for CUDA tensors when triton imports, reference otherwise.
+
+The choice comes from, in order: the innermost ``memops.backend(name)`` block in this thread, the
+``MEMOPS_BACKEND`` environment variable, then ``"auto"``. The override lives in a ``threading.local``
+rather than a ``ContextVar`` because torch.compile traces (and guards on) the former but graph-breaks
+on ``ContextVar.get``; a compiled function therefore recompiles when the block's backend changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+class _Overrides(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+
+
+_overrides = _Overrides()
+
+
+def _validate(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend name in force here: ``"auto"``, ``"triton"`` or ``"reference"``."""
+    if _overrides.stack:
+        return _overrides.stack[-1]
+    return _validate(os.environ.get("MEMOPS_BACKEND", "auto").strip().lower() or "auto", "MEMOPS_BACKEND")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run the ops called inside the block on backend ``name`` (auto|triton|reference).
+
+    Per thread; nests; restores the previous choice on exit, also when the block raises.
+    """
+    _overrides.stack.append(_validate(name, "memops.backend"))
+    try:
+        yield
+    finally:
+        _overrides.stack.pop()
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # an ImportError, or a broken install raising something else at import
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on CPU tensors through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(tensor: torch.Tensor) -> str:
+    """The concrete backend (``"triton"`` or ``"reference"``) for an op whose main input is ``tensor``."""
+    name = get_backend()
+    if name == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "reference"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "memops backend 'triton' was requested but triton cannot be imported; "
+                "install triton or use memops.backend('reference')"
+            )
+        if not (tensor.is_cuda or interpreter_enabled()):
+            raise RuntimeError(
+                f"memops backend 'triton' needs CUDA tensors (got device {tensor.device}); "
+                "set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU"
+            )
+    return name

@@ -1,0 +1,158 @@
+"""Product-key memory ops: public functions and their torch.library registration.
+
+``weighted_gather`` -> ``memops::weighted_gather`` (custom op) -> ``memops.kernels.product_key``
+(backend "triton") or ``memops.reference.product_key`` (backend "reference").
+"""
+from __future__ import annotations
+
+import torch
+
+from memops import reference
+from memops._backend import resolve_backend
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _kernels():
+    # Imported on first use, so `import memops` works where triton does not.
+    from memops.kernels import product_key
+
+    return product_key
+
+
+def _check_weighted_gather_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    for name, t in (("values", values), ("indices", indices), ("weights", weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"weighted_gather: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if values.dim() != 2:
+        raise ValueError(f"weighted_gather: values must be a 2-D (S, D) table, got shape {tuple(values.shape)}")
+    if not values.is_floating_point():
+        raise TypeError(f"weighted_gather: values must be a floating-point tensor, got {values.dtype}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"weighted_gather: indices must be int32 or int64, got {indices.dtype}")
+    if indices.dim() < 1:
+        raise ValueError("weighted_gather: indices must have shape (..., K), got a 0-d tensor")
+    if not weights.is_floating_point():
+        raise TypeError(f"weighted_gather: weights must be a floating-point tensor, got {weights.dtype}")
+    if weights.shape != indices.shape:
+        raise ValueError(
+            f"weighted_gather: weights must have the shape of indices (..., K) = {tuple(indices.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+    for name, t in (("indices", indices), ("weights", weights)):
+        if t.device != values.device:
+            raise ValueError(f"weighted_gather: {name} is on {t.device} but values is on {values.device}")
+
+
+def _check_index_range(indices: torch.Tensor, num_rows: int) -> None:
+    # One min/max reduction and one host sync per call; `check_indices=False` skips it.
+    if indices.numel() == 0:
+        return
+    low, high = torch.aminmax(indices)
+    low, high = int(low), int(high)
+    if low < 0 or high >= num_rows:
+        raise IndexError(
+            f"weighted_gather: indices must lie in [0, {num_rows}) (the rows of values), "
+            f"found values in [{low}, {high}]"
+        )
+
+
+def _triton_matrix(t: torch.Tensor) -> torch.Tensor:
+    # Kernels address (T, K) and (T, D) operands as dense row-major; the value table only needs unit
+    # column stride, so a column slice of a huge table is never copied.
+    return t.contiguous()
+
+
+def _triton_table(values: torch.Tensor) -> torch.Tensor:
+    return values if values.stride(1) == 1 else values.contiguous()
+
+
+@torch.library.custom_op("memops::weighted_gather", mutates_args=())
+def _weighted_gather_op(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, backend: str, check_indices: bool
+) -> torch.Tensor:
+    if check_indices:
+        _check_index_range(indices, values.shape[0])
+    if backend == "triton":
+        return _kernels().weighted_gather_fwd(_triton_table(values), _triton_matrix(indices), _triton_matrix(weights))
+    return reference.weighted_gather(values, indices, weights)
+
+
+@_weighted_gather_op.register_fake
+def _(values, indices, weights, backend, check_indices):
+    return values.new_empty((indices.shape[0], values.shape[1]))
+
+
+@torch.library.custom_op("memops::weighted_gather_backward", mutates_args=())
+def _weighted_gather_backward_op(
+    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+    backend: str, deterministic: bool, values_grad: bool, weights_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        grad_values, grad_weights = _kernels().weighted_gather_bwd(
+            _triton_matrix(grad_out), _triton_table(values), _triton_matrix(indices), _triton_matrix(weights),
+            deterministic=deterministic, values_grad=values_grad, weights_grad=weights_grad,
+        )
+    else:
+        grad_values, grad_weights = reference.weighted_gather_backward(grad_out, values, indices, weights)
+    # A custom op returns tensors only: an unneeded grad travels as an empty tensor and becomes None.
+    if grad_values is None or not values_grad:
+        grad_values = values.new_empty(0)
+    if grad_weights is None or not weights_grad:
+        grad_weights = weights.new_empty(0)
+    return grad_values, grad_weights
+
+
+@_weighted_gather_backward_op.register_fake
+def _(grad_out, values, indices, weights, backend, deterministic, values_grad, weights_grad):
+    grad_values = values.new_empty(values.shape if values_grad else (0,))
+    grad_weights = weights.new_empty(weights.shape if weights_grad else (0,))
+    return grad_values, grad_weights
+
+
+def _setup_context(ctx, inputs, output):
+    values, indices, weights, backend, _ = inputs
+    ctx.save_for_backward(values, indices, weights)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    values, indices, weights = ctx.saved_tensors
+    values_grad, weights_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    grad_values, grad_weights = _weighted_gather_backward_op(
+        grad_out, values, indices, weights, ctx.backend,
+        torch.are_deterministic_algorithms_enabled(), values_grad, weights_grad,
+    )
+    return (grad_values if values_grad else None), None, (grad_weights if weights_grad else None), None, None
+
+
+_weighted_gather_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def weighted_gather(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *, check_indices: bool = True
+) -> torch.Tensor:
+    """Weighted sum of gathered table rows: ``out[..., :] = sum_k weights[..., k] * values[indices[..., k], :]``.
+
+    The value read of a product-key memory; the semantics of
+    ``F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights)``.
+
+    Args:
+        values: (S, D) fp32, fp16, bf16 or fp64 table. S can be millions of rows. Any row stride.
+        indices: (..., K) int32 or int64, each in [0, S). Duplicates within and across rows are fine.
+        weights: (..., K) floating point, any float dtype.
+        check_indices: raise IndexError for an index outside [0, S) (one min/max reduction and a host
+            sync per call). With False, an out-of-range index reads out of bounds on the Triton path.
+
+    Returns:
+        (..., D) tensor in values.dtype, accumulated in fp32 (fp64 for fp64 inputs).
+
+    Backward gives grads to ``values`` (dense (S, D), non-zero only on the gathered rows) and ``weights``.
+    Under ``torch.use_deterministic_algorithms(True)`` the values grad comes from a sorted segment
+    reduction with no atomics, bit-identical across runs.
+    """
+    _check_weighted_gather_inputs(values, indices, weights)
+    backend = resolve_backend(values)
+    K = indices.shape[-1]
+    out = _weighted_gather_op(values, indices.reshape(-1, K), weights.reshape(-1, K), backend, check_indices)
+    return out.reshape(*indices.shape[:-1], values.shape[1])

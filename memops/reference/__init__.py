@@ -1,0 +1,5 @@
+"""The pure-PyTorch definition of every memops op. Each function here is the spec of the public op with
+the same name, and the implementation of backend ``"reference"``."""
+from memops.reference.product_key import weighted_gather, weighted_gather_backward
+
+__all__ = ["weighted_gather", "weighted_gather_backward"]

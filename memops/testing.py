@@ -1,0 +1,37 @@
+"""Helpers for testing memops kernels: relative errors against float64 references, launch counting."""
+from __future__ import annotations
+
+import torch
+
+from memops._launches import count_launches
+
+__all__ = ["count_launches", "relative_error", "assert_close_to_reference", "TOLERANCES"]
+
+# Relative error ‖out − ref‖ / ‖ref‖ allowed against a float64 reference, by compute dtype.
+TOLERANCES = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+    "tf32": 3e-4,
+}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; inf if out has a NaN or Inf (so unwritten NaN-poisoned memory fails)."""
+    out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    if out64.shape != ref64.shape:
+        raise AssertionError(f"shape {tuple(out64.shape)} != reference shape {tuple(ref64.shape)}")
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denominator = ref64.norm().item()
+    difference = (out64 - ref64).norm().item()
+    return difference / denominator if denominator > 0 else difference
+
+
+def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, dtype, *, name: str = "output", scale: float = 1.0):
+    """Assert ``relative_error(out, ref) <= scale * TOLERANCES[dtype]``."""
+    tolerance = scale * TOLERANCES[dtype]
+    error = relative_error(out, ref)
+    assert error <= tolerance, f"{name}: relative error {error:.3e} > tolerance {tolerance:.1e} ({dtype})"
+    return error
