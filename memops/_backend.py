@@ -55,6 +55,7 @@ def backend(name: str) -> Iterator[None]:
         _overrides.stack.pop()
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def triton_available() -> bool:
     try:

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from memops import reference
@@ -153,6 +155,6 @@ def weighted_gather(
     """
     _check_weighted_gather_inputs(values, indices, weights)
     backend = resolve_backend(values)
-    K = indices.shape[-1]
-    out = _weighted_gather_op(values, indices.reshape(-1, K), weights.reshape(-1, K), backend, check_indices)
+    flat_shape = (math.prod(indices.shape[:-1]), indices.shape[-1])
+    out = _weighted_gather_op(values, indices.reshape(flat_shape), weights.reshape(flat_shape), backend, check_indices)
     return out.reshape(*indices.shape[:-1], values.shape[1])

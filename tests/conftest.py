@@ -1,0 +1,56 @@
+"""Test set-up. Without CUDA, every Triton kernel runs on CPU tensors through Triton's interpreter, so
+TRITON_INTERPRET must be set before triton is first imported: here, before memops is imported."""
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("memops", max_examples=12, deadline=None, derandomize=False, print_blob=True)
+settings.load_profile("memops")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the kernel tests run: the GPU when there is one, else the CPU through the interpreter."""
+    return "cuda" if CUDA else "cpu"
+
+
+def _poisoned(factory):
+    def make(*args, **kwargs):
+        t = factory(*args, **kwargs)
+        if t.is_floating_point() or t.is_complex():
+            return t.fill_(float("nan"))
+        if t.dtype == torch.bool:
+            return t.fill_(True)
+        return t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.uint8 else 255)
+    return make
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """torch.empty / empty_like fill with NaN (ints with their max), so memory a kernel should have
+    written but did not fails the comparison loudly (the fla habit)."""
+    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
+
+
+@pytest.fixture
+def deterministic():
+    """Turn on torch's deterministic-algorithms mode for one test, restoring the previous mode."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
