@@ -11,7 +11,6 @@ on ``ContextVar.get``; a compiled function therefore recompiles when the block's
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -55,15 +54,21 @@ def backend(name: str) -> Iterator[None]:
         _overrides.stack.pop()
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # an ImportError, or a broken install raising something else at import
         return False
     return True
+
+
+# Probed once at import (about 0.15 s): a plain constant is what torch.compile traces best.
+TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    return TRITON_AVAILABLE
 
 
 def interpreter_enabled() -> bool:
