@@ -1,0 +1,104 @@
+"""weighted_gather against F.embedding_bag(mode="sum", per_sample_weights=...) and gather-then-einsum.
+
+The forward must read T*K*D table elements and write T*D: its floor is those bytes over the measured copy
+bandwidth. fwd+bwd adds reading dout and V rows again (weights grad), writing the dense (S, D) values grad,
+and the scatter of T*K*D contributions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import memops
+from memops.benchmarking import Case
+
+OP = "weighted_gather"
+MEMOPS_PROVIDERS = ("memops", "memops-reference", "memops-unchecked", "memops-deterministic")
+BASELINES = ("embedding_bag", "gather_einsum")
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    small = dict(T=256, K=32, S=1 << 16, D=256, dtype="float32")
+    medium = dict(T=1024, K=64, S=1 << 18, D=512, dtype="float32")
+    # Memory Layers at Scale: 4 heads x top-32 = 128 rows per token from a 1024^2-row bf16 table.
+    mlas_1k = dict(T=4096, K=128, S=1 << 20, D=1024, dtype="bfloat16")
+    mlas_4k = dict(T=4096, K=128, S=1 << 20, D=4096, dtype="bfloat16")
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        out.append(Case("small", mode, small, quick=True))
+        if not quick:
+            out.append(Case("medium", mode, medium))
+        if device == "cuda":
+            out.append(Case("mlas-D1024", mode, mlas_1k, quick=True, cuda_only=True))
+            if not quick:
+                out.append(Case("mlas-D4096", mode, mlas_4k, cuda_only=True))
+    return out
+
+
+def make_inputs(case: Case, device: str, seed: int):
+    p = case.params
+    dtype = getattr(torch, p["dtype"])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    values = torch.randn(p["S"], p["D"], device=device, dtype=dtype, generator=generator)
+    indices = torch.randint(0, p["S"], (p["T"], p["K"]), device=device, generator=generator)
+    weights = torch.rand(p["T"], p["K"], device=device, generator=generator).softmax(-1).to(dtype)
+    grad_out = torch.randn(p["T"], p["D"], device=device, dtype=dtype, generator=generator) if case.mode != "fwd" else None
+    return values, indices, weights, grad_out
+
+
+def _gather_einsum(values, indices, weights):
+    return torch.einsum("tk,tkd->td", weights, values[indices])
+
+
+def _embedding_bag(values, indices, weights):
+    return F.embedding_bag(indices, values, per_sample_weights=weights, mode="sum")
+
+
+def _memops(**kwargs):
+    def fn(values, indices, weights):
+        return memops.weighted_gather(values, indices, weights, **kwargs)
+    return fn
+
+
+def _build(forward, mode: str, deterministic: bool = False):
+    def build(inputs):
+        values, indices, weights, grad_out = inputs
+        if mode == "fwd":
+            return lambda: forward(values, indices, weights)
+        values, weights = values.requires_grad_(), weights.requires_grad_()
+
+        def step():
+            values.grad = weights.grad = None
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                forward(values, indices, weights).backward(grad_out)
+            finally:
+                torch.use_deterministic_algorithms(before)
+        return step
+    return build
+
+
+def providers(case: Case, device: str) -> dict:
+    ours = "memops" if device == "cuda" else "memops-reference"
+    out = {ours: _build(_memops(), case.mode)}
+    if device == "cuda":
+        out["memops-unchecked"] = _build(_memops(check_indices=False), case.mode)
+        if case.mode != "fwd":
+            out["memops-deterministic"] = _build(_memops(), case.mode, deterministic=True)
+    out["embedding_bag"] = _build(_embedding_bag, case.mode)
+    if case.params["T"] * case.params["K"] * case.params["D"] <= 1 << 31:
+        out["gather_einsum"] = _build(_gather_einsum, case.mode)
+    return out
+
+
+def bytes_moved(case: Case, mode: str) -> int:
+    p = case.params
+    item = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+    T, K, S, D = p["T"], p["K"], p["S"], p["D"]
+    index_bytes = T * K * (8 + item)
+    forward = T * K * D * item + T * D * item + index_bytes
+    if mode == "fwd":
+        return forward
+    # backward: read dout, re-read the selected rows (weights grad), write the dense values grad.
+    return forward + T * D * item + T * K * D * item + S * D * item + T * K * item

@@ -1,0 +1,54 @@
+"""``memops`` command line: ``memops bench [--op NAME] [--quick] [--out DIR]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from memops import benchmarking
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ops = [args.op] if args.op else list(benchmarking.BENCHMARK_MODULES)
+    for op in ops:
+        benchmarking.load(op)  # an unknown --op fails before any timing
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = benchmarking.device_name(device)
+    bandwidth = benchmarking.copy_bandwidth_gbps(device)
+    for op in ops:
+        results = benchmarking.run_op(op, device=device, quick=args.quick, bandwidth_gbps=bandwidth)
+        print(benchmarking.format_table(results, label, bandwidth))
+        json_path = out_dir / f"{op}.json"
+        benchmarking.write_json(results, json_path, label, bandwidth)
+        written = [str(json_path)]
+        png_path = out_dir / f"{op}.png"
+        if benchmarking.write_plot(results, png_path, label):
+            written.append(str(png_path))
+        else:
+            print("(matplotlib is not installed: no plot; pip install 'memops[bench]')", file=sys.stderr)
+        print("wrote " + ", ".join(written))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memops", description="memops: Triton kernels for learnable-memory ops")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="time the ops against their baselines; print a table, write JSON + PNG")
+    bench.add_argument("--op", help="one op to run (default: all)")
+    bench.add_argument("--quick", action="store_true", help="the small cases only (a CPU-only machine: under 2 minutes)")
+    bench.add_argument("--out", default="bench-results", help="folder for <op>.json and <op>.png (default: bench-results)")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        try:
+            return _bench(args)
+        except ValueError as error:
+            parser.error(str(error))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
