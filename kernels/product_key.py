@@ -111,10 +111,22 @@ def _block_d(D: int, cap: int) -> int:
 
 
 def gather_config(K: int, D: int, element_size: int) -> dict:
-    """Launch parameters for the forward: about 16 KiB of value rows in flight per program."""
+    """Forward launch parameters: about 16 KiB of value rows in flight per program."""
     block_d = _block_d(D, 1024 if element_size <= 2 else 512)
     block_k = min(triton.next_power_of_2(K), max(1, 8192 // block_d), 32)
     return {"BLOCK_K": block_k, "BLOCK_D": block_d, "num_warps": 4 if block_k * block_d >= 4096 else 2}
+
+
+def gather_bwd_config(K: int, D: int, element_size: int) -> dict:
+    """Launch parameters of the weights-grad (+ atomic values-grad) kernel."""
+    block_d = _block_d(D, 256)
+    block_k = min(triton.next_power_of_2(K), max(1, 4096 // block_d), 32)
+    return {"BLOCK_K": block_k, "BLOCK_D": block_d, "num_warps": 4}
+
+
+def segment_config(D: int, element_size: int) -> dict:
+    """Launch parameters of the deterministic values-grad kernel."""
+    return {"BLOCK_N": 8, "BLOCK_D": _block_d(D, 512), "num_warps": 4}
 
 
 def weighted_gather_fwd(
@@ -150,50 +162,51 @@ def _segments(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def weighted_gather_bwd(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *,
-    deterministic: bool, values_grad: bool = True, weights_grad: bool = True,
+    values_grad_algorithm: str = "atomic", values_grad: bool = True, weights_grad: bool = True,
+    config: dict | None = None, segment: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(grad_values (S, D) in values.dtype, grad_weights (T, K) in weights.dtype); None where not asked.
 
     grad_out (T, D) contiguous; the other arguments as for :func:`weighted_gather_fwd`.
+    ``values_grad_algorithm``: "atomic" (atomic adds into a dense fp32 buffer, then cast) or "segment"
+    (sorted segment reduction, deterministic, written straight into values.dtype).
     """
+    if values_grad_algorithm not in ("atomic", "segment"):
+        raise ValueError(f"values_grad_algorithm: expected 'atomic' or 'segment', got {values_grad_algorithm!r}")
     T, K = indices.shape
     S, D = values.shape
     acc = _accumulator(values, weights, grad_out)
-    acc_dtype = torch.float64 if acc == tl.float64 else torch.float32
+    atomic = values_grad and values_grad_algorithm == "atomic"
     grad_weights = torch.empty((T, K), dtype=weights.dtype, device=weights.device) if weights_grad else None
     grad_values = None
     if values_grad:
-        # The atomic kernel accumulates into a dense fp32 (fp64) buffer; the segment kernel writes rows
-        # in place, so only untouched rows need zeroing and the buffer is in values' own dtype.
-        atomic = not deterministic
-        buffer_dtype = acc_dtype if atomic else values.dtype
+        # Atomics need a buffer in accumulator precision; the segment kernel writes each touched row once
+        # in values' own dtype, so it only needs the untouched rows zeroed.
+        buffer_dtype = (torch.float64 if acc == tl.float64 else torch.float32) if atomic else values.dtype
         grad_values = torch.zeros((S, D), dtype=buffer_dtype, device=values.device)
-    if T * K == 0 or D == 0:
-        if grad_weights is not None:
-            grad_weights.zero_()
-        return (grad_values.to(values.dtype) if grad_values is not None else None), grad_weights
 
-    atomic_values_grad = values_grad and not deterministic
-    if weights_grad or atomic_values_grad:
-        block_d = _block_d(D, 256)
-        block_k = min(triton.next_power_of_2(K), max(1, 4096 // block_d), 32)
-        record_launch("weighted_gather_bwd_kernel")
-        weighted_gather_bwd_kernel[(T, triton.cdiv(K, block_k))](
-            grad_out, values, indices, weights,
-            grad_values if atomic_values_grad else grad_out,  # placeholder pointers: never touched
-            grad_weights if weights_grad else grad_out,
-            K, D, values.stride(0),
-            BLOCK_K=block_k, BLOCK_D=block_d, ACC=acc,
-            WEIGHTS_GRAD=weights_grad, ATOMIC_VALUES_GRAD=atomic_values_grad, num_warps=4,
-        )
-    if values_grad and deterministic:
-        sorted_positions, segment_rows, segment_starts = _segments(indices)
-        block_d = _block_d(D, 512)
-        record_launch("values_grad_segment_kernel")
-        values_grad_segment_kernel[(segment_rows.numel(), triton.cdiv(D, block_d))](
-            grad_out, weights, sorted_positions, segment_rows, segment_starts, grad_values, K, D,
-            BLOCK_N=8, BLOCK_D=block_d, ACC=acc, num_warps=4,
-        )
+    if T * K > 0 and D > 0:
+        if weights_grad or atomic:
+            cfg = config or gather_bwd_config(K, D, values.element_size())
+            record_launch("weighted_gather_bwd_kernel")
+            weighted_gather_bwd_kernel[(T, triton.cdiv(K, cfg["BLOCK_K"]))](
+                grad_out, values, indices, weights,
+                grad_values if atomic else grad_out,  # placeholder pointers are never dereferenced
+                grad_weights if weights_grad else grad_out,
+                K, D, values.stride(0),
+                BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=acc,
+                WEIGHTS_GRAD=weights_grad, ATOMIC_VALUES_GRAD=atomic, num_warps=cfg["num_warps"],
+            )
+        if values_grad and not atomic:
+            sorted_positions, segment_rows, segment_starts = _segments(indices)
+            cfg = segment or segment_config(D, values.element_size())
+            record_launch("values_grad_segment_kernel")
+            values_grad_segment_kernel[(segment_rows.numel(), triton.cdiv(D, cfg["BLOCK_D"]))](
+                grad_out, weights, sorted_positions, segment_rows, segment_starts, grad_values, K, D,
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ACC=acc, num_warps=cfg["num_warps"],
+            )
+    elif weights_grad:
+        grad_weights.zero_()
     if grad_values is not None:
         grad_values = grad_values.to(values.dtype)
     return grad_values, grad_weights

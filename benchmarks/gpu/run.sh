@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call: install, CUDA tests, compute-sanitizer, tuning sweep, full benchmark.
+# Usage on the GPU machine: bash benchmarks/gpu/run.sh [steps...]  (steps: tests sanitize tune bench)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+steps=${*:-tests sanitize tune bench}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
+for step in $steps; do
+  echo "=== $step"
+  case $step in
+    tests) python3 -m pytest tests -q -x -p no:randomly 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    sanitize) compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/gpu/sanitize.py 2>&1 | tail -8 | tee "$OUT/sanitize.log" ;;
+    tune) python3 -m memops.benchmarks.tune_weighted_gather --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+    bench) memops bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v '^\[' ;;
+  esac
+done

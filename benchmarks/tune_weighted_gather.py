@@ -1,0 +1,118 @@
+"""Sweep the launch parameters of the weighted_gather kernels on a CUDA device (a tuning aid, not a test).
+
+    python -m memops.benchmarks.tune_weighted_gather [--out DIR] [--quick]
+
+For each shape it times every config of the forward, the weights-grad (+ atomic values-grad) kernel and
+the deterministic segment kernel with do_bench, prints the fastest few against the launchers' default
+config, and writes all timings to DIR/tune_weighted_gather.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from memops.kernels import product_key as kernels
+
+SHAPES = [
+    dict(T=4096, K=128, S=1 << 20, D=1024, dtype=torch.bfloat16),
+    dict(T=4096, K=128, S=1 << 20, D=4096, dtype=torch.bfloat16),
+    dict(T=4096, K=128, S=1 << 20, D=1024, dtype=torch.float32),
+    dict(T=256, K=32, S=1 << 16, D=256, dtype=torch.float32),
+]
+
+
+def _ms(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def _inputs(shape):
+    T, K, S, D, dtype = shape["T"], shape["K"], shape["S"], shape["D"], shape["dtype"]
+    values = torch.randn(S, D, device="cuda", dtype=dtype)
+    indices = torch.randint(0, S, (T, K), device="cuda")
+    weights = torch.rand(T, K, device="cuda").softmax(-1).to(dtype)
+    grad_out = torch.randn(T, D, device="cuda", dtype=dtype)
+    return values, indices, weights, grad_out
+
+
+def _sweep(name, configs, run, default):
+    rows = []
+    for cfg in configs:
+        try:
+            rows.append((_ms(lambda: run(cfg)), cfg))
+        except Exception as error:  # a config the compiler rejects (too many registers, shared memory)
+            print(f"  {name} {cfg}: {type(error).__name__}")
+    rows.sort(key=lambda r: r[0])
+    default_ms = _ms(lambda: run(default))
+    print(f"  {name:<14} default {default} {default_ms:.3f} ms")
+    for ms, cfg in rows[:3]:
+        print(f"  {'':<14} best    {cfg} {ms:.3f} ms ({default_ms / ms:.2f}x vs default)")
+    return {"default": default, "default_ms": default_ms, "all": [{"ms": ms, "config": cfg} for ms, cfg in rows]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    report = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": []}
+    for shape in SHAPES[:2] if args.quick else SHAPES:
+        values, indices, weights, grad_out = _inputs(shape)
+        T, K, S, D = shape["T"], shape["K"], shape["S"], shape["D"]
+        item = values.element_size()
+        print(f"{shape}")
+        entry = {"shape": {k: str(v) for k, v in shape.items()}}
+
+        fwd_configs = [
+            {"BLOCK_K": bk, "BLOCK_D": bd, "num_warps": nw}
+            for bk, bd, nw in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8))
+            if bd <= triton.next_power_of_2(D) and bk <= K and bk * bd <= 32768
+        ]
+        entry["fwd"] = _sweep(
+            "fwd", fwd_configs, lambda cfg: kernels.weighted_gather_fwd(values, indices, weights, config=cfg),
+            kernels.gather_config(K, D, item),
+        )
+        fwd_best = entry["fwd"]["all"][0]["ms"]
+        entry["fwd_gbps"] = (T * K * D + T * D) * item / (fwd_best * 1e-3) / 1e9
+
+        bwd_configs = [
+            {"BLOCK_K": bk, "BLOCK_D": bd, "num_warps": nw}
+            for bk, bd, nw in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (4, 8))
+            if bd <= triton.next_power_of_2(D) and bk <= K and bk * bd <= 16384
+        ]
+        for algorithm, label in (("atomic", "wgrad+atomic"), ("segment", "wgrad-only")):
+            entry[label] = _sweep(
+                label, bwd_configs,
+                lambda cfg, a=algorithm: kernels.weighted_gather_bwd(
+                    grad_out, values, indices, weights, values_grad_algorithm=a, config=cfg,
+                    values_grad=(a == "atomic"),
+                ),
+                kernels.gather_bwd_config(K, D, item),
+            )
+        segment_configs = [
+            {"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": nw}
+            for bn, bd, nw in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8))
+            if bd <= triton.next_power_of_2(D)
+        ]
+        entry["segment"] = _sweep(
+            "segment", segment_configs,
+            lambda cfg: kernels.weighted_gather_bwd(
+                grad_out, values, indices, weights, values_grad_algorithm="segment", weights_grad=False, segment=cfg,
+            ),
+            kernels.segment_config(D, item),
+        )
+        report["shapes"].append(entry)
+        del values, indices, weights, grad_out
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune_weighted_gather.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
