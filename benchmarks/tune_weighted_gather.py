@@ -70,7 +70,7 @@ def main() -> None:
 
         fwd_configs = [
             {"BLOCK_K": bk, "BLOCK_D": bd, "num_warps": nw}
-            for bk, bd, nw in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8))
+            for bk, bd, nw in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (4, 8))
             if bd <= triton.next_power_of_2(D) and bk <= K and bk * bd <= 32768
         ]
         entry["fwd"] = _sweep(
@@ -82,7 +82,7 @@ def main() -> None:
 
         bwd_configs = [
             {"BLOCK_K": bk, "BLOCK_D": bd, "num_warps": nw}
-            for bk, bd, nw in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (4, 8))
+            for bk, bd, nw in itertools.product((4, 8, 16), (128, 256, 512), (4, 8))
             if bd <= triton.next_power_of_2(D) and bk <= K and bk * bd <= 16384
         ]
         for algorithm, label in (("atomic", "wgrad+atomic"), ("segment", "wgrad-only")):
@@ -96,7 +96,7 @@ def main() -> None:
             )
         segment_configs = [
             {"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": nw}
-            for bn, bd, nw in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8))
+            for bn, bd, nw in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8))
             if bd <= triton.next_power_of_2(D)
         ]
         entry["segment"] = _sweep(
