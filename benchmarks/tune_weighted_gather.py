@@ -20,6 +20,8 @@ import triton.testing
 from memops.kernels import product_key as kernels
 
 SHAPES = [
+    # A hot row: a tenth of all picks land on row 0 (52K entries in one segment).
+    dict(T=4096, K=128, S=1 << 20, D=1024, dtype=torch.bfloat16, hot_fraction=0.1),
     dict(T=4096, K=128, S=1 << 20, D=1024, dtype=torch.bfloat16),
     dict(T=4096, K=128, S=1 << 20, D=4096, dtype=torch.bfloat16),
     dict(T=4096, K=128, S=1 << 20, D=1024, dtype=torch.float32),
@@ -35,9 +37,18 @@ def _inputs(shape):
     T, K, S, D, dtype = shape["T"], shape["K"], shape["S"], shape["D"], shape["dtype"]
     values = torch.randn(S, D, device="cuda", dtype=dtype)
     indices = torch.randint(0, S, (T, K), device="cuda")
+    hot = torch.rand(T, K, device="cuda") < shape.get("hot_fraction", 0.0)
+    indices[hot] = 0
     weights = torch.rand(T, K, device="cuda").softmax(-1).to(dtype)
     grad_out = torch.randn(T, D, device="cuda", dtype=dtype)
     return values, indices, weights, grad_out
+
+
+def _configs(D, keys, *choices):
+    # Block widths past D are clamped to next_power_of_2(D); duplicates that leaves are dropped.
+    width = triton.next_power_of_2(D)
+    unique = {tuple(min(c, width) if k == "BLOCK_D" else c for k, c in zip(keys, combo)) for combo in itertools.product(*choices)}
+    return [dict(zip(keys, combo)) for combo in sorted(unique)]
 
 
 def _sweep(name, configs, run, default):
@@ -68,11 +79,8 @@ def main() -> None:
         print(f"{shape}")
         entry = {"shape": {k: str(v) for k, v in shape.items()}}
 
-        fwd_configs = [
-            {"BLOCK_K": bk, "BLOCK_D": bd, "num_warps": nw}
-            for bk, bd, nw in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (4, 8))
-            if bd <= triton.next_power_of_2(D) and bk <= K and bk * bd <= 32768
-        ]
+        keys = ("BLOCK_K", "BLOCK_D", "num_warps")
+        fwd_configs = _configs(D, keys, (4, 8, 16, 32), (512, 1024, 2048), (4, 8))
         entry["fwd"] = _sweep(
             "fwd", fwd_configs, lambda cfg: kernels.weighted_gather_fwd(values, indices, weights, config=cfg),
             kernels.gather_config(K, D, item),
@@ -80,11 +88,7 @@ def main() -> None:
         fwd_best = entry["fwd"]["all"][0]["ms"]
         entry["fwd_gbps"] = (T * K * D + T * D) * item / (fwd_best * 1e-3) / 1e9
 
-        bwd_configs = [
-            {"BLOCK_K": bk, "BLOCK_D": bd, "num_warps": nw}
-            for bk, bd, nw in itertools.product((4, 8, 16), (128, 256, 512), (4, 8))
-            if bd <= triton.next_power_of_2(D) and bk <= K and bk * bd <= 16384
-        ]
+        bwd_configs = _configs(D, keys, (8, 16, 32), (64, 128, 256), (4, 8))
         for algorithm, label in (("atomic", "wgrad+atomic"), ("segment", "wgrad-only")):
             entry[label] = _sweep(
                 label, bwd_configs,
@@ -94,11 +98,7 @@ def main() -> None:
                 ),
                 kernels.gather_bwd_config(K, D, item),
             )
-        segment_configs = [
-            {"BLOCK_N": bn, "BLOCK_D": bd, "num_warps": nw}
-            for bn, bd, nw in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8))
-            if bd <= triton.next_power_of_2(D)
-        ]
+        segment_configs = _configs(D, ("BLOCK_N", "BLOCK_D", "num_warps"), (1, 2, 4), (512, 1024, 2048), (2, 4, 8))
         entry["segment"] = _sweep(
             "segment", segment_configs,
             lambda cfg: kernels.weighted_gather_bwd(
@@ -106,6 +106,11 @@ def main() -> None:
             ),
             kernels.segment_config(D, item),
         )
+        # The whole backward (weights grad + values grad, buffers and casts included) by algorithm.
+        for algorithm in ("atomic", "segment"):
+            entry[f"full_bwd_{algorithm}_ms"] = _ms(lambda a=algorithm: kernels.weighted_gather_bwd(
+                grad_out, values, indices, weights, values_grad_algorithm=a))
+            print(f"  full backward  {algorithm:<8} {entry[f'full_bwd_{algorithm}_ms']:.3f} ms")
         report["shapes"].append(entry)
         del values, indices, weights, grad_out
         torch.cuda.empty_cache()

@@ -93,7 +93,7 @@ def _weighted_gather_backward_op(
     if backend == "triton":
         grad_values, grad_weights = _kernels().weighted_gather_bwd(
             _triton_matrix(grad_out), _triton_table(values), _triton_matrix(indices), _triton_matrix(weights),
-            values_grad_algorithm="segment" if deterministic else "atomic", values_grad=values_grad, weights_grad=weights_grad,
+            values_grad_algorithm="segment" if deterministic else "auto", values_grad=values_grad, weights_grad=weights_grad,
         )
     else:
         grad_values, grad_weights = reference.weighted_gather_backward(grad_out, values, indices, weights)

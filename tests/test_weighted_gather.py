@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import memops
 from memops import reference
+from memops.kernels import product_key as kernels
 from memops.testing import assert_close_to_reference, count_launches, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -40,7 +41,16 @@ def float64_reference(values, indices, weights, grad_out):
     return out, grad_values, grad_weights
 
 
-def check_against_float64(values, indices, weights, *, dtype, deterministic=False):
+@pytest.fixture(params=["segment", "atomic"])
+def values_grad_path(request, monkeypatch):
+    """Both values-grad kernels: "auto" takes the segment kernel unless a row repeats more than
+    LONG_SEGMENT times, so a threshold of 0 sends it to the atomic kernel."""
+    if request.param == "atomic":
+        monkeypatch.setattr(kernels, "LONG_SEGMENT", 0)
+    return request.param
+
+
+def check_against_float64(values, indices, weights, *, dtype, values_grad_path="segment"):
     """Triton forward + backward against the float64 reference. The reference runs on the rows that were
     read (a compact copy of the table, so multi-GB tables stay cheap); every other row of the values
     grad must be exactly zero."""
@@ -48,7 +58,8 @@ def check_against_float64(values, indices, weights, *, dtype, deterministic=Fals
     out, grad_values, grad_weights, launches = run_with_grads("triton", values, indices, weights, grad_out)
     assert launches["weighted_gather_fwd_kernel"] == 1
     assert launches["weighted_gather_bwd_kernel"] == 1
-    assert launches["values_grad_segment_kernel"] == (1 if deterministic else 0)
+    segment = values_grad_path == "segment" or torch.are_deterministic_algorithms_enabled()
+    assert launches["values_grad_segment_kernel"] == (1 if segment else 0)
     assert out.dtype == values.dtype and grad_values.dtype == values.dtype and grad_weights.dtype == weights.dtype
     K, D = indices.shape[-1], values.shape[1]
     rows, local_indices = torch.unique(indices.reshape(-1, K), return_inverse=True)
@@ -59,28 +70,29 @@ def check_against_float64(values, indices, weights, *, dtype, deterministic=Fals
     assert_close_to_reference(grad_values[rows], ref_grad_rows, dtype, name="grad_values")
     untouched = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
     untouched[rows] = False
-    assert torch.count_nonzero(torch.count_nonzero(grad_values, dim=1)[untouched]) == 0, "grad_values: rows never read are not zero"
+    assert not grad_values.ne(0).any(dim=1)[untouched].any(), "grad_values: rows never read are not zero"
     assert_close_to_reference(grad_weights.reshape(ref_gw.shape), ref_gw, dtype, name="grad_weights")
 
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_matches_float64_reference(dtype, index_dtype, device):
+def test_matches_float64_reference(dtype, index_dtype, values_grad_path, device):
     values, indices, weights = make_inputs(13, 7, 40, 96, dtype, device, index_dtype=index_dtype)
-    check_against_float64(values, indices, weights, dtype=dtype)
+    check_against_float64(values, indices, weights, dtype=dtype, values_grad_path=values_grad_path)
 
 
 @pytest.mark.usefixtures("poison_empty", "deterministic")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_deterministic_mode_matches_float64_reference(dtype, device):
+def test_deterministic_mode_always_takes_the_segment_kernel(dtype, monkeypatch, device):
+    monkeypatch.setattr(kernels, "LONG_SEGMENT", 0)  # "auto" would pick atomics here
     values, indices, weights = make_inputs(13, 7, 40, 96, dtype, device)
-    check_against_float64(values, indices, weights, dtype=dtype, deterministic=True)
+    check_against_float64(values, indices, weights, dtype=dtype)
 
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("case", ["duplicates", "k1", "large_d", "odd_d", "one_row_table", "leading_dims"])
-def test_awkward_shapes(case, device):
+def test_awkward_shapes(case, values_grad_path, device):
     dtype = torch.float32
     if case == "duplicates":
         # Every token picks the same few rows, several times in one row of indices.
@@ -97,12 +109,13 @@ def test_awkward_shapes(case, device):
     else:
         values, indices, weights = make_inputs(12, 6, 25, 48, dtype, device)
         indices, weights = indices.reshape(2, 3, 2, 6), weights.reshape(2, 3, 2, 6)
-    check_against_float64(values, indices, weights, dtype=dtype)
+    check_against_float64(values, indices, weights, dtype=dtype, values_grad_path=values_grad_path)
 
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("deterministic_mode", [False, True])
-def test_deterministic_values_grad_is_bit_identical(deterministic_mode, device):
+def test_deterministic_values_grad_is_bit_identical(deterministic_mode, monkeypatch, device):
+    monkeypatch.setattr(kernels, "LONG_SEGMENT", 0)  # outside deterministic mode: the atomic kernel
     # Heavy duplication, so the order of additions decides the last bits of each row's grad.
     values, indices, weights = make_inputs(64, 16, 6, 64, torch.float32, device)
     grad_out = torch.randn(64, 64, device=device)
@@ -202,17 +215,22 @@ def test_torch_compile_fullgraph(backend, device):
 @given(
     T=st.integers(1, 9), K=st.integers(1, 9), S=st.integers(1, 40), D=st.integers(1, 70),
     dtype=st.sampled_from([torch.float32, torch.float16]), index_dtype=st.sampled_from([torch.int32, torch.int64]),
-    deterministic_mode=st.booleans(), seed=st.integers(0, 2**31 - 1),
+    long_segment=st.sampled_from([0, 3, kernels.LONG_SEGMENT]), deterministic_mode=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
 )
-def test_property_random_shapes(T, K, S, D, dtype, index_dtype, deterministic_mode, seed):
+def test_property_random_shapes(T, K, S, D, dtype, index_dtype, long_segment, deterministic_mode, seed):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     values, indices, weights = make_inputs(T, K, S, D, dtype, device, index_dtype=index_dtype, seed=seed)
-    before = torch.are_deterministic_algorithms_enabled()
+    longest = int(torch.unique(indices, return_counts=True)[1].max())
+    before, threshold = torch.are_deterministic_algorithms_enabled(), kernels.LONG_SEGMENT
     torch.use_deterministic_algorithms(deterministic_mode)
+    kernels.LONG_SEGMENT = long_segment
     try:
-        check_against_float64(values, indices, weights, dtype=dtype, deterministic=deterministic_mode)
+        path = "atomic" if longest > long_segment else "segment"
+        check_against_float64(values, indices, weights, dtype=dtype, values_grad_path=path)
     finally:
         torch.use_deterministic_algorithms(before)
+        kernels.LONG_SEGMENT = threshold
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -289,14 +307,13 @@ def test_unchecked_indices_skip_the_range_check(device):
 # --- GPU acceptance: the same checks at real sizes -------------------------------------------
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", [1024, 4096])
-def test_cuda_memory_layers_at_scale_shapes(dtype, D):
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 1024), (torch.float16, 1024), (torch.bfloat16, 1024), (torch.bfloat16, 4096)])
+def test_cuda_memory_layers_at_scale_shapes(dtype, D, values_grad_path):
     # Memory Layers at Scale: 4 heads x top-32 = K 128 from 2**20 rows (T smaller than 4096 keeps it quick).
     values, indices, weights = make_inputs(1024, 128, 1 << 20, D, dtype, "cuda")
     if D == 4096:  # a 2**32-element table: the last rows sit past int32 offsets
         indices[:, 0] = values.shape[0] - 1
-    check_against_float64(values, indices, weights, dtype=dtype)
+    check_against_float64(values, indices, weights, dtype=dtype, values_grad_path=values_grad_path)
 
 
 @pytest.mark.cuda
