@@ -49,11 +49,12 @@ class Result:
     provider: str
     params: dict
     device: str
-    median_ms: float
+    median_ms: float | None
     gbps: float | None
     tflops: float | None
     fraction_of_copy_bandwidth: float | None
     speedup_vs: dict
+    error: str | None = None
 
 
 def load(op: str):
@@ -132,8 +133,19 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
     for n, (case, provider, build) in enumerate(jobs):
         if progress:
             _progress(n, len(jobs), f"{op} {case.name} {case.mode} {provider}")
-        fn = _rotating(lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"))
-        ms = time_ms(fn, device)
+        try:
+            fn = _rotating(lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"))
+            ms = time_ms(fn, device)
+        except (NotImplementedError, RuntimeError) as error:  # a baseline without this dtype or mode
+            results.append(Result(
+                op=op, case=case.name, mode=case.mode, provider=provider, params=case.params, device=device,
+                median_ms=None, gbps=None, tflops=None, fraction_of_copy_bandwidth=None, speedup_vs={},
+                error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}",
+            ))
+            continue
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
         moved = module.bytes_moved(case, case.mode)
         flops = module.flops(case, case.mode) if hasattr(module, "flops") else None
         gbps = moved / (ms * 1e-3) / 1e9
@@ -142,8 +154,6 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
             median_ms=ms, gbps=gbps, tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
             fraction_of_copy_bandwidth=gbps / bandwidth_gbps, speedup_vs={},
         ))
-        if device == "cuda":
-            torch.cuda.empty_cache()
     if progress:
         _progress(len(jobs), len(jobs), f"{op} done")
     _fill_speedups(results, module.MEMOPS_PROVIDERS, module.BASELINES)
@@ -151,8 +161,8 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
 
 
 def _fill_speedups(results: list[Result], ours: tuple[str, ...], baselines: tuple[str, ...]) -> None:
-    by_key = {(r.case, r.mode, r.provider): r for r in results}
-    for r in results:
+    by_key = {(r.case, r.mode, r.provider): r for r in results if r.median_ms is not None}
+    for r in by_key.values():
         if r.provider in ours:
             for baseline in baselines:
                 other = by_key.get((r.case, r.mode, baseline))
@@ -167,6 +177,9 @@ def format_table(results: list[Result], device_label: str, bandwidth_gbps: float
         f"{'op':<16}{'case':<22}{'mode':<9}{'provider':<26}{'ms':>10}{'GB/s':>10}{'% copy':>8}  speedup (baseline time / ours)",
     ]
     for r in results:
+        if r.median_ms is None:
+            lines.append(f"{r.op:<16}{r.case:<22}{r.mode:<9}{r.provider:<26}{'—':>10}{'—':>10}{'—':>8}  {r.error}")
+            continue
         speedups = ", ".join(f"{b} {s:.2f}x" for b, s in r.speedup_vs.items())
         lines.append(
             f"{r.op:<16}{r.case:<22}{r.mode:<9}{r.provider:<26}{r.median_ms:>10.3f}{r.gbps:>10.1f}"
@@ -199,7 +212,7 @@ def write_plot(results: list[Result], path: Path, device_label: str) -> bool:
         return False
     groups = list(dict.fromkeys((r.case, r.mode) for r in results))
     providers = list(dict.fromkeys(r.provider for r in results))
-    by_key = {(r.case, r.mode, r.provider): r for r in results}
+    by_key = {(r.case, r.mode, r.provider): r for r in results if r.gbps is not None}
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups) * len(providers) / 3), 4))
     width = 0.8 / len(providers)
     for p_index, provider in enumerate(providers):

@@ -43,14 +43,12 @@ def float64_reference(values, indices, weights, grad_out):
 
 @pytest.fixture(params=["segment", "atomic"])
 def values_grad_path(request, monkeypatch):
-    """Both values-grad kernels: "auto" takes the segment kernel unless a row repeats more than
-    LONG_SEGMENT times, so a threshold of 0 sends it to the atomic kernel."""
-    if request.param == "atomic":
-        monkeypatch.setattr(kernels, "LONG_SEGMENT", 0)
+    """Both values-grad kernels, whatever "auto" would pick for the test's shape and dtype."""
+    monkeypatch.setattr(kernels, "pick_values_grad_algorithm", lambda values, indices: request.param)
     return request.param
 
 
-def check_against_float64(values, indices, weights, *, dtype, values_grad_path="segment"):
+def check_against_float64(values, indices, weights, *, dtype, values_grad_path=None):
     """Triton forward + backward against the float64 reference. The reference runs on the rows that were
     read (a compact copy of the table, so multi-GB tables stay cheap); every other row of the values
     grad must be exactly zero."""
@@ -58,8 +56,11 @@ def check_against_float64(values, indices, weights, *, dtype, values_grad_path="
     out, grad_values, grad_weights, launches = run_with_grads("triton", values, indices, weights, grad_out)
     assert launches["weighted_gather_fwd_kernel"] == 1
     assert launches["weighted_gather_bwd_kernel"] == 1
-    segment = values_grad_path == "segment" or torch.are_deterministic_algorithms_enabled()
-    assert launches["values_grad_segment_kernel"] == (1 if segment else 0)
+    # values_grad_path None: whichever kernel "auto" picks (deterministic mode: always the segment one).
+    if torch.are_deterministic_algorithms_enabled():
+        values_grad_path = "segment"
+    if values_grad_path is not None:
+        assert launches["values_grad_segment_kernel"] == (1 if values_grad_path == "segment" else 0)
     assert out.dtype == values.dtype and grad_values.dtype == values.dtype and grad_weights.dtype == weights.dtype
     K, D = indices.shape[-1], values.shape[1]
     rows, local_indices = torch.unique(indices.reshape(-1, K), return_inverse=True)
@@ -85,7 +86,8 @@ def test_matches_float64_reference(dtype, index_dtype, values_grad_path, device)
 @pytest.mark.usefixtures("poison_empty", "deterministic")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic_mode_always_takes_the_segment_kernel(dtype, monkeypatch, device):
-    monkeypatch.setattr(kernels, "LONG_SEGMENT", 0)  # "auto" would pick atomics here
+    monkeypatch.setattr(kernels, "pick_values_grad_algorithm", lambda values, indices: "atomic")
+    monkeypatch.setattr(kernels, "LONG_SEGMENT", 0)
     values, indices, weights = make_inputs(13, 7, 40, 96, dtype, device)
     check_against_float64(values, indices, weights, dtype=dtype)
 
@@ -115,7 +117,7 @@ def test_awkward_shapes(case, values_grad_path, device):
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("deterministic_mode", [False, True])
 def test_deterministic_values_grad_is_bit_identical(deterministic_mode, monkeypatch, device):
-    monkeypatch.setattr(kernels, "LONG_SEGMENT", 0)  # outside deterministic mode: the atomic kernel
+    monkeypatch.setattr(kernels, "pick_values_grad_algorithm", lambda values, indices: "atomic")
     # Heavy duplication, so the order of additions decides the last bits of each row's grad.
     values, indices, weights = make_inputs(64, 16, 6, 64, torch.float32, device)
     grad_out = torch.randn(64, 64, device=device)
@@ -215,22 +217,24 @@ def test_torch_compile_fullgraph(backend, device):
 @given(
     T=st.integers(1, 9), K=st.integers(1, 9), S=st.integers(1, 40), D=st.integers(1, 70),
     dtype=st.sampled_from([torch.float32, torch.float16]), index_dtype=st.sampled_from([torch.int32, torch.int64]),
-    long_segment=st.sampled_from([0, 3, kernels.LONG_SEGMENT]), deterministic_mode=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
+    picked=st.sampled_from(["atomic", "segment"]), long_segment=st.sampled_from([0, 3, kernels.LONG_SEGMENT]),
+    deterministic_mode=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
-def test_property_random_shapes(T, K, S, D, dtype, index_dtype, long_segment, deterministic_mode, seed):
+def test_property_random_shapes(T, K, S, D, dtype, index_dtype, picked, long_segment, deterministic_mode, seed):
+    # The picker's choice and the hot-row threshold are drawn too: a picked segment path with a row
+    # longer than the threshold must fall back to atomics, and deterministic mode overrides both.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     values, indices, weights = make_inputs(T, K, S, D, dtype, device, index_dtype=index_dtype, seed=seed)
     longest = int(torch.unique(indices, return_counts=True)[1].max())
-    before, threshold = torch.are_deterministic_algorithms_enabled(), kernels.LONG_SEGMENT
+    saved = torch.are_deterministic_algorithms_enabled(), kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm
     torch.use_deterministic_algorithms(deterministic_mode)
-    kernels.LONG_SEGMENT = long_segment
+    kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm = long_segment, lambda values, indices: picked
     try:
-        path = "atomic" if longest > long_segment else "segment"
+        path = "segment" if picked == "segment" and longest <= long_segment else "atomic"
         check_against_float64(values, indices, weights, dtype=dtype, values_grad_path=path)
     finally:
-        torch.use_deterministic_algorithms(before)
-        kernels.LONG_SEGMENT = threshold
+        torch.use_deterministic_algorithms(saved[0])
+        kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm = saved[1], saved[2]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -326,3 +330,17 @@ def test_cuda_deterministic_bit_identical_at_scale():
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     _, ref_gv, _ = float64_reference(values, indices, weights, grad_out)
     assert relative_error(first[1], ref_gv) < 1e-2
+
+
+@pytest.mark.parametrize("dtype, hot_row, expected", [
+    (torch.float32, False, "atomic"),    # fp32 tables: atomics write the grad in place
+    (torch.float16, False, "segment"),   # 16-bit tables: no fp32 buffer and cast
+    (torch.float16, True, "atomic"),     # a row chosen more than LONG_SEGMENT times: atomics after all
+])
+def test_auto_values_grad_algorithm(dtype, hot_row, expected, monkeypatch, device):
+    monkeypatch.setattr(kernels, "SMALL_PROBLEM", 0)
+    monkeypatch.setattr(kernels, "LONG_SEGMENT", 4)
+    values, indices, weights = make_inputs(8, 3, 40, 16, dtype, device)
+    if hot_row:
+        indices[:, 0] = 5
+    check_against_float64(values, indices, weights, dtype=dtype, values_grad_path=expected)
