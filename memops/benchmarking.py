@@ -213,7 +213,7 @@ def write_plot(results: list[Result], path: Path, device_label: str) -> bool:
     groups = list(dict.fromkeys((r.case, r.mode) for r in results))
     providers = list(dict.fromkeys(r.provider for r in results))
     by_key = {(r.case, r.mode, r.provider): r for r in results if r.gbps is not None}
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups) * len(providers) / 3), 4))
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 1.3 * len(groups)), 4.5))
     width = 0.8 / len(providers)
     for p_index, provider in enumerate(providers):
         xs, ys = [], []

@@ -47,11 +47,11 @@ def _check_weighted_gather_inputs(values: torch.Tensor, indices: torch.Tensor, w
 
 
 def _check_index_range(indices: torch.Tensor, num_rows: int) -> None:
-    # One min/max reduction and one host sync per call; `check_indices=False` skips it.
+    # One min/max reduction and one host sync per call (H100: about 0.1 ms at T=4096, K=128; see
+    # docs/weighted_gather.md); `check_indices=False` skips it.
     if indices.numel() == 0:
         return
-    low, high = torch.aminmax(indices)
-    low, high = int(low), int(high)
+    low, high = torch.stack(torch.aminmax(indices)).tolist()
     if low < 0 or high >= num_rows:
         raise IndexError(
             f"weighted_gather: indices must lie in [0, {num_rows}) (the rows of values), "
