@@ -96,7 +96,7 @@ def main() -> None:
                     grad_out, values, indices, weights, values_grad_algorithm=a, config=cfg,
                     values_grad=(a == "atomic"),
                 ),
-                kernels.gather_bwd_config(K, D, item),
+                kernels.gather_bwd_config(K, D),
             )
         segment_configs = _configs(D, ("BLOCK_N", "BLOCK_D", "num_warps"), (1, 2, 4), (512, 1024, 2048), (2, 4, 8))
         entry["segment"] = _sweep(
@@ -104,7 +104,7 @@ def main() -> None:
             lambda cfg: kernels.weighted_gather_bwd(
                 grad_out, values, indices, weights, values_grad_algorithm="segment", weights_grad=False, segment=cfg,
             ),
-            kernels.segment_config(D, item),
+            kernels.segment_config(D),
         )
         # The whole backward (weights grad + values grad, buffers and casts included) by algorithm.
         for algorithm in ("atomic", "segment"):

@@ -117,7 +117,7 @@ def gather_config(K: int, D: int, element_size: int) -> dict:
     return {"BLOCK_K": block_k, "BLOCK_D": block_d, "num_warps": 4 if block_k * block_d >= 4096 else 2}
 
 
-def gather_bwd_config(K: int, D: int, element_size: int) -> dict:
+def gather_bwd_config(K: int, D: int) -> dict:
     """Launch parameters of the weights-grad (+ atomic values-grad) kernel."""
     # H100, T=4096 K=128 D=1024/4096: 128-wide D slices with 8 warps were 4-17% faster than 256 with 4.
     block_d = _block_d(D, 128)
@@ -125,7 +125,7 @@ def gather_bwd_config(K: int, D: int, element_size: int) -> dict:
     return {"BLOCK_K": block_k, "BLOCK_D": block_d, "num_warps": 8 if block_k * block_d >= 2048 else 4}
 
 
-def segment_config(D: int, element_size: int) -> dict:
+def segment_config(D: int) -> dict:
     """Launch parameters of the deterministic values-grad kernel."""
     # Rows are mostly short segments (T*K draws from S rows), so a narrow BLOCK_N wastes fewer lanes:
     # on H100 BLOCK_N=2 with 1024-wide D slices was 1.5-4x faster than BLOCK_N=8 with 512.
@@ -220,7 +220,7 @@ def weighted_gather_bwd(
 
     if T * K > 0 and D > 0:
         if weights_grad or atomic:
-            cfg = config or gather_bwd_config(K, D, values.element_size())
+            cfg = config or gather_bwd_config(K, D)
             record_launch("weighted_gather_bwd_kernel")
             weighted_gather_bwd_kernel[(T, triton.cdiv(K, cfg["BLOCK_K"]))](
                 grad_out, values, indices, weights,
@@ -232,7 +232,7 @@ def weighted_gather_bwd(
             )
         if values_grad and not atomic:
             sorted_positions, segment_rows, segment_starts, _ = segments
-            cfg = segment or segment_config(D, values.element_size())
+            cfg = segment or segment_config(D)
             record_launch("values_grad_segment_kernel")
             values_grad_segment_kernel[(segment_rows.numel(), triton.cdiv(D, cfg["BLOCK_D"]))](
                 grad_out, weights, sorted_positions, segment_rows, segment_starts, grad_values, K, D,

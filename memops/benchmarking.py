@@ -98,9 +98,12 @@ def copy_bandwidth_gbps(device: str) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def _rotating(make: Callable[[int], object], build: Callable[[object], Callable[[], object]], set_bytes: int):
-    # When one input set fits in L2, repeated calls would time the cache: cycle through enough sets.
-    sets = max(1, min(8, -(-4 * L2_BYTES_GUESS // max(set_bytes, 1)))) if set_bytes < 4 * L2_BYTES_GUESS else 1
+def _rotating(make: Callable[[int], object], build: Callable[[object], Callable[[], object]], set_bytes: int, device: str):
+    # When one input set fits in a GPU's L2, repeated calls would time the cache: cycle through enough
+    # sets. (On CPU the extra sets only add page faults and noise.)
+    sets = 1
+    if device == "cuda" and set_bytes < 4 * L2_BYTES_GUESS:
+        sets = max(1, min(8, -(-4 * L2_BYTES_GUESS // max(set_bytes, 1))))
     calls = [build(make(seed)) for seed in range(sets)]
     if len(calls) == 1:
         return calls[0]
@@ -134,7 +137,7 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
         if progress:
             _progress(n, len(jobs), f"{op} {case.name} {case.mode} {provider}")
         try:
-            fn = _rotating(lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"))
+            fn = _rotating(lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"), device)
             ms = time_ms(fn, device)
         except (NotImplementedError, RuntimeError) as error:  # a baseline without this dtype or mode
             results.append(Result(
