@@ -1,6 +1,7 @@
 """The benchmark harness behind ``memops bench`` and ``pytest benchmarks/``.
 
-A benchmark module (``memops.benchmarks.<op>``, from the repo's ``benchmarks/`` folder) defines:
+A benchmark module (``memops.benchmarks.<family>``, from the repo's ``benchmarks/`` folder, one per op
+family; ``BENCHMARKS`` maps each op to its module) defines, for one op:
 
 - ``OP``: the op's name; ``BASELINES``: provider names the memops provider is compared with;
 - ``cases(device, quick) -> list[Case]``;
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-BENCHMARK_MODULES = ("weighted_gather",)
+# op name -> benchmark module (one module per op family)
+BENCHMARKS = {"weighted_gather": "product_key"}
 L2_BYTES_GUESS = 64 << 20
 
 
@@ -58,9 +60,9 @@ class Result:
 
 
 def load(op: str):
-    if op not in BENCHMARK_MODULES:
-        raise ValueError(f"--op: unknown op {op!r}; expected one of {', '.join(BENCHMARK_MODULES)}")
-    return importlib.import_module(f"memops.benchmarks.{op}")
+    if op not in BENCHMARKS:
+        raise ValueError(f"--op: unknown op {op!r}; expected one of {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"memops.benchmarks.{BENCHMARKS[op]}")
 
 
 def device_name(device: str) -> str:

@@ -12,7 +12,7 @@ def _bench(args: argparse.Namespace) -> int:
     from memops import benchmarking
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ops = [args.op] if args.op else list(benchmarking.BENCHMARK_MODULES)
+    ops = [args.op] if args.op else list(benchmarking.BENCHMARKS)
     for op in ops:
         benchmarking.load(op)  # an unknown --op fails before any timing
     out_dir = Path(args.out)

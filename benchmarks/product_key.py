@@ -1,4 +1,4 @@
-"""weighted_gather against F.embedding_bag(mode="sum", per_sample_weights=...) and gather-then-einsum.
+"""Product-key memory benchmarks. weighted_gather against F.embedding_bag(mode="sum", per_sample_weights=...) and gather-then-einsum.
 
 The forward must read T*K*D table elements and write T*D: its floor is those bytes over the measured copy
 bandwidth. fwd+bwd adds reading dout and V rows again (weights grad), writing the dense (S, D) values grad,

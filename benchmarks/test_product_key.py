@@ -1,11 +1,11 @@
-"""pytest-benchmark view of benchmarks/weighted_gather.py: ``pytest benchmarks/ --benchmark-only``.
+"""pytest-benchmark view of benchmarks/product_key.py: ``pytest benchmarks/ --benchmark-only``.
 
 The quick cases of this device, every provider. `memops bench` gives the same timings as a table with
 GB/s, the fraction of copy bandwidth, and the speedups against the baselines."""
 import pytest
 import torch
 
-from memops.benchmarks import weighted_gather as suite
+from memops.benchmarks import product_key as suite
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 JOBS = [

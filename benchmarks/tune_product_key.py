@@ -1,6 +1,6 @@
 """Sweep the launch parameters of the weighted_gather kernels on a CUDA device (a tuning aid, not a test).
 
-    python -m memops.benchmarks.tune_weighted_gather [--out DIR] [--quick]
+    python -m memops.benchmarks.tune_product_key [--out DIR] [--quick]
 
 For each shape it times every config of the forward, the weights-grad (+ atomic values-grad) kernel and
 the deterministic segment kernel with do_bench, prints the fastest few against the launchers' default

@@ -1,0 +1,41 @@
+"""`memops bench`: the table, the JSON and the PNG; refusing interpreter timings; unknown ops."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from memops import benchmarking
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU quick run; the GPU run is benchmarks/gpu/run.sh")
+def test_bench_quick_writes_table_json_and_png(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "memops.cli", "bench", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "memops-reference" in result.stdout and "embedding_bag" in result.stdout
+    assert "speedup" in result.stdout and "CPU timings" in result.stdout
+    payload = json.loads((tmp_path / "weighted_gather.json").read_text())
+    providers = {r["provider"] for r in payload["results"]}
+    assert {"memops-reference", "embedding_bag", "gather_einsum"} <= providers
+    assert all(r["median_ms"] > 0 for r in payload["results"])
+    assert (tmp_path / "weighted_gather.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_interpreter_timings(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="interpreter timings"):
+        benchmarking.run_op("weighted_gather", device="cpu", quick=True, bandwidth_gbps=1.0, progress=False)
+
+
+def test_bench_unknown_op():
+    result = subprocess.run(
+        [sys.executable, "-m", "memops.cli", "bench", "--op", "nope"], capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "unknown op 'nope'" in result.stderr and "weighted_gather" in result.stderr
