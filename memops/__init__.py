@@ -4,8 +4,9 @@ Public ops run on backend "triton" (CUDA tensors, or CPU tensors under TRITON_IN
 "reference" (memops.reference); see :func:`backend` and the MEMOPS_BACKEND environment variable.
 """
 from memops._backend import BACKENDS, backend, get_backend
+from memops.attention import memory_attention
 from memops.product_key import weighted_gather
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend", "get_backend", "weighted_gather", "__version__"]
+__all__ = ["BACKENDS", "backend", "get_backend", "memory_attention", "weighted_gather", "__version__"]

@@ -1,0 +1,402 @@
+"""Triton kernels for memory-token attention: flash attention over [memory ; sequence] keys, read from their
+own pointers, so the concatenation is never materialised.
+
+Math (one batch b, query head h, its kv head g = h // (H / Hkv); logits in the log2 domain internally):
+
+    s[i, j]  = scale * q[i] . key[j] + bias[j]        key = [mem_k ; k], bias = [mem_bias ; 0]
+    s[i, j]  = -inf for a sequence key j > i + Nk - N  (causal, bottom-right aligned)
+    lse[i]   = log sum_j exp(s[i, j]);  p = exp(s - lse);  out[i] = sum_j p[i, j] value[j]
+    backward (delta[i] = dout[i] . out[i]):
+    dp = dout value^T;  ds = p * (dp - delta);  dq = scale ds key;  dkey = scale ds^T q;
+    dvalue = p^T dout;  dbias[j] = sum_i ds[i, j]
+
+A query that sees no key (no memory, causal, N > Nk) has out = 0 and lse = -inf. Batch-shared memory
+(one (Hkv, M, D) table for all samples) gets the sum of its per-sample grads: atomics into an fp32
+(Hkv, M, D) buffer, or per-sample partials summed in a fixed order when determinism is asked for.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memops._launches import record_launch
+
+
+@triton.jit
+def _fwd_key_range(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, num_keys, end, offs_m, offs_d,
+    causal_shift, scale_log2,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Online softmax over keys [0, end) of one key table (memory or sequence), in the log2 domain.
+    for start in range(0, end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        in_range = offs_n < num_keys
+        k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(acc.dtype) * scale_log2
+        if HAS_BIAS:
+            bias = tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(acc.dtype)
+            s += bias[None, :] * 1.4426950408889634
+        visible = in_range[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(acc.dtype)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def memory_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
+    stride_ob, stride_oh, stride_on,
+    H, N, Nk, M, group, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    g = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    if HAS_MEMORY:
+        acc, m_i, l_i = _fwd_key_range(
+            acc, m_i, l_i, q, mem_k_ptr + b * stride_mkb + g * stride_mkh, mem_v_ptr + b * stride_mvb + g * stride_mvh,
+            stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, M, M, offs_m, offs_d, 0,
+            scale_log2, HAS_BIAS=HAS_BIAS, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+        )
+    end = Nk
+    if CAUSAL:  # the last query of this block sees sequence keys up to (its index + Nk - N)
+        end = tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - N), 0)
+    acc, m_i, l_i = _fwd_key_range(
+        acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
+        stride_kn, stride_vn, bias_ptr, Nk, end, offs_m, offs_d, Nk - N,
+        scale_log2, HAS_BIAS=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+    )
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _dq_key_range(
+    dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, num_keys, end, offs_m, offs_d,
+    causal_shift, scale_log2,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start in range(0, end, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        in_range = offs_n < num_keys
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(dq.dtype) * scale_log2
+        if HAS_BIAS:
+            s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(dq.dtype)[None, :] * 1.4426950408889634
+        visible = in_range[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+        p = tl.where(visible, tl.math.exp2(s - lse_log2[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION).to(dq.dtype)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(dq.dtype)
+    return dq
+
+
+@triton.jit
+def memory_attention_dq_kernel(
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
+    stride_dob, stride_doh, stride_don,
+    H, N, Nk, M, group, scale, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    g = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse_log2 = tl.load(lse_ptr + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0).to(ACC) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0).to(ACC)
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
+    if HAS_MEMORY:
+        dq = _dq_key_range(
+            dq, q, do, lse_log2, delta, mem_k_ptr + b * stride_mkb + g * stride_mkh,
+            mem_v_ptr + b * stride_mvb + g * stride_mvh, stride_mkn, stride_mvn,
+            bias_ptr + b * stride_biasb + g * stride_biash, M, M, offs_m, offs_d, 0, scale_log2,
+            HAS_BIAS=HAS_BIAS, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+        )
+    end = Nk
+    if CAUSAL:
+        end = tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - N), 0)
+    dq = _dq_key_range(
+        dq, q, do, lse_log2, delta, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
+        stride_kn, stride_vn, bias_ptr, Nk, end, offs_m, offs_d, Nk - N, scale_log2,
+        HAS_BIAS=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+    )
+    tl.store(dq_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def memory_attention_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
+    dk_ptr, dv_ptr, dmem_k_ptr, dmem_v_ptr, dbias_ptr,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
+    stride_dob, stride_doh, stride_don, stride_dmb, stride_dmh, stride_dmn,
+    H, Hkv, N, Nk, M, group, scale, scale_log2, memory_blocks,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, MEMORY_GRAD_ATOMIC: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (key block, batch, kv head): memory key blocks first, then sequence key blocks.
+    # It sums over the query heads of its group and over every query block that can see its keys.
+    pid_n = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = (bg // Hkv).to(tl.int64)
+    g = (bg % Hkv).to(tl.int64)
+    is_memory = pid_n < memory_blocks
+    offs_d = tl.arange(0, HEAD_DIM)
+    if is_memory:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        num_keys = M
+        k_base = mem_k_ptr + b * stride_mkb + g * stride_mkh
+        v_base = mem_v_ptr + b * stride_mvb + g * stride_mvh
+        k_stride = stride_mkn
+        v_stride = stride_mvn
+        first_query = 0
+    else:
+        offs_n = (pid_n - memory_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        num_keys = Nk
+        k_base = k_ptr + b * stride_kb + g * stride_kh
+        v_base = v_ptr + b * stride_vb + g * stride_vh
+        k_stride = stride_kn
+        v_stride = stride_vn
+        first_query = 0
+        if CAUSAL:  # queries before this one cannot see any key of the block
+            first_query = tl.maximum((pid_n - memory_blocks) * BLOCK_N - (Nk - N), 0) // BLOCK_M * BLOCK_M
+    in_range = offs_n < num_keys
+    k = tl.load(k_base + offs_n[:, None] * k_stride + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * v_stride + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    bias_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
+    if HAS_BIAS:
+        if is_memory:
+            bias_log2 = tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n, mask=in_range,
+                                other=0.0).to(ACC) * 1.4426950408889634
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
+    dbias = tl.zeros((BLOCK_N,), dtype=ACC)
+    for head in range(0, group):
+        h = g * group + head
+        bh = b * H + h
+        for start_m in range(first_query, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < N
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse_log2 = tl.load(lse_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC) * 1.4426950408889634
+            delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
+            # Transposed tiles (keys x queries), so the key-side sums are row sums.
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * scale_log2 + bias_log2[:, None]
+            visible = in_range[:, None] & row_ok[None, :]
+            if CAUSAL:  # memory keys are visible to every query
+                visible = visible & ((offs_n[:, None] <= offs_m[None, :] + (Nk - N)) | is_memory)
+            p_t = tl.where(visible, tl.math.exp2(s_t - lse_log2[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION).to(ACC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION).to(ACC)
+            dbias += tl.sum(ds_t, axis=1)
+    dk = dk * scale
+    mask = in_range[:, None]
+    if is_memory:
+        dk_out = dmem_k_ptr + b * stride_dmb + g * stride_dmh + offs_n[:, None] * stride_dmn + offs_d[None, :]
+        dv_out = dmem_v_ptr + b * stride_dmb + g * stride_dmh + offs_n[:, None] * stride_dmn + offs_d[None, :]
+        if MEMORY_GRAD_ATOMIC:
+            tl.atomic_add(dk_out, dk, mask=mask)
+            tl.atomic_add(dv_out, dv, mask=mask)
+        else:
+            tl.store(dk_out, dk.to(dmem_k_ptr.dtype.element_ty), mask=mask)
+            tl.store(dv_out, dv.to(dmem_v_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + (b * Hkv + g) * M + offs_n, dbias, mask=in_range)
+    else:
+        tl.store(dk_ptr + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                 dk.to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+def _acc_and_precision(q: torch.Tensor):
+    # fp64 stays fp64 (gradcheck); fp32 dots run as tf32 on tensor cores, 16-bit dots in their own type.
+    if q.dtype == torch.float64:
+        return tl.float64, "ieee"
+    return tl.float32, "tf32"
+
+
+def attention_config(head_dim: int, device: torch.device) -> dict:
+    """Block sizes and warps per head dim."""
+    if device.type != "cuda":  # the interpreter: few, large programs
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+
+
+def attention_bwd_config(head_dim: int, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if head_dim <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    if head_dim <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+
+
+def _strides3(t: torch.Tensor | None, batch_shared: bool = False):
+    """(batch, head, row) strides of a (B, H, L, D) tensor or a batch-shared (H, L, D) one (batch stride 0)."""
+    if t is None:
+        return 0, 0, 0
+    if t.dim() == 3:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _bias_strides(bias: torch.Tensor | None):
+    """mem_bias already shaped (B|1, Hkv|1, M) with unit last stride; broadcast dims get stride 0."""
+    if bias is None:
+        return 0, 0
+    return (bias.stride(0) if bias.shape[0] > 1 else 0), (bias.stride(1) if bias.shape[1] > 1 else 0)
+
+
+def memory_attention_fwd(q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, config: dict | None = None):
+    """out (B, H, N, D) in q.dtype and lse (B, H, N) fp32 (fp64 for fp64).
+
+    q (B, H, N, D); k, v (B, Hkv, Nk, D); mem_k, mem_v (B, Hkv, M, D), (Hkv, M, D) or None;
+    mem_bias (B|1, Hkv|1, M) or None. Every tensor has unit stride in its last dim.
+    """
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    M = 0 if mem_k is None else mem_k.shape[-2]
+    acc, precision = _acc_and_precision(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, N), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    if B * H * N == 0:
+        return out, lse
+    cfg = config or attention_config(D, q.device)
+    record_launch("memory_attention_fwd_kernel")
+    memory_attention_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+        q, k, v, mem_k if M else k, mem_v if M else v, mem_bias if mem_bias is not None else q, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, N, Nk, M, H // Hkv, scale * 1.4426950408889634,
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, CAUSAL=causal, ACC=acc, DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def memory_attention_bwd(
+    grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, *, causal: bool, scale: float, deterministic: bool,
+    grad_lse: torch.Tensor | None = None, config: dict | None = None,
+):
+    """(dq, dk, dv, dmem_k, dmem_v, dmem_bias); dmem_* None without memory; dmem_bias is (B, Hkv, M) fp32 and
+    the caller sums it down to mem_bias' shape. Arguments as for :func:`memory_attention_fwd`, grad_out
+    (B, H, N, D) with unit last stride, grad_lse (B, H, N) or None."""
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    M = 0 if mem_k is None else mem_k.shape[-2]
+    acc, precision = _acc_and_precision(q)
+    cfg = config or attention_bwd_config(D, q.device)
+    # delta[i] = dout[i] . out[i], the softmax backward's row term. A grad on lse adds p * dlse to ds,
+    # the same as subtracting dlse from delta.
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(lse.dtype)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    shared = M > 0 and mem_k.dim() == 3
+    atomic = shared and not deterministic
+    if M == 0:
+        dmem_k = dmem_v = None
+    elif atomic:  # fp32 (Hkv, M, D) accumulators, summed over the batch by atomics
+        dmem_k, dmem_v = (torch.zeros((Hkv, M, D), dtype=lse.dtype, device=q.device) for _ in range(2))
+    else:  # per-sample grads (summed over the batch afterwards in a fixed order when shared)
+        buffer_dtype = lse.dtype if shared else mem_k.dtype
+        dmem_k, dmem_v = (torch.empty((B, Hkv, M, D), dtype=buffer_dtype, device=q.device) for _ in range(2))
+    dbias = torch.empty((B, Hkv, M), dtype=lse.dtype, device=q.device) if mem_bias is not None else None
+    if B * H * N > 0:
+        common = (
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        )
+        mem_k_arg, mem_v_arg = (mem_k, mem_v) if M else (k, v)
+        bias_arg = mem_bias if mem_bias is not None else q
+        record_launch("memory_attention_dq_kernel")
+        memory_attention_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+            q, k, v, mem_k_arg, mem_v_arg, bias_arg, grad_out, lse, delta, dq, *common,
+            H, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634,
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, CAUSAL=causal, ACC=acc, DOT_PRECISION=precision,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        memory_blocks = triton.cdiv(M, cfg["BLOCK_N"])
+        record_launch("memory_attention_dkdv_kernel")
+        memory_attention_dkdv_kernel[(memory_blocks + triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
+            q, k, v, mem_k_arg, mem_v_arg, bias_arg, grad_out, lse, delta,
+            dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta, *common,
+            *_strides3(dmem_k),
+            H, Hkv, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634, memory_blocks,
+            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            HAS_BIAS=mem_bias is not None, CAUSAL=causal, MEMORY_GRAD_ATOMIC=atomic, ACC=acc,
+            DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    else:  # no query: every grad is zero
+        for t in (dq, dk, dv, dmem_k, dmem_v, dbias):
+            if t is not None:
+                t.zero_()
+    if M and shared and not atomic:  # fixed-order batch reduction (deterministic mode)
+        dmem_k, dmem_v = dmem_k.sum(0), dmem_v.sum(0)
+    if M:
+        dmem_k, dmem_v = dmem_k.to(mem_k.dtype), dmem_v.to(mem_v.dtype)
+    return dq, dk, dv, dmem_k, dmem_v, dbias

@@ -1,0 +1,86 @@
+"""Pure-PyTorch definition of memory-token attention: the spec of ``memops.memory_attention`` and its CPU path.
+
+    out = softmax(scale * q @ [mem_k ; k]^T + mask + [mem_bias ; 0]) @ [mem_v ; v]
+
+Memory columns are visible to every query; ``causal`` masks the sequence columns only, aligned bottom-right
+(query i sees sequence key j when j <= i + Nk - N). A query that sees no key gets a zero output and an LSE
+of -inf. Built as what users write today: concatenate the memory onto K/V and call SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _expand_memory(mem: torch.Tensor, batch: int) -> torch.Tensor:
+    # A batch-shared (Hkv, M, D) memory becomes a (B, Hkv, M, D) view; no copy until the concatenation.
+    return mem.unsqueeze(0).expand(batch, *mem.shape) if mem.dim() == 3 else mem
+
+
+def _logit_mask(q, num_kv_heads, num_keys, memory_length, causal, mem_bias):
+    """Additive (B|1, H|1, N, M + Nk) mask, or None when nothing is masked or biased."""
+    if not causal and mem_bias is None:
+        return None
+    B, H, N, _ = q.shape
+    parts = []
+    if memory_length:
+        if mem_bias is None:
+            bias = torch.zeros(1, 1, 1, memory_length, dtype=q.dtype, device=q.device)
+        else:
+            bias = _bias_4d(mem_bias, q.dtype)
+            if bias.shape[1] != 1:  # per kv head -> per query head
+                bias = bias.repeat_interleave(H // num_kv_heads, dim=1)
+        parts.append(bias.expand(-1, -1, N, -1))
+    sequence = torch.zeros(1, 1, N, num_keys, dtype=q.dtype, device=q.device)
+    if causal:
+        rows = torch.arange(N, device=q.device).unsqueeze(1)
+        cols = torch.arange(num_keys, device=q.device).unsqueeze(0)
+        sequence = sequence.masked_fill(cols > rows + (num_keys - N), float("-inf"))
+    if parts:
+        batch, heads = parts[0].shape[0], parts[0].shape[1]
+        return torch.cat([parts[0], sequence.expand(batch, heads, -1, -1)], dim=-1)
+    return sequence
+
+
+def _bias_4d(mem_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(M,), (Hkv, M) or (B, Hkv, M) -> (B|1, Hkv|1, 1, M)."""
+    bias = mem_bias.to(dtype)
+    while bias.dim() < 3:
+        bias = bias.unsqueeze(0)
+    return bias.unsqueeze(2)
+
+
+def memory_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None, *,
+    causal: bool = False, scale: float | None = None, mem_bias: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Attention of q over [memory ; sequence] keys. Shapes as ``memops.memory_attention``.
+
+    q (B, H, N, D); k, v (B, Hkv, Nk, D); mem_k, mem_v (B, Hkv, M, D) or (Hkv, M, D); mem_bias (M,),
+    (Hkv, M) or (B, Hkv, M). Returns out (B, H, N, D) in q.dtype, and lse (B, H, N) fp32 (fp64 for fp64) if return_lse.
+    """
+    B, H, N, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    M = 0 if mem_k is None else mem_k.shape[-2]
+    if M:
+        keys = torch.cat([_expand_memory(mem_k, B), k], dim=2)
+        vals = torch.cat([_expand_memory(mem_v, B), v], dim=2)
+    else:
+        keys, vals = k, v
+    mask = _logit_mask(q, Hkv, Nk, M, causal, mem_bias)
+    out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+    if not return_lse:
+        return out
+    # SDPA does not return the log-sum-exp: recompute the logits (the reference may materialise them).
+    acc = torch.promote_types(q.dtype, torch.float32)
+    keys_per_head = keys.repeat_interleave(H // Hkv, dim=1) if H != Hkv else keys
+    logits = torch.einsum("bhnd,bhkd->bhnk", q.to(acc), keys_per_head.to(acc)) * scale
+    if mask is not None:
+        logits = logits + mask.to(acc)
+    # A query with no visible key has lse -inf; keep its logsumexp backward from computing 0 * NaN.
+    empty = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(logits.masked_fill(empty, 0.0), dim=-1)
+    return out, lse.masked_fill(empty.squeeze(-1), float("-inf"))
