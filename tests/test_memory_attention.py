@@ -1,0 +1,312 @@
+"""memops.memory_attention: Triton kernels (interpreter on CPU, compiled on CUDA) against the float64
+reference, gradients of all six inputs (and through lse), deterministic shared-memory grads, bad inputs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import memops
+from memops import reference
+from memops.testing import assert_close_to_reference, count_launches, relative_error
+
+CUDA = torch.cuda.is_available()
+KERNELS = ("memory_attention_fwd_kernel", "memory_attention_dq_kernel", "memory_attention_dkdv_kernel")
+
+
+def tolerance_key(dtype):
+    # fp32 dots run as tf32 on CUDA tensor cores; the interpreter computes them in full fp32.
+    return "tf32" if dtype == torch.float32 and CUDA else dtype
+
+
+def make_inputs(B, H, Hkv, N, Nk, M, D, dtype, device, *, memory="per_sample", bias_shape=None, seed=0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+    inputs = {"q": randn(B, H, N, D), "k": randn(B, Hkv, Nk, D), "v": randn(B, Hkv, Nk, D)}
+    if memory is not None:
+        shape = (B, Hkv, M, D) if memory == "per_sample" else (Hkv, M, D)
+        inputs["mem_k"], inputs["mem_v"] = randn(*shape), randn(*shape)
+    if bias_shape is not None:
+        bias_dtype = torch.promote_types(dtype, torch.float32)  # fp32 biases beside 16-bit activations
+        inputs["mem_bias"] = torch.randn(*bias_shape, generator=generator, device=device).to(bias_dtype)
+    return inputs
+
+
+def run(backend, inputs, *, causal, grad_out, grad_lse, scale=None):
+    """Forward (with lse) and backward through both outputs; returns (out, lse, grads by name, launches)."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    with memops.backend(backend), count_launches() as launches:
+        out, lse = memops.memory_attention(**leaves, causal=causal, scale=scale, return_lse=True)
+        torch.autograd.backward([out, lse], [grad_out, grad_lse])
+    return out, lse, {name: t.grad for name, t in leaves.items()}, launches
+
+
+def check_against_float64(inputs, *, causal, dtype, scale=None):
+    q = inputs["q"]
+    B, H, N, _ = q.shape
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn(B, H, N, device=q.device)
+    out, lse, grads, launches = run("triton", inputs, causal=causal, grad_out=grad_out, grad_lse=grad_lse, scale=scale)
+    assert all(launches[name] == 1 for name in KERNELS), dict(launches)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+
+    inputs64 = {name: t.double() for name, t in inputs.items()}
+    visible = None
+    ref_out, ref_lse, ref_grads, _ = run(
+        "reference", inputs64, causal=causal, grad_out=grad_out.double(),
+        grad_lse=grad_lse.double(), scale=scale,
+    )
+    visible = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), visible), "lse: rows with no visible key must be -inf, others finite"
+    key = tolerance_key(dtype)
+    errors = {"out": assert_close_to_reference(out, ref_out, key, name="out")}
+    errors["lse"] = assert_close_to_reference(lse[visible], ref_lse[visible], key, name="lse")
+    for name, grad in grads.items():
+        if inputs[name].numel() == 0:  # M = 0: the memory takes no part, its grad stays None
+            continue
+        assert grad is not None and grad.shape == inputs[name].shape, name
+        errors["d" + name] = assert_close_to_reference(grad, ref_grads[name], key, name=f"grad {name}", scale=2.0)
+    return errors
+
+
+CASES = {
+    #                  B  H  Hkv N   Nk  M   D   memory        causal bias_shape
+    "plain":          (2, 2, 2, 37, 37, 0, 32, None, False, None),
+    "plain_causal":   (1, 2, 2, 40, 40, 0, 16, None, True, None),
+    "per_sample":     (2, 4, 2, 37, 45, 19, 32, "per_sample", False, None),
+    "shared":         (2, 4, 2, 37, 45, 19, 32, "shared", False, None),
+    "shared_causal":  (3, 2, 1, 33, 50, 7, 64, "shared", True, None),
+    "gqa_causal":     (1, 4, 1, 45, 45, 33, 16, "per_sample", True, None),
+    "bias_m":         (2, 2, 2, 20, 30, 40, 32, "shared", False, "M"),
+    "bias_hkv_m":     (2, 4, 2, 20, 30, 17, 32, "per_sample", True, "Hkv,M"),
+    "bias_b_hkv_m":   (2, 2, 2, 20, 30, 17, 32, "per_sample", False, "B,Hkv,M"),
+    "decode":         (2, 4, 2, 1, 70, 9, 32, "per_sample", True, "Hkv,M"),
+    "chunked_prefill": (1, 2, 2, 16, 80, 5, 32, "shared", True, None),
+}
+
+
+def bias_shape(spec, B, Hkv, M):
+    return None if spec is None else {"M": (M,), "Hkv,M": (Hkv, M), "B,Hkv,M": (B, Hkv, M)}[spec]
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_float64_reference(case, dtype, device):
+    B, H, Hkv, N, Nk, M, D, memory, causal, bias = CASES[case]
+    inputs = make_inputs(B, H, Hkv, N, Nk, M, D, dtype, device, memory=memory, bias_shape=bias_shape(bias, B, Hkv, M))
+    check_against_float64(inputs, causal=causal, dtype=dtype)
+
+
+@pytest.mark.usefixtures("poison_empty")
+def test_custom_scale(device):
+    inputs = make_inputs(1, 2, 2, 20, 20, 10, 32, torch.float32, device, bias_shape=(10,))
+    check_against_float64(inputs, causal=True, dtype=torch.float32, scale=0.05)
+
+
+@pytest.mark.usefixtures("poison_empty")
+def test_head_dims(device):
+    for D in (16, 64, 128) if not CUDA else (16, 32, 64, 128, 256):
+        inputs = make_inputs(1, 2, 1, 17, 17, 5, D, torch.float32, device, memory="shared")
+        check_against_float64(inputs, causal=False, dtype=torch.float32)
+
+
+@pytest.mark.usefixtures("poison_empty")
+def test_rows_with_no_visible_key_give_zeros(device):
+    # No memory, causal, N > Nk: the first N - Nk queries see nothing. Zeros, lse -inf, finite grads.
+    inputs = make_inputs(1, 2, 2, 50, 20, 0, 16, torch.float32, device, memory=None)
+    out, lse, grads, _ = run("triton", inputs, causal=True, grad_out=torch.randn(1, 2, 50, 16, device=device),
+                             grad_lse=torch.zeros(1, 2, 50, device=device))
+    assert torch.equal(out[:, :, :30], torch.zeros_like(out[:, :, :30]))
+    assert torch.isneginf(lse[:, :, :30]).all() and torch.isfinite(lse[:, :, 30:]).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert torch.equal(grads["q"][:, :, :30], torch.zeros_like(grads["q"][:, :, :30]))
+    check_against_float64(inputs, causal=True, dtype=torch.float32)
+
+
+def test_nan_propagates(device):
+    inputs = make_inputs(1, 1, 1, 20, 20, 4, 16, torch.float32, device)
+    inputs["q"][0, 0, 3, 0] = float("nan")
+    with memops.backend("triton"):
+        out = memops.memory_attention(**inputs)
+    assert torch.isnan(out[0, 0, 3]).all()
+    assert torch.isfinite(out[0, 0, :3]).all() and torch.isfinite(out[0, 0, 4:]).all()
+
+
+def test_plain_attention_matches_sdpa(device):
+    inputs = make_inputs(2, 4, 4, 33, 33, 0, 32, torch.float32, device, memory=None)
+    with memops.backend("triton"):
+        out = memops.memory_attention(**inputs, causal=True)
+    expected = F.scaled_dot_product_attention(inputs["q"].double(), inputs["k"].double(), inputs["v"].double(), is_causal=True)
+    assert_close_to_reference(out, expected, tolerance_key(torch.float32))
+
+
+def test_zero_memory_rows_is_plain_attention(device):
+    inputs = make_inputs(1, 2, 2, 17, 17, 0, 16, torch.float32, device)
+    with memops.backend("triton"), count_launches() as launches:
+        with_empty = memops.memory_attention(**inputs)
+        without = memops.memory_attention(inputs["q"], inputs["k"], inputs["v"])
+    assert torch.equal(with_empty, without) and launches["memory_attention_fwd_kernel"] == 2
+
+
+@pytest.mark.parametrize("deterministic_mode", [False, True])
+def test_shared_memory_grads_over_the_batch(deterministic_mode, device):
+    inputs = make_inputs(4, 2, 1, 24, 24, 12, 32, torch.float32, device, memory="shared", bias_shape=(12,))
+    grad_out = torch.randn(4, 2, 24, 32, device=device)
+    grad_lse = torch.zeros(4, 2, 24, device=device)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic_mode)
+    try:
+        runs = [run("triton", inputs, causal=False, grad_out=grad_out, grad_lse=grad_lse) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    if deterministic_mode:
+        for name in ("mem_k", "mem_v", "mem_bias"):
+            assert torch.equal(runs[0][2][name], runs[1][2][name]), name
+    per_sample = dict(inputs, mem_k=inputs["mem_k"].expand(4, -1, -1, -1), mem_v=inputs["mem_v"].expand(4, -1, -1, -1))
+    _, _, expanded_grads, _ = run("reference", {n: t.double() for n, t in per_sample.items()}, causal=False,
+                                  grad_out=grad_out.double(), grad_lse=grad_lse.double())
+    for name in ("mem_k", "mem_v"):  # the shared table's grad is the sum of the per-sample grads
+        assert_close_to_reference(runs[0][2][name], expanded_grads[name].sum(0), tolerance_key(torch.float32), name=name)
+    assert_close_to_reference(runs[0][2]["mem_bias"], expanded_grads["mem_bias"], tolerance_key(torch.float32))
+
+
+@given(
+    copies=st.integers(2, 5), distinct=st.integers(1, 4), causal=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_property_repeated_memory_rows_equal_one_row_with_log_bias(copies, distinct, causal, seed):
+    # k identical memory rows are one row with bias ln k: DiT-Mem's 10 distinct x 100 copies dedupe.
+    device = "cuda" if CUDA else "cpu"
+    inputs = make_inputs(1, 2, 1, 20, 20, distinct, 16, torch.float32, device, memory="shared", seed=seed)
+    repeated = dict(inputs, mem_k=inputs["mem_k"].repeat_interleave(copies, dim=1),
+                    mem_v=inputs["mem_v"].repeat_interleave(copies, dim=1))
+    deduped = dict(inputs, mem_bias=torch.full((distinct,), math.log(copies), device=device))
+    with memops.backend("triton"):
+        out_repeated = memops.memory_attention(**repeated, causal=causal)
+        out_deduped = memops.memory_attention(**deduped, causal=causal)
+    assert relative_error(out_deduped, out_repeated) < 1e-5
+
+
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]), N=st.integers(1, 40),
+    Nk=st.integers(1, 40), M=st.integers(0, 40), D=st.sampled_from([16, 32]),
+    memory=st.sampled_from(["per_sample", "shared"]), causal=st.booleans(),
+    bias=st.sampled_from([None, "M", "Hkv,M", "B,Hkv,M"]), seed=st.integers(0, 2**31 - 1),
+)
+def test_property_random_shapes(B, Hkv, group, N, Nk, M, D, memory, causal, bias, seed):
+    device = "cuda" if CUDA else "cpu"
+    bias = bias if M else None
+    inputs = make_inputs(B, Hkv * group, Hkv, N, Nk, M, D, torch.float32, device, memory=memory,
+                         bias_shape=bias_shape(bias, B, Hkv, M), seed=seed)
+    check_against_float64(inputs, causal=causal, dtype=torch.float32)
+
+
+def test_fp64_gradcheck_on_triton_path(device):
+    inputs = make_inputs(1, 2, 1, 4, 5, 3, 16, torch.float64, device, memory="shared", bias_shape=(1, 3))
+    names = list(inputs)
+    leaves = [inputs[n].requires_grad_() for n in names]
+
+    def fn(*tensors):
+        with memops.backend("triton"):
+            out, lse = memops.memory_attention(**dict(zip(names, tensors)), causal=True, return_lse=True)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
+
+
+def test_opcheck(device):
+    inputs = make_inputs(1, 2, 1, 9, 9, 4, 16, torch.float32, device, memory="shared", bias_shape=(1, 1, 4))
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["mem_k"], inputs["mem_v"], inputs["mem_bias"], True, 0.25)
+    for t in args[:6]:
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.memops.memory_attention.default, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph(backend, device):
+    if backend == "reference":
+        device = "cpu"
+    inputs = make_inputs(1, 2, 1, 17, 17, 5, 16, torch.float32, device, memory="shared", bias_shape=(5,))
+
+    def loss(q, k, v, mem_k, mem_v, mem_bias):
+        return memops.memory_attention(q, k, v, mem_k, mem_v, causal=True, mem_bias=mem_bias).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    first = [t.clone().requires_grad_() for t in inputs.values()]
+    second = [t.clone().requires_grad_() for t in inputs.values()]
+    with memops.backend(backend), count_launches() as launches:
+        compiled(*first).backward()
+        loss(*second).backward()
+    assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton")
+    for a, b in zip(first, second):
+        assert_close_to_reference(a.grad, b.grad, "tf32")
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def _bad(**changes):
+    def make(inputs):
+        return {**inputs, **{k: (v(inputs) if callable(v) else v) for k, v in changes.items()}}
+    return make
+
+
+BAD_INPUTS = {
+    "q_3d": (_bad(q=lambda i: i["q"][0]), ValueError, "q must be 4-D"),
+    "k_batch": (_bad(k=lambda i: i["k"][:1]), ValueError, r"k must be \(B=2"),
+    "v_length": (_bad(v=lambda i: i["v"][:, :, :-1]), ValueError, "v must have k's shape"),
+    "heads_not_multiple": (_bad(q=lambda i: torch.cat([i["q"], i["q"][:, :1]], 1)), ValueError, "multiple of k's"),
+    "d_mismatch": (_bad(k=lambda i: i["k"][..., :8], v=lambda i: i["v"][..., :8]), ValueError, r"D=16"),
+    "mem_k_without_mem_v": (_bad(mem_v=None), ValueError, "mem_k and mem_v must be given together"),
+    "mem_wrong_heads": (_bad(mem_k=lambda i: i["mem_k"][:, :1], mem_v=lambda i: i["mem_v"][:, :1]), ValueError, "mem_k must be"),
+    "mem_wrong_d": (_bad(mem_k=lambda i: i["mem_k"][..., :8], mem_v=lambda i: i["mem_v"][..., :8]), ValueError, "mem_k must be"),
+    "mem_v_shape": (_bad(mem_v=lambda i: i["mem_v"][:, :, :-1]), ValueError, "mem_v must have mem_k's shape"),
+    "bias_shape": (_bad(mem_bias=lambda i: torch.zeros(3, device=i["q"].device)), ValueError, "mem_bias must be"),
+    "bias_int": (_bad(mem_bias=lambda i: torch.zeros(5, dtype=torch.long, device=i["q"].device)), TypeError, "mem_bias must be floating"),
+    "bias_without_memory": (_bad(mem_k=None, mem_v=None, mem_bias=lambda i: torch.zeros(5, device=i["q"].device)), ValueError, "mem_bias needs"),
+    "mixed_dtype": (_bad(k=lambda i: i["k"].double()), TypeError, "k must have q's dtype"),
+    "int_q": (_bad(q=lambda i: i["q"].long(), k=lambda i: i["k"].long(), v=lambda i: i["v"].long(),
+                   mem_k=lambda i: i["mem_k"].long(), mem_v=lambda i: i["mem_v"].long()), TypeError, "q must be floating"),
+    "mixed_device": (_bad(mem_bias=lambda i: torch.zeros(5, device="meta")), ValueError, "mem_bias is on meta"),
+    "k_not_tensor": (_bad(k=lambda i: i["k"].tolist()), TypeError, "k must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input(case, backend, device):
+    make_bad, error, message = BAD_INPUTS[case]
+    inputs = make_inputs(2, 2, 2, 8, 8, 5, 16, torch.float32, device if backend == "triton" else "cpu")
+    with memops.backend(backend), count_launches() as launches, pytest.raises(error, match=message):
+        memops.memory_attention(**make_bad(inputs))
+    assert sum(launches.values()) == 0
+
+
+def test_unsupported_head_dim_on_triton(device):
+    inputs = make_inputs(1, 1, 1, 8, 8, 2, 24, torch.float32, device)
+    with memops.backend("triton"), pytest.raises(ValueError, match="head dim D=24"):
+        memops.memory_attention(**inputs)
+    with memops.backend("reference"):
+        assert memops.memory_attention(**{n: t.cpu() for n, t in inputs.items()}).shape == (1, 1, 8, 24)
+
+
+# --- GPU acceptance at real sizes ---------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ["dit_mem", "prefix_tuning", "decode"])
+def test_cuda_real_shapes(shape, dtype):
+    if shape == "dit_mem":  # DiT-Mem: shared 1000-token memory, 12 x 128 heads (N cut from 32,760 to keep fp64 cheap)
+        inputs = make_inputs(1, 12, 12, 4096, 4096, 1000, 128, dtype, "cuda", memory="shared")
+        causal = False
+    elif shape == "prefix_tuning":
+        inputs = make_inputs(2, 32, 8, 1024, 1024, 64, 128, dtype, "cuda", memory="shared", bias_shape=(8, 64))
+        causal = True
+    else:
+        inputs = make_inputs(4, 32, 8, 1, 8192, 256, 128, dtype, "cuda", memory="per_sample")
+        causal = True
+    check_against_float64(inputs, causal=causal, dtype=dtype)
