@@ -87,6 +87,8 @@ CASES = {
     "bias_b_hkv_m":   (2, 2, 2, 20, 30, 17, 32, "per_sample", False, "B,Hkv,M"),
     "decode":         (2, 4, 2, 1, 70, 9, 32, "per_sample", True, "Hkv,M"),
     "chunked_prefill": (1, 2, 2, 16, 80, 5, 32, "shared", True, None),
+    # Nk = N + 1: query 31 sees key 32, the first of the second key block (a block-boundary case).
+    "causal_block_edge": (1, 2, 2, 40, 41, 0, 16, None, True, None),
 }
 
 
