@@ -54,7 +54,7 @@ def _fwd_key_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -124,7 +124,7 @@ def _dq_key_range(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -169,7 +169,7 @@ def memory_attention_dq_kernel(
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dmem_k_ptr, dmem_v_ptr, dbias_ptr,
@@ -187,34 +187,30 @@ def memory_attention_dkdv_kernel(
     bg = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
     g = (bg % Hkv).to(tl.int64)
+    # Branch-free selection between the two key tables keeps every value one type for the compiler.
     is_memory = pid_n < memory_blocks
+    key_start = tl.where(is_memory, pid_n, pid_n - memory_blocks) * BLOCK_N
+    offs_n = key_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if is_memory:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        num_keys = M
-        k_base = mem_k_ptr + b * stride_mkb + g * stride_mkh
-        v_base = mem_v_ptr + b * stride_mvb + g * stride_mvh
-        k_stride = stride_mkn
-        v_stride = stride_mvn
-        first_query = 0
-    else:
-        offs_n = (pid_n - memory_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        num_keys = Nk
-        k_base = k_ptr + b * stride_kb + g * stride_kh
-        v_base = v_ptr + b * stride_vb + g * stride_vh
-        k_stride = stride_kn
-        v_stride = stride_vn
-        first_query = 0
-        if CAUSAL:  # queries before this one cannot see any key of the block
-            first_query = tl.maximum((pid_n - memory_blocks) * BLOCK_N - (Nk - N), 0) // BLOCK_M * BLOCK_M
-    in_range = offs_n < num_keys
-    k = tl.load(k_base + offs_n[:, None] * k_stride + offs_d[None, :], mask=in_range[:, None], other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * v_stride + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    in_range = offs_n < tl.where(is_memory, M, Nk)
+    key_rows = offs_n[:, None].to(tl.int64)
+    k_ptrs = tl.where(
+        is_memory, mem_k_ptr + b * stride_mkb + g * stride_mkh + key_rows * stride_mkn + offs_d[None, :],
+        k_ptr + b * stride_kb + g * stride_kh + key_rows * stride_kn + offs_d[None, :],
+    )
+    v_ptrs = tl.where(
+        is_memory, mem_v_ptr + b * stride_mvb + g * stride_mvh + key_rows * stride_mvn + offs_d[None, :],
+        v_ptr + b * stride_vb + g * stride_vh + key_rows * stride_vn + offs_d[None, :],
+    )
+    k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+    v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+    first_query = 0
+    if CAUSAL:  # queries before this one cannot see any sequence key of the block
+        first_query = tl.where(is_memory, 0, tl.maximum(key_start - (Nk - N), 0) // BLOCK_M * BLOCK_M)
     bias_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
     if HAS_BIAS:
-        if is_memory:
-            bias_log2 = tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n, mask=in_range,
-                                other=0.0).to(ACC) * 1.4426950408889634
+        bias_log2 = tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n, mask=offs_n < tl.where(is_memory, M, 0),
+                            other=0.0).to(ACC) * 1.4426950408889634
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dbias = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -262,10 +258,10 @@ def memory_attention_dkdv_kernel(
 
 
 def _acc_and_precision(q: torch.Tensor):
-    # fp64 stays fp64 (gradcheck); fp32 dots run as tf32 on tensor cores, 16-bit dots in their own type.
+    # fp64 stays fp64 (gradcheck); fp32 dots run as tf32 on tensor cores; 16-bit dots accumulate in fp32.
     if q.dtype == torch.float64:
         return tl.float64, "ieee"
-    return tl.float32, "tf32"
+    return tl.float32, "tf32" if q.dtype == torch.float32 else "ieee"
 
 
 def attention_config(head_dim: int, device: torch.device) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 # op name -> benchmark module (one module per op family)
-BENCHMARKS = {"weighted_gather": "product_key"}
+BENCHMARKS = {"weighted_gather": "product_key", "memory_attention": "attention"}
 L2_BYTES_GUESS = 64 << 20
 
 
@@ -57,6 +57,8 @@ class Result:
     fraction_of_copy_bandwidth: float | None
     speedup_vs: dict
     error: str | None = None
+    peak_memory_mb: float | None = None
+    note: str | None = None
 
 
 def load(op: str):
@@ -113,6 +115,18 @@ def _rotating(make: Callable[[int], object], build: Callable[[object], Callable[
     return lambda: next(cycle)()
 
 
+def _peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Memory one call allocates on top of what was already live (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def _progress(done: int, total: int, label: str) -> None:
     if not sys.stderr.isatty() and done not in (0, total):
         return
@@ -151,13 +165,15 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()
+        peak = _peak_memory_mb(fn, device)
         moved = module.bytes_moved(case, case.mode)
         flops = module.flops(case, case.mode) if hasattr(module, "flops") else None
         gbps = moved / (ms * 1e-3) / 1e9
         results.append(Result(
             op=op, case=case.name, mode=case.mode, provider=provider, params=case.params, device=device,
             median_ms=ms, gbps=gbps, tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
-            fraction_of_copy_bandwidth=gbps / bandwidth_gbps, speedup_vs={},
+            fraction_of_copy_bandwidth=gbps / bandwidth_gbps, speedup_vs={}, peak_memory_mb=peak,
+            note=module.note(case, provider, device) if hasattr(module, "note") else None,
         ))
     if progress:
         _progress(len(jobs), len(jobs), f"{op} done")
@@ -179,16 +195,20 @@ def format_table(results: list[Result], device_label: str, bandwidth_gbps: float
     lines = [
         f"device: {device_label}   measured copy bandwidth: {bandwidth_gbps:,.0f} GB/s"
         + ("   (CPU timings: reference and baselines only)" if results and results[0].device == "cpu" else ""),
-        f"{'op':<16}{'case':<22}{'mode':<9}{'provider':<26}{'ms':>10}{'GB/s':>10}{'% copy':>8}  speedup (baseline time / ours)",
+        f"{'op':<18}{'case':<18}{'mode':<9}{'provider':<22}{'ms':>10}{'GB/s':>9}{'% copy':>8}{'TFLOP/s':>9}"
+        f"{'peak MB':>9}  speedup (baseline time / ours)",
     ]
     for r in results:
+        head = f"{r.op:<18}{r.case:<18}{r.mode:<9}{r.provider:<22}"
         if r.median_ms is None:
-            lines.append(f"{r.op:<16}{r.case:<22}{r.mode:<9}{r.provider:<26}{'—':>10}{'—':>10}{'—':>8}  {r.error}")
+            lines.append(f"{head}{'—':>10}{'—':>9}{'—':>8}{'—':>9}{'—':>9}  {r.error}")
             continue
         speedups = ", ".join(f"{b} {s:.2f}x" for b, s in r.speedup_vs.items())
+        tflops = f"{r.tflops:.1f}" if r.tflops is not None else "—"
+        peak = f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb is not None else "—"
         lines.append(
-            f"{r.op:<16}{r.case:<22}{r.mode:<9}{r.provider:<26}{r.median_ms:>10.3f}{r.gbps:>10.1f}"
-            f"{100 * r.fraction_of_copy_bandwidth:>7.1f}%  {speedups}"
+            f"{head}{r.median_ms:>10.3f}{r.gbps:>9.1f}{100 * r.fraction_of_copy_bandwidth:>7.1f}%{tflops:>9}{peak:>9}"
+            f"  {speedups}{'  (' + r.note + ')' if r.note else ''}"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,179 @@
+"""Memory-token attention benchmarks: memops.memory_attention against what users write today.
+
+Baselines, same run: ``cat_sdpa`` (torch.cat of the memory onto K/V, then F.scaled_dot_product_attention with
+a boolean mask when one is needed; the SDPA backend torch picked is recorded), ``flex_attention`` (cat, then
+the compiled FlexAttention with a block mask and a score_mod for the bias; CUDA only) and ``reference``
+(memops.reference, the float-mask SDPA spec). FLOPs count the memory keys: 4·B·H·N·(M + visible keys)·D
+forward, 2.5x that more for the backward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import memops
+from memops import reference
+from memops.benchmarking import Case
+
+OP = "memory_attention"
+MEMOPS_PROVIDERS = ("memops", "memops-reference")
+BASELINES = ("cat_sdpa", "flex_attention", "reference")
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    small = dict(B=1, H=4, Hkv=4, N=256, Nk=256, M=32, D=64, dtype="float32", causal=False, shared=True)
+    small_causal = dict(small, causal=True, Hkv=2)
+    dit_mem = dict(B=1, H=12, Hkv=12, N=32760, Nk=32760, M=1000, D=128, dtype="bfloat16", causal=False, shared=True)
+    prefix = dict(B=8, H=32, Hkv=8, N=4096, Nk=4096, M=64, D=128, dtype="bfloat16", causal=True, shared=True)
+    decode = dict(B=8, H=32, Hkv=8, N=1, Nk=8192, M=256, D=128, dtype="bfloat16", causal=True, shared=False)
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        out.append(Case("small", mode, small, quick=True))
+        if not quick:
+            out.append(Case("small-causal-gqa", mode, small_causal))
+        if device == "cuda":
+            out.append(Case("dit-mem", mode, dit_mem, quick=True, cuda_only=True))
+            if not quick:
+                out.append(Case("prefix-tuning", mode, prefix, cuda_only=True))
+                if mode == "fwd":  # decode is inference only
+                    out.append(Case("decode", mode, decode, cuda_only=True))
+    return out
+
+
+def make_inputs(case: Case, device: str, seed: int):
+    p = case.params
+    dtype = getattr(torch, p["dtype"])
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
+
+    mem_shape = (p["Hkv"], p["M"], p["D"]) if p["shared"] else (p["B"], p["Hkv"], p["M"], p["D"])
+    tensors = dict(q=randn(p["B"], p["H"], p["N"], p["D"]), k=randn(p["B"], p["Hkv"], p["Nk"], p["D"]),
+                   v=randn(p["B"], p["Hkv"], p["Nk"], p["D"]), mem_k=randn(*mem_shape), mem_v=randn(*mem_shape))
+    grad_out = randn(p["B"], p["H"], p["N"], p["D"]) if case.mode != "fwd" else None
+    return tensors, grad_out
+
+
+def _visible_keys(p) -> int:
+    """Sum over queries of the keys each sees (memory + sequence)."""
+    N, Nk, M = p["N"], p["Nk"], p["M"]
+    if not p["causal"]:
+        return N * (M + Nk)
+    sequence = torch.arange(N).add(Nk - N + 1).clamp(0, Nk).sum().item()  # query i sees i + Nk - N + 1 keys
+    return N * M + sequence
+
+
+def flops(case: Case, mode: str) -> float:
+    p = case.params
+    forward = 4.0 * p["B"] * p["H"] * p["D"] * _visible_keys(p)
+    return forward if mode == "fwd" else 3.5 * forward
+
+
+def bytes_moved(case: Case, mode: str) -> int:
+    p = case.params
+    item = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+    mem_rows = p["M"] * (1 if p["shared"] else p["B"])
+    elements = 2 * p["B"] * p["H"] * p["N"] * p["D"] + 2 * p["B"] * p["Hkv"] * p["Nk"] * p["D"] + 2 * mem_rows * p["Hkv"] * p["D"]
+    return elements * item * (1 if mode == "fwd" else 3)
+
+
+def _concatenated(tensors):
+    q, k, v, mem_k, mem_v = (tensors[n] for n in ("q", "k", "v", "mem_k", "mem_v"))
+    B = q.shape[0]
+    if mem_k.dim() == 3:
+        mem_k, mem_v = mem_k.expand(B, -1, -1, -1), mem_v.expand(B, -1, -1, -1)
+    return q, torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
+
+
+def _causal_with_memory_mask(N, Nk, M, device):
+    rows = torch.arange(N, device=device)[:, None]
+    cols = torch.arange(M + Nk, device=device)[None, :]
+    return (cols < M) | (cols - M <= rows + Nk - N)
+
+
+def _cat_sdpa(p):
+    def forward(tensors):
+        q, keys, values = _concatenated(tensors)
+        mask = _causal_with_memory_mask(p["N"], p["Nk"], p["M"], q.device) if p["causal"] else None
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=p["H"] != p["Hkv"])
+    return forward
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(p):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    N, Nk, M = p["N"], p["Nk"], p["M"]
+    shift = Nk - N
+
+    def memory_or_causal(b, h, q_idx, kv_idx):
+        return (kv_idx < M) | (kv_idx - M <= q_idx + shift)
+
+    block_mask = create_block_mask(memory_or_causal, None, None, N, M + Nk) if p["causal"] else None
+
+    def forward(tensors):
+        q, keys, values = _concatenated(tensors)
+        return _compiled_flex()(q, keys, values, block_mask=block_mask, enable_gqa=p["H"] != p["Hkv"])
+    return forward
+
+
+def _memops(p):
+    def forward(tensors):
+        return memops.memory_attention(**tensors, causal=p["causal"])
+    return forward
+
+
+def _reference(p):
+    def forward(tensors):
+        return reference.memory_attention(**tensors, causal=p["causal"])
+    return forward
+
+
+def _build(forward, mode: str):
+    def build(inputs):
+        tensors, grad_out = inputs
+        if mode == "fwd":
+            return lambda: forward(tensors)
+        for t in tensors.values():
+            t.requires_grad_()
+
+        def step():
+            for t in tensors.values():
+                t.grad = None
+            forward(tensors).backward(grad_out)
+        return step
+    return build
+
+
+def providers(case: Case, device: str) -> dict:
+    p = case.params
+    out = {("memops" if device == "cuda" else "memops-reference"): _build(_memops(p), case.mode)}
+    out["cat_sdpa"] = _build(_cat_sdpa(p), case.mode)
+    if device == "cuda":
+        out["flex_attention"] = _build(_flex(p), case.mode)
+        out["reference"] = _build(_reference(p), case.mode)
+    return out
+
+
+def note(case: Case, provider: str, device: str) -> str | None:
+    """Which SDPA kernel torch picked for the cat_sdpa baseline, read off the profiler's kernel names."""
+    if provider != "cat_sdpa" or device != "cuda":
+        return None
+    tensors, _ = make_inputs(case, device, 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        _cat_sdpa(case.params)(tensors)
+        torch.cuda.synchronize()
+    names = " ".join(e.name.lower() for e in profile.events())
+    for backend, marker in (("cudnn", "cudnn"), ("flash", "flash"), ("efficient", "fmha"), ("efficient", "efficient")):
+        if marker in names:
+            return f"SDPA backend: {backend}"
+    return "SDPA backend: math"
