@@ -258,10 +258,14 @@ def memory_attention_dkdv_kernel(
 
 
 def _acc_and_precision(q: torch.Tensor):
-    # fp64 stays fp64 (gradcheck); fp32 dots run as tf32 on tensor cores; 16-bit dots accumulate in fp32.
+    # fp64 stays fp64 (gradcheck). fp32 dots follow torch's matmul setting: full fp32 by default, tf32 after
+    # torch.set_float32_matmul_precision("high") (logits then carry ~1e-3 relative error). 16-bit dots
+    # accumulate in fp32.
     if q.dtype == torch.float64:
         return tl.float64, "ieee"
-    return tl.float32, "tf32" if q.dtype == torch.float32 else "ieee"
+    if q.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return tl.float32, "tf32"
+    return tl.float32, "ieee"
 
 
 def attention_config(head_dim: int, device: torch.device) -> dict:
