@@ -15,6 +15,6 @@ for step in $steps; do
     tests) python3 -m pytest tests -q -x -p no:randomly 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     sanitize) compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/gpu/sanitize.py 2>&1 | tail -8 | tee "$OUT/sanitize.log" ;;
     tune) python3 -m memops.benchmarks.tune_product_key --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
-    bench) memops bench ${BENCH_OP:+--op $BENCH_OP} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[" ;;
+    bench) memops bench ${BENCH_OP:+--op $BENCH_OP} --out "$OUT" 2>&1 | tee "$OUT/bench-${BENCH_OP:-all}.log" | grep -v "^\[" ;;
   esac
 done
