@@ -129,7 +129,7 @@ def memory_attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
-    stride_dob, stride_doh, stride_don,
+    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
     H, N, Nk, M, group, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
@@ -165,7 +165,7 @@ def memory_attention_dq_kernel(
         stride_kn, stride_vn, bias_ptr, Nk, end, offs_m, offs_d, Nk - N, scale_log2,
         HAS_BIAS=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
     )
-    tl.store(dq_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -175,7 +175,7 @@ def memory_attention_dkdv_kernel(
     dk_ptr, dv_ptr, dmem_k_ptr, dmem_v_ptr, dbias_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
-    stride_dob, stride_doh, stride_don, stride_dmb, stride_dmh, stride_dmn,
+    stride_dob, stride_doh, stride_don, stride_dmb, stride_dmh, stride_dmn, stride_dkb, stride_dkh, stride_dkn,
     H, Hkv, N, Nk, M, group, scale, scale_log2, memory_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, MEMORY_GRAD_ATOMIC: tl.constexpr,
@@ -251,9 +251,10 @@ def memory_attention_dkdv_kernel(
         if HAS_BIAS:
             tl.store(dbias_ptr + (b * Hkv + g) * M + offs_n, dbias, mask=in_range)
     else:
-        tl.store(dk_ptr + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        # dk and dv are allocated alike (contiguous), so they share one set of strides.
+        tl.store(dk_ptr + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  dk.to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        tl.store(dv_ptr + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
@@ -375,7 +376,7 @@ def memory_attention_bwd(
         record_launch("memory_attention_dq_kernel")
         memory_attention_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, grad_out, lse, delta, dq, *common,
-            H, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634,
+            dq.stride(0), dq.stride(1), dq.stride(2), H, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634,
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, CAUSAL=causal, ACC=acc, DOT_PRECISION=precision,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -385,7 +386,7 @@ def memory_attention_bwd(
         memory_attention_dkdv_kernel[(memory_blocks + triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, grad_out, lse, delta,
             dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta, *common,
-            *_strides3(dmem_k),
+            *_strides3(dmem_k), dk.stride(0), dk.stride(1), dk.stride(2),
             H, Hkv, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634, memory_blocks,
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             HAS_BIAS=mem_bias is not None, CAUSAL=causal, MEMORY_GRAD_ATOMIC=atomic, ACC=acc,

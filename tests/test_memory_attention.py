@@ -312,3 +312,17 @@ def test_cuda_real_shapes(shape, dtype):
         inputs = make_inputs(4, 32, 8, 1, 8192, 256, 128, dtype, "cuda", memory="per_sample")
         causal = True
     check_against_float64(inputs, causal=causal, dtype=dtype)
+
+
+@pytest.mark.usefixtures("poison_empty")
+def test_non_contiguous_inputs(device):
+    # (B, N, H*D) projections viewed as (B, H, N, D): the layout every attention layer hands over.
+    B, N, H, D, M = 2, 19, 4, 16, 7
+    generator = torch.Generator(device=device).manual_seed(3)
+
+    def heads(length, count):
+        return torch.randn(B, length, count * D, generator=generator, device=device).view(B, length, count, D).transpose(1, 2)
+
+    inputs = {"q": heads(N, H), "k": heads(N, 2), "v": heads(N, 2), "mem_k": heads(M, 2), "mem_v": heads(M, 2)}
+    assert not any(t.is_contiguous() for t in inputs.values())
+    check_against_float64(inputs, causal=True, dtype=torch.float32)

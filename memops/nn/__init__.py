@@ -1,1 +1,4 @@
-"""torch.nn.Modules built from memops ops (added with the op families that need them)."""
+"""torch.nn.Modules built from memops ops."""
+from memops.nn.attention import MemoryAttention
+
+__all__ = ["MemoryAttention"]

@@ -1,0 +1,88 @@
+"""MemoryAttention: a drop-in self-attention layer that also attends to memory tokens or a learned prefix."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from memops.attention import memory_attention
+
+RotaryFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class MemoryAttention(nn.Module):
+    """Multi-head self-attention over [memory ; sequence] keys, through :func:`memops.memory_attention`.
+
+    Memory comes from ``memory`` tokens (B, M, d_model), projected by this layer's own ``k_proj`` /
+    ``v_proj`` as DiT-Mem does in every block, and/or a learned batch-shared prefix (prefix tuning) of
+    ``prefix_length`` key/value rows per kv head. Memory rows get no rotary embedding: ``rotary`` (a
+    callable ``(q, k) -> (q, k)`` on (B, heads, N, head_dim) tensors) is applied to the sequence only.
+
+    State dict keys: ``q_proj.weight``, ``k_proj.weight``, ``v_proj.weight``, ``out_proj.weight`` (and
+    ``.bias`` of each with ``bias=True``), plus ``prefix_k`` and ``prefix_v`` (Hkv, prefix_length, head_dim)
+    when ``prefix_length > 0``.
+
+    Args:
+        d_model: model width.
+        num_heads: query heads H.
+        num_kv_heads: key/value heads Hkv (GQA / MQA); default H.
+        head_dim: default d_model // num_heads.
+        causal: causal mask over the sequence (memory stays visible to every query).
+        prefix_length: learned prefix rows (0: none).
+        bias: biases in the four projections.
+        rotary: optional rotary-embedding callback for the sequence rows.
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
+        causal: bool = False, prefix_length: int = 0, bias: bool = False, rotary: RotaryFn | None = None,
+        device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = d_model // num_heads if head_dim is None else head_dim
+        if num_heads % num_kv_heads:
+            raise ValueError(f"MemoryAttention: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        if prefix_length < 0:
+            raise ValueError(f"MemoryAttention: prefix_length must be >= 0, got {prefix_length}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.causal, self.rotary = causal, rotary
+        self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias, **factory)
+        if prefix_length:
+            self.prefix_k = nn.Parameter(torch.randn(num_kv_heads, prefix_length, head_dim, **factory) * head_dim ** -0.5)
+            self.prefix_v = nn.Parameter(torch.randn(num_kv_heads, prefix_length, head_dim, **factory) * head_dim ** -0.5)
+        else:
+            self.register_parameter("prefix_k", None)
+            self.register_parameter("prefix_v", None)
+
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)  # (B, L, h*d) -> (B, h, L, d)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor | None = None, *, memory_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, d_model); memory (B, M, d_model) or None; memory_bias (M_total,), (Hkv, M_total) or
+        (B, Hkv, M_total) over [prefix ; memory] rows. Returns (B, N, d_model)."""
+        q = self._heads(self.q_proj(x), self.num_heads)
+        k = self._heads(self.k_proj(x), self.num_kv_heads)
+        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
+        mem_k = mem_v = None
+        if memory is not None:
+            mem_k = self._heads(self.k_proj(memory), self.num_kv_heads)
+            mem_v = self._heads(self.v_proj(memory), self.num_kv_heads)
+        if self.prefix_k is not None:
+            if mem_k is None:  # batch-shared: its grads are summed over the batch inside the kernel
+                mem_k, mem_v = self.prefix_k, self.prefix_v
+            else:  # prefix rows first, then this sample's memory tokens
+                batch = x.shape[0]
+                mem_k = torch.cat([self.prefix_k.expand(batch, -1, -1, -1), mem_k], dim=2)
+                mem_v = torch.cat([self.prefix_v.expand(batch, -1, -1, -1), mem_v], dim=2)
+        out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal, mem_bias=memory_bias)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
