@@ -24,6 +24,49 @@ from memops._launches import record_launch
 
 
 @triton.jit
+def _query_program(H, group, N, BLOCK_M: tl.constexpr):
+    """This program's (query block, batch, head): ids, the kv head of its group, query offsets and mask."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_m, bh.to(tl.int64), b, h, h // group, offs_m, offs_m < N
+
+
+@triton.jit
+def _causal_key_end(pid_m, N, Nk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    # The last query of the block sees sequence keys up to (its index + Nk - N).
+    end = Nk
+    if CAUSAL:
+        end = tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - N), 0)
+    return end
+
+
+@triton.jit
+def _lse_log2(lse_ptrs, row_ok, ACC: tl.constexpr):
+    """Saved log-sum-exp in the log2 domain. A row that saw no key stored -inf; +inf instead makes every
+    exp2(s - lse) of that row 0 without forming inf - inf."""
+    lse = tl.load(lse_ptrs, mask=row_ok, other=0.0).to(ACC)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _masked_logits(
+    q, k_t, bias_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """log2-domain logits of a query block against a key block (k_t: D x BLOCK_N), -inf where not visible."""
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(ACC) * scale_log2
+    if HAS_BIAS:
+        s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC)[None, :] * 1.4426950408889634
+    visible = in_range[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
 def _fwd_key_range(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, num_keys, end, offs_m, offs_d,
     causal_shift, scale_log2,
@@ -34,14 +77,8 @@ def _fwd_key_range(
         offs_n = start + tl.arange(0, BLOCK_N)
         in_range = offs_n < num_keys
         k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(acc.dtype) * scale_log2
-        if HAS_BIAS:
-            bias = tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(acc.dtype)
-            s += bias[None, :] * 1.4426950408889634
-        visible = in_range[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-        s = tl.where(visible, s, float("-inf"))
+        s = _masked_logits(q, k_t, bias_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
+                           HAS_BIAS=HAS_BIAS, CAUSAL=CAUSAL, ACC=acc.dtype, DOT_PRECISION=DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -65,14 +102,8 @@ def memory_attention_fwd_kernel(
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    g = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
@@ -84,9 +115,7 @@ def memory_attention_fwd_kernel(
             stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, M, M, offs_m, offs_d, 0,
             scale_log2, HAS_BIAS=HAS_BIAS, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
         )
-    end = Nk
-    if CAUSAL:  # the last query of this block sees sequence keys up to (its index + Nk - N)
-        end = tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - N), 0)
+    end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
     acc, m_i, l_i = _fwd_key_range(
         acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
         stride_kn, stride_vn, bias_ptr, Nk, end, offs_m, offs_d, Nk - N,
@@ -97,7 +126,7 @@ def memory_attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(lse_ptr + bh * N + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -111,13 +140,9 @@ def _dq_key_range(
         in_range = offs_n < num_keys
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], mask=in_range[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(dq.dtype) * scale_log2
-        if HAS_BIAS:
-            s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(dq.dtype)[None, :] * 1.4426950408889634
-        visible = in_range[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-        p = tl.where(visible, tl.math.exp2(s - lse_log2[:, None]), 0.0)
+        s = _masked_logits(q, tl.trans(k), bias_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
+                           HAS_BIAS=HAS_BIAS, CAUSAL=CAUSAL, ACC=dq.dtype, DOT_PRECISION=DOT_PRECISION)
+        p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION).to(dq.dtype)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION).to(dq.dtype)
@@ -135,20 +160,14 @@ def memory_attention_dq_kernel(
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    g = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse_log2 = tl.load(lse_ptr + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0).to(ACC) * 1.4426950408889634
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0).to(ACC)
+    lse_log2 = _lse_log2(lse_ptr + bh * N + offs_m, row_ok, ACC)
+    delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
     if HAS_MEMORY:
         dq = _dq_key_range(
@@ -157,9 +176,7 @@ def memory_attention_dq_kernel(
             bias_ptr + b * stride_biasb + g * stride_biash, M, M, offs_m, offs_d, 0, scale_log2,
             HAS_BIAS=HAS_BIAS, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
         )
-    end = Nk
-    if CAUSAL:
-        end = tl.maximum(tl.minimum(Nk, (pid_m + 1) * BLOCK_M + Nk - N), 0)
+    end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
     dq = _dq_key_range(
         dq, q, do, lse_log2, delta, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
         stride_kn, stride_vn, bias_ptr, Nk, end, offs_m, offs_d, Nk - N, scale_log2,
@@ -224,7 +241,7 @@ def memory_attention_dkdv_kernel(
                         mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
                          mask=row_ok[:, None], other=0.0)
-            lse_log2 = tl.load(lse_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC) * 1.4426950408889634
+            lse_log2 = _lse_log2(lse_ptr + bh * N + offs_m, row_ok, ACC)
             delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
             # Transposed tiles (keys x queries), so the key-side sums are row sums.
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * scale_log2 + bias_log2[:, None]
