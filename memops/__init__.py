@@ -6,7 +6,7 @@ Public ops run on backend "triton" (CUDA tensors, or CPU tensors under TRITON_IN
 from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention
 from memops.product_key import weighted_gather
-from memops import nn  # noqa: E402  (after the ops it wraps)
+from memops import nn
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ def _shape(t: torch.Tensor) -> tuple:
 def _check_inputs(q, k, v, mem_k, mem_v, mem_bias, scale):
     named = [("q", q), ("k", k), ("v", v), ("mem_k", mem_k), ("mem_v", mem_v), ("mem_bias", mem_bias)]
     for name, t in named:
-        if t is not None and not isinstance(t, torch.Tensor):
+        if (t is not None or name in ("q", "k", "v")) and not isinstance(t, torch.Tensor):
             raise TypeError(f"memory_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:

@@ -275,6 +275,7 @@ BAD_INPUTS = {
                    mem_k=lambda i: i["mem_k"].long(), mem_v=lambda i: i["mem_v"].long()), TypeError, "q must be floating"),
     "mixed_device": (_bad(mem_bias=lambda i: torch.zeros(5, device="meta")), ValueError, "mem_bias is on meta"),
     "k_not_tensor": (_bad(k=lambda i: i["k"].tolist()), TypeError, "k must be a torch.Tensor"),
+    "v_none": (_bad(v=None), TypeError, "v must be a torch.Tensor"),
 }
 
 
