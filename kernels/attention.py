@@ -307,7 +307,7 @@ def attention_bwd_config(head_dim: int, device: torch.device) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
 
 
-def _strides3(t: torch.Tensor | None, batch_shared: bool = False):
+def _strides3(t: torch.Tensor | None):
     """(batch, head, row) strides of a (B, H, L, D) tensor or a batch-shared (H, L, D) one (batch stride 0)."""
     if t is None:
         return 0, 0, 0
