@@ -129,6 +129,27 @@ def memory_attention_fwd_kernel(
     tl.store(lse_ptr + bh * N + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["N"])
+def memory_attention_delta_kernel(
+    out_ptr, do_ptr, grad_lse_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, ACC: tl.constexpr,
+):
+    # delta[i] = dout[i] . out[i] - dlse[i]: the softmax backward's row term (a grad on lse adds p * dlse
+    # to ds, the same as lowering delta by dlse). One read of O and dO, fp32 math, no fp32 copies.
+    pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, 1, N, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(ACC)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(ACC)
+    delta = tl.sum(o * do, axis=1)
+    if HAS_GRAD_LSE:
+        delta -= tl.load(grad_lse_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
+    tl.store(delta_ptr + bh * N + offs_m, delta, mask=row_ok)
+
+
 @triton.jit
 def _dq_key_range(
     dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, num_keys, end, offs_m, offs_d,
@@ -364,11 +385,7 @@ def memory_attention_bwd(
     M = 0 if mem_k is None else mem_k.shape[-2]
     acc, precision = _acc_and_precision(q)
     cfg = config or attention_bwd_config(D, q.device)
-    # delta[i] = dout[i] . out[i], the softmax backward's row term. A grad on lse adds p * dlse to ds,
-    # the same as subtracting dlse from delta.
-    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(lse.dtype)
+    delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -390,6 +407,12 @@ def memory_attention_bwd(
         )
         mem_k_arg, mem_v_arg = (mem_k, mem_v) if M else (k, v)
         bias_arg = mem_bias if mem_bias is not None else q
+        record_launch("memory_attention_delta_kernel")
+        memory_attention_delta_kernel[(triton.cdiv(N, 64), B * H)](
+            out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
+            out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            H, N, HEAD_DIM=D, BLOCK_M=64, HAS_GRAD_LSE=grad_lse is not None, ACC=acc,
+        )
         record_launch("memory_attention_dq_kernel")
         memory_attention_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, grad_out, lse, delta, dq, *common,

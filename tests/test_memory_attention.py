@@ -13,7 +13,8 @@ from memops import reference
 from memops.testing import assert_close_to_reference, count_launches, relative_error
 
 CUDA = torch.cuda.is_available()
-KERNELS = ("memory_attention_fwd_kernel", "memory_attention_dq_kernel", "memory_attention_dkdv_kernel")
+KERNELS = ("memory_attention_fwd_kernel", "memory_attention_delta_kernel", "memory_attention_dq_kernel",
+           "memory_attention_dkdv_kernel")
 
 
 def tolerance_key(dtype):
