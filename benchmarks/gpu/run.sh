@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: install, CUDA tests, compute-sanitizer, tuning sweep, full benchmark.
+# One device call: install, CUDA tests, compute-sanitizer, tuning sweep, full benchmark. At most 8 files come
+# back from $OUT, so logs are combined.
 # Usage on the GPU machine: bash benchmarks/gpu/run.sh [steps...]  (steps: tests sanitize tune bench)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -12,7 +13,11 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
 for step in $steps; do
   echo "=== $step"
   case $step in
-    tests) python3 -m pytest tests -q -x -p no:randomly 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    tests)  # one pytest per file, so a slow compile in one cannot starve the others of the call's time
+      for f in tests/test_*.py; do
+        echo "--- $f" | tee -a "$OUT/cuda-tests.log"
+        timeout "${TEST_TIMEOUT:-240}" python3 -m pytest "$f" -q 2>&1 | tee -a "$OUT/cuda-tests.log" | tail -3
+      done ;;
     sanitize) compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/gpu/sanitize.py 2>&1 | tail -8 | tee "$OUT/sanitize.log" ;;
     tune) python3 -m memops.benchmarks.tune_product_key --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
     bench) memops bench ${BENCH_OP:+--op $BENCH_OP} --out "$OUT" 2>&1 | tee "$OUT/bench-${BENCH_OP:-all}.log" | grep -v "^\[" ;;

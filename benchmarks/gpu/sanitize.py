@@ -11,5 +11,20 @@ for S, D, T, K, dtype in [(37, 70, 9, 5, torch.float32), (1000, 1030, 17, 33, to
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
         memops.weighted_gather(values, indices, weights).square().sum().backward()
+
+# memory attention: odd lengths, GQA, shared and per-sample memory, bias, causal with N > Nk, decode
+for B, H, Hkv, N, Nk, M, D, shared, causal in [
+    (2, 4, 2, 37, 45, 19, 64, True, False), (1, 2, 1, 70, 33, 0, 128, False, True),
+    (3, 8, 2, 1, 100, 7, 32, False, True), (2, 2, 2, 65, 65, 130, 16, True, True),
+]:
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(B, Hkv, Nk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        mem_shape = (Hkv, M, D) if shared else (B, Hkv, M, D)
+        mem_k, mem_v = (torch.randn(mem_shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        bias = torch.randn(Hkv, M, device="cuda", requires_grad=True) if M else None
+        out, lse = memops.memory_attention(q, k, v, mem_k, mem_v, causal=causal, mem_bias=bias, return_lse=True)
+        (out.float().square().sum() + lse[torch.isfinite(lse)].sum()).backward()
 torch.cuda.synchronize()
 print("sanitize run done")
