@@ -76,19 +76,20 @@ def weighted_gather_bwd_kernel(
 
 @triton.jit
 def values_grad_segment_kernel(
-    grad_out_ptr, weights_ptr, sorted_positions_ptr, segment_rows_ptr, segment_starts_ptr, grad_values_ptr,
+    grad_out_ptr, weights_ptr, sorted_positions_ptr, segment_rows_ptr, segment_starts_ptr, segment_ends_ptr,
+    grad_values_ptr,
     K, D,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
-    # One program per (distinct row, D-slice). Positions t*K+k that chose the row are contiguous in the
+    # One program per (segment, D-slice). The positions t*K+k that chose a row sit in [start, end) of the
     # sorted order; they are summed BLOCK_N at a time in that fixed order, so the result is the same bits
-    # on every run, and each row is written once, straight into the output dtype.
+    # on every run, and the row is written once, straight into the output dtype.
     segment = tl.program_id(0)
     offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     row = tl.load(segment_rows_ptr + segment).to(tl.int64)
     start = tl.load(segment_starts_ptr + segment)
-    end = tl.load(segment_starts_ptr + segment + 1)
+    end = tl.load(segment_ends_ptr + segment)
     acc = tl.zeros((BLOCK_D,), dtype=ACC)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -183,6 +184,48 @@ def _segments(indices: torch.Tensor):
     return sorted_positions, segment_rows, segment_starts, counts.max()
 
 
+# Longest run of one row the deterministic kernel sums in one program; longer runs are cut into chunks of
+# this size, summed in parallel into fp32 partials, then added up in order by a second pass.
+SEGMENT_CHUNK = 1024
+
+
+def _launch_segment_kernel(src, weights, positions, rows, starts, ends, out, K, D, acc, cfg):
+    """out[rows[s]] = sum over i in [starts[s], ends[s]) of weights[positions[i]] * src[positions[i] // K]."""
+    record_launch("values_grad_segment_kernel")
+    values_grad_segment_kernel[(rows.numel(), triton.cdiv(D, cfg["BLOCK_D"]))](
+        src, weights, positions, rows, starts, ends, out, K, D,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ACC=acc, num_warps=cfg["num_warps"],
+    )
+
+
+def _segment_values_grad(grad_out, weights, sorted_positions, segment_rows, segment_starts, longest, grad_values,
+                         K, D, acc, cfg):
+    starts, ends = segment_starts[:-1], segment_starts[1:]
+    if int(longest) <= SEGMENT_CHUNK:
+        _launch_segment_kernel(grad_out, weights, sorted_positions, segment_rows, starts, ends, grad_values, K, D, acc, cfg)
+        return
+    # A hot row would be one long serial loop. Short segments go straight to their rows; long ones are cut
+    # into chunks whose fp32 partial sums are then added in chunk order: still a fixed order, so still
+    # bit-identical between runs.
+    long = (ends - starts) > SEGMENT_CHUNK
+    short = ~long
+    if bool(short.any()):
+        _launch_segment_kernel(grad_out, weights, sorted_positions, segment_rows[short], starts[short], ends[short],
+                               grad_values, K, D, acc, cfg)
+    long_starts, long_ends, long_rows = starts[long], ends[long], segment_rows[long]
+    chunks = (long_ends - long_starts + SEGMENT_CHUNK - 1) // SEGMENT_CHUNK
+    chunk_segment = torch.repeat_interleave(torch.arange(chunks.numel(), device=chunks.device), chunks)
+    first_chunk = torch.cumsum(chunks, 0) - chunks
+    chunk_ids = torch.arange(chunk_segment.numel(), device=chunks.device)
+    chunk_starts = long_starts[chunk_segment] + (chunk_ids - first_chunk[chunk_segment]) * SEGMENT_CHUNK
+    chunk_ends = torch.minimum(chunk_starts + SEGMENT_CHUNK, long_ends[chunk_segment])
+    partial_dtype = torch.float64 if acc == tl.float64 else torch.float32
+    partials = torch.empty((chunk_ids.numel(), D), dtype=partial_dtype, device=grad_out.device)
+    _launch_segment_kernel(grad_out, weights, sorted_positions, chunk_ids, chunk_starts, chunk_ends, partials, K, D, acc, cfg)
+    ones = torch.ones(chunk_ids.numel(), dtype=partial_dtype, device=grad_out.device)
+    _launch_segment_kernel(partials, ones, chunk_ids, long_rows, first_chunk, first_chunk + chunks, grad_values, 1, D, acc, cfg)
+
+
 def weighted_gather_bwd(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *,
     values_grad_algorithm: str = "auto", values_grad: bool = True, weights_grad: bool = True,
@@ -231,13 +274,7 @@ def weighted_gather_bwd(
                 WEIGHTS_GRAD=weights_grad, ATOMIC_VALUES_GRAD=atomic, num_warps=cfg["num_warps"],
             )
         if values_grad and not atomic:
-            sorted_positions, segment_rows, segment_starts, _ = segments
-            cfg = segment or segment_config(D)
-            record_launch("values_grad_segment_kernel")
-            values_grad_segment_kernel[(segment_rows.numel(), triton.cdiv(D, cfg["BLOCK_D"]))](
-                grad_out, weights, sorted_positions, segment_rows, segment_starts, grad_values, K, D,
-                BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], ACC=acc, num_warps=cfg["num_warps"],
-            )
+            _segment_values_grad(grad_out, weights, *segments, grad_values, K, D, acc, segment or segment_config(D))
     elif weights_grad:
         grad_weights.zero_()
     if grad_values is not None:

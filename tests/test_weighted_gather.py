@@ -59,8 +59,10 @@ def check_against_float64(values, indices, weights, *, dtype, values_grad_path=N
     # values_grad_path None: whichever kernel "auto" picks (deterministic mode: always the segment one).
     if torch.are_deterministic_algorithms_enabled():
         values_grad_path = "segment"
-    if values_grad_path is not None:
-        assert launches["values_grad_segment_kernel"] == (1 if values_grad_path == "segment" else 0)
+    if values_grad_path == "segment":  # 1 launch, or 2-3 when hot rows are cut into chunks
+        assert launches["values_grad_segment_kernel"] >= 1
+    elif values_grad_path == "atomic":
+        assert launches["values_grad_segment_kernel"] == 0
     assert out.dtype == values.dtype and grad_values.dtype == values.dtype and grad_weights.dtype == weights.dtype
     K, D = indices.shape[-1], values.shape[1]
     rows, local_indices = torch.unique(indices.reshape(-1, K), return_inverse=True)
@@ -134,6 +136,23 @@ def test_deterministic_values_grad_is_bit_identical(deterministic_mode, monkeypa
     _, ref_gv, _ = float64_reference(values, indices, weights, grad_out)
     for run in runs:
         assert_close_to_reference(run[1], ref_gv, torch.float32, name="grad_values")
+
+
+@pytest.mark.usefixtures("poison_empty", "deterministic")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_deterministic_hot_rows_are_cut_into_chunks(dtype, monkeypatch, device):
+    # Rows picked more than SEGMENT_CHUNK times: short rows in one pass, long ones as fp32 chunk partials
+    # summed in order by a second pass. Still exact to the reference and bit-identical between runs.
+    monkeypatch.setattr(kernels, "SEGMENT_CHUNK", 3)
+    values, indices, weights = make_inputs(16, 6, 30, 40, dtype, device)
+    indices[:, :3] = torch.tensor([2, 2, 7], device=device)   # rows 2 and 7: 32 and 16 picks, several chunks
+    grad_out = torch.randn(16, 40, device=device).to(dtype)
+    first = run_with_grads("triton", values, indices, weights, grad_out)
+    second = run_with_grads("triton", values, indices, weights, grad_out)
+    assert first[3]["values_grad_segment_kernel"] == 3  # short rows, chunk partials, chunk sums
+    assert torch.equal(first[1], second[1])
+    _, ref_gv, _ = float64_reference(values, indices, weights, grad_out)
+    assert_close_to_reference(first[1], ref_gv, dtype, name="grad_values")
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -218,23 +237,25 @@ def test_torch_compile_fullgraph(backend, device):
     T=st.integers(1, 9), K=st.integers(1, 9), S=st.integers(1, 40), D=st.integers(1, 70),
     dtype=st.sampled_from([torch.float32, torch.float16]), index_dtype=st.sampled_from([torch.int32, torch.int64]),
     picked=st.sampled_from(["atomic", "segment"]), long_segment=st.sampled_from([0, 3, kernels.LONG_SEGMENT]),
-    deterministic_mode=st.booleans(), seed=st.integers(0, 2**31 - 1),
+    chunk=st.sampled_from([1, 2, kernels.SEGMENT_CHUNK]), deterministic_mode=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
-def test_property_random_shapes(T, K, S, D, dtype, index_dtype, picked, long_segment, deterministic_mode, seed):
+def test_property_random_shapes(T, K, S, D, dtype, index_dtype, picked, long_segment, chunk, deterministic_mode, seed):
     # The picker's choice and the hot-row threshold are drawn too: a picked segment path with a row
     # longer than the threshold must fall back to atomics, and deterministic mode overrides both.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     values, indices, weights = make_inputs(T, K, S, D, dtype, device, index_dtype=index_dtype, seed=seed)
     longest = int(torch.unique(indices, return_counts=True)[1].max())
-    saved = torch.are_deterministic_algorithms_enabled(), kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm
+    saved = (torch.are_deterministic_algorithms_enabled(), kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm,
+             kernels.SEGMENT_CHUNK)
     torch.use_deterministic_algorithms(deterministic_mode)
     kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm = long_segment, lambda values, indices: picked
+    kernels.SEGMENT_CHUNK = chunk
     try:
         path = "segment" if picked == "segment" and longest <= long_segment else "atomic"
         check_against_float64(values, indices, weights, dtype=dtype, values_grad_path=path)
     finally:
         torch.use_deterministic_algorithms(saved[0])
-        kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm = saved[1], saved[2]
+        kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm, kernels.SEGMENT_CHUNK = saved[1:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -11,6 +11,12 @@ for S, D, T, K, dtype in [(37, 70, 9, 5, torch.float32), (1000, 1030, 17, 33, to
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
         memops.weighted_gather(values, indices, weights).square().sum().backward()
+# a hot row (2,048 picks of row 3) takes the chunked deterministic path
+values = torch.randn(50, 300, device="cuda", requires_grad=True)
+indices = torch.randint(0, 50, (64, 40), device="cuda")
+indices[:, :32] = 3
+torch.use_deterministic_algorithms(True)
+memops.weighted_gather(values, indices, torch.rand(64, 40, device="cuda")).square().sum().backward()
 
 # memory attention: odd lengths, GQA, shared and per-sample memory, bias, causal with N > Nk, decode
 for B, H, Hkv, N, Nk, M, D, shared, causal in [
