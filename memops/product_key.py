@@ -1,7 +1,8 @@
 """Product-key memory ops: public functions and their torch.library registration.
 
-``weighted_gather`` -> ``memops::weighted_gather`` (custom op) -> ``memops.kernels.product_key``
-(backend "triton") or ``memops.reference.product_key`` (backend "reference").
+``weighted_gather`` -> ``memops::weighted_gather`` (custom op) -> ``memops.kernels.product_key`` on backend
+"triton"; backend "reference" calls ``memops.reference.product_key`` directly (differentiable by autograd).
+The custom op also accepts backend "reference", which opcheck exercises.
 """
 from __future__ import annotations
 
@@ -145,6 +146,7 @@ def weighted_gather(
         weights: (..., K) floating point, any float dtype.
         check_indices: raise IndexError for an index outside [0, S) (one min/max reduction and a host
             sync per call). With False, an out-of-range index reads out of bounds on the Triton path.
+            Under torch.compile the reference path leaves the check to embedding_bag.
 
     Returns:
         (..., D) tensor in values.dtype, accumulated in fp32 (fp64 for fp64 inputs).
@@ -155,6 +157,16 @@ def weighted_gather(
     """
     _check_weighted_gather_inputs(values, indices, weights)
     backend = resolve_backend(values)
+    out_shape = (*indices.shape[:-1], values.shape[1])
     flat_shape = (math.prod(indices.shape[:-1]), indices.shape[-1])
-    out = _weighted_gather_op(values, indices.reshape(flat_shape), weights.reshape(flat_shape), backend, check_indices)
-    return out.reshape(*indices.shape[:-1], values.shape[1])
+    indices, weights = indices.reshape(flat_shape), weights.reshape(flat_shape)
+    if backend == "reference":
+        # Straight to the reference (autograd through embedding_bag): the custom op's dispatch would cost
+        # ~45 us a call, a third of the whole op at small sizes. Under torch.compile the data-dependent range
+        # check cannot be traced; embedding_bag's own bounds check still raises there.
+        if check_indices and not torch.compiler.is_compiling():
+            _check_index_range(indices, values.shape[0])
+        out = reference.weighted_gather(values, indices, weights)
+    else:
+        out = _weighted_gather_op(values, indices, weights, backend, check_indices)
+    return out.reshape(out_shape)
