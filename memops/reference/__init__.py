@@ -1,6 +1,6 @@
 """The pure-PyTorch definition of every memops op. Each function here is the spec of the public op with
 the same name, and the implementation of backend ``"reference"``."""
 from memops.reference.attention import memory_attention
-from memops.reference.product_key import weighted_gather, weighted_gather_backward
+from memops.reference.product_key import product_key_topk, weighted_gather, weighted_gather_backward
 
-__all__ = ["memory_attention", "weighted_gather", "weighted_gather_backward"]
+__all__ = ["memory_attention", "product_key_topk", "weighted_gather", "weighted_gather_backward"]

@@ -43,3 +43,26 @@ def weighted_gather_backward(
     grad_values = torch.zeros(values.shape, dtype=acc, device=values.device)
     grad_values.index_add_(0, indices.reshape(-1), contributions)
     return grad_values.to(values.dtype), grad_weights.to(weights.dtype)
+
+
+def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product-key search (Lample et al. 2019): the top-k of all n_keys**2 sums s1[i1] + s2[i2].
+
+    queries: (..., Hm, Dk), Dk even. sub_keys: (Hm, 2, n_keys, Dk // 2): the two sub-key tables per head.
+    Returns scores (..., Hm, topk) fp32 (fp64 for fp64) sorted descending and indices (..., Hm, topk) int64,
+    index = i1 * n_keys + i2. Exact: a pair in the global top-k has each half in its own half's top-k, so
+    the k x k candidates of the two per-half top-k lists contain it. Scores are differentiable w.r.t.
+    queries and sub_keys (only the selected sub-key rows receive gradient); indices are not.
+    """
+    n_keys, half = sub_keys.shape[2], sub_keys.shape[3]
+    acc = _accumulator_dtype(queries, sub_keys)
+    q = queries.to(acc)
+    keys = sub_keys.to(acc)
+    s1 = torch.einsum("...hd,hnd->...hn", q[..., :half], keys[:, 0])   # (..., Hm, n_keys)
+    s2 = torch.einsum("...hd,hnd->...hn", q[..., half:], keys[:, 1])
+    top1, index1 = s1.topk(topk, dim=-1)
+    top2, index2 = s2.topk(topk, dim=-1)
+    candidates = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)                    # (..., Hm, k*k)
+    candidate_index = (index1.unsqueeze(-1) * n_keys + index2.unsqueeze(-2)).flatten(-2)
+    scores, best = candidates.topk(topk, dim=-1)
+    return scores, candidate_index.gather(-1, best)
