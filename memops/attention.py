@@ -10,6 +10,7 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
+from memops.reference.attention import bias_3d
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -81,15 +82,6 @@ def _check_inputs(q, k, v, mem_k, mem_v, mem_bias, scale):
 
 def _unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
-def _bias_3d(mem_bias: torch.Tensor | None) -> torch.Tensor | None:
-    """(M,), (Hkv, M), (B, Hkv, M) -> (B|1, Hkv|1, M): a view, so autograd maps the grad back."""
-    if mem_bias is None:
-        return None
-    while mem_bias.dim() < 3:
-        mem_bias = mem_bias.unsqueeze(0)
-    return mem_bias
 
 
 @torch.library.custom_op("memops::memory_attention", mutates_args=())
@@ -193,5 +185,6 @@ def memory_attention(
             f"memory_attention: head dim D={q.shape[-1]} is not supported by the Triton kernels; "
             f"expected one of {TRITON_HEAD_DIMS} (backend 'reference' takes any)"
         )
-    out, lse = _memory_attention_op(q, k, v, mem_k, mem_v, _bias_3d(mem_bias), causal, scale)
+    mem_bias = bias_3d(mem_bias) if mem_bias is not None else None
+    out, lse = _memory_attention_op(q, k, v, mem_k, mem_v, mem_bias, causal, scale)
     return (out, lse) if return_lse else out

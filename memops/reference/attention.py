@@ -22,32 +22,28 @@ def _logit_mask(q, num_kv_heads, num_keys, memory_length, causal, mem_bias):
     if not causal and mem_bias is None:
         return None
     B, H, N, _ = q.shape
-    parts = []
-    if memory_length:
-        if mem_bias is None:
-            bias = torch.zeros(1, 1, 1, memory_length, dtype=q.dtype, device=q.device)
-        else:
-            bias = _bias_4d(mem_bias, q.dtype)
-            if bias.shape[1] != 1:  # per kv head -> per query head
-                bias = bias.repeat_interleave(H // num_kv_heads, dim=1)
-        parts.append(bias.expand(-1, -1, N, -1))
     sequence = torch.zeros(1, 1, N, num_keys, dtype=q.dtype, device=q.device)
     if causal:
         rows = torch.arange(N, device=q.device).unsqueeze(1)
         cols = torch.arange(num_keys, device=q.device).unsqueeze(0)
         sequence = sequence.masked_fill(cols > rows + (num_keys - N), float("-inf"))
-    if parts:
-        batch, heads = parts[0].shape[0], parts[0].shape[1]
-        return torch.cat([parts[0], sequence.expand(batch, heads, -1, -1)], dim=-1)
-    return sequence
+    if not memory_length:
+        return sequence
+    if mem_bias is None:
+        memory = torch.zeros(1, 1, 1, memory_length, dtype=q.dtype, device=q.device)
+    else:
+        memory = bias_3d(mem_bias).to(q.dtype).unsqueeze(2)  # (B|1, Hkv|1, 1, M)
+        if memory.shape[1] != 1:  # per kv head -> per query head
+            memory = memory.repeat_interleave(H // num_kv_heads, dim=1)
+    batch, heads = memory.shape[0], memory.shape[1]
+    return torch.cat([memory.expand(-1, -1, N, -1), sequence.expand(batch, heads, -1, -1)], dim=-1)
 
 
-def _bias_4d(mem_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(M,), (Hkv, M) or (B, Hkv, M) -> (B|1, Hkv|1, 1, M)."""
-    bias = mem_bias.to(dtype)
-    while bias.dim() < 3:
-        bias = bias.unsqueeze(0)
-    return bias.unsqueeze(2)
+def bias_3d(mem_bias: torch.Tensor) -> torch.Tensor:
+    """(M,), (Hkv, M) or (B, Hkv, M) -> a (B|1, Hkv|1, M) view (autograd maps its grad back)."""
+    while mem_bias.dim() < 3:
+        mem_bias = mem_bias.unsqueeze(0)
+    return mem_bias
 
 
 def memory_attention(
