@@ -1,6 +1,17 @@
-"""Triton kernels for product-key memory: the weighted gather from the value table and its backward.
+"""Triton kernels for product-key memory: the product-key search, the weighted gather from the value
+table, and their backward passes.
 
-Math (T tokens, K selected rows each, a value table V of S rows by D columns):
+Search (per token t and memory head h; query q = [q1; q2], sub-key tables C1, C2 of n rows each):
+
+    s1 = C1 q1,  s2 = C2 q2                                     (n scores per half, no scaling)
+    (S1, I1) = top-k(s1),  (S2, I2) = top-k(s2)                  (sorted descending)
+    scores, slots = top-k over (a, b) of S1[a] + S2[b],  slot = I1[a] * n + I2[b]
+
+It is exact: a pair in the top-k of all n*n sums has both halves in their half's top-k. Its backward is
+two weighted gathers over the sub-key tables: dq1 = sum_j dscore_j C1[i1_j] (and dq2 alike) is the forward
+gather with weights dscore, and dC1[i1_j] += dscore_j q1 is the gather's values grad with q1 as dout.
+
+Gather (T tokens, K selected rows each, a value table V of S rows by D columns):
 
     forward          out[t, :]  = sum_k w[t, k] * V[idx[t, k], :]                (fp32 accumulate)
     weights grad     dw[t, k]   = < dout[t, :], V[idx[t, k], :] >
@@ -280,3 +291,208 @@ def weighted_gather_bwd(
     if grad_values is not None:
         grad_values = grad_values.to(values.dtype)
     return grad_values, grad_weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Product-key search
+#
+# A top-k entry is one int64: the score's order-preserving int32 image in the high half and the key row
+# (or slot) index in the low half, so one integer top-k orders by score and carries the index along. A
+# high half of INT32_MIN, which no float maps to, marks an empty entry (masked keys, padding).
+
+
+@triton.jit
+def _score_order(score):
+    # fp32 -> int32 with the same order: negative floats get their magnitude bits flipped. NaN ranks above
+    # everything, as in torch.topk, and decodes back to a NaN.
+    bits = score.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return tl.where(score != score, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _pack(score, index, valid):
+    packed = (_score_order(score).to(tl.int64) << 32) | index.to(tl.int64)
+    return tl.where(valid, packed, _empty_entries(packed))
+
+
+@triton.jit
+def _empty_entries(like):
+    return tl.full(like.shape, -2147483648, tl.int64) << 32
+
+
+@triton.jit
+def _unpack(packed):
+    key = (packed >> 32).to(tl.int32)
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), packed & 0x7FFFFFFF, key != -2147483648
+
+
+@triton.jit
+def _pair_side(N_DIMS: tl.constexpr, AXIS: tl.constexpr):
+    """0 on the left, 1 on the right element of each pair along hypercube axis AXIS (of N_DIMS)."""
+    return tl.reshape(tl.arange(0, 2), [1] * AXIS + [2] + [1] * (N_DIMS - AXIS - 1))
+
+
+@triton.jit
+def _bitonic_merge(h, N_DIMS: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
+    """Sort runs of 2**STAGE along the innermost hypercube axes of h ([2] * N_DIMS), each run bitonic:
+    ORDER 0 ascending, 1 descending, 2 alternating from run to run (which makes runs of twice the length
+    bitonic for the next stage)."""
+    if ORDER == 2:
+        flip = _pair_side(N_DIMS, N_DIMS - 1 - STAGE)
+    else:
+        flip = ORDER
+    for i in tl.static_range(STAGE):
+        # Compare-and-swap across the axis of stride 2**(STAGE - 1 - i): the pair's max and min are both
+        # reductions over a size-2 axis, which the interpreter runs as one numpy call each.
+        axis: tl.constexpr = N_DIMS - STAGE + i
+        high = tl.max(h, axis=axis, keep_dims=True)
+        low = tl.min(h, axis=axis, keep_dims=True)
+        h = tl.where((_pair_side(N_DIMS, axis) ^ flip) != 0, high, low)
+    return h
+
+
+@triton.jit
+def _topk_desc(x, ROWS_LOG2: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr):
+    """The 2**LOG_K largest entries of each row of x (2**ROWS_LOG2, 2**LOG_N), sorted descending: bitonic
+    top-k (sort runs of k, then repeatedly keep the larger of two opposite-sorted runs and re-merge).
+    tl.topk does the same but its compare-and-swap costs seconds a call in the interpreter."""
+    h = tl.reshape(x, [2] * (ROWS_LOG2 + LOG_N))
+    for stage in tl.static_range(1, LOG_K + 1):
+        h = _bitonic_merge(h, ROWS_LOG2 + LOG_N, stage, 2 if stage < LOG_N else 1)
+    for level in tl.static_range(LOG_K + 1, LOG_N + 1):
+        n_dims: tl.constexpr = ROWS_LOG2 + LOG_N - (level - LOG_K - 1)
+        h = tl.max(h, axis=n_dims - 1 - LOG_K)
+        h = _bitonic_merge(h, n_dims - 1, LOG_K, 2 if level < LOG_N else 1)
+    return tl.reshape(h, (1 << ROWS_LOG2, 1 << LOG_K))
+
+
+@triton.jit
+def _merge_topk(best, more, BLOCK_T_LOG2: tl.constexpr, LOG_K: tl.constexpr):
+    """Top 2**LOG_K of the union of two (BLOCK_T, 2**LOG_K) entry sets, sorted descending."""
+    both = tl.reshape(tl.join(best, more), (1 << BLOCK_T_LOG2, 2 << LOG_K))
+    return _topk_desc(both, BLOCK_T_LOG2, LOG_K + 1, LOG_K)
+
+
+@triton.jit
+def _chunk(x, CHUNKS: tl.constexpr, WHICH: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
+    """Columns [WHICH * w, (WHICH + 1) * w) of a (BLOCK_T, K_PAD) entry set, w = K_PAD // CHUNKS."""
+    chunks = tl.reshape(x, (BLOCK_T, CHUNKS, K_PAD // CHUNKS))
+    selected = tl.arange(0, CHUNKS)[None, :, None] == WHICH
+    return tl.max(tl.where(selected, chunks, _empty_entries(chunks)), axis=1)
+
+
+@triton.jit
+def _half_topk(
+    q, keys_ptr, n_keys, half_dim, offs_h, mask_h,
+    T_LOG2: tl.constexpr, N_LOG2: tl.constexpr, K_LOG2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Top 2**K_LOG2 of q @ keys.T per row of q (2**T_LOG2, BLOCK_H), streaming the (n_keys, half_dim)
+    table 2**N_LOG2 rows at a time."""
+    BLOCK_N: tl.constexpr = 1 << N_LOG2
+    best = _empty_entries(tl.zeros((1 << T_LOG2, 1 << K_LOG2), dtype=tl.int64))
+    for n0 in range(0, n_keys, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_keys
+        keys_t = tl.load(keys_ptr + offs_n[None, :].to(tl.int64) * half_dim + offs_h[:, None],
+                         mask=mask_h[:, None] & mask_n[None, :], other=0)
+        scores = tl.dot(q, keys_t, input_precision=DOT_PRECISION).to(tl.float32)
+        block_best = _topk_desc(_pack(scores, offs_n[None, :], mask_n[None, :]), T_LOG2, N_LOG2, K_LOG2)
+        best = _merge_topk(best, block_best, T_LOG2, K_LOG2)
+    return best
+
+
+@triton.jit
+def _pair_candidates(rows, cols, n_keys, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
+    """Entries for every (a, b) of rows (BLOCK_T, R) x cols (BLOCK_T, K_PAD // R): score S1[a] + S2[b],
+    slot I1[a] * n_keys + I2[b], flattened to (BLOCK_T, K_PAD)."""
+    s1, i1, ok1 = _unpack(rows)
+    s2, i2, ok2 = _unpack(cols)
+    packed = _pack(s1[:, :, None] + s2[:, None, :], i1[:, :, None] * n_keys + i2[:, None, :],
+                   ok1[:, :, None] & ok2[:, None, :])
+    return tl.reshape(packed, (BLOCK_T, K_PAD))
+
+
+@triton.jit(do_not_specialize=["T"])
+def product_key_search_kernel(
+    queries_ptr, sub_keys_ptr, scores_ptr, indices_ptr,
+    T, n_keys,
+    HEADS: tl.constexpr, HALF_DIM: tl.constexpr, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+    T_LOG2: tl.constexpr, N_LOG2: tl.constexpr, K_LOG2: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (block of 2**T_LOG2 tokens, memory head). Neither the (T, n_keys) half scores nor the
+    # k x k candidate sums ever reach global memory.
+    BLOCK_T: tl.constexpr = 1 << T_LOG2
+    K_PAD: tl.constexpr = 1 << K_LOG2
+    head = tl.program_id(1)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HALF_DIM
+    q_rows = queries_ptr + (offs_t[:, None] * HEADS + head) * (2 * HALF_DIM) + offs_h[None, :]
+    q_mask = mask_t[:, None] & mask_h[None, :]
+    table = sub_keys_ptr + head.to(tl.int64) * 2 * n_keys * HALF_DIM
+    best1 = _half_topk(tl.load(q_rows, mask=q_mask, other=0), table, n_keys, HALF_DIM, offs_h, mask_h,
+                       T_LOG2, N_LOG2, K_LOG2, DOT_PRECISION)
+    best2 = _half_topk(tl.load(q_rows + HALF_DIM, mask=q_mask, other=0), table + n_keys * HALF_DIM, n_keys,
+                       HALF_DIM, offs_h, mask_h, T_LOG2, N_LOG2, K_LOG2, DOT_PRECISION)
+    # Both lists are sorted, so pair (a, b) is beaten by the (a + 1)(b + 1) - 1 pairs (a' <= a, b' <= b):
+    # only pairs with (a + 1)(b + 1) <= K_PAD can make the top K_PAD. Row a = 0 pairs with every b; rows
+    # [2^j, 2^(j+1)) pair with b < K_PAD / 2^j. That is K_PAD (1 + log2 K_PAD) candidates instead of K_PAD^2.
+    final = _pair_candidates(_chunk(best1, K_PAD, 0, BLOCK_T, K_PAD), best2, n_keys, BLOCK_T, K_PAD)
+    for j in tl.static_range(K_LOG2):
+        rows = _chunk(best1, K_PAD >> j, 1, BLOCK_T, K_PAD)
+        cols = _chunk(best2, 1 << j, 0, BLOCK_T, K_PAD)
+        final = _merge_topk(final, _pair_candidates(rows, cols, n_keys, BLOCK_T, K_PAD), T_LOG2, K_LOG2)
+    scores, slots, _ = _unpack(final)
+    offs_k = tl.arange(0, K_PAD)
+    out = (offs_t[:, None] * HEADS + head) * TOPK + offs_k[None, :]
+    out_mask = mask_t[:, None] & (offs_k[None, :] < TOPK)
+    tl.store(scores_ptr + out, scores, mask=out_mask)
+    tl.store(indices_ptr + out, slots, mask=out_mask)
+
+
+def search_config(n_keys: int, k_pad: int, device: torch.device) -> dict:
+    """Launch parameters of the search kernel (not yet tuned on a GPU)."""
+    block_n = max(k_pad, min(triton.next_power_of_2(n_keys), 128))
+    if device.type != "cuda":  # the interpreter: few, large programs
+        return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4}
+    return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4}
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    # fp32 dots follow torch's matmul setting, as in memops.kernels.attention.
+    if t.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def product_key_search(
+    queries: torch.Tensor, sub_keys: torch.Tensor, topk: int, *, config: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (T, Hm, topk) fp32 sorted descending and slot indices (T, Hm, topk) int64.
+
+    queries (T, Hm, Dk) contiguous; sub_keys (Hm, 2, n_keys, Dk // 2) contiguous, same dtype;
+    1 <= topk <= n_keys, n_keys**2 < 2**31. Scores are computed in fp32 (also for fp64 inputs).
+    """
+    T, heads, key_dim = queries.shape
+    n_keys, half_dim = sub_keys.shape[2], sub_keys.shape[3]
+    scores = torch.empty((T, heads, topk), dtype=torch.float32, device=queries.device)
+    indices = torch.empty((T, heads, topk), dtype=torch.int64, device=queries.device)
+    if T * heads == 0:
+        return scores, indices
+    k_pad = max(2, triton.next_power_of_2(topk))  # the bitonic network works on powers of two
+    cfg = config or search_config(n_keys, k_pad, queries.device)
+    record_launch("product_key_search_kernel")
+    product_key_search_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), heads)](
+        queries, sub_keys, scores, indices, T, n_keys,
+        HEADS=heads, HALF_DIM=half_dim, TOPK=topk, BLOCK_H=max(16, triton.next_power_of_2(half_dim)),
+        T_LOG2=_log2(cfg["BLOCK_T"]), N_LOG2=_log2(cfg["BLOCK_N"]), K_LOG2=_log2(k_pad),
+        DOT_PRECISION=_dot_precision(queries), num_warps=cfg["num_warps"],
+    )
+    return scores, indices
