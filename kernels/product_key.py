@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from memops._launches import record_launch
+from memops.reference.product_key import product_key_search_as_gather
 
 
 @triton.jit
@@ -496,3 +497,23 @@ def product_key_search(
         DOT_PRECISION=_dot_precision(queries), num_warps=cfg["num_warps"],
     )
     return scores, indices
+
+
+def product_key_search_bwd(
+    grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor, *,
+    queries_grad: bool = True, keys_grad: bool = True, deterministic: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dqueries (T, Hm, Dk), dsub_keys (Hm, 2, n_keys, Dk // 2)) in the inputs' dtype; None where not asked.
+
+    Reuses the weighted-gather kernels (see memops.reference.product_key_search_as_gather); ``deterministic``
+    selects the sorted-segment values grad for the sub-keys, bit-identical across runs.
+    """
+    table, rows, weights, bags = product_key_search_as_gather(queries, sub_keys, indices, grad_scores)
+    dq = dkeys = None
+    if queries_grad:
+        dq = weighted_gather_fwd(table, rows, weights).reshape(queries.shape)
+    if keys_grad:
+        dkeys, _ = weighted_gather_bwd(bags, table, rows, weights, weights_grad=False,
+                                       values_grad_algorithm="segment" if deterministic else "auto")
+        dkeys = dkeys.reshape(sub_keys.shape)
+    return dq, dkeys

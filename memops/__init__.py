@@ -5,9 +5,11 @@ Public ops run on backend "triton" (CUDA tensors, or CPU tensors under TRITON_IN
 """
 from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention
-from memops.product_key import weighted_gather
+from memops.product_key import product_key_topk, weighted_gather
 from memops import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend", "get_backend", "memory_attention", "weighted_gather", "__version__"]
+__all__ = [
+    "BACKENDS", "backend", "get_backend", "memory_attention", "product_key_topk", "weighted_gather", "__version__",
+]

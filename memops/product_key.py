@@ -170,3 +170,146 @@ def weighted_gather(
     else:
         out = _weighted_gather_op(values, indices, weights, backend, check_indices)
     return out.reshape(out_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Product-key search
+
+# The kernel packs a slot index i1 * n_keys + i2 into 31 bits of an int64 sort key.
+MAX_TRITON_SLOTS = 1 << 31
+
+
+def _check_product_key_topk_inputs(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -> None:
+    for name, t in (("queries", queries), ("sub_keys", sub_keys)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"product_key_topk: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"product_key_topk: {name} must be a floating-point tensor, got {t.dtype}")
+    if queries.dim() < 2:
+        raise ValueError(f"product_key_topk: queries must be (..., Hm, Dk), got shape {tuple(queries.shape)}")
+    heads, key_dim = queries.shape[-2], queries.shape[-1]
+    if key_dim % 2:
+        raise ValueError(f"product_key_topk: queries' key dim Dk must be even (two halves), got {key_dim}")
+    if sub_keys.dim() != 4 or sub_keys.shape[0] != heads or sub_keys.shape[1] != 2 or sub_keys.shape[3] != key_dim // 2:
+        raise ValueError(
+            f"product_key_topk: sub_keys must be (Hm={heads}, 2, n_keys, Dk // 2={key_dim // 2}) for queries of "
+            f"shape {tuple(queries.shape)}, got {tuple(sub_keys.shape)}"
+        )
+    if sub_keys.dtype != queries.dtype:
+        raise TypeError(f"product_key_topk: sub_keys is {sub_keys.dtype} but queries is {queries.dtype}; cast one")
+    if sub_keys.device != queries.device:
+        raise ValueError(f"product_key_topk: sub_keys is on {sub_keys.device} but queries is on {queries.device}")
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"product_key_topk: topk must be an int, got {type(topk).__name__}")
+    n_keys = sub_keys.shape[2]
+    if not 1 <= topk <= n_keys:
+        raise ValueError(f"product_key_topk: topk must be in [1, n_keys={n_keys}], got {topk}")
+
+
+def _exact_scores(queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """q1 . C1[i1] + q2 . C2[i2] at the given (T, Hm, k) slots, in the inputs' precision."""
+    n_keys, half_dim = sub_keys.shape[2], sub_keys.shape[3]
+    heads = torch.arange(queries.shape[1], device=queries.device).view(1, -1, 1)
+    first = sub_keys[heads, 0, indices // n_keys] @ queries[..., :half_dim, None]
+    second = sub_keys[heads, 1, indices % n_keys] @ queries[..., half_dim:, None]
+    return (first + second).squeeze(-1)
+
+
+@torch.library.custom_op("memops::product_key_topk", mutates_args=())
+def _product_key_topk_op(
+    queries: torch.Tensor, sub_keys: torch.Tensor, topk: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend != "triton":
+        return reference.product_key_topk(queries, sub_keys, topk)
+    queries, sub_keys = queries.contiguous(), sub_keys.contiguous()
+    scores, indices = _kernels().product_key_search(queries, sub_keys, topk)
+    if queries.dtype == torch.float64:
+        # The kernel ranks in fp32; fp64 callers (gradcheck) get their scores at full precision.
+        scores, order = _exact_scores(queries, sub_keys, indices).sort(dim=-1, descending=True)
+        indices = indices.gather(-1, order)
+    return scores, indices
+
+
+@_product_key_topk_op.register_fake
+def _(queries, sub_keys, topk, backend):
+    shape = (*queries.shape[:-1], topk)
+    score_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    return queries.new_empty(shape, dtype=score_dtype), queries.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("memops::product_key_topk_backward", mutates_args=())
+def _product_key_topk_backward_op(
+    grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor,
+    backend: str, deterministic: bool, queries_grad: bool, keys_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        grad_queries, grad_keys = _kernels().product_key_search_bwd(
+            grad_scores, queries.contiguous(), sub_keys.contiguous(), indices,
+            queries_grad=queries_grad, keys_grad=keys_grad, deterministic=deterministic,
+        )
+    else:
+        grad_queries, grad_keys = reference.product_key_topk_backward(grad_scores, queries, sub_keys, indices)
+    # A custom op returns tensors only: an unneeded grad travels as an empty tensor and becomes None.
+    return (grad_queries if queries_grad else queries.new_empty(0)), (grad_keys if keys_grad else sub_keys.new_empty(0))
+
+
+@_product_key_topk_backward_op.register_fake
+def _(grad_scores, queries, sub_keys, indices, backend, deterministic, queries_grad, keys_grad):
+    return (queries.new_empty(queries.shape if queries_grad else (0,)),
+            sub_keys.new_empty(sub_keys.shape if keys_grad else (0,)))
+
+
+def _topk_setup_context(ctx, inputs, output):
+    queries, sub_keys, _, backend = inputs
+    ctx.save_for_backward(queries, sub_keys, output[1])
+    ctx.backend = backend
+
+
+def _topk_backward(ctx, grad_scores, _grad_indices):
+    queries, sub_keys, indices = ctx.saved_tensors
+    queries_grad, keys_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_queries, grad_keys = _product_key_topk_backward_op(
+        grad_scores, queries, sub_keys, indices, ctx.backend,
+        torch.are_deterministic_algorithms_enabled(), queries_grad, keys_grad,
+    )
+    return (grad_queries if queries_grad else None), (grad_keys if keys_grad else None), None, None
+
+
+_product_key_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup_context)
+
+
+def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product-key search (Lample et al. 2019): per token and memory head, the ``topk`` largest of the
+    n_keys**2 slot scores ``q1 . C1[i1] + q2 . C2[i2]``, found from the top-k of each half.
+
+    Args:
+        queries: (..., Hm, Dk) fp32, fp16, bf16 or fp64; Dk even. q1, q2 are its two halves.
+        sub_keys: (Hm, 2, n_keys, Dk // 2), queries' dtype: the tables C1 = sub_keys[h, 0], C2 = sub_keys[h, 1].
+        topk: number of slots per (token, head), 1 <= topk <= n_keys.
+
+    Returns:
+        scores: (..., Hm, topk) fp32 (fp64 for fp64 inputs), sorted descending; no 1/sqrt(Dk) scaling.
+        indices: (..., Hm, topk) int64 slots ``i1 * n_keys + i2`` in [0, n_keys**2), distinct per row.
+
+    The returned scores are the exact top-k scores (ties may be broken either way). Scores are
+    differentiable w.r.t. queries and sub_keys (only the selected sub-key rows get gradient); indices are
+    not. fp32 dots use TF32 after ``torch.set_float32_matmul_precision("high")``. On the Triton path,
+    selection ranks in fp32 (fp64 scores are then recomputed exactly), and n_keys**2 must be below 2**31.
+    Under ``torch.use_deterministic_algorithms(True)`` the sub-key gradient is bit-identical across runs.
+    """
+    _check_product_key_topk_inputs(queries, sub_keys, topk)
+    backend = resolve_backend(queries)
+    heads, key_dim = queries.shape[-2], queries.shape[-1]
+    out_shape = (*queries.shape[:-1], topk)
+    flat = queries.reshape(-1, heads, key_dim)
+    if backend == "reference":
+        scores, indices = reference.product_key_topk(flat, sub_keys, topk)
+    else:
+        n_keys = sub_keys.shape[2]
+        if n_keys * n_keys >= MAX_TRITON_SLOTS:
+            raise ValueError(
+                f"product_key_topk: the Triton kernel needs n_keys**2 < 2**31, got n_keys={n_keys}; "
+                "use backend 'reference'"
+            )
+        scores, indices = _product_key_topk_op(flat, sub_keys, topk, backend)
+    return scores.reshape(out_shape), indices.reshape(out_shape)

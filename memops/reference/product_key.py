@@ -66,3 +66,37 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
     candidate_index = (index1.unsqueeze(-1) * n_keys + index2.unsqueeze(-2)).flatten(-2)
     scores, best = candidates.topk(topk, dim=-1)
     return scores, candidate_index.gather(-1, best)
+
+
+def product_key_search_as_gather(
+    queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor, grad_scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`product_key_topk` is a weighted gather over the stacked sub-key tables.
+
+    Score j of (t, h) is q1 . C1[i1_j] + q2 . C2[i2_j], so dq1 = sum_j dscore_j C1[i1_j] (a weighted gather
+    of C1's rows) and dC1[i1_j] += dscore_j q1 (that gather's values grad, with q1 as the output grad).
+    Bag (t, h, p) of the gather reads half p's table at the selected sub-key indices.
+
+    queries (T, Hm, Dk), sub_keys (Hm, 2, n_keys, Dk // 2), indices and grad_scores (T, Hm, k).
+    Returns the table (Hm * 2 * n_keys, Dk // 2), rows (T * Hm * 2, k), weights (T * Hm * 2, k) and the
+    bags' output grad (T * Hm * 2, Dk // 2), all contiguous.
+    """
+    T, heads, _ = queries.shape
+    n_keys, half_dim = sub_keys.shape[2], sub_keys.shape[3]
+    topk = indices.shape[-1]
+    table_base = torch.arange(heads, device=indices.device).view(1, heads, 1) * (2 * n_keys)
+    rows = torch.stack((table_base + indices // n_keys, table_base + n_keys + indices % n_keys), dim=2)
+    weights = grad_scores.unsqueeze(2).expand(T, heads, 2, topk)
+    return (sub_keys.reshape(heads * 2 * n_keys, half_dim), rows.reshape(T * heads * 2, topk),
+            weights.reshape(T * heads * 2, topk).contiguous(), queries.reshape(T * heads * 2, half_dim).contiguous())
+
+
+def product_key_topk_backward(
+    grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_queries (T, Hm, Dk), grad_sub_keys (Hm, 2, n_keys, Dk // 2)) of :func:`product_key_topk`'s
+    scores, for (T, Hm, k) grad_scores and the indices it returned; only selected sub-key rows get grad."""
+    table, rows, weights, bags = product_key_search_as_gather(queries, sub_keys, indices, grad_scores)
+    grad_queries = weighted_gather(table, rows, weights).reshape(queries.shape).to(queries.dtype)
+    grad_sub_keys, _ = weighted_gather_backward(bags, table, rows, weights)
+    return grad_queries, grad_sub_keys.reshape(sub_keys.shape)
