@@ -213,10 +213,12 @@ def test_only_the_needed_grad_is_computed(device):
 
 
 def test_fp64_gradcheck_on_triton_path(device):
+    # fast_mode: one random direction instead of one interpreted search per perturbed input element.
     queries, sub_keys = make_inputs(5, 2, 8, 6, torch.float64, device)
     queries.requires_grad_(), sub_keys.requires_grad_()
     with memops.backend("triton"):
-        assert torch.autograd.gradcheck(lambda q, c: memops.product_key_topk(q, c, 3)[0], (queries, sub_keys))
+        assert torch.autograd.gradcheck(lambda q, c: memops.product_key_topk(q, c, 3)[0], (queries, sub_keys),
+                                        fast_mode=True)
 
 
 def test_opcheck(device):
