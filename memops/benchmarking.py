@@ -30,7 +30,12 @@ from pathlib import Path
 import torch
 
 # op name -> benchmark module (one module per op family)
-BENCHMARKS = {"weighted_gather": "product_key", "memory_attention": "attention"}
+BENCHMARKS = {
+    "weighted_gather": "product_key",
+    "product_key_topk": "product_key_search",
+    "product_key_memory": "product_key_memory",
+    "memory_attention": "attention",
+}
 L2_BYTES_GUESS = 64 << 20
 
 
@@ -195,11 +200,11 @@ def format_table(results: list[Result], device_label: str, bandwidth_gbps: float
     lines = [
         f"device: {device_label}   measured copy bandwidth: {bandwidth_gbps:,.0f} GB/s"
         + ("   (CPU timings: reference and baselines only)" if results and results[0].device == "cpu" else ""),
-        f"{'op':<18}{'case':<18}{'mode':<9}{'provider':<22}{'ms':>10}{'GB/s':>9}{'% copy':>8}{'TFLOP/s':>9}"
+        f"{'op':<20}{'case':<18}{'mode':<9}{'provider':<22}{'ms':>10}{'GB/s':>9}{'% copy':>8}{'TFLOP/s':>9}"
         f"{'peak MB':>9}  speedup (baseline time / ours)",
     ]
     for r in results:
-        head = f"{r.op:<18}{r.case:<18}{r.mode:<9}{r.provider:<22}"
+        head = f"{r.op:<20}{r.case:<18}{r.mode:<9}{r.provider:<22}"
         if r.median_ms is None:
             lines.append(f"{head}{'—':>10}{'—':>9}{'—':>8}{'—':>9}{'—':>9}  {r.error}")
             continue

@@ -1,4 +1,5 @@
 """torch.nn.Modules built from memops ops."""
 from memops.nn.attention import MemoryAttention
+from memops.nn.product_key import ProductKeyMemory
 
-__all__ = ["MemoryAttention"]
+__all__ = ["MemoryAttention", "ProductKeyMemory"]

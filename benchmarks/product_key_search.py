@@ -1,0 +1,83 @@
+"""Product-key search benchmarks: memops.product_key_topk against the XLM-style PyTorch search.
+
+Baselines, same run: ``xlm`` (two matmuls, topk, the k x k expand, topk: see
+memops.benchmarks.product_key_memory.xlm_search) and ``xlm-compiled`` (the same under torch.compile).
+TFLOP/s counts the two half-score matmuls (2 * T * Hm * n_keys * Dk); bytes are the queries and sub-keys
+read and the (scores, indices) written, which the fused kernel is bound by only at tiny n_keys.
+"""
+from __future__ import annotations
+
+import torch
+
+import memops
+from memops.benchmarking import Case
+from memops.benchmarks.product_key_memory import xlm_search
+
+OP = "product_key_topk"
+MEMOPS_PROVIDERS = ("memops", "memops-reference")
+BASELINES = ("xlm", "xlm-compiled")
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    small = dict(T=1024, heads=4, key_dim=64, n_keys=64, topk=16, dtype="float32")
+    medium = dict(T=4096, heads=4, key_dim=128, n_keys=256, topk=32, dtype="float32")
+    xlm = dict(T=8192, heads=4, key_dim=256, n_keys=512, topk=32, dtype="bfloat16")
+    mlas = dict(T=8192, heads=4, key_dim=512, n_keys=1024, topk=32, dtype="bfloat16")
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        out.append(Case("small", mode, small, quick=True))
+        if not quick:
+            out.append(Case("medium", mode, medium))
+        if device == "cuda":
+            out.append(Case("mlas", mode, mlas, quick=True, cuda_only=True))
+            if not quick:
+                out.append(Case("xlm", mode, xlm, cuda_only=True))
+    return out
+
+
+def make_inputs(case: Case, device: str, seed: int):
+    p = case.params
+    dtype = getattr(torch, p["dtype"])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    queries = torch.randn(p["T"], p["heads"], p["key_dim"], device=device, generator=generator).to(dtype)
+    sub_keys = torch.randn(p["heads"], 2, p["n_keys"], p["key_dim"] // 2, device=device, generator=generator).to(dtype)
+    grad_scores = torch.randn(p["T"], p["heads"], p["topk"], device=device, generator=generator)
+    return queries, sub_keys, grad_scores, p["topk"]
+
+
+def _build(search, mode: str):
+    def build(inputs):
+        queries, sub_keys, grad_scores, topk = inputs
+        if mode == "fwd":
+            return lambda: search(queries, sub_keys, topk)
+        queries, sub_keys = queries.requires_grad_(), sub_keys.requires_grad_()
+
+        def step():
+            queries.grad = sub_keys.grad = None
+            scores, _ = search(queries, sub_keys, topk)
+            scores.backward(grad_scores.to(scores.dtype))
+        return step
+    return build
+
+
+def providers(case: Case, device: str) -> dict:
+    out = {"memops" if device == "cuda" else "memops-reference": _build(memops.product_key_topk, case.mode)}
+    out["xlm"] = _build(xlm_search, case.mode)
+    # Inductor on CPU compiles for tens of seconds per case; the quick CPU run leaves it out.
+    if device == "cuda" or not case.quick:
+        out["xlm-compiled"] = _build(torch.compile(xlm_search), case.mode)
+    return out
+
+
+def bytes_moved(case: Case, mode: str) -> int:
+    p = case.params
+    item = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+    forward = (p["T"] + 2 * p["n_keys"]) * p["heads"] * p["key_dim"] * item + p["T"] * p["heads"] * p["topk"] * 12
+    return forward if mode == "fwd" else 3 * forward
+
+
+def flops(case: Case, mode: str) -> float:
+    p = case.params
+    forward = 2.0 * p["T"] * p["heads"] * p["n_keys"] * p["key_dim"]
+    # The backward touches only the k selected sub-key rows per half: tiny next to the search.
+    return forward if mode == "fwd" else forward + 8.0 * p["T"] * p["heads"] * p["topk"] * p["key_dim"]

@@ -1,0 +1,145 @@
+"""ProductKeyMemory: the product-key memory layer of Lample et al. (2019) and Meta's Memory Layers at Scale."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memops.product_key import product_key_topk, weighted_gather
+
+QUERY_NORMS = ("batchnorm", "layernorm", None)
+
+
+class ProductKeyMemory(nn.Module):
+    """A product-key memory layer: ``memops.product_key_topk`` search, softmax, ``memops.weighted_gather`` read.
+
+    Per token x (input_dim) and memory head h::
+
+        q_h            = norm(W_q x + b_q)[h]                       (key_dim)
+        scores, slots  = top-k over the n_keys**2 slots of q_h1 . C1_h[i1] + q_h2 . C2_h[i2]
+        y              = sum_h sum_j softmax(scores)_j * V[slot_j]   (value_dim; heads summed, one table)
+        out            = y                      (value_dim == output_dim, not gated; XLM)
+                       = W_o y + b_o             (value_dim != output_dim)
+                       = W_o (y * SiLU(W_s x + b_s)) + b_o   (gated=True: Meta's Memory+)
+
+    Works on (..., input_dim) inputs, e.g. (B, N, input_dim) or (T, input_dim). The softmax is in fp32.
+    Sub-keys are cast to the query's dtype (so autocast works); the value table keeps its own dtype.
+
+    State dict keys: ``query_proj.weight`` (key_dim * heads, input_dim), ``query_proj.bias``; with
+    ``query_norm="batchnorm"``: ``query_norm.{weight,bias,running_mean,running_var,num_batches_tracked}``
+    over the heads * key_dim query features (XLM's QueryMLP); with "layernorm": ``query_norm.{weight,bias}``
+    over each head's key_dim; ``sub_keys`` (heads, 2, n_keys, key_dim // 2); ``values.weight``
+    (n_keys**2, value_dim); with ``gated``: ``gate_proj.{weight,bias}`` (value_dim, input_dim); with
+    ``gated`` or value_dim != output_dim: ``out_proj.{weight,bias}`` (output_dim, value_dim).
+
+    Args:
+        input_dim, output_dim: feature sizes of the input and the output.
+        n_keys: sub-keys per half; the value table has n_keys**2 rows.
+        heads: memory heads, each with its own query and sub-keys; all read the one value table.
+        topk: slots read per head and token (k). key_dim: query size per head (even).
+        value_dim: width of the value table; default output_dim (or the shared table's width).
+        query_norm: "batchnorm" (XLM), "layernorm" (per head) or None (Memory Layers at Scale).
+        gated: Memory+ output ``W_o(y * SiLU(W_s x))``.
+        shared_values: another ProductKeyMemory (or an nn.Embedding of n_keys**2 rows) whose value table
+            this layer reads and trains too: Memory Layers at Scale shares one table across layers.
+
+    After each forward, ``last_indices`` holds the (T, heads, topk) slots it read (a reference, no copy);
+    :meth:`slot_usage` turns them into routing statistics when asked.
+    """
+
+    def __init__(
+        self, input_dim: int, output_dim: int, *, n_keys: int = 512, heads: int = 4, topk: int = 32,
+        key_dim: int = 256, value_dim: int | None = None, query_norm: str | None = "batchnorm", gated: bool = False,
+        shared_values: ProductKeyMemory | nn.Embedding | None = None, device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        if key_dim % 2:
+            raise ValueError(f"ProductKeyMemory: key_dim must be even (two halves), got {key_dim}")
+        if not 1 <= topk <= n_keys:
+            raise ValueError(f"ProductKeyMemory: topk must be in [1, n_keys={n_keys}], got {topk}")
+        if query_norm not in QUERY_NORMS:
+            raise ValueError(f"ProductKeyMemory: query_norm must be one of {QUERY_NORMS}, got {query_norm!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.n_keys, self.heads, self.topk, self.key_dim = n_keys, heads, topk, key_dim
+        self.query_proj = nn.Linear(input_dim, heads * key_dim, **factory)
+        if query_norm == "batchnorm":
+            self.query_norm = nn.BatchNorm1d(heads * key_dim, **factory)
+        elif query_norm == "layernorm":
+            self.query_norm = nn.LayerNorm(key_dim, **factory)
+        else:
+            self.query_norm = None
+        self.query_norm_kind = query_norm
+        # XLM's init: uniform in +-1/sqrt(key_dim / 2), the size of each half.
+        bound = (key_dim // 2) ** -0.5
+        self.sub_keys = nn.Parameter(torch.empty(heads, 2, n_keys, key_dim // 2, **factory).uniform_(-bound, bound))
+        if shared_values is not None:
+            self.values = self._shared_table(shared_values, n_keys, value_dim)
+            value_dim = self.values.embedding_dim
+        else:
+            value_dim = output_dim if value_dim is None else value_dim
+            self.values = nn.Embedding(n_keys * n_keys, value_dim, **factory)
+            nn.init.normal_(self.values.weight, std=value_dim ** -0.5)
+        self.value_dim, self.gated = value_dim, gated
+        self.gate_proj = nn.Linear(input_dim, value_dim, **factory) if gated else None
+        self.out_proj = nn.Linear(value_dim, output_dim, **factory) if gated or value_dim != output_dim else None
+        self.last_indices: torch.Tensor | None = None
+
+    @staticmethod
+    def _shared_table(shared, n_keys: int, value_dim: int | None) -> nn.Embedding:
+        table = shared.values if isinstance(shared, ProductKeyMemory) else shared
+        if not isinstance(table, nn.Embedding):
+            raise TypeError(
+                f"ProductKeyMemory: shared_values must be a ProductKeyMemory or an nn.Embedding, got {type(shared).__name__}"
+            )
+        if table.num_embeddings != n_keys * n_keys or (value_dim is not None and table.embedding_dim != value_dim):
+            raise ValueError(
+                f"ProductKeyMemory: shared_values must have (n_keys**2={n_keys * n_keys}, "
+                f"value_dim={value_dim if value_dim is not None else 'any'}) rows, got "
+                f"({table.num_embeddings}, {table.embedding_dim})"
+            )
+        return table
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, input_dim) -> (T, heads, key_dim) search queries."""
+        q = self.query_proj(x)
+        if self.query_norm_kind == "batchnorm":
+            q = self.query_norm(q)
+        q = q.view(x.shape[0], self.heads, self.key_dim)
+        if self.query_norm_kind == "layernorm":
+            q = self.query_norm(q)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., input_dim) -> (..., output_dim)."""
+        flat = x.reshape(-1, x.shape[-1])
+        T = flat.shape[0]
+        q = self.queries(flat)
+        scores, indices = product_key_topk(q, self.sub_keys.to(q.dtype), self.topk)
+        weights = torch.softmax(scores.float(), dim=-1)
+        # The search only returns slots in [0, n_keys**2): no range check (and no host sync) needed.
+        y = weighted_gather(self.values.weight, indices.view(T, -1), weights.view(T, -1), check_indices=False)
+        if self.gated:
+            y = y * F.silu(self.gate_proj(flat))
+        if self.out_proj is not None:
+            y = self.out_proj(y)
+        self.last_indices = indices
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @torch.no_grad()
+    def slot_usage(self) -> dict[str, float]:
+        """Routing statistics of the last forward (one bincount and a host sync, only when called):
+        ``slots_used``, the fraction of the n_keys**2 slots read at least once; ``top_slot_share``, the
+        largest fraction of all reads that went to one slot; ``reads``, the number of (token, head, k) reads."""
+        if self.last_indices is None:
+            raise RuntimeError("ProductKeyMemory.slot_usage: no forward has run yet")
+        counts = torch.bincount(self.last_indices.reshape(-1), minlength=self.n_keys * self.n_keys)
+        reads = self.last_indices.numel()
+        return {
+            "slots_used": (counts > 0).sum().item() / counts.numel(),
+            "top_slot_share": counts.max().item() / max(reads, 1),
+            "reads": float(reads),
+        }
+
+    def extra_repr(self) -> str:
+        return (f"n_keys={self.n_keys}, heads={self.heads}, topk={self.topk}, key_dim={self.key_dim}, "
+                f"value_dim={self.value_dim}, query_norm={self.query_norm_kind!r}, gated={self.gated}")
