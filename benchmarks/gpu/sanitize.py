@@ -32,5 +32,19 @@ for B, H, Hkv, N, Nk, M, D, shared, causal in [
         bias = torch.randn(Hkv, M, device="cuda", requires_grad=True) if M else None
         out, lse = memops.memory_attention(q, k, v, mem_k, mem_v, causal=causal, mem_bias=bias, return_lse=True)
         (out.float().square().sum() + lse[torch.isfinite(lse)].sum()).backward()
+
+# product-key search: n_keys not a multiple of the key block, topk not a power of two, half dim not a power of
+# two, a token count off the token block, and the whole layer
+for T, heads, key_dim, n_keys, topk, dtype in [(37, 3, 24, 130, 5, torch.float32), (70, 4, 256, 512, 32, torch.bfloat16),
+                                              (1, 1, 16, 3, 1, torch.float16)]:
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        queries = torch.randn(T, heads, key_dim, device="cuda", dtype=dtype, requires_grad=True)
+        sub_keys = torch.randn(heads, 2, n_keys, key_dim // 2, device="cuda", dtype=dtype, requires_grad=True)
+        scores, indices = memops.product_key_topk(queries, sub_keys, topk)
+        scores.square().sum().backward()
+torch.use_deterministic_algorithms(False)
+layer = memops.nn.ProductKeyMemory(64, 64, n_keys=40, heads=2, topk=8, key_dim=32, gated=True).cuda()
+layer(torch.randn(3, 11, 64, device="cuda")).sum().backward()
 torch.cuda.synchronize()
 print("sanitize run done")
