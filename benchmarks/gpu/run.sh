@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, CUDA tests, compute-sanitizer, tuning sweep, full benchmark. At most 8 files come
 # back from $OUT, so logs are combined.
-# Usage on the GPU machine: bash benchmarks/gpu/run.sh [steps...]  (steps: tests sanitize tune bench)
+# Usage on the GPU machine: bash benchmarks/gpu/run.sh [steps...]  (steps: tests sanitize tune tune-search bench)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -20,6 +20,7 @@ for step in $steps; do
       done ;;
     sanitize) compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/gpu/sanitize.py 2>&1 | tail -8 | tee "$OUT/sanitize.log" ;;
     tune) python3 -m memops.benchmarks.tune_product_key --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+    tune-search) python3 -m memops.benchmarks.tune_product_key_search --out "$OUT" 2>&1 | tee "$OUT/tune-search.log" ;;
     bench) memops bench ${BENCH_OP:+--op $BENCH_OP} --out "$OUT" 2>&1 | tee "$OUT/bench-${BENCH_OP:-all}.log" | grep -v "^\[" ;;
   esac
 done
