@@ -10,6 +10,10 @@ Math (one batch b, query head h, its kv head g = h // (H / Hkv); logits in the l
     dp = dout value^T;  ds = p * (dp - delta);  dq = scale ds key;  dkey = scale ds^T q;
     dvalue = p^T dout;  dbias[j] = sum_i ds[i, j]
 
+Retention decay (TRIM-KV, used by memops.retention_attention): with a per-sequence-key log_beta[j] <= 0 the
+sequence logits also get (pos_i - j) * log_beta[j], pos_i = i + Nk - N, computed on the fly (no N x Nk
+bias tensor); its grad is dlog_beta[j] = sum_i (pos_i - j) ds[i, j], summed over the group's query heads.
+
 A query that sees no key (no memory, causal, N > Nk) has out = 0 and lse = -inf. Batch-shared memory
 (one (Hkv, M, D) table for all samples) gets the sum of its per-sample grads: atomics into an fp32
 (Hkv, M, D) buffer, or per-sample partials summed in a fixed order when determinism is asked for.
@@ -53,13 +57,18 @@ def _lse_log2(lse_ptrs, row_ok, ACC: tl.constexpr):
 
 @triton.jit
 def _masked_logits(
-    q, k_t, bias_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
+    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """log2-domain logits of a query block against a key block (k_t: D x BLOCK_N), -inf where not visible."""
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(ACC) * scale_log2
     if HAS_BIAS:
         s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC)[None, :] * 1.4426950408889634
+    if HAS_DECAY:
+        log_beta = tl.load(decay_base + offs_n, mask=in_range, other=0.0).to(ACC)
+        distance = (offs_m[:, None] + causal_shift - offs_n[None, :]).to(ACC)
+        s += distance * (log_beta * 1.4426950408889634)[None, :]
     visible = in_range[None, :]
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
@@ -68,17 +77,19 @@ def _masked_logits(
 
 @triton.jit
 def _fwd_key_range(
-    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, num_keys, end, offs_m, offs_d,
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, end, offs_m, offs_d,
     causal_shift, scale_log2,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Online softmax over keys [0, end) of one key table (memory or sequence), in the log2 domain.
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         in_range = offs_n < num_keys
         k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
-        s = _masked_logits(q, k_t, bias_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
-                           HAS_BIAS=HAS_BIAS, CAUSAL=CAUSAL, ACC=acc.dtype, DOT_PRECISION=DOT_PRECISION)
+        s = _masked_logits(q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
+                           HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=acc.dtype,
+                           DOT_PRECISION=DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -93,13 +104,13 @@ def _fwd_key_range(
 
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
-    stride_ob, stride_oh, stride_on,
+    stride_decb, stride_dech, stride_ob, stride_oh, stride_on,
     H, N, Nk, M, group, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
@@ -112,14 +123,14 @@ def memory_attention_fwd_kernel(
     if HAS_MEMORY:
         acc, m_i, l_i = _fwd_key_range(
             acc, m_i, l_i, q, mem_k_ptr + b * stride_mkb + g * stride_mkh, mem_v_ptr + b * stride_mvb + g * stride_mvh,
-            stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, M, M, offs_m, offs_d, 0,
-            scale_log2, HAS_BIAS=HAS_BIAS, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M, M, offs_m, offs_d, 0,
+            scale_log2, HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
         )
     end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
     acc, m_i, l_i = _fwd_key_range(
         acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
-        stride_kn, stride_vn, bias_ptr, Nk, end, offs_m, offs_d, Nk - N,
-        scale_log2, HAS_BIAS=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, end, offs_m, offs_d, Nk - N,
+        scale_log2, HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -152,17 +163,19 @@ def memory_attention_delta_kernel(
 
 @triton.jit
 def _dq_key_range(
-    dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, num_keys, end, offs_m, offs_d,
-    causal_shift, scale_log2,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, end, offs_m,
+    offs_d, causal_shift, scale_log2,
+    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         in_range = offs_n < num_keys
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], mask=in_range[None, :], other=0.0)
-        s = _masked_logits(q, tl.trans(k), bias_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
-                           HAS_BIAS=HAS_BIAS, CAUSAL=CAUSAL, ACC=dq.dtype, DOT_PRECISION=DOT_PRECISION)
+        s = _masked_logits(q, tl.trans(k), bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
+                           HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=dq.dtype,
+                           DOT_PRECISION=DOT_PRECISION)
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION).to(dq.dtype)
         ds = p * (dp - delta[:, None])
@@ -172,13 +185,13 @@ def _dq_key_range(
 
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_dq_kernel(
-    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
-    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    stride_decb, stride_dech, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
     H, N, Nk, M, group, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
@@ -194,14 +207,15 @@ def memory_attention_dq_kernel(
         dq = _dq_key_range(
             dq, q, do, lse_log2, delta, mem_k_ptr + b * stride_mkb + g * stride_mkh,
             mem_v_ptr + b * stride_mvb + g * stride_mvh, stride_mkn, stride_mvn,
-            bias_ptr + b * stride_biasb + g * stride_biash, M, M, offs_m, offs_d, 0, scale_log2,
-            HAS_BIAS=HAS_BIAS, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M, M, offs_m, offs_d, 0, scale_log2,
+            HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
         )
     end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
     dq = _dq_key_range(
         dq, q, do, lse_log2, delta, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
-        stride_kn, stride_vn, bias_ptr, Nk, end, offs_m, offs_d, Nk - N, scale_log2,
-        HAS_BIAS=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, end, offs_m, offs_d,
+        Nk - N, scale_log2, HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
+        DOT_PRECISION=DOT_PRECISION,
     )
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -209,14 +223,15 @@ def memory_attention_dq_kernel(
 
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
-    dk_ptr, dv_ptr, dmem_k_ptr, dmem_v_ptr, dbias_ptr,
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, do_ptr, lse_ptr, delta_ptr,
+    dk_ptr, dv_ptr, dmem_k_ptr, dmem_v_ptr, dbias_ptr, ddecay_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
+    stride_decb, stride_dech,
     stride_dob, stride_doh, stride_don, stride_dmb, stride_dmh, stride_dmn, stride_dkb, stride_dkh, stride_dkn,
     H, Hkv, N, Nk, M, group, scale, scale_log2, memory_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, MEMORY_GRAD_ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, MEMORY_GRAD_ATOMIC: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program per (key block, batch, kv head): memory key blocks first, then sequence key blocks.
@@ -249,9 +264,14 @@ def memory_attention_dkdv_kernel(
     if HAS_BIAS:
         bias_log2 = tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n, mask=offs_n < tl.where(is_memory, M, 0),
                             other=0.0).to(ACC) * 1.4426950408889634
+    decay_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
+    if HAS_DECAY:  # sequence keys only (retention_attention has no memory)
+        decay_log2 = tl.load(decay_ptr + b * stride_decb + g * stride_dech + offs_n,
+                             mask=offs_n < tl.where(is_memory, 0, Nk), other=0.0).to(ACC) * 1.4426950408889634
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dbias = tl.zeros((BLOCK_N,), dtype=ACC)
+    ddecay = tl.zeros((BLOCK_N,), dtype=ACC)
     for head in range(0, group):
         h = g * group + head
         bh = b * H + h
@@ -266,6 +286,9 @@ def memory_attention_dkdv_kernel(
             delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
             # Transposed tiles (keys x queries), so the key-side sums are row sums.
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * scale_log2 + bias_log2[:, None]
+            if HAS_DECAY:
+                distance_t = (offs_m[None, :] + (Nk - N) - offs_n[:, None]).to(ACC)
+                s_t += distance_t * decay_log2[:, None]
             visible = in_range[:, None] & row_ok[None, :]
             if CAUSAL:  # memory keys are visible to every query
                 visible = visible & ((offs_n[:, None] <= offs_m[None, :] + (Nk - N)) | is_memory)
@@ -275,6 +298,8 @@ def memory_attention_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION).to(ACC)
             dbias += tl.sum(ds_t, axis=1)
+            if HAS_DECAY:
+                ddecay += tl.sum(ds_t * distance_t, axis=1)
     dk = dk * scale
     mask = in_range[:, None]
     if is_memory:
@@ -294,6 +319,8 @@ def memory_attention_dkdv_kernel(
                  dk.to(dk_ptr.dtype.element_ty), mask=mask)
         tl.store(dv_ptr + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        if HAS_DECAY:
+            tl.store(ddecay_ptr + (b * Hkv + g) * Nk + offs_n, ddecay, mask=in_range)
 
 
 def _acc_and_precision(q: torch.Tensor):
@@ -337,6 +364,11 @@ def _strides3(t: torch.Tensor | None):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _decay_strides(log_beta: torch.Tensor | None):
+    """(batch, kv head) strides of a (B, Hkv, Nk) log_beta with unit last stride."""
+    return (0, 0) if log_beta is None else (log_beta.stride(0), log_beta.stride(1))
+
+
 def _bias_strides(bias: torch.Tensor | None):
     """mem_bias already shaped (B|1, Hkv|1, M) with unit last stride; broadcast dims get stride 0."""
     if bias is None:
@@ -344,11 +376,14 @@ def _bias_strides(bias: torch.Tensor | None):
     return (bias.stride(0) if bias.shape[0] > 1 else 0), (bias.stride(1) if bias.shape[1] > 1 else 0)
 
 
-def memory_attention_fwd(q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, config: dict | None = None):
+def memory_attention_fwd(
+    q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, log_beta=None, config: dict | None = None,
+):
     """out (B, H, N, D) in q.dtype and lse (B, H, N) fp32 (fp64 for fp64).
 
     q (B, H, N, D); k, v (B, Hkv, Nk, D); mem_k, mem_v (B, Hkv, M, D), (Hkv, M, D) or None;
-    mem_bias (B|1, Hkv|1, M) or None. Every tensor has unit stride in its last dim.
+    mem_bias (B|1, Hkv|1, M) or None; log_beta (B, Hkv, Nk) retention decay of the sequence keys, or None.
+    Every tensor has unit stride in its last dim.
     """
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -361,13 +396,15 @@ def memory_attention_fwd(q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale
     cfg = config or attention_config(D, q.device)
     record_launch("memory_attention_fwd_kernel")
     memory_attention_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
-        q, k, v, mem_k if M else k, mem_v if M else v, mem_bias if mem_bias is not None else q, out, lse,
+        q, k, v, mem_k if M else k, mem_v if M else v, mem_bias if mem_bias is not None else q,
+        log_beta if log_beta is not None else q, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
-        out.stride(0), out.stride(1), out.stride(2),
+        *_decay_strides(log_beta), out.stride(0), out.stride(1), out.stride(2),
         H, N, Nk, M, H // Hkv, scale * 1.4426950408889634,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, CAUSAL=causal, ACC=acc, DOT_PRECISION=precision,
+        HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
+        ACC=acc, DOT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -375,11 +412,12 @@ def memory_attention_fwd(q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale
 
 def memory_attention_bwd(
     grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, *, causal: bool, scale: float, deterministic: bool,
-    grad_lse: torch.Tensor | None = None, config: dict | None = None,
+    grad_lse: torch.Tensor | None = None, log_beta=None, config: dict | None = None,
 ):
-    """(dq, dk, dv, dmem_k, dmem_v, dmem_bias); dmem_* None without memory; dmem_bias is (B, Hkv, M) fp32 and
-    the caller sums it down to mem_bias' shape. Arguments as for :func:`memory_attention_fwd`, grad_out
-    (B, H, N, D) with unit last stride, grad_lse (B, H, N) or None."""
+    """(dq, dk, dv, dmem_k, dmem_v, dmem_bias, dlog_beta); dmem_* None without memory; dmem_bias is
+    (B, Hkv, M) fp32 and the caller sums it down to mem_bias' shape; dlog_beta (B, Hkv, Nk) fp32 or None.
+    Arguments as for :func:`memory_attention_fwd`, grad_out (B, H, N, D) with unit last stride, grad_lse
+    (B, H, N) or None."""
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
@@ -399,14 +437,16 @@ def memory_attention_bwd(
         buffer_dtype = lse.dtype if shared else mem_k.dtype
         dmem_k, dmem_v = (torch.empty((B, Hkv, M, D), dtype=buffer_dtype, device=q.device) for _ in range(2))
     dbias = torch.empty((B, Hkv, M), dtype=lse.dtype, device=q.device) if mem_bias is not None else None
+    ddecay = torch.empty((B, Hkv, Nk), dtype=lse.dtype, device=q.device) if log_beta is not None else None
     if B * H * N > 0:
         common = (
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            *_decay_strides(log_beta), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         )
         mem_k_arg, mem_v_arg = (mem_k, mem_v) if M else (k, v)
         bias_arg = mem_bias if mem_bias is not None else q
+        decay_arg = log_beta if log_beta is not None else q
         record_launch("memory_attention_delta_kernel")
         memory_attention_delta_kernel[(triton.cdiv(N, 64), B * H)](
             out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
@@ -415,29 +455,32 @@ def memory_attention_bwd(
         )
         record_launch("memory_attention_dq_kernel")
         memory_attention_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
-            q, k, v, mem_k_arg, mem_v_arg, bias_arg, grad_out, lse, delta, dq, *common,
+            q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, grad_out, lse, delta, dq, *common,
             dq.stride(0), dq.stride(1), dq.stride(2), H, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634,
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, CAUSAL=causal, ACC=acc, DOT_PRECISION=precision,
+            HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
+            ACC=acc, DOT_PRECISION=precision,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         memory_blocks = triton.cdiv(M, cfg["BLOCK_N"])
         record_launch("memory_attention_dkdv_kernel")
         memory_attention_dkdv_kernel[(memory_blocks + triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, mem_k_arg, mem_v_arg, bias_arg, grad_out, lse, delta,
-            dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta, *common,
+            q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, grad_out, lse, delta,
+            dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta,
+            ddecay if ddecay is not None else delta, *common,
             *_strides3(dmem_k), dk.stride(0), dk.stride(1), dk.stride(2),
             H, Hkv, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634, memory_blocks,
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            HAS_BIAS=mem_bias is not None, CAUSAL=causal, MEMORY_GRAD_ATOMIC=atomic, ACC=acc,
+            HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
+            MEMORY_GRAD_ATOMIC=atomic, ACC=acc,
             DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     else:  # no query: every grad is zero
-        for t in (dq, dk, dv, dmem_k, dmem_v, dbias):
+        for t in (dq, dk, dv, dmem_k, dmem_v, dbias, ddecay):
             if t is not None:
                 t.zero_()
     if M and shared and not atomic:  # fixed-order batch reduction (deterministic mode)
         dmem_k, dmem_v = dmem_k.sum(0), dmem_v.sum(0)
     if M:
         dmem_k, dmem_v = dmem_k.to(mem_k.dtype), dmem_v.to(mem_v.dtype)
-    return dq, dk, dv, dmem_k, dmem_v, dbias
+    return dq, dk, dv, dmem_k, dmem_v, dbias, ddecay

@@ -106,7 +106,7 @@ def _memory_attention_backward_op(
     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prepared = [_unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
-    dq, dk, dv, dmem_k, dmem_v, dbias = _kernels().memory_attention_bwd(
+    dq, dk, dv, dmem_k, dmem_v, dbias, _ = _kernels().memory_attention_bwd(
         *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse,
     )
     if dbias is not None:  # (B, Hkv, M) -> mem_bias' broadcast shape
