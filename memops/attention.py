@@ -25,62 +25,70 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def _check_inputs(q, k, v, mem_k, mem_v, mem_bias, scale):
+def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_attention"):
     named = [("q", q), ("k", k), ("v", v), ("mem_k", mem_k), ("mem_v", mem_v), ("mem_bias", mem_bias)]
     for name, t in named:
         if (t is not None or name in ("q", "k", "v")) and not isinstance(t, torch.Tensor):
-            raise TypeError(f"memory_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"memory_attention: {name} must be 4-D (B, heads, length, D), got shape {_shape(t)}")
+            raise ValueError(f"{op}: {name} must be 4-D (B, heads, length, D), got shape {_shape(t)}")
     B, H, N, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"memory_attention: k must be (B={B}, Hkv, Nk, D={D}), got {_shape(k)}")
+        raise ValueError(f"{op}: k must be (B={B}, Hkv, Nk, D={D}), got {_shape(k)}")
     if v.shape != k.shape:
-        raise ValueError(f"memory_attention: v must have k's shape {_shape(k)}, got {_shape(v)}")
+        raise ValueError(f"{op}: v must have k's shape {_shape(k)}, got {_shape(v)}")
     Hkv = k.shape[1]
     if Hkv == 0 or H % Hkv:
-        raise ValueError(f"memory_attention: q's {H} heads must be a multiple of k's {Hkv} heads (GQA/MQA)")
+        raise ValueError(f"{op}: q's {H} heads must be a multiple of k's {Hkv} heads (GQA/MQA)")
     if (mem_k is None) != (mem_v is None):
-        raise ValueError("memory_attention: mem_k and mem_v must be given together")
+        raise ValueError(f"{op}: mem_k and mem_v must be given together")
     if mem_k is not None:
         if mem_k.dim() not in (3, 4):
             raise ValueError(
-                f"memory_attention: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
+                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
                 f"got {_shape(mem_k)}"
             )
         expected = (B, Hkv) if mem_k.dim() == 4 else (Hkv,)
         if tuple(mem_k.shape[:-2]) != expected or mem_k.shape[-1] != D:
             raise ValueError(
-                f"memory_attention: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
+                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
                 f"got {_shape(mem_k)}"
             )
         if mem_v.shape != mem_k.shape:
-            raise ValueError(f"memory_attention: mem_v must have mem_k's shape {_shape(mem_k)}, got {_shape(mem_v)}")
+            raise ValueError(f"{op}: mem_v must have mem_k's shape {_shape(mem_k)}, got {_shape(mem_v)}")
     if mem_bias is not None:
         if mem_k is None:
-            raise ValueError("memory_attention: mem_bias needs mem_k and mem_v")
+            raise ValueError(f"{op}: mem_bias needs mem_k and mem_v")
         M = mem_k.shape[-2]
         if _shape(mem_bias) not in ((M,), (Hkv, M), (B, Hkv, M)):
             raise ValueError(
-                f"memory_attention: mem_bias must be (M,), (Hkv, M) or (B, Hkv, M) = ({M},), ({Hkv}, {M}) or "
+                f"{op}: mem_bias must be (M,), (Hkv, M) or (B, Hkv, M) = ({M},), ({Hkv}, {M}) or "
                 f"({B}, {Hkv}, {M}), got {_shape(mem_bias)}"
             )
         if not mem_bias.is_floating_point():
-            raise TypeError(f"memory_attention: mem_bias must be floating point, got {mem_bias.dtype}")
+            raise TypeError(f"{op}: mem_bias must be floating point, got {mem_bias.dtype}")
     if not q.is_floating_point():
-        raise TypeError(f"memory_attention: q must be floating point, got {q.dtype}")
+        raise TypeError(f"{op}: q must be floating point, got {q.dtype}")
     for name, t in named[1:5]:
         if t is not None and t.dtype != q.dtype:
-            raise TypeError(f"memory_attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
     for name, t in named[1:]:
         if t is not None and t.device != q.device:
-            raise ValueError(f"memory_attention: {name} is on {t.device} but q is on {q.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
     if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"memory_attention: scale must be a float or None, got {type(scale).__name__}")
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
 
 
-def _unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+def check_triton_head_dim(q: torch.Tensor, op: str) -> None:
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise ValueError(
+            f"{op}: head dim D={q.shape[-1]} is not supported by the Triton kernels; "
+            f"expected one of {TRITON_HEAD_DIMS} (backend 'reference' takes any)"
+        )
+
+
+def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -89,7 +97,7 @@ def _memory_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None,
     mem_bias: torch.Tensor | None, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    prepared = [_unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
+    prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     return _kernels().memory_attention_fwd(*prepared, causal=causal, scale=scale)
 
 
@@ -105,7 +113,7 @@ def _memory_attention_backward_op(
     mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, mem_bias: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    prepared = [_unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
+    prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
     dq, dk, dv, dmem_k, dmem_v, dbias, _ = _kernels().memory_attention_bwd(
         *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse,
     )
@@ -171,7 +179,7 @@ def memory_attention(
 
     The Triton path needs head dim 16, 32, 64, 128 or 256; the reference takes any.
     """
-    _check_inputs(q, k, v, mem_k, mem_v, mem_bias, scale)
+    check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale)
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = mem_bias = None
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
@@ -180,11 +188,7 @@ def memory_attention(
         return reference.memory_attention(
             q, k, v, mem_k, mem_v, causal=causal, scale=scale, mem_bias=mem_bias, return_lse=return_lse
         )
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        raise ValueError(
-            f"memory_attention: head dim D={q.shape[-1]} is not supported by the Triton kernels; "
-            f"expected one of {TRITON_HEAD_DIMS} (backend 'reference' takes any)"
-        )
+    check_triton_head_dim(q, "memory_attention")
     mem_bias = bias_3d(mem_bias) if mem_bias is not None else None
     out, lse = _memory_attention_op(q, k, v, mem_k, mem_v, mem_bias, causal, scale)
     return (out, lse) if return_lse else out

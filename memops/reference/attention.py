@@ -70,7 +70,14 @@ def memory_attention(
     out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
     if not return_lse:
         return out
-    # SDPA does not return the log-sum-exp: recompute the logits (the reference may materialise them).
+    return out, attention_lse(q, keys, mask, scale)
+
+
+def attention_lse(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """log-sum-exp over keys of ``scale * q @ keys^T + mask`` (B, H, N), fp32 (fp64 for fp64); keys
+    (B, Hkv, L, D) are shared by groups of H // Hkv query heads. -inf for a row with no visible key.
+    SDPA does not return it, so the reference recomputes the logits (the reference may materialise them)."""
+    H, Hkv = q.shape[1], keys.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
     keys_per_head = keys.repeat_interleave(H // Hkv, dim=1) if H != Hkv else keys
     logits = torch.einsum("bhnd,bhkd->bhnk", q.to(acc), keys_per_head.to(acc)) * scale
@@ -79,4 +86,4 @@ def memory_attention(
     # A query with no visible key has lse -inf; keep its logsumexp backward from computing 0 * NaN.
     empty = torch.isneginf(logits).all(dim=-1, keepdim=True)
     lse = torch.logsumexp(logits.masked_fill(empty, 0.0), dim=-1)
-    return out, lse.masked_fill(empty.squeeze(-1), float("-inf"))
+    return lse.masked_fill(empty.squeeze(-1), float("-inf"))

@@ -1,0 +1,132 @@
+"""TRIM-KV retention ops: public functions and their torch.library registration.
+
+``retention_attention`` -> ``memops::retention_attention`` (custom op) -> the memory-attention kernels of
+``memops.kernels.attention`` with their retention-decay path (no memory, causal). ``retention_capacity`` ->
+``memops::retention_capacity`` -> ``memops.kernels.retention``. Backend "reference" calls
+``memops.reference.retention`` directly (differentiable by autograd).
+"""
+from __future__ import annotations
+
+import torch
+
+from memops import reference
+from memops._backend import resolve_backend
+from memops.attention import check_attention_inputs, check_triton_head_dim, unit_last_stride
+
+
+def _attention_kernels():
+    from memops.kernels import attention
+
+    return attention
+
+
+def _retention_kernels():
+    from memops.kernels import retention
+
+    return retention
+
+
+def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, check_values: bool) -> None:
+    """log_beta must be a float tensor of ``shape`` on ``device``; with check_values, no entry > 0 (beta > 1
+    would make old tokens weigh more, and the capacity sum overflow). One reduction and a host sync."""
+    if not isinstance(log_beta, torch.Tensor):
+        raise TypeError(f"{op}: log_beta must be a torch.Tensor, got {type(log_beta).__name__}")
+    if not log_beta.is_floating_point():
+        raise TypeError(f"{op}: log_beta must be floating point, got {log_beta.dtype}")
+    if tuple(log_beta.shape) != tuple(shape):
+        raise ValueError(f"{op}: log_beta must be (B, Hkv, Nk) = {tuple(shape)}, got {tuple(log_beta.shape)}")
+    if log_beta.device != device:
+        raise ValueError(f"{op}: log_beta is on {log_beta.device} but q is on {device}")
+    if check_values and log_beta.numel() and not torch.compiler.is_compiling():
+        largest = log_beta.max().item()
+        if largest > 0:
+            raise ValueError(f"{op}: log_beta must be <= 0 (beta = exp(log_beta) <= 1), found {largest:g}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# retention_attention
+
+
+@torch.library.custom_op("memops::retention_attention", mutates_args=())
+def _retention_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, log_beta = (unit_last_stride(t) for t in (q, k, v, log_beta))
+    return _attention_kernels().memory_attention_fwd(q, k, v, None, None, None, causal=True, scale=scale,
+                                                     log_beta=log_beta)
+
+
+@_retention_attention_op.register_fake
+def _(q, k, v, log_beta, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op("memops::retention_attention_backward", mutates_args=())
+def _retention_attention_backward_op(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    log_beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out, q, k, v, log_beta = (unit_last_stride(t) for t in (grad_out, q, k, v, log_beta))
+    # No atomics on this path (every key block is one program), so it is deterministic as it stands.
+    dq, dk, dv, _, _, _, dlog_beta = _attention_kernels().memory_attention_bwd(
+        grad_out, q, k, v, None, None, None, out, lse, causal=True, scale=scale, deterministic=True,
+        grad_lse=grad_lse, log_beta=log_beta,
+    )
+    return dq, dk, dv, dlog_beta.to(log_beta.dtype)
+
+
+@_retention_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, log_beta, out, lse, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, log_beta))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, log_beta, scale = inputs
+    ctx.save_for_backward(q, k, v, log_beta, *output)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, log_beta, out, lse = ctx.saved_tensors
+    dq, dk, dv, dlog_beta = _retention_attention_backward_op(grad_out, grad_lse, q, k, v, log_beta, out, lse, ctx.scale)
+    return dq, dk, dv, dlog_beta, None
+
+
+_retention_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def retention_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
+    scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True,
+):
+    """Causal attention with TRIM-KV's learned retention decay (training-time attention).
+
+    ``logit[i, j] = scale * q_i . k_j + (pos_i - j) * log_beta[j]`` for sequence keys j <= pos_i, where
+    pos_i = i + Nk - N (bottom-right aligned, as FlashAttention >= 2.1); softmax; @ v. The decay bias is
+    computed on the fly from log_beta and the positions: no (N, Nk) bias tensor exists.
+
+    Args:
+        q: (B, H, N, D) fp16, bf16, fp32 (fp64 for gradcheck).
+        k, v: (B, Hkv, Nk, D), H a multiple of Hkv (GQA): SDPA's layout.
+        log_beta: (B, Hkv, Nk) float, each <= 0: the key's retention, shared by the query heads of its group.
+        scale: logit scale, default D ** -0.5.
+        return_lse: also return the log-sum-exp (B, H, N), fp32.
+        check_log_beta: raise ValueError for a log_beta > 0 (one reduction and a host sync; skipped
+            under torch.compile). NaN in log_beta propagates to the output.
+
+    Returns:
+        out (B, H, N, D) in q.dtype, or (out, lse). A query with no visible key (N > Nk) gets zeros.
+        Gradients flow to q, k, v and log_beta (``dlog_beta[j] = sum_i (pos_i - j) dS[i, j]`` over the group).
+
+    With log_beta = 0 this is plain causal attention. The Triton path needs head dim 16, 32, 64, 128 or 256.
+    """
+    op = "retention_attention"
+    check_attention_inputs(q, k, v, None, None, None, scale, op=op)
+    validate_log_beta(log_beta, (k.shape[0], k.shape[1], k.shape[2]), q.device, op, check_values=check_log_beta)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if resolve_backend(q) == "reference":
+        return reference.retention_attention(q, k, v, log_beta, scale=scale, return_lse=return_lse)
+    check_triton_head_dim(q, op)
+    out, lse = _retention_attention_op(q, k, v, log_beta, scale)
+    return (out, lse) if return_lse else out
