@@ -6,10 +6,12 @@ Public ops run on backend "triton" (CUDA tensors, or CPU tensors under TRITON_IN
 from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention
 from memops.product_key import product_key_topk, weighted_gather
+from memops.retention import capacity_loss, retention_attention, retention_capacity
 from memops import nn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "backend", "get_backend", "memory_attention", "product_key_topk", "weighted_gather", "__version__",
+    "BACKENDS", "backend", "get_backend", "capacity_loss", "memory_attention", "product_key_topk", "retention_attention",
+    "retention_capacity", "weighted_gather", "__version__",
 ]

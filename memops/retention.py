@@ -130,3 +130,72 @@ def retention_attention(
     check_triton_head_dim(q, op)
     out, lse = _retention_attention_op(q, k, v, log_beta, scale)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# retention_capacity and capacity_loss
+
+
+@torch.library.custom_op("memops::retention_capacity", mutates_args=())
+def _retention_capacity_op(log_beta: torch.Tensor) -> torch.Tensor:
+    return _retention_kernels().retention_capacity_fwd(log_beta.contiguous())
+
+
+@_retention_capacity_op.register_fake
+def _(log_beta):
+    return log_beta.new_empty(log_beta.shape, dtype=torch.float64 if log_beta.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.custom_op("memops::retention_capacity_backward", mutates_args=())
+def _retention_capacity_backward_op(grad_capacity: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
+    return _retention_kernels().retention_capacity_bwd(grad_capacity.contiguous(), log_beta.contiguous())
+
+
+@_retention_capacity_backward_op.register_fake
+def _(grad_capacity, log_beta):
+    return torch.empty_like(log_beta, memory_format=torch.contiguous_format)
+
+
+def _capacity_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _capacity_backward(ctx, grad_capacity):
+    (log_beta,) = ctx.saved_tensors
+    return _retention_capacity_backward_op(grad_capacity, log_beta)
+
+
+_retention_capacity_op.register_autograd(_capacity_backward, setup_context=_capacity_setup_context)
+
+
+def retention_capacity(log_beta: torch.Tensor, *, check_log_beta: bool = True) -> torch.Tensor:
+    """TRIM-KV's capacity: how many tokens' worth of retention the sequence holds at each position.
+
+    ``R[..., t] = sum_{j <= t} exp((t - j) * log_beta[..., j])``
+
+    Args:
+        log_beta: (B, Hkv, N) (any leading dims) float, each <= 0.
+        check_log_beta: raise ValueError for a log_beta > 0 (one reduction and a host sync).
+
+    Returns:
+        R with log_beta's shape, fp32 (fp64 for fp64), differentiable:
+        ``dlog_beta[j] = sum_{t >= j} dR[t] (t - j) exp((t - j) log_beta[j])``. The Triton kernels never
+        store the N x N terms (the reference does).
+    """
+    if not isinstance(log_beta, torch.Tensor):
+        raise TypeError(f"retention_capacity: log_beta must be a torch.Tensor, got {type(log_beta).__name__}")
+    if log_beta.dim() < 1:
+        raise ValueError("retention_capacity: log_beta must have shape (..., N), got a 0-d tensor")
+    validate_log_beta(log_beta, log_beta.shape, log_beta.device, "retention_capacity", check_values=check_log_beta)
+    if resolve_backend(log_beta) == "reference":
+        return reference.retention_capacity(log_beta)
+    return _retention_capacity_op(log_beta)
+
+
+def capacity_loss(log_beta: torch.Tensor, budget: float, *, check_log_beta: bool = True) -> torch.Tensor:
+    """TRIM-KV's capacity loss for a KV budget M: the mean over the positive entries of
+    ``max(0, (R_t - M) / max(t - M, 1))`` with R = :func:`retention_capacity` (0 when none is positive).
+    log_beta (B, Hkv, N); returns a scalar fp32 tensor (fp64 for fp64), differentiable."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
+        raise ValueError(f"capacity_loss: budget must be a number >= 0, got {budget!r}")
+    return reference.capacity_loss_from(retention_capacity(log_beta, check_log_beta=check_log_beta), float(budget))
