@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from memops._launches import record_launch
+from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries, unpack_entries
 from memops.reference.product_key import product_key_search_as_gather
 
 
@@ -295,85 +296,7 @@ def weighted_gather_bwd(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Product-key search
-#
-# A top-k entry is one int64: the score's order-preserving int32 image in the high half and the key row
-# (or slot) index in the low half, so one integer top-k orders by score and carries the index along. A
-# high half of INT32_MIN, which no float maps to, marks an empty entry (masked keys, padding).
-
-
-@triton.jit
-def _score_order(score):
-    # fp32 -> int32 with the same order: negative floats get their magnitude bits flipped. NaN ranks above
-    # everything, as in torch.topk, and decodes back to a NaN.
-    bits = score.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return tl.where(score != score, 0x7FFFFFFF, key)
-
-
-@triton.jit
-def _pack(score, index, valid):
-    packed = (_score_order(score).to(tl.int64) << 32) | index.to(tl.int64)
-    return tl.where(valid, packed, _empty_entries(packed))
-
-
-@triton.jit
-def _empty_entries(like):
-    return tl.full(like.shape, -2147483648, tl.int64) << 32
-
-
-@triton.jit
-def _unpack(packed):
-    key = (packed >> 32).to(tl.int32)
-    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True), packed & 0x7FFFFFFF, key != -2147483648
-
-
-@triton.jit
-def _pair_side(N_DIMS: tl.constexpr, AXIS: tl.constexpr):
-    """0 on the left, 1 on the right element of each pair along hypercube axis AXIS (of N_DIMS)."""
-    return tl.reshape(tl.arange(0, 2), [1] * AXIS + [2] + [1] * (N_DIMS - AXIS - 1))
-
-
-@triton.jit
-def _bitonic_merge(h, N_DIMS: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
-    """Sort runs of 2**STAGE along the innermost hypercube axes of h ([2] * N_DIMS), each run bitonic:
-    ORDER 0 ascending, 1 descending, 2 alternating from run to run (which makes runs of twice the length
-    bitonic for the next stage)."""
-    if ORDER == 2:
-        flip = _pair_side(N_DIMS, N_DIMS - 1 - STAGE)
-    else:
-        flip = ORDER
-    for i in tl.static_range(STAGE):
-        # Compare-and-swap across the axis of stride 2**(STAGE - 1 - i): the pair's max and min are both
-        # reductions over a size-2 axis, which the interpreter runs as one numpy call each.
-        axis: tl.constexpr = N_DIMS - STAGE + i
-        high = tl.max(h, axis=axis, keep_dims=True)
-        low = tl.min(h, axis=axis, keep_dims=True)
-        h = tl.where((_pair_side(N_DIMS, axis) ^ flip) != 0, high, low)
-    return h
-
-
-@triton.jit
-def _topk_desc(x, ROWS_LOG2: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.constexpr):
-    """The 2**LOG_K largest entries of each row of x (2**ROWS_LOG2, 2**LOG_N), sorted descending: bitonic
-    top-k (sort runs of k, then repeatedly keep the larger of two opposite-sorted runs and re-merge).
-    tl.topk does the same but its compare-and-swap costs seconds a call in the interpreter."""
-    h = tl.reshape(x, [2] * (ROWS_LOG2 + LOG_N))
-    for stage in tl.static_range(1, LOG_K + 1):
-        h = _bitonic_merge(h, ROWS_LOG2 + LOG_N, stage, 2 if stage < LOG_N else 1)
-    for level in tl.static_range(LOG_K + 1, LOG_N + 1):
-        n_dims: tl.constexpr = ROWS_LOG2 + LOG_N - (level - LOG_K - 1)
-        h = tl.max(h, axis=n_dims - 1 - LOG_K)
-        h = _bitonic_merge(h, n_dims - 1, LOG_K, 2 if level < LOG_N else 1)
-    return tl.reshape(h, (1 << ROWS_LOG2, 1 << LOG_K))
-
-
-@triton.jit
-def _merge_topk(best, more, BLOCK_T_LOG2: tl.constexpr, LOG_K: tl.constexpr):
-    """Top 2**LOG_K of the union of two (BLOCK_T, 2**LOG_K) entry sets, sorted descending."""
-    both = tl.reshape(tl.join(best, more), (1 << BLOCK_T_LOG2, 2 << LOG_K))
-    return _topk_desc(both, BLOCK_T_LOG2, LOG_K + 1, LOG_K)
+# Product-key search (top-k entries packed into int64: see memops.kernels.topk)
 
 
 @triton.jit
@@ -381,7 +304,7 @@ def _chunk(x, CHUNKS: tl.constexpr, WHICH: tl.constexpr, BLOCK_T: tl.constexpr, 
     """Columns [WHICH * w, (WHICH + 1) * w) of a (BLOCK_T, K_PAD) entry set, w = K_PAD // CHUNKS."""
     chunks = tl.reshape(x, (BLOCK_T, CHUNKS, K_PAD // CHUNKS))
     selected = tl.arange(0, CHUNKS)[None, :, None] == WHICH
-    return tl.max(tl.where(selected, chunks, _empty_entries(chunks)), axis=1)
+    return tl.max(tl.where(selected, chunks, empty_entries(chunks)), axis=1)
 
 
 @triton.jit
@@ -392,15 +315,15 @@ def _half_topk(
     """Top 2**K_LOG2 of q @ keys.T per row of q (2**T_LOG2, BLOCK_H), streaming the (n_keys, half_dim)
     table 2**N_LOG2 rows at a time."""
     BLOCK_N: tl.constexpr = 1 << N_LOG2
-    best = _empty_entries(tl.zeros((1 << T_LOG2, 1 << K_LOG2), dtype=tl.int64))
+    best = empty_entries(tl.zeros((1 << T_LOG2, 1 << K_LOG2), dtype=tl.int64))
     for n0 in range(0, n_keys, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_keys
         keys_t = tl.load(keys_ptr + offs_n[None, :].to(tl.int64) * half_dim + offs_h[:, None],
                          mask=mask_h[:, None] & mask_n[None, :], other=0)
         scores = tl.dot(q, keys_t, input_precision=DOT_PRECISION).to(tl.float32)
-        block_best = _topk_desc(_pack(scores, offs_n[None, :], mask_n[None, :]), T_LOG2, N_LOG2, K_LOG2)
-        best = _merge_topk(best, block_best, T_LOG2, K_LOG2)
+        block_best = topk_entries(pack_entries(scores, offs_n[None, :], mask_n[None, :]), T_LOG2, N_LOG2, K_LOG2)
+        best = merge_topk(best, block_best, T_LOG2, K_LOG2)
     return best
 
 
@@ -408,9 +331,9 @@ def _half_topk(
 def _pair_candidates(rows, cols, n_keys, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
     """Entries for every (a, b) of rows (BLOCK_T, R) x cols (BLOCK_T, K_PAD // R): score S1[a] + S2[b],
     slot I1[a] * n_keys + I2[b], flattened to (BLOCK_T, K_PAD)."""
-    s1, i1, ok1 = _unpack(rows)
-    s2, i2, ok2 = _unpack(cols)
-    packed = _pack(s1[:, :, None] + s2[:, None, :], i1[:, :, None] * n_keys + i2[:, None, :],
+    s1, i1, ok1 = unpack_entries(rows)
+    s2, i2, ok2 = unpack_entries(cols)
+    packed = pack_entries(s1[:, :, None] + s2[:, None, :], i1[:, :, None] * n_keys + i2[:, None, :],
                    ok1[:, :, None] & ok2[:, None, :])
     return tl.reshape(packed, (BLOCK_T, K_PAD))
 
@@ -445,8 +368,8 @@ def product_key_search_kernel(
     for j in tl.static_range(K_LOG2):
         rows = _chunk(best1, K_PAD >> j, 1, BLOCK_T, K_PAD)
         cols = _chunk(best2, 1 << j, 0, BLOCK_T, K_PAD)
-        final = _merge_topk(final, _pair_candidates(rows, cols, n_keys, BLOCK_T, K_PAD), T_LOG2, K_LOG2)
-    scores, slots, _ = _unpack(final)
+        final = merge_topk(final, _pair_candidates(rows, cols, n_keys, BLOCK_T, K_PAD), T_LOG2, K_LOG2)
+    scores, slots, _ = unpack_entries(final)
     offs_k = tl.arange(0, K_PAD)
     out = (offs_t[:, None] * HEADS + head) * TOPK + offs_k[None, :]
     out_mask = mask_t[:, None] & (offs_k[None, :] < TOPK)

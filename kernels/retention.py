@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from memops._launches import record_launch
+from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -105,3 +106,90 @@ def retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, 
         BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=acc, num_warps=cfg["num_warps"],
     )
     return grad_log_beta
+
+
+@triton.jit(do_not_specialize=["length", "budget", "newest_plus_one"])
+def retention_select_kernel(
+    log_beta_ptr, positions_ptr, kept_ptr, length, budget, newest_plus_one, stride_row,
+    K_LOG2: tl.constexpr, CHUNK_LOG2: tl.constexpr,
+):
+    # One program per (batch, kv head) row of the cache. Pass 1 keeps a running top-2**K_LOG2 of the packed
+    # (score, row) entries chunk by chunk; the budget-th largest entry is the threshold. Pass 2 writes the
+    # rows at or above it (exactly `budget`, entries being distinct) in row order via a running prefix sum.
+    CHUNK: tl.constexpr = 1 << CHUNK_LOG2
+    row = tl.program_id(0).to(tl.int64)
+    log_beta_row = log_beta_ptr + row * stride_row
+    positions_row = positions_ptr + row * stride_row
+    best = empty_entries(tl.zeros((1, 1 << K_LOG2), dtype=tl.int64))
+    for start in range(0, length, CHUNK):
+        entries = _eviction_entries(log_beta_row, positions_row, start, length, newest_plus_one, CHUNK)
+        best = merge_topk(best, topk_entries(entries[None, :], 0, CHUNK_LOG2, K_LOG2), 0, K_LOG2)
+    offs_k = tl.arange(0, 1 << K_LOG2)
+    threshold = tl.sum(tl.where(offs_k[None, :] == budget - 1, best, 0), axis=1)
+    written = 0
+    for start in range(0, length, CHUNK):
+        entries = _eviction_entries(log_beta_row, positions_row, start, length, newest_plus_one, CHUNK)
+        offs = start + tl.arange(0, CHUNK)
+        keep = (entries >= threshold) & (offs < length)
+        destination = written + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(kept_ptr + row * budget + destination, offs.to(tl.int64), mask=keep)
+        written += tl.sum(keep.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _eviction_entries(log_beta_row, positions_row, start, length, newest_plus_one, CHUNK: tl.constexpr):
+    """Packed (score, row) entries of rows [start, start + CHUNK): score log_beta * (t + 1 - pos), the
+    index bits inverted so that equal scores rank the older (lower) row first."""
+    offs = start + tl.arange(0, CHUNK)
+    valid = offs < length
+    log_beta = tl.load(log_beta_row + offs, mask=valid, other=0.0).to(tl.float32)
+    age = (newest_plus_one - tl.load(positions_row + offs, mask=valid, other=0)).to(tl.float32)
+    return pack_entries(log_beta * age, 0x7FFFFFFF - offs, valid)
+
+
+@triton.jit(do_not_specialize=["budget", "width"])
+def cache_gather_kernel(
+    src_ptr, kept_ptr, dst_ptr, budget, width, stride_src_row, stride_dst_row,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # dst[row, r, :] = src[row, kept[row, r], :] for the kept rows of one (batch, kv head) row of the cache.
+    row = tl.program_id(1).to(tl.int64)
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < budget
+    kept = tl.load(kept_ptr + row * budget + offs_r, mask=mask_r, other=0)
+    for w0 in range(0, width, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        mask = mask_r[:, None] & (offs_w[None, :] < width)
+        rows = tl.load(src_ptr + row * stride_src_row + kept[:, None] * width + offs_w[None, :], mask=mask)
+        tl.store(dst_ptr + row * stride_dst_row + offs_r[:, None].to(tl.int64) * width + offs_w[None, :], rows, mask=mask)
+
+
+def retention_select(log_beta: torch.Tensor, positions: torch.Tensor, length: int, newest_position: int,
+                     budget: int) -> torch.Tensor:
+    """kept (rows, budget) int64: per row of the (rows, capacity) log_beta and positions buffers (unit last
+    stride, the first `length` entries valid), the `budget` rows of largest eviction score in increasing
+    order. 1 <= budget <= length < 2**31."""
+    rows = log_beta.shape[0]
+    kept = torch.empty((rows, budget), dtype=torch.int64, device=log_beta.device)
+    k_pad = max(2, triton.next_power_of_2(budget))
+    chunk = max(k_pad, 1024)
+    record_launch("retention_select_kernel")
+    retention_select_kernel[(rows,)](
+        log_beta, positions, kept, length, budget, newest_position + 1, log_beta.stride(0),
+        K_LOG2=k_pad.bit_length() - 1, CHUNK_LOG2=chunk.bit_length() - 1, num_warps=8,
+    )
+    return kept
+
+
+def cache_gather(src: torch.Tensor, kept: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[r, :budget] = src[r, kept[r]] for (rows, capacity, width) contiguous src/dst (width may be 1 for a
+    (rows, capacity) buffer viewed with a trailing dim) and kept (rows, budget)."""
+    rows, budget = kept.shape
+    width = src.shape[2]
+    block_w = min(triton.next_power_of_2(width), 256)
+    block_r = max(1, 4096 // block_w)
+    record_launch("cache_gather_kernel")
+    cache_gather_kernel[(triton.cdiv(budget, block_r), rows)](
+        src, kept, dst, budget, width, src.stride(0), dst.stride(0), BLOCK_R=block_r, BLOCK_W=block_w,
+        num_warps=4,
+    )

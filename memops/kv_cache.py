@@ -1,0 +1,190 @@
+"""RetentionKVCache: TRIM-KV's memory-bounded KV cache, shaped like the transformers ``Cache.update`` contract."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from memops import reference
+from memops._backend import resolve_backend
+
+
+def _kernels():
+    from memops.kernels import retention
+
+    return retention
+
+
+@dataclasses.dataclass
+class _Layer:
+    """One layer's rows: (B, Hkv, capacity, D) storage of which the first `length` rows are live."""
+    keys: torch.Tensor
+    values: torch.Tensor
+    log_beta: torch.Tensor    # (B, Hkv, capacity) fp32
+    positions: torch.Tensor   # (B, Hkv, capacity) int64: each row's original position
+    length: int
+    next_position: int
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+
+class RetentionKVCache:
+    """A KV cache that keeps, per layer, batch row and KV head, the ``budget`` most-retained tokens.
+
+    ``update(key_states, value_states, layer_idx, log_beta)`` appends (B, Hkv, n, D) rows and their retention
+    log_beta (B, Hkv, n) to layer ``layer_idx`` and returns (keys, values): the rows kept so far followed by
+    the new rows, in order, which the current queries attend over. Then, if the layer holds at least
+    ``budget + buffer`` rows, it keeps the ``budget`` rows of largest ``log_beta_j * (t + 1 - pos_j)`` (t the
+    position of the newest row, pos_j the row's original position; ties keep the older row), in their
+    original order. Compaction writes into fresh buffers, so tensors returned earlier are never changed;
+    appends go in place into spare capacity after the live rows, which returned tensors do not cover.
+
+    Positions count from 0 per layer and advance by n on each call, so a long prompt given in one update
+    is attended in full, then compacted once. Decode attention over the returned rows is
+    ``memops.memory_attention(q, keys, values)`` (N = 1, not causal).
+
+    On CUDA (or under the Triton interpreter with backend "triton") the selection and the gather are Triton
+    kernels; on backend "reference" they are ``torch.sort`` and ``torch.gather``.
+
+    Args:
+        budget: tokens kept per (layer, batch row, KV head) after a compaction, >= 1.
+        buffer: extra tokens accepted before compacting again, >= 0 (TRIM-KV: 128).
+    """
+
+    def __init__(self, budget: int, buffer: int = 128) -> None:
+        for name, value, low in (("budget", budget, 1), ("buffer", buffer, 0)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"RetentionKVCache: {name} must be an int, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"RetentionKVCache: {name} must be >= {low}, got {value}")
+        self.budget, self.buffer = budget, buffer
+        self._layers: list[_Layer | None] = []
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def _layer(self, layer_idx: int) -> _Layer:
+        if not 0 <= layer_idx < len(self._layers) or self._layers[layer_idx] is None:
+            raise IndexError(f"RetentionKVCache: layer {layer_idx} has no cached rows")
+        return self._layers[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Rows held by ``layer_idx`` now (after any compaction); 0 for a layer never updated."""
+        if layer_idx >= len(self._layers) or self._layers[layer_idx] is None:
+            return 0
+        return self._layers[layer_idx].length
+
+    def positions(self, layer_idx: int) -> torch.Tensor:
+        """(B, Hkv, L) int64: the original position of each row ``layer_idx`` holds."""
+        layer = self._layer(layer_idx)
+        return layer.positions[:, :, :layer.length]
+
+    def log_beta(self, layer_idx: int) -> torch.Tensor:
+        """(B, Hkv, L) fp32: the retention of each row ``layer_idx`` holds."""
+        layer = self._layer(layer_idx)
+        return layer.log_beta[:, :, :layer.length]
+
+    def memory_bytes(self) -> int:
+        """Bytes of the buffers the cache holds (all layers; the allocated capacity, not only live rows)."""
+        return sum(t.numel() * t.element_size() for layer in self._layers if layer is not None
+                   for t in (layer.keys, layer.values, layer.log_beta, layer.positions))
+
+    def _check(self, key_states, value_states, layer_idx, log_beta) -> None:
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"RetentionKVCache.update: layer_idx must be an int >= 0, got {layer_idx!r}")
+        for name, t in (("key_states", key_states), ("value_states", value_states), ("log_beta", log_beta)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"RetentionKVCache.update: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"RetentionKVCache.update: {name} must be floating point, got {t.dtype}")
+            if t.device != key_states.device:
+                raise ValueError(f"RetentionKVCache.update: {name} is on {t.device} but key_states is on {key_states.device}")
+        if key_states.dim() != 4:
+            raise ValueError(f"RetentionKVCache.update: key_states must be (B, Hkv, n, D), got {tuple(key_states.shape)}")
+        if value_states.shape != key_states.shape or value_states.dtype != key_states.dtype:
+            raise ValueError(
+                f"RetentionKVCache.update: value_states must match key_states {tuple(key_states.shape)} "
+                f"{key_states.dtype}, got {tuple(value_states.shape)} {value_states.dtype}"
+            )
+        if tuple(log_beta.shape) != tuple(key_states.shape[:3]):
+            raise ValueError(
+                f"RetentionKVCache.update: log_beta must be (B, Hkv, n) = {tuple(key_states.shape[:3])}, "
+                f"got {tuple(log_beta.shape)}"
+            )
+        if layer_idx < len(self._layers) and self._layers[layer_idx] is not None:
+            layer = self._layers[layer_idx]
+            cached = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[3], layer.keys.dtype, layer.keys.device)
+            given = (key_states.shape[0], key_states.shape[1], key_states.shape[3], key_states.dtype, key_states.device)
+            if cached != given:
+                raise ValueError(
+                    f"RetentionKVCache.update: layer {layer_idx} caches (B, Hkv, D, dtype, device) = {cached}, "
+                    f"got {given}"
+                )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, log_beta: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, Hkv, n, D) key/value rows with their log_beta (B, Hkv, n) to ``layer_idx``; return the
+        (B, Hkv, L + n, D) keys and values to attend over; compact the layer when it is full (see class).
+        Raises ValueError when a compaction finds NaN in the layer's log_beta (eviction would be arbitrary)."""
+        self._check(key_states, value_states, layer_idx, log_beta)
+        while len(self._layers) <= layer_idx:
+            self._layers.append(None)
+        B, Hkv, n, D = key_states.shape
+        layer = self._layers[layer_idx]
+        if layer is None:
+            layer = self._layers[layer_idx] = self._allocate(key_states, max(n, self.budget + self.buffer), None)
+        elif layer.length + n > layer.capacity:
+            # Grow into fresh buffers: rows returned before stay where they are.
+            grown = self._allocate(key_states, layer.length + n, layer)
+            for old, new in ((layer.keys, grown.keys), (layer.values, grown.values),
+                             (layer.log_beta, grown.log_beta), (layer.positions, grown.positions)):
+                new[:, :, :layer.length] = old[:, :, :layer.length]
+            layer = self._layers[layer_idx] = grown
+        rows = slice(layer.length, layer.length + n)
+        layer.keys[:, :, rows] = key_states
+        layer.values[:, :, rows] = value_states
+        layer.log_beta[:, :, rows] = log_beta
+        layer.positions[:, :, rows] = torch.arange(layer.next_position, layer.next_position + n, device=key_states.device)
+        layer.length += n
+        layer.next_position += n
+        keys, values = layer.keys[:, :, :layer.length], layer.values[:, :, :layer.length]
+        if layer.length >= self.budget + self.buffer and layer.length > self.budget:
+            self._layers[layer_idx] = self._compact(layer)
+        return keys, values
+
+    def _allocate(self, like: torch.Tensor, capacity: int, layer: _Layer | None) -> _Layer:
+        B, Hkv, _, D = like.shape
+        return _Layer(
+            keys=like.new_empty((B, Hkv, capacity, D)), values=like.new_empty((B, Hkv, capacity, D)),
+            log_beta=like.new_empty((B, Hkv, capacity), dtype=torch.float32),
+            positions=like.new_empty((B, Hkv, capacity), dtype=torch.int64),
+            length=0 if layer is None else layer.length, next_position=0 if layer is None else layer.next_position,
+        )
+
+    def _compact(self, layer: _Layer) -> _Layer:
+        live_log_beta = layer.log_beta[:, :, :layer.length]
+        if bool(torch.isnan(live_log_beta).any()):
+            raise ValueError("RetentionKVCache.update: log_beta has NaN; eviction by retention would be arbitrary")
+        B, Hkv, _, D = layer.keys.shape
+        newest = layer.next_position - 1
+        compacted = self._allocate(layer.keys, self.budget + max(self.buffer, 1), layer)
+        compacted.length = self.budget
+        if resolve_backend(layer.keys) == "reference":
+            kept = reference.retention_keep(live_log_beta, layer.positions[:, :, :layer.length], newest, self.budget)
+            for old, new in ((layer.log_beta, compacted.log_beta), (layer.positions, compacted.positions)):
+                new[:, :, :self.budget] = old.gather(2, kept)
+            for old, new in ((layer.keys, compacted.keys), (layer.values, compacted.values)):
+                new[:, :, :self.budget] = old.gather(2, kept.unsqueeze(-1).expand(-1, -1, -1, D))
+            return compacted
+        kernels = _kernels()
+        rows = B * Hkv
+        kept = kernels.retention_select(layer.log_beta.view(rows, -1), layer.positions.view(rows, -1), layer.length,
+                                        newest, self.budget)
+        for old, new in ((layer.keys, compacted.keys), (layer.values, compacted.values)):
+            kernels.cache_gather(old.view(rows, old.shape[2], D), kept, new.view(rows, new.shape[2], D))
+        for old, new in ((layer.log_beta, compacted.log_beta), (layer.positions, compacted.positions)):
+            kernels.cache_gather(old.view(rows, -1, 1), kept, new.view(rows, -1, 1))
+        return compacted
