@@ -39,7 +39,8 @@ def retention_capacity_fwd_kernel(
         log_beta = tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC)
         distance = (offs_t[:, None] - offs_j[None, :]).to(ACC)
         visible = (offs_j[None, :] <= offs_t[:, None]) & (offs_j[None, :] < N)
-        total += tl.sum(tl.where(visible, tl.exp(distance * log_beta[None, :]), 0.0), axis=1)
+        # Masked before the exp: (t - j) < 0 with a very negative log_beta would overflow.
+        total += tl.sum(tl.exp(tl.where(visible, distance * log_beta[None, :], float("-inf"))), axis=1)
     tl.store(capacity_ptr + row + offs_t, total, mask=offs_t < N)
 
 
@@ -59,8 +60,8 @@ def retention_capacity_bwd_kernel(
         grad = tl.load(grad_capacity_ptr + row + offs_t, mask=offs_t < N, other=0.0).to(ACC)
         distance = (offs_t[None, :] - offs_j[:, None]).to(ACC)                  # (j, t)
         visible = (offs_j[:, None] <= offs_t[None, :]) & (offs_t[None, :] < N)
-        terms = grad[None, :] * distance * tl.exp(distance * log_beta[:, None])
-        total += tl.sum(tl.where(visible, terms, 0.0), axis=1)
+        decay = tl.exp(tl.where(visible, distance * log_beta[:, None], float("-inf")))
+        total += tl.sum(tl.where(visible, grad[None, :] * distance * decay, 0.0), axis=1)
     tl.store(grad_log_beta_ptr + row + offs_j, total.to(grad_log_beta_ptr.dtype.element_ty), mask=offs_j < N)
 
 

@@ -1,13 +1,15 @@
 """The pure-PyTorch definition of every memops op. Each function here is the spec of the public op with
 the same name, and the implementation of backend ``"reference"``."""
 from memops.reference.attention import memory_attention
-from memops.reference.retention import capacity_loss, retention_attention, retention_capacity, retention_keep
+from memops.reference.retention import (
+    capacity_loss, capacity_loss_from, retention_attention, retention_capacity, retention_keep,
+)
 from memops.reference.product_key import (
     product_key_search_as_gather, product_key_topk, product_key_topk_backward, weighted_gather, weighted_gather_backward,
 )
 
 __all__ = [
     "memory_attention", "product_key_search_as_gather", "product_key_topk", "product_key_topk_backward",
-    "weighted_gather", "weighted_gather_backward", "capacity_loss", "retention_attention", "retention_capacity",
+    "weighted_gather", "weighted_gather_backward", "capacity_loss", "capacity_loss_from", "retention_attention", "retention_capacity",
     "retention_keep",
 ]

@@ -1,0 +1,397 @@
+"""TRIM-KV: memops.retention_attention, retention_capacity / capacity_loss, RetentionGate and RetentionKVCache.
+Triton kernels (interpreter on CPU, compiled on CUDA) against float64 references; the cache against a
+plain-Python model of its contract on random streams of appends."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import memops
+from memops import reference
+from memops.testing import assert_close_to_reference, count_launches
+
+ATTENTION_KERNELS = ("memory_attention_fwd_kernel", "memory_attention_delta_kernel", "memory_attention_dq_kernel",
+                     "memory_attention_dkdv_kernel")
+
+
+def make_attention_inputs(B, H, Hkv, N, Nk, D, dtype, device, *, seed=0, decay=0.3):
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+    log_beta = -decay * torch.rand(B, Hkv, Nk, generator=generator, device=device)   # fp32 beside 16-bit q
+    log_beta = log_beta.to(torch.promote_types(dtype, torch.float32))
+    return {"q": randn(B, H, N, D), "k": randn(B, Hkv, Nk, D), "v": randn(B, Hkv, Nk, D), "log_beta": log_beta}
+
+
+def run_attention(backend, inputs, grad_out, grad_lse):
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    with memops.backend(backend), count_launches() as launches:
+        out, lse = memops.retention_attention(**leaves, return_lse=True)
+        finite = torch.isfinite(lse)
+        torch.autograd.backward([out, lse.masked_fill(~finite, 0.0)], [grad_out, grad_lse])
+    return out, lse, {name: t.grad for name, t in leaves.items()}, launches
+
+
+def check_attention(inputs, dtype):
+    q = inputs["q"]
+    grad_out = torch.randn_like(q)
+    grad_lse = torch.randn(q.shape[:3], device=q.device)
+    out, lse, grads, launches = run_attention("triton", inputs, grad_out, grad_lse)
+    assert all(launches[name] == 1 for name in ATTENTION_KERNELS), dict(launches)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    ref_out, ref_lse, ref_grads, _ = run_attention(
+        "reference", {name: t.double() for name, t in inputs.items()}, grad_out.double(), grad_lse.double())
+    visible = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), visible), "rows with no visible key must have lse -inf"
+    assert_close_to_reference(out, ref_out, dtype, name="out")
+    assert_close_to_reference(lse[visible], ref_lse[visible], dtype, name="lse")
+    for name, grad in grads.items():
+        assert_close_to_reference(grad, ref_grads[name], dtype, name=f"grad {name}", scale=2.0)
+
+
+ATTENTION_CASES = {  # B, H, Hkv, N, Nk, D
+    "square": (2, 2, 2, 37, 37, 32),
+    "gqa": (1, 4, 2, 33, 33, 16),
+    "chunked_prefill": (2, 2, 1, 20, 53, 32),    # N < Nk: queries at the end of a longer key sequence
+    "queries_before_keys": (1, 2, 2, 40, 25, 16),  # N > Nk: the first 15 queries see nothing
+    "decode": (2, 4, 2, 1, 45, 64),
+}
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_retention_attention_matches_float64(case, device):
+    inputs = make_attention_inputs(*ATTENTION_CASES[case], torch.float32, device)
+    check_attention(inputs, torch.float32)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.cuda)])
+def test_retention_attention_16_bit(dtype, device):
+    check_attention(make_attention_inputs(2, 4, 2, 37, 37, 32, dtype, device), dtype)
+
+
+def test_zero_log_beta_is_causal_attention(device):
+    inputs = make_attention_inputs(2, 4, 2, 33, 40, 32, torch.float32, device)
+    with memops.backend("triton"):
+        out = memops.retention_attention(inputs["q"], inputs["k"], inputs["v"], torch.zeros_like(inputs["log_beta"]))
+        causal = memops.memory_attention(inputs["q"], inputs["k"], inputs["v"], causal=True)
+    torch.testing.assert_close(out, causal, rtol=0, atol=0)
+
+
+def test_strong_decay_attends_to_the_newest_key(device):
+    # beta -> 0: every key but the query's own position is decayed away.
+    inputs = make_attention_inputs(1, 2, 2, 6, 6, 16, torch.float32, device)
+    with memops.backend("triton"):
+        out = memops.retention_attention(inputs["q"], inputs["k"], inputs["v"], torch.full_like(inputs["log_beta"], -200.0))
+    torch.testing.assert_close(out, inputs["v"], rtol=1e-5, atol=1e-5)
+
+
+def test_retention_attention_gradcheck_fp64(device):
+    inputs = make_attention_inputs(1, 2, 1, 5, 7, 16, torch.float64, device)
+    leaves = [inputs[name].requires_grad_() for name in ("q", "k", "v", "log_beta")]
+    with memops.backend("triton"):
+        assert torch.autograd.gradcheck(lambda q, k, v, lb: memops.retention_attention(q, k, v, lb), leaves,
+                                        fast_mode=True)
+
+
+def test_retention_attention_opcheck(device):
+    inputs = make_attention_inputs(1, 2, 1, 9, 9, 16, torch.float32, device)
+    args = [inputs[name].requires_grad_() for name in ("q", "k", "v", "log_beta")]
+    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, 0.25))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_retention_attention_compile(backend, device):
+    if backend == "reference":
+        device = "cpu"
+    inputs = make_attention_inputs(1, 2, 2, 9, 9, 16, torch.float32, device)
+
+    def loss(q, k, v, lb):
+        return memops.retention_attention(q, k, v, lb, check_log_beta=False).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    first = [t.clone().requires_grad_() for t in inputs.values()]
+    second = [t.clone().requires_grad_() for t in inputs.values()]
+    with memops.backend(backend):
+        with count_launches() as launches:
+            compiled(*first).backward()
+        loss(*second).backward()
+    assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton")
+    for a, b in zip(first, second):
+        assert_close_to_reference(a.grad, b.grad, torch.float32)
+
+
+# --- capacity ---------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", [(2, 3, 37), (1, 1, 300), (1, 2, 1), (3, 65)])
+def test_capacity_matches_float64(shape, device):
+    # N = 300 spans several t and j tiles; (3, 65) is a leading-dims shape.
+    generator = torch.Generator(device=device).manual_seed(0)
+    log_beta = (-0.2 * torch.rand(*shape, generator=generator, device=device)).requires_grad_()
+    with memops.backend("triton"), count_launches() as launches:
+        capacity = memops.retention_capacity(log_beta)
+        grad = torch.randn_like(capacity)
+        capacity.backward(grad)
+    assert launches["retention_capacity_fwd_kernel"] == launches["retention_capacity_bwd_kernel"] == 1
+    assert capacity.dtype == torch.float32
+    log_beta64 = log_beta.detach().double().requires_grad_()
+    expected = reference.retention_capacity(log_beta64)
+    expected.backward(grad.double())
+    assert_close_to_reference(capacity, expected, torch.float32, name="capacity")
+    assert_close_to_reference(log_beta.grad, log_beta64.grad, torch.float32, name="grad log_beta")
+
+
+def test_capacity_closed_forms(device):
+    # beta = 1: R_t = t + 1 (every token fully retained); beta -> 0: R_t = 1 (only the newest).
+    with memops.backend("triton"):
+        full = memops.retention_capacity(torch.zeros(1, 50, device=device))
+        none = memops.retention_capacity(torch.full((1, 50), -100.0, device=device))
+    torch.testing.assert_close(full, torch.arange(1, 51, dtype=torch.float32, device=device)[None])
+    torch.testing.assert_close(none, torch.ones(1, 50, device=device))
+
+
+def test_capacity_gradcheck_fp64(device):
+    log_beta = (-0.3 * torch.rand(2, 19, dtype=torch.float64, device=device)).requires_grad_()
+    with memops.backend("triton"):
+        assert torch.autograd.gradcheck(memops.retention_capacity, (log_beta,), fast_mode=True)
+
+
+def test_capacity_loss(device):
+    generator = torch.Generator(device=device).manual_seed(0)
+    log_beta = (-0.05 * torch.rand(2, 2, 40, generator=generator, device=device)).requires_grad_()
+    with memops.backend("triton"):
+        loss = memops.capacity_loss(log_beta, 8)
+    loss.backward()
+    # The definition, written out: the mean over positive entries of relu((R_t - M) / max(t - M, 1)).
+    R = reference.retention_capacity(log_beta.detach().double())
+    t = torch.arange(40, dtype=torch.float64, device=device)
+    excess = torch.relu((R - 8) / torch.clamp(t - 8, min=1))
+    torch.testing.assert_close(loss.double(), excess[excess > 0].mean())
+    assert log_beta.grad is not None and log_beta.grad.ne(0).any()
+    with memops.backend("triton"):  # nothing over budget: zero loss, not NaN
+        assert memops.capacity_loss(torch.full((1, 10), -50.0, device=device), 8).item() == 0.0
+
+
+def test_capacity_opcheck(device):
+    log_beta = (-torch.rand(2, 13, device=device)).requires_grad_()
+    torch.library.opcheck(torch.ops.memops.retention_capacity.default, (log_beta,))
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+def _attention_args(device):
+    inputs = make_attention_inputs(1, 2, 1, 5, 5, 16, torch.float32, device)
+    return inputs["q"], inputs["k"], inputs["v"], inputs["log_beta"]
+
+
+BAD_ATTENTION = {
+    "positive_log_beta": (lambda q, k, v, lb: (q, k, v, lb + 1.0), ValueError, "log_beta must be <= 0"),
+    "log_beta_shape": (lambda q, k, v, lb: (q, k, v, lb[..., :-1]), ValueError, r"log_beta must be \(B, Hkv, Nk\)"),
+    "log_beta_int": (lambda q, k, v, lb: (q, k, v, lb.long()), TypeError, "log_beta must be floating point"),
+    "heads": (lambda q, k, v, lb: (q[:, :1], k.expand(-1, 2, -1, -1)[:, :2], v.expand(-1, 2, -1, -1), lb.expand(-1, 2, -1)),
+              ValueError, "retention_attention: q's 1 heads must be a multiple"),
+    "head_dim": (lambda q, k, v, lb: (q, k[..., :8], v, lb), ValueError, "retention_attention: k must be"),
+    "dtype": (lambda q, k, v, lb: (q, k.double(), v, lb), TypeError, "retention_attention: k must have q's dtype"),
+    "log_beta_device": (lambda q, k, v, lb: (q, k, v, lb.to("meta")), ValueError, "log_beta is on meta"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", sorted(BAD_ATTENTION))
+def test_bad_attention_input(case, backend, device):
+    make_bad, error, message = BAD_ATTENTION[case]
+    args = make_bad(*_attention_args(device if backend == "triton" else "cpu"))
+    with memops.backend(backend), count_launches() as launches, pytest.raises(error, match=message):
+        memops.retention_attention(*args)
+    assert sum(launches.values()) == 0
+
+
+def test_nan_log_beta_propagates(device):
+    q, k, v, lb = _attention_args(device)
+    lb[0, 0, 2] = float("nan")
+    with memops.backend("triton"):
+        out = memops.retention_attention(q, k, v, lb)
+        capacity = memops.retention_capacity(lb)
+    assert out[0, :, 2:].isnan().all() and not out[0, :, :2].isnan().any()   # queries that see key 2
+    assert capacity[0, 0, 2:].isnan().all() and not capacity[0, 0, :2].isnan().any()
+
+
+def test_bad_capacity_input(device):
+    with pytest.raises(ValueError, match="log_beta must be <= 0"):
+        memops.retention_capacity(torch.full((1, 4), 0.5, device=device))
+    with pytest.raises(TypeError, match="log_beta must be floating point"):
+        memops.retention_capacity(torch.zeros(1, 4, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match="budget must be a number >= 0"):
+        memops.capacity_loss(torch.zeros(1, 4, device=device), -1)
+
+
+# --- gate ------------------------------------------------------------------------------------------------
+
+def test_retention_gate():
+    gate = memops.nn.RetentionGate(16, 3, hidden=8, bias_init=8.0)
+    x = torch.randn(2, 5, 16)
+    log_beta = gate(x)
+    assert log_beta.shape == (2, 3, 5) and (log_beta <= 0).all()
+    expected = F.logsigmoid(gate.down(F.silu(gate.up(x)))).transpose(1, 2)
+    torch.testing.assert_close(log_beta, expected)
+    assert set(gate.state_dict()) == {"up.weight", "up.bias", "down.weight", "down.bias"}
+    assert torch.equal(gate.down.bias, torch.full((3,), 8.0))
+
+
+# --- the cache ---------------------------------------------------------------------------------------
+
+class CacheModel:
+    """The cache's contract in plain Python: per (b, h) a list of (position, log_beta, key, value)."""
+
+    def __init__(self, budget, buffer, B, H):
+        self.budget, self.buffer = budget, buffer
+        self.rows = [[[] for _ in range(H)] for _ in range(B)]
+        self.position = 0
+        self.compactions = 0
+
+    def update(self, k, v, log_beta):
+        B, H, n, _ = k.shape
+        for b in range(B):
+            for h in range(H):
+                self.rows[b][h] += [(self.position + i, log_beta[b, h, i], k[b, h, i], v[b, h, i]) for i in range(n)]
+        self.position += n
+        returned = [[(torch.stack([r[2] for r in self.rows[b][h]]), torch.stack([r[3] for r in self.rows[b][h]]))
+                     for h in range(H)] for b in range(B)]
+        length = len(self.rows[0][0])
+        if length >= self.budget + self.buffer and length > self.budget:
+            self.compactions += 1
+            newest = self.position - 1
+            for b in range(B):
+                for h in range(H):
+                    row = self.rows[b][h]
+                    # score in fp32 as the spec; larger first, then the older row
+                    score = [float(r[1].float() * float(newest + 1 - r[0])) for r in row]
+                    ranked = sorted(range(len(row)), key=lambda j: (-score[j], j))
+                    self.rows[b][h] = [row[j] for j in sorted(ranked[:self.budget])]
+        return returned
+
+
+def run_stream(backend, chunks, budget, buffer, *, B=2, H=2, D=8, seed=0, device="cpu"):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cache = memops.RetentionKVCache(budget, buffer)
+    model = CacheModel(budget, buffer, B, H)
+    with memops.backend(backend):
+        for n in chunks:
+            k = torch.randn(B, H, n, D, generator=generator, device=device)
+            v = torch.randn(B, H, n, D, generator=generator, device=device)
+            log_beta = -torch.rand(B, H, n, generator=generator, device=device)
+            keys, values = cache.update(k, v, 1, log_beta)
+            expected = model.update(k, v, log_beta)
+            for b in range(B):
+                for h in range(H):
+                    assert torch.equal(keys[b, h], expected[b][h][0]) and torch.equal(values[b, h], expected[b][h][1])
+            held = cache.get_seq_length(1)
+            assert held == len(model.rows[0][0]) and held < budget + buffer or held == budget
+            for b in range(B):
+                for h in range(H):
+                    assert cache.positions(1)[b, h].tolist() == [r[0] for r in model.rows[b][h]]
+    return cache, model
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_cache_matches_model(backend, device):
+    chunks = [4, 1, 1, 1, 1, 7, 1, 1, 2, 1, 1, 1, 12, 1]
+    cache, model = run_stream(backend, chunks, budget=5, buffer=3, device=device if backend == "triton" else "cpu")
+    assert model.compactions >= 4
+    assert cache.get_seq_length(0) == 0 and len(cache) == 2   # layer 0 never updated
+
+
+def test_cache_kernels_launch(device):
+    with count_launches() as launches:
+        run_stream("triton", [6, 3], budget=4, buffer=2, device=device)
+    assert launches["retention_select_kernel"] == 2 and launches["cache_gather_kernel"] == 8
+
+
+@given(chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8), budget=st.integers(1, 8), buffer=st.integers(0, 5),
+       seed=st.integers(0, 2**31 - 1), backend=st.sampled_from(["reference", "triton"]))
+def test_cache_property(chunks, budget, buffer, seed, backend):
+    device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    run_stream(backend, chunks, budget, buffer, B=1, H=2, D=4, seed=seed, device=device)
+
+
+def test_cache_keeps_returned_tensors_intact(device):
+    cache = memops.RetentionKVCache(budget=3, buffer=1)
+    generator = torch.Generator(device=device).manual_seed(0)
+    snapshots = []
+    with memops.backend("triton"):
+        for n in (2, 1, 1, 1, 3):
+            k = torch.randn(1, 1, n, 4, generator=generator, device=device)
+            keys, values = cache.update(k, k.clone(), 0, -torch.rand(1, 1, n, generator=generator, device=device))
+            snapshots.append((keys, keys.clone()))
+    for returned, copy in snapshots:  # later appends and compactions did not write into earlier results
+        assert torch.equal(returned, copy)
+
+
+def test_cache_long_prompt_is_attended_in_full_then_compacted(device):
+    cache = memops.RetentionKVCache(budget=4, buffer=2)
+    k = torch.randn(1, 2, 30, 8, device=device)
+    with memops.backend("triton"):
+        keys, _ = cache.update(k, k, 0, -torch.rand(1, 2, 30, device=device))
+    assert keys.shape[2] == 30 and torch.equal(keys, k)
+    assert cache.get_seq_length(0) == 4 and cache.positions(0).shape == (1, 2, 4)
+    assert cache.memory_bytes() > 0
+
+
+BAD_CACHE = {
+    "batch": (lambda k, lb: (k[:1], k[:1], lb[:1]), ValueError, r"layer 0 caches \(B, Hkv, D, dtype, device\)"),
+    "heads": (lambda k, lb: (k[:, :1], k[:, :1], lb[:, :1]), ValueError, "layer 0 caches"),
+    "head_dim": (lambda k, lb: (k[..., :4], k[..., :4], lb), ValueError, "layer 0 caches"),
+    "value_shape": (lambda k, lb: (k, k[..., :4], lb), ValueError, "value_states must match key_states"),
+    "log_beta_shape": (lambda k, lb: (k, k, lb[..., :1]), ValueError, r"log_beta must be \(B, Hkv, n\)"),
+    "keys_3d": (lambda k, lb: (k[0], k[0], lb), ValueError, r"key_states must be \(B, Hkv, n, D\)"),
+    "int_log_beta": (lambda k, lb: (k, k, lb.long()), TypeError, "log_beta must be floating point"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CACHE))
+def test_cache_bad_input(case):
+    cache = memops.RetentionKVCache(budget=4, buffer=2)
+    k = torch.randn(2, 2, 3, 8)
+    cache.update(k, k, 0, -torch.rand(2, 2, 3))
+    make_bad, error, message = BAD_CACHE[case]
+    keys, values, log_beta = make_bad(k, -torch.rand(2, 2, 3))
+    with pytest.raises(error, match=message):
+        cache.update(keys, values, 0, log_beta)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(budget=0), "budget must be >= 1"),
+                                             (dict(budget=4, buffer=-1), "buffer must be >= 0")])
+def test_cache_bad_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        memops.RetentionKVCache(**kwargs)
+
+
+def test_cache_nan_log_beta_is_an_error(device):
+    cache = memops.RetentionKVCache(budget=2, buffer=1)
+    k = torch.randn(1, 1, 2, 4, device=device)
+    log_beta = -torch.rand(1, 1, 2, device=device)
+    log_beta[0, 0, 1] = float("nan")
+    with memops.backend("triton"), count_launches() as launches:
+        cache.update(k, k, 0, log_beta)   # below the budget: no eviction yet, no error
+        with pytest.raises(ValueError, match="log_beta has NaN"):
+            cache.update(k, k, 0, -torch.rand(1, 1, 2, device=device))
+    assert launches["retention_select_kernel"] == 0
+
+
+# --- GPU acceptance --------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_llm_shape(dtype):
+    # A Llama-style layer: 32 query heads over 8 KV heads, head dim 128, 2K tokens.
+    check_attention(make_attention_inputs(1, 32, 8, 2048, 2048, 128, dtype, "cuda", decay=0.01), dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_cache_at_budget_1024():
+    run_stream("triton", [3000] + [1] * 300, budget=1024, buffer=128, B=1, H=8, D=128, device="cuda")
