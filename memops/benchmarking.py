@@ -35,6 +35,9 @@ BENCHMARKS = {
     "product_key_topk": "product_key_search",
     "product_key_memory": "product_key_memory",
     "memory_attention": "attention",
+    "retention_attention": "retention",
+    "retention_capacity": "retention_capacity",
+    "retention_cache": "retention_cache",
 }
 L2_BYTES_GUESS = 64 << 20
 

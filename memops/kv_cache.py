@@ -165,26 +165,54 @@ class RetentionKVCache:
         )
 
     def _compact(self, layer: _Layer) -> _Layer:
-        live_log_beta = layer.log_beta[:, :, :layer.length]
-        if bool(torch.isnan(live_log_beta).any()):
-            raise ValueError("RetentionKVCache.update: log_beta has NaN; eviction by retention would be arbitrary")
-        B, Hkv, _, D = layer.keys.shape
-        newest = layer.next_position - 1
         compacted = self._allocate(layer.keys, self.budget + max(self.buffer, 1), layer)
         compacted.length = self.budget
-        if resolve_backend(layer.keys) == "reference":
-            kept = reference.retention_keep(live_log_beta, layer.positions[:, :, :layer.length], newest, self.budget)
-            for old, new in ((layer.log_beta, compacted.log_beta), (layer.positions, compacted.positions)):
-                new[:, :, :self.budget] = old.gather(2, kept)
-            for old, new in ((layer.keys, compacted.keys), (layer.values, compacted.values)):
-                new[:, :, :self.budget] = old.gather(2, kept.unsqueeze(-1).expand(-1, -1, -1, D))
-            return compacted
-        kernels = _kernels()
-        rows = B * Hkv
-        kept = kernels.retention_select(layer.log_beta.view(rows, -1), layer.positions.view(rows, -1), layer.length,
-                                        newest, self.budget)
-        for old, new in ((layer.keys, compacted.keys), (layer.values, compacted.values)):
-            kernels.cache_gather(old.view(rows, old.shape[2], D), kept, new.view(rows, new.shape[2], D))
-        for old, new in ((layer.log_beta, compacted.log_beta), (layer.positions, compacted.positions)):
-            kernels.cache_gather(old.view(rows, -1, 1), kept, new.view(rows, -1, 1))
+        rows = (layer.keys, layer.values, layer.log_beta, layer.positions)
+        evict(*(t[:, :, :layer.length] for t in rows), newest_position=layer.next_position - 1, budget=self.budget,
+              out=(compacted.keys, compacted.values, compacted.log_beta, compacted.positions))
         return compacted
+
+
+def evict(
+    keys: torch.Tensor, values: torch.Tensor, log_beta: torch.Tensor, positions: torch.Tensor, *,
+    newest_position: int, budget: int, out: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One TRIM-KV eviction step: per (batch, KV head), keep the ``budget`` rows of largest
+    ``log_beta_j * (newest_position + 1 - positions_j)`` (ties keep the older row), in their original order.
+
+    keys, values (B, Hkv, L, D); log_beta (B, Hkv, L) float; positions (B, Hkv, L) int64; budget <= L. The
+    inputs are only read; each may be the first L rows of a larger contiguous (B, Hkv, capacity[, D]) buffer.
+    Writes the kept rows into the first ``budget`` rows of ``out`` (four such buffers, of the inputs'
+    dtypes) or of fresh tensors, and returns those four tensors.
+    Raises ValueError for NaN in log_beta: eviction by retention would be arbitrary.
+    """
+    if bool(torch.isnan(log_beta).any()):
+        raise ValueError("RetentionKVCache.update: log_beta has NaN; eviction by retention would be arbitrary")
+    B, Hkv, L, D = keys.shape
+    if not 1 <= budget <= L:
+        raise ValueError(f"evict: budget must be in [1, L={L}], got {budget}")
+    if out is None:
+        out = (keys.new_empty((B, Hkv, budget, D)), values.new_empty((B, Hkv, budget, D)),
+               log_beta.new_empty((B, Hkv, budget)), positions.new_empty((B, Hkv, budget)))
+    if resolve_backend(keys) == "reference":
+        kept = reference.retention_keep(log_beta, positions, newest_position, budget)
+        out[2][:, :, :budget] = log_beta.gather(2, kept)
+        out[3][:, :, :budget] = positions.gather(2, kept)
+        index = kept.unsqueeze(-1).expand(-1, -1, -1, D)
+        out[0][:, :, :budget] = keys.gather(2, index)
+        out[1][:, :, :budget] = values.gather(2, index)
+        return out
+    kernels = _kernels()
+    rows = B * Hkv
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        # (B, Hkv, L[, D]), a prefix of a contiguous buffer -> (B * Hkv, capacity, width) for the kernels
+        width = t.shape[3] if t.dim() == 4 else 1
+        if t.stride()[-1] != 1 or (width > 1 and t.stride(2) != width) or t.stride(0) != Hkv * t.stride(1):
+            t = t.contiguous()
+        return t.as_strided((rows, t.stride(1) // width, width), (t.stride(1), width, 1))
+
+    kept = kernels.retention_select(flat(log_beta)[..., 0], flat(positions)[..., 0], L, newest_position, budget)
+    for source, target in zip((keys, values, log_beta, positions), out):
+        kernels.cache_gather(flat(source), kept, flat(target))
+    return out

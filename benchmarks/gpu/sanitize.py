@@ -46,5 +46,17 @@ for T, heads, key_dim, n_keys, topk, dtype in [(37, 3, 24, 130, 5, torch.float32
 torch.use_deterministic_algorithms(False)
 layer = memops.nn.ProductKeyMemory(64, 64, n_keys=40, heads=2, topk=8, key_dim=32, gated=True).cuda()
 layer(torch.randn(3, 11, 64, device="cuda")).sum().backward()
+
+# TRIM-KV: retention attention (GQA, N != Nk), capacity (odd N), a cache stream with compactions
+for B, H, Hkv, N, Nk, D in [(2, 4, 2, 37, 45, 64), (1, 8, 2, 70, 33, 128)]:
+    q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, Nk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    log_beta = (-0.1 * torch.rand(B, Hkv, Nk, device="cuda")).requires_grad_()
+    memops.retention_attention(q, k, v, log_beta).float().square().sum().backward()
+    memops.capacity_loss(log_beta, 8).backward()
+cache = memops.RetentionKVCache(budget=37, buffer=5)
+for n in (50, 1, 3, 1, 1, 7, 1):
+    kv = torch.randn(2, 3, n, 64, device="cuda", dtype=torch.bfloat16)
+    cache.update(kv, kv, 0, -torch.rand(2, 3, n, device="cuda"))
 torch.cuda.synchronize()
 print("sanitize run done")

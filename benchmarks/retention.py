@@ -1,0 +1,102 @@
+"""TRIM-KV retention-attention benchmarks: memops.retention_attention against FlexAttention and SDPA.
+
+Baselines, same run: ``flex_attention`` (compiled FlexAttention with the decay as a score_mod and a causal
+block mask: what the official TRIM-KV training code uses; CUDA only), ``sdpa_causal`` (plain causal SDPA
+with no bias: the cost floor) and ``reference`` (memops.reference: SDPA with a materialised (B, H, N, Nk)
+float bias). FLOPs count the visible (causal) keys: 4·B·H·D·Σ_i visible(i) forward, 3.5x that for fwd+bwd.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import memops
+from memops import reference
+from memops.benchmarking import Case
+from memops.benchmarks.attention import _build, _compiled_flex
+
+OP = "retention_attention"
+MEMOPS_PROVIDERS = ("memops", "memops-reference")
+BASELINES = ("flex_attention", "sdpa_causal", "reference")
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    small = dict(B=1, H=4, Hkv=2, N=256, D=64, dtype="float32")
+    llm_4k = dict(B=2, H=32, Hkv=8, N=4096, D=128, dtype="bfloat16")
+    llm_16k = dict(B=1, H=32, Hkv=8, N=16384, D=128, dtype="bfloat16")
+    out = []
+    for mode in ("fwd", "fwd+bwd"):
+        out.append(Case("small", mode, small, quick=True))
+        if device == "cuda":
+            out.append(Case("llm-4k", mode, llm_4k, quick=True, cuda_only=True))
+            if not quick:
+                out.append(Case("llm-16k", mode, llm_16k, cuda_only=True))
+    return out
+
+
+def make_inputs(case: Case, device: str, seed: int):
+    p = case.params
+    dtype = getattr(torch, p["dtype"])
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=generator).to(dtype)
+
+    tensors = dict(q=randn(p["B"], p["H"], p["N"], p["D"]), k=randn(p["B"], p["Hkv"], p["N"], p["D"]),
+                   v=randn(p["B"], p["Hkv"], p["N"], p["D"]),
+                   # a gate fresh from its bias init keeps beta close to 1
+                   log_beta=-0.01 * torch.rand(p["B"], p["Hkv"], p["N"], device=device, generator=generator))
+    grad_out = randn(p["B"], p["H"], p["N"], p["D"]) if case.mode != "fwd" else None
+    return tensors, grad_out
+
+
+def flops(case: Case, mode: str) -> float:
+    p = case.params
+    forward = 4.0 * p["B"] * p["H"] * p["D"] * p["N"] * (p["N"] + 1) / 2
+    return forward if mode == "fwd" else 3.5 * forward
+
+
+def bytes_moved(case: Case, mode: str) -> int:
+    p = case.params
+    item = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+    elements = 2 * p["B"] * p["H"] * p["N"] * p["D"] + 2 * p["B"] * p["Hkv"] * p["N"] * p["D"]
+    return (elements * item + 4 * p["B"] * p["Hkv"] * p["N"]) * (1 if mode == "fwd" else 3)
+
+
+def _memops(tensors):
+    return memops.retention_attention(**tensors, check_log_beta=False)
+
+
+def _reference(tensors):
+    return reference.retention_attention(**tensors)
+
+
+def _sdpa_causal(tensors):
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flex(p):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    group = p["H"] // p["Hkv"]
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, p["N"], p["N"])
+
+    def forward(tensors):
+        log_beta = tensors["log_beta"]
+
+        def retention(score, b, h, q_idx, kv_idx):
+            return score + (q_idx - kv_idx) * log_beta[b, h // group, kv_idx]
+
+        return _compiled_flex()(tensors["q"], tensors["k"], tensors["v"], score_mod=retention,
+                                block_mask=block_mask, enable_gqa=group != 1)
+    return forward
+
+
+def providers(case: Case, device: str) -> dict:
+    out = {("memops" if device == "cuda" else "memops-reference"): _build(_memops, case.mode)}
+    if device == "cuda":
+        out["flex_attention"] = _build(_flex(case.params), case.mode)
+        out["reference"] = _build(_reference, case.mode)
+    out["sdpa_causal"] = _build(_sdpa_causal, case.mode)
+    return out
