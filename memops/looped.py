@@ -1,0 +1,179 @@
+"""MELT's shared looped KV cache: public functions and their torch.library registration.
+
+``looped_kv_update`` -> ``memops::looped_kv_update`` (custom op) -> ``memops.kernels.looped``;
+``looped_attention`` -> ``memops::looped_attention`` -> the attention kernels' blend path
+(``memops.kernels.attention``) and, for the backward, the attention backward kernels plus
+``memops.kernels.looped``. Backend "reference" calls ``memops.reference.looped`` directly.
+"""
+from __future__ import annotations
+
+import torch
+
+from memops import reference
+from memops._backend import resolve_backend
+
+
+def _kernels():
+    from memops.kernels import looped
+
+    return looped
+
+
+def _rows_spec(rows, num_cache_rows: int, num_new: int, device) -> tuple[torch.Tensor | None, int]:
+    """(index tensor or None, row offset): a contiguous run of rows becomes an offset (no index reads)."""
+    if rows is None:
+        if num_new != num_cache_rows:
+            raise ValueError(
+                f"looped_kv_update: with rows=None, k_new must have the cache's {num_cache_rows} rows, got {num_new}"
+            )
+        return None, 0
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(num_cache_rows)
+        count = len(range(start, stop, step))
+        if count != num_new:
+            raise ValueError(f"looped_kv_update: rows {rows} names {count} cache rows but k_new has {num_new}")
+        if step == 1:
+            return None, start
+        return torch.arange(start, stop, step, device=device), 0
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError("looped_kv_update: rows must be None, a slice or a 1-D int32/int64 tensor")
+    if rows.numel() != num_new:
+        raise ValueError(f"looped_kv_update: rows names {rows.numel()} cache rows but k_new has {num_new}")
+    if rows.numel() and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(rows)).tolist()
+        if low < 0 or high >= num_cache_rows:
+            raise IndexError(f"looped_kv_update: rows must lie in [0, {num_cache_rows}), found [{low}, {high}]")
+    return rows.to(device=device, dtype=torch.int64), 0
+
+
+def check_update_inputs(k_cache, v_cache, k_new, v_new, gate, op: str) -> None:
+    named = (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new), ("gate", gate))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (B, Hkv, rows, D), got shape {tuple(t.shape)}")
+        if t.device != k_new.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but k_new is on {k_new.device}")
+    B, Hkv, n, D = k_new.shape
+    if v_new.shape != k_new.shape:
+        raise ValueError(f"{op}: v_new must have k_new's shape {tuple(k_new.shape)}, got {tuple(v_new.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{op}: v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if k_cache.shape[0] != B or k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
+        raise ValueError(f"{op}: k_cache must be (B={B}, Hkv={Hkv}, Nk, D={D}), got {tuple(k_cache.shape)}")
+    if tuple(gate.shape) not in ((B, Hkv, n, 1), (B, Hkv, n, D)):
+        raise ValueError(
+            f"{op}: gate must be (B, Hkv, n, 1) = {(B, Hkv, n, 1)} or (B, Hkv, n, D) = {(B, Hkv, n, D)}, "
+            f"got {tuple(gate.shape)}"
+        )
+    for name, t in named[:4]:
+        if t.dtype != k_new.dtype:
+            raise TypeError(f"{op}: {name} must have k_new's dtype {k_new.dtype}, got {t.dtype}")
+
+
+def _rows_for_reference(rows_index: torch.Tensor | None, row_offset: int, n: int):
+    return rows_index if rows_index is not None else slice(row_offset, row_offset + n)
+
+
+@torch.library.custom_op("memops::looped_kv_update", mutates_args=())
+def _looped_kv_update_op(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
+    rows_index: torch.Tensor | None, row_offset: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend != "triton":
+        return reference.looped_kv_update(k_cache, v_cache, k_new, v_new, gate,
+                                          _rows_for_reference(rows_index, row_offset, k_new.shape[2]))
+    k_cache, v_cache, k_new, v_new, gate = (t.contiguous() for t in (k_cache, v_cache, k_new, v_new, gate))
+    # Rows not updated are copied by the clone; the kernel then overwrites the updated ones.
+    k_out, v_out = k_cache.clone(), v_cache.clone()
+    _kernels().looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, k_out, v_out)
+    return k_out, v_out
+
+
+@_looped_kv_update_op.register_fake
+def _(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend):
+    return (torch.empty_like(k_cache, memory_format=torch.contiguous_format),
+            torch.empty_like(v_cache, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("memops::looped_kv_update_backward", mutates_args=())
+def _looped_kv_update_backward_op(
+    grad_k: torch.Tensor, grad_v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
+    v_new: torch.Tensor, gate: torch.Tensor, rows_index: torch.Tensor | None, row_offset: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend != "triton":
+        return reference.looped_kv_update_backward(
+            grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, _rows_for_reference(rows_index, row_offset, k_new.shape[2]))
+    tensors = (grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate)
+    return _kernels().looped_update_bwd(*(t.contiguous() for t in tensors), rows_index, row_offset)
+
+
+@_looped_kv_update_backward_op.register_fake
+def _(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (k_cache, v_cache, k_new, v_new, gate))
+
+
+def _update_setup_context(ctx, inputs, output):
+    k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend = inputs
+    ctx.save_for_backward(k_cache, v_cache, k_new, v_new, gate, rows_index)
+    ctx.row_offset, ctx.backend = row_offset, backend
+
+
+def _update_backward(ctx, grad_k, grad_v):
+    k_cache, v_cache, k_new, v_new, gate, rows_index = ctx.saved_tensors
+    grads = _looped_kv_update_backward_op(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows_index,
+                                          ctx.row_offset, ctx.backend)
+    return (*grads, None, None, None)
+
+
+_looped_kv_update_op.register_autograd(_update_backward, setup_context=_update_setup_context)
+
+
+def update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend) -> None:
+    """The gated update written into the caches themselves (inference)."""
+    if backend == "triton" and k_cache.is_contiguous() and v_cache.is_contiguous():
+        k_new, v_new, gate = (t.contiguous() for t in (k_new, v_new, gate))
+        _kernels().looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, k_cache, v_cache)
+        return
+    if backend == "triton":
+        raise ValueError("looped_kv_update: inplace=True on the Triton path needs contiguous k_cache and v_cache")
+    rows = _rows_for_reference(rows_index, row_offset, k_new.shape[2])
+    k_cache[:, :, rows] = torch.lerp(k_new, k_cache[:, :, rows], gate.to(k_cache.dtype))
+    v_cache[:, :, rows] = torch.lerp(v_new, v_cache[:, :, rows], gate.to(v_cache.dtype))
+
+
+def looped_kv_update(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor, *,
+    rows: slice | torch.Tensor | None = None, inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MELT's gated update of a shared looped KV cache: ``K[rows] = g * K[rows] + (1 - g) * k_new`` (and V).
+
+    Args:
+        k_cache, v_cache: (B, Hkv, Nk, D) the layer's shared cache.
+        k_new, v_new: (B, Hkv, n, D) this loop's keys/values for the rows it recomputes; the caches' dtype.
+        gate: (B, Hkv, n, 1) per token and head, or (B, Hkv, n, D) per channel; any float dtype, values in
+            [0, 1] (the caller's responsibility; NaN propagates).
+        rows: which cache rows k_new's rows update, in order: None (all, n = Nk), a slice, or a 1-D int
+            tensor of distinct rows (one min/max check and host sync). At decode, ``slice(-1, None)``.
+        inplace: write into k_cache/v_cache (inference; ValueError if any input requires grad).
+
+    Returns:
+        (k, v): new (B, Hkv, Nk, D) caches (differentiable w.r.t. caches, new rows and gate), or the caches
+        themselves with inplace=True.
+    """
+    check_update_inputs(k_cache, v_cache, k_new, v_new, gate, "looped_kv_update")
+    rows_index, row_offset = _rows_spec(rows, k_cache.shape[2], k_new.shape[2], k_cache.device)
+    backend = resolve_backend(k_new)
+    if inplace:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (k_cache, v_cache, k_new, v_new, gate)):
+            raise ValueError("looped_kv_update: inplace=True is for inference; an input requires grad")
+        update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend)
+        return k_cache, v_cache
+    if backend == "reference":
+        return reference.looped_kv_update(k_cache, v_cache, k_new, v_new, gate,
+                                          _rows_for_reference(rows_index, row_offset, k_new.shape[2]))
+    return _looped_kv_update_op(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend)
