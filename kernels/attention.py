@@ -14,6 +14,10 @@ Retention decay (TRIM-KV, used by memops.retention_attention): with a per-sequen
 sequence logits also get (pos_i - j) * log_beta[j], pos_i = i + Nk - N, computed on the fly (no N x Nk
 bias tensor); its grad is dlog_beta[j] = sum_i (pos_i - j) ds[i, j], summed over the group's query heads.
 
+Looped blend (MELT, used by memops.looped_attention): sequence keys j >= blend_start are read as
+g * cache[j] + (1 - g) * new[j - blend_start] (K and V alike, g per row or per channel) while they stream,
+and one program per key row (the last query block of the group's first head) writes the blended rows out.
+
 A query that sees no key (no memory, causal, N > Nk) has out = 0 and lse = -inf. Batch-shared memory
 (one (Hkv, M, D) table for all samples) gets the sum of its per-sample grads: atomics into an fp32
 (Hkv, M, D) buffer, or per-sample partials summed in a fixed order when determinism is asked for.
@@ -76,17 +80,51 @@ def _masked_logits(
 
 
 @triton.jit
+def _blend_keys(
+    k_t, v, offs_n, in_range, offs_d, start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn,
+    ACC: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
+):
+    """k_t (D x BLOCK_N) and v (BLOCK_N x D) with the rows at or past ``start`` replaced by
+    g * cache + (1 - g) * new (new row j - start), in ACC and rounded once to the cache dtype."""
+    fresh = in_range & (offs_n >= start)
+    new_rows = offs_n - start
+    # Rows not fresh read g = 1 and new = 0, which leaves them exactly as they are.
+    if GATE_PER_CHANNEL:
+        g_t = tl.load(gate_base + new_rows[None, :] * stride_gn + offs_d[:, None], mask=fresh[None, :], other=1.0).to(ACC)
+        g = tl.load(gate_base + new_rows[:, None] * stride_gn + offs_d[None, :], mask=fresh[:, None], other=1.0).to(ACC)
+    else:
+        g_row = tl.load(gate_base + new_rows * stride_gn, mask=fresh, other=1.0).to(ACC)
+        g_t = g_row[None, :]
+        g = g_row[:, None]
+    k_new_t = tl.load(k_new_base + new_rows[None, :] * stride_newn + offs_d[:, None], mask=fresh[None, :], other=0.0)
+    v_new = tl.load(v_new_base + new_rows[:, None] * stride_newn + offs_d[None, :], mask=fresh[:, None], other=0.0)
+    k_t = (g_t * k_t.to(ACC) + (1.0 - g_t) * k_new_t.to(ACC)).to(k_t.dtype)
+    v = (g * v.to(ACC) + (1.0 - g) * v_new.to(ACC)).to(v.dtype)
+    return k_t, v, fresh
+
+
+@triton.jit
 def _fwd_key_range(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, end, offs_m, offs_d,
     causal_shift, scale_log2,
+    blend_start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn, k_out_base, v_out_base, stride_outn,
+    is_writer,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
 ):
     # Online softmax over keys [0, end) of one key table (memory or sequence), in the log2 domain.
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         in_range = offs_n < num_keys
         k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        if BLEND:
+            k_t, v, fresh = _blend_keys(k_t, v, offs_n, in_range, offs_d, blend_start, k_new_base, v_new_base,
+                                        gate_base, stride_newn, stride_gn, acc.dtype, GATE_PER_CHANNEL)
+            # (an int product, not &: the interpreter turns bool block & bool scalar into int32)
+            written = (fresh.to(tl.int32) * is_writer.to(tl.int32)) > 0
+            tl.store(k_out_base + offs_n[None, :] * stride_outn + offs_d[:, None], k_t, mask=written[None, :])
+            tl.store(v_out_base + offs_n[:, None] * stride_outn + offs_d[None, :], v, mask=written[:, None])
         s = _masked_logits(q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
                            HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=acc.dtype,
                            DOT_PRECISION=DOT_PRECISION)
@@ -96,7 +134,6 @@ def _fwd_key_range(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(acc.dtype)
         m_i = m_new
     return acc, m_i, l_i
@@ -105,13 +142,15 @@ def _fwd_key_range(
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, out_ptr, lse_ptr,
+    k_new_ptr, v_new_ptr, gate_ptr, k_out_ptr, v_out_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
     stride_decb, stride_dech, stride_ob, stride_oh, stride_on,
-    H, N, Nk, M, group, scale_log2,
+    stride_newb, stride_newh, stride_newn, stride_gb, stride_gh, stride_gn, stride_outb, stride_outh, stride_outn,
+    H, N, Nk, M, group, scale_log2, blend_start,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
 ):
     pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -124,13 +163,21 @@ def memory_attention_fwd_kernel(
         acc, m_i, l_i = _fwd_key_range(
             acc, m_i, l_i, q, mem_k_ptr + b * stride_mkb + g * stride_mkh, mem_v_ptr + b * stride_mvb + g * stride_mvh,
             stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M, M, offs_m, offs_d, 0,
-            scale_log2, HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            scale_log2, 0, k_new_ptr, v_new_ptr, gate_ptr, 0, 0, k_out_ptr, v_out_ptr, 0, False,
+            HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            BLEND=False, GATE_PER_CHANNEL=False,
         )
     end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
     acc, m_i, l_i = _fwd_key_range(
         acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
         stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, end, offs_m, offs_d, Nk - N,
-        scale_log2, HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+        scale_log2, blend_start, k_new_ptr + b * stride_newb + g * stride_newh, v_new_ptr + b * stride_newb + g * stride_newh,
+        gate_ptr + b * stride_gb + g * stride_gh, stride_newn, stride_gn,
+        k_out_ptr + b * stride_outb + g * stride_outh, v_out_ptr + b * stride_outb + g * stride_outh, stride_outn,
+        # The last query block sees every key (also when causal); the group's first head writes the rows.
+        (pid_m == tl.cdiv(N, BLOCK_M) - 1) & (h % group == 0),
+        HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+        BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL,
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -377,12 +424,15 @@ def _bias_strides(bias: torch.Tensor | None):
 
 
 def memory_attention_fwd(
-    q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, log_beta=None, config: dict | None = None,
+    q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, log_beta=None, blend=None,
+    config: dict | None = None,
 ):
     """out (B, H, N, D) in q.dtype and lse (B, H, N) fp32 (fp64 for fp64).
 
     q (B, H, N, D); k, v (B, Hkv, Nk, D); mem_k, mem_v (B, Hkv, M, D), (Hkv, M, D) or None;
-    mem_bias (B|1, Hkv|1, M) or None; log_beta (B, Hkv, Nk) retention decay of the sequence keys, or None.
+    mem_bias (B|1, Hkv|1, M) or None; log_beta (B, Hkv, Nk) retention decay of the sequence keys, or None;
+    blend (k_new, v_new, gate, k_out, v_out) or None: the last n = k_new.shape[2] rows of k, v are read as
+    g * k + (1 - g) * k_new (gate (B, Hkv, n, 1 or D)) and written to k_out, v_out (B, Hkv, Nk, D).
     Every tensor has unit stride in its last dim.
     """
     B, H, N, D = q.shape
@@ -394,17 +444,22 @@ def memory_attention_fwd(
     if B * H * N == 0:
         return out, lse
     cfg = config or attention_config(D, q.device)
+    k_new, v_new, gate, k_out, v_out = blend if blend is not None else (k, v, k, k, v)
     record_launch("memory_attention_fwd_kernel")
     memory_attention_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, mem_k if M else k, mem_v if M else v, mem_bias if mem_bias is not None else q,
-        log_beta if log_beta is not None else q, out, lse,
+        log_beta if log_beta is not None else q, out, lse, k_new, v_new, gate, k_out, v_out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
         *_decay_strides(log_beta), out.stride(0), out.stride(1), out.stride(2),
-        H, N, Nk, M, H // Hkv, scale * 1.4426950408889634,
+        # k_new and v_new share strides, as do k_out and v_out (the launchers allocate them alike)
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), gate.stride(0), gate.stride(1), gate.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        H, N, Nk, M, H // Hkv, scale * 1.4426950408889634, Nk - k_new.shape[2] if blend is not None else Nk,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
-        ACC=acc, DOT_PRECISION=precision,
+        ACC=acc, DOT_PRECISION=precision, BLEND=blend is not None,
+        GATE_PER_CHANNEL=blend is not None and gate.shape[-1] != 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse

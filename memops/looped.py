@@ -11,6 +11,8 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
+from memops.attention import check_attention_inputs, check_triton_head_dim
+from memops.attention import memory_attention as memops_attention
 
 
 def _kernels():
@@ -177,3 +179,134 @@ def looped_kv_update(
         return reference.looped_kv_update(k_cache, v_cache, k_new, v_new, gate,
                                           _rows_for_reference(rows_index, row_offset, k_new.shape[2]))
     return _looped_kv_update_op(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# looped_attention
+
+
+def _attention_kernels():
+    from memops.kernels import attention
+
+    return attention
+
+
+@torch.library.custom_op("memops::looped_attention", mutates_args=())
+def _looped_attention_op(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k_new, v_new, gate, k_cache, v_cache = (t.contiguous() for t in (q, k_new, v_new, gate, k_cache, v_cache))
+    Nk, n = k_cache.shape[2], k_new.shape[2]
+    # The kernel writes the n blended rows; rows before them are copied here (none in training, where n = Nk).
+    k_out, v_out = torch.empty_like(k_cache), torch.empty_like(v_cache)
+    if n < Nk:
+        k_out[:, :, :Nk - n] = k_cache[:, :, :Nk - n]
+        v_out[:, :, :Nk - n] = v_cache[:, :, :Nk - n]
+    out, lse = _attention_kernels().memory_attention_fwd(
+        q, k_cache, v_cache, None, None, None, causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out))
+    return out, lse, k_out, v_out
+
+
+@_looped_attention_op.register_fake
+def _(q, k_new, v_new, gate, k_cache, v_cache, causal, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype),
+            torch.empty_like(k_cache, memory_format=torch.contiguous_format),
+            torch.empty_like(v_cache, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("memops::looped_attention_backward", mutates_args=())
+def _looped_attention_backward_op(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, grad_k: torch.Tensor | None, grad_v: torch.Tensor | None,
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
+    causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tensors = (grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out)
+    grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out = (t.contiguous() for t in tensors)
+    # Attention's grads w.r.t. the updated cache, plus whatever reached the returned caches, then back
+    # through the blend.
+    dq, d_k_out, d_v_out, *_ = _attention_kernels().memory_attention_bwd(
+        grad_out, q, k_out, v_out, None, None, None, out, lse, causal=causal, scale=scale, deterministic=True,
+        grad_lse=grad_lse)
+    if grad_k is not None:
+        d_k_out = d_k_out + grad_k
+    if grad_v is not None:
+        d_v_out = d_v_out + grad_v
+    Nk, n = k_cache.shape[2], k_new.shape[2]
+    dk_cache, dv_cache, dk_new, dv_new, dgate = _kernels().looped_update_bwd(
+        d_k_out.contiguous(), d_v_out.contiguous(), k_cache, v_cache, k_new, v_new, gate, None, Nk - n)
+    return dq, dk_new, dv_new, dgate, dk_cache, dv_cache
+
+
+@_looped_attention_backward_op.register_fake
+def _(grad_out, grad_lse, grad_k, grad_v, q, k_new, v_new, gate, k_cache, v_cache, out, lse, k_out, v_out, causal, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (q, k_new, v_new, gate, k_cache, v_cache))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k_new, v_new, gate, k_cache, v_cache, causal, scale = inputs
+    ctx.save_for_backward(q, k_new, v_new, gate, k_cache, v_cache, *output)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _attention_backward(ctx, grad_out, grad_lse, grad_k, grad_v):
+    return (*_looped_attention_backward_op(grad_out, grad_lse, grad_k, grad_v, *ctx.saved_tensors, ctx.causal,
+                                           ctx.scale), None, None)
+
+
+_looped_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def looped_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
+    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *,
+    causal: bool = True, scale: float | None = None, inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One loop of a MELT layer: update the shared cache's last n rows with the gate, then attend over it.
+
+    ``K[Nk-n:] = g * K[Nk-n:] + (1 - g) * k_new`` (and V), then ``softmax(scale * q K^T + mask) V``.
+
+    Args:
+        q: (B, H, n, D) this loop's queries; H a multiple of Hkv (GQA).
+        k_new, v_new: (B, Hkv, n, D) this loop's keys/values for the last n cache rows.
+        gate: (B, Hkv, n, 1) per token and head, or (B, Hkv, n, D) per channel; values in [0, 1].
+        k_cache, v_cache: (B, Hkv, Nk, D), Nk >= n, the layer's shared cache; None on the first loop (then
+            K = k_new, V = v_new and the gate is not used).
+        causal: causal mask, bottom-right aligned (query i at position Nk - n + i).
+        scale: logit scale, default D ** -0.5.
+        inplace: update k_cache/v_cache in place (inference; ValueError if an input requires grad). It runs
+            the update kernel, then attention: a blend fused into the attention pass cannot write the rows
+            other programs are still reading.
+
+    Returns:
+        (out (B, H, n, D), k, v): the updated caches are new tensors (the inputs themselves with inplace,
+        or k_new/v_new on the first loop). Out of place, the blend is fused into the attention pass: the
+        blended rows are computed while streamed and written once. Differentiable w.r.t. q, k_new, v_new,
+        gate and both caches, also through the returned caches (the chain across loops).
+    """
+    op = "looped_attention"
+    if k_cache is None or v_cache is None:
+        if k_cache is not None or v_cache is not None:
+            raise ValueError(f"{op}: k_cache and v_cache must be given together")
+        check_update_inputs(k_new, v_new, k_new, v_new, gate, op)
+        return memops_attention(q, k_new, v_new, causal=causal, scale=scale), k_new, v_new
+    check_update_inputs(k_cache, v_cache, k_new, v_new, gate, op)
+    check_attention_inputs(q, k_cache, v_cache, None, None, None, scale, op=op)
+    n, Nk = k_new.shape[2], k_cache.shape[2]
+    if n > Nk:
+        raise ValueError(f"{op}: k_new has {n} rows but the cache only {Nk}; the new rows update the cache's last rows")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    backend = resolve_backend(q)
+    if inplace:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_new, v_new, gate, k_cache, v_cache)):
+            raise ValueError(f"{op}: inplace=True is for inference; an input requires grad")
+        update_in_place(k_cache, v_cache, k_new, v_new, gate, None, Nk - n, backend)
+        return memops_attention(q, k_cache, v_cache, causal=causal, scale=scale), k_cache, v_cache
+    if backend == "reference":
+        return reference.looped_attention(q, k_new, v_new, gate, k_cache, v_cache, causal=causal, scale=scale)
+    check_triton_head_dim(q, op)
+    out, _, k, v = _looped_attention_op(q, k_new, v_new, gate, k_cache, v_cache, causal, scale)
+    return out, k, v
