@@ -7,13 +7,13 @@ from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention
 from memops.product_key import product_key_topk, weighted_gather
 from memops.retention import capacity_loss, retention_attention, retention_capacity
-from memops.kv_cache import RetentionKVCache
+from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
 from memops.looped import looped_attention, looped_kv_update
 from memops import nn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "RetentionKVCache", "backend", "get_backend", "looped_attention", "looped_kv_update", "capacity_loss", "memory_attention", "product_key_topk", "retention_attention",
+    "BACKENDS", "RetentionKVCache", "SharedLoopKVCache", "backend", "get_backend", "looped_attention", "looped_kv_update", "capacity_loss", "memory_attention", "product_key_topk", "retention_attention",
     "retention_capacity", "weighted_gather", "__version__",
 ]
