@@ -38,6 +38,7 @@ BENCHMARKS = {
     "retention_attention": "retention",
     "retention_capacity": "retention_capacity",
     "retention_cache": "retention_cache",
+    "looped_attention": "looped",
 }
 L2_BYTES_GUESS = 64 << 20
 

@@ -66,6 +66,10 @@ def memory_attention(
         vals = torch.cat([_expand_memory(mem_v, B), v], dim=2)
     else:
         keys, vals = k, v
+    if causal and not M and N == Nk and not return_lse:
+        # Square causal attention: bottom-right and top-left alignment agree, and SDPA's own causal path
+        # skips building the (N, Nk) mask.
+        return F.scaled_dot_product_attention(q, keys, vals, is_causal=True, scale=scale, enable_gqa=H != Hkv)
     mask = _logit_mask(q, Hkv, Nk, M, causal, mem_bias)
     out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
     if not return_lse:
