@@ -58,5 +58,22 @@ cache = memops.RetentionKVCache(budget=37, buffer=5)
 for n in (50, 1, 3, 1, 1, 7, 1):
     kv = torch.randn(2, 3, n, 64, device="cuda", dtype=torch.bfloat16)
     cache.update(kv, kv, 0, -torch.rand(2, 3, n, device="cuda"))
+
+# MELT: fused looped attention (suffix of a cache, per-channel gate, GQA), the update with index rows, decode cache
+for n, Nk, gate_width in [(37, 45, 1), (70, 70, 64), (1, 33, 1)]:
+    q = torch.randn(2, 4, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k_new, v_new = (torch.randn(2, 2, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    k_cache, v_cache = (torch.randn(2, 2, Nk, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    gate = torch.rand(2, 2, n, gate_width, device="cuda", requires_grad=True)
+    out, k, v = memops.looped_attention(q, k_new, v_new, gate, k_cache, v_cache)
+    (out.float().square().sum() + k.float().sum() + v.float().sum()).backward()
+rows = torch.tensor([5, 0, 9], device="cuda")
+memops.looped_kv_update(*(torch.randn(1, 2, 10, 32, device="cuda") for _ in range(2)),
+                        *(torch.randn(1, 2, 3, 32, device="cuda") for _ in range(2)), torch.rand(1, 2, 3, 32, device="cuda"),
+                        rows=rows)
+loop_cache = memops.SharedLoopKVCache(1)
+for loop in range(4):
+    kv = torch.randn(1, 2, 1, 64, device="cuda")
+    loop_cache.update(kv, kv, 0, loop, torch.rand(1, 2, 1, 1, device="cuda"))
 torch.cuda.synchronize()
 print("sanitize run done")
