@@ -1,0 +1,135 @@
+"""Pure-PyTorch definition of block-level MoE routing (dMoE) and the expert FFN: the spec of
+``memops.block_route``, ``memops.unique_experts`` and ``memops.moe_ffn``, and their CPU path.
+
+dMoE ("dLLMs with Learnable Block Experts") routes a block of tokens inside a small expert coreset the
+block agrees on (the official LLaDA2.0-mini gate). Per block of ``block_size`` tokens and token i:
+
+    s_i   = score_func(logits_i)  (fp32; sigmoid or softmax),   r_i = s_i + expert_bias   (bias: selection only)
+    ŝ_i   = r_i on the token's own (group-limited) top-k experts, 0 elsewhere;  padded tokens do not vote
+    S̃     = Σ_i ŝ_i / (Σ_e Σ_i ŝ_i + 1e-20)
+    C     = the prefix of S̃ sorted descending whose exclusive cumulative sum is <= top_p (the experts while
+            the cumsum stays <= top_p, plus the first to cross it), at least min_experts long
+    ids_i = (group-limited) top-k of r_i with experts outside C at -inf
+    w_i   = s_i[ids_i] / (Σ s_i[ids_i] + 1e-20) * routed_scaling   (normalize) or s_i[ids_i] * routed_scaling
+
+Group-limited top-k: experts split into n_groups equal groups; a group's score is the sum of its two
+largest (masked) r; only experts of the topk_groups best groups compete. Ties go to the lower index.
+block_size None is plain token-level routing (no coreset).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def router_scores(router_logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """s = sigmoid or softmax of the logits, in fp32 (fp64 for fp64)."""
+    logits = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
+    return torch.sigmoid(logits) if score_func == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of each row's k largest entries; ties go to the lower index (a stable sort)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+
+
+def group_limited_topk(scores: torch.Tensor, k: int, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """(..., k) ids of the top-k of ``scores`` (..., E) among the experts of the topk_groups best groups
+    (group score: the sum of its two largest entries), sorted by score; ties go to the lower index."""
+    if n_groups > 1:
+        grouped = scores.unflatten(-1, (n_groups, -1))
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        kept_groups = _topk_mask(group_scores, topk_groups)
+        scores = scores.masked_fill(~kept_groups.repeat_interleave(grouped.shape[-1], dim=-1), float("-inf"))
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def block_coreset(
+    routing: torch.Tensor, valid: torch.Tensor, *, block_size: int, top_k: int, top_p: float, min_experts: int,
+    n_groups: int, topk_groups: int,
+) -> torch.Tensor:
+    """(B, n_blocks, E) bool coreset of every block from the routing scores r (B, N, E); ``valid`` (B, N)
+    marks the tokens that vote."""
+    B, N, E = routing.shape
+    ids = group_limited_topk(routing, top_k, n_groups, topk_groups)
+    masked = torch.zeros_like(routing).scatter_(-1, ids, routing.gather(-1, ids)) * valid.unsqueeze(-1)
+    n_blocks = -(-N // block_size)
+    padded = F.pad(masked, (0, 0, 0, n_blocks * block_size - N))
+    votes = padded.view(B, n_blocks, block_size, E).sum(2)
+    shares = votes / (votes.sum(-1, keepdim=True) + 1e-20)
+    sorted_shares, order = torch.sort(shares, dim=-1, descending=True, stable=True)
+    before = sorted_shares.cumsum(-1) - sorted_shares                     # exclusive cumulative sum
+    positions = torch.arange(E, device=routing.device)
+    keep_sorted = (before <= top_p) | (positions < min_experts)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def routing_weights(scores: torch.Tensor, ids: torch.Tensor, *, normalize: bool, routed_scaling: float) -> torch.Tensor:
+    """w = s[ids] (renormalised over the k picks when ``normalize``) * routed_scaling, fp32."""
+    picked = scores.gather(-1, ids)
+    if normalize:
+        picked = picked / (picked.sum(-1, keepdim=True) + 1e-20)
+    return picked * routed_scaling
+
+
+def block_route(
+    router_logits: torch.Tensor, *, block_size: int | None = 32, top_k: int = 8, top_p: float = 0.6,
+    min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
+    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(topk_ids (B, N, top_k) int32, topk_weights (B, N, top_k) fp32, coreset (B, n_blocks, E) bool or None)
+    from router_logits (B, N, E). Weights are differentiable w.r.t. the logits; ids are not."""
+    scores = router_scores(router_logits, score_func)
+    routing = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+    routing = routing.detach()
+    coreset = None
+    if block_size is not None:
+        valid = torch.ones(routing.shape[:2], dtype=routing.dtype, device=routing.device)
+        coreset = block_coreset(routing, valid, block_size=block_size, top_k=top_k, top_p=top_p,
+                                min_experts=min_experts, n_groups=n_groups, topk_groups=topk_groups)
+        per_token = coreset.repeat_interleave(block_size, dim=1)[:, :routing.shape[1]]
+        routing = routing.masked_fill(~per_token, float("-inf"))
+    ids = group_limited_topk(routing, top_k, n_groups, topk_groups)
+    weights = routing_weights(scores, ids, normalize=normalize, routed_scaling=routed_scaling)
+    return ids.to(torch.int32), weights, coreset
+
+
+def unique_experts(topk_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, n_blocks) int64: the distinct experts the tokens of each block route to (the paper's metric)."""
+    B, N, k = topk_ids.shape
+    E = int(topk_ids.max()) + 1 if topk_ids.numel() else 1
+    n_blocks = -(-N // block_size)
+    block_of_token = torch.arange(N, device=topk_ids.device) // block_size
+    used = torch.zeros(B, n_blocks, E, dtype=torch.bool, device=topk_ids.device)
+    used[torch.arange(B, device=topk_ids.device)[:, None, None], block_of_token[None, :, None], topk_ids.long()] = True
+    return used.sum(-1)
+
+
+def expert_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU FFN: W_down (SiLU(W_gate x) * (W_up x)); w_gate_up (2I, d) = [W_gate; W_up]."""
+    gate, up = (x @ w_gate_up.t()).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w_down.t()
+
+
+def moe_ffn(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """y[t] = Σ_j topk_weights[t, j] * expert_ffn(x[t]; expert topk_ids[t, j]) for x (T, d),
+    w_gate_up (E, 2I, d), w_down (E, d, I), topk ids/weights (T, k). One batched matmul per used expert
+    over the tokens routed to it. Returns (T, d) in x.dtype; differentiable by autograd."""
+    T, k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)
+    experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+    tokens = order // k
+    acc = torch.promote_types(x.dtype, torch.float32)
+    contributions = []
+    for expert, chunk in zip(experts.tolist(), torch.split(tokens, counts.tolist())):
+        contributions.append(expert_ffn(x[chunk].to(acc), w_gate_up[expert].to(acc), w_down[expert].to(acc)))
+    if not contributions:
+        return torch.zeros_like(x)
+    per_slot = torch.cat(contributions)                                   # slots in expert order
+    weights = topk_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
+    y = torch.zeros(T, x.shape[1], dtype=acc, device=x.device).index_add_(0, tokens, per_slot * weights)
+    return y.to(x.dtype)
