@@ -168,3 +168,231 @@ def block_route(
         num_warps=4,
     )
     return ids, weights, coreset.view(torch.bool) if vote else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expert FFN: grouped GEMMs over the (token, k) slots sorted by expert
+#
+# Slots t * k + j are sorted by expert and each expert's run padded to a multiple of BLOCK_M (the
+# moe_align_block_size layout of vLLM): position p of the sorted layout holds slot sorted_slot[p] (or -1),
+# and every BLOCK_M block of positions belongs to one expert, block_expert[block] (or -1 past the end).
+# Only the experts that tokens use are ever read.
+
+
+@triton.jit
+def _gather_rows(slot, positions, top_k, MODE: tl.constexpr):
+    """Row of an operand for each position: 0 the token (slot // k), 1 the slot, 2 the position itself."""
+    if MODE == 0:
+        return slot // top_k
+    if MODE == 1:
+        return slot
+    return positions
+
+
+@triton.jit(do_not_specialize=["K_in", "N_out", "top_k"])
+def grouped_gemm_kernel(
+    a_ptr, w_ptr, c_ptr, preact_ptr, sorted_slot_ptr, block_expert_ptr,
+    K_in, N_out, top_k, stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
+    A_ROWS: tl.constexpr, C_ROWS: tl.constexpr, SWIGLU: tl.constexpr, SAVE_PREACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # C[rows] = A[rows] @ B_e with B_e[k, n] = w[e, n * stride_wn + k * stride_wk] (so W_e^T or W_e by strides).
+    # SWIGLU: C = SiLU(A @ B_e[:, :N]) * (A @ B_e[:, N:2N]), the pre-activations optionally saved.
+    pid_m = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + pid_m)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_slot_ptr + offs_m)
+    # (expert broadcast before comparing: the interpreter turns bool block & bool scalar into int32)
+    row_ok = (slot >= 0) & ((expert + tl.zeros_like(slot)) >= 0)
+    a_rows = _gather_rows(tl.maximum(slot, 0).to(tl.int64), offs_m.to(tl.int64), top_k, A_ROWS)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_out
+    w_base = w_ptr + tl.maximum(expert, 0).to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    k_end = tl.where(expert >= 0, K_in, 0)   # padding blocks past the last expert do no work
+    for k0 in range(0, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K_in
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        acc += tl.dot(a, w, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            w_up = tl.load(w_base + (offs_n[None, :] + N_out) * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            acc_up += tl.dot(a, w_up, input_precision=DOT_PRECISION)
+    mask = row_ok[:, None] & n_ok[None, :]
+    if SWIGLU:
+        if SAVE_PREACT:
+            pre = preact_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
+            tl.store(pre, acc.to(preact_ptr.dtype.element_ty), mask=mask)
+            tl.store(pre + N_out, acc_up.to(preact_ptr.dtype.element_ty), mask=mask)
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    c_rows = _gather_rows(tl.maximum(slot, 0).to(tl.int64), offs_m.to(tl.int64), top_k, C_ROWS)
+    tl.store(c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N_rows", "K_cols", "top_k"])
+def grouped_weight_grad_kernel(
+    g_ptr, a_ptr, dw_ptr, sorted_slot_ptr, expert_start_ptr, expert_end_ptr,
+    N_rows, K_cols, top_k, stride_gm, stride_am, stride_we,
+    G_ROWS: tl.constexpr, A_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # dW[e][n, k] = sum over the positions p of expert e of G[row(p), n] * A[row(p), k]; every expert's
+    # tile is written (zeros for an expert no token chose).
+    expert = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N_rows
+    k_ok = offs_k < K_cols
+    start = tl.load(expert_start_ptr + expert)
+    end = tl.load(expert_end_ptr + expert)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    for p0 in range(start, end, BLOCK_M):
+        positions = p0 + tl.arange(0, BLOCK_M)
+        slot = tl.load(sorted_slot_ptr + positions, mask=positions < end, other=-1)
+        row_ok = slot >= 0
+        safe_slot = tl.maximum(slot, 0).to(tl.int64)
+        g_rows = _gather_rows(safe_slot, positions.to(tl.int64), top_k, G_ROWS)
+        a_rows = _gather_rows(safe_slot, positions.to(tl.int64), top_k, A_ROWS)
+        g = tl.load(g_ptr + g_rows[:, None] * stride_gm + offs_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(tl.trans(g), a, input_precision=DOT_PRECISION)
+    tl.store(dw_ptr + expert * stride_we + offs_n[:, None] * K_cols + offs_k[None, :], acc.to(dw_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & k_ok[None, :])
+
+
+BY_TOKEN, BY_SLOT, BY_POSITION = 0, 1, 2
+
+
+def gemm_config(device: torch.device) -> dict:
+    """Tiles of the grouped GEMMs (not yet tuned on a GPU)."""
+    if device.type != "cuda":
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """The sorted, padded slot layout: (sorted_slot (P,) int32 with -1 padding, block_expert (P / block_m,)
+    int32 with -1 past the last expert's blocks, expert_start, expert_end (E,) int64 position ranges).
+    P = (cdiv(slots, block_m) + E) * block_m bounds the padded layout, so no host sync is needed."""
+    flat = topk_ids.reshape(-1).long()
+    slots = flat.numel()
+    device = flat.device
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    expert_end = torch.cumsum(padded, 0)
+    expert_start = expert_end - padded
+    order = torch.sort(flat, stable=True).indices
+    sorted_experts = flat[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    positions = expert_start[sorted_experts] + torch.arange(slots, device=device) - first_of_expert[sorted_experts]
+    num_blocks = triton.cdiv(slots, block_m) + num_experts
+    sorted_slot = torch.full((num_blocks * block_m,), -1, dtype=torch.int32, device=device)
+    sorted_slot[positions] = order.to(torch.int32)
+    block_starts = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(expert_end, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_slot, block_expert, expert_start, expert_end
+
+
+def _acc(t: torch.Tensor):
+    # fp64 operands keep fp64 accumulation (gradcheck); everything else accumulates in fp32.
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    if t.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def grouped_gemm(a, w, out, layout, *, k_in, n_out, top_k, w_strides, a_rows, c_rows, swiglu=False, preact=None,
+                 config=None):
+    """One grouped GEMM over the sorted layout (see grouped_gemm_kernel); w_strides = (stride_wn, stride_wk)."""
+    sorted_slot, block_expert = layout[0], layout[1]
+    cfg = config or gemm_config(a.device)
+    record_launch("grouped_gemm_kernel")
+    grouped_gemm_kernel[(block_expert.numel(), triton.cdiv(n_out, cfg["BLOCK_N"]))](
+        a, w, out, preact if preact is not None else out, sorted_slot, block_expert,
+        k_in, n_out, top_k, a.stride(0), w.stride(0), w_strides[0], w_strides[1], out.stride(0),
+        preact.stride(0) if preact is not None else 0,
+        A_ROWS=a_rows, C_ROWS=c_rows, SWIGLU=swiglu, SAVE_PREACT=preact is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(a),
+        ACC=_acc(a), num_warps=cfg["num_warps"],
+    )
+
+
+def grouped_weight_grad(g, a, dw, layout, *, top_k, g_rows, a_rows, config=None):
+    """dw (E, N, K) = per expert, G^T A over its positions (see grouped_weight_grad_kernel)."""
+    sorted_slot, _, expert_start, expert_end = layout
+    E, N, K = dw.shape
+    cfg = config or gemm_config(g.device)
+    record_launch("grouped_weight_grad_kernel")
+    grouped_weight_grad_kernel[(E, triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))](
+        g, a, dw, sorted_slot, expert_start, expert_end, N, K, top_k, g.stride(0), a.stride(0), dw.stride(0),
+        G_ROWS=g_rows, A_ROWS=a_rows, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        DOT_PRECISION=_dot_precision(g), ACC=_acc(g), num_warps=cfg["num_warps"],
+    )
+
+
+def moe_experts_fwd(x, w_gate_up, w_down, topk_ids, *, save_preact: bool):
+    """Unweighted per-slot expert outputs y_slots (T * k, d) in x.dtype, plus what the backward needs:
+    (layout, h (P, I), preact (P, 2I) or None). x (T, d), w_gate_up (E, 2I, d), w_down (E, d, I) contiguous."""
+    T, d = x.shape
+    E, two_i, _ = w_gate_up.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    cfg = gemm_config(x.device)
+    layout = align(topk_ids, E, cfg["BLOCK_M"])
+    positions = layout[0].numel()
+    h = torch.empty((positions, inter), dtype=x.dtype, device=x.device)
+    # Zeroed: padding positions then give zero, not garbage, in the SwiGLU backward.
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    preact = torch.zeros((positions, two_i), dtype=acc_dtype, device=x.device) if save_preact else None
+    y_slots = torch.empty((T * top_k, d), dtype=x.dtype, device=x.device)
+    if T * top_k == 0:
+        return y_slots, (layout, h, preact)
+    # h = SiLU(x W_gate^T) * (x W_up^T): w_gate_up[e] is (2I, d), read transposed.
+    grouped_gemm(x, w_gate_up, h, layout, k_in=d, n_out=inter, top_k=top_k, w_strides=(d, 1),
+                 a_rows=BY_TOKEN, c_rows=BY_POSITION, swiglu=True, preact=preact)
+    # y_slot = h W_down^T: w_down[e] is (d, I), read transposed.
+    grouped_gemm(h, w_down, y_slots, layout, k_in=inter, n_out=d, top_k=top_k, w_strides=(inter, 1),
+                 a_rows=BY_POSITION, c_rows=BY_SLOT)
+    return y_slots, (layout, h, preact)
+
+
+def moe_experts_bwd(grad_slots, x, w_gate_up, w_down, topk_ids, layout, h, preact):
+    """(dx (T, d), dw_gate_up (E, 2I, d), dw_down (E, d, I)) from grad_slots (T * k, d), the gradient of the
+    unweighted per-slot outputs."""
+    T, d = x.shape
+    E, two_i, _ = w_gate_up.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    positions = layout[0].numel()
+    dw_down = torch.empty_like(w_down)
+    dw_gate_up = torch.empty_like(w_gate_up)
+    # dW_down[e] = sum over e's slots of dy_slot^T h
+    grouped_weight_grad(grad_slots, h, dw_down, layout, top_k=top_k, g_rows=BY_SLOT, a_rows=BY_POSITION)
+    # dh = dy_slot W_down[e] (w_down[e] is (d, I): B[k, n] = w_down[e][k, n])
+    grad_slots = grad_slots.to(x.dtype)
+    dh = torch.zeros((positions, inter), dtype=preact.dtype, device=x.device)
+    grouped_gemm(grad_slots, w_down, dh, layout, k_in=d, n_out=inter, top_k=top_k, w_strides=(1, inter),
+                 a_rows=BY_SLOT, c_rows=BY_POSITION)
+    # SwiGLU backward on the saved pre-activations (padding positions stay zero)
+    gate, up = preact[:, :inter], preact[:, inter:]
+    silu = torch.nn.functional.silu(gate)
+    sigmoid = torch.sigmoid(gate)
+    d_gate = dh * up * (sigmoid * (1 + gate * (1 - sigmoid)))
+    d_preact = torch.cat([d_gate, dh * silu], dim=1).to(x.dtype)
+    # dW_gate_up[e] = sum over e's slots of d_preact^T x
+    grouped_weight_grad(d_preact, x, dw_gate_up, layout, top_k=top_k, g_rows=BY_POSITION, a_rows=BY_TOKEN)
+    # dx_slot = d_preact W_gate_up[e] (w_gate_up[e] is (2I, d): B[k, n] = w_gate_up[e][k, n]), summed over k
+    dx_slots = torch.empty((T * top_k, d), dtype=preact.dtype, device=x.device)
+    grouped_gemm(d_preact, w_gate_up, dx_slots, layout, k_in=two_i, n_out=d, top_k=top_k, w_strides=(1, d),
+                 a_rows=BY_POSITION, c_rows=BY_SLOT)
+    dx = dx_slots.view(T, top_k, d).sum(1).to(x.dtype)
+    return dx, dw_gate_up, dw_down
