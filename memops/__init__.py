@@ -9,11 +9,13 @@ from memops.product_key import product_key_topk, weighted_gather
 from memops.retention import capacity_loss, retention_attention, retention_capacity
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
 from memops.looped import looped_attention, looped_kv_update
+from memops.moe import block_route, moe_ffn, unique_experts
 from memops import nn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "RetentionKVCache", "SharedLoopKVCache", "backend", "get_backend", "looped_attention", "looped_kv_update", "capacity_loss", "memory_attention", "product_key_topk", "retention_attention",
-    "retention_capacity", "weighted_gather", "__version__",
+    "BACKENDS", "RetentionKVCache", "SharedLoopKVCache", "backend", "block_route", "capacity_loss",
+    "get_backend", "looped_attention", "looped_kv_update", "memory_attention", "moe_ffn", "product_key_topk",
+    "retention_attention", "retention_capacity", "unique_experts", "weighted_gather", "__version__",
 ]

@@ -133,3 +133,24 @@ def moe_ffn(
     weights = topk_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
     y = torch.zeros(T, x.shape[1], dtype=acc, device=x.device).index_add_(0, tokens, per_slot * weights)
     return y.to(x.dtype)
+
+
+def routing_weights_backward(
+    grad_weights: torch.Tensor, router_logits: torch.Tensor, topk_ids: torch.Tensor, *, score_func: str,
+    normalize: bool, routed_scaling: float,
+) -> torch.Tensor:
+    """d router_logits (B, N, E) of :func:`routing_weights` from grad_weights (B, N, k): only the scores at
+    the selected ids carry gradient (selection is hard)."""
+    scores = router_scores(router_logits, score_func)
+    ids = topk_ids.long()
+    picked = scores.gather(-1, ids)
+    grad = grad_weights.to(scores.dtype) * routed_scaling
+    if normalize:
+        total = picked.sum(-1, keepdim=True) + 1e-20
+        grad = grad / total - (grad * picked).sum(-1, keepdim=True) / total**2
+    grad_scores = torch.zeros_like(scores).scatter_add_(-1, ids, grad)
+    if score_func == "sigmoid":
+        grad_logits = grad_scores * scores * (1 - scores)
+    else:
+        grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
+    return grad_logits.to(router_logits.dtype)

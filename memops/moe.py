@@ -1,0 +1,261 @@
+"""Block-level MoE (dMoE): public functions and their torch.library registration.
+
+``block_route`` -> ``memops::block_route`` (custom op) -> ``memops.kernels.moe.block_route`` (one fused
+kernel); ``moe_ffn`` -> ``memops::moe_experts`` -> the grouped-GEMM kernels of ``memops.kernels.moe``, then a
+weighted sum over each token's k slots. Backend "reference" calls ``memops.reference.moe`` directly.
+"""
+from __future__ import annotations
+
+import torch
+
+from memops import reference
+from memops._backend import resolve_backend
+
+SCORE_FUNCS = ("sigmoid", "softmax")
+
+
+def _kernels():
+    from memops.kernels import moe
+
+    return moe
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_route_args(router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups,
+                      topk_groups) -> None:
+    op = "block_route"
+    if not isinstance(router_logits, torch.Tensor):
+        raise TypeError(f"{op}: router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+    if not router_logits.is_floating_point():
+        raise TypeError(f"{op}: router_logits must be floating point, got {router_logits.dtype}")
+    if router_logits.dim() != 3:
+        raise ValueError(f"{op}: router_logits must be (B, N, E), got shape {tuple(router_logits.shape)}")
+    E = router_logits.shape[-1]
+    for name, value in (("top_k", top_k), ("min_experts", min_experts), ("n_groups", n_groups),
+                        ("topk_groups", topk_groups)):
+        if not _is_int(value):
+            raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"{op}: top_k must be in [1, E={E}], got {top_k}")
+    if block_size is not None and (not _is_int(block_size) or block_size < 1):
+        raise ValueError(f"{op}: block_size must be None or an int >= 1, got {block_size!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise ValueError(f"{op}: top_p must be in (0, 1], got {top_p!r}")
+    if not top_k <= min_experts <= E:
+        raise ValueError(
+            f"{op}: min_experts must be in [top_k={top_k}, E={E}] (a coreset must hold each token's top_k), got {min_experts}"
+        )
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"{op}: score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+    if n_groups < 1 or E % n_groups:
+        raise ValueError(f"{op}: n_groups must divide E={E}, got {n_groups}")
+    if not 1 <= topk_groups <= n_groups:
+        raise ValueError(f"{op}: topk_groups must be in [1, n_groups={n_groups}], got {topk_groups}")
+    if top_k > topk_groups * (E // n_groups):
+        raise ValueError(
+            f"{op}: top_k={top_k} exceeds the {topk_groups * (E // n_groups)} experts of the {topk_groups} kept groups"
+        )
+    if expert_bias is not None:
+        if not isinstance(expert_bias, torch.Tensor) or not expert_bias.is_floating_point():
+            raise TypeError(f"{op}: expert_bias must be a floating-point tensor or None")
+        if tuple(expert_bias.shape) != (E,):
+            raise ValueError(f"{op}: expert_bias must be (E,) = ({E},), got {tuple(expert_bias.shape)}")
+        if expert_bias.device != router_logits.device:
+            raise ValueError(f"{op}: expert_bias is on {expert_bias.device} but router_logits is on {router_logits.device}")
+
+
+@torch.library.custom_op("memops::block_route", mutates_args=())
+def _block_route_op(
+    router_logits: torch.Tensor, expert_bias: torch.Tensor | None, block_size: int, top_k: int, top_p: float,
+    min_experts: int, softmax: bool, n_groups: int, topk_groups: int, routed_scaling: float, normalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, weights, coreset = _kernels().block_route(
+        router_logits.contiguous(), expert_bias.contiguous() if expert_bias is not None else None,
+        block_size=block_size or None, top_k=top_k, top_p=top_p, min_experts=min_experts, softmax=softmax,
+        n_groups=n_groups, topk_groups=topk_groups, routed_scaling=routed_scaling, normalize=normalize,
+    )
+    # A custom op returns tensors: token-level routing has no coreset, an empty tensor stands for None.
+    return ids, weights, coreset if coreset is not None else router_logits.new_empty(0, dtype=torch.bool)
+
+
+@_block_route_op.register_fake
+def _(router_logits, expert_bias, block_size, top_k, top_p, min_experts, softmax, n_groups, topk_groups,
+      routed_scaling, normalize):
+    B, N, E = router_logits.shape
+    shape = (B, N, top_k)
+    coreset_shape = (B, -(-N // block_size), E) if block_size else (0,)
+    return (router_logits.new_empty(shape, dtype=torch.int32), router_logits.new_empty(shape, dtype=torch.float32),
+            router_logits.new_empty(coreset_shape, dtype=torch.bool))
+
+
+def _route_setup_context(ctx, inputs, output):
+    router_logits = inputs[0]
+    ctx.save_for_backward(router_logits, output[0])
+    ctx.softmax, ctx.routed_scaling, ctx.normalize = inputs[6], inputs[9], inputs[10]
+
+
+def _route_backward(ctx, grad_ids, grad_weights, grad_coreset):
+    router_logits, ids = ctx.saved_tensors
+    grad_logits = reference.routing_weights_backward(
+        grad_weights, router_logits, ids, score_func="softmax" if ctx.softmax else "sigmoid", normalize=ctx.normalize,
+        routed_scaling=ctx.routed_scaling,
+    )
+    return (grad_logits, *([None] * 10))
+
+
+_block_route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
+
+
+def block_route(
+    router_logits: torch.Tensor, *, block_size: int | None = 32, top_k: int = 8, top_p: float = 0.6,
+    min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
+    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dMoE block-level routing: each block of ``block_size`` tokens agrees on an expert coreset, then every
+    token routes inside it (the algorithm is in memops.reference.moe and docs/block_moe.md).
+
+    Args:
+        router_logits: (B, N, E) float (the router matmul's output).
+        block_size: tokens per block (the last may be partial); None for plain token-level routing.
+        top_k: experts per token. top_p: coreset mass in (0, 1]. min_experts: smallest coreset, in [top_k, E].
+        score_func: "sigmoid" (LLaDA2 / DeepSeek-V3) or "softmax" (Mixtral / Qwen), computed in fp32.
+        expert_bias: (E,) added to the scores for selection only (aux-loss-free balancing), or None.
+        n_groups, topk_groups: group-limited routing (a group scores the sum of its two best); 1 disables it.
+        routed_scaling: factor on the weights. normalize: renormalise each token's weights to sum to 1 first.
+
+    Returns:
+        topk_ids (B, N, top_k) int32, sorted by routing score; topk_weights (B, N, top_k) fp32, differentiable
+        w.r.t. router_logits (through the bias-free scores at the chosen ids); coreset (B, n_blocks, E) bool,
+        or None when block_size is None. Ties go to the lower expert index.
+    """
+    _check_route_args(router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups,
+                      topk_groups)
+    kwargs = dict(block_size=block_size, top_k=top_k, top_p=float(top_p), min_experts=min_experts,
+                  n_groups=n_groups, topk_groups=topk_groups, routed_scaling=float(routed_scaling), normalize=normalize)
+    if resolve_backend(router_logits) == "reference":
+        return reference.block_route(router_logits, score_func=score_func, expert_bias=expert_bias, **kwargs)
+    kwargs["block_size"] = block_size or 0
+    ids, weights, coreset = _block_route_op(router_logits, expert_bias, kwargs.pop("block_size"), top_k,
+                                            kwargs.pop("top_p"), min_experts, score_func == "softmax", n_groups,
+                                            topk_groups, kwargs.pop("routed_scaling"), normalize)
+    return ids, weights, (coreset if block_size is not None else None)
+
+
+def unique_experts(topk_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, n_blocks) int64: how many distinct experts the tokens of each block use (dMoE's metric: fewer means
+    fewer expert weights streamed per forward). topk_ids (B, N, k) int."""
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 3 or topk_ids.is_floating_point():
+        raise TypeError("unique_experts: topk_ids must be a (B, N, k) integer tensor")
+    if not _is_int(block_size) or block_size < 1:
+        raise ValueError(f"unique_experts: block_size must be an int >= 1, got {block_size!r}")
+    return reference.unique_experts(topk_ids, block_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# moe_ffn
+
+
+def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation) -> None:
+    op = "moe_ffn"
+    for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down), ("topk_ids", topk_ids),
+                    ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if activation != "swiglu":
+        raise ValueError(f"{op}: activation must be 'swiglu', got {activation!r}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a (T, d) float tensor, got {tuple(x.shape)} {x.dtype}")
+    T, d = x.shape
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != d or w_gate_up.shape[1] % 2:
+        raise ValueError(f"{op}: w_gate_up must be (E, 2I, d={d}), got {tuple(w_gate_up.shape)}")
+    E, two_i = w_gate_up.shape[0], w_gate_up.shape[1]
+    if tuple(w_down.shape) != (E, d, two_i // 2):
+        raise ValueError(f"{op}: w_down must be (E={E}, d={d}, I={two_i // 2}), got {tuple(w_down.shape)}")
+    for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"{op}: topk_ids must be (T={T}, k), got {tuple(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
+        raise ValueError(f"{op}: topk_weights must be a float tensor of topk_ids' shape {tuple(topk_ids.shape)}")
+    if topk_ids.numel() and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(topk_ids)).tolist()
+        if low < 0 or high >= E:
+            raise IndexError(f"{op}: topk_ids must lie in [0, E={E}), found [{low}, {high}]")
+
+
+@torch.library.custom_op("memops::moe_experts", mutates_args=())
+def _moe_experts_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    x, w_gate_up, w_down, topk_ids = (t.contiguous() for t in (x, w_gate_up, w_down, topk_ids))
+    y_slots, _ = _kernels().moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=False)
+    return y_slots.view(x.shape[0], topk_ids.shape[1], x.shape[1])
+
+
+@_moe_experts_op.register_fake
+def _(x, w_gate_up, w_down, topk_ids):
+    return x.new_empty((x.shape[0], topk_ids.shape[1], x.shape[1]))
+
+
+@torch.library.custom_op("memops::moe_experts_backward", mutates_args=())
+def _moe_experts_backward_op(
+    grad_slots: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _kernels()
+    x, w_gate_up, w_down, topk_ids = (t.contiguous() for t in (x, w_gate_up, w_down, topk_ids))
+    # The gate/up GEMM runs again for its pre-activations rather than keeping (slots, 2I) fp32 from the
+    # forward (activation recomputation: one more GEMM, far less memory held between the passes).
+    _, (layout, h, preact) = kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=True)
+    grad_slots = grad_slots.reshape(-1, x.shape[1]).contiguous()
+    return kernels.moe_experts_bwd(grad_slots, x, w_gate_up, w_down, topk_ids, layout, h, preact)
+
+
+@_moe_experts_backward_op.register_fake
+def _(grad_slots, x, w_gate_up, w_down, topk_ids):
+    return torch.empty_like(x), torch.empty_like(w_gate_up), torch.empty_like(w_down)
+
+
+def _experts_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _experts_backward(ctx, grad_slots):
+    x, w_gate_up, w_down, topk_ids = ctx.saved_tensors
+    dx, dw_gate_up, dw_down = _moe_experts_backward_op(grad_slots, x, w_gate_up, w_down, topk_ids)
+    return dx, dw_gate_up, dw_down, None
+
+
+_moe_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+
+
+def moe_ffn(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor, *, activation: str = "swiglu",
+) -> torch.Tensor:
+    """Routed SwiGLU experts: ``y[t] = Σ_j w[t, j] · W_down[e] (SiLU(W_gate[e] x[t]) ⊙ W_up[e] x[t])``, e = ids[t, j].
+
+    Args:
+        x: (T, d) fp32, fp16, bf16 (callers flatten B·N).
+        w_gate_up: (E, 2I, d): rows [0, I) are the gate projection, rows [I, 2I) the up projection.
+        w_down: (E, d, I).
+        topk_ids: (T, k) int32/int64 in [0, E) (one min/max check and host sync, skipped under compile).
+        topk_weights: (T, k) float.
+
+    Returns:
+        (T, d) in x.dtype. Gradients reach x, both weight tensors and topk_weights. On the Triton path the
+        (token, k) slots are sorted by expert and each expert's run is one grouped GEMM tile sequence: only the
+        experts tokens use are read, which is where a block coreset saves bandwidth.
+    """
+    _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
+    if resolve_backend(x) == "reference":
+        return reference.moe_ffn(x, w_gate_up, w_down, topk_ids, topk_weights)
+    y_slots = _moe_experts_op(x, w_gate_up, w_down, topk_ids)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    # The weighted combine over each token's k slots, in a fixed order (deterministic, no atomics).
+    return (y_slots.to(acc) * topk_weights.to(acc).unsqueeze(-1)).sum(1).to(x.dtype)
