@@ -5,7 +5,7 @@ One program per (batch row, block of BLOCK_SIZE tokens) computes, for the block'
     s = sigmoid(logits) or softmax(logits)  (fp32);   r = s + expert_bias
     token top-k mask of r (group-limited: groups ranked by the sum of their two largest r)
     S̃ = Σ_tokens (r on the mask) / (Σ + 1e-20);   coreset C = prefix of S̃ sorted descending with exclusive
-    cumsum <= top_p, at least min_experts long
+    cumsum <= top_p (voted experts only), at least min_experts long
     ids = (group-limited) top-k of r restricted to C;   w = s[ids] / (Σ s[ids] + 1e-20) * scaling
 
 Top-k selections use int64 entries (score, inverted index) and the bitonic network of memops.kernels.topk,
@@ -113,7 +113,7 @@ def block_route_kernel(
         ranked_shares, _, ranked_ok = unpack_entries(ranked)
         ranked_shares = tl.where(ranked_ok, ranked_shares, 0.0)
         before = tl.cumsum(ranked_shares, axis=1) - ranked_shares
-        keep = ranked_ok & ((before <= top_p) | (offs_e[None, :] < min_experts))
+        keep = ranked_ok & (((before <= top_p) & (ranked_shares > 0)) | (offs_e[None, :] < min_experts))
         size = tl.sum(keep.to(tl.int32), axis=1)                                      # (1,)
         last = tl.sum(tl.where(offs_e[None, :] == size[:, None] - 1, ranked, 0), axis=1)
         coreset = (entries >= last[:, None]) & expert_ok[None, :]                     # (1, E_PAD)
@@ -339,9 +339,10 @@ def grouped_weight_grad(g, a, dw, layout, *, top_k, g_rows, a_rows, config=None)
     )
 
 
-def moe_experts_fwd(x, w_gate_up, w_down, topk_ids, *, save_preact: bool):
-    """Unweighted per-slot expert outputs y_slots (T * k, d) in x.dtype, plus what the backward needs:
-    (layout, h (P, I), preact (P, 2I) or None). x (T, d), w_gate_up (E, 2I, d), w_down (E, d, I) contiguous."""
+def moe_experts_fwd(x, w_gate_up, w_down, topk_ids, *, save_preact: bool, down: bool = True):
+    """Unweighted per-slot expert outputs y_slots (T * k, d) in x.dtype (None with down=False: the backward's
+    recomputation needs only the hidden layer), plus what the backward needs: (layout, h (P, I), preact
+    (P, 2I) or None). x (T, d), w_gate_up (E, 2I, d), w_down (E, d, I) contiguous."""
     T, d = x.shape
     E, two_i, _ = w_gate_up.shape
     inter = two_i // 2
@@ -353,12 +354,14 @@ def moe_experts_fwd(x, w_gate_up, w_down, topk_ids, *, save_preact: bool):
     # Zeroed: padding positions then give zero, not garbage, in the SwiGLU backward.
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     preact = torch.zeros((positions, two_i), dtype=acc_dtype, device=x.device) if save_preact else None
-    y_slots = torch.empty((T * top_k, d), dtype=x.dtype, device=x.device)
+    y_slots = torch.empty((T * top_k, d), dtype=x.dtype, device=x.device) if down else None
     if T * top_k == 0:
         return y_slots, (layout, h, preact)
     # h = SiLU(x W_gate^T) * (x W_up^T): w_gate_up[e] is (2I, d), read transposed.
     grouped_gemm(x, w_gate_up, h, layout, k_in=d, n_out=inter, top_k=top_k, w_strides=(d, 1),
                  a_rows=BY_TOKEN, c_rows=BY_POSITION, swiglu=True, preact=preact)
+    if not down:
+        return None, (layout, h, preact)
     # y_slot = h W_down^T: w_down[e] is (d, I), read transposed.
     grouped_gemm(h, w_down, y_slots, layout, k_in=inter, n_out=d, top_k=top_k, w_strides=(inter, 1),
                  a_rows=BY_POSITION, c_rows=BY_SLOT)

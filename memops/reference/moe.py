@@ -8,7 +8,8 @@ block agrees on (the official LLaDA2.0-mini gate). Per block of ``block_size`` t
     ŝ_i   = r_i on the token's own (group-limited) top-k experts, 0 elsewhere;  padded tokens do not vote
     S̃     = Σ_i ŝ_i / (Σ_e Σ_i ŝ_i + 1e-20)
     C     = the prefix of S̃ sorted descending whose exclusive cumulative sum is <= top_p (the experts while
-            the cumsum stays <= top_p, plus the first to cross it), at least min_experts long
+            the cumsum stays <= top_p, plus the first to cross it; experts with no vote excluded), at least
+            min_experts long
     ids_i = (group-limited) top-k of r_i with experts outside C at -inf
     w_i   = s_i[ids_i] / (Σ s_i[ids_i] + 1e-20) * routed_scaling   (normalize) or s_i[ids_i] * routed_scaling
 
@@ -61,7 +62,9 @@ def block_coreset(
     sorted_shares, order = torch.sort(shares, dim=-1, descending=True, stable=True)
     before = sorted_shares.cumsum(-1) - sorted_shares                     # exclusive cumulative sum
     positions = torch.arange(E, device=routing.device)
-    keep_sorted = (before <= top_p) | (positions < min_experts)
+    # A zero-vote expert adds no mass: it only joins through min_experts (this also keeps top_p = 1 from
+    # admitting every expert on rounding).
+    keep_sorted = ((before <= top_p) & (sorted_shares > 0)) | (positions < min_experts)
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
@@ -119,6 +122,14 @@ def moe_ffn(
     w_gate_up (E, 2I, d), w_down (E, d, I), topk ids/weights (T, k). One batched matmul per used expert
     over the tokens routed to it. Returns (T, d) in x.dtype; differentiable by autograd."""
     T, k = topk_ids.shape
+    if torch.compiler.is_compiling():
+        # The per-expert loop has data-dependent shapes; traced, gather each slot's weights instead (memory
+        # T * k * 3 * I * d: fine for the sizes one compiles the CPU reference at).
+        acc = torch.promote_types(x.dtype, torch.float32)
+        ids = topk_ids.long()
+        gate, up = torch.einsum("td,tkjd->tkj", x.to(acc), w_gate_up[ids].to(acc)).chunk(2, dim=-1)
+        per_slot = torch.einsum("tkj,tkdj->tkd", F.silu(gate) * up, w_down[ids].to(acc))
+        return (per_slot * topk_weights.to(acc).unsqueeze(-1)).sum(1).to(x.dtype)
     flat_ids = topk_ids.reshape(-1).long()
     order = torch.argsort(flat_ids, stable=True)
     experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
