@@ -75,5 +75,16 @@ loop_cache = memops.SharedLoopKVCache(1)
 for loop in range(4):
     kv = torch.randn(1, 2, 1, 64, device="cuda")
     loop_cache.update(kv, kv, 0, loop, torch.rand(1, 2, 1, 1, device="cuda"))
+
+# dMoE: routing (partial block, groups, bias; softmax with E not a power of two) and the expert GEMMs
+logits = torch.randn(2, 45, 256, device="cuda", requires_grad=True)
+ids, weights, _ = memops.block_route(logits, block_size=32, top_k=8, n_groups=8, topk_groups=4,
+                                     expert_bias=0.01 * torch.randn(256, device="cuda"))
+weights.sum().backward()
+memops.block_route(torch.randn(1, 37, 60, device="cuda"), block_size=16, top_k=6, score_func="softmax")
+x = torch.randn(90, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+w_gate_up = (0.05 * torch.randn(256, 256, 256, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+w_down = (0.05 * torch.randn(256, 256, 128, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+memops.moe_ffn(x, w_gate_up, w_down, ids.reshape(-1, 8)[:90], weights.detach().reshape(-1, 8)[:90]).float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize run done")
