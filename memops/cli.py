@@ -1,4 +1,4 @@
-"""``memops`` command line: ``memops bench [--op NAME] [--quick] [--out DIR]``."""
+"""``memops`` command line: ``memops bench [--op NAME] [--quick] [--out DIR]`` and ``memops train-demo [--steps N]``."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--op", help="one op to run (default: all)")
     bench.add_argument("--quick", action="store_true", help="the small cases only (a CPU-only machine: under 2 minutes)")
     bench.add_argument("--out", default="bench-results", help="folder for <op>.json and <op>.png (default: bench-results)")
+    demo = commands.add_parser("train-demo", help="train a small MemoryLM on associative recall, then generate (CPU: < 1 min)")
+    demo.add_argument("--steps", type=int, default=1500)
+    demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "train-demo":
+        from memops import demo as demo_module
+
+        return demo_module.main(["--steps", str(args.steps), "--seed", str(args.seed)])
     if args.command == "bench":
         try:
             return _bench(args)

@@ -39,3 +39,11 @@ def test_bench_unknown_op():
     )
     assert result.returncode == 2
     assert "unknown op 'nope'" in result.stderr and "weighted_gather" in result.stderr
+
+
+def test_train_demo_command():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-m", "memops.cli", "train-demo", "--steps", "3"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "recall on 512 held-out sequences" in result.stdout and "less K/V memory" in result.stdout

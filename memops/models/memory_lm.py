@@ -1,0 +1,166 @@
+"""MemoryLM: a small decoder-only language model assembled from memops.nn parts.
+
+Each layer: pre-norm attention over [learned memory prefix ; sequence] (``MemoryAttention``), then a
+pre-norm FFN that is a ``ProductKeyMemory`` in ``pkm_layers`` and a ``BlockMoE`` (dMoE block routing)
+elsewhere. Every layer also has a ``RetentionGate``: during training its capacity loss teaches it how many
+tokens the layer may keep, and ``generate`` uses it to run a ``RetentionKVCache`` bounded by
+``kv_budget + kv_buffer`` rows per layer and KV head. The memory prefix is never evicted.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memops.attention import memory_attention
+from memops.kv_cache import RetentionKVCache
+from memops.nn import BlockMoE, MemoryAttention, ProductKeyMemory, RetentionGate
+from memops.retention import capacity_loss
+
+
+@dataclasses.dataclass
+class MemoryLMConfig:
+    """Sizes of a MemoryLM. ``pkm_layers``: indices of the layers whose FFN is a product-key memory."""
+    vocab_size: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    max_positions: int = 256
+    prefix_length: int = 4
+    pkm_layers: tuple[int, ...] = (1,)
+    pkm_n_keys: int = 16
+    pkm_heads: int = 2
+    pkm_topk: int = 4
+    pkm_key_dim: int = 16
+    pkm_gated: bool = False
+    moe_experts: int = 8
+    moe_top_k: int = 2
+    moe_d_expert: int = 64
+    moe_block_size: int | None = 16
+    moe_min_experts: int = 4
+    retention_hidden: int = 32
+    kv_budget: int = 64
+    kv_buffer: int = 16
+    capacity_weight: float = 0.01
+
+    def validate(self) -> None:
+        def fail(message):
+            raise ValueError(f"MemoryLMConfig: {message}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_positions", "kv_budget"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            fail(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.n_heads % self.n_kv_heads:
+            fail(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.moe_block_size is not None and self.moe_block_size < 1:
+            fail(f"moe_block_size must be None or >= 1, got {self.moe_block_size}")
+        if self.kv_buffer < 0 or self.prefix_length < 0:
+            fail("kv_buffer and prefix_length must be >= 0")
+        for layer in self.pkm_layers:
+            if not 0 <= layer < self.n_layers:
+                fail(f"pkm_layers entry {layer} is not a layer index in [0, {self.n_layers})")
+
+
+class MemoryLMLayer(nn.Module):
+    def __init__(self, config: MemoryLMConfig, index: int) -> None:
+        super().__init__()
+        c = config
+        self.attn_norm = nn.LayerNorm(c.d_model)
+        self.attn = MemoryAttention(c.d_model, c.n_heads, num_kv_heads=c.n_kv_heads, causal=True,
+                                    prefix_length=c.prefix_length)
+        self.retention = RetentionGate(c.d_model, c.n_kv_heads, hidden=c.retention_hidden)
+        self.ffn_norm = nn.LayerNorm(c.d_model)
+        if index in c.pkm_layers:
+            self.ffn = ProductKeyMemory(c.d_model, c.d_model, n_keys=c.pkm_n_keys, heads=c.pkm_heads, topk=c.pkm_topk,
+                                        key_dim=c.pkm_key_dim, query_norm="layernorm", gated=c.pkm_gated)
+        else:
+            self.ffn = BlockMoE(c.d_model, c.moe_d_expert, c.moe_experts, c.moe_top_k, block_size=c.moe_block_size,
+                                min_experts=c.moe_min_experts)
+
+    def _qkv(self, x):
+        a = self.attn
+        return (a._heads(a.q_proj(x), a.num_heads), a._heads(a.k_proj(x), a.num_kv_heads),
+                a._heads(a.v_proj(x), a.num_kv_heads))
+
+    def forward(self, x, cache: RetentionKVCache | None = None, layer_idx: int = 0):
+        """x (B, N, d) -> (x, log_beta (B, Hkv, N)); with a cache, the new rows join it (generation)."""
+        h = self.attn_norm(x)
+        log_beta = self.retention(h).float()
+        q, k, v = self._qkv(h)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx, log_beta.detach())
+        out = memory_attention(q, k, v, self.attn.prefix_k, self.attn.prefix_v, causal=q.shape[2] > 1)
+        x = x + self.attn.out_proj(out.transpose(1, 2).flatten(2))
+        return x + self.ffn(self.ffn_norm(x)), log_beta
+
+
+class MemoryLM(nn.Module):
+    """Decoder-only LM from memops parts (see the module docstring). Learned absolute positions.
+
+    ``forward(tokens)`` -> logits (B, N, vocab); ``loss(tokens, targets)`` adds the capacity loss;
+    ``generate(prompt, max_new_tokens)`` decodes greedily with a bounded RetentionKVCache.
+    """
+
+    def __init__(self, config: MemoryLMConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.positions = nn.Embedding(config.max_positions, config.d_model)
+        self.layers = nn.ModuleList(MemoryLMLayer(config, i) for i in range(config.n_layers))
+        self.norm = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        if start + tokens.shape[1] > self.config.max_positions:
+            raise ValueError(
+                f"MemoryLM: positions up to {start + tokens.shape[1]} exceed max_positions={self.config.max_positions}"
+            )
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        return self.embed(tokens) + self.positions(positions)
+
+    def forward(self, tokens: torch.Tensor, *, return_log_beta: bool = False):
+        """tokens (B, N) int64 -> logits (B, N, vocab_size) [, list of per-layer log_beta (B, Hkv, N)]."""
+        x = self._embed(tokens, 0)
+        log_betas = []
+        for layer in self.layers:
+            x, log_beta = layer(x)
+            log_betas.append(log_beta)
+        logits = self.head(self.norm(x))
+        return (logits, log_betas) if return_log_beta else logits
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
+        """Cross-entropy over targets (B, N) plus capacity_weight x the layers' capacity losses for kv_budget."""
+        logits, log_betas = self(tokens, return_log_beta=True)
+        lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        capacity = sum(capacity_loss(lb, self.config.kv_budget, check_log_beta=False) for lb in log_betas)
+        return lm + self.config.capacity_weight * capacity
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, RetentionKVCache]:
+        """Greedy decoding with a RetentionKVCache of kv_budget + kv_buffer rows per layer and KV head.
+        prompt (B, N) -> (tokens (B, N + max_new_tokens), the cache)."""
+        if prompt.dim() != 2:
+            raise ValueError(f"MemoryLM.generate: prompt must be (B, N) token ids, got shape {tuple(prompt.shape)}")
+        total = prompt.shape[1] + max_new_tokens
+        if total > self.config.max_positions:
+            raise ValueError(
+                f"MemoryLM.generate: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"max_positions={self.config.max_positions}"
+            )
+        cache = RetentionKVCache(self.config.kv_budget, self.config.kv_buffer)
+        tokens, step_input, start = prompt, prompt, 0
+        for _ in range(max_new_tokens):
+            x = self._embed(step_input, start)
+            for index, layer in enumerate(self.layers):
+                x, _ = layer(x, cache, index)
+            next_token = self.head(self.norm(x[:, -1])).argmax(-1, keepdim=True)
+            start += step_input.shape[1]
+            tokens = torch.cat([tokens, next_token], dim=1)
+            step_input = next_token
+        return tokens, cache

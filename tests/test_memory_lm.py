@@ -1,0 +1,114 @@
+"""memops.models.MemoryLM and the train-demo: a model assembled from memops parts trains, generates with a
+bounded cache (equal to full recomputation while nothing is evicted), compiles, and validates its config."""
+import pytest
+import torch
+
+import memops
+from memops import demo
+from memops.models import MemoryLM, MemoryLMConfig
+from memops.testing import count_launches
+
+TINY = dict(vocab_size=17, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_positions=64, prefix_length=2,
+            pkm_layers=(1,), pkm_n_keys=4, pkm_heads=1, pkm_topk=2, pkm_key_dim=16, moe_experts=4, moe_top_k=2,
+            moe_d_expert=16, moe_min_experts=2, retention_hidden=8, kv_budget=8, kv_buffer=2)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return MemoryLM(MemoryLMConfig(**{**TINY, **overrides})).eval()
+
+
+def test_forward_and_loss():
+    model = tiny_model()
+    tokens = torch.randint(0, 17, (2, 20))
+    logits, log_betas = model(tokens, return_log_beta=True)
+    assert logits.shape == (2, 20, 17) and len(log_betas) == 2 and log_betas[0].shape == (2, 1, 20)
+    loss = model.loss(tokens, torch.randint(0, 17, (2, 20)))
+    loss.backward()
+    assert torch.isfinite(loss)
+    # The memory prefix, the product-key memory and the experts all train.
+    layer_0, layer_1 = model.layers
+    assert layer_0.attn.prefix_k.grad.ne(0).any() and layer_1.ffn.values.weight.grad.ne(0).any()
+    assert layer_0.ffn.w_gate_up.grad.ne(0).any()
+    # Sequences longer than the budget make the capacity loss train the retention gates.
+    assert layer_0.retention.down.weight.grad.ne(0).any()
+
+
+def test_generate_with_a_cache_equals_full_recomputation():
+    # Token routing (no block routing, which depends on how tokens are grouped) and a budget above the
+    # final length: the cached decode must reproduce greedy decoding by full recomputation.
+    model = tiny_model(moe_block_size=None, kv_budget=40)
+    prompt = torch.randint(0, 17, (2, 6))
+    tokens, cache = model.generate(prompt, max_new_tokens=10)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, expected)
+    assert cache.get_seq_length(0) == 15   # the last token is produced, never fed back
+
+
+def test_generate_stays_within_budget_plus_buffer():
+    model = tiny_model()
+    tokens, cache = model.generate(torch.randint(0, 17, (1, 12)), max_new_tokens=30)
+    assert tokens.shape == (1, 42)
+    for layer in range(2):
+        assert cache.get_seq_length(layer) < 8 + 2
+    assert cache.positions(0).max() == 40
+
+
+def test_generate_rejects_too_long():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="exceeds max_positions=64"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"prompt must be \(B, N\)"):
+        model.generate(torch.zeros(60, dtype=torch.long), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_heads=3), "n_heads=3 must divide d_model=32"),
+    (dict(n_kv_heads=3, n_heads=4), "n_kv_heads=3 must divide n_heads=4"),
+    (dict(kv_budget=0), "kv_budget must be >= 1"),
+    (dict(moe_block_size=0), "moe_block_size must be None or >= 1"),
+    (dict(pkm_layers=(5,)), "pkm_layers entry 5 is not a layer index"),
+])
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MemoryLMConfig(**{**TINY, **overrides}).validate()
+
+
+def test_state_dict_round_trip(tmp_path):
+    model = tiny_model()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    restored = MemoryLM(MemoryLMConfig(**TINY)).eval()
+    restored.load_state_dict(torch.load(tmp_path / "model.pt"))
+    tokens = torch.randint(0, 17, (2, 9))
+    torch.testing.assert_close(restored(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph():
+    model = tiny_model(moe_block_size=8)
+    tokens = torch.randint(0, 17, (2, 16))
+    targets = torch.randint(0, 17, (2, 16))
+    compiled = torch.compile(model.loss, fullgraph=True, backend="aot_eager")
+    with memops.backend("reference"):
+        loss = compiled(tokens, targets)
+        expected = model.loss(tokens, targets)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+
+
+def test_demo_learns():
+    _, history = demo.train(120, batch=32, progress=False, log_every=40)
+    assert history[-1][1] < history[0][1] - 0.5
+
+
+def test_demo_triton_and_reference_agree():
+    # The first steps of training on the kernels (the interpreter on CPU) and on the reference path.
+    curves = {}
+    for backend in ("reference", "triton"):
+        with memops.backend(backend), count_launches() as launches:
+            _, history = demo.train(2, batch=2, pairs=2, progress=False, log_every=1)
+        curves[backend] = [loss for _, loss, _ in history]
+        assert (launches["product_key_search_kernel"] > 0) == (backend == "triton")
+    torch.testing.assert_close(torch.tensor(curves["triton"]), torch.tensor(curves["reference"]), rtol=1e-3, atol=1e-4)
