@@ -228,6 +228,7 @@ def write_json(results: list[Result], path: Path, device_label: str, bandwidth_g
     import triton
 
     payload = {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "device": device_label,
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -31,7 +31,33 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             print("(matplotlib is not installed: no plot; pip install 'memops[bench]')", file=sys.stderr)
         print("wrote " + ", ".join(written))
+    if not args.op:  # the whole suite: one report page for this run
+        from memops.report import render
+
+        report = out_dir / "benchmarks.md"
+        report.write_text(render([out_dir / f"{op}.json" for op in ops], title=f"memops benchmarks ({label})"))
+        print(f"wrote {report}")
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from memops.report import render
+
+    paths = sorted(Path(args.results).glob("*/*.json"))
+    paths = [p for p in paths if not p.name.startswith("tune")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = render(paths)
+    # Plot links relative to the report's folder.
+    out.write_text(text.replace(f"]({Path(args.results).as_posix()}", f"]({_relative(Path(args.results), out.parent)}"))
+    print(f"wrote {out} from {len(paths)} result files")
+    return 0
+
+
+def _relative(target: Path, start: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--op", help="one op to run (default: all)")
     bench.add_argument("--quick", action="store_true", help="the small cases only (a CPU-only machine: under 2 minutes)")
     bench.add_argument("--out", default="bench-results", help="folder for <op>.json and <op>.png (default: bench-results)")
+    report = commands.add_parser("report", help="render committed bench results into one markdown page")
+    report.add_argument("--results", default="benchmarks/results", help="folder of <device>/<op>.json results")
+    report.add_argument("--out", default="docs/benchmarks.md", help="the page to write (default: docs/benchmarks.md)")
     demo = commands.add_parser("train-demo", help="train a small MemoryLM on associative recall, then generate (CPU: < 1 min)")
     demo.add_argument("--steps", type=int, default=1500)
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args)
     if args.command == "train-demo":
         from memops import demo as demo_module
 

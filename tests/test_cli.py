@@ -47,3 +47,20 @@ def test_train_demo_command():
                             text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "recall on 512 held-out sequences" in result.stdout and "less K/V memory" in result.stdout
+
+
+def test_report_renders_committed_results(tmp_path):
+    results = tmp_path / "results" / "some-gpu"
+    results.mkdir(parents=True)
+    payload = {"device": "Some GPU", "torch": "2.11", "triton": "3.6", "date": "2026-11-25", "copy_bandwidth_gbps": 3000.0,
+               "results": [{"op": "weighted_gather", "case": "small", "mode": "fwd", "provider": "memops",
+                            "params": {"T": 4}, "device": "cuda", "median_ms": 0.5, "gbps": 10.0, "tflops": None,
+                            "fraction_of_copy_bandwidth": 0.01, "speedup_vs": {"embedding_bag": 2.0}, "error": None,
+                            "peak_memory_mb": None, "note": None}]}
+    (results / "weighted_gather.json").write_text(json.dumps(payload))
+    out = tmp_path / "docs" / "benchmarks.md"
+    result = subprocess.run([sys.executable, "-m", "memops.cli", "report", "--results", str(tmp_path / "results"),
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "### weighted_gather on Some GPU" in text and "embedding_bag 2.00x" in text and "date 2026-11-25" in text
