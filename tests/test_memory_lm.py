@@ -112,3 +112,24 @@ def test_demo_triton_and_reference_agree():
         curves[backend] = [loss for _, loss, _ in history]
         assert (launches["product_key_search_kernel"] > 0) == (backend == "triton")
     torch.testing.assert_close(torch.tensor(curves["triton"]), torch.tensor(curves["reference"]), rtol=1e-3, atol=1e-4)
+
+
+def test_looped_mode():
+    # MELT: the stack applied 3 times with one KV cache per layer shared by the loops.
+    model = tiny_model(loops=3, moe_block_size=None)
+    tokens = torch.randint(0, 17, (2, 12))
+    model.loss(tokens, tokens).backward()
+    assert model.layers[0].loop_gate.weight.grad.ne(0).any()
+    # The prefill of generate runs the same loops over the same rows as training: same first token.
+    generated, cache = model.generate(tokens[:, :6], max_new_tokens=5)
+    with torch.no_grad():
+        assert torch.equal(generated[:, 6], model(tokens[:, :6])[:, -1].argmax(-1))
+    assert isinstance(cache, memops.SharedLoopKVCache) and cache.get_seq_length(0) == 10
+    # KV memory does not depend on the number of loops.
+    _, cache_two = tiny_model(loops=2, moe_block_size=None).generate(tokens[:, :6], max_new_tokens=5)
+    assert cache.memory_bytes() == cache_two.memory_bytes()
+
+
+def test_loops_validation():
+    with pytest.raises(ValueError, match="loops must be >= 1"):
+        MemoryLMConfig(**{**TINY, "loops": 0}).validate()

@@ -5,6 +5,11 @@ pre-norm FFN that is a ``ProductKeyMemory`` in ``pkm_layers`` and a ``BlockMoE``
 elsewhere. Every layer also has a ``RetentionGate``: during training its capacity loss teaches it how many
 tokens the layer may keep, and ``generate`` uses it to run a ``RetentionKVCache`` bounded by
 ``kv_budget + kv_buffer`` rows per layer and KV head. The memory prefix is never evicted.
+
+With ``loops > 1`` the layer stack is applied ``loops`` times (a looped transformer) and, as in MELT, each
+layer keeps one KV cache for all loops: loop r blends its keys/values into the rows of loop r - 1 with a
+learned per-token, per-KV-head gate (``memops.looped_attention``; the memory prefix rows stay as they are),
+and ``generate`` uses a ``SharedLoopKVCache`` (no eviction) whose memory does not grow with the loop count.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memops.attention import memory_attention
-from memops.kv_cache import RetentionKVCache
+from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
+from memops.looped import looped_attention
 from memops.nn import BlockMoE, MemoryAttention, ProductKeyMemory, RetentionGate
 from memops.retention import capacity_loss
 
@@ -45,12 +51,13 @@ class MemoryLMConfig:
     kv_budget: int = 64
     kv_buffer: int = 16
     capacity_weight: float = 0.01
+    loops: int = 1
 
     def validate(self) -> None:
         def fail(message):
             raise ValueError(f"MemoryLMConfig: {message}")
 
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_positions", "kv_budget"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_positions", "kv_budget", "loops"):
             if getattr(self, name) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
@@ -74,6 +81,8 @@ class MemoryLMLayer(nn.Module):
         self.attn = MemoryAttention(c.d_model, c.n_heads, num_kv_heads=c.n_kv_heads, causal=True,
                                     prefix_length=c.prefix_length)
         self.retention = RetentionGate(c.d_model, c.n_kv_heads, hidden=c.retention_hidden)
+        # MELT's gate: how much of the previous loop's key/value row each token keeps, per KV head
+        self.loop_gate = nn.Linear(c.d_model, c.n_kv_heads) if c.loops > 1 else None
         self.ffn_norm = nn.LayerNorm(c.d_model)
         if index in c.pkm_layers:
             self.ffn = ProductKeyMemory(c.d_model, c.d_model, n_keys=c.pkm_n_keys, heads=c.pkm_heads, topk=c.pkm_topk,
@@ -87,16 +96,36 @@ class MemoryLMLayer(nn.Module):
         return (a._heads(a.q_proj(x), a.num_heads), a._heads(a.k_proj(x), a.num_kv_heads),
                 a._heads(a.v_proj(x), a.num_kv_heads))
 
-    def forward(self, x, cache: RetentionKVCache | None = None, layer_idx: int = 0):
-        """x (B, N, d) -> (x, log_beta (B, Hkv, N)); with a cache, the new rows join it (generation)."""
+    def _loop_gate(self, h):
+        return torch.sigmoid(self.loop_gate(h)).transpose(1, 2).unsqueeze(-1)      # (B, Hkv, N, 1)
+
+    def forward(self, x, cache=None, layer_idx: int = 0, loop: int = 0, shared=None):
+        """x (B, N, d) -> (x, log_beta (B, Hkv, N), shared). With a cache (generation) the new rows join it:
+        a RetentionKVCache, or a SharedLoopKVCache in looped mode. ``shared`` carries the training-time
+        looped cache, [prefix ; sequence] keys and values of the previous loop (None on loop 0)."""
         h = self.attn_norm(x)
         log_beta = self.retention(h).float()
         q, k, v = self._qkv(h)
-        if cache is not None:
+        prefix_k, prefix_v = self.attn.prefix_k, self.attn.prefix_v
+        if isinstance(cache, SharedLoopKVCache):
+            k, v = cache.update(k, v, layer_idx, loop, self._loop_gate(h))
+        elif cache is not None:
             k, v = cache.update(k, v, layer_idx, log_beta.detach())
-        out = memory_attention(q, k, v, self.attn.prefix_k, self.attn.prefix_v, causal=q.shape[2] > 1)
+        if self.loop_gate is not None and cache is None:
+            if shared is None:  # loop 0: [prefix ; k] with gate 0 is [prefix ; k] itself
+                batch = x.shape[0]
+                rows = [t for t in (prefix_k, prefix_v)] if prefix_k is not None else None
+                k_cache = torch.cat([rows[0].expand(batch, -1, -1, -1), k], 2) if rows else k
+                v_cache = torch.cat([rows[1].expand(batch, -1, -1, -1), v], 2) if rows else v
+                gate = torch.zeros_like(self._loop_gate(h))
+            else:
+                (k_cache, v_cache), gate = shared, self._loop_gate(h)
+            out, k_cache, v_cache = looped_attention(q, k, v, gate, k_cache, v_cache, causal=True)
+            shared = (k_cache, v_cache)
+        else:
+            out = memory_attention(q, k, v, prefix_k, prefix_v, causal=q.shape[2] > 1)
         x = x + self.attn.out_proj(out.transpose(1, 2).flatten(2))
-        return x + self.ffn(self.ffn_norm(x)), log_beta
+        return x + self.ffn(self.ffn_norm(x)), log_beta, shared
 
 
 class MemoryLM(nn.Module):
@@ -128,9 +157,12 @@ class MemoryLM(nn.Module):
         """tokens (B, N) int64 -> logits (B, N, vocab_size) [, list of per-layer log_beta (B, Hkv, N)]."""
         x = self._embed(tokens, 0)
         log_betas = []
-        for layer in self.layers:
-            x, log_beta = layer(x)
-            log_betas.append(log_beta)
+        shared = [None] * len(self.layers)
+        for loop in range(self.config.loops):
+            for index, layer in enumerate(self.layers):
+                x, log_beta, shared[index] = layer(x, loop=loop, shared=shared[index])
+                if loop == self.config.loops - 1:
+                    log_betas.append(log_beta)
         logits = self.head(self.norm(x))
         return (logits, log_betas) if return_log_beta else logits
 
@@ -142,9 +174,9 @@ class MemoryLM(nn.Module):
         return lm + self.config.capacity_weight * capacity
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, RetentionKVCache]:
-        """Greedy decoding with a RetentionKVCache of kv_budget + kv_buffer rows per layer and KV head.
-        prompt (B, N) -> (tokens (B, N + max_new_tokens), the cache)."""
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int):
+        """Greedy decoding. prompt (B, N) -> (tokens (B, N + max_new_tokens), the cache): a RetentionKVCache of
+        kv_budget + kv_buffer rows per layer and KV head, or with loops > 1 a SharedLoopKVCache."""
         if prompt.dim() != 2:
             raise ValueError(f"MemoryLM.generate: prompt must be (B, N) token ids, got shape {tuple(prompt.shape)}")
         total = prompt.shape[1] + max_new_tokens
@@ -153,12 +185,15 @@ class MemoryLM(nn.Module):
                 f"MemoryLM.generate: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"max_positions={self.config.max_positions}"
             )
-        cache = RetentionKVCache(self.config.kv_budget, self.config.kv_buffer)
+        looped = self.config.loops > 1
+        cache = (SharedLoopKVCache(len(self.layers)) if looped
+                 else RetentionKVCache(self.config.kv_budget, self.config.kv_buffer))
         tokens, step_input, start = prompt, prompt, 0
         for _ in range(max_new_tokens):
             x = self._embed(step_input, start)
-            for index, layer in enumerate(self.layers):
-                x, _ = layer(x, cache, index)
+            for loop in range(self.config.loops):
+                for index, layer in enumerate(self.layers):
+                    x, _, _ = layer(x, cache, index, loop)
             next_token = self.head(self.norm(x[:, -1])).argmax(-1, keepdim=True)
             start += step_input.shape[1]
             tokens = torch.cat([tokens, next_token], dim=1)
