@@ -58,7 +58,8 @@ def train(steps: int = 1500, *, batch: int = 64, pairs: int = PAIRS, n_keys: int
                 accuracy = (model(tokens)[:, -1].argmax(-1) == targets[:, -1]).float().mean().item()
             history.append((step, loss.item(), accuracy))
             if progress:
-                print(f"step {step:4d}/{steps}  loss {loss.item():.3f}  recall {accuracy:6.1%}  "
+                bar = "#" * (24 * step // steps)
+                print(f"[{bar:<24}] step {step:4d}/{steps}  loss {loss.item():.3f}  recall {accuracy:6.1%}  "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
     return model, history
 
