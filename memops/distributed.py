@@ -1,0 +1,215 @@
+"""Scale-out over torch.distributed (NCCL on GPUs, gloo on CPU): column-parallel product-key memory and
+expert-parallel block MoE, built from plain collectives with autograd.
+
+- :class:`ShardedProductKeyMemory` keeps Dv / world_size columns of the value table per rank (Memory Layers
+  at Scale's memory parallelism). Queries, search and softmax weights are replicated; each rank reads its
+  columns with ``weighted_gather``. Per token: the output all-gather moves Dv values (none with
+  ``gather_output=False``), and the backward all-reduces the heads x k weight gradients.
+- :class:`ExpertParallelBlockMoE` gives each rank E / world_size experts. After block routing (replicated
+  router), every (token, k) slot travels to the rank owning its expert (``all_to_all_single``), runs there
+  through ``moe_ffn`` and travels back: 2 x k x d values per token each way, plus split sizes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memops.moe import block_route, moe_ffn, unique_experts
+from memops.nn.moe import BlockMoE
+from memops.nn.product_key import ProductKeyMemory
+from memops.product_key import product_key_topk, weighted_gather
+
+
+def _group_size_and_rank(process_group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("memops.distributed: torch.distributed is not initialised (init_process_group first)")
+    return dist.get_world_size(process_group), dist.get_rank(process_group)
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the group (a replicated input whose uses are
+    split over ranks)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherColumns(torch.autograd.Function):
+    """All-gather of column shards into full width; the backward keeps this rank's columns of the (replicated)
+    output gradient, with no reduction."""
+
+    @staticmethod
+    def forward(ctx, shard, group):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        ctx.group, ctx.rank, ctx.width = group, rank, shard.shape[-1]
+        pieces = [torch.empty_like(shard) for _ in range(world)]
+        dist.all_gather(pieces, shard.contiguous(), group=group)
+        return torch.cat(pieces, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous(), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows exchanged between ranks (``all_to_all_single`` with split sizes); the backward sends the gradient
+    back along the same routes."""
+
+    @staticmethod
+    def forward(ctx, rows, recv_splits, send_splits, group):
+        ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
+        out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return back, None, None, None
+
+
+class ShardedProductKeyMemory(ProductKeyMemory):
+    """A ProductKeyMemory whose value table is split by columns over ``process_group``.
+
+    Each rank holds ``values.weight`` of (n_keys**2, value_dim / world_size): columns
+    [rank * w, (rank + 1) * w). Everything else (query network, sub-keys, gate and output projections) is
+    replicated and must be identical on every rank (same seed, or synchronised by DDP). ``gather_output``
+    (default) returns the full (..., output_dim); False returns this rank's (..., value_dim / world_size)
+    columns of y for a following column-parallel layer (only without gate or output projection).
+
+    The state dict holds the local shard plus its (rank, world_size); loading it at another world size raises
+    and names :func:`gather_value_table`, which assembles the full table for a single-process checkpoint.
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, *, process_group=None, gather_output: bool = True, **kwargs) -> None:
+        world, rank = _group_size_and_rank(process_group)
+        value_dim = kwargs.get("value_dim") or output_dim
+        if value_dim % world:
+            raise ValueError(f"ShardedProductKeyMemory: world_size={world} must divide value_dim={value_dim}")
+        if kwargs.get("shared_values") is not None:
+            raise ValueError("ShardedProductKeyMemory: pass shared_values another ShardedProductKeyMemory's table "
+                             "after construction (tables must be sharded alike)")
+        gated = kwargs.get("gated", False)
+        if not gather_output and (gated or value_dim != output_dim):
+            raise ValueError("ShardedProductKeyMemory: gather_output=False needs no gate and no output projection")
+        super().__init__(input_dim, output_dim, **kwargs)
+        self.process_group, self.gather_output = process_group, gather_output
+        self.world_size, self.rank = world, rank
+        full = self.values.weight.detach()
+        width = value_dim // world
+        # Every rank draws the full table with the same seed and keeps its columns: sharded training starts
+        # from exactly the single-process initialisation.
+        self.values = nn.Embedding.from_pretrained(full[:, rank * width:(rank + 1) * width].clone(), freeze=False)
+
+    def get_extra_state(self):
+        return {"rank": self.rank, "world_size": self.world_size}
+
+    def set_extra_state(self, state) -> None:
+        if state["world_size"] != self.world_size or state["rank"] != self.rank:
+            raise ValueError(
+                f"ShardedProductKeyMemory: checkpoint shard is rank {state['rank']} of {state['world_size']}, this "
+                f"module is rank {self.rank} of {self.world_size}; convert with memops.distributed.gather_value_table "
+                "(full table) and load that into modules of the new world size"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        T = flat.shape[0]
+        q = self.queries(flat)
+        scores, indices = product_key_topk(q, self.sub_keys.to(q.dtype), self.topk)
+        # Each rank's read uses only its columns, so the weights' gradient is a partial sum over columns:
+        # the all-reduce in _AllReduceGrad's backward completes it.
+        weights = _AllReduceGrad.apply(torch.softmax(scores.float(), dim=-1), self.process_group)
+        y = weighted_gather(self.values.weight, indices.view(T, -1), weights.view(T, -1), check_indices=False)
+        self.last_indices = indices
+        if not self.gather_output:
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = _GatherColumns.apply(y, self.process_group)
+        if self.gated:
+            y = y * torch.nn.functional.silu(self.gate_proj(flat))
+        if self.out_proj is not None:
+            y = self.out_proj(y)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@torch.no_grad()
+def gather_value_table(module: ShardedProductKeyMemory) -> torch.Tensor:
+    """The full (n_keys**2, value_dim) value table on every rank, for a single-process checkpoint (a
+    collective: call it on every rank)."""
+    pieces = [torch.empty_like(module.values.weight) for _ in range(module.world_size)]
+    dist.all_gather(pieces, module.values.weight.contiguous(), group=module.process_group)
+    return torch.cat(pieces, dim=1)
+
+
+class ExpertParallelBlockMoE(BlockMoE):
+    """A BlockMoE whose experts are split over ``process_group``: rank r owns experts
+    [r * E / world_size, (r + 1) * E / world_size). Each rank routes its own tokens (the router is
+    replicated), sends every (token, k) slot to the owner of its expert with ``all_to_all_single``, runs
+    ``moe_ffn`` on the local experts and sends the results back, where they are combined with the weights.
+    Autograd runs through both exchanges. ``w_gate_up`` / ``w_down`` hold the local experts only.
+
+    After each forward, ``last_ranks_per_block`` holds the mean number of ranks a block's slots visited.
+    """
+
+    def __init__(self, d_model: int, d_expert: int, n_experts: int, top_k: int, *, process_group=None, **kwargs) -> None:
+        world, rank = _group_size_and_rank(process_group)
+        if n_experts % world:
+            raise ValueError(f"ExpertParallelBlockMoE: world_size={world} must divide n_experts={n_experts}")
+        super().__init__(d_model, d_expert, n_experts, top_k, **kwargs)
+        self.process_group, self.world_size, self.rank = process_group, world, rank
+        self.n_experts, self.local_experts = n_experts, n_experts // world
+        local = slice(rank * self.local_experts, (rank + 1) * self.local_experts)
+        # Same seed everywhere: the local experts are exactly the single-process module's experts.
+        self.w_gate_up = nn.Parameter(self.w_gate_up.detach()[local].clone())
+        self.w_down = nn.Parameter(self.w_down.detach()[local].clone())
+        self.last_ranks_per_block: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, d = x.shape
+        ids, weights, _ = block_route(
+            self.router(x), block_size=self.block_size, top_k=self.top_k, top_p=self.top_p,
+            min_experts=self.min_experts, score_func=self.score_func, expert_bias=self.expert_bias,
+            n_groups=self.n_groups, topk_groups=self.topk_groups, routed_scaling=self.routed_scaling,
+            normalize=self.normalize,
+        )
+        self.last_topk_ids = ids
+        block = self.block_size or 32
+        owners = ids.long() // self.local_experts                                  # (B, N, k)
+        self.last_ranks_per_block = unique_experts(owners.to(torch.int32), block).float().mean().item()
+        flat = x.reshape(B * N, d)
+        slot_owner = owners.reshape(-1)
+        order = torch.sort(slot_owner, stable=True).indices                        # slots grouped by owner rank
+        send_counts = torch.bincount(slot_owner, minlength=self.world_size)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.process_group)
+        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        k = ids.shape[-1]
+        send_rows = flat[order // k]
+        send_experts = ids.reshape(-1)[order].long() - slot_owner[order] * self.local_experts
+        recv_rows = _AllToAll.apply(send_rows, recv_splits, send_splits, self.process_group)
+        recv_experts = send_experts.new_empty(sum(recv_splits))
+        dist.all_to_all_single(recv_experts, send_experts.contiguous(), recv_splits, send_splits, group=self.process_group)
+        # Each received slot through its local expert, unweighted (the weights are applied at home).
+        if recv_rows.shape[0]:
+            out = moe_ffn(recv_rows, self.w_gate_up, self.w_down, recv_experts[:, None],
+                          torch.ones(recv_rows.shape[0], 1, device=x.device))
+        else:  # nothing to run here: keep the local experts in the graph, so their gradient is zero, not None
+            out = recv_rows * 0 + 0 * (self.w_gate_up.sum() + self.w_down.sum())
+        back = _AllToAll.apply(out, send_splits, recv_splits, self.process_group)
+        per_slot = torch.empty_like(back).index_copy(0, order, back)              # back in slot order
+        acc = torch.promote_types(x.dtype, torch.float32)
+        y = (per_slot.view(B * N, k, d).to(acc) * weights.reshape(B * N, k, 1).to(acc)).sum(1).to(x.dtype)
+        if self.shared_gate_up is not None:
+            gate, up = self.shared_gate_up(flat).chunk(2, dim=-1)
+            y = y + self.shared_down(torch.nn.functional.silu(gate) * up)
+        return y.reshape(B, N, d)

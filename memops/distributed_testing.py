@@ -1,0 +1,183 @@
+"""Multi-process checks of memops.distributed, run by tests/test_distributed.py in spawned gloo processes.
+
+They live in the package (not the test file) so the spawned interpreters can import them. Each check
+compares the sharded module against the single-process module built from the same seed.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _close(a: torch.Tensor | None, b: torch.Tensor | None, tol: float = 1e-5) -> float:
+    if a is None or b is None:
+        raise AssertionError(f"a gradient is missing: {'ours' if a is None else 'expected'}")
+    error = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    if not error <= tol:
+        raise AssertionError(f"relative error {error:.3e} > {tol:.0e}")
+    return error
+
+
+def check_sharded_pkm(rank: int, world: int) -> dict:
+    from memops import distributed as md
+    from memops.nn import ProductKeyMemory
+
+    kwargs = dict(n_keys=8, heads=2, topk=4, key_dim=16, query_norm="layernorm", gated=True)
+    torch.manual_seed(0)
+    single = ProductKeyMemory(12, 8, value_dim=16, **kwargs)
+    torch.manual_seed(0)
+    sharded = md.ShardedProductKeyMemory(12, 8, value_dim=16, **kwargs)
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name, module in (("single", single), ("sharded", sharded)):
+        leaf = x.clone().requires_grad_()
+        out = module(leaf)
+        out.square().sum().backward()
+        results[name] = (out.detach(), leaf.grad, {n: p.grad for n, p in module.named_parameters()})
+    errors = {"out": _close(results["sharded"][0], results["single"][0]), "dx": _close(results["sharded"][1], results["single"][1])}
+    width = 16 // world
+    for name, grad in results["sharded"][2].items():
+        expected = results["single"][2][name]
+        if name == "values.weight":
+            expected = expected[:, rank * width:(rank + 1) * width]
+        errors[name] = _close(grad, expected)
+    # Without the weights' all-reduce the query and sub-key gradients are wrong: the all-reduce is needed.
+    torch.manual_seed(0)
+    unreduced = md.ShardedProductKeyMemory(12, 8, value_dim=16, **kwargs)
+    original = md._AllReduceGrad.apply
+    md._AllReduceGrad.apply = staticmethod(lambda tensor, group: tensor)
+    try:
+        unreduced(x).square().sum().backward()
+    finally:
+        md._AllReduceGrad.apply = original
+    difference = (unreduced.sub_keys.grad - results["single"][2]["sub_keys"]).norm() / results["single"][2]["sub_keys"].norm()
+    errors["sub_keys error without all-reduce"] = difference.item()
+    if difference < 1e-3:
+        raise AssertionError("the sub-key gradient came out right without the all-reduce: the check cannot fail")
+    # Checkpoints: the shard round-trips at this world size, and the full table gathers back.
+    state = sharded.state_dict()
+    torch.manual_seed(0)
+    fresh = md.ShardedProductKeyMemory(12, 8, value_dim=16, **kwargs)
+    fresh.load_state_dict(state)
+    full = md.gather_value_table(sharded)
+    _close(full, single.values.weight.detach() - 0 * full)   # same init; training steps not taken yet
+    bad = dict(state)
+    bad["_extra_state"] = {"rank": 0, "world_size": world + 1}
+    try:
+        fresh.load_state_dict(bad)
+    except ValueError as error:
+        errors["wrong world size message"] = "gather_value_table" in str(error)
+    return errors
+
+
+def check_expert_parallel_moe(rank: int, world: int) -> dict:
+    from memops import distributed as md
+    from memops.nn import BlockMoE
+
+    kwargs = dict(block_size=4, min_experts=2, shared_experts=1)
+    inputs = [torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(10 + r)) for r in range(world)]
+    errors = {}
+    for case in ("spread", "one_rank_owns_everything"):
+        torch.manual_seed(0)
+        single = BlockMoE(16, 8, 4, 2, **kwargs)
+        torch.manual_seed(0)
+        parallel = md.ExpertParallelBlockMoE(16, 8, 4, 2, **kwargs)
+        if case == "one_rank_owns_everything":
+            # Selection bias on rank 0's experts: rank 1 receives no slots, and its own tokens all leave.
+            for module in (single, parallel):
+                module.expert_bias[:2] = 10.0
+        everything = torch.cat(inputs).requires_grad_()
+        expected = single(everything)
+        expected.square().sum().backward()
+        mine = inputs[rank].clone().requires_grad_()
+        out = parallel(mine)
+        out.square().sum().backward()
+        errors[f"{case} out"] = _close(out.detach(), expected.detach()[rank * 2:(rank + 1) * 2])
+        errors[f"{case} dx"] = _close(mine.grad, everything.grad[rank * 2:(rank + 1) * 2])
+        local = slice(rank * 2, (rank + 1) * 2)
+        errors[f"{case} dw_gate_up"] = _close(parallel.w_gate_up.grad, single.w_gate_up.grad[local])
+        errors[f"{case} dw_down"] = _close(parallel.w_down.grad, single.w_down.grad[local])
+        router = parallel.router.weight.grad.clone()
+        dist.all_reduce(router)   # each rank's router saw its own tokens
+        errors[f"{case} d_router"] = _close(router, single.router.weight.grad)
+        errors[f"{case} ranks per block"] = parallel.last_ranks_per_block
+    return errors
+
+
+def check_ddp_memory_lm(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from memops.models import MemoryLM, MemoryLMConfig
+
+    config = dict(vocab_size=17, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_positions=32, prefix_length=2,
+                  pkm_layers=(1,), pkm_n_keys=4, pkm_heads=1, pkm_topk=2, pkm_key_dim=16, moe_experts=4, moe_top_k=2,
+                  moe_d_expert=16, moe_min_experts=2, retention_hidden=8, kv_budget=64, capacity_weight=0.0)
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 17, (4, 12), generator=generator) for _ in range(3)]
+    torch.manual_seed(0)
+    single = MemoryLM(MemoryLMConfig(**config))
+    torch.manual_seed(0)
+    # The retention gates only feed the capacity loss (weight 0 here): unused in DDP's forward.
+    ddp = DistributedDataParallel(MemoryLM(MemoryLMConfig(**config)), find_unused_parameters=True)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (single, ddp)]
+    losses = []
+    for tokens in batches:
+        optimizers[0].zero_grad()
+        single_loss = single.loss(tokens[:, :-1], tokens[:, 1:])
+        single_loss.backward()
+        optimizers[0].step()
+        # This rank's half of the global batch, through DDP's forward so its gradient hooks run.
+        optimizers[1].zero_grad()
+        half = tokens[rank * 2:(rank + 1) * 2]
+        logits = ddp(half[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), half[:, 1:].flatten())
+        loss.backward()
+        optimizers[1].step()
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        losses.append((single_loss.item(), global_loss.item() / world))
+    for single_loss, ddp_loss in losses:
+        if abs(single_loss - ddp_loss) > 1e-4 * max(1.0, abs(single_loss)):
+            raise AssertionError(f"DDP loss {ddp_loss} != single-process loss {single_loss}")
+    return {"losses": losses}
+
+
+CHECKS = {"sharded_pkm": check_sharded_pkm, "expert_parallel_moe": check_expert_parallel_moe,
+          "ddp_memory_lm": check_ddp_memory_lm}
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Entry point of each spawned process: run every check, write rank<r>.json (results or the error)."""
+    report = {}
+    try:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+    except Exception as error:  # noqa: BLE001 - reported to the test, which skips with the reason
+        report["skip"] = f"gloo could not start: {type(error).__name__}: {error}"
+    else:
+        failed = False
+        for name, check in CHECKS.items():
+            if failed:  # a rank that failed mid-check leaves the collectives out of step: stop here
+                report[name] = {"ok": False, "details": "not run: an earlier check failed"}
+                continue
+            try:
+                report[name] = {"ok": True, "details": check(rank, world)}
+            except Exception:  # noqa: BLE001 - reported to the test with the traceback
+                report[name] = {"ok": False, "details": traceback.format_exc()}
+            status = torch.tensor([0.0 if report[name]["ok"] else 1.0])
+            try:
+                dist.all_reduce(status)
+            except Exception:  # noqa: BLE001 - the other rank is gone or out of step
+                status.fill_(1.0)
+            failed = bool(status.item())
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump(report, handle, default=str)
