@@ -11,6 +11,8 @@ expert-parallel block MoE, built from plain collectives with autograd.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -19,6 +21,14 @@ from memops.moe import block_route, moe_ffn, unique_experts
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
 from memops.product_key import product_key_topk, weighted_gather
+
+
+# Bytes each rank hands to collectives, by scheme and direction: what docs/scale_out.md's model predicts.
+COMMUNICATED: Counter = Counter()
+
+
+def _count(key: str, tensor: torch.Tensor) -> None:
+    COMMUNICATED[key] += tensor.numel() * tensor.element_size()
 
 
 def _group_size_and_rank(process_group) -> tuple[int, int]:
@@ -39,6 +49,7 @@ class _AllReduceGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
+        _count("pkm backward all_reduce", grad)
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
@@ -52,6 +63,7 @@ class _GatherColumns(torch.autograd.Function):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         ctx.group, ctx.rank, ctx.width = group, rank, shard.shape[-1]
         pieces = [torch.empty_like(shard) for _ in range(world)]
+        _count("pkm forward all_gather", shard)
         dist.all_gather(pieces, shard.contiguous(), group=group)
         return torch.cat(pieces, dim=-1)
 
@@ -68,12 +80,14 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, rows, recv_splits, send_splits, group):
         ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
         out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+        _count("moe forward all_to_all", rows)
         dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         back = grad.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
+        _count("moe backward all_to_all", grad)
         dist.all_to_all_single(back, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
         return back, None, None, None
 
@@ -110,6 +124,19 @@ class ShardedProductKeyMemory(ProductKeyMemory):
         # Every rank draws the full table with the same seed and keeps its columns: sharded training starts
         # from exactly the single-process initialisation.
         self.values = nn.Embedding.from_pretrained(full[:, rank * width:(rank + 1) * width].clone(), freeze=False)
+
+    def share_values_with(self, other: ShardedProductKeyMemory) -> None:
+        """Read and train ``other``'s value table (Memory Layers at Scale shares one across layers). Both
+        layers must shard it over the same process group and width."""
+        if not isinstance(other, ShardedProductKeyMemory):
+            raise TypeError("share_values_with: other must be a ShardedProductKeyMemory")
+        if other.process_group is not self.process_group or other.world_size != self.world_size:
+            raise ValueError("share_values_with: the two layers use different process groups; a table sharded "
+                             "over one group cannot be read by ranks of another")
+        if other.values.weight.shape != self.values.weight.shape:
+            raise ValueError(f"share_values_with: shard shapes differ: {tuple(other.values.weight.shape)} vs "
+                             f"{tuple(self.values.weight.shape)}")
+        self.values = other.values
 
     def get_extra_state(self):
         return {"rank": self.rank, "world_size": self.world_size}
@@ -191,6 +218,7 @@ class ExpertParallelBlockMoE(BlockMoE):
         order = torch.sort(slot_owner, stable=True).indices                        # slots grouped by owner rank
         send_counts = torch.bincount(slot_owner, minlength=self.world_size)
         recv_counts = torch.empty_like(send_counts)
+        _count("moe forward all_to_all", send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.process_group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
         k = ids.shape[-1]
@@ -198,6 +226,7 @@ class ExpertParallelBlockMoE(BlockMoE):
         send_experts = ids.reshape(-1)[order].long() - slot_owner[order] * self.local_experts
         recv_rows = _AllToAll.apply(send_rows, recv_splits, send_splits, self.process_group)
         recv_experts = send_experts.new_empty(sum(recv_splits))
+        _count("moe forward all_to_all", send_experts)
         dist.all_to_all_single(recv_experts, send_experts.contiguous(), recv_splits, send_splits, group=self.process_group)
         # Each received slot through its local expert, unweighted (the weights are applied at home).
         if recv_rows.shape[0]:

@@ -61,6 +61,29 @@ def check_sharded_pkm(rank: int, world: int) -> dict:
     errors["sub_keys error without all-reduce"] = difference.item()
     if difference < 1e-3:
         raise AssertionError("the sub-key gradient came out right without the all-reduce: the check cannot fail")
+    # Communication: the bytes each rank hands to collectives match docs/scale_out.md's model.
+    md.COMMUNICATED.clear()
+    out = sharded(x)
+    out.square().sum().backward()
+    tokens = x.shape[0] * x.shape[1]
+    errors["bytes forward"] = md.COMMUNICATED["pkm forward all_gather"]
+    errors["bytes backward"] = md.COMMUNICATED["pkm backward all_reduce"]
+    if errors["bytes forward"] != tokens * (16 // world) * 4 or errors["bytes backward"] != tokens * 2 * 4 * 4:
+        raise AssertionError(f"communicated bytes {dict(md.COMMUNICATED)} differ from the model")
+    # Bad construction: a width the group does not divide; sharing with another group.
+    try:
+        md.ShardedProductKeyMemory(12, 8, value_dim=15, **kwargs)
+    except ValueError as error:
+        errors["indivisible width message"] = "must divide value_dim=15" in str(error)
+    other_group = dist.new_group(ranks=[0])
+    try:
+        sharded.share_values_with(md.ShardedProductKeyMemory(12, 8, value_dim=16, process_group=dist.group.WORLD, **kwargs))
+        errors["same group shares"] = True
+        fake = md.ShardedProductKeyMemory(12, 8, value_dim=16, **kwargs)
+        fake.process_group = other_group
+        sharded.share_values_with(fake)
+    except ValueError as error:
+        errors["mismatched group message"] = "different process groups" in str(error)
     # Checkpoints: the shard round-trips at this world size, and the full table gathers back.
     state = sharded.state_dict()
     torch.manual_seed(0)
@@ -108,6 +131,21 @@ def check_expert_parallel_moe(rank: int, world: int) -> dict:
         dist.all_reduce(router)   # each rank's router saw its own tokens
         errors[f"{case} d_router"] = _close(router, single.router.weight.grad)
         errors[f"{case} ranks per block"] = parallel.last_ranks_per_block
+    # Communication model, summed over ranks: each slot's d values go out once and come back once, with its
+    # expert id; plus every rank's split sizes. (Per rank it depends on how many slots it receives.)
+    md.COMMUNICATED.clear()
+    parallel(inputs[rank].clone().requires_grad_()).sum().backward()
+    slots, d = world * inputs[rank].shape[0] * inputs[rank].shape[1] * 2, 16
+    counted = torch.tensor([float(md.COMMUNICATED["moe forward all_to_all"]), float(md.COMMUNICATED["moe backward all_to_all"])])
+    dist.all_reduce(counted)
+    expected = [slots * d * 4 * 2 + slots * 8 + world * world * 8, slots * d * 4 * 2]
+    if counted.tolist() != expected:
+        raise AssertionError(f"communicated bytes {counted.tolist()} != model {expected}")
+    errors["moe bytes forward, backward (all ranks)"] = expected
+    try:
+        md.ExpertParallelBlockMoE(16, 8, 3, 2, **kwargs)
+    except ValueError as error:
+        errors["indivisible experts message"] = "must divide n_experts=3" in str(error)
     return errors
 
 

@@ -62,3 +62,17 @@ def test_bad_construction_without_a_process_group():
         pytest.skip("a process group is already initialised here")
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         ShardedProductKeyMemory(8, 8, n_keys=4, heads=1, topk=2, key_dim=8)
+
+
+def test_communication_matches_the_model(reports):
+    for report in reports:
+        details = report["sharded_pkm"]["details"]
+        assert details["bytes forward"] > 0 and details["bytes backward"] > 0
+    assert "moe bytes forward, backward (all ranks)" in reports[0]["expert_parallel_moe"]["details"]
+
+
+def test_bad_construction_inside_a_group(reports):
+    for report in reports:
+        assert report["sharded_pkm"]["details"]["indivisible width message"]
+        assert report["sharded_pkm"]["details"]["mismatched group message"]
+        assert report["expert_parallel_moe"]["details"]["indivisible experts message"]
