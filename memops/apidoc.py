@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 
 import memops
+import memops.distributed
 import memops.kv_cache
 import memops.models
 import memops.nn
@@ -16,6 +17,8 @@ SECTIONS = [
     ("Cache primitives", memops.kv_cache, ["evict"]),
     ("Modules (memops.nn)", memops.nn, list(memops.nn.__all__)),
     ("Models (memops.models)", memops.models, list(memops.models.__all__)),
+    ("Scale-out (memops.distributed)", memops.distributed,
+     ["ShardedProductKeyMemory", "ExpertParallelBlockMoE", "gather_value_table"]),
 ]
 
 
