@@ -49,15 +49,16 @@ def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, 
 
 @torch.library.custom_op("memops::retention_attention", mutates_args=())
 def _retention_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v, log_beta = (unit_last_stride(t) for t in (q, k, v, log_beta))
-    return _attention_kernels().memory_attention_fwd(q, k, v, None, None, None, causal=True, scale=scale,
+    q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, log_beta, mem_k, mem_v))
+    return _attention_kernels().memory_attention_fwd(q, k, v, mem_k, mem_v, None, causal=True, scale=scale,
                                                      log_beta=log_beta)
 
 
 @_retention_attention_op.register_fake
-def _(q, k, v, log_beta, scale):
+def _(q, k, v, log_beta, mem_k, mem_v, scale):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
@@ -65,32 +66,41 @@ def _(q, k, v, log_beta, scale):
 @torch.library.custom_op("memops::retention_attention_backward", mutates_args=())
 def _retention_attention_backward_op(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    log_beta: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out, q, k, v, log_beta = (unit_last_stride(t) for t in (grad_out, q, k, v, log_beta))
-    # No atomics on this path (every key block is one program), so it is deterministic as it stands.
-    dq, dk, dv, _, _, _, dlog_beta = _attention_kernels().memory_attention_bwd(
-        grad_out, q, k, v, None, None, None, out, lse, causal=True, scale=scale, deterministic=True,
+    log_beta: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor, scale: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tensors = (grad_out, q, k, v, log_beta, mem_k, mem_v)
+    grad_out, q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in tensors)
+    # Sequence keys use no atomics; a batch-shared memory sums its grads with atomics unless deterministic.
+    dq, dk, dv, dmem_k, dmem_v, _, dlog_beta = _attention_kernels().memory_attention_bwd(
+        grad_out, q, k, v, mem_k, mem_v, None, out, lse, causal=True, scale=scale, deterministic=deterministic,
         grad_lse=grad_lse, log_beta=log_beta,
     )
-    return dq, dk, dv, dlog_beta.to(log_beta.dtype)
+    # A custom op returns tensors only (and no two may alias): absent grads travel as fresh empty tensors.
+    return (dq, dk, dv, dlog_beta.to(log_beta.dtype), q.new_empty(0) if dmem_k is None else dmem_k,
+            q.new_empty(0) if dmem_v is None else dmem_v)
 
 
 @_retention_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, log_beta, out, lse, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, log_beta))
+def _(grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, out, lse, scale, deterministic):
+    def like(t):
+        return q.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+    return like(q), like(k), like(v), like(log_beta), like(mem_k), like(mem_v)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, log_beta, scale = inputs
-    ctx.save_for_backward(q, k, v, log_beta, *output)
+    q, k, v, log_beta, mem_k, mem_v, scale = inputs
+    ctx.save_for_backward(q, k, v, log_beta, mem_k, mem_v, *output)
     ctx.scale = scale
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, log_beta, out, lse = ctx.saved_tensors
-    dq, dk, dv, dlog_beta = _retention_attention_backward_op(grad_out, grad_lse, q, k, v, log_beta, out, lse, ctx.scale)
-    return dq, dk, dv, dlog_beta, None
+    q, k, v, log_beta, mem_k, mem_v, out, lse = ctx.saved_tensors
+    dq, dk, dv, dlog_beta, dmem_k, dmem_v = _retention_attention_backward_op(
+        grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, out, lse, ctx.scale,
+        torch.are_deterministic_algorithms_enabled())
+    has_memory = mem_k is not None
+    return dq, dk, dv, dlog_beta, dmem_k if has_memory else None, dmem_v if has_memory else None, None
 
 
 _retention_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -98,6 +108,7 @@ _retention_attention_op.register_autograd(_attention_backward, setup_context=_at
 
 def retention_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
     scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True,
 ):
     """Causal attention with TRIM-KV's learned retention decay (training-time attention).
@@ -110,6 +121,8 @@ def retention_attention(
         q: (B, H, N, D) fp16, bf16, fp32 (fp64 for gradcheck).
         k, v: (B, Hkv, Nk, D), H a multiple of Hkv (GQA): SDPA's layout.
         log_beta: (B, Hkv, Nk) float, each <= 0: the key's retention, shared by the query heads of its group.
+        mem_k, mem_v: optional memory rows, (B, Hkv, M, D) or batch-shared (Hkv, M, D) as in
+            :func:`memops.memory_attention`: visible to every query, with no decay and never evicted.
         scale: logit scale, default D ** -0.5.
         return_lse: also return the log-sum-exp (B, H, N), fp32.
         check_log_beta: raise ValueError for a log_beta > 0 (one reduction and a host sync; skipped
@@ -122,13 +135,16 @@ def retention_attention(
     With log_beta = 0 this is plain causal attention. The Triton path needs head dim 16, 32, 64, 128 or 256.
     """
     op = "retention_attention"
-    check_attention_inputs(q, k, v, None, None, None, scale, op=op)
+    check_attention_inputs(q, k, v, mem_k, mem_v, None, scale, op=op)
+    if mem_k is not None and mem_k.shape[-2] == 0:
+        mem_k = mem_v = None
     validate_log_beta(log_beta, (k.shape[0], k.shape[1], k.shape[2]), q.device, op, check_values=check_log_beta)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if resolve_backend(q) == "reference":
-        return reference.retention_attention(q, k, v, log_beta, scale=scale, return_lse=return_lse)
+        return reference.retention_attention(q, k, v, log_beta, mem_k=mem_k, mem_v=mem_v, scale=scale,
+                                             return_lse=return_lse)
     check_triton_head_dim(q, op)
-    out, lse = _retention_attention_op(q, k, v, log_beta, scale)
+    out, lse = _retention_attention_op(q, k, v, log_beta, mem_k, mem_v, scale)
     return (out, lse) if return_lse else out
 
 

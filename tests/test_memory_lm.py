@@ -30,14 +30,22 @@ def test_forward_and_loss():
     layer_0, layer_1 = model.layers
     assert layer_0.attn.prefix_k.grad.ne(0).any() and layer_1.ffn.values.weight.grad.ne(0).any()
     assert layer_0.ffn.w_gate_up.grad.ne(0).any()
-    # Sequences longer than the budget make the capacity loss train the retention gates.
+    # The retention gates train through attention's decay (and the capacity loss past the budget).
     assert layer_0.retention.down.weight.grad.ne(0).any()
+
+
+def test_gates_train_through_attention():
+    model = tiny_model(capacity_weight=0.0, kv_budget=64)
+    tokens = torch.randint(0, 17, (2, 12))
+    model.loss(tokens, tokens).backward()
+    assert model.layers[0].retention.down.weight.grad.ne(0).any()
 
 
 def test_generate_with_a_cache_equals_full_recomputation():
     # Token routing (no block routing, which depends on how tokens are grouped) and a budget above the
     # final length: the cached decode must reproduce greedy decoding by full recomputation.
-    model = tiny_model(moe_block_size=None, kv_budget=40)
+    # Decay-free training attention too: TRIM-KV's inference attention has no decay by design.
+    model = tiny_model(moe_block_size=None, kv_budget=40, retention_in_attention=False)
     prompt = torch.randint(0, 17, (2, 6))
     tokens, cache = model.generate(prompt, max_new_tokens=10)
     expected = prompt

@@ -26,6 +26,14 @@ def make_attention_inputs(B, H, Hkv, N, Nk, D, dtype, device, *, seed=0, decay=0
     return {"q": randn(B, H, N, D), "k": randn(B, Hkv, Nk, D), "v": randn(B, Hkv, Nk, D), "log_beta": log_beta}
 
 
+def with_memory(inputs, M, *, shared, seed=7):
+    generator = torch.Generator(device=inputs["k"].device).manual_seed(seed)
+    B, Hkv, _, D = inputs["k"].shape
+    shape = (Hkv, M, D) if shared else (B, Hkv, M, D)
+    memory = [torch.randn(*shape, generator=generator, device=inputs["k"].device).to(inputs["k"].dtype) for _ in range(2)]
+    return {**inputs, "mem_k": memory[0], "mem_v": memory[1]}
+
+
 def run_attention(backend, inputs, grad_out, grad_lse):
     leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
     with memops.backend(backend), count_launches() as launches:
@@ -74,6 +82,24 @@ def test_retention_attention_16_bit(dtype, device):
     check_attention(make_attention_inputs(2, 4, 2, 37, 37, 32, dtype, device), dtype)
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shared", [True, False])
+def test_retention_attention_with_memory_rows(shared, device):
+    # Memory rows (a learned prefix, memory tokens): visible to every query, no decay; grads to them too.
+    inputs = with_memory(make_attention_inputs(2, 4, 2, 29, 33, 32, torch.float32, device), 19, shared=shared)
+    check_attention(inputs, torch.float32)
+
+
+@pytest.mark.usefixtures("deterministic")
+def test_retention_attention_shared_memory_deterministic(device):
+    inputs = with_memory(make_attention_inputs(3, 2, 1, 17, 17, 16, torch.float32, device), 9, shared=True)
+    grad_out = torch.randn_like(inputs["q"])
+    grad_lse = torch.zeros(inputs["q"].shape[:3], device=device)
+    first = run_attention("triton", inputs, grad_out, grad_lse)[2]
+    second = run_attention("triton", inputs, grad_out, grad_lse)[2]
+    assert torch.equal(first["mem_k"], second["mem_k"]) and torch.equal(first["mem_v"], second["mem_v"])
+
+
 def test_zero_log_beta_is_causal_attention(device):
     inputs = make_attention_inputs(2, 4, 2, 33, 40, 32, torch.float32, device)
     with memops.backend("triton"):
@@ -101,7 +127,7 @@ def test_retention_attention_gradcheck_fp64(device):
 def test_retention_attention_opcheck(device):
     inputs = make_attention_inputs(1, 2, 1, 9, 9, 16, torch.float32, device)
     args = [inputs[name].requires_grad_() for name in ("q", "k", "v", "log_beta")]
-    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, 0.25))
+    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, None, None, 0.25))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

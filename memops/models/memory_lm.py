@@ -2,9 +2,11 @@
 
 Each layer: pre-norm attention over [learned memory prefix ; sequence] (``MemoryAttention``), then a
 pre-norm FFN that is a ``ProductKeyMemory`` in ``pkm_layers`` and a ``BlockMoE`` (dMoE block routing)
-elsewhere. Every layer also has a ``RetentionGate``: during training its capacity loss teaches it how many
-tokens the layer may keep, and ``generate`` uses it to run a ``RetentionKVCache`` bounded by
-``kv_budget + kv_buffer`` rows per layer and KV head. The memory prefix is never evicted.
+elsewhere. Every layer also has a ``RetentionGate`` (TRIM-KV): in training the sequence keys decay by its
+retention inside attention (``memops.retention_attention``; the memory prefix does not decay) and its
+capacity loss pulls it towards ``kv_budget``; ``generate`` attends without decay, as TRIM-KV inference does,
+and uses the gate to run a ``RetentionKVCache`` bounded by ``kv_budget + kv_buffer`` rows per layer and KV
+head. The memory prefix is never evicted.
 
 With ``loops > 1`` the layer stack is applied ``loops`` times (a looped transformer) and, as in MELT, each
 layer keeps one KV cache for all loops: loop r blends its keys/values into the rows of loop r - 1 with a
@@ -23,7 +25,7 @@ from memops.attention import memory_attention
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
 from memops.looped import looped_attention
 from memops.nn import BlockMoE, MemoryAttention, ProductKeyMemory, RetentionGate
-from memops.retention import capacity_loss
+from memops.retention import capacity_loss, retention_attention
 
 
 @dataclasses.dataclass
@@ -52,6 +54,7 @@ class MemoryLMConfig:
     kv_buffer: int = 16
     capacity_weight: float = 0.01
     loops: int = 1
+    retention_in_attention: bool = True
 
     def validate(self) -> None:
         def fail(message):
@@ -83,6 +86,7 @@ class MemoryLMLayer(nn.Module):
         self.retention = RetentionGate(c.d_model, c.n_kv_heads, hidden=c.retention_hidden)
         # MELT's gate: how much of the previous loop's key/value row each token keeps, per KV head
         self.loop_gate = nn.Linear(c.d_model, c.n_kv_heads) if c.loops > 1 else None
+        self.retention_in_attention = c.retention_in_attention
         self.ffn_norm = nn.LayerNorm(c.d_model)
         if index in c.pkm_layers:
             self.ffn = ProductKeyMemory(c.d_model, c.d_model, n_keys=c.pkm_n_keys, heads=c.pkm_heads, topk=c.pkm_topk,
@@ -122,6 +126,8 @@ class MemoryLMLayer(nn.Module):
                 (k_cache, v_cache), gate = shared, self._loop_gate(h)
             out, k_cache, v_cache = looped_attention(q, k, v, gate, k_cache, v_cache, causal=True)
             shared = (k_cache, v_cache)
+        elif cache is None and self.retention_in_attention:
+            out = retention_attention(q, k, v, log_beta, mem_k=prefix_k, mem_v=prefix_v, check_log_beta=False)
         else:
             out = memory_attention(q, k, v, prefix_k, prefix_v, causal=q.shape[2] > 1)
         x = x + self.attn.out_proj(out.transpose(1, 2).flatten(2))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memops.reference.attention import attention_lse
+from memops.reference.attention import _expand_memory, attention_lse
 
 
 def _distances(num_queries: int, num_keys: int, device) -> torch.Tensor:
@@ -34,23 +34,31 @@ def retention_bias(log_beta: torch.Tensor, num_queries: int, heads: int) -> torc
 
 def retention_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
     scale: float | None = None, return_lse: bool = False,
 ):
     """Causal attention with TRIM-KV's retention decay. q (B, H, N, D); k, v (B, Hkv, Nk, D); log_beta
-    (B, Hkv, Nk). Returns out (B, H, N, D) in q.dtype (a query with no visible key gets zeros), and lse
-    (B, H, N) fp32 (fp64 for fp64) with return_lse. With log_beta = 0 it is plain causal attention."""
-    H, N, D = q.shape[1], q.shape[2], q.shape[3]
+    (B, Hkv, Nk); optional memory rows mem_k, mem_v ((B, Hkv, M, D) or batch-shared (Hkv, M, D)), visible to
+    every query with no decay. Returns out (B, H, N, D) in q.dtype (a query with no visible key gets
+    zeros), and lse (B, H, N) fp32 (fp64 for fp64) with return_lse. With log_beta = 0 it is plain causal
+    attention (over [memory ; sequence])."""
+    B, H, N, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     # The bias reaches (distance x log_beta) ~ -30 and beyond at long range: 16-bit inputs are computed in
     # fp32, where a bf16 mask would round it by whole units of logit.
     acc = torch.promote_types(q.dtype, torch.float32)
     mask = retention_bias(log_beta.to(acc), N, H)
-    # A row with no visible key (N > Nk) would be all -inf; SDPA gives it zeros, which is the spec.
-    out = F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc), attn_mask=mask, scale=scale,
+    keys, values = k, v
+    if mem_k is not None and mem_k.shape[-2]:
+        keys = torch.cat([_expand_memory(mem_k, B), k], dim=2)
+        values = torch.cat([_expand_memory(mem_v, B), v], dim=2)
+        mask = torch.cat([mask.new_zeros(*mask.shape[:3], mem_k.shape[-2]).expand(B, H, -1, -1), mask.expand(B, H, -1, -1)], -1)
+    # A row with no visible key (N > Nk, no memory) would be all -inf; SDPA gives it zeros, which is the spec.
+    out = F.scaled_dot_product_attention(q.to(acc), keys.to(acc), values.to(acc), attn_mask=mask, scale=scale,
                                          enable_gqa=H != k.shape[1]).to(q.dtype)
     if not return_lse:
         return out
-    return out, attention_lse(q, k, mask, scale)
+    return out, attention_lse(q, keys, mask, scale)
 
 
 def retention_capacity(log_beta: torch.Tensor) -> torch.Tensor:
