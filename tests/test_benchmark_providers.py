@@ -1,0 +1,29 @@
+"""Every benchmark provider, including the CUDA-only ones, runs once on CPU at the quick shapes: the GPU
+benchmark run must not be the first to execute this code. The memops providers run on backend "reference"
+here (the kernels at these shapes would take minutes in the interpreter; the op tests cover them)."""
+import pytest
+import torch
+
+import memops
+from memops import benchmarking
+
+JOBS = [
+    pytest.param(op, case, provider, id=f"{op}-{case.name}-{case.mode}-{provider}")
+    for op in benchmarking.BENCHMARKS
+    for case in benchmarking.load(op).cases("cpu", quick=True)
+    for provider in benchmarking.load(op).providers(case, "cuda")
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark run itself executes these")
+@pytest.mark.parametrize("op, case, provider", JOBS)
+def test_provider_runs(op, case, provider):
+    suite = benchmarking.load(op)
+    build = suite.providers(case, "cuda")[provider]
+    with memops.backend("reference"):
+        call = build(suite.make_inputs(case, "cpu", seed=0))
+        if provider == "flex_attention" and case.mode != "fwd":
+            with pytest.raises(NotImplementedError, match="does not support backward on CPU"):
+                call()   # FlexAttention's backward is GPU-only; its forward ran in the fwd case
+            return
+        call()
