@@ -275,27 +275,58 @@ def gemm_config(device: torch.device) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
+@triton.jit(do_not_specialize=["slots", "num_blocks"])
+def align_kernel(
+    ids_ptr, sorted_slot_ptr, block_expert_ptr, expert_start_ptr, expert_end_ptr, slots, num_blocks,
+    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):
+    # One program, no atomics: pass 1 counts the slots per expert, pass 2 gives every slot its position
+    # (its expert's padded start + its rank among that expert's slots, counted in slot order), so the layout
+    # is the same on every run and equals a stable sort by expert.
+    offs_e = tl.arange(0, E_PAD)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c0 in range(0, slots, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1)
+        counts += tl.sum((ids[:, None] == offs_e[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)
+    start = end - padded
+    tl.store(expert_start_ptr + offs_e, start.to(tl.int64), mask=offs_e < E)
+    tl.store(expert_end_ptr + offs_e, end.to(tl.int64), mask=offs_e < E)
+    for b0 in range(0, num_blocks, CHUNK):
+        blocks = b0 + tl.arange(0, CHUNK)
+        # the expert of block b: how many experts end at or before its first position
+        owner = tl.sum((((blocks[:, None] * BLOCK_M) >= end[None, :]) & (offs_e[None, :] < E)).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blocks, tl.where(owner < E, owner, -1).to(tl.int32), mask=blocks < num_blocks)
+    seen = tl.zeros((E_PAD,), dtype=tl.int32)
+    for c0 in range(0, slots, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ok = offs < slots
+        ids = tl.load(ids_ptr + offs, mask=ok, other=-1)
+        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, axis=0) - onehot + seen[None, :]            # earlier slots of the expert
+        position = tl.sum(onehot * (before + start[None, :]), axis=1)
+        tl.store(sorted_slot_ptr + position, offs.to(tl.int32), mask=ok)
+        seen += tl.sum(onehot, axis=0)
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """The sorted, padded slot layout: (sorted_slot (P,) int32 with -1 padding, block_expert (P / block_m,)
-    int32 with -1 past the last expert's blocks, expert_start, expert_end (E,) int64 position ranges).
-    P = (cdiv(slots, block_m) + E) * block_m bounds the padded layout, so no host sync is needed."""
-    flat = topk_ids.reshape(-1).long()
+    """The sorted, padded slot layout (memops.reference.moe.align_slots defines it): sorted_slot (P,) int32
+    with -1 padding, block_expert (P / block_m,) int32 with -1 past the last expert's blocks, and
+    expert_start, expert_end (E,) int64. One Triton launch after a fill; no host sync."""
+    flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     slots = flat.numel()
-    device = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)
-    padded = (counts + block_m - 1) // block_m * block_m
-    expert_end = torch.cumsum(padded, 0)
-    expert_start = expert_end - padded
-    order = torch.sort(flat, stable=True).indices
-    sorted_experts = flat[order]
-    first_of_expert = torch.cumsum(counts, 0) - counts
-    positions = expert_start[sorted_experts] + torch.arange(slots, device=device) - first_of_expert[sorted_experts]
     num_blocks = triton.cdiv(slots, block_m) + num_experts
-    sorted_slot = torch.full((num_blocks * block_m,), -1, dtype=torch.int32, device=device)
-    sorted_slot[positions] = order.to(torch.int32)
-    block_starts = torch.arange(num_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(expert_end, block_starts, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    sorted_slot = torch.full((num_blocks * block_m,), -1, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=flat.device)
+    expert_start = torch.empty(num_experts, dtype=torch.int64, device=flat.device)
+    expert_end = torch.empty(num_experts, dtype=torch.int64, device=flat.device)
+    record_launch("align_kernel")
+    align_kernel[(1,)](
+        flat, sorted_slot, block_expert, expert_start, expert_end, slots, num_blocks,
+        E=num_experts, E_PAD=triton.next_power_of_2(num_experts), BLOCK_M=block_m, CHUNK=128, num_warps=4,
+    )
     return sorted_slot, block_expert, expert_start, expert_end
 
 

@@ -132,6 +132,25 @@ def test_block_route_opcheck(device):
     torch.library.opcheck(torch.ops.memops.block_route.default, (logits, None, 8, 2, 0.6, 4, False, 1, 1, 1.0, True))
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("T, k, E, block_m", [(19, 2, 6, 16), (300, 8, 256, 64), (5, 1, 8, 16), (0, 2, 4, 16),
+                                              (64, 4, 60, 16), (40, 2, 3, 16)])
+def test_align_kernel_equals_the_stable_sort_layout(T, k, E, block_m, device):
+    from memops.kernels import moe as kernels
+    from memops.reference.moe import align_slots
+
+    generator = torch.Generator(device=device).manual_seed(T)
+    ids = torch.randint(0, E, (T, k), generator=generator, device=device, dtype=torch.int32)
+    if T >= 40:
+        ids[:, 0] = 1   # one hot expert: a long run
+    with count_launches() as launches:
+        layout = kernels.align(ids, E, block_m)
+    assert launches["align_kernel"] == 1
+    for name, ours, expected in zip(("sorted_slot", "block_expert", "expert_start", "expert_end"), layout,
+                                    align_slots(ids, E, block_m)):
+        assert torch.equal(ours, expected), name
+
+
 # --- moe_ffn ---------------------------------------------------------------------------------------------
 
 def make_ffn_inputs(T, d, inter, E, k, dtype, device, *, seed=0, used=None):

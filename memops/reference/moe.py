@@ -165,3 +165,31 @@ def routing_weights_backward(
     else:
         grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
     return grad_logits.to(router_logits.dtype)
+
+
+def align_slots(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """The expert-sorted, padded slot layout the grouped GEMMs run over (vLLM's moe_align_block_size).
+
+    Slots t * k + j are stably sorted by expert; each expert's run is padded to a multiple of block_m.
+    Returns sorted_slot (P,) int32 (the slot at each position, -1 for padding), block_expert (P / block_m,)
+    int32 (the expert of each block of positions, -1 past the last), expert_start and expert_end (E,) int64
+    position ranges. P = (cdiv(slots, block_m) + E) * block_m bounds the layout without a host sync.
+    """
+    flat = topk_ids.reshape(-1).long()
+    slots = flat.numel()
+    device = flat.device
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_m - 1) // block_m * block_m
+    expert_end = torch.cumsum(padded, 0)
+    expert_start = expert_end - padded
+    order = torch.sort(flat, stable=True).indices
+    sorted_experts = flat[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    positions = expert_start[sorted_experts] + torch.arange(slots, device=device) - first_of_expert[sorted_experts]
+    num_blocks = -(-slots // block_m) + num_experts
+    sorted_slot = torch.full((num_blocks * block_m,), -1, dtype=torch.int32, device=device)
+    sorted_slot[positions] = order.to(torch.int32)
+    block_starts = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(expert_end, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_slot, block_expert, expert_start, expert_end
