@@ -92,6 +92,19 @@ def test_reference_routing_follows_the_algorithm():
         torch.testing.assert_close(weights[0, t], picked / picked.sum())
 
 
+def test_experts_nobody_votes_for_join_only_through_min_experts(device):
+    # Every token's top-2 are experts 0 and 1, so they hold all the votes. With top_p = 1 the exclusive
+    # cumulative sum of the zero-vote experts is 1 <= top_p, and without the zero-vote rule they would all
+    # join the coreset.
+    logits = torch.full((1, 8, 16), -4.0, device=device)
+    logits[..., :2] = 4.0
+    logits += 0.1 * torch.randn(1, 8, 16, generator=torch.Generator(device=device).manual_seed(0), device=device)
+    for backend in ("triton", "reference"):
+        with memops.backend(backend):
+            _, _, coreset = memops.block_route(logits, block_size=8, top_k=2, min_experts=3, top_p=1.0)
+        assert coreset.sum().item() == 3 and coreset[0, 0, :2].all(), backend   # {0, 1} + min_experts' third
+
+
 @given(N=st.integers(1, 40), E_log2=st.integers(3, 6), top_k=st.integers(1, 4), block_size=st.integers(1, 16),
        top_p=st.floats(0.05, 1.0), extra=st.integers(0, 4), seed=st.integers(0, 2**31 - 1))
 def test_routing_properties(N, E_log2, top_k, block_size, top_p, extra, seed):
