@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memops.moe import block_route, moe_ffn, unique_experts
+from memops.moe import moe_ffn, unique_experts
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
 from memops.product_key import product_key_topk, weighted_gather
@@ -185,7 +185,8 @@ class ExpertParallelBlockMoE(BlockMoE):
     ``moe_ffn`` on the local experts and sends the results back, where they are combined with the weights.
     Autograd runs through both exchanges. ``w_gate_up`` / ``w_down`` hold the local experts only.
 
-    After each forward, ``last_ranks_per_block`` holds the mean number of ranks a block's slots visited.
+    :meth:`ranks_per_block` gives the mean number of ranks a block's slots visited in the last forward
+    (computed when asked, from ``last_topk_ids``: no host sync in the forward beyond the split sizes).
     """
 
     def __init__(self, d_model: int, d_expert: int, n_experts: int, top_k: int, *, process_group=None, **kwargs) -> None:
@@ -199,22 +200,19 @@ class ExpertParallelBlockMoE(BlockMoE):
         # Same seed everywhere: the local experts are exactly the single-process module's experts.
         self.w_gate_up = nn.Parameter(self.w_gate_up.detach()[local].clone())
         self.w_down = nn.Parameter(self.w_down.detach()[local].clone())
-        self.last_ranks_per_block: float | None = None
+
+    @torch.no_grad()
+    def ranks_per_block(self) -> float:
+        if self.last_topk_ids is None:
+            raise RuntimeError("ExpertParallelBlockMoE.ranks_per_block: no forward has run yet")
+        owners = (self.last_topk_ids // self.local_experts).to(torch.int32)
+        return unique_experts(owners, self.block_size or 32).float().mean().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, d = x.shape
-        ids, weights, _ = block_route(
-            self.router(x), block_size=self.block_size, top_k=self.top_k, top_p=self.top_p,
-            min_experts=self.min_experts, score_func=self.score_func, expert_bias=self.expert_bias,
-            n_groups=self.n_groups, topk_groups=self.topk_groups, routed_scaling=self.routed_scaling,
-            normalize=self.normalize,
-        )
-        self.last_topk_ids = ids
-        block = self.block_size or 32
-        owners = ids.long() // self.local_experts                                  # (B, N, k)
-        self.last_ranks_per_block = unique_experts(owners.to(torch.int32), block).float().mean().item()
+        ids, weights = self.route(x)
         flat = x.reshape(B * N, d)
-        slot_owner = owners.reshape(-1)
+        slot_owner = (ids.long() // self.local_experts).reshape(-1)                # the rank owning each slot
         order = torch.sort(slot_owner, stable=True).indices                        # slots grouped by owner rank
         send_counts = torch.bincount(slot_owner, minlength=self.world_size)
         recv_counts = torch.empty_like(send_counts)
@@ -231,14 +229,11 @@ class ExpertParallelBlockMoE(BlockMoE):
         # Each received slot through its local expert, unweighted (the weights are applied at home).
         if recv_rows.shape[0]:
             out = moe_ffn(recv_rows, self.w_gate_up, self.w_down, recv_experts[:, None],
-                          torch.ones(recv_rows.shape[0], 1, device=x.device))
+                          torch.ones(recv_rows.shape[0], 1, device=x.device), check_ids=False)
         else:  # nothing to run here: keep the local experts in the graph, so their gradient is zero, not None
             out = recv_rows * 0 + 0 * (self.w_gate_up.sum() + self.w_down.sum())
         back = _AllToAll.apply(out, send_splits, recv_splits, self.process_group)
         per_slot = torch.empty_like(back).index_copy(0, order, back)              # back in slot order
         acc = torch.promote_types(x.dtype, torch.float32)
         y = (per_slot.view(B * N, k, d).to(acc) * weights.reshape(B * N, k, 1).to(acc)).sum(1).to(x.dtype)
-        if self.shared_gate_up is not None:
-            gate, up = self.shared_gate_up(flat).chunk(2, dim=-1)
-            y = y + self.shared_down(torch.nn.functional.silu(gate) * up)
-        return y.reshape(B, N, d)
+        return self.add_shared_experts(y, flat).reshape(B, N, d)

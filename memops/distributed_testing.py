@@ -130,7 +130,7 @@ def check_expert_parallel_moe(rank: int, world: int) -> dict:
         router = parallel.router.weight.grad.clone()
         dist.all_reduce(router)   # each rank's router saw its own tokens
         errors[f"{case} d_router"] = _close(router, single.router.weight.grad)
-        errors[f"{case} ranks per block"] = parallel.last_ranks_per_block
+        errors[f"{case} ranks per block"] = parallel.ranks_per_block()
     # Communication model, summed over ranks: each slot's d values go out once and come back once, with its
     # expert id; plus every rank's split sizes. (Per rank it depends on how many slots it receives.)
     md.COMMUNICATED.clear()

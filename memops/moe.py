@@ -159,7 +159,7 @@ def unique_experts(topk_ids: torch.Tensor, block_size: int) -> torch.Tensor:
 # moe_ffn
 
 
-def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation) -> None:
+def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, check_ids: bool) -> None:
     op = "moe_ffn"
     for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down), ("topk_ids", topk_ids),
                     ("topk_weights", topk_weights)):
@@ -186,7 +186,7 @@ def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation) ->
         raise ValueError(f"{op}: topk_ids must be (T={T}, k), got {tuple(topk_ids.shape)}")
     if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
         raise ValueError(f"{op}: topk_weights must be a float tensor of topk_ids' shape {tuple(topk_ids.shape)}")
-    if topk_ids.numel() and not torch.compiler.is_compiling():
+    if check_ids and topk_ids.numel() and not torch.compiler.is_compiling():
         low, high = torch.stack(torch.aminmax(topk_ids)).tolist()
         if low < 0 or high >= E:
             raise IndexError(f"{op}: topk_ids must lie in [0, E={E}), found [{low}, {high}]")
@@ -237,7 +237,7 @@ _moe_experts_op.register_autograd(_experts_backward, setup_context=_experts_setu
 
 def moe_ffn(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor, *, activation: str = "swiglu",
+    topk_weights: torch.Tensor, *, activation: str = "swiglu", check_ids: bool = True,
 ) -> torch.Tensor:
     """Routed SwiGLU experts: ``y[t] = Σ_j w[t, j] · W_down[e] (SiLU(W_gate[e] x[t]) ⊙ W_up[e] x[t])``, e = ids[t, j].
 
@@ -246,6 +246,8 @@ def moe_ffn(
         w_gate_up: (E, 2I, d): rows [0, I) are the gate projection, rows [I, 2I) the up projection.
         w_down: (E, d, I).
         topk_ids: (T, k) int32/int64 in [0, E) (one min/max check and host sync, skipped under compile).
+        check_ids: False skips that check, for ids a router produced (in range by construction); an
+            out-of-range id then reads out of bounds on the Triton path.
         topk_weights: (T, k) float.
 
     Returns:
@@ -253,7 +255,7 @@ def moe_ffn(
         (token, k) slots are sorted by expert and each expert's run is one grouped GEMM tile sequence: only the
         experts tokens use are read, which is where a block coreset saves bandwidth.
     """
-    _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation)
+    _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, check_ids)
     if resolve_backend(x) == "reference":
         return reference.moe_ffn(x, w_gate_up, w_down, topk_ids, topk_weights)
     y_slots = _moe_experts_op(x, w_gate_up, w_down, topk_ids)

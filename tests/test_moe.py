@@ -370,3 +370,11 @@ def test_cuda_llada2_layer():
     assert torch.equal(ours[0].cpu(), ref[0].cpu()) and torch.equal(ours[2].cpu(), ref[2].cpu())
     inputs = make_ffn_inputs(128, 2048, 512, 256, 8, torch.bfloat16, "cuda")
     check_ffn((*inputs[:3], ours[0][0], ours[1][0].detach()), torch.bfloat16)
+
+
+def test_unchecked_ids_skip_the_range_check(device):
+    x, w_gate_up, w_down, ids, weights = make_ffn_inputs(6, 16, 16, 4, 2, torch.float32, device)
+    with memops.backend("triton"), count_launches() as launches:
+        checked = memops.moe_ffn(x, w_gate_up, w_down, ids, weights)
+        unchecked = memops.moe_ffn(x, w_gate_up, w_down, ids, weights, check_ids=False)
+    assert torch.equal(checked, unchecked) and launches["grouped_gemm_kernel"] == 4

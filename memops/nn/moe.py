@@ -48,8 +48,8 @@ class BlockMoE(nn.Module):
             self.shared_gate_up = self.shared_down = None
         self.last_topk_ids: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, d = x.shape
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_ids, topk_weights), each (B, N, top_k), of x (B, N, d_model); recorded in last_topk_ids."""
         ids, weights, _ = block_route(
             self.router(x), block_size=self.block_size, top_k=self.top_k, top_p=self.top_p,
             min_experts=self.min_experts, score_func=self.score_func, expert_bias=self.expert_bias,
@@ -57,12 +57,23 @@ class BlockMoE(nn.Module):
             normalize=self.normalize,
         )
         self.last_topk_ids = ids
+        return ids, weights
+
+    def add_shared_experts(self, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """y + the shared experts' SwiGLU of flat (T, d_model); y itself without shared experts."""
+        if self.shared_gate_up is None:
+            return y
+        gate, up = self.shared_gate_up(flat).chunk(2, dim=-1)
+        return y + self.shared_down(F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, d = x.shape
+        ids, weights = self.route(x)
         flat = x.reshape(B * N, d)
-        y = moe_ffn(flat, self.w_gate_up, self.w_down, ids.reshape(B * N, -1), weights.reshape(B * N, -1))
-        if self.shared_gate_up is not None:
-            gate, up = self.shared_gate_up(flat).chunk(2, dim=-1)
-            y = y + self.shared_down(F.silu(gate) * up)
-        return y.reshape(B, N, d)
+        # The router's ids are in range by construction: no range check, so no host sync per forward.
+        y = moe_ffn(flat, self.w_gate_up, self.w_down, ids.reshape(B * N, -1), weights.reshape(B * N, -1),
+                    check_ids=False)
+        return self.add_shared_experts(y, flat).reshape(B, N, d)
 
     @torch.no_grad()
     def unique_experts(self, block_size: int | None = None) -> torch.Tensor:
