@@ -60,6 +60,21 @@ def _lse_log2(lse_ptrs, row_ok, ACC: tl.constexpr):
 
 
 @triton.jit
+def _backward_rows(
+    q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_m, offs_d, row_ok, N,
+    stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, ACC: tl.constexpr,
+):
+    """What the backward needs of a block of query rows: q, dout, the log2-domain lse and delta."""
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse_log2 = _lse_log2(lse_ptr + bh * N + offs_m, row_ok, ACC)
+    delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
+    return q, do, lse_log2, delta
+
+
+@triton.jit
 def _masked_logits(
     q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
@@ -243,12 +258,8 @@ def memory_attention_dq_kernel(
 ):
     pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    lse_log2 = _lse_log2(lse_ptr + bh * N + offs_m, row_ok, ACC)
-    delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
+    q, do, lse_log2, delta = _backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_m, offs_d, row_ok, N,
+                                            stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, ACC)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
     if HAS_MEMORY:
         dq = _dq_key_range(
@@ -325,12 +336,9 @@ def memory_attention_dkdv_kernel(
         for start_m in range(first_query, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < N
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                         mask=row_ok[:, None], other=0.0)
-            lse_log2 = _lse_log2(lse_ptr + bh * N + offs_m, row_ok, ACC)
-            delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
+            q, do, lse_log2, delta = _backward_rows(
+                q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_m, offs_d, row_ok, N,
+                stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, ACC)
             # Transposed tiles (keys x queries), so the key-side sums are row sums.
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * scale_log2 + bias_log2[:, None]
             if HAS_DECAY:

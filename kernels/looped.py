@@ -34,13 +34,14 @@ def _updated_rows(rows_ptr, row_offset, num_updates, n, Nk, BLOCK_R: tl.constexp
     return r, mask, head * Nk + c
 
 
-@triton.jit(do_not_specialize=["num_updates", "n", "Nk", "row_offset"])
-def looped_update_fwd_kernel(
-    k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, gate_ptr, rows_ptr, k_out_ptr, v_out_ptr,
-    num_updates, n, Nk, row_offset,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_ROWS_INDEX: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
+@triton.jit
+def _update_tile(
+    gate_ptr, rows_ptr, num_updates, n, Nk, row_offset,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_ROWS_INDEX: tl.constexpr,
+    GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
 ):
+    """This program's block of updated rows: ids r, row and element masks, cache and new-row element offsets
+    (contiguous (.., D) rows), and the gate, (BLOCK_R, BLOCK_D) per channel or (BLOCK_R, 1) per row."""
     r, mask_r, cache_row = _updated_rows(rows_ptr, row_offset, num_updates, n, Nk, BLOCK_R, USE_ROWS_INDEX)
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_r[:, None] & (offs_d[None, :] < D)
@@ -50,6 +51,18 @@ def looped_update_fwd_kernel(
         g = tl.load(gate_ptr + new_offsets, mask=mask, other=0.0).to(ACC)
     else:
         g = tl.load(gate_ptr + r, mask=mask_r, other=0.0).to(ACC)[:, None]
+    return r, mask_r, mask, cache_offsets, new_offsets, g
+
+
+@triton.jit(do_not_specialize=["num_updates", "n", "Nk", "row_offset"])
+def looped_update_fwd_kernel(
+    k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, gate_ptr, rows_ptr, k_out_ptr, v_out_ptr,
+    num_updates, n, Nk, row_offset,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_ROWS_INDEX: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
+):
+    r, mask_r, mask, cache_offsets, new_offsets, g = _update_tile(
+        gate_ptr, rows_ptr, num_updates, n, Nk, row_offset, D, BLOCK_R, BLOCK_D, USE_ROWS_INDEX, GATE_PER_CHANNEL, ACC)
     _blend(k_cache_ptr, k_new_ptr, k_out_ptr, cache_offsets, new_offsets, g, mask, ACC)
     _blend(v_cache_ptr, v_new_ptr, v_out_ptr, cache_offsets, new_offsets, g, mask, ACC)
 
@@ -70,15 +83,8 @@ def looped_update_bwd_kernel(
     USE_ROWS_INDEX: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per block of updated rows with the whole head dim, so a per-row gate's grad sums over D here.
-    r, mask_r, cache_row = _updated_rows(rows_ptr, row_offset, num_updates, n, Nk, BLOCK_R, USE_ROWS_INDEX)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = mask_r[:, None] & (offs_d[None, :] < D)
-    cache_offsets = cache_row[:, None] * D + offs_d[None, :]
-    new_offsets = r[:, None] * D + offs_d[None, :]
-    if GATE_PER_CHANNEL:
-        g = tl.load(gate_ptr + new_offsets, mask=mask, other=0.0).to(ACC)
-    else:
-        g = tl.load(gate_ptr + r, mask=mask_r, other=0.0).to(ACC)[:, None]
+    r, mask_r, mask, cache_offsets, new_offsets, g = _update_tile(
+        gate_ptr, rows_ptr, num_updates, n, Nk, row_offset, D, BLOCK_R, BLOCK_D, USE_ROWS_INDEX, GATE_PER_CHANNEL, ACC)
     grad_g = _blend_grad(k_cache_ptr, k_new_ptr, grad_k_ptr, grad_k_cache_ptr, grad_k_new_ptr, cache_offsets,
                          new_offsets, g, mask, ACC)
     grad_g += _blend_grad(v_cache_ptr, v_new_ptr, grad_v_ptr, grad_v_cache_ptr, grad_v_new_ptr, cache_offsets,
