@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import memops
 from memops import reference
-from memops.benchmarking import Case
+from memops.benchmarking import Case, case_grid, random_source
 
 OP = "memory_attention"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
@@ -28,27 +28,15 @@ def cases(device: str, quick: bool) -> list[Case]:
     dit_mem = dict(B=1, H=12, Hkv=12, N=32760, Nk=32760, M=1000, D=128, dtype="bfloat16", causal=False, shared=True)
     prefix = dict(B=8, H=32, Hkv=8, N=4096, Nk=4096, M=64, D=128, dtype="bfloat16", causal=True, shared=True)
     decode = dict(B=8, H=32, Hkv=8, N=1, Nk=8192, M=256, D=128, dtype="bfloat16", causal=True, shared=False)
-    out = []
-    for mode in ("fwd", "fwd+bwd"):
-        out.append(Case("small", mode, small, quick=True))
-        if not quick:
-            out.append(Case("small-causal-gqa", mode, small_causal))
-        if device == "cuda":
-            out.append(Case("dit-mem", mode, dit_mem, quick=True, cuda_only=True))
-            if not quick:
-                out.append(Case("prefix-tuning", mode, prefix, cuda_only=True))
-                if mode == "fwd":  # decode is inference only
-                    out.append(Case("decode", mode, decode, cuda_only=True))
+    out = case_grid(device, quick, quick_cases=[("small", small)], full_cases=[("small-causal-gqa", small_causal)],
+                    cuda_quick=[("dit-mem", dit_mem)], cuda_full=[("prefix-tuning", prefix)])
+    if device == "cuda" and not quick:  # decode is inference only
+        out.append(Case("decode", "fwd", decode, cuda_only=True))
     return out
 
 
 def make_inputs(case: Case, device: str, seed: int):
-    p = case.params
-    dtype = getattr(torch, p["dtype"])
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
+    p, _, _, randn = random_source(case, device, seed)
 
     mem_shape = (p["Hkv"], p["M"], p["D"]) if p["shared"] else (p["B"], p["Hkv"], p["M"], p["D"])
     tensors = dict(q=randn(p["B"], p["H"], p["N"], p["D"]), k=randn(p["B"], p["Hkv"], p["Nk"], p["D"]),

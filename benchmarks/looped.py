@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.benchmarking import Case
+from memops.benchmarking import Case, random_source
 
 OP = "looped_attention"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
@@ -37,12 +37,7 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 
 def make_inputs(case: Case, device: str, seed: int):
-    p = case.params
-    dtype = getattr(torch, p["dtype"])
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, generator=generator).to(dtype)
+    p, _, generator, randn = random_source(case, device, seed)
 
     B, H, Hkv, n, Nk, D = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"], p["D"]
     tensors = dict(q=randn(B, H, n, D), k_new=randn(B, Hkv, n, D), v_new=randn(B, Hkv, n, D),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.benchmarking import Case
+from memops.benchmarking import Case, case_grid
 
 OP = "weighted_gather"
 MEMOPS_PROVIDERS = ("memops", "memops-reference", "memops-unchecked", "memops-deterministic")
@@ -23,16 +23,8 @@ def cases(device: str, quick: bool) -> list[Case]:
     # Memory Layers at Scale: 4 heads x top-32 = 128 rows per token from a 1024^2-row bf16 table.
     mlas_1k = dict(T=4096, K=128, S=1 << 20, D=1024, dtype="bfloat16")
     mlas_4k = dict(T=4096, K=128, S=1 << 20, D=4096, dtype="bfloat16")
-    out = []
-    for mode in ("fwd", "fwd+bwd"):
-        out.append(Case("small", mode, small, quick=True))
-        if not quick:
-            out.append(Case("medium", mode, medium))
-        if device == "cuda":
-            out.append(Case("mlas-D1024", mode, mlas_1k, quick=True, cuda_only=True))
-            if not quick:
-                out.append(Case("mlas-D4096", mode, mlas_4k, cuda_only=True))
-    return out
+    return case_grid(device, quick, quick_cases=[("small", small)], full_cases=[("medium", medium)],
+                     cuda_quick=[("mlas-D1024", mlas_1k)], cuda_full=[("mlas-D4096", mlas_4k)])
 
 
 def make_inputs(case: Case, device: str, seed: int):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.benchmarking import Case
+from memops.benchmarking import Case, case_grid
 
 OP = "product_key_memory"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
@@ -66,17 +66,8 @@ def cases(device: str, quick: bool) -> list[Case]:
     # Memory Layers at Scale: 1024^2 slots, key_dim 512, Memory+ (gated) output.
     mlas = dict(T=8192, dim=2048, n_keys=1024, heads=4, topk=32, key_dim=512, value_dim=2048, gated=True, dtype="bfloat16")
     mlas_4k = dict(mlas, dim=4096, value_dim=4096)
-    out = []
-    for mode in ("fwd", "fwd+bwd"):
-        out.append(Case("small", mode, small, quick=True))
-        if not quick:
-            out.append(Case("medium", mode, medium))
-        if device == "cuda":
-            out.append(Case("xlm", mode, xlm, quick=True, cuda_only=True))
-            if not quick:
-                out.append(Case("mlas-D2048", mode, mlas, cuda_only=True))
-                out.append(Case("mlas-D4096", mode, mlas_4k, cuda_only=True))
-    return out
+    return case_grid(device, quick, quick_cases=[("small", small)], full_cases=[("medium", medium)],
+                     cuda_quick=[("xlm", xlm)], cuda_full=[("mlas-D2048", mlas), ("mlas-D4096", mlas_4k)])
 
 
 def make_layer(p: dict, device: str) -> memops.nn.ProductKeyMemory:

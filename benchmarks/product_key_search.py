@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import memops
-from memops.benchmarking import Case
+from memops.benchmarking import Case, case_grid, random_source
 from memops.benchmarks.product_key_memory import xlm_search
 
 OP = "product_key_topk"
@@ -23,24 +23,14 @@ def cases(device: str, quick: bool) -> list[Case]:
     medium = dict(T=4096, heads=4, key_dim=128, n_keys=256, topk=32, dtype="float32")
     xlm = dict(T=8192, heads=4, key_dim=256, n_keys=512, topk=32, dtype="bfloat16")
     mlas = dict(T=8192, heads=4, key_dim=512, n_keys=1024, topk=32, dtype="bfloat16")
-    out = []
-    for mode in ("fwd", "fwd+bwd"):
-        out.append(Case("small", mode, small, quick=True))
-        if not quick:
-            out.append(Case("medium", mode, medium))
-        if device == "cuda":
-            out.append(Case("mlas", mode, mlas, quick=True, cuda_only=True))
-            if not quick:
-                out.append(Case("xlm", mode, xlm, cuda_only=True))
-    return out
+    return case_grid(device, quick, quick_cases=[("small", small)], full_cases=[("medium", medium)],
+                     cuda_quick=[("mlas", mlas)], cuda_full=[("xlm", xlm)])
 
 
 def make_inputs(case: Case, device: str, seed: int):
-    p = case.params
-    dtype = getattr(torch, p["dtype"])
-    generator = torch.Generator(device=device).manual_seed(seed)
-    queries = torch.randn(p["T"], p["heads"], p["key_dim"], device=device, generator=generator).to(dtype)
-    sub_keys = torch.randn(p["heads"], 2, p["n_keys"], p["key_dim"] // 2, device=device, generator=generator).to(dtype)
+    p, _, generator, randn = random_source(case, device, seed)
+    queries = randn(p["T"], p["heads"], p["key_dim"])
+    sub_keys = randn(p["heads"], 2, p["n_keys"], p["key_dim"] // 2)
     grad_scores = torch.randn(p["T"], p["heads"], p["topk"], device=device, generator=generator)
     return queries, sub_keys, grad_scores, p["topk"]
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import memops
 from memops import reference
-from memops.benchmarking import Case
+from memops.benchmarking import Case, case_grid, random_source
 from memops.benchmarks.attention import _build, _compiled_flex
 
 OP = "retention_attention"
@@ -24,23 +24,12 @@ def cases(device: str, quick: bool) -> list[Case]:
     small = dict(B=1, H=4, Hkv=2, N=256, D=64, dtype="float32")
     llm_4k = dict(B=2, H=32, Hkv=8, N=4096, D=128, dtype="bfloat16")
     llm_16k = dict(B=1, H=32, Hkv=8, N=16384, D=128, dtype="bfloat16")
-    out = []
-    for mode in ("fwd", "fwd+bwd"):
-        out.append(Case("small", mode, small, quick=True))
-        if device == "cuda":
-            out.append(Case("llm-4k", mode, llm_4k, quick=True, cuda_only=True))
-            if not quick:
-                out.append(Case("llm-16k", mode, llm_16k, cuda_only=True))
-    return out
+    return case_grid(device, quick, quick_cases=[("small", small)], cuda_quick=[("llm-4k", llm_4k)],
+                     cuda_full=[("llm-16k", llm_16k)])
 
 
 def make_inputs(case: Case, device: str, seed: int):
-    p = case.params
-    dtype = getattr(torch, p["dtype"])
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, generator=generator).to(dtype)
+    p, _, generator, randn = random_source(case, device, seed)
 
     tensors = dict(q=randn(p["B"], p["H"], p["N"], p["D"]), k=randn(p["B"], p["Hkv"], p["N"], p["D"]),
                    v=randn(p["B"], p["Hkv"], p["N"], p["D"]),

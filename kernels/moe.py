@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from memops._launches import record_launch
-from memops.kernels.topk import empty_entries, pack_entries, topk_entries, unpack_entries
+from memops.kernels.topk import pack_entries, topk_entries, unpack_entries
 
 
 @triton.jit

@@ -72,6 +72,35 @@ class Result:
     note: str | None = None
 
 
+def case_grid(
+    device: str, quick: bool, *, quick_cases=(), full_cases=(), cuda_quick=(), cuda_full=(), modes=("fwd", "fwd+bwd"),
+) -> list[Case]:
+    """The usual case list of a benchmark module, each group a sequence of (name, params): per mode, the
+    quick cases; on full runs the full ones; on CUDA the CUDA-only quick ones, and on full CUDA runs the rest."""
+    out = []
+    for mode in modes:
+        out += [Case(name, mode, params, quick=True) for name, params in quick_cases]
+        if not quick:
+            out += [Case(name, mode, params) for name, params in full_cases]
+        if device == "cuda":
+            out += [Case(name, mode, params, quick=True, cuda_only=True) for name, params in cuda_quick]
+            if not quick:
+                out += [Case(name, mode, params, cuda_only=True) for name, params in cuda_full]
+    return out
+
+
+def random_source(case: Case, device: str, seed: int):
+    """(params, dtype, generator, randn) for a case's make_inputs: ``randn(*shape)`` draws fresh standard-normal
+    values in the case's dtype from ``generator``, seeded with ``seed``."""
+    dtype = getattr(torch, case.params["dtype"])
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=generator).to(dtype)
+
+    return case.params, dtype, generator, randn
+
+
 def load(op: str):
     if op not in BENCHMARKS:
         raise ValueError(f"--op: unknown op {op!r}; expected one of {', '.join(BENCHMARKS)}")
