@@ -5,7 +5,7 @@ import torch
 
 from memops._launches import count_launches
 
-__all__ = ["count_launches", "relative_error", "assert_close_to_reference", "TOLERANCES"]
+__all__ = ["count_launches", "relative_error", "assert_close_to_reference", "check_compiled_grads", "TOLERANCES"]
 
 # Relative error ‖out − ref‖ / ‖ref‖ allowed against a float64 reference, by compute dtype.
 TOLERANCES = {
@@ -35,3 +35,20 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, dtype, *, na
     error = relative_error(out, ref)
     assert error <= tolerance, f"{name}: relative error {error:.3e} > tolerance {tolerance:.1e} ({dtype})"
     return error
+
+
+def check_compiled_grads(loss, tensors, *, backend: str, device: str, kernel: str) -> None:
+    """``torch.compile(loss, fullgraph=True)`` on ``backend`` gives the eager gradients of every tensor, and
+    launched ``kernel`` exactly when the backend is triton (aot_eager on CPU: the interpreter has no inductor)."""
+    import memops
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    first = [t.detach().clone().requires_grad_() for t in tensors]
+    second = [t.detach().clone().requires_grad_() for t in tensors]
+    with memops.backend(backend):
+        with count_launches() as launches:
+            compiled(*first).backward()
+        loss(*second).backward()
+    assert (launches[kernel] > 0) == (backend == "triton"), dict(launches)
+    for a, b in zip(first, second):
+        assert_close_to_reference(a.grad, b.grad, torch.float32)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import memops
 from memops import reference
-from memops.testing import assert_close_to_reference, count_launches
+from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches
 
 
 def randn(generator, device, dtype, *shape):
@@ -241,16 +241,7 @@ def test_looped_attention_compile(backend, device):
         out, k, v = memops.looped_attention(*tensors)
         return out.square().sum() + k.sum() + v.sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    first = [t.clone().requires_grad_() for t in inputs]
-    second = [t.clone().requires_grad_() for t in inputs]
-    with memops.backend(backend):
-        with count_launches() as launches:
-            compiled(*first).backward()
-        loss(*second).backward()
-    assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton")
-    for a, b in zip(first, second):
-        assert_close_to_reference(a.grad, b.grad, torch.float32)
+    check_compiled_grads(loss, inputs, backend=backend, device=device, kernel="memory_attention_fwd_kernel")
 
 
 def test_nan_gate_propagates(device):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import memops
 from memops import reference
 from memops.reference.moe import expert_ffn
-from memops.testing import assert_close_to_reference, count_launches
+from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches
 
 GEMM_KERNELS = ("grouped_gemm_kernel", "grouped_weight_grad_kernel")
 
@@ -255,16 +255,8 @@ def test_route_and_ffn_compile(backend, device):
         ids, weights, _ = memops.block_route((x @ router.t())[None], block_size=8, top_k=2, min_experts=4)
         return memops.moe_ffn(x, w_gate_up, w_down, ids[0], weights[0]).square().sum()
 
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    first = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down, router)]
-    second = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down, router)]
-    with memops.backend(backend), torch.compiler.set_stance("default"):
-        with count_launches() as launches:
-            compiled(*first).backward()
-        layer(*second).backward()
-    assert (launches["grouped_gemm_kernel"] > 0) == (backend == "triton")
-    for a, b in zip(first, second):
-        assert_close_to_reference(a.grad, b.grad, torch.float32)
+    check_compiled_grads(layer, [x, w_gate_up, w_down, router], backend=backend, device=device,
+                         kernel="grouped_gemm_kernel")
 
 
 # --- BlockMoE ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import memops
 from memops import reference
 from memops.kernels import product_key as kernels
-from memops.testing import assert_close_to_reference, count_launches
+from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches
 
 GATHER_KERNELS = ("weighted_gather_fwd_kernel", "weighted_gather_bwd_kernel", "values_grad_segment_kernel")
 
@@ -238,16 +238,7 @@ def test_torch_compile_fullgraph(backend, device):
         scores, indices = memops.product_key_topk(q, c, 3)
         return (scores.softmax(-1) * (indices % 5)).sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    q1, c1 = queries.clone().requires_grad_(), sub_keys.clone().requires_grad_()
-    q2, c2 = queries.clone().requires_grad_(), sub_keys.clone().requires_grad_()
-    with memops.backend(backend):
-        with count_launches() as launches:
-            compiled(q1, c1).backward()
-        loss(q2, c2).backward()
-    assert (launches["product_key_search_kernel"] > 0) == (backend == "triton")
-    assert_close_to_reference(q1.grad, q2.grad, torch.float32)
-    assert_close_to_reference(c1.grad, c2.grad, torch.float32)
+    check_compiled_grads(loss, [queries, sub_keys], backend=backend, device=device, kernel="product_key_search_kernel")
 
 
 # --- the reference (the spec) ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import memops
 from memops import reference
-from memops.testing import assert_close_to_reference, count_launches
+from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches
 
 ATTENTION_KERNELS = ("memory_attention_fwd_kernel", "memory_attention_delta_kernel", "memory_attention_dq_kernel",
                      "memory_attention_dkdv_kernel")
@@ -139,16 +139,8 @@ def test_retention_attention_compile(backend, device):
     def loss(q, k, v, lb):
         return memops.retention_attention(q, k, v, lb, check_log_beta=False).square().sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    first = [t.clone().requires_grad_() for t in inputs.values()]
-    second = [t.clone().requires_grad_() for t in inputs.values()]
-    with memops.backend(backend):
-        with count_launches() as launches:
-            compiled(*first).backward()
-        loss(*second).backward()
-    assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton")
-    for a, b in zip(first, second):
-        assert_close_to_reference(a.grad, b.grad, torch.float32)
+    check_compiled_grads(loss, list(inputs.values()), backend=backend, device=device,
+                         kernel="memory_attention_fwd_kernel")
 
 
 # --- capacity ---------------------------------------------------------------------------------------
