@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memops._backend import launch_arch
 from memops._launches import record_launch
 
 
@@ -391,7 +392,7 @@ def _acc_and_precision(q: torch.Tensor):
 
 def attention_config(head_dim: int, device: torch.device) -> dict:
     """Block sizes and warps per head dim."""
-    if device.type != "cuda":  # the interpreter: few, large programs
+    if launch_arch(device) is None:  # the interpreter: few, large programs
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
@@ -401,7 +402,7 @@ def attention_config(head_dim: int, device: torch.device) -> dict:
 
 
 def attention_bwd_config(head_dim: int, device: torch.device) -> dict:
-    if device.type != "cuda":
+    if launch_arch(device) is None:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if head_dim <= 64:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}

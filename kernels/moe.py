@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memops._backend import launch_arch
 from memops._launches import record_launch
 from memops.kernels.topk import pack_entries, topk_entries, unpack_entries
 
@@ -270,7 +271,7 @@ BY_TOKEN, BY_SLOT, BY_POSITION = 0, 1, 2
 
 def gemm_config(device: torch.device) -> dict:
     """Tiles of the grouped GEMMs (not yet tuned on a GPU)."""
-    if device.type != "cuda":
+    if launch_arch(device) is None:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 

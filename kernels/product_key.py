@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memops._backend import launch_arch
 from memops._launches import record_launch
 from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries, unpack_entries
 from memops.reference.product_key import product_key_search_as_gather
@@ -380,7 +381,7 @@ def product_key_search_kernel(
 def search_config(n_keys: int, k_pad: int, device: torch.device) -> dict:
     """Launch parameters of the search kernel (not yet tuned on a GPU)."""
     block_n = max(k_pad, min(triton.next_power_of_2(n_keys), 128))
-    if device.type != "cuda":  # the interpreter: few, large programs
+    if launch_arch(device) is None:  # the interpreter: few, large programs
         return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4}
     return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4}
 

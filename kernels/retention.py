@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memops._backend import launch_arch
 from memops._launches import record_launch
 from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries
 
@@ -71,7 +72,7 @@ def _acc(t: torch.Tensor):
 
 def capacity_config(device: torch.device) -> dict:
     """Tile of the (t, j) triangle (not yet tuned on a GPU)."""
-    if device.type != "cuda":
+    if launch_arch(device) is None:
         return {"BLOCK_T": 64, "BLOCK_J": 64, "num_warps": 4}
     return {"BLOCK_T": 64, "BLOCK_J": 128, "num_warps": 4}
 

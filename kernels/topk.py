@@ -50,6 +50,15 @@ def _pair_side(N_DIMS: tl.constexpr, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _compare_swap(h, N_DIMS: tl.constexpr, AXIS: tl.constexpr, flip):
+    """Compare-and-swap across hypercube axis AXIS: the pair's max and min are both reductions over a size-2
+    axis, which the interpreter runs as one numpy call each. flip 1 puts the max on the left."""
+    high = tl.max(h, axis=AXIS, keep_dims=True)
+    low = tl.min(h, axis=AXIS, keep_dims=True)
+    return tl.where((_pair_side(N_DIMS, AXIS) ^ flip) != 0, high, low)
+
+
+@triton.jit
 def _bitonic_merge(h, N_DIMS: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
     """Sort runs of 2**STAGE along the innermost hypercube axes of h ([2] * N_DIMS), each run bitonic:
     ORDER 0 ascending, 1 descending, 2 alternating from run to run (which makes runs of twice the length
@@ -58,14 +67,19 @@ def _bitonic_merge(h, N_DIMS: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.const
         flip = _pair_side(N_DIMS, N_DIMS - 1 - STAGE)
     else:
         flip = ORDER
-    for i in tl.static_range(STAGE):
-        # Compare-and-swap across the axis of stride 2**(STAGE - 1 - i): the pair's max and min are both
-        # reductions over a size-2 axis, which the interpreter runs as one numpy call each.
-        axis: tl.constexpr = N_DIMS - STAGE + i
-        high = tl.max(h, axis=axis, keep_dims=True)
-        low = tl.min(h, axis=axis, keep_dims=True)
-        h = tl.where((_pair_side(N_DIMS, axis) ^ flip) != 0, high, low)
+    # Axes are passed as expressions, never bound to a local constexpr inside the loop: GPU compilers
+    # reject a constexpr assigned twice ("constexpr cannot be reassigned"), the interpreter does not.
+    for i in tl.static_range(STAGE):  # stride 2**(STAGE - 1 - i)
+        h = _compare_swap(h, N_DIMS, N_DIMS - STAGE + i, flip)
     return h
+
+
+@triton.jit
+def _keep_larger_runs(h, N_DIMS: tl.constexpr, LOG_K: tl.constexpr, ORDER: tl.constexpr):
+    """Of each two opposite-sorted runs of 2**LOG_K (axis N_DIMS - 1 - LOG_K), keep the elementwise larger
+    (a bitonic run holding the pair's top 2**LOG_K), then sort it."""
+    h = tl.max(h, axis=N_DIMS - 1 - LOG_K)
+    return _bitonic_merge(h, N_DIMS - 1, LOG_K, ORDER)
 
 
 @triton.jit
@@ -77,9 +91,7 @@ def topk_entries(x, ROWS_LOG2: tl.constexpr, LOG_N: tl.constexpr, LOG_K: tl.cons
     for stage in tl.static_range(1, LOG_K + 1):
         h = _bitonic_merge(h, ROWS_LOG2 + LOG_N, stage, 2 if stage < LOG_N else 1)
     for level in tl.static_range(LOG_K + 1, LOG_N + 1):
-        n_dims: tl.constexpr = ROWS_LOG2 + LOG_N - (level - LOG_K - 1)
-        h = tl.max(h, axis=n_dims - 1 - LOG_K)
-        h = _bitonic_merge(h, n_dims - 1, LOG_K, 2 if level < LOG_N else 1)
+        h = _keep_larger_runs(h, ROWS_LOG2 + LOG_N - (level - LOG_K - 1), LOG_K, 2 if level < LOG_N else 1)
     return tl.reshape(h, (1 << ROWS_LOG2, 1 << LOG_K))
 
 

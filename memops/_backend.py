@@ -93,3 +93,30 @@ def resolve_backend(tensor: torch.Tensor) -> str:
                 "set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU"
             )
     return name
+
+
+# Launch configurations are chosen per GPU architecture (compute capability as 10 * major + minor: 80 for
+# A100, 90 for H100/H200). ``memops.gpu_check`` compiles kernels ahead of time on machines without a GPU, so it
+# can pin the architecture the launchers choose their configs for.
+_pinned_arch: list[int] = []
+
+
+def launch_arch(device: torch.device) -> int | None:
+    """The architecture whose launch configs apply to kernels on ``device``: the CUDA device's compute
+    capability (e.g. 90), the one pinned by :func:`configs_for_arch`, or None (the interpreter)."""
+    if _pinned_arch:
+        return _pinned_arch[-1]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return None
+
+
+@contextlib.contextmanager
+def configs_for_arch(arch: int) -> Iterator[None]:
+    """Make every launcher pick the configs of GPU architecture ``arch`` (for ahead-of-time compiles)."""
+    _pinned_arch.append(int(arch))
+    try:
+        yield
+    finally:
+        _pinned_arch.pop()

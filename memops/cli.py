@@ -73,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("train-demo", help="train a small MemoryLM on associative recall, then generate (CPU: < 1 min)")
     demo.add_argument("--steps", type=int, default=1500)
     demo.add_argument("--seed", type=int, default=0)
+    commands.add_parser("gpu-check", add_help=False,
+                        help="compile every kernel ahead of time for sm_90/sm_80 and report registers, spills, smem, "
+                             "tensor cores (memops gpu-check --help)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "gpu-check":  # its own parser: memops.gpu_check
+        from memops import gpu_check
+
+        return gpu_check.main(list(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "report":
         return _report(args)

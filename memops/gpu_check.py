@@ -1,0 +1,639 @@
+"""Ahead-of-time GPU compile check: every kernel the public ops launch, compiled for real GPU targets on a
+machine without a GPU (``memops gpu-check``).
+
+Triton's interpreter runs our kernels on CPU tensors for the numerics, but it accepts code that no GPU
+compiler will (a reassigned constexpr, a config over the shared-memory limit). This module closes that gap:
+
+1. **Record.** Every family's launchers run at the shapes of its CUDA benchmark cases, on meta tensors
+   (integer index inputs on CPU where a launcher reads them on the host), with the launch configs of a pinned
+   GPU architecture (:func:`memops._backend.configs_for_arch`). ``JITFunction.run`` is replaced by a recorder,
+   so nothing launches: what is recorded is exactly what each launcher passes, never a hand-kept copy.
+2. **Specialise** each launch with Triton's own binder for the target (the same ``tt.divisibility`` and
+   ``== 1`` specialisations a launch on that GPU makes), and drop duplicates.
+3. **Compile** each variant with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and
+   read the result: the TTGIR for the lowering of every ``tt.dot`` (wgmma / mma.sync / FMA), the cubin through
+   the wheel's ``cuobjdump`` for registers, stack and the LDL/STL spill traffic, Triton's metadata for shared
+   memory against the target's per-block limit, and from those an occupancy estimate.
+4. **Judge** each variant (:func:`problems`): a compile error, shared memory over the limit, any stack or
+   spill traffic, or a 16-bit / tf32 dot that is not on tensor cores fails it, unless :data:`ALLOWED` lists
+   the kernel with its reason.
+
+It proves the kernels compile and fit on the target, and what the compiler made of them. It cannot prove
+timing, the absence of races, or numerics on hardware: those need the GPU session (docs/testing.md).
+
+Usage: ``memops gpu-check`` (full sweep: every family, variant and target; writes JSON + markdown),
+``memops gpu-check --subset`` (the CI subset: one variant per kernel, dtype class and code path, sm_90).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+# Per-target limits (CUDA programming guide, compute capabilities table): the opt-in shared memory one block
+# may use, the shared memory of one SM (each resident block also reserves 1 KiB), registers per SM, resident
+# blocks and threads per SM.
+TARGETS = {
+    80: dict(name="sm_80", smem_per_block=166912, smem_per_sm=167936, regs_per_sm=65536, max_blocks=32,
+             max_threads=2048),
+    90: dict(name="sm_90", smem_per_block=232448, smem_per_sm=233472, regs_per_sm=65536, max_blocks=32,
+             max_threads=2048),
+    100: dict(name="sm_100", smem_per_block=232448, smem_per_sm=233472, regs_per_sm=65536, max_blocks=32,
+              max_threads=2048),
+}
+DEFAULT_ARCHES = (90, 80)
+
+# Variants that may break a rule, each with its reason: (kernel, predicate on the variant's labels, rule, why).
+# Rules: "spill" (stack or LDL/STL), "tensor_cores" (a 16-bit or tf32 dot not on tensor cores).
+ALLOWED: list[tuple[str, Callable[["Variant"], bool], str, str]] = []
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@dataclasses.dataclass
+class Variant:
+    """One compile: a kernel at one specialisation for one target, and every scenario that launches it."""
+    family: str
+    kernel: str
+    arch: int
+    dtype: str           # "bf16", "fp16", "fp32" (ieee dots), "tf32" (fp32 inputs, tf32 dots)
+    labels: list[str]    # "<case> <path>" of every scenario that produced this exact compile
+    config: dict         # the constexprs and options that the launcher chose (for the report)
+    key: str = ""
+    launch: Launch | None = dataclasses.field(default=None, repr=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recording launches
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Launches made inside the block are recorded instead of run (no GPU, no driver needed)."""
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, dict(kwargs)))
+        return None
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+@contextlib.contextmanager
+def _matmul_precision(dtype: str):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[dtype]
+
+
+def _cases(module: str) -> list:
+    """The CUDA benchmark cases of a benchmark module, one per distinct params (fwd and fwd+bwd share)."""
+    import importlib
+
+    seen, out = set(), []
+    for case in importlib.import_module(f"memops.benchmarks.{module}").cases("cuda", False):
+        key = tuple(sorted(case.params.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(case)
+    return out
+
+
+# Each scenario function takes (dtype, subset) and yields (label, thunk); the thunk calls launchers.
+
+
+def _weighted_gather_scenarios(dtype, subset):
+    from memops.kernels import product_key as kernels
+
+    dt = _torch_dtype(dtype)
+    for case in _cases("product_key"):
+        p = case.params
+        if subset and p["D"] != 1024:
+            continue
+
+        def run(p=p):
+            T, K, S, D = p["T"], p["K"], p["S"], p["D"]
+            values, weights = _meta(S, D, dtype=dt), _meta(T, K, dtype=dt)
+            # Indices on CPU: the sorted-segment values grad reads them on the host.
+            indices = torch.randint(0, S, (T, K), dtype=torch.int64)
+            kernels.weighted_gather_fwd(values, indices, weights)
+            for algorithm in ("atomic", "segment"):
+                kernels.weighted_gather_bwd(_meta(T, D, dtype=dt), values, indices, weights,
+                                            values_grad_algorithm=algorithm)
+        yield case.name, run
+
+
+def _search_scenarios(dtype, subset):
+    from memops.kernels import product_key as kernels
+
+    dt = _torch_dtype(dtype)
+    for case in _cases("product_key_search"):
+        p = case.params
+        if subset and p["key_dim"] != 512:
+            continue
+
+        def run(p=p):
+            T, heads, key_dim, n_keys, topk = p["T"], p["heads"], p["key_dim"], p["n_keys"], p["topk"]
+            queries, sub_keys = _meta(T, heads, key_dim, dtype=dt), _meta(heads, 2, n_keys, key_dim // 2, dtype=dt)
+            kernels.product_key_search(queries, sub_keys, topk)
+            indices = torch.randint(0, n_keys * n_keys, (T, heads, topk), dtype=torch.int64)
+            kernels.product_key_search_bwd(_meta(T, heads, topk, dtype=torch.float32), queries, sub_keys, indices)
+        yield case.name, run
+
+
+HEAD_DIMS = (64, 128, 256)
+
+
+def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
+    """(path label, thunk) for memory attention's forward and backward kernels at one shape."""
+    from memops.kernels import attention as kernels
+
+    q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
+    paths = [("shared-memory", _meta(Hkv, M, D, dtype=dt), None, False)]
+    if not subset:
+        paths += [("per-sample-memory+bias", _meta(B, Hkv, M, D, dtype=dt), _meta(B, Hkv, M, dtype=dt), False),
+                  ("shared-memory deterministic", _meta(Hkv, M, D, dtype=dt), None, True)]
+    for label, mem, bias, deterministic in paths:
+        def run(mem=mem, bias=bias, deterministic=deterministic):
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, causal=causal, scale=D ** -0.5)
+            kernels.memory_attention_bwd(_meta(B, H, N, D, dtype=dt), q, k, k, mem, mem, bias, _meta(B, H, N, D, dtype=dt),
+                                         _meta(B, H, N, dtype=torch.float32), causal=causal, scale=D ** -0.5,
+                                         deterministic=deterministic, grad_lse=_meta(B, H, N, dtype=torch.float32))
+        yield label, run
+
+
+def _memory_attention_scenarios(dtype, subset):
+    dt = _torch_dtype(dtype)
+    for case in _cases("attention"):
+        p = case.params
+        for D in HEAD_DIMS if not subset else (p["D"],):
+            if subset and case.name != "dit-mem":
+                continue
+            for path, run in _attention_paths(p["B"], p["H"], p["Hkv"], p["N"], p["Nk"], p["M"], D, p["causal"], dt,
+                                              subset):
+                yield f"{case.name} D={D} {path}", run
+
+
+def _retention_scenarios(dtype, subset):
+    from memops.kernels import attention, retention
+
+    dt = _torch_dtype(dtype)
+    for case in _cases("retention"):
+        p = case.params
+        if subset and case.name != "llm-4k":
+            continue
+        for D in HEAD_DIMS if not subset else (p["D"],):
+            def run(p=p, D=D):
+                B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
+                q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, N, D, dtype=dt)
+                log_beta = _meta(B, Hkv, N, dtype=torch.float32)
+                attention.memory_attention_fwd(q, k, k, None, None, None, causal=True, scale=D ** -0.5, log_beta=log_beta)
+                attention.memory_attention_bwd(q, q, k, k, None, None, None, q, _meta(B, H, N, dtype=torch.float32),
+                                               causal=True, scale=D ** -0.5, deterministic=True, log_beta=log_beta)
+            yield f"{case.name} D={D} decay", run
+    if dtype in ("fp32", "bf16"):  # the capacity kernels read log_beta (any float) and compute in fp32
+        for case in _cases("retention_capacity"):
+            p = case.params
+
+            def run(p=p):
+                log_beta = _meta(p["B"], p["Hkv"], p["N"], dtype=dt)
+                retention.retention_capacity_fwd(log_beta)
+                retention.retention_capacity_bwd(_meta(p["B"], p["Hkv"], p["N"], dtype=torch.float32), log_beta)
+            yield f"capacity {case.name}", run
+    for case in _cases("retention_cache"):
+        p = case.params
+
+        def run(p=p):
+            rows, L, D, budget = p["B"] * p["Hkv"], p["context"] + p["buffer"], p["D"], p["budget"]
+            log_beta, positions = _meta(rows, L, dtype=torch.float32), _meta(rows, L, dtype=torch.int64)
+            kept = retention.retention_select(log_beta, positions, L, L - 1, budget)
+            retention.cache_gather(_meta(rows, L, D, dtype=dt), kept, _meta(rows, budget, D, dtype=dt))
+            retention.cache_gather(log_beta[..., None], kept, _meta(rows, budget, 1, dtype=torch.float32))
+            retention.cache_gather(positions[..., None], kept, _meta(rows, budget, 1, dtype=torch.int64))
+        yield f"cache {case.name}", run
+
+
+def _looped_scenarios(dtype, subset):
+    from memops.kernels import attention, looped
+
+    dt = _torch_dtype(dtype)
+    for case in _cases("looped"):
+        p = case.params
+        if subset and case.name != "ouro-4k":
+            continue
+        for D in HEAD_DIMS if not subset else (p["D"],):
+            for gate_width in (1, D):
+                def run(p=p, D=D, gate_width=gate_width):
+                    B, H, Hkv, n, Nk = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"]
+                    q, cache = _meta(B, H, n, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
+                    new, gate = _meta(B, Hkv, n, D, dtype=dt), _meta(B, Hkv, n, gate_width, dtype=dt)
+                    attention.memory_attention_fwd(q, cache, cache, None, None, None, causal=True, scale=D ** -0.5,
+                                                   blend=(new, new, gate, cache, cache))
+                    looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
+                    looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
+                yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
+
+
+def _moe_scenarios(dtype, subset):
+    from memops.kernels import moe
+
+    dt = _torch_dtype(dtype)
+    for case in _cases("moe_routing"):
+        p = case.params
+        if subset and not case.name.startswith("llada2"):
+            continue
+
+        def run(p=p):
+            logits = _meta(p["B"], p["N"], p["E"], dtype=torch.float32)
+            for block_size in (32, None):  # block routing, and token routing
+                moe.block_route(logits, _meta(p["E"], dtype=torch.float32), block_size=block_size, top_k=p["top_k"],
+                                top_p=0.9, min_experts=p["min_experts"], softmax=p["score_func"] == "softmax",
+                                n_groups=p["n_groups"], topk_groups=p["topk_groups"],
+                                routed_scaling=p["routed_scaling"], normalize=True)
+        yield f"route {case.name}", run
+    for case in _cases("moe_layer"):
+        p = case.params
+        if p["dtype"] == "float32" and not subset:
+            p = dict(p)  # the small case: its shapes at the dtype under test
+        if subset and case.name != "llada2-64blk":
+            continue
+
+        def run(p=p):
+            T, d, inter, E, top_k = p["T"], p["d"], p["inter"], p["E"], p["top_k"]
+            x, w_gate_up, w_down = _meta(T, d, dtype=dt), _meta(E, 2 * inter, d, dtype=dt), _meta(E, d, inter, dtype=dt)
+            ids = _meta(T, top_k, dtype=torch.int32)
+            moe.moe_experts_fwd(x, w_gate_up, w_down, ids, save_preact=False)  # the forward op
+            # the backward op: the gate/up GEMM again for its pre-activations, then the grads
+            _, (layout, h, preact) = moe.moe_experts_fwd(x, w_gate_up, w_down, ids, save_preact=True, down=False)
+            moe.moe_experts_bwd(_meta(T * top_k, d, dtype=dt), x, w_gate_up, w_down, ids, layout, h, preact)
+        yield f"experts {case.name}", run
+
+
+FAMILIES = {
+    "weighted_gather": _weighted_gather_scenarios,
+    "product_key_search": _search_scenarios,
+    "memory_attention": _memory_attention_scenarios,
+    "retention": _retention_scenarios,
+    "looped": _looped_scenarios,
+    "moe": _moe_scenarios,
+}
+DTYPES = ("bf16", "fp16", "fp32", "tf32")
+
+
+def _specialise(launch: Launch, arch: int):
+    """(signature, constexprs, attrs, options) exactly as a launch on ``arch`` would compile, via Triton's
+    own binder."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs, debug=False)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound, specialization, options)
+
+
+def _describe(value) -> object:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = False) -> list[Variant]:
+    """Record every scenario under every (dtype, arch) and return the distinct compiles."""
+    from memops._backend import configs_for_arch
+
+    variants: dict[str, Variant] = {}
+    for family, scenarios in FAMILIES.items():
+        if families and family not in families:
+            continue
+        for dtype in dtypes:
+            if subset and dtype == "fp16":  # same code path as bf16
+                continue
+            for arch in arches:
+                with configs_for_arch(arch), _matmul_precision(dtype):
+                    for label, run in scenarios(dtype, subset):
+                        with recording() as launches:
+                            run()
+                        for launch in launches:
+                            options, signature, constexprs, attrs = _specialise(launch, arch)
+                            fn = launch.kernel
+                            key = repr((fn.__name__, arch, sorted(signature.items()), sorted(constexprs.items()),
+                                        sorted(attrs.items()), options.num_warps, options.num_stages))
+                            if key in variants:
+                                if label not in variants[key].labels:
+                                    variants[key].labels.append(label)
+                                continue
+                            config = {fn.arg_names[path[0]]: _describe(v) for path, v in constexprs.items()
+                                      if len(path) == 1 and fn.arg_names[path[0]].isupper()}
+                            config.update(num_warps=options.num_warps, num_stages=options.num_stages)
+                            variants[key] = Variant(family, fn.__name__, arch, dtype, [label], config, key, launch)
+    out = list(variants.values())
+    if subset:  # one variant per (kernel, dtype class, code path): the first of each
+        seen, kept = set(), []
+        for v in out:
+            path = tuple(sorted((k, v.config[k]) for k in v.config if k.isupper() and (
+                k.startswith(("HAS_", "CAUSAL", "BLEND", "GATE_", "MEMORY_", "WEIGHTS_", "ATOMIC_", "SWIGLU",
+                              "SAVE_", "VOTE", "SOFTMAX", "A_ROWS", "C_ROWS", "G_ROWS", "USE_")))))
+            k = (v.kernel, v.dtype, path)
+            if k not in seen:
+                seen.add(k)
+                kept.append(v)
+        out = kept
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiling and reading the result
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _dot_lowering(ttgir: str) -> dict:
+    """How many dots became wgmma (HGMMA), mma.sync (HMMA) or FMA, from the TTGIR."""
+    definitions = re.findall(r"^(#\w+) = (#ttg\.\w+)<\{([^\n]*)", ttgir, flags=re.M)
+    encodings = {alias: kind for alias, kind, _ in definitions}
+    versions = {alias: int(m.group(1)) for alias, _, rest in definitions
+                if (m := re.search(r"versionMajor = (\d+)", rest))}
+    counts = {"wgmma": 0, "mma": 0, "fma": 0}
+    counts["wgmma"] = len(re.findall(r"= ttng\.warp_group_dot ", ttgir))
+    for line in re.findall(r"= tt\.dot [^\n]*", ttgir):
+        result = re.search(r"-> tensor<[^,>]*, (#\w+)>", line)
+        alias = result.group(1) if result else ""
+        if encodings.get(alias) == "#ttg.nvidia_mma":
+            counts["wgmma" if versions.get(alias) == 3 else "mma"] += 1
+        else:
+            counts["fma"] += 1
+    return counts
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    field = lambda name: int(re.search(rf"\b{name}:(\d+)", usage).group(1))  # noqa: E731
+    return dict(registers=field("REG"), stack=field("STACK"), local=field("LOCAL"),
+                spill_instructions=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+                hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)))
+
+
+def _occupancy(registers: int, shared: int, num_warps: int, target: dict) -> int:
+    """Resident blocks per SM from registers (256-register allocation units per warp), shared memory (plus the
+    1 KiB each block reserves), threads and the block limit."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = target["regs_per_sm"] // (regs_per_warp * num_warps)
+    by_smem = target["smem_per_sm"] // (shared + 1024)
+    by_threads = target["max_threads"] // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, target["max_blocks"]))
+
+
+def compile_variant(variant: Variant) -> dict:
+    """Compile one variant for its target; its figures, or the exact error."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
+    target = TARGETS[variant.arch]
+    row = dict(family=variant.family, kernel=variant.kernel, arch=target["name"], dtype=variant.dtype,
+               labels=variant.labels, config=variant.config, ok=False, error=None)
+    start = time.perf_counter()
+    try:
+        options, signature, constexprs, attrs = _specialise(variant.launch, variant.arch)
+        compiled = triton_compile(ASTSource(variant.launch.kernel, signature, constexprs, attrs),
+                                  target=GPUTarget("cuda", variant.arch, 32), options=options.__dict__)
+        resources = _resources(compiled.asm["cubin"])
+        dots = _dot_lowering(compiled.asm["ttgir"])
+        shared = int(compiled.metadata.shared)
+        row.update(ok=True, shared=shared, shared_limit=target["smem_per_block"], dots=dots, **resources,
+                   blocks_per_sm=_occupancy(resources["registers"], shared, options.num_warps, target))
+    except Exception as error:  # noqa: BLE001 - the report carries the exact error of any compile failure
+        # A CompilationError's text is the source position, the source line and the cause: keep the position
+        # and the cause on one line.
+        lines = [line.strip() for line in f"{type(error).__name__}: {error}".strip().splitlines() if line.strip()]
+        message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+        row["error"] = message[:400]
+    row["compile_s"] = round(time.perf_counter() - start, 2)
+    row["problems"] = problems(row)
+    return row
+
+
+def _allowed(row: dict, rule: str) -> str | None:
+    for kernel, predicate, allowed_rule, why in ALLOWED:
+        if kernel == row["kernel"] and allowed_rule == rule and predicate(row):
+            return why
+    return None
+
+
+def problems(row: dict) -> list[str]:
+    """What fails the check for one compiled variant (empty: clean)."""
+    if not row["ok"]:
+        return [f"compile error: {row['error']}"]
+    out = []
+    if row["shared"] > row["shared_limit"]:
+        out.append(f"shared memory {row['shared']} B over the {row['shared_limit']} B limit")
+    if (row["stack"] or row["spill_instructions"]) and not _allowed(row, "spill"):
+        out.append(f"spills: {row['stack']} B stack, {row['spill_instructions']} LDL/STL")
+    needs_tensor_cores = row["dtype"] in ("bf16", "fp16", "tf32")
+    off_tensor_cores = row["dots"]["fma"] + (row["dots"]["mma"] if row["arch"] == "sm_90" else 0)
+    if needs_tensor_cores and off_tensor_cores and not _allowed(row, "tensor_cores"):
+        lowering = "FMA" if row["dots"]["fma"] else "mma.sync (not wgmma)"
+        out.append(f"{off_tensor_cores} of {sum(row['dots'].values())} dots on {lowering}")
+    return out
+
+
+# Each worker process records once, then compiles the variants it is handed by index.
+_WORKER_VARIANTS: list[Variant] = []
+
+
+def _worker_init(families, dtypes, arches, subset):
+    os.environ.pop("TRITON_INTERPRET", None)
+    _WORKER_VARIANTS.extend(collect(families, dtypes, arches, subset))
+
+
+def _worker_compile(index: int) -> dict:
+    return compile_variant(_WORKER_VARIANTS[index])
+
+
+def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False, jobs: int | None = None,
+              progress=None) -> dict:
+    """Compile every variant (in ``jobs`` processes) and return the report: rows and a summary."""
+    import triton
+
+    # Triton 3.9 warns that its FP-fusion default will change; pin today's default (fusion on, as 3.6 does).
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("memops gpu-check compiles for GPUs: run it without TRITON_INTERPRET=1")
+    start = time.perf_counter()
+    variants = collect(families, dtypes, arches, subset)
+    jobs = jobs or min(len(variants), os.cpu_count() or 1)
+    rows = []
+    if jobs <= 1:
+        for variant in variants:
+            rows.append(compile_variant(variant))
+            if progress:
+                progress(rows[-1])
+    else:
+        # spawn, not fork: a forked torch process can deadlock on locks held by the parent's threads
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                                 initargs=(families, dtypes, arches, subset)) as pool:
+            for row in pool.map(_worker_compile, range(len(variants))):
+                rows.append(row)
+                if progress:
+                    progress(row)
+    failing = [r for r in rows if r["problems"]]
+    return dict(
+        triton=triton.__version__, torch=torch.__version__, subset=subset, arches=[TARGETS[a]["name"] for a in arches],
+        variants=len(rows), failing=len(failing), wall_s=round(time.perf_counter() - start, 1), rows=rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _dots_text(row: dict) -> str:
+    dots = row["dots"]
+    parts = [f"{n} {name}" for name, n in (("wgmma", dots["wgmma"]), ("mma", dots["mma"]), ("FMA", dots["fma"])) if n]
+    return ", ".join(parts) or "-"
+
+
+def summary_table(reports: list[dict]) -> list[dict]:
+    """Per (triton, target, kernel, dtype): variants, failures, and the worst registers / stack / shared."""
+    groups: dict[tuple, list] = {}
+    for report in reports:
+        for row in report["rows"]:
+            groups.setdefault((report["triton"], row["arch"], row["kernel"], row["dtype"]), []).append(row)
+    out = []
+    for (version, arch, kernel, dtype), rows in sorted(groups.items()):
+        ok = [r for r in rows if r["ok"]]
+        out.append(dict(
+            triton=version, arch=arch, kernel=kernel, dtype=dtype, variants=len(rows), compiled=len(ok),
+            failing=sum(1 for r in rows if r["problems"]),
+            max_registers=max((r["registers"] for r in ok), default=None),
+            max_stack=max((r["stack"] for r in ok), default=None),
+            spill_instructions=sum(r["spill_instructions"] for r in ok),
+            max_shared_kib=round(max((r["shared"] for r in ok), default=0) / 1024, 1),
+            tensor_cores="n/a" if dtype == "fp32" else (
+                "yes" if ok and all(not r["dots"]["fma"] and not (r["arch"] == "sm_90" and r["dots"]["mma"])
+                                    for r in ok) and any(sum(r["dots"].values()) for r in ok) else
+                ("no dots" if all(not sum(r["dots"].values()) for r in ok) else "no")),
+            min_blocks_per_sm=min((r["blocks_per_sm"] for r in ok), default=None),
+        ))
+    return out
+
+
+def markdown(reports: list[dict]) -> str:
+    """docs/gpu-compile.md: the summary per kernel, then every failing variant with its reason."""
+    lines = ["# GPU compile check", "",
+             "Every kernel the public ops launch, compiled ahead of time on a CPU-only machine for real GPU targets",
+             "at the launch configs the launchers choose on CUDA, at every family's CUDA benchmark shapes and for",
+             "every dtype class (bf16, fp16, fp32 with ieee dots, fp32 with tf32 dots) and head dim",
+             "(`python -m memops.gpu_check`, which `memops gpu-check` runs; see `memops/gpu_check.py` and",
+             "docs/testing.md for what it proves and what it cannot). Regenerate with",
+             "`memops gpu-check --out benchmarks/results/gpu-compile` under each Triton version, then `memops report`.", ""]
+    for report in reports:
+        lines.append(f"- Triton {report['triton']} (torch {report['torch']}), targets {', '.join(report['arches'])}: "
+                     f"{report['variants']} variants, {report['failing']} failing, {report['wall_s']} s"
+                     f"{' (subset)' if report['subset'] else ''}.")
+    lines += ["", "| triton | target | kernel | dtype | variants | failing | max regs | max stack B | LDL/STL | "
+                  "max smem KiB | tensor cores | min blocks/SM |", "|" + "---|" * 12]
+    for r in summary_table(reports):
+        lines.append(f"| {r['triton']} | {r['arch']} | {r['kernel']} | {r['dtype']} | {r['variants']} | {r['failing']} | "
+                     f"{r['max_registers']} | {r['max_stack']} | {r['spill_instructions']} | {r['max_shared_kib']} | "
+                     f"{r['tensor_cores']} | {r['min_blocks_per_sm']} |")
+    # Failing variants, grouped by (triton, target, kernel, dtype, kind of problem), with one example each.
+    groups: dict[tuple, list] = {}
+    for report in reports:
+        for row in report["rows"]:
+            for problem in row["problems"]:
+                kind = re.sub(r"\d+", "N", problem.split(":")[0])
+                groups.setdefault((report["triton"], row["arch"], row["kernel"], row["dtype"], kind), []).append(
+                    (row, problem))
+    lines += ["", "## Failing variants", ""]
+    if not groups:
+        lines.append("None.")
+    for (version, arch, kernel, dtype, kind), items in sorted(groups.items()):
+        row, problem = items[0]
+        lines.append(f"- Triton {version}, {arch}, `{kernel}` {dtype}: {len(items)} variant(s), {kind}; e.g. "
+                     f"{row['labels'][0]} {row['config']}: {problem}")
+    if ALLOWED:
+        lines += ["", "## Allowed exceptions", ""]
+        lines += [f"- `{kernel}` ({rule}): {why}" for kernel, _, rule, why in ALLOWED]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memops gpu-check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subset", action="store_true", help="the CI subset (one variant per kernel, dtype class "
+                        "and code path, sm_90)")
+    parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families")
+    parser.add_argument("--arch", action="append", type=int, choices=sorted(TARGETS), help="targets (default 90, 80)")
+    parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
+    parser.add_argument("--out", type=Path, default=None, help="write <out>/gpu-compile-triton<version>.json")
+    args = parser.parse_args(argv)
+    arches = tuple(args.arch or ((90,) if args.subset else DEFAULT_ARCHES))
+
+    def progress(row):
+        status = "ok" if not row["problems"] else "FAIL " + "; ".join(row["problems"])
+        figures = (f"regs {row['registers']} stack {row['stack']} smem {row['shared']} dots [{_dots_text(row)}]"
+                   if row["ok"] else "")
+        print(f"{row['arch']} {row['kernel']} {row['dtype']} {row['config']} {figures} {row['compile_s']}s: {status}",
+              flush=True)
+
+    report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress)
+    print(f"triton {report['triton']}: {report['variants']} variants, {report['failing']} failing, {report['wall_s']} s")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = f"gpu-compile-triton{report['triton']}{'-subset' if args.subset else ''}.json"
+        (args.out / name).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 1 if report["failing"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
