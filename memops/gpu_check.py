@@ -337,7 +337,7 @@ def _describe(value) -> object:
     return str(value)
 
 
-def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = False) -> list[Variant]:
+def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = False, kernels=None) -> list[Variant]:
     """Record every scenario under every (dtype, arch) and return the distinct compiles."""
     from memops._backend import configs_for_arch
 
@@ -354,8 +354,10 @@ def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = 
                         with recording() as launches:
                             run()
                         for launch in launches:
-                            options, signature, constexprs, attrs = _specialise(launch, arch)
                             fn = launch.kernel
+                            if kernels and fn.__name__ not in kernels:
+                                continue
+                            options, signature, constexprs, attrs = _specialise(launch, arch)
                             key = repr((fn.__name__, arch, sorted(signature.items()), sorted(constexprs.items()),
                                         sorted(attrs.items()), options.num_warps, options.num_stages))
                             if key in variants:
@@ -490,9 +492,9 @@ def problems(row: dict) -> list[str]:
 _WORKER_VARIANTS: list[Variant] = []
 
 
-def _worker_init(families, dtypes, arches, subset):
+def _worker_init(families, dtypes, arches, subset, kernels):
     os.environ.pop("TRITON_INTERPRET", None)
-    _WORKER_VARIANTS.extend(collect(families, dtypes, arches, subset))
+    _WORKER_VARIANTS.extend(collect(families, dtypes, arches, subset, kernels))
 
 
 def _worker_compile(index: int) -> dict:
@@ -500,7 +502,7 @@ def _worker_compile(index: int) -> dict:
 
 
 def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False, jobs: int | None = None,
-              progress=None) -> dict:
+              progress=None, kernels=None) -> dict:
     """Compile every variant (in ``jobs`` processes) and return the report: rows and a summary."""
     import triton
 
@@ -509,7 +511,7 @@ def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False,
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("memops gpu-check compiles for GPUs: run it without TRITON_INTERPRET=1")
     start = time.perf_counter()
-    variants = collect(families, dtypes, arches, subset)
+    variants = collect(families, dtypes, arches, subset, kernels)
     jobs = jobs or min(len(variants), os.cpu_count() or 1)
     rows = []
     if jobs <= 1:
@@ -521,7 +523,7 @@ def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False,
         # spawn, not fork: a forked torch process can deadlock on locks held by the parent's threads
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
-                                 initargs=(families, dtypes, arches, subset)) as pool:
+                                 initargs=(families, dtypes, arches, subset, kernels)) as pool:
             for row in pool.map(_worker_compile, range(len(variants))):
                 rows.append(row)
                 if progress:
@@ -614,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                         "and code path, sm_90)")
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families")
     parser.add_argument("--arch", action="append", type=int, choices=sorted(TARGETS), help="targets (default 90, 80)")
+    parser.add_argument("--kernel", action="append", help="only these kernels (by name)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="write <out>/gpu-compile-triton<version>.json")
     args = parser.parse_args(argv)
@@ -626,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['arch']} {row['kernel']} {row['dtype']} {row['config']} {figures} {row['compile_s']}s: {status}",
               flush=True)
 
-    report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress)
+    report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress, args.kernel)
     print(f"triton {report['triton']}: {report['variants']} variants, {report['failing']} failing, {report['wall_s']} s")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
