@@ -189,7 +189,9 @@ def cache_gather(src: torch.Tensor, kept: torch.Tensor, dst: torch.Tensor) -> No
     rows, budget = kept.shape
     width = src.shape[2]
     block_w = min(triton.next_power_of_2(width), 256)
-    block_r = max(1, 4096 // block_w)
+    # 16 elements per thread at most: width-1 rows (log_beta, positions) with 4096 rows per program sat at
+    # 255 registers and spilled (memops gpu-check, sm_90/sm_80).
+    block_r = max(1, min(2048, 4096 // block_w))
     record_launch("cache_gather_kernel")
     cache_gather_kernel[(triton.cdiv(budget, block_r), rows)](
         src, kept, dst, budget, width, src.stride(0), dst.stride(0), BLOCK_R=block_r, BLOCK_W=block_w,
