@@ -198,35 +198,37 @@ def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
         yield label, run
 
 
+def _cases_by_head_dim(module: str, subset: bool, subset_case: str):
+    """(case, params, head dim) of a benchmark module's CUDA cases at every head dim; the subset keeps one case
+    at its own head dim."""
+    for case in _cases(module):
+        if subset and case.name != subset_case:
+            continue
+        for D in (case.params["D"],) if subset else HEAD_DIMS:
+            yield case, case.params, D
+
+
 def _memory_attention_scenarios(dtype, subset):
     dt = _torch_dtype(dtype)
-    for case in _cases("attention"):
-        p = case.params
-        for D in HEAD_DIMS if not subset else (p["D"],):
-            if subset and case.name != "dit-mem":
-                continue
-            for path, run in _attention_paths(p["B"], p["H"], p["Hkv"], p["N"], p["Nk"], p["M"], D, p["causal"], dt,
-                                              subset):
-                yield f"{case.name} D={D} {path}", run
+    for case, p, D in _cases_by_head_dim("attention", subset, "dit-mem"):
+        for path, run in _attention_paths(p["B"], p["H"], p["Hkv"], p["N"], p["Nk"], p["M"], D, p["causal"], dt,
+                                          subset):
+            yield f"{case.name} D={D} {path}", run
 
 
 def _retention_scenarios(dtype, subset):
     from memops.kernels import attention, retention
 
     dt = _torch_dtype(dtype)
-    for case in _cases("retention"):
-        p = case.params
-        if subset and case.name != "llm-4k":
-            continue
-        for D in HEAD_DIMS if not subset else (p["D"],):
-            def run(p=p, D=D):
-                B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
-                q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, N, D, dtype=dt)
-                log_beta = _meta(B, Hkv, N, dtype=torch.float32)
-                attention.memory_attention_fwd(q, k, k, None, None, None, causal=True, scale=D ** -0.5, log_beta=log_beta)
-                attention.memory_attention_bwd(q, q, k, k, None, None, None, q, _meta(B, H, N, dtype=torch.float32),
-                                               causal=True, scale=D ** -0.5, deterministic=True, log_beta=log_beta)
-            yield f"{case.name} D={D} decay", run
+    for case, p, D in _cases_by_head_dim("retention", subset, "llm-4k"):
+        def run(p=p, D=D):
+            B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
+            q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, N, D, dtype=dt)
+            log_beta = _meta(B, Hkv, N, dtype=torch.float32)
+            attention.memory_attention_fwd(q, k, k, None, None, None, causal=True, scale=D ** -0.5, log_beta=log_beta)
+            attention.memory_attention_bwd(q, q, k, k, None, None, None, q, _meta(B, H, N, dtype=torch.float32),
+                                           causal=True, scale=D ** -0.5, deterministic=True, log_beta=log_beta)
+        yield f"{case.name} D={D} decay", run
     if dtype in ("fp32", "bf16"):  # the capacity kernels read log_beta (any float) and compute in fp32
         for case in _cases("retention_capacity"):
             p = case.params
@@ -253,21 +255,17 @@ def _looped_scenarios(dtype, subset):
     from memops.kernels import attention, looped
 
     dt = _torch_dtype(dtype)
-    for case in _cases("looped"):
-        p = case.params
-        if subset and case.name != "ouro-4k":
-            continue
-        for D in HEAD_DIMS if not subset else (p["D"],):
-            for gate_width in (1, D):
-                def run(p=p, D=D, gate_width=gate_width):
-                    B, H, Hkv, n, Nk = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"]
-                    q, cache = _meta(B, H, n, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
-                    new, gate = _meta(B, Hkv, n, D, dtype=dt), _meta(B, Hkv, n, gate_width, dtype=dt)
-                    attention.memory_attention_fwd(q, cache, cache, None, None, None, causal=True, scale=D ** -0.5,
-                                                   blend=(new, new, gate, cache, cache))
-                    looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
-                    looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
-                yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
+    for case, p, D in _cases_by_head_dim("looped", subset, "ouro-4k"):
+        for gate_width in (1, D):
+            def run(p=p, D=D, gate_width=gate_width):
+                B, H, Hkv, n, Nk = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"]
+                q, cache = _meta(B, H, n, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
+                new, gate = _meta(B, Hkv, n, D, dtype=dt), _meta(B, Hkv, n, gate_width, dtype=dt)
+                attention.memory_attention_fwd(q, cache, cache, None, None, None, causal=True, scale=D ** -0.5,
+                                               blend=(new, new, gate, cache, cache))
+                looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
+                looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
+            yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
 
 
 def _moe_scenarios(dtype, subset):
@@ -289,8 +287,6 @@ def _moe_scenarios(dtype, subset):
         yield f"route {case.name}", run
     for case in _cases("moe_layer"):
         p = case.params
-        if p["dtype"] == "float32" and not subset:
-            p = dict(p)  # the small case: its shapes at the dtype under test
         if subset and case.name != "llada2-64blk":
             continue
 
