@@ -390,25 +390,167 @@ def _acc_and_precision(q: torch.Tensor):
     return tl.float32, "ieee"
 
 
-def attention_config(head_dim: int, device: torch.device) -> dict:
-    """Block sizes and warps per head dim."""
-    if launch_arch(device) is None:  # the interpreter: few, large programs
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    if head_dim <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+# ---------------------------------------------------------------------------------------------------------
+# Launch configs on CUDA: one table per kernel (forward, dQ, dK/dV), keyed (arch class, dtype class, head dim),
+# an entry per code path ("*": every path not named). Values are (BLOCK_M, BLOCK_N, num_warps, num_stages),
+# or None where no config compiles clean: the public ops' "auto" backend then runs the reference instead
+# (:func:`reference_instead`). Every entry was chosen from `memops gpu-check` compile figures (registers,
+# stack and LDL/STL, shared memory against the per-block limit, how each dot lowered) under Triton 3.6 and
+# 3.9: the largest tile among the candidates tried that has no spill, fits, and keeps 16-bit and tf32 dots
+# on wgmma (sm_90) / mma.sync (sm_80). Timing on a GPU may reorder clean candidates
+# (benchmarks/tune_attention.py); it must not bring back a spilling one. docs/gpu-compile.md has the figures.
+#
+# arch class: 90 = sm_90 and newer (227 KiB shared memory per block, wgmma needs 64 rows per warpgroup);
+#             80 = sm_80 to sm_89 (163 KiB on sm_80, mma.sync). Older GPUs take the sm_80 table.
+# dtype class: "16" = bf16 / fp16; "tf32" = fp32 inputs with torch.get_float32_matmul_precision() "high" or
+#             "medium"; "fp32" = fp32 with "highest": ieee dots, which Triton lowers to FMA with a full K row
+#             per thread, so only D=64 (and D=128 on sm_80) fit in registers.
+# path (forward): "memory" (memory tokens and/or a bias, or plain), "decay" (retention), "blend-row" /
+#             "blend-channel" (looped: the gate per row / per channel); (backward): "memory", "decay".
+_Config = tuple[int, int, int, int]
+FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = {
+    (90, "16", 64): ({"*": (128, 64, 8, 3)}, "4 warps spill 32-40 B with a bias or decay; 8: 128-187 regs"),
+    (90, "16", 128): ({"*": (128, 64, 8, 3), "blend-channel": (128, 64, 8, 2)},
+                      "4 warps spill ~400 B; the per-channel gate at 3 stages needs 256 KiB (2 stages: 160 KiB)"),
+    (90, "16", 256): ({"*": (128, 32, 8, 2)}, "BLOCK_N 64 spills 48-112 B or passes 227 KiB; 128x32: 204-236 regs"),
+    (80, "16", 64): ({"*": (128, 64, 8, 3), "blend-row": (64, 64, 4, 3), "blend-channel": (64, 32, 8, 2)},
+                     "the looped blend at 128 rows spills 400-660 B on sm_80"),
+    (80, "16", 128): ({"*": (128, 32, 8, 2), "blend-row": (64, 32, 4, 2), "blend-channel": (64, 32, 8, 2)},
+                      "128x64 sits at 255 regs; the looped blend spills 30-9,500 B at 64 keys or 128 rows"),
+    (80, "16", 256): ({"*": (64, 32, 8, 1), "blend-channel": None},
+                      "2 stages or 128 rows spill 8-24 B; the per-channel blend spills 32-740 B at every tile "
+                      "tried, down to 16x32"),
+    (90, "tf32", 64): ({"*": (128, 64, 8, 2)}, "clean on every path (177-230 regs, <=160 KiB)"),
+    (90, "tf32", 128): ({"*": (128, 32, 8, 2)}, "BLOCK_N 64 passes 227 KiB with the looped blend"),
+    (90, "tf32", 256): ({"*": (128, 16, 8, 2), "blend-channel": None},
+                        "64-row tiles spill 16 B-1 KB; the per-channel blend spills 24 B or passes 227 KiB"),
+    (80, "tf32", 64): ({"*": (128, 32, 8, 3), "blend-channel": (32, 32, 4, 2)},
+                       "the per-channel blend spills 176-5,600 B at 4 warps or 128 rows"),
+    (80, "tf32", 128): ({"*": (64, 32, 8, 2)}, "4 warps sit at 255 regs; 128 rows spill with the looped blend"),
+    (80, "tf32", 256): ({"*": (64, 32, 8, 1), "blend-row": None, "blend-channel": None},
+                        "the looped blend spills 136 B-5 KB at every tile tried"),
+    (90, "fp32", 64): ({"*": (64, 32, 8, 1)}, "FMA dots: 94-244 regs, no stack"),
+    (90, "fp32", 128): ({"*": None}, "FMA dots spill 40-800 B at every tile down to 16x32"),
+    (90, "fp32", 256): ({"*": None}, "FMA dots spill 2-8.7 KB at every tile tried"),
+    (80, "fp32", 64): ({"*": (64, 32, 8, 1)}, "FMA dots: 80-226 regs, no stack"),
+    (80, "fp32", 128): ({"*": (32, 32, 8, 1)}, "FMA dots: 78-219 regs; 4 warps or 64 rows spill 500+ B"),
+    (80, "fp32", 256): ({"*": None}, "FMA dots spill 1-1.3 KB at every tile tried"),
+}
+# dQ: one program per BLOCK_M queries streaming BLOCK_N keys. wgmma needs BLOCK_M >= 64 on sm_90.
+DQ_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = {
+    (90, "16", 64): ({"*": (64, 64, 4, 2)}, "142-161 regs on every path"),
+    (90, "16", 128): ({"*": (64, 64, 4, 2)}, "213-232 regs; the H100 DiT-Mem timing chose 4 warps"),
+    (90, "16", 256): ({"*": (64, 32, 8, 2)}, "4 warps or BLOCK_N 64 spill 8-264 B; 32x32 was mma.sync"),
+    (80, "16", 64): ({"*": (64, 64, 4, 2)}, "183-202 regs on every path"),
+    (80, "16", 128): ({"*": (64, 32, 4, 2)}, "64x64 sits at 255 regs, 128x64 spills 32 B"),
+    (80, "16", 256): ({"*": (64, 32, 8, 2)}, "4 warps or 1 stage spill 1-4.7 KB"),
+    (90, "tf32", 64): ({"*": (64, 64, 4, 2)}, "150-168 regs"),
+    (90, "tf32", 128): ({"*": (64, 32, 8, 2)}, "137-251 regs; 4 warps spill 40-56 B under Triton 3.6, BLOCK_N 64 48-80 B"),
+    (90, "tf32", 256): ({"*": None}, "see DKDV_CONFIGS: the backward has no clean dK/dV config at D=256"),
+    (80, "tf32", 64): ({"*": (64, 32, 8, 2)}, "4 warps spill 16 B with a bias"),
+    (80, "tf32", 128): ({"*": (64, 32, 8, 2)}, "4 warps sit at 255 regs"),
+    (80, "tf32", 256): ({"*": None}, "see DKDV_CONFIGS"),
+    (90, "fp32", 64): ({"*": (32, 16, 4, 1)}, "FMA dots: 78-106 regs"),
+    (90, "fp32", 128): ({"*": None}, "FMA dots spill 250-660 B at 32x32, 32x16 and 16x32"),
+    (90, "fp32", 256): ({"*": None}, "FMA dots spill at D=128 already"),
+    (80, "fp32", 64): ({"*": (32, 16, 4, 1)}, "FMA dots: 72-80 regs"),
+    (80, "fp32", 128): ({"*": (32, 16, 4, 1)}, "FMA dots: 108-120 regs"),
+    (80, "fp32", 256): ({"*": None}, "FMA dots spill at every tile tried"),
+}
+# dK/dV: one program per BLOCK_N keys (memory rows first, then sequence keys) streaming BLOCK_M queries; its
+# dots have BLOCK_N rows, and the dK and dV accumulators (2 x BLOCK_N x D fp32) set the register budget.
+DKDV_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = {
+    (90, "16", 64): ({"*": (32, 128, 8, 2)}, "152-187 regs; 64x64 at 4 warps reaches 255 with decay"),
+    (90, "16", 128): ({"*": (32, 64, 8, 2)}, "210-230 regs (GQA); 32x128 spills 32 B with decay, 4 warps 8-80 B"),
+    (90, "16", 256): ({"*": None}, "every tile tried (16-64 x 64, 4-8 warps, 1-2 stages) spills 200 B-1 KB"),
+    (80, "16", 64): ({"*": (32, 128, 8, 2)}, "174-227 regs; 64x64 at 4 warps spills 8-16 B"),
+    (80, "16", 128): ({"*": (64, 64, 8, 2)}, "the only tile tried without a spill on every path (atomics: 1 KB)"),
+    (80, "16", 256): ({"*": None}, "every tile tried spills 24 B-5 KB"),
+    (90, "tf32", 64): ({"*": (32, 64, 4, 2)}, "164-216 regs"),
+    (90, "tf32", 128): ({"*": None}, "no tile tried is clean under both Triton versions: 16x64x8w x1 stage "
+                        "spills 40-112 B under 3.9, 16x128x8w 16-72 B under 3.6 (decay, atomics)"),
+    (90, "tf32", 256): ({"*": None}, "the accumulators alone are 128 regs per thread at 64 keys x 8 warps"),
+    (80, "tf32", 64): ({"*": (32, 64, 4, 2)}, "255 regs, no stack; 8 warps spill 430 B-1.2 KB"),
+    (80, "tf32", 128): ({"*": (32, 64, 8, 2)}, "4 warps spill 64 B-1 KB"),
+    (80, "tf32", 256): ({"*": None}, "as on sm_90"),
+    (90, "fp32", 64): ({"*": (16, 32, 4, 1)}, "FMA dots: 107-134 regs; 32x32 spills 24-288 B"),
+    (90, "fp32", 128): ({"*": None}, "FMA dots spill 88 B-8 KB at every tile tried"),
+    (90, "fp32", 256): ({"*": None}, "FMA dots spill at D=128 already"),
+    (80, "fp32", 64): ({"*": (16, 32, 4, 1)}, "FMA dots: 132-140 regs; 32x16 spills 8 B"),
+    (80, "fp32", 128): ({"*": None}, "no tile tried is clean on both the bias and the atomic path (16-1,300 B)"),
+    (80, "fp32", 256): ({"*": None}, "FMA dots spill at every tile tried"),
+}
+# The interpreter: few, large programs.
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def attention_bwd_config(head_dim: int, device: torch.device) -> dict:
-    if launch_arch(device) is None:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if head_dim <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if head_dim <= 128:  # H100, DiT-Mem shape (N=16384, D=128, bf16): 4 warps 12.6 ms, 8 warps 26.6 ms
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+def _dtype_class(dtype: torch.dtype) -> str:
+    if dtype in (torch.bfloat16, torch.float16):
+        return "16"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "fp32"
+
+
+def _lookup(table, arch: int, dtype: torch.dtype, head_dim: int, path: str) -> _Config | None:
+    key = (90 if arch >= 90 else 80, _dtype_class(dtype), 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)
+    by_path = table[key][0]
+    return by_path.get(path, by_path["*"])
+
+
+def _as_dict(config: _Config) -> dict:
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), config))
+
+
+# fp64 (gradcheck on CUDA) is not a speed path: the smallest tiles, which fit at every head dim.
+_FP64_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+
+
+def _pick(table, device, dtype, head_dim: int, path: str) -> dict:
+    arch = launch_arch(device)
+    if arch is None:
+        return dict(_INTERPRETER_CONFIG)
+    if dtype == torch.float64:
+        return dict(_FP64_CONFIG)
+    config = _lookup(table, arch, dtype, head_dim, path)
+    if config is None:  # backend="triton" asked for a kernel with no clean config: the smallest tile
+        return {"BLOCK_M": 64 if arch >= 90 else 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    return _as_dict(config)
+
+
+def fwd_path(*, decay: bool = False, gate_per_channel: bool | None = None) -> str:
+    """The forward table's path name: gate_per_channel None = no looped blend."""
+    if gate_per_channel is not None:
+        return "blend-channel" if gate_per_channel else "blend-row"
+    return "decay" if decay else "memory"
+
+
+def attention_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                     path: str = "memory") -> dict:
+    """The forward kernel's launch config (see FWD_CONFIGS)."""
+    return _pick(FWD_CONFIGS, device, dtype, head_dim, path)
+
+
+def attention_bwd_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                         path: str = "memory") -> dict:
+    """{"dq": ..., "dkdv": ...}: the backward kernels' launch configs (see DQ_CONFIGS, DKDV_CONFIGS)."""
+    return {"dq": _pick(DQ_CONFIGS, device, dtype, head_dim, path),
+            "dkdv": _pick(DKDV_CONFIGS, device, dtype, head_dim, path)}
+
+
+def reference_instead(q: torch.Tensor, path: str, *, backward: bool) -> str | None:
+    """Why the "auto" backend should run the reference for attention on q's device, or None: a table has no
+    clean config for (arch, dtype, head dim, path). ``backward``: the backward kernels are needed too."""
+    arch = launch_arch(q.device)
+    if arch is None or q.dtype == torch.float64:
+        return None
+    tables = [("forward", FWD_CONFIGS)]
+    if backward:
+        tables += [("dQ", DQ_CONFIGS), ("dK/dV", DKDV_CONFIGS)]
+    for name, table in tables:
+        if _lookup(table, arch, q.dtype, q.shape[-1], path if name == "forward" or path == "decay" else "memory") is None:
+            return f"no {name} config for sm_{arch} {q.dtype} D={q.shape[-1]} ({path})"
+    return None
 
 
 def _strides3(t: torch.Tensor | None):
@@ -452,7 +594,8 @@ def memory_attention_fwd(
     lse = torch.empty((B, H, N), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     if B * H * N == 0:
         return out, lse
-    cfg = config or attention_config(D, q.device)
+    cfg = config or attention_config(D, q.device, q.dtype, fwd_path(
+        decay=log_beta is not None, gate_per_channel=None if blend is None else blend[2].shape[-1] != 1))
     k_new, v_new, gate, k_out, v_out = blend if blend is not None else (k, v, k, k, v)
     record_launch("memory_attention_fwd_kernel")
     memory_attention_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
@@ -486,7 +629,9 @@ def memory_attention_bwd(
     Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
     acc, precision = _acc_and_precision(q)
-    cfg = config or attention_bwd_config(D, q.device)
+    cfg = config or attention_bwd_config(D, q.device, q.dtype, "decay" if log_beta is not None else "memory")
+    # one config for both kernels, or {"dq": ..., "dkdv": ...}
+    dq_cfg, dkdv_cfg = (cfg["dq"], cfg["dkdv"]) if "dq" in cfg else (cfg, cfg)
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -518,26 +663,26 @@ def memory_attention_bwd(
             H, N, HEAD_DIM=D, BLOCK_M=64, HAS_GRAD_LSE=grad_lse is not None, ACC=acc,
         )
         record_launch("memory_attention_dq_kernel")
-        memory_attention_dq_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+        memory_attention_dq_kernel[(triton.cdiv(N, dq_cfg["BLOCK_M"]), B * H)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, grad_out, lse, delta, dq, *common,
             dq.stride(0), dq.stride(1), dq.stride(2), H, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634,
-            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"],
             HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
             ACC=acc, DOT_PRECISION=precision,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=dq_cfg["num_warps"], num_stages=dq_cfg["num_stages"],
         )
-        memory_blocks = triton.cdiv(M, cfg["BLOCK_N"])
+        memory_blocks = triton.cdiv(M, dkdv_cfg["BLOCK_N"])
         record_launch("memory_attention_dkdv_kernel")
-        memory_attention_dkdv_kernel[(memory_blocks + triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
+        memory_attention_dkdv_kernel[(memory_blocks + triton.cdiv(Nk, dkdv_cfg["BLOCK_N"]), B * Hkv)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, grad_out, lse, delta,
             dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta,
             ddecay if ddecay is not None else delta, *common,
             *_strides3(dmem_k), dk.stride(0), dk.stride(1), dk.stride(2),
             H, Hkv, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634, memory_blocks,
-            HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            HEAD_DIM=D, BLOCK_M=dkdv_cfg["BLOCK_M"], BLOCK_N=dkdv_cfg["BLOCK_N"],
             HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
             MEMORY_GRAD_ATOMIC=atomic, ACC=acc,
-            DOT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            DOT_PRECISION=precision, num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"],
         )
     else:  # no query: every grad is zero
         for t in (dq, dk, dv, dmem_k, dmem_v, dbias, ddecay):

@@ -166,7 +166,8 @@ def block_route(
         E_LOG2=_log2_ceil(E), K_LOG2=_log2_ceil(top_k), SOFTMAX=softmax, HAS_BIAS=expert_bias is not None,
         VOTE=vote, NORMALIZE=normalize, GROUP_SIZE=E // n_groups, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups,
         G_PAD=triton.next_power_of_2(n_groups),
-        num_warps=4,
+        # The (tokens, experts) packed-entry sorts set the register budget: at 4 warps E = 256 spilled 1-3 KB.
+        num_warps=8 if E > 64 else 4,
     )
     return ids, weights, coreset.view(torch.bool) if vote else None
 
@@ -269,11 +270,33 @@ def grouped_weight_grad_kernel(
 BY_TOKEN, BY_SLOT, BY_POSITION = 0, 1, 2
 
 
-def gemm_config(device: torch.device) -> dict:
-    """Tiles of the grouped GEMMs (not yet tuned on a GPU)."""
-    if launch_arch(device) is None:
+# Tiles of the grouped GEMMs on CUDA per (arch class, dtype class), from `memops gpu-check` compile figures
+# (docs/gpu-compile.md). BLOCK_M is the slot layout's block and stays 64 everywhere. The dtype classes are
+# those of memops.kernels.attention: "16" (bf16/fp16), "tf32" (fp32, matmul precision high/medium) and
+# "fp32" (fp32 at "highest": ieee dots, lowered to FMA, which hold a full BLOCK_K row per thread).
+GEMM_CONFIGS = {
+    (90, "16"): ((64, 64, 64, 4, 3), "wgmma, no stack on every GEMM"),
+    (80, "16"): ((64, 64, 64, 4, 3), "mma.sync, no stack on every GEMM"),
+    (90, "tf32"): ((64, 64, 32, 4, 3), "BLOCK_K 64 spills 48 B in the SwiGLU GEMM (two accumulators)"),
+    (80, "tf32"): ((64, 64, 32, 4, 3), "as on sm_90"),
+    (90, "fp32"): ((64, 32, 16, 4, 2), "FMA: 64x64x64 spills 16-384 B with SwiGLU"),
+    (80, "fp32"): ((64, 32, 16, 4, 2), "FMA: 64x64x64 spills 576 B-6.7 KB"),
+}
+
+
+def gemm_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tiles of the grouped GEMMs (see GEMM_CONFIGS)."""
+    arch = launch_arch(device)
+    if arch is None:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    if dtype in (torch.bfloat16, torch.float16):
+        dtype_class = "16"
+    elif dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        dtype_class = "tf32"
+    else:
+        dtype_class = "fp32"
+    config = GEMM_CONFIGS[(90 if arch >= 90 else 80, dtype_class)][0]
+    return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), config))
 
 
 @triton.jit(do_not_specialize=["slots", "num_blocks"])
@@ -346,7 +369,7 @@ def grouped_gemm(a, w, out, layout, *, k_in, n_out, top_k, w_strides, a_rows, c_
                  config=None):
     """One grouped GEMM over the sorted layout (see grouped_gemm_kernel); w_strides = (stride_wn, stride_wk)."""
     sorted_slot, block_expert = layout[0], layout[1]
-    cfg = config or gemm_config(a.device)
+    cfg = config or gemm_config(a.device, a.dtype)
     record_launch("grouped_gemm_kernel")
     grouped_gemm_kernel[(block_expert.numel(), triton.cdiv(n_out, cfg["BLOCK_N"]))](
         a, w, out, preact if preact is not None else out, sorted_slot, block_expert,
@@ -354,7 +377,7 @@ def grouped_gemm(a, w, out, layout, *, k_in, n_out, top_k, w_strides, a_rows, c_
         preact.stride(0) if preact is not None else 0,
         A_ROWS=a_rows, C_ROWS=c_rows, SWIGLU=swiglu, SAVE_PREACT=preact is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(a),
-        ACC=_acc(a), num_warps=cfg["num_warps"],
+        ACC=_acc(a), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
 
 
@@ -362,12 +385,12 @@ def grouped_weight_grad(g, a, dw, layout, *, top_k, g_rows, a_rows, config=None)
     """dw (E, N, K) = per expert, G^T A over its positions (see grouped_weight_grad_kernel)."""
     sorted_slot, _, expert_start, expert_end = layout
     E, N, K = dw.shape
-    cfg = config or gemm_config(g.device)
+    cfg = config or gemm_config(g.device, g.dtype)
     record_launch("grouped_weight_grad_kernel")
     grouped_weight_grad_kernel[(E, triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))](
         g, a, dw, sorted_slot, expert_start, expert_end, N, K, top_k, g.stride(0), a.stride(0), dw.stride(0),
         G_ROWS=g_rows, A_ROWS=a_rows, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=_dot_precision(g), ACC=_acc(g), num_warps=cfg["num_warps"],
+        DOT_PRECISION=_dot_precision(g), ACC=_acc(g), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
 
 
@@ -379,7 +402,7 @@ def moe_experts_fwd(x, w_gate_up, w_down, topk_ids, *, save_preact: bool, down: 
     E, two_i, _ = w_gate_up.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
-    cfg = gemm_config(x.device)
+    cfg = gemm_config(x.device, x.dtype)
     layout = align(topk_ids, E, cfg["BLOCK_M"])
     positions = layout[0].numel()
     h = torch.empty((positions, inter), dtype=x.dtype, device=x.device)

@@ -378,12 +378,28 @@ def product_key_search_kernel(
     tl.store(indices_ptr + out, slots, mask=out_mask)
 
 
+def search_reference_instead(queries: torch.Tensor) -> str | None:
+    """Why the "auto" backend should run the reference search on queries' device, or None. fp32 on CUDA:
+    at matmul precision "highest" the score dots are ieee, lowered to FMA, which spill 16 KB at half dim 256
+    (and take ptxas 10 minutes); with tf32 dots the 64-token top-32 merge spills 770-1,000 B at every half dim
+    from 64 (`memops gpu-check`). cuBLAS's GEMM plus torch.topk is the better fp32 path."""
+    if launch_arch(queries.device) is not None and queries.dtype == torch.float32:
+        return "fp32: FMA score dots (ieee) or the tf32 top-k merge spill"
+    return None
+
+
 def search_config(n_keys: int, k_pad: int, device: torch.device) -> dict:
-    """Launch parameters of the search kernel (not yet tuned on a GPU)."""
+    """Launch parameters of the search kernel. On CUDA, 64 tokens per program so the score dots reach wgmma
+    (64 rows per warpgroup) on sm_90, and 8 warps so the (64, BLOCK_N) packed-entry sort fits in registers
+    (`memops gpu-check`; the order among clean configs still needs a GPU timing)."""
     block_n = max(k_pad, min(triton.next_power_of_2(n_keys), 128))
-    if launch_arch(device) is None:  # the interpreter: few, large programs
-        return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4}
-    return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4}
+    arch = launch_arch(device)
+    if arch is None:  # the interpreter: few, large programs
+        return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    if arch >= 90:  # 2 stages: 3 need 228 KiB at half dim 256, 1 KiB over the limit
+        return {"BLOCK_T": 64, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 2}
+    # sm_80: 64 rows spill 48-128 B at half dim >= 128 (mma.sync needs only 16 rows per warp)
+    return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
 
 
 def _dot_precision(t: torch.Tensor) -> str:
@@ -418,7 +434,7 @@ def product_key_search(
         queries, sub_keys, scores, indices, T, n_keys,
         HEADS=heads, HALF_DIM=half_dim, TOPK=topk, BLOCK_H=max(16, triton.next_power_of_2(half_dim)),
         T_LOG2=_log2(cfg["BLOCK_T"]), N_LOG2=_log2(cfg["BLOCK_N"]), K_LOG2=_log2(k_pad),
-        DOT_PRECISION=_dot_precision(queries), num_warps=cfg["num_warps"],
+        DOT_PRECISION=_dot_precision(queries), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
     return scores, indices
 

@@ -178,7 +178,8 @@ def retention_select(log_beta: torch.Tensor, positions: torch.Tensor, length: in
     record_launch("retention_select_kernel")
     retention_select_kernel[(rows,)](
         log_beta, positions, kept, length, budget, newest_position + 1, log_beta.stride(0),
-        K_LOG2=k_pad.bit_length() - 1, CHUNK_LOG2=chunk.bit_length() - 1, num_warps=8,
+        # 16 warps: at 8 Triton 3.6 spills 8 B (sm_90), at 4 its layout pass crashes for a 1024 budget
+        K_LOG2=k_pad.bit_length() - 1, CHUNK_LOG2=chunk.bit_length() - 1, num_warps=16,
     )
     return kept
 

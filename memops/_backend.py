@@ -95,6 +95,22 @@ def resolve_backend(tensor: torch.Tensor) -> str:
     return name
 
 
+def resolve_attention_backend(q: torch.Tensor, path: str, *tensors: torch.Tensor | None) -> str:
+    """:func:`resolve_backend` for the attention family (memory, retention, looped attention), where "auto"
+    also runs the reference when the kernels have no clean launch config for q's GPU, dtype, head dim and
+    ``path`` (``memops.kernels.attention.reference_instead``: fp32 with ieee dots at D >= 128, for
+    example). An explicit backend "triton" always launches the kernels. ``tensors``: the differentiable
+    inputs, whose requires_grad says whether the backward kernels are needed too."""
+    name = resolve_backend(q)
+    if name == "triton" and get_backend() == "auto":
+        from memops.kernels.attention import reference_instead
+
+        backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors))
+        if reference_instead(q, path, backward=backward):
+            return "reference"
+    return name
+
+
 # Launch configurations are chosen per GPU architecture (compute capability as 10 * major + minor: 80 for
 # A100, 90 for H100/H200). ``memops.gpu_check`` compiles kernels ahead of time on machines without a GPU, so it
 # can pin the architecture the launchers choose their configs for.

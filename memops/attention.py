@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from memops import reference
-from memops._backend import resolve_backend
+from memops._backend import resolve_attention_backend
 from memops.reference.attention import bias_3d
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -183,7 +183,7 @@ def memory_attention(
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = mem_bias = None
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    backend = resolve_backend(q)
+    backend = resolve_attention_backend(q, "memory", k, v, mem_k, mem_v, mem_bias)
     if backend == "reference":
         return reference.memory_attention(
             q, k, v, mem_k, mem_v, causal=causal, scale=scale, mem_bias=mem_bias, return_lse=return_lse

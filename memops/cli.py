@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def _report(args: argparse.Namespace) -> int:
     # Plot links relative to the report's folder.
     out.write_text(text.replace(f"]({Path(args.results).as_posix()}", f"]({_relative(Path(args.results), out.parent)}"))
     print(f"wrote {out} from {len(paths)} result files")
+    # The GPU compile check: the latest full sweep per Triton version, and the sweep before the fixes.
+    from memops import gpu_check
+
+    sweeps = sorted(Path(args.results).glob("gpu-compile/gpu-compile-triton*.json"))
+    sweeps = [json.loads(p.read_text()) for p in sweeps if not p.stem.endswith("-subset")]
+    before = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("gpu-compile/before-fixes-*.json"))]
+    if sweeps:
+        compile_out = Path(args.compile_out)
+        compile_out.write_text(gpu_check.markdown(sweeps, before))
+        print(f"wrote {compile_out} from {len(sweeps)} compile sweeps")
     return 0
 
 
@@ -70,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="render committed bench results into one markdown page")
     report.add_argument("--results", default="benchmarks/results", help="folder of <device>/<op>.json results")
     report.add_argument("--out", default="docs/benchmarks.md", help="the page to write (default: docs/benchmarks.md)")
+    report.add_argument("--compile-out", default="docs/gpu-compile.md",
+                        help="the GPU compile check's page, from <results>/gpu-compile/*.json (default: docs/gpu-compile.md)")
     demo = commands.add_parser("train-demo", help="train a small MemoryLM on associative recall, then generate (CPU: < 1 min)")
     demo.add_argument("--steps", type=int, default=1500)
     demo.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from memops import reference
-from memops._backend import resolve_backend
+from memops._backend import resolve_attention_backend, resolve_backend
 from memops.attention import check_attention_inputs, check_triton_head_dim
 from memops.attention import memory_attention as memops_attention
 
@@ -300,6 +300,9 @@ def looped_attention(
         raise ValueError(f"{op}: k_new has {n} rows but the cache only {Nk}; the new rows update the cache's last rows")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     backend = resolve_backend(q)
+    if backend == "triton" and not inplace:  # the in-place path runs plain memory attention on the cache
+        backend = resolve_attention_backend(q, "blend-channel" if gate.shape[-1] != 1 else "blend-row",
+                                            k_new, v_new, gate, k_cache, v_cache)
     if inplace:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_new, v_new, gate, k_cache, v_cache)):
             raise ValueError(f"{op}: inplace=True is for inference; an input requires grad")

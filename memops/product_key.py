@@ -11,7 +11,7 @@ import math
 import torch
 
 from memops import reference
-from memops._backend import resolve_backend
+from memops._backend import get_backend, resolve_backend
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -293,12 +293,15 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
 
     The returned scores are the exact top-k scores (ties may be broken either way). Scores are
     differentiable w.r.t. queries and sub_keys (only the selected sub-key rows get gradient); indices are
-    not. fp32 dots use TF32 after ``torch.set_float32_matmul_precision("high")``. On the Triton path,
+    not. fp32 dots use TF32 after ``torch.set_float32_matmul_precision("high")``. fp32 on CUDA runs the
+    reference search under the "auto" backend (the kernel spills at fp32; see docs/testing.md). On the Triton path,
     selection ranks in fp32 (fp64 scores are then recomputed exactly), and n_keys**2 must be below 2**31.
     Under ``torch.use_deterministic_algorithms(True)`` the sub-key gradient is bit-identical across runs.
     """
     _check_product_key_topk_inputs(queries, sub_keys, topk)
     backend = resolve_backend(queries)
+    if backend == "triton" and get_backend() == "auto" and _kernels().search_reference_instead(queries):
+        backend = "reference"
     heads, key_dim = queries.shape[-2], queries.shape[-1]
     out_shape = (*queries.shape[:-1], topk)
     flat = queries.reshape(-1, heads, key_dim)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from memops import reference
-from memops._backend import resolve_backend
+from memops._backend import resolve_attention_backend, resolve_backend
 from memops.attention import check_attention_inputs, check_triton_head_dim, unit_last_stride
 
 
@@ -140,7 +140,7 @@ def retention_attention(
         mem_k = mem_v = None
     validate_log_beta(log_beta, (k.shape[0], k.shape[1], k.shape[2]), q.device, op, check_values=check_log_beta)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if resolve_backend(q) == "reference":
+    if resolve_attention_backend(q, "decay", k, v, log_beta, mem_k, mem_v) == "reference":
         return reference.retention_attention(q, k, v, log_beta, mem_k=mem_k, mem_v=mem_v, scale=scale,
                                              return_lse=return_lse)
     check_triton_head_dim(q, op)

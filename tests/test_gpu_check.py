@@ -85,16 +85,16 @@ PYTHONS = [sys.executable] + ([os.environ["MEMOPS_TRITON36_PYTHON"]] if os.envir
 
 
 @pytest.mark.parametrize("python", PYTHONS, ids=lambda p: "this-triton" if p == sys.executable else "triton36")
-@pytest.mark.parametrize("family, kernel", [("product_key_search", "product_key_search_kernel"),
-                                            ("moe", "block_route_kernel"), ("retention", "retention_select_kernel")])
-def test_topk_kernels_compile_for_sm90(family, kernel, python):
-    """The three kernels built on memops.kernels.topk (search, block routing, cache eviction) compile."""
-    script = ("import json; from memops import gpu_check; "
-              f"rows = gpu_check.run_check(['{family}'], ('bf16',), (90,), subset=True, jobs=1, kernels=['{kernel}'])['rows']; "
-              "print(json.dumps([[r['kernel'], r['ok'], r['error']] for r in rows]))")
-    result = subprocess.run([python, "-c", script], capture_output=True, text=True, env=_check_env(),
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
-    failed = [r for r in rows if not r[1]]
-    assert rows and not failed, failed
+def test_ci_subset_compiles_clean_for_sm90(python, tmp_path: Path):
+    """The CI subset (every kernel once per dtype class and code path, at the headline shapes, sm_90) has no
+    compile error, no shared memory over the limit, no spill and no 16-bit/tf32 dot off tensor cores outside
+    gpu_check.ALLOWED; the three kernels built on memops.kernels.topk (search, block routing, cache eviction)
+    are among them."""
+    result = subprocess.run([python, "-m", "memops.gpu_check", "--subset", "--jobs", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, env=_check_env(), timeout=900)
+    report = json.loads(next(tmp_path.glob("gpu-compile-triton*-subset.json")).read_text())
+    failing = [(r["arch"], r["kernel"], r["dtype"], r["config"], r["problems"]) for r in report["rows"] if r["problems"]]
+    assert result.returncode == 0 and not failing, (failing, result.stderr[-2000:])
+    compiled = {r["kernel"] for r in report["rows"] if r["ok"]}
+    assert {"product_key_search_kernel", "block_route_kernel", "retention_select_kernel"} <= compiled
+    assert len(compiled) >= 15, compiled  # every family's kernels, not an empty sweep
