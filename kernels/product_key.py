@@ -383,8 +383,15 @@ def search_reference_instead(queries: torch.Tensor) -> str | None:
     at matmul precision "highest" the score dots are ieee, lowered to FMA, which spill 16 KB at half dim 256
     (and take ptxas 10 minutes); with tf32 dots the 64-token top-32 merge spills 770-1,000 B at every half dim
     from 64 (`memops gpu-check`). cuBLAS's GEMM plus torch.topk is the better fp32 path."""
-    if launch_arch(queries.device) is not None and queries.dtype == torch.float32:
+    arch = launch_arch(queries.device)
+    if arch is None:
+        return None
+    if queries.dtype == torch.float32:
         return "fp32: FMA score dots (ieee) or the tf32 top-k merge spill"
+    if arch < 90 and queries.shape[-1] // 2 > 128:
+        # sm_80 at half dim 256 (Memory Layers): 40-96 B of spill at every config tried (32 or 64 tokens,
+        # 4 or 8 warps), and ptxas needs 5 minutes per variant
+        return "sm_80, half dim > 128: the score tile and the top-k merge spill"
     return None
 
 
@@ -398,8 +405,9 @@ def search_config(n_keys: int, k_pad: int, device: torch.device) -> dict:
         return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
     if arch >= 90:  # 2 stages: 3 need 228 KiB at half dim 256, 1 KiB over the limit
         return {"BLOCK_T": 64, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 2}
-    # sm_80: 64 rows spill 48-128 B at half dim >= 128 (mma.sync needs only 16 rows per warp)
-    return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2}
+    # sm_80: 64 rows spill 48-128 B at half dim >= 128 and 32 rows at 4 warps 8-96 B (mma.sync needs only 16
+    # rows per warp); 32 rows at 8 warps halve the entries each thread sorts
+    return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 2}
 
 
 def _dot_precision(t: torch.Tensor) -> str:
