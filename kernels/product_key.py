@@ -388,10 +388,10 @@ def search_reference_instead(queries: torch.Tensor) -> str | None:
         return None
     if queries.dtype == torch.float32:
         return "fp32: FMA score dots (ieee) or the tf32 top-k merge spill"
-    if arch < 90 and queries.shape[-1] // 2 > 128:
-        # sm_80 at half dim 256 (Memory Layers): 40-96 B of spill at every config tried (32 or 64 tokens,
-        # 4 or 8 warps), and ptxas needs 5 minutes per variant
-        return "sm_80, half dim > 128: the score tile and the top-k merge spill"
+    if arch < 90 and queries.shape[-1] // 2 > 32:
+        # sm_80 from half dim 64: at 32 tokens x 8 warps Triton 3.6 spills 5.5 KB (3.9: 40 B at half dim 256),
+        # at 4 warps 3.9 spills 8-96 B, 64 tokens spill from half dim 128; ptxas takes 2-6 minutes per variant
+        return "sm_80, half dim > 32: the score tile and the top-k merge spill"
     return None
 
 
