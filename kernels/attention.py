@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memops._backend import launch_arch
+from memops._backend import dtype_class, launch_arch
 from memops._launches import record_launch
 
 
@@ -484,16 +484,8 @@ DKDV_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] 
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def _dtype_class(dtype: torch.dtype) -> str:
-    if dtype in (torch.bfloat16, torch.float16):
-        return "16"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "fp32"
-
-
 def _lookup(table, arch: int, dtype: torch.dtype, head_dim: int, path: str) -> _Config | None:
-    key = (90 if arch >= 90 else 80, _dtype_class(dtype), 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)
+    key = (90 if arch >= 90 else 80, dtype_class(dtype), 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)
     by_path = table[key][0]
     return by_path.get(path, by_path["*"])
 
@@ -544,11 +536,13 @@ def reference_instead(q: torch.Tensor, path: str, *, backward: bool) -> str | No
     arch = launch_arch(q.device)
     if arch is None or q.dtype == torch.float64:
         return None
-    tables = [("forward", FWD_CONFIGS)]
+    # the backward tables know two paths: the looped blend's backward is plain memory attention
+    bwd_path = "decay" if path == "decay" else "memory"
+    tables = [("forward", FWD_CONFIGS, path)]
     if backward:
-        tables += [("dQ", DQ_CONFIGS), ("dK/dV", DKDV_CONFIGS)]
-    for name, table in tables:
-        if _lookup(table, arch, q.dtype, q.shape[-1], path if name == "forward" or path == "decay" else "memory") is None:
+        tables += [("dQ", DQ_CONFIGS, bwd_path), ("dK/dV", DKDV_CONFIGS, bwd_path)]
+    for name, table, table_path in tables:
+        if _lookup(table, arch, q.dtype, q.shape[-1], table_path) is None:
             return f"no {name} config for sm_{arch} {q.dtype} D={q.shape[-1]} ({path})"
     return None
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memops._backend import launch_arch
+from memops._backend import dtype_class, launch_arch
 from memops._launches import record_launch
 from memops.kernels.topk import pack_entries, topk_entries, unpack_entries
 
@@ -272,7 +272,7 @@ BY_TOKEN, BY_SLOT, BY_POSITION = 0, 1, 2
 
 # Tiles of the grouped GEMMs on CUDA per (arch class, dtype class), from `memops gpu-check` compile figures
 # (docs/gpu-compile.md). BLOCK_M is the slot layout's block and stays 64 everywhere. The dtype classes are
-# those of memops.kernels.attention: "16" (bf16/fp16), "tf32" (fp32, matmul precision high/medium) and
+# memops._backend.dtype_class: "16" (bf16/fp16), "tf32" (fp32, matmul precision high/medium) and
 # "fp32" (fp32 at "highest": ieee dots, lowered to FMA, which hold a full BLOCK_K row per thread).
 GEMM_CONFIGS = {
     (90, "16"): ((64, 64, 64, 4, 3), "wgmma, no stack on every GEMM"),
@@ -289,13 +289,7 @@ def gemm_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> di
     arch = launch_arch(device)
     if arch is None:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
-    if dtype in (torch.bfloat16, torch.float16):
-        dtype_class = "16"
-    elif dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        dtype_class = "tf32"
-    else:
-        dtype_class = "fp32"
-    config = GEMM_CONFIGS[(90 if arch >= 90 else 80, dtype_class)][0]
+    config = GEMM_CONFIGS[(90 if arch >= 90 else 80, dtype_class(dtype))][0]
     return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), config))
 
 

@@ -111,6 +111,16 @@ def resolve_attention_backend(q: torch.Tensor, path: str, *tensors: torch.Tensor
     return name
 
 
+def dtype_class(dtype: torch.dtype) -> str:
+    """The dtype class that launch tables are keyed by: "16" (bf16, fp16), "tf32" (fp32 with
+    torch.get_float32_matmul_precision() "high" or "medium") or "fp32" (fp32 at "highest": ieee dots)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return "16"
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "fp32"
+
+
 # Launch configurations are chosen per GPU architecture (compute capability as 10 * major + minor: 80 for
 # A100, 90 for H100/H200). ``memops.gpu_check`` compiles kernels ahead of time on machines without a GPU, so it
 # can pin the architecture the launchers choose their configs for.
