@@ -216,6 +216,13 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             except Exception:  # noqa: BLE001 - the other rank is gone or out of step
                 status.fill_(1.0)
             failed = bool(status.item())
-        dist.destroy_process_group()
+    # The report is written before the process group is torn down: gloo's teardown can abort a process
+    # ("terminate called without an active exception") when one rank leaves while the other is still in it;
+    # the barrier keeps the two in step, and the results survive even if teardown crashes.
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(report, handle, default=str)
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
