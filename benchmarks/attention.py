@@ -3,12 +3,20 @@
 Baselines, same run: ``cat_sdpa`` (torch.cat of the memory onto K/V, then F.scaled_dot_product_attention with
 a boolean mask when one is needed; the SDPA backend torch picked is recorded), ``flex_attention`` (cat, then
 the compiled FlexAttention with a block mask and a score_mod for the bias; CUDA only) and ``reference``
-(memops.reference, the float-mask SDPA spec). FLOPs count the memory keys: 4·B·H·N·(M + visible keys)·D
-forward, 2.5x that more for the backward.
+(memops.reference, the float-mask SDPA spec). memops runs as ``memops`` (``impl="auto"``), ``memops-composed``
+(torch's fused attention over the sequence + memops' memory part, merged by log-sum-exp) and ``memops-fused``
+(the single kernel); the note says which implementation and vendor op ran. FLOPs count the memory keys:
+4·B·H·N·(M + visible keys)·D forward, 2.5x that more for the backward.
+
+Dedupe cases (``copies`` > 1): the memory is ``M`` distinct rows each repeated ``copies`` times, as DiT-Mem's
+1,000 rows are 10 distinct vectors x 100. The baselines get the repeated (Hkv, M x copies, D) table users
+build today; memops gets the M distinct rows with ``mem_bias = ln copies``, which is exact. FLOPs count
+the M x copies keys of the problem solved.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +24,10 @@ import torch.nn.functional as F
 import memops
 from memops import reference
 from memops.benchmarking import Case, case_grid, random_source
+from memops.testing import count_launches
 
 OP = "memory_attention"
-MEMOPS_PROVIDERS = ("memops", "memops-reference")
+MEMOPS_PROVIDERS = ("memops", "memops-composed", "memops-fused", "memops-reference")
 BASELINES = ("cat_sdpa", "flex_attention", "reference")
 
 
@@ -28,8 +37,12 @@ def cases(device: str, quick: bool) -> list[Case]:
     dit_mem = dict(B=1, H=12, Hkv=12, N=32760, Nk=32760, M=1000, D=128, dtype="bfloat16", causal=False, shared=True)
     prefix = dict(B=8, H=32, Hkv=8, N=4096, Nk=4096, M=64, D=128, dtype="bfloat16", causal=True, shared=True)
     decode = dict(B=8, H=32, Hkv=8, N=1, Nk=8192, M=256, D=128, dtype="bfloat16", causal=True, shared=False)
-    out = case_grid(device, quick, quick_cases=[("small", small)], full_cases=[("small-causal-gqa", small_causal)],
-                    cuda_quick=[("dit-mem", dit_mem)], cuda_full=[("prefix-tuning", prefix)])
+    small_dedupe = dict(small, M=4, copies=8)
+    dit_mem_dedupe = dict(dit_mem, M=10, copies=100)
+    out = case_grid(device, quick, quick_cases=[("small", small), ("small-dedupe", small_dedupe)],
+                    full_cases=[("small-causal-gqa", small_causal)],
+                    cuda_quick=[("dit-mem", dit_mem)],
+                    cuda_full=[("dit-mem-dedupe", dit_mem_dedupe), ("prefix-tuning", prefix)])
     if device == "cuda" and not quick:  # decode is inference only
         out.append(Case("decode", "fwd", decode, cuda_only=True))
     return out
@@ -41,13 +54,18 @@ def make_inputs(case: Case, device: str, seed: int):
     mem_shape = (p["Hkv"], p["M"], p["D"]) if p["shared"] else (p["B"], p["Hkv"], p["M"], p["D"])
     tensors = dict(q=randn(p["B"], p["H"], p["N"], p["D"]), k=randn(p["B"], p["Hkv"], p["Nk"], p["D"]),
                    v=randn(p["B"], p["Hkv"], p["Nk"], p["D"]), mem_k=randn(*mem_shape), mem_v=randn(*mem_shape))
+    copies = p.get("copies", 1)
+    if copies > 1:  # the baselines' repeated table, and memops' distinct rows + ln(copies)
+        tensors["repeated_mem_k"] = tensors["mem_k"].repeat_interleave(copies, dim=-2)
+        tensors["repeated_mem_v"] = tensors["mem_v"].repeat_interleave(copies, dim=-2)
+        tensors["mem_bias"] = torch.full((p["M"],), math.log(copies), device=device, dtype=torch.float32)
     grad_out = randn(p["B"], p["H"], p["N"], p["D"]) if case.mode != "fwd" else None
     return tensors, grad_out
 
 
 def _visible_keys(p) -> int:
     """Sum over queries of the keys each sees (memory + sequence)."""
-    N, Nk, M = p["N"], p["Nk"], p["M"]
+    N, Nk, M = p["N"], p["Nk"], p["M"] * p.get("copies", 1)
     if not p["causal"]:
         return N * (M + Nk)
     sequence = torch.arange(N).add(Nk - N + 1).clamp(0, Nk).sum().item()  # query i sees i + Nk - N + 1 keys
@@ -63,13 +81,14 @@ def flops(case: Case, mode: str) -> float:
 def bytes_moved(case: Case, mode: str) -> int:
     p = case.params
     item = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
-    mem_rows = p["M"] * (1 if p["shared"] else p["B"])
+    mem_rows = p["M"] * p.get("copies", 1) * (1 if p["shared"] else p["B"])
     elements = 2 * p["B"] * p["H"] * p["N"] * p["D"] + 2 * p["B"] * p["Hkv"] * p["Nk"] * p["D"] + 2 * mem_rows * p["Hkv"] * p["D"]
     return elements * item * (1 if mode == "fwd" else 3)
 
 
 def _concatenated(tensors):
-    q, k, v, mem_k, mem_v = (tensors[n] for n in ("q", "k", "v", "mem_k", "mem_v"))
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    mem_k, mem_v = tensors.get("repeated_mem_k", tensors["mem_k"]), tensors.get("repeated_mem_v", tensors["mem_v"])
     B = q.shape[0]
     if mem_k.dim() == 3:
         mem_k, mem_v = mem_k.expand(B, -1, -1, -1), mem_v.expand(B, -1, -1, -1)
@@ -103,6 +122,8 @@ def _flex(p):
     N, Nk, M = p["N"], p["Nk"], p["M"]
     shift = Nk - N
 
+    M = M * p.get("copies", 1)
+
     def memory_or_causal(b, h, q_idx, kv_idx):
         return (kv_idx < M) | (kv_idx - M <= q_idx + shift)
 
@@ -114,15 +135,20 @@ def _flex(p):
     return forward
 
 
-def _memops(p):
+def _memops_inputs(tensors) -> dict:
+    """What memops is called with: the distinct memory rows (+ mem_bias in a dedupe case)."""
+    return {n: t for n, t in tensors.items() if not n.startswith("repeated_")}
+
+
+def _memops(p, impl="auto"):
     def forward(tensors):
-        return memops.memory_attention(**tensors, causal=p["causal"])
+        return memops.memory_attention(**_memops_inputs(tensors), causal=p["causal"], impl=impl)
     return forward
 
 
 def _reference(p):
     def forward(tensors):
-        return reference.memory_attention(**tensors, causal=p["causal"])
+        return reference.memory_attention(**_memops_inputs(tensors), causal=p["causal"])
     return forward
 
 
@@ -145,6 +171,9 @@ def _build(forward, mode: str):
 def providers(case: Case, device: str) -> dict:
     p = case.params
     out = {("memops" if device == "cuda" else "memops-reference"): _build(_memops(p), case.mode)}
+    if device == "cuda":
+        out["memops-composed"] = _build(_memops(p, "composed"), case.mode)
+        out["memops-fused"] = _build(_memops(p, "fused"), case.mode)
     out["cat_sdpa"] = _build(_cat_sdpa(p), case.mode)
     if device == "cuda":
         out["flex_attention"] = _build(_flex(p), case.mode)
@@ -153,9 +182,17 @@ def providers(case: Case, device: str) -> dict:
 
 
 def note(case: Case, provider: str, device: str) -> str | None:
-    """Which SDPA kernel torch picked for the cat_sdpa baseline, read off the profiler's kernel names."""
-    if provider != "cat_sdpa" or device != "cuda":
+    """Which implementation a memops provider ran (and the composed path's vendor op), from the launch
+    record; which SDPA kernel torch picked for the cat_sdpa baseline, read off the profiler's kernel names."""
+    if device != "cuda" or provider not in ("cat_sdpa", "memops", "memops-composed", "memops-fused"):
         return None
+    if provider.startswith("memops"):
+        tensors, _ = make_inputs(case, device, 0)
+        impl = {"memops": "auto", "memops-composed": "composed", "memops-fused": "fused"}[provider]
+        with count_launches() as launches:
+            _memops(case.params, impl)(tensors)
+        ran = [name for name in launches if name.startswith("memory_attention.")]
+        return "impl: " + ", ".join(name.removeprefix("memory_attention.") for name in ran) if ran else None
     tensors, _ = make_inputs(case, device, 0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         _cat_sdpa(case.params)(tensors)

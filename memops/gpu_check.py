@@ -92,21 +92,25 @@ class Variant:
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[Launch]]:
-    """Launches made inside the block are recorded instead of run (no GPU, no driver needed)."""
+    """Launches made inside the block are recorded instead of run (no GPU, no driver needed); under
+    TRITON_INTERPRET=1 the interpreter's launches too (then ``Launch.kernel`` is its InterpretedFunction)."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     launches: list[Launch] = []
-    original = JITFunction.run
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, dict(kwargs)))
         return None
 
-    JITFunction.run = record
+    for cls in originals:
+        cls.run = record
     try:
         yield launches
     finally:
-        JITFunction.run = original
+        for cls, run in originals.items():
+            cls.run = run
 
 
 def _meta(*shape, dtype=torch.bfloat16):
@@ -209,6 +213,21 @@ def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
                                          _meta(B, H, N, dtype=torch.float32), causal=causal, scale=D ** -0.5,
                                          deterministic=deterministic, grad_lse=_meta(B, H, N, dtype=torch.float32))
         yield label, run
+
+    def composed(mem=paths[0][1]):
+        # memops' part of the composed path (memops.attention._composed_fwd/_bwd): the kernels over the memory
+        # rows alone (no sequence keys, so never causal) and the LSE merge; the vendor op is not Triton's.
+        from memops.kernels.lse_merge import lse_merge
+
+        if kernels.reference_instead(q, "memory", backward=True):
+            return
+        none = k.narrow(2, 0, 0)
+        out, lse = kernels.memory_attention_fwd(q, none, none, mem, mem, None, causal=False, scale=D ** -0.5)
+        lse_merge(out, lse, _meta(B, H, N, D, dtype=dt), _meta(B, H, N, dtype=torch.float32),
+                  empty_a_rows=max(N - Nk, 0) if causal else 0)
+        kernels.memory_attention_bwd(_meta(B, H, N, D, dtype=dt), q, none, none, mem, mem, None, out, lse,
+                                     causal=False, scale=D ** -0.5, deterministic=False)
+    yield "composed", composed
 
 
 def _cases_by_head_dim(module: str, subset: bool, subset_case: str):

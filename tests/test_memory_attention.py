@@ -38,29 +38,50 @@ def make_inputs(B, H, Hkv, N, Nk, M, D, dtype, device, *, memory="per_sample", b
     return inputs
 
 
-def run(backend, inputs, *, causal, grad_out, grad_lse, scale=None):
-    """Forward (with lse) and backward through both outputs; returns (out, lse, grads by name, launches)."""
+def run(backend, inputs, *, causal, grad_out, grad_lse, scale=None, impl="auto"):
+    """Forward (with lse) and backward through both outputs (through out alone when grad_lse is None);
+    returns (out, lse, grads by name, launches)."""
     leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
     with memops.backend(backend), count_launches() as launches:
-        out, lse = memops.memory_attention(**leaves, causal=causal, scale=scale, return_lse=True)
-        torch.autograd.backward([out, lse], [grad_out, grad_lse])
+        out, lse = memops.memory_attention(**leaves, causal=causal, scale=scale, return_lse=True, impl=impl)
+        if grad_lse is None:
+            out.backward(grad_out)
+        else:
+            torch.autograd.backward([out, lse], [grad_out, grad_lse])
     return out, lse, {name: t.grad for name, t in leaves.items()}, launches
 
 
-def check_against_float64(inputs, *, causal, dtype, scale=None):
+def expected_launches(impl, *, memory: bool, lse_grad: bool) -> dict:
+    """Kernel launches of one forward + backward: the fused kernels, or the composed path's (the vendor op,
+    the memory part's kernels, the merge; the fused backward when lse is differentiated)."""
+    if impl == "fused":
+        return {"memory_attention.fused": 1, **{name: 1 for name in KERNELS}}
+    launches = {"memory_attention.composed": 1, "lse_merge_kernel": 1, "memory_attention_fwd_kernel": int(memory)}
+    backward = 1 if lse_grad or memory else 0
+    launches.update({name: backward for name in KERNELS[1:]})
+    return launches
+
+
+def check_against_float64(inputs, *, causal, dtype, scale=None, impl="fused", lse_grad=True):
     q = inputs["q"]
     B, H, N, _ = q.shape
     grad_out = torch.randn_like(q)
-    grad_lse = torch.randn(B, H, N, device=q.device)
-    out, lse, grads, launches = run("triton", inputs, causal=causal, grad_out=grad_out, grad_lse=grad_lse, scale=scale)
-    assert all(launches[name] == 1 for name in KERNELS), dict(launches)
+    grad_lse = torch.randn(B, H, N, device=q.device) if lse_grad else None
+    out, lse, grads, launches = run("triton", inputs, causal=causal, grad_out=grad_out, grad_lse=grad_lse,
+                                    scale=scale, impl=impl)
+    memory = "mem_k" in inputs and inputs["mem_k"].shape[-2] > 0
+    expected = expected_launches(impl, memory=memory, lse_grad=lse_grad)
+    # the composed path records its vendor op: memory_attention.composed.<cudnn|flash|efficient|cpu_flash>
+    launches["memory_attention.composed"] = sum(n for name, n in launches.items() if name.startswith(
+        "memory_attention.composed."))
+    assert all(launches[name] == count for name, count in expected.items()), (dict(launches), expected)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
 
     inputs64 = {name: t.double() for name, t in inputs.items()}
     visible = None
     ref_out, ref_lse, ref_grads, _ = run(
         "reference", inputs64, causal=causal, grad_out=grad_out.double(),
-        grad_lse=grad_lse.double(), scale=scale,
+        grad_lse=grad_lse.double() if lse_grad else None, scale=scale,
     )
     visible = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), visible), "lse: rows with no visible key must be -inf, others finite"
@@ -104,6 +125,18 @@ def test_matches_float64_reference(case, dtype, device):
     B, H, Hkv, N, Nk, M, D, memory, causal, bias = CASES[case]
     inputs = make_inputs(B, H, Hkv, N, Nk, M, D, dtype, device, memory=memory, bias_shape=bias_shape(bias, B, Hkv, M))
     check_against_float64(inputs, causal=causal, dtype=dtype)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("lse_grad", [False, True], ids=["vendor_backward", "lse_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_composed_matches_float64_reference(case, dtype, lse_grad, device):
+    # torch's fused attention over the sequence (the CPU flash op here), memops' kernel over the memory, the
+    # LSE merge; its backward is the vendor op's plus the memory part's, or the fused one when lse has a grad.
+    B, H, Hkv, N, Nk, M, D, memory, causal, bias = CASES[case]
+    inputs = make_inputs(B, H, Hkv, N, Nk, M, D, dtype, device, memory=memory, bias_shape=bias_shape(bias, B, Hkv, M))
+    check_against_float64(inputs, causal=causal, dtype=dtype, impl="composed", lse_grad=lse_grad)
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -209,15 +242,17 @@ def test_property_random_shapes(B, Hkv, group, N, Nk, M, D, memory, causal, bias
     check_against_float64(inputs, causal=causal, dtype=torch.float32)
 
 
-def test_fp64_gradcheck_on_triton_path(device):
-    inputs = make_inputs(1, 2, 1, 4, 5, 3, 16, torch.float64, device, memory="shared", bias_shape=(1, 3))
+@pytest.mark.parametrize("impl, with_lse", [("fused", True), ("composed", False), ("composed", True)])
+def test_fp64_gradcheck_on_triton_path(impl, with_lse, device):
+    # composed: out alone takes the vendor backward; out and lse together the fused one (lse has a grad)
+    inputs = make_inputs(1, 4, 2, 4, 5, 3, 16, torch.float64, device, memory="shared", bias_shape=(2, 3))
     names = list(inputs)
     leaves = [inputs[n].requires_grad_() for n in names]
 
     def fn(*tensors):
         with memops.backend("triton"):
-            out, lse = memops.memory_attention(**dict(zip(names, tensors)), causal=True, return_lse=True)
-        return out, lse
+            out, lse = memops.memory_attention(**dict(zip(names, tensors)), causal=True, return_lse=True, impl=impl)
+        return (out, lse) if with_lse else out
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
@@ -230,14 +265,39 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.memops.memory_attention.default, args)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_torch_compile_fullgraph(backend, device):
+@pytest.mark.skipif(CUDA, reason="the CPU flash op runs CPU tensors; on CUDA test_opcheck_composed_cuda does")
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_composed(causal):
+    inputs = make_inputs(1, 4, 2, 9, 7, 4, 16, torch.float32, "cpu", memory="shared", bias_shape=(1, 1, 4))
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["mem_k"], inputs["mem_v"], inputs["mem_bias"], causal,
+            0.25, "cpu_flash")
+    for t in args[:6]:
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.memops.memory_attention_composed.default, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_opcheck_composed_cuda():
+    inputs = make_inputs(1, 4, 2, 128, 96, 4, 64, torch.bfloat16, "cuda", memory="shared", bias_shape=(1, 1, 4))
+    from memops.attention import attention_impl
+    _, sequence = attention_impl(inputs["q"], 96, causal=True, impl="composed")
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["mem_k"], inputs["mem_v"], inputs["mem_bias"], True,
+            0.125, sequence)
+    for t in args[:6]:
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.memops.memory_attention_composed.default, args)
+
+
+@pytest.mark.parametrize("backend, impl", [("reference", "auto"), ("triton", "fused"), ("triton", "composed")])
+def test_torch_compile_fullgraph(backend, impl, device):
     if backend == "reference":
         device = "cpu"
     inputs = make_inputs(1, 2, 1, 17, 17, 5, 16, torch.float32, device, memory="shared", bias_shape=(5,))
 
     def loss(q, k, v, mem_k, mem_v, mem_bias):
-        return memops.memory_attention(q, k, v, mem_k, mem_v, causal=True, mem_bias=mem_bias).square().sum()
+        out = memops.memory_attention(q, k, v, mem_k, mem_v, causal=True, mem_bias=mem_bias, impl=impl)
+        return out.square().sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     first = [t.clone().requires_grad_() for t in inputs.values()]
@@ -246,6 +306,7 @@ def test_torch_compile_fullgraph(backend, device):
         compiled(*first).backward()
         loss(*second).backward()
     assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton")
+    assert (launches["lse_merge_kernel"] > 0) == (impl == "composed")
     for a, b in zip(first, second):
         assert_close_to_reference(a.grad, b.grad, tolerance_key(torch.float32))
 
