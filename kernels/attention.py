@@ -18,6 +18,11 @@ Looped blend (MELT, used by memops.looped_attention): sequence keys j >= blend_s
 g * cache[j] + (1 - g) * new[j - blend_start] (K and V alike, g per row or per channel) while they stream,
 and one program per key row (the last query block of the group's first head) writes the blended rows out.
 
+The forward streams each key table in two loops: blocks every query of the program sees whole (in range and,
+when causal, at or below the first query's diagonal) run without bounds or causal masks, and only the
+diagonal and edge blocks pay for them. The logit scale is applied once per tile in fp32, folded with log2(e)
+so the softmax uses exp2; it is not folded into a 16-bit q, which would round q * scale to 16 bits.
+
 A query that sees no key (no memory, causal, N > Nk) has out = 0 and lse = -inf. Batch-shared memory
 (one (Hkv, M, D) table for all samples) gets the sum of its per-sample grads: atomics into an fp32
 (Hkv, M, D) buffer, or per-sample partials summed in a fixed order when determinism is asked for.
@@ -79,20 +84,30 @@ def _backward_rows(
 def _masked_logits(
     q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True,
 ):
-    """log2-domain logits of a query block against a key block (k_t: D x BLOCK_N), -inf where not visible."""
+    """log2-domain logits of a query block against a key block (k_t: D x BLOCK_N), -inf where not visible.
+    MASKED=False: a block every query of the block sees whole (in range, below the causal diagonal), so
+    nothing is masked."""
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(ACC) * scale_log2
     if HAS_BIAS:
-        s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC)[None, :] * 1.4426950408889634
+        if MASKED:
+            s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC)[None, :] * 1.4426950408889634
+        else:
+            s += tl.load(bias_base + offs_n).to(ACC)[None, :] * 1.4426950408889634
     if HAS_DECAY:
-        log_beta = tl.load(decay_base + offs_n, mask=in_range, other=0.0).to(ACC)
+        if MASKED:
+            log_beta = tl.load(decay_base + offs_n, mask=in_range, other=0.0).to(ACC)
+        else:
+            log_beta = tl.load(decay_base + offs_n).to(ACC)
         distance = (offs_m[:, None] + causal_shift - offs_n[None, :]).to(ACC)
         s += distance * (log_beta * 1.4426950408889634)[None, :]
-    visible = in_range[None, :]
-    if CAUSAL:
-        visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-    return tl.where(visible, s, float("-inf"))
+    if MASKED:
+        visible = in_range[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+        s = tl.where(visible, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -120,38 +135,72 @@ def _blend_keys(
 
 
 @triton.jit
-def _fwd_key_range(
-    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, end, offs_m, offs_d,
+def _fwd_block(
+    acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m, offs_d,
     causal_shift, scale_log2,
+    blend_start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn, k_out_base, v_out_base, stride_outn,
+    is_writer,
+    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr,
+):
+    # One online-softmax step over the key block at ``start``, in the log2 domain.
+    offs_n = start + tl.arange(0, BLOCK_N)
+    in_range = offs_n < num_keys
+    if MASKED:
+        k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    else:
+        k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+    if BLEND:
+        k_t, v, fresh = _blend_keys(k_t, v, offs_n, in_range, offs_d, blend_start, k_new_base, v_new_base,
+                                    gate_base, stride_newn, stride_gn, acc.dtype, GATE_PER_CHANNEL)
+        # (an int product, not &: the interpreter turns bool block & bool scalar into int32)
+        written = (fresh.to(tl.int32) * is_writer.to(tl.int32)) > 0
+        tl.store(k_out_base + offs_n[None, :] * stride_outn + offs_d[:, None], k_t, mask=written[None, :])
+        tl.store(v_out_base + offs_n[:, None] * stride_outn + offs_d[None, :], v, mask=written[:, None])
+    s = _masked_logits(q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
+                       HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=acc.dtype,
+                       DOT_PRECISION=DOT_PRECISION, MASKED=MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASKED:
+        # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every logit of the block is finite, so the new max is too
+        m_safe = m_new
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(acc.dtype)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_key_range(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, full_end, end, offs_m,
+    offs_d, causal_shift, scale_log2,
     blend_start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn, k_out_base, v_out_base, stride_outn,
     is_writer,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
 ):
-    # Online softmax over keys [0, end) of one key table (memory or sequence), in the log2 domain.
-    for start in range(0, end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        in_range = offs_n < num_keys
-        k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_range[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        if BLEND:
-            k_t, v, fresh = _blend_keys(k_t, v, offs_n, in_range, offs_d, blend_start, k_new_base, v_new_base,
-                                        gate_base, stride_newn, stride_gn, acc.dtype, GATE_PER_CHANNEL)
-            # (an int product, not &: the interpreter turns bool block & bool scalar into int32)
-            written = (fresh.to(tl.int32) * is_writer.to(tl.int32)) > 0
-            tl.store(k_out_base + offs_n[None, :] * stride_outn + offs_d[:, None], k_t, mask=written[None, :])
-            tl.store(v_out_base + offs_n[:, None] * stride_outn + offs_d[None, :], v, mask=written[:, None])
-        s = _masked_logits(q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
-                           HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=acc.dtype,
-                           DOT_PRECISION=DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(acc.dtype)
-        m_i = m_new
+    # Online softmax over keys [0, end) of one key table (memory or sequence). Blocks below ``full_end``
+    # (a multiple of BLOCK_N) are seen whole by every query of the block: no bounds or causal masks there;
+    # only the diagonal and edge blocks in [full_end, end) pay for them.
+    for start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m,
+            offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base, stride_newn,
+            stride_gn, k_out_base, v_out_base, stride_outn, is_writer,
+            HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=False)
+    for start in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m,
+            offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base, stride_newn,
+            stride_gn, k_out_base, v_out_base, stride_outn, is_writer,
+            HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=True)
     return acc, m_i, l_i
 
 
@@ -178,15 +227,20 @@ def memory_attention_fwd_kernel(
     if HAS_MEMORY:
         acc, m_i, l_i = _fwd_key_range(
             acc, m_i, l_i, q, mem_k_ptr + b * stride_mkb + g * stride_mkh, mem_v_ptr + b * stride_mvb + g * stride_mvh,
-            stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M, M, offs_m, offs_d, 0,
+            stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M,
+            M // BLOCK_N * BLOCK_N, M, offs_m, offs_d, 0,
             scale_log2, 0, k_new_ptr, v_new_ptr, gate_ptr, 0, 0, k_out_ptr, v_out_ptr, 0, False,
             HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
             BLEND=False, GATE_PER_CHANNEL=False,
         )
     end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
+    full_end = Nk // BLOCK_N * BLOCK_N
+    if CAUSAL:  # the block's first query sees keys up to pid_m * BLOCK_M + Nk - N: so do all its queries
+        full_end = tl.minimum(full_end, tl.maximum(pid_m * BLOCK_M + Nk - N + 1, 0) // BLOCK_N * BLOCK_N)
     acc, m_i, l_i = _fwd_key_range(
         acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
-        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, end, offs_m, offs_d, Nk - N,
+        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, full_end, end, offs_m,
+        offs_d, Nk - N,
         scale_log2, blend_start, k_new_ptr + b * stride_newb + g * stride_newh, v_new_ptr + b * stride_newb + g * stride_newh,
         gate_ptr + b * stride_gb + g * stride_gh, stride_newn, stride_gn,
         k_out_ptr + b * stride_outb + g * stride_outh, v_out_ptr + b * stride_outb + g * stride_outh, stride_outn,
@@ -412,9 +466,11 @@ FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] =
     (90, "16", 64): ({"*": (128, 64, 8, 3)}, "4 warps spill 32-40 B with a bias or decay; 8: 128-187 regs"),
     (90, "16", 128): ({"*": (128, 64, 8, 3), "blend-channel": (128, 64, 8, 2)},
                       "4 warps spill ~400 B; the per-channel gate at 3 stages needs 256 KiB (2 stages: 160 KiB)"),
-    (90, "16", 256): ({"*": (128, 32, 8, 2), "blend-row": (128, 16, 8, 2), "blend-channel": (128, 16, 8, 2)},
-                      "BLOCK_N 64 spills 48-112 B or passes 227 KiB; 128x32: 204-236 regs; the looped blend at "
-                      "128x32 spills 8 B under Triton 3.6 (128x16: 244 regs)"),
+    (90, "16", 256): ({"*": (128, 32, 8, 2), "memory": (128, 32, 8, 1), "blend-row": (128, 16, 8, 2),
+                       "blend-channel": (128, 16, 8, 2)},
+                      "BLOCK_N 64 spills 48-112 B or passes 227 KiB; 128x32: 204-236 regs; with a bias and causal, "
+                      "2 stages spill 8 B under Triton 3.9 (1 stage: 240-249 regs); the looped blend at 128x32 "
+                      "spills 8 B under Triton 3.6 (128x16: 244 regs)"),
     (80, "16", 64): ({"*": (128, 64, 8, 3), "blend-row": (64, 32, 4, 2), "blend-channel": (64, 32, 8, 2)},
                      "the looped blend at 128 rows spills 400-660 B on sm_80, at 64x64 40-544 B"),
     (80, "16", 128): ({"*": (128, 32, 8, 2), "blend-row": (64, 32, 4, 2), "blend-channel": (64, 32, 8, 2)},
@@ -424,8 +480,9 @@ FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] =
                       "regs, no stack); the per-channel blend spills 32-740 B at every tile tried, down to 16x32"),
     (90, "tf32", 64): ({"*": (128, 64, 8, 2)}, "clean on every path (177-230 regs, <=160 KiB)"),
     (90, "tf32", 128): ({"*": (128, 32, 8, 2)}, "BLOCK_N 64 passes 227 KiB with the looped blend"),
-    (90, "tf32", 256): ({"*": (128, 16, 8, 2), "blend-channel": None},
-                        "64-row tiles spill 16 B-1 KB; the per-channel blend spills 24 B or passes 227 KiB"),
+    (90, "tf32", 256): ({"*": (128, 16, 8, 2), "blend-row": None, "blend-channel": None},
+                        "64-row tiles spill 16 B-1 KB; the looped blend spills 16-744 B at every tile tried "
+                        "(128x16 x2: 144 B under Triton 3.6) or, per channel, passes 227 KiB"),
     (80, "tf32", 64): ({"*": (128, 32, 8, 3), "memory": (64, 32, 8, 3), "blend-channel": (32, 32, 4, 2)},
                        "the per-channel blend spills 176-5,600 B at 4 warps or 128 rows; memory attention at 128 "
                        "rows spills 8 B under Triton 3.6"),
@@ -438,7 +495,9 @@ FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] =
     (90, "fp32", 64): ({"*": (64, 32, 8, 1)}, "FMA dots: 94-244 regs, no stack"),
     (90, "fp32", 128): ({"*": None}, "FMA dots spill 40-800 B at every tile down to 16x32"),
     (90, "fp32", 256): ({"*": None}, "FMA dots spill 2-8.7 KB at every tile tried"),
-    (80, "fp32", 64): ({"*": (64, 32, 8, 1)}, "FMA dots: 80-226 regs, no stack"),
+    (80, "fp32", 64): ({"*": (64, 32, 8, 1), "memory": (32, 32, 8, 1)},
+                       "FMA dots: 80-226 regs, no stack; memory attention at 64x32 spills 16 B under Triton 3.6 "
+                       "(32x32: 74 regs)"),
     (80, "fp32", 128): ({"*": (32, 32, 8, 1)}, "FMA dots: 78-219 regs; 4 warps or 64 rows spill 500+ B"),
     (80, "fp32", 256): ({"*": None}, "FMA dots spill 1-1.3 KB at every tile tried"),
 }

@@ -109,6 +109,9 @@ CASES = {
     "bias_b_hkv_m":   (2, 2, 2, 20, 30, 17, 32, "per_sample", False, "B,Hkv,M"),
     "decode":         (2, 4, 2, 1, 70, 9, 32, "per_sample", True, "Hkv,M"),
     "chunked_prefill": (1, 2, 2, 16, 80, 5, 32, "shared", True, None),
+    # N > Nk, causal, with memory: the first 30 queries see the memory rows only (the composed path's merge
+    # must ignore its sequence part's placeholder there)
+    "more_queries":   (2, 4, 2, 50, 20, 6, 16, "per_sample", True, "Hkv,M"),
     # Nk = N + 1: query 31 sees key 32, the first of the second key block (a block-boundary case).
     "causal_block_edge": (1, 2, 2, 40, 41, 0, 16, None, True, None),
 }
