@@ -36,9 +36,15 @@ class RetentionKVCache:
     ``update(key_states, value_states, layer_idx, log_beta)`` appends (B, Hkv, n, D) rows and their retention
     log_beta (B, Hkv, n) to layer ``layer_idx`` and returns (keys, values): the rows kept so far followed by
     the new rows, in order, which the current queries attend over. Then, if the layer holds at least
-    ``budget + buffer`` rows, it keeps the ``budget`` rows of largest ``log_beta_j * (t + 1 - pos_j)`` (t the
-    position of the newest row, pos_j the row's original position; ties keep the older row), in their
-    original order. Compaction writes into fresh buffers, so tensors returned earlier are never changed;
+    ``budget + buffer`` rows, it keeps the ``budget`` rows of largest eviction score, in their original order
+    (ties keep the older row; the official code's ``torch.topk`` breaks them arbitrarily). The score, with
+    n the number of tokens the layer has seen and pos_j a row's original position (from 0):
+
+    - ``score="official"`` (default): ``log_beta_j * (n + 1 - pos_j)``, as ngocbh/trimkv's
+      ``TrimKVCache.compress`` (``q_idx = seen_tokens + 1``);
+    - ``score="next_query"``: ``log_beta_j * (n - pos_j)``, the decay the next query (at position n) applies
+      to the row, memops' earlier rule; one position nearer, so it can keep a different set.
+ Compaction writes into fresh buffers, so tensors returned earlier are never changed;
     appends go in place into spare capacity after the live rows, which returned tensors do not cover.
 
     Positions count from 0 per layer and advance by n on each call, so a long prompt given in one update
@@ -51,15 +57,20 @@ class RetentionKVCache:
     Args:
         budget: tokens kept per (layer, batch row, KV head) after a compaction, >= 1.
         buffer: extra tokens accepted before compacting again, >= 0 (TRIM-KV: 128).
+        score: ``"official"`` or ``"next_query"``, the eviction score's position (above).
     """
 
-    def __init__(self, budget: int, buffer: int = 128) -> None:
+    SCORES = ("official", "next_query")
+
+    def __init__(self, budget: int, buffer: int = 128, *, score: str = "official") -> None:
         for name, value, low in (("budget", budget, 1), ("buffer", buffer, 0)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"RetentionKVCache: {name} must be an int, got {type(value).__name__}")
             if value < low:
                 raise ValueError(f"RetentionKVCache: {name} must be >= {low}, got {value}")
-        self.budget, self.buffer = budget, buffer
+        if score not in self.SCORES:
+            raise ValueError(f"RetentionKVCache: score must be one of {self.SCORES}, got {score!r}")
+        self.budget, self.buffer, self.score = budget, buffer, score
         self._layers: list[_Layer | None] = []
 
     def __len__(self) -> int:
@@ -168,17 +179,22 @@ class RetentionKVCache:
         compacted = self._allocate(layer.keys, self.budget + max(self.buffer, 1), layer)
         compacted.length = self.budget
         rows = (layer.keys, layer.values, layer.log_beta, layer.positions)
+        # next_position is the number of tokens the layer has seen
+        score_position = layer.next_position + 1 if self.score == "official" else layer.next_position
         evict(*(t[:, :, :layer.length] for t in rows), newest_position=layer.next_position - 1, budget=self.budget,
+              score_position=score_position,
               out=(compacted.keys, compacted.values, compacted.log_beta, compacted.positions))
         return compacted
 
 
 def evict(
     keys: torch.Tensor, values: torch.Tensor, log_beta: torch.Tensor, positions: torch.Tensor, *,
-    newest_position: int, budget: int, out: tuple[torch.Tensor, ...] | None = None,
+    newest_position: int, budget: int, score_position: int | None = None, out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One TRIM-KV eviction step: per (batch, KV head), keep the ``budget`` rows of largest
-    ``log_beta_j * (newest_position + 1 - positions_j)`` (ties keep the older row), in their original order.
+    ``log_beta_j * (score_position - positions_j)`` (ties keep the older row), in their original order.
+    ``score_position`` defaults to ``newest_position + 1``; RetentionKVCache's official score passes
+    ``newest_position + 2`` (the tokens seen + 1).
 
     keys, values (B, Hkv, L, D); log_beta (B, Hkv, L) float; positions (B, Hkv, L) int64; budget <= L. The
     inputs are only read; each may be the first L rows of a larger contiguous (B, Hkv, capacity[, D]) buffer.
@@ -194,6 +210,8 @@ def evict(
     if out is None:
         out = (keys.new_empty((B, Hkv, budget, D)), values.new_empty((B, Hkv, budget, D)),
                log_beta.new_empty((B, Hkv, budget)), positions.new_empty((B, Hkv, budget)))
+    # the scoring functions take the newest position t and score at t + 1
+    newest_position = (newest_position if score_position is None else score_position - 1)
     if resolve_backend(keys) == "reference":
         kept = reference.retention_keep(log_beta, positions, newest_position, budget)
         out[2][:, :, :budget] = log_beta.gather(2, kept)

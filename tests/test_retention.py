@@ -266,8 +266,8 @@ def test_retention_gate():
 class CacheModel:
     """The cache's contract in plain Python: per (b, h) a list of (position, log_beta, key, value)."""
 
-    def __init__(self, budget, buffer, B, H):
-        self.budget, self.buffer = budget, buffer
+    def __init__(self, budget, buffer, B, H, score="official"):
+        self.budget, self.buffer, self.score = budget, buffer, score
         self.rows = [[[] for _ in range(H)] for _ in range(B)]
         self.position = 0
         self.compactions = 0
@@ -283,21 +283,22 @@ class CacheModel:
         length = len(self.rows[0][0])
         if length >= self.budget + self.buffer and length > self.budget:
             self.compactions += 1
-            newest = self.position - 1
+            # scored at (tokens seen + 1) officially, at the next query's position (tokens seen) otherwise
+            at = self.position + 1 if self.score == "official" else self.position
             for b in range(B):
                 for h in range(H):
                     row = self.rows[b][h]
                     # score in fp32 as the spec; larger first, then the older row
-                    score = [float(r[1].float() * float(newest + 1 - r[0])) for r in row]
+                    score = [float(r[1].float() * float(at - r[0])) for r in row]
                     ranked = sorted(range(len(row)), key=lambda j: (-score[j], j))
                     self.rows[b][h] = [row[j] for j in sorted(ranked[:self.budget])]
         return returned
 
 
-def run_stream(backend, chunks, budget, buffer, *, B=2, H=2, D=8, seed=0, device="cpu"):
+def run_stream(backend, chunks, budget, buffer, *, B=2, H=2, D=8, seed=0, device="cpu", score="official"):
     generator = torch.Generator(device=device).manual_seed(seed)
-    cache = memops.RetentionKVCache(budget, buffer)
-    model = CacheModel(budget, buffer, B, H)
+    cache = memops.RetentionKVCache(budget, buffer, score=score)
+    model = CacheModel(budget, buffer, B, H, score=score)
     with memops.backend(backend):
         for n in chunks:
             k = torch.randn(B, H, n, D, generator=generator, device=device)
@@ -316,10 +317,12 @@ def run_stream(backend, chunks, budget, buffer, *, B=2, H=2, D=8, seed=0, device
     return cache, model
 
 
+@pytest.mark.parametrize("score", ["official", "next_query"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_cache_matches_model(backend, device):
+def test_cache_matches_model(backend, score, device):
     chunks = [4, 1, 1, 1, 1, 7, 1, 1, 2, 1, 1, 1, 12, 1]
-    cache, model = run_stream(backend, chunks, budget=5, buffer=3, device=device if backend == "triton" else "cpu")
+    cache, model = run_stream(backend, chunks, budget=5, buffer=3, device=device if backend == "triton" else "cpu",
+                              score=score)
     assert model.compactions >= 4
     assert cache.get_seq_length(0) == 0 and len(cache) == 2   # layer 0 never updated
 
@@ -413,3 +416,36 @@ def test_cuda_llm_shape(dtype):
 @pytest.mark.cuda
 def test_cuda_cache_at_budget_1024():
     run_stream("triton", [3000] + [1] * 300, budget=1024, buffer=128, B=1, H=8, D=128, device="cuda")
+
+
+def official_trimkv_compress(log_beta, positions, seen_tokens, memory_size):
+    """Transcribed from ngocbh/trimkv src/trimkv/cache_utils.py, TrimKVCache.compress (lookahead_steps=1, no
+    sliding window, no mask): scores = log_beta * (q_idx - kv_positions) with q_idx = seen_tokens + 1, then
+    torch.topk(scores, memory_size) and a sort of the indices. Returns the kept positions (B, H, memory_size)."""
+    q_idx = seen_tokens + 1
+    scores = log_beta.float() * (q_idx - positions)
+    top = torch.topk(scores, memory_size, dim=-1).indices
+    top, _ = torch.sort(top, dim=-1)
+    return positions.gather(-1, top)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eviction_matches_official_trimkv(backend, device):
+    # Single compactions from identical states, as the official cache runs them: L = 24 tokens seen (prompt
+    # of 24, budget 16); random log_beta in (-1, 0], so ties have probability 0 and topk's arbitrary tie
+    # order cannot matter. The official score keeps the same set every time; memops' former rule does not.
+    device = device if backend == "triton" else "cpu"
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    agree = {"official": 0, "next_query": 0}
+    trials = 30 if device == "cpu" and backend == "triton" else 300
+    for _ in range(trials):
+        log_beta = -torch.rand(1, 1, 24, generator=generator)
+        k = torch.randn(1, 1, 24, 4, generator=generator)
+        expected = official_trimkv_compress(log_beta, torch.arange(24).view(1, 1, 24), 24, 16)
+        for score in agree:
+            cache = memops.RetentionKVCache(budget=16, buffer=8, score=score)
+            with memops.backend(backend):
+                cache.update(k.to(device), k.to(device), 0, log_beta.to(device))
+            agree[score] += torch.equal(cache.positions(0).cpu(), expected)
+    assert agree["official"] == trials, agree
+    assert agree["next_query"] < trials, agree   # the two rules really differ on these inputs
