@@ -125,7 +125,9 @@ def block_route(
         score_func: "sigmoid" (LLaDA2 / DeepSeek-V3) or "softmax" (Mixtral / Qwen), computed in fp32.
         expert_bias: (E,) added to the scores for selection only (aux-loss-free balancing), or None.
         n_groups, topk_groups: group-limited routing (a group scores the sum of its two best); 1 disables it.
-        routed_scaling: factor on the weights. normalize: renormalise each token's weights to sum to 1 first.
+        routed_scaling: factor on the weights. normalize: renormalise each token's weights to sum to 1 first,
+            when top_k > 1; with top_k = 1 the weight is the raw score s (sigmoid: in (0, 1)), as the official
+            gates (fscdc/dMoE LLaDA2MoeGate, DeepSeek-V3) return it.
 
     Returns:
         topk_ids (B, N, top_k) int32, sorted by routing score; topk_weights (B, N, top_k) fp32, differentiable
@@ -134,6 +136,7 @@ def block_route(
     """
     _check_route_args(router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups,
                       topk_groups)
+    normalize = bool(normalize) and top_k > 1  # the official rule: one pick is never renormalised
     kwargs = dict(block_size=block_size, top_k=top_k, top_p=float(top_p), min_experts=min_experts,
                   n_groups=n_groups, topk_groups=topk_groups, routed_scaling=float(routed_scaling), normalize=normalize)
     if resolve_backend(router_logits) == "reference":

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import memops
 from memops import reference
 from memops.reference.moe import expert_ffn
-from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches
+from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches, relative_error
 
 GEMM_KERNELS = ("grouped_gemm_kernel", "grouped_weight_grad_kernel")
 
@@ -370,3 +370,32 @@ def test_unchecked_ids_skip_the_range_check(device):
         checked = memops.moe_ffn(x, w_gate_up, w_down, ids, weights)
         unchecked = memops.moe_ffn(x, w_gate_up, w_down, ids, weights, check_ids=False)
     assert torch.equal(checked, unchecked) and launches["grouped_gemm_kernel"] == 4
+
+
+def official_gate_weights(router_logits, ids, *, routed_scaling):
+    """Transcribed from fscdc/dMoE evaluations/models/modeling_llada2_moe_be_adaptive.py, LLaDA2MoeGate.forward:
+    selected_scores = sigmoid(logits) at the chosen ids; renormalised by their sum (+1e-20) only
+    ``if self.top_k > 1``; then times routed_scaling_factor."""
+    scores = torch.sigmoid(router_logits.float())
+    selected = scores.gather(-1, ids.long())
+    if ids.shape[-1] > 1:
+        selected = selected / (selected.sum(-1, keepdim=True) + 1e-20)
+    return selected * routed_scaling
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+def test_routing_weights_follow_the_official_top_k_rule(top_k, backend, device):
+    device = device if backend == "triton" else "cpu"
+    logits = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(top_k)).to(device).requires_grad_()
+    with memops.backend(backend):
+        ids, weights, _ = memops.block_route(logits, block_size=None, top_k=top_k, min_experts=top_k,
+                                             routed_scaling=2.5, normalize=True)
+        expected = official_gate_weights(logits, ids, routed_scaling=2.5)
+        assert relative_error(weights, expected.detach()) < 1e-6
+        if top_k == 1:  # the raw sigmoid score, not 1.0
+            assert bool((weights < 2.5 - 1e-3).all())
+        grad = torch.randn_like(weights)
+        (got,) = torch.autograd.grad(weights, logits, grad)
+        (want,) = torch.autograd.grad(expected, logits, grad)
+    assert relative_error(got, want) < 1e-5

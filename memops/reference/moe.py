@@ -11,7 +11,9 @@ block agrees on (the official LLaDA2.0-mini gate). Per block of ``block_size`` t
             the cumsum stays <= top_p, plus the first to cross it; experts with no vote excluded), at least
             min_experts long
     ids_i = (group-limited) top-k of r_i with experts outside C at -inf
-    w_i   = s_i[ids_i] / (Σ s_i[ids_i] + 1e-20) * routed_scaling   (normalize) or s_i[ids_i] * routed_scaling
+    w_i   = s_i[ids_i] / (Σ s_i[ids_i] + 1e-20) * routed_scaling   (normalize, top_k > 1) or s_i[ids_i] * routed_scaling
+            (top_k = 1 is never renormalised, as the official gates: `if self.top_k > 1` in fscdc/dMoE's
+            LLaDA2MoeGate.forward, `top_k > 1 and norm_topk_prob` in DeepSeek's)
 
 Group-limited top-k: experts split into n_groups equal groups; a group's score is the sum of its two
 largest (masked) r; only experts of the topk_groups best groups compete. Ties go to the lower index.
@@ -69,9 +71,9 @@ def block_coreset(
 
 
 def routing_weights(scores: torch.Tensor, ids: torch.Tensor, *, normalize: bool, routed_scaling: float) -> torch.Tensor:
-    """w = s[ids] (renormalised over the k picks when ``normalize``) * routed_scaling, fp32."""
+    """w = s[ids] (renormalised over the k picks when ``normalize`` and k > 1) * routed_scaling, fp32."""
     picked = scores.gather(-1, ids)
-    if normalize:
+    if normalize and ids.shape[-1] > 1:
         picked = picked / (picked.sum(-1, keepdim=True) + 1e-20)
     return picked * routed_scaling
 
@@ -156,7 +158,7 @@ def routing_weights_backward(
     ids = topk_ids.long()
     picked = scores.gather(-1, ids)
     grad = grad_weights.to(scores.dtype) * routed_scaling
-    if normalize:
+    if normalize and ids.shape[-1] > 1:
         total = picked.sum(-1, keepdim=True) + 1e-20
         grad = grad / total - (grad * picked).sum(-1, keepdim=True) / total**2
     grad_scores = torch.zeros_like(scores).scatter_add_(-1, ids, grad)
