@@ -82,6 +82,7 @@ def block_route_kernel(
     T_LOG2: tl.constexpr, E_LOG2: tl.constexpr, K_LOG2: tl.constexpr,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, VOTE: tl.constexpr, NORMALIZE: tl.constexpr,
     GROUP_SIZE: tl.constexpr, N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
+    GROUP_LIMITED_VOTE: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = 1 << T_LOG2
     E_PAD: tl.constexpr = 1 << E_LOG2
@@ -106,7 +107,12 @@ def block_route_kernel(
     if HAS_BIAS:
         routing += tl.load(bias_ptr + offs_e, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
     if VOTE:
-        mask, _ = _routing_top(routing, valid, offs_e, TOP_K, T_LOG2, E_LOG2, K_LOG2, GROUP_SIZE, N_GROUPS, TOPK_GROUPS, G_PAD)
+        # The vote: each token's plain top-k over all experts (the official gate), or its group-limited one
+        if GROUP_LIMITED_VOTE:
+            mask, _ = _routing_top(routing, valid, offs_e, TOP_K, T_LOG2, E_LOG2, K_LOG2, GROUP_SIZE, N_GROUPS,
+                                   TOPK_GROUPS, G_PAD)
+        else:
+            mask, _ = _top_entries_mask(routing, valid, offs_e, TOP_K, T_LOG2, E_LOG2, K_LOG2)
         votes = tl.sum(tl.where(mask, routing, 0.0), axis=0)                          # (E_PAD,)
         shares = votes / (tl.sum(votes, axis=0) + 1e-20)
         entries = pack_entries(shares, 0x7FFFFFFF - offs_e, expert_ok)[None, :]       # (1, E_PAD)
@@ -145,7 +151,7 @@ def _log2_ceil(n: int) -> int:
 def block_route(
     router_logits: torch.Tensor, expert_bias: torch.Tensor | None, *, block_size: int | None, top_k: int,
     top_p: float, min_experts: int, softmax: bool, n_groups: int, topk_groups: int, routed_scaling: float,
-    normalize: bool,
+    normalize: bool, group_limited_vote: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(ids (B, N, top_k) int32, weights (B, N, top_k) fp32, coreset (B, n_blocks, E) bool or None) for
     contiguous router_logits (B, N, E). block_size None: token-level routing in blocks of 32 tokens."""
@@ -165,7 +171,7 @@ def block_route(
         E=E, TOP_K=top_k, BLOCK_SIZE=tokens_per_program, T_LOG2=_log2_ceil(tokens_per_program),
         E_LOG2=_log2_ceil(E), K_LOG2=_log2_ceil(top_k), SOFTMAX=softmax, HAS_BIAS=expert_bias is not None,
         VOTE=vote, NORMALIZE=normalize, GROUP_SIZE=E // n_groups, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups,
-        G_PAD=triton.next_power_of_2(n_groups),
+        G_PAD=triton.next_power_of_2(n_groups), GROUP_LIMITED_VOTE=group_limited_vote and n_groups > 1,
         # The (tokens, experts) packed-entry sorts set the register budget: at 4 warps E = 256 spilled 1-3 KB.
         num_warps=8 if E > 64 else 4,
     )

@@ -71,11 +71,13 @@ def _check_route_args(router_logits, block_size, top_k, top_p, min_experts, scor
 def _block_route_op(
     router_logits: torch.Tensor, expert_bias: torch.Tensor | None, block_size: int, top_k: int, top_p: float,
     min_experts: int, softmax: bool, n_groups: int, topk_groups: int, routed_scaling: float, normalize: bool,
+    group_limited_vote: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids, weights, coreset = _kernels().block_route(
         router_logits.contiguous(), expert_bias.contiguous() if expert_bias is not None else None,
         block_size=block_size or None, top_k=top_k, top_p=top_p, min_experts=min_experts, softmax=softmax,
         n_groups=n_groups, topk_groups=topk_groups, routed_scaling=routed_scaling, normalize=normalize,
+        group_limited_vote=group_limited_vote,
     )
     # A custom op returns tensors: token-level routing has no coreset, an empty tensor stands for None.
     # Weights come first (opcheck's autograd check sums the outputs in order and chokes on an int first).
@@ -84,7 +86,7 @@ def _block_route_op(
 
 @_block_route_op.register_fake
 def _(router_logits, expert_bias, block_size, top_k, top_p, min_experts, softmax, n_groups, topk_groups,
-      routed_scaling, normalize):
+      routed_scaling, normalize, group_limited_vote):
     B, N, E = router_logits.shape
     shape = (B, N, top_k)
     coreset_shape = (B, -(-N // block_size), E) if block_size else (0,)
@@ -104,7 +106,7 @@ def _route_backward(ctx, grad_weights, grad_ids, grad_coreset):
         grad_weights, router_logits, ids, score_func="softmax" if ctx.softmax else "sigmoid", normalize=ctx.normalize,
         routed_scaling=ctx.routed_scaling,
     )
-    return (grad_logits, *([None] * 10))
+    return (grad_logits, *([None] * 11))
 
 
 _block_route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
@@ -113,7 +115,7 @@ _block_route_op.register_autograd(_route_backward, setup_context=_route_setup_co
 def block_route(
     router_logits: torch.Tensor, *, block_size: int | None = 32, top_k: int = 8, top_p: float = 0.6,
     min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
-    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True,
+    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, vote: str = "plain",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dMoE block-level routing: each block of ``block_size`` tokens agrees on an expert coreset, then every
     token routes inside it (the algorithm is in memops.reference.moe and docs/block_moe.md).
@@ -128,6 +130,10 @@ def block_route(
         routed_scaling: factor on the weights. normalize: renormalise each token's weights to sum to 1 first,
             when top_k > 1; with top_k = 1 the weight is the raw score s (sigmoid: in (0, 1)), as the official
             gates (fscdc/dMoE LLaDA2MoeGate, DeepSeek-V3) return it.
+        vote: how each token votes for the block's coreset: ``"plain"`` (default), its top-k over all experts,
+            as the official gate's ``block_experts_select``; ``"group_limited"``, its group-limited top-k
+            (memops' earlier rule). The same when n_groups = 1. Routing inside the coreset is group-limited
+            either way, as in the official gate.
 
     Returns:
         topk_ids (B, N, top_k) int32, sorted by routing score; topk_weights (B, N, top_k) fp32, differentiable
@@ -137,14 +143,18 @@ def block_route(
     _check_route_args(router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups,
                       topk_groups)
     normalize = bool(normalize) and top_k > 1  # the official rule: one pick is never renormalised
+    if vote not in ("plain", "group_limited"):
+        raise ValueError(f"block_route: vote must be 'plain' or 'group_limited', got {vote!r}")
     kwargs = dict(block_size=block_size, top_k=top_k, top_p=float(top_p), min_experts=min_experts,
                   n_groups=n_groups, topk_groups=topk_groups, routed_scaling=float(routed_scaling), normalize=normalize)
     if resolve_backend(router_logits) == "reference":
-        return reference.block_route(router_logits, score_func=score_func, expert_bias=expert_bias, **kwargs)
+        return reference.block_route(router_logits, score_func=score_func, expert_bias=expert_bias, vote=vote,
+                                     **kwargs)
     kwargs["block_size"] = block_size or 0
     weights, ids, coreset = _block_route_op(router_logits, expert_bias, kwargs.pop("block_size"), top_k,
                                             kwargs.pop("top_p"), min_experts, score_func == "softmax", n_groups,
-                                            topk_groups, kwargs.pop("routed_scaling"), normalize)
+                                            topk_groups, kwargs.pop("routed_scaling"), normalize,
+                                            vote == "group_limited")
     return ids, weights, (coreset if block_size is not None else None)
 
 

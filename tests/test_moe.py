@@ -142,7 +142,8 @@ def test_block_routing_uses_fewer_experts_than_token_routing(device):
 
 def test_block_route_opcheck(device):
     logits = make_logits(1, 20, 16, device).requires_grad_()
-    torch.library.opcheck(torch.ops.memops.block_route.default, (logits, None, 8, 2, 0.6, 4, False, 1, 1, 1.0, True))
+    torch.library.opcheck(torch.ops.memops.block_route.default,
+                          (logits, None, 8, 2, 0.6, 4, False, 1, 1, 1.0, True, False))
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -399,3 +400,67 @@ def test_routing_weights_follow_the_official_top_k_rule(top_k, backend, device):
         (got,) = torch.autograd.grad(weights, logits, grad)
         (want,) = torch.autograd.grad(expected, logits, grad)
     assert relative_error(got, want) < 1e-5
+
+
+def official_llada2_block_gate(logits, expert_bias, *, top_k, n_group, topk_group, core_threshold, guard_size,
+                               routed_scaling):
+    """Transcribed from fscdc/dMoE evaluations/models/modeling_llada2_moe_be_adaptive.py, LLaDA2MoeGate
+    (group_limited_topk, block_experts_select, forward with mode "aggregate"), for one block: seq_len equals
+    the block size, so there is no prefix. Returns (topk_idx (B, N, k), topk_weight (B, N, k), coreset (B, E))."""
+    B, N, E = logits.shape
+    scores = torch.sigmoid(logits.float())
+    routing = scores + expert_bias.view(1, 1, -1)
+
+    def group_limited_topk(s):
+        group_scores = s.view(s.shape[0], n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(s.shape[0], n_group, E // n_group).reshape(s.shape[0], -1)
+        return torch.topk(s.masked_fill(~score_mask.bool(), float("-inf")), k=top_k, dim=-1)
+
+    local_scores, local_idx = torch.topk(routing, k=top_k, dim=-1)           # the vote: plain top-k
+    votes = torch.zeros_like(routing).scatter_(-1, local_idx, local_scores).sum(dim=1)
+    votes = votes / (votes.sum(dim=-1, keepdim=True) + 1e-20)
+    sorted_votes, sorted_idx = torch.sort(votes, dim=-1, descending=True)
+    cum = torch.cumsum(sorted_votes, dim=-1)
+    keep = cum <= core_threshold
+    keep[..., 0] = True
+    exceed = cum > core_threshold
+    keep = keep | (exceed & ~torch.cat([torch.zeros_like(exceed[..., :1]), exceed[..., :-1]], dim=-1))
+    coreset = torch.zeros_like(votes, dtype=torch.bool).scatter_(1, sorted_idx, keep)
+    need_fix = coreset.sum(dim=-1) < guard_size
+    fallback = torch.zeros_like(coreset).scatter_(1, torch.topk(votes, k=guard_size, dim=-1).indices, True)
+    coreset = torch.where(need_fix.unsqueeze(-1), fallback, coreset)
+    constrained = routing.masked_fill(~coreset.unsqueeze(1), float("-inf"))
+    picked, idx = group_limited_topk(constrained.reshape(-1, E))
+    idx = idx.view(B, N, top_k)
+    selected = scores.gather(-1, idx)
+    weight = selected / (selected.sum(-1, keepdim=True) + 1e-20) if top_k > 1 else selected
+    return idx, weight * routed_scaling, coreset, torch.isfinite(picked).all(-1).view(B, N)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_block_route_matches_the_official_llada2_gate(backend, device):
+    # LLaDA2's settings: E = 256, top-8, 8 groups keep 4, top_p 0.6, block 32; guard 12 (the training gate).
+    device = device if backend == "triton" else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 32, 256, generator=generator)
+    bias = torch.randn(256, generator=generator) * 0.01
+    official = official_llada2_block_gate(logits, bias, top_k=8, n_group=8, topk_group=4, core_threshold=0.6,
+                                          guard_size=12, routed_scaling=2.5)
+    results = {}
+    for vote in ("plain", "group_limited"):
+        with memops.backend(backend):
+            ids, weights, coreset = memops.block_route(
+                logits.to(device), block_size=32, top_k=8, top_p=0.6, min_experts=12, expert_bias=bias.to(device),
+                n_groups=8, topk_groups=4, routed_scaling=2.5, vote=vote)
+        results[vote] = (ids.cpu(), weights.cpu(), coreset.cpu())
+    ids, weights, coreset = results["plain"]
+    assert torch.equal(coreset[:, 0], official[2])                      # the same coreset in 4 of 4 blocks
+    finite = official[3]                                                 # tokens the official gate fills
+    same_ids = (ids.long().sort(-1).values == official[0].sort(-1).values).all(-1)
+    assert bool(same_ids[finite].all()) and int(finite.sum()) > 100, (int(same_ids.sum()), int(finite.sum()))
+    order, official_order = ids.long().argsort(-1), official[0].argsort(-1)
+    assert relative_error(weights.gather(-1, order)[finite], official[1].gather(-1, official_order)[finite]) < 1e-6
+    # memops' former vote (group-limited) picks other coresets on these logits
+    assert not torch.equal(results["group_limited"][2][:, 0], official[2])

@@ -20,7 +20,8 @@ class BlockMoE(nn.Module):
     (n_experts, 2 d_expert, d_model); ``w_down`` (n_experts, d_model, d_expert); with shared_experts > 0:
     ``shared_gate_up.weight`` (2 s d_expert, d_model) and ``shared_down.weight`` (d_model, s d_expert).
 
-    ``min_experts`` is clamped into [top_k, n_experts]. After each forward ``last_topk_ids`` holds the
+    ``min_experts`` is clamped into [top_k, n_experts]. ``vote`` ("plain", the official gate's, or
+    "group_limited") is :func:`memops.block_route`'s coreset vote. After each forward ``last_topk_ids`` holds the
     (B, N, top_k) routing (a reference, nothing computed); :meth:`unique_experts` gives the per-block count
     of distinct experts (the dMoE metric), with one host sync, when asked.
     """
@@ -29,14 +30,14 @@ class BlockMoE(nn.Module):
         self, d_model: int, d_expert: int, n_experts: int, top_k: int, *, block_size: int | None = 32,
         top_p: float = 0.6, min_experts: int = 16, score_func: str = "sigmoid", n_groups: int = 1,
         topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, shared_experts: int = 0,
-        device=None, dtype=None,
+        vote: str = "plain", device=None, dtype=None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.top_k, self.block_size, self.top_p = top_k, block_size, top_p
         self.min_experts = min(max(min_experts, top_k), n_experts)
         self.score_func, self.n_groups, self.topk_groups = score_func, n_groups, topk_groups
-        self.routed_scaling, self.normalize = routed_scaling, normalize
+        self.routed_scaling, self.normalize, self.vote = routed_scaling, normalize, vote
         self.router = nn.Linear(d_model, n_experts, bias=False, **factory)
         self.register_buffer("expert_bias", torch.zeros(n_experts, device=device, dtype=torch.float32))
         self.w_gate_up = nn.Parameter(torch.randn(n_experts, 2 * d_expert, d_model, **factory) * d_model ** -0.5)
@@ -54,7 +55,7 @@ class BlockMoE(nn.Module):
             self.router(x), block_size=self.block_size, top_k=self.top_k, top_p=self.top_p,
             min_experts=self.min_experts, score_func=self.score_func, expert_bias=self.expert_bias,
             n_groups=self.n_groups, topk_groups=self.topk_groups, routed_scaling=self.routed_scaling,
-            normalize=self.normalize,
+            normalize=self.normalize, vote=self.vote,
         )
         self.last_topk_ids = ids
         return ids, weights

@@ -5,7 +5,8 @@ dMoE ("dLLMs with Learnable Block Experts") routes a block of tokens inside a sm
 block agrees on (the official LLaDA2.0-mini gate). Per block of ``block_size`` tokens and token i:
 
     s_i   = score_func(logits_i)  (fp32; sigmoid or softmax),   r_i = s_i + expert_bias   (bias: selection only)
-    ŝ_i   = r_i on the token's own (group-limited) top-k experts, 0 elsewhere;  padded tokens do not vote
+    ŝ_i   = r_i on the token's own top-k experts (plain top-k over all experts, as the official gate's
+            block_experts_select; vote="group_limited": its group-limited top-k), 0 elsewhere;  padded tokens do not vote
     S̃     = Σ_i ŝ_i / (Σ_e Σ_i ŝ_i + 1e-20)
     C     = the prefix of S̃ sorted descending whose exclusive cumulative sum is <= top_p (the experts while
             the cumsum stays <= top_p, plus the first to cross it; experts with no vote excluded), at least
@@ -50,12 +51,14 @@ def group_limited_topk(scores: torch.Tensor, k: int, n_groups: int, topk_groups:
 
 def block_coreset(
     routing: torch.Tensor, valid: torch.Tensor, *, block_size: int, top_k: int, top_p: float, min_experts: int,
-    n_groups: int, topk_groups: int,
+    n_groups: int, topk_groups: int, vote: str = "plain",
 ) -> torch.Tensor:
     """(B, n_blocks, E) bool coreset of every block from the routing scores r (B, N, E); ``valid`` (B, N)
-    marks the tokens that vote."""
+    marks the tokens that vote, each with its plain top-k (``vote="plain"``, the official gate) or its
+    group-limited top-k (``vote="group_limited"``)."""
     B, N, E = routing.shape
-    ids = group_limited_topk(routing, top_k, n_groups, topk_groups)
+    ids = group_limited_topk(routing, top_k, n_groups, topk_groups) if vote == "group_limited" else \
+        group_limited_topk(routing, top_k, 1, 1)
     masked = torch.zeros_like(routing).scatter_(-1, ids, routing.gather(-1, ids)) * valid.unsqueeze(-1)
     n_blocks = -(-N // block_size)
     padded = F.pad(masked, (0, 0, 0, n_blocks * block_size - N))
@@ -81,7 +84,7 @@ def routing_weights(scores: torch.Tensor, ids: torch.Tensor, *, normalize: bool,
 def block_route(
     router_logits: torch.Tensor, *, block_size: int | None = 32, top_k: int = 8, top_p: float = 0.6,
     min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
-    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True,
+    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, vote: str = "plain",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(topk_ids (B, N, top_k) int32, topk_weights (B, N, top_k) fp32, coreset (B, n_blocks, E) bool or None)
     from router_logits (B, N, E). Weights are differentiable w.r.t. the logits; ids are not."""
@@ -92,7 +95,7 @@ def block_route(
     if block_size is not None:
         valid = torch.ones(routing.shape[:2], dtype=routing.dtype, device=routing.device)
         coreset = block_coreset(routing, valid, block_size=block_size, top_k=top_k, top_p=top_p,
-                                min_experts=min_experts, n_groups=n_groups, topk_groups=topk_groups)
+                                min_experts=min_experts, n_groups=n_groups, topk_groups=topk_groups, vote=vote)
         per_token = coreset.repeat_interleave(block_size, dim=1)[:, :routing.shape[1]]
         routing = routing.masked_fill(~per_token, float("-inf"))
     ids = group_limited_topk(routing, top_k, n_groups, topk_groups)
