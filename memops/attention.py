@@ -101,6 +101,19 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
 
 
+def _bias_grad_to_shape(dbias: torch.Tensor | None, mem_bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels' (B, Hkv, M) fp32 bias grad summed to mem_bias' (B|1, Hkv|1, M) broadcast shape and dtype."""
+    if dbias is None:
+        return None
+    dims = [d for d in (0, 1) if mem_bias.shape[d] == 1 and dbias.shape[d] != 1]
+    return (dbias.sum(dim=dims, keepdim=True) if dims else dbias).to(mem_bias.dtype)
+
+
+def _two_states(state: list, q: torch.Tensor) -> list:
+    """A vendor op's random-number state padded to two tensors (distinct ones: custom-op outputs may not alias)."""
+    return state + [q.new_zeros(1) for _ in range(2 - len(state))]
+
+
 @torch.library.custom_op("memops::memory_attention", mutates_args=())
 def _memory_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None,
@@ -126,9 +139,7 @@ def _memory_attention_backward_op(
     dq, dk, dv, dmem_k, dmem_v, dbias, _ = _kernels().memory_attention_bwd(
         *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse,
     )
-    if dbias is not None:  # (B, Hkv, M) -> mem_bias' broadcast shape
-        dims = [d for d in (0, 1) if mem_bias.shape[d] == 1 and dbias.shape[d] != 1]
-        dbias = (dbias.sum(dim=dims, keepdim=True) if dims else dbias).to(mem_bias.dtype)
+    dbias = _bias_grad_to_shape(dbias, mem_bias)
     # A custom op returns tensors only (and no two may alias): absent grads travel as fresh empty tensors.
     return tuple(q.new_empty(0) if t is None else t for t in (dq, dk, dv, dmem_k, dmem_v, dbias))
 
@@ -195,7 +206,7 @@ def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     qs, ks, vs, _ = _gqa_for_vendor(q, k, v, causal)
     out_s, lse_s, state = _sdpa.sequence_fwd(sequence, qs, ks, vs, causal=causal, scale=scale)
     out_s, lse_s = _as_query_heads(out_s, B, H, N), _as_query_heads(lse_s, B, H, N)
-    state = state + [q.new_zeros(1) for _ in range(2 - len(state))]  # distinct: outputs may not alias
+    state = _two_states(state, q)
     empty_rows = min(max(N - Nk, 0), N) if causal else 0
     if M:
         none = k.narrow(2, 0, 0)  # no sequence keys: the memory rows alone
@@ -224,7 +235,7 @@ def _(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     # The vendor op's own fake (meta) kernel gives its state tensors' shapes on this torch version.
     qs, ks, vs, _ = _gqa_for_vendor(q, k, v, causal)
     state = _sdpa.sequence_fwd(sequence, qs, ks, vs, causal=causal, scale=scale)[2]
-    state = state + [q.new_zeros(1) for _ in range(2 - len(state))]  # distinct: outputs may not alias
+    state = _two_states(state, q)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype),
             torch.empty_like(state[0]), torch.empty_like(state[1]))
@@ -244,9 +255,7 @@ def _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, 
         dq, _, _, dmem_k, dmem_v, dbias, _ = _kernels().memory_attention_bwd(
             grad_out, q, none, none, mem_k, mem_v, mem_bias, out, lse, causal=False, scale=scale,
             deterministic=deterministic)
-        if dbias is not None:
-            dims = [d for d in (0, 1) if mem_bias.shape[d] == 1 and dbias.shape[d] != 1]
-            dbias = (dbias.sum(dim=dims, keepdim=True) if dims else dbias).to(mem_bias.dtype)
+        dbias = _bias_grad_to_shape(dbias, mem_bias)
     # The sequence part: the vendor backward given the merged out and lse. A row with no key at all (lse
     # -inf) gets +inf, which makes its probabilities exp(s - lse) 0 instead of NaN.
     lse_seq = torch.where(torch.isneginf(lse), float("inf"), lse)
@@ -320,6 +329,11 @@ COMPOSED_MIN_QUERIES = 64
 COMPOSED_MIN_KEYS = 256
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"memory_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+
+
 def attention_impl(q: torch.Tensor, num_keys: int, *, causal: bool, impl: str = "auto") -> tuple[str, str | None]:
     """Which implementation runs memory attention on the Triton backend: ``("composed", sequence op)`` or
     ``("fused", None)``.
@@ -339,8 +353,7 @@ def attention_impl(q: torch.Tensor, num_keys: int, *, causal: bool, impl: str = 
     from memops import _sdpa
     from memops._backend import launch_arch
 
-    if impl not in IMPLS:
-        raise ValueError(f"memory_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    _check_impl(impl)
     if impl == "fused":
         return "fused", None
     sequence = _sdpa.sequence_backend(q, num_keys, causal=causal, arch=launch_arch(q.device))
@@ -389,8 +402,7 @@ def memory_attention(
     The Triton path needs head dim 16, 32, 64, 128 or 256; the reference takes any.
     """
     check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale)
-    if impl not in IMPLS:
-        raise ValueError(f"memory_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    _check_impl(impl)
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = mem_bias = None
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
