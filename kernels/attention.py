@@ -82,13 +82,14 @@ def _backward_rows(
 
 @triton.jit
 def _masked_logits(
-    q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
+    q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2, query_doc_start,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True,
+    DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True, DOCUMENTS: tl.constexpr = False,
 ):
     """log2-domain logits of a query block against a key block (k_t: D x BLOCK_N), -inf where not visible.
-    MASKED=False: a block every query of the block sees whole (in range, below the causal diagonal), so
-    nothing is masked."""
+    MASKED=False: a block every query of the block sees whole (in range, below the causal diagonal, inside
+    every query's document), so nothing is masked. DOCUMENTS: keys before a query's document start
+    (query_doc_start, per query row) are hidden."""
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(ACC) * scale_log2
     if HAS_BIAS:
         if MASKED:
@@ -106,6 +107,8 @@ def _masked_logits(
         visible = in_range[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+        if DOCUMENTS:
+            visible = visible & (offs_n[None, :] >= query_doc_start[:, None])
         s = tl.where(visible, s, float("-inf"))
     return s
 
@@ -139,9 +142,10 @@ def _fwd_block(
     acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m, offs_d,
     causal_shift, scale_log2,
     blend_start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn, k_out_base, v_out_base, stride_outn,
-    is_writer,
+    is_writer, query_doc_start,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr,
+    DOCUMENTS: tl.constexpr,
 ):
     # One online-softmax step over the key block at ``start``, in the log2 domain.
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -160,8 +164,8 @@ def _fwd_block(
         tl.store(k_out_base + offs_n[None, :] * stride_outn + offs_d[:, None], k_t, mask=written[None, :])
         tl.store(v_out_base + offs_n[:, None] * stride_outn + offs_d[None, :], v, mask=written[:, None])
     s = _masked_logits(q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
-                       HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=acc.dtype,
-                       DOT_PRECISION=DOT_PRECISION, MASKED=MASKED)
+                       query_doc_start, HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=acc.dtype,
+                       DOT_PRECISION=DOT_PRECISION, MASKED=MASKED, DOCUMENTS=DOCUMENTS)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     if MASKED:
         # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
@@ -177,45 +181,69 @@ def _fwd_block(
 
 @triton.jit
 def _fwd_key_range(
-    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, full_end, end, offs_m,
-    offs_d, causal_shift, scale_log2,
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, first, full_start,
+    full_end, end, offs_m, offs_d, causal_shift, scale_log2,
     blend_start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn, k_out_base, v_out_base, stride_outn,
-    is_writer,
+    is_writer, query_doc_start,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):
-    # Online softmax over keys [0, end) of one key table (memory or sequence). Blocks below ``full_end``
-    # (a multiple of BLOCK_N) are seen whole by every query of the block: no bounds or causal masks there;
-    # only the diagonal and edge blocks in [full_end, end) pay for them.
-    for start in range(0, full_end, BLOCK_N):
+    # Online softmax over keys [first, end) of one key table (memory or sequence). Blocks in
+    # [full_start, full_end) (multiples of BLOCK_N) are seen whole by every query of the block: no bounds,
+    # causal or document masks there; only the edge blocks around them pay for masks. Without documents
+    # first = full_start = 0.
+    if DOCUMENTS:  # the blocks between the first query's document start and the last query's
+        for start in range(first, full_start, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys,
+                offs_m, offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base,
+                stride_newn, stride_gn, k_out_base, v_out_base, stride_outn, is_writer, query_doc_start,
+                HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
+                DOT_PRECISION=DOT_PRECISION, BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=True,
+                DOCUMENTS=True)
+    for start in range(full_start, full_end, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
             acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m,
             offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base, stride_newn,
-            stride_gn, k_out_base, v_out_base, stride_outn, is_writer,
+            stride_gn, k_out_base, v_out_base, stride_outn, is_writer, query_doc_start,
             HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=False)
+            BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=False, DOCUMENTS=DOCUMENTS)
     for start in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _fwd_block(
             acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m,
             offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base, stride_newn,
-            stride_gn, k_out_base, v_out_base, stride_outn, is_writer,
+            stride_gn, k_out_base, v_out_base, stride_outn, is_writer, query_doc_start,
             HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=True)
+            BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=True, DOCUMENTS=DOCUMENTS)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _query_documents(doc_start_base, pid_m, offs_m, row_ok, N, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Packed documents (causal): each query row's document start (the key index of its position's
+    document), the first key block any row of the program needs, and the first block every row sees whole.
+    doc_start is non-decreasing, so the block's first and last rows bound it."""
+    last_key = tl.maximum(Nk - 1, 0)
+    row_start = tl.load(doc_start_base + tl.minimum(tl.maximum(offs_m + Nk - N, 0), last_key), mask=row_ok, other=0)
+    first_row = tl.load(doc_start_base + tl.minimum(tl.maximum(pid_m * BLOCK_M + Nk - N, 0), last_key))
+    last_row = tl.load(doc_start_base + tl.minimum(tl.maximum(tl.minimum((pid_m + 1) * BLOCK_M, N) - 1 + Nk - N, 0),
+                                                   last_key))
+    return row_start, first_row // BLOCK_N * BLOCK_N, tl.cdiv(last_row, BLOCK_N) * BLOCK_N
 
 
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, doc_start_ptr, out_ptr, lse_ptr,
     k_new_ptr, v_new_ptr, gate_ptr, k_out_ptr, v_out_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
     stride_decb, stride_dech, stride_ob, stride_oh, stride_on,
     stride_newb, stride_newh, stride_newn, stride_gb, stride_gh, stride_gn, stride_outb, stride_outh, stride_outn,
-    H, N, Nk, M, group, scale_log2, blend_start,
+    stride_docb, H, N, Nk, M, group, scale_log2, blend_start,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
+    DOCUMENTS: tl.constexpr,
 ):
     pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -228,26 +256,36 @@ def memory_attention_fwd_kernel(
         acc, m_i, l_i = _fwd_key_range(
             acc, m_i, l_i, q, mem_k_ptr + b * stride_mkb + g * stride_mkh, mem_v_ptr + b * stride_mvb + g * stride_mvh,
             stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M,
-            M // BLOCK_N * BLOCK_N, M, offs_m, offs_d, 0,
-            scale_log2, 0, k_new_ptr, v_new_ptr, gate_ptr, 0, 0, k_out_ptr, v_out_ptr, 0, False,
+            0, 0, M // BLOCK_N * BLOCK_N, M, offs_m, offs_d, 0,
+            scale_log2, 0, k_new_ptr, v_new_ptr, gate_ptr, 0, 0, k_out_ptr, v_out_ptr, 0, False, offs_m,
             HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            BLEND=False, GATE_PER_CHANNEL=False,
+            BLEND=False, GATE_PER_CHANNEL=False, DOCUMENTS=False,
         )
     end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
     full_end = Nk // BLOCK_N * BLOCK_N
     if CAUSAL:  # the block's first query sees keys up to pid_m * BLOCK_M + Nk - N: so do all its queries
         full_end = tl.minimum(full_end, tl.maximum(pid_m * BLOCK_M + Nk - N + 1, 0) // BLOCK_N * BLOCK_N)
+    first = 0
+    full_start = 0
+    query_doc_start = offs_m
+    if DOCUMENTS:  # causal only: keys [first, full_start) and past full_end are masked
+        query_doc_start, first, full_start = _query_documents(doc_start_ptr + b * stride_docb, pid_m, offs_m, row_ok,
+                                                              N, Nk, BLOCK_M, BLOCK_N)
+        # no block seen whole by every row: all blocks from first on are masked
+        none_whole = full_start >= full_end
+        full_start = tl.where(none_whole, first, full_start)
+        full_end = tl.where(none_whole, first, full_end)
     acc, m_i, l_i = _fwd_key_range(
         acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
-        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, full_end, end, offs_m,
-        offs_d, Nk - N,
+        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, first, full_start,
+        full_end, end, offs_m, offs_d, Nk - N,
         scale_log2, blend_start, k_new_ptr + b * stride_newb + g * stride_newh, v_new_ptr + b * stride_newb + g * stride_newh,
         gate_ptr + b * stride_gb + g * stride_gh, stride_newn, stride_gn,
         k_out_ptr + b * stride_outb + g * stride_outh, v_out_ptr + b * stride_outb + g * stride_outh, stride_outn,
         # The last query block sees every key (also when causal); the group's first head writes the rows.
-        (pid_m == tl.cdiv(N, BLOCK_M) - 1) & (h % group == 0),
+        (pid_m == tl.cdiv(N, BLOCK_M) - 1) & (h % group == 0), query_doc_start,
         HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-        BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL,
+        BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, DOCUMENTS=DOCUMENTS,
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -280,19 +318,19 @@ def memory_attention_delta_kernel(
 
 @triton.jit
 def _dq_key_range(
-    dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, end, offs_m,
-    offs_d, causal_shift, scale_log2,
+    dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, first, end,
+    offs_m, offs_d, causal_shift, scale_log2, query_doc_start,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):
-    for start in range(0, end, BLOCK_N):
+    for start in range(first, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         in_range = offs_n < num_keys
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], mask=in_range[None, :], other=0.0)
         s = _masked_logits(q, tl.trans(k), bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
-                           HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=dq.dtype,
-                           DOT_PRECISION=DOT_PRECISION)
+                           query_doc_start, HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=dq.dtype,
+                           DOT_PRECISION=DOT_PRECISION, DOCUMENTS=DOCUMENTS)
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION).to(dq.dtype)
         ds = p * (dp - delta[:, None])
@@ -302,14 +340,15 @@ def _dq_key_range(
 
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_dq_kernel(
-    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, doc_start_ptr, do_ptr, lse_ptr, delta_ptr,
+    dq_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
     stride_decb, stride_dech, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    H, N, Nk, M, group, scale, scale_log2,
+    stride_docb, H, N, Nk, M, group, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):
     pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -320,15 +359,21 @@ def memory_attention_dq_kernel(
         dq = _dq_key_range(
             dq, q, do, lse_log2, delta, mem_k_ptr + b * stride_mkb + g * stride_mkh,
             mem_v_ptr + b * stride_mvb + g * stride_mvh, stride_mkn, stride_mvn,
-            bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M, M, offs_m, offs_d, 0, scale_log2,
+            bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M, 0, M, offs_m, offs_d, 0, scale_log2, offs_m,
             HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
+            DOCUMENTS=False,
         )
     end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
+    first = 0
+    query_doc_start = offs_m
+    if DOCUMENTS:  # keys before the first row's document start are seen by no row
+        query_doc_start, first, _ = _query_documents(doc_start_ptr + b * stride_docb, pid_m, offs_m, row_ok, N, Nk,
+                                                     BLOCK_M, BLOCK_N)
     dq = _dq_key_range(
         dq, q, do, lse_log2, delta, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
-        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, end, offs_m, offs_d,
-        Nk - N, scale_log2, HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
-        DOT_PRECISION=DOT_PRECISION,
+        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, first, end, offs_m,
+        offs_d, Nk - N, scale_log2, query_doc_start, HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL,
+        BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOCUMENTS=DOCUMENTS,
     )
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -336,16 +381,16 @@ def memory_attention_dq_kernel(
 
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, do_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, doc_end_ptr, do_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dmem_k_ptr, dmem_v_ptr, dbias_ptr, ddecay_ptr,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
     stride_decb, stride_dech,
     stride_dob, stride_doh, stride_don, stride_dmb, stride_dmh, stride_dmn, stride_dkb, stride_dkh, stride_dkn,
-    H, Hkv, N, Nk, M, group, scale, scale_log2, memory_blocks,
+    stride_docb, H, Hkv, N, Nk, M, group, scale, scale_log2, memory_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, MEMORY_GRAD_ATOMIC: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):
     # One program per (key block, batch, kv head): memory key blocks first, then sequence key blocks.
     # It sums over the query heads of its group and over every query block that can see its keys.
@@ -373,6 +418,13 @@ def memory_attention_dkdv_kernel(
     first_query = 0
     if CAUSAL:  # queries before this one cannot see any sequence key of the block
         first_query = tl.where(is_memory, 0, tl.maximum(key_start - (Nk - N), 0) // BLOCK_M * BLOCK_M)
+    query_end = N
+    key_doc_end = offs_n
+    if DOCUMENTS:  # (causal) queries past the end of the block's last document see none of its keys
+        doc_end_base = doc_end_ptr + b * stride_docb
+        key_doc_end = tl.load(doc_end_base + offs_n, mask=offs_n < tl.where(is_memory, 0, Nk), other=0)
+        last_end = tl.load(doc_end_base + tl.maximum(tl.minimum(key_start + BLOCK_N, Nk) - 1, 0))
+        query_end = tl.where(is_memory, N, tl.minimum(tl.maximum(last_end - (Nk - N), 0), N))
     bias_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
     if HAS_BIAS:
         bias_log2 = tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n, mask=offs_n < tl.where(is_memory, M, 0),
@@ -388,7 +440,7 @@ def memory_attention_dkdv_kernel(
     for head in range(0, group):
         h = g * group + head
         bh = b * H + h
-        for start_m in range(first_query, N, BLOCK_M):
+        for start_m in range(first_query, query_end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < N
             q, do, lse_log2, delta = _backward_rows(
@@ -402,6 +454,8 @@ def memory_attention_dkdv_kernel(
             visible = in_range[:, None] & row_ok[None, :]
             if CAUSAL:  # memory keys are visible to every query
                 visible = visible & ((offs_n[:, None] <= offs_m[None, :] + (Nk - N)) | is_memory)
+            if DOCUMENTS:  # a query sees the key only inside the key's document
+                visible = visible & ((offs_m[None, :] + (Nk - N) < key_doc_end[:, None]) | is_memory)
             p_t = tl.where(visible, tl.math.exp2(s_t - lse_log2[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION).to(ACC)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION).to(ACC)
@@ -641,9 +695,14 @@ def _bias_strides(bias: torch.Tensor | None):
     return (bias.stride(0) if bias.shape[0] > 1 else 0), (bias.stride(1) if bias.shape[1] > 1 else 0)
 
 
+def _document_strides(bounds: torch.Tensor | None) -> int:
+    """Batch stride of a (B|1, Nk) int32 document-bounds tensor (0 when shared by every batch row)."""
+    return 0 if bounds is None or bounds.shape[0] == 1 else bounds.stride(0)
+
+
 def memory_attention_fwd(
     q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, log_beta=None, blend=None,
-    config: dict | None = None,
+    doc_start=None, config: dict | None = None,
 ):
     """out (B, H, N, D) in q.dtype and lse (B, H, N) fp32 (fp64 for fp64).
 
@@ -651,7 +710,8 @@ def memory_attention_fwd(
     mem_bias (B|1, Hkv|1, M) or None; log_beta (B, Hkv, Nk) retention decay of the sequence keys, or None;
     blend (k_new, v_new, gate, k_out, v_out) or None: the last n = k_new.shape[2] rows of k, v are read as
     g * k + (1 - g) * k_new (gate (B, Hkv, n, 1 or D)) and written to k_out, v_out (B, Hkv, Nk, D).
-    Every tensor has unit stride in its last dim.
+    doc_start (B|1, Nk) int32 contiguous, causal only, Nk > 0: each key's packed-document start; a query
+    sees the sequence keys of its own document only. Every tensor has unit stride in its last dim.
     """
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -664,21 +724,24 @@ def memory_attention_fwd(
     cfg = config or attention_config(D, q.device, q.dtype, fwd_path(
         decay=log_beta is not None, gate_per_channel=None if blend is None else blend[2].shape[-1] != 1))
     k_new, v_new, gate, k_out, v_out = blend if blend is not None else (k, v, k, k, v)
+    if doc_start is not None and not (causal and Nk > 0):
+        raise ValueError("memory_attention_fwd: doc_start needs causal attention over Nk > 0 keys")
     record_launch("memory_attention_fwd_kernel")
     memory_attention_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
         q, k, v, mem_k if M else k, mem_v if M else v, mem_bias if mem_bias is not None else q,
-        log_beta if log_beta is not None else q, out, lse, k_new, v_new, gate, k_out, v_out,
+        log_beta if log_beta is not None else q, doc_start if doc_start is not None else lse, out, lse,
+        k_new, v_new, gate, k_out, v_out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
         *_decay_strides(log_beta), out.stride(0), out.stride(1), out.stride(2),
         # k_new and v_new share strides, as do k_out and v_out (the launchers allocate them alike)
         k_new.stride(0), k_new.stride(1), k_new.stride(2), gate.stride(0), gate.stride(1), gate.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2), _document_strides(doc_start),
         H, N, Nk, M, H // Hkv, scale * 1.4426950408889634, Nk - k_new.shape[2] if blend is not None else Nk,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
         ACC=acc, DOT_PRECISION=precision, BLEND=blend is not None,
-        GATE_PER_CHANNEL=blend is not None and gate.shape[-1] != 1,
+        GATE_PER_CHANNEL=blend is not None and gate.shape[-1] != 1, DOCUMENTS=doc_start is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -686,12 +749,13 @@ def memory_attention_fwd(
 
 def memory_attention_bwd(
     grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, *, causal: bool, scale: float, deterministic: bool,
-    grad_lse: torch.Tensor | None = None, log_beta=None, config: dict | None = None,
+    grad_lse: torch.Tensor | None = None, log_beta=None, doc_start=None, doc_end=None, config: dict | None = None,
 ):
     """(dq, dk, dv, dmem_k, dmem_v, dmem_bias, dlog_beta); dmem_* None without memory; dmem_bias is
     (B, Hkv, M) fp32 and the caller sums it down to mem_bias' shape; dlog_beta (B, Hkv, Nk) fp32 or None.
     Arguments as for :func:`memory_attention_fwd`, grad_out (B, H, N, D) with unit last stride, grad_lse
-    (B, H, N) or None."""
+    (B, H, N) or None; packed documents give doc_start and doc_end (B|1, Nk) int32 (one past each key's
+    document end) together."""
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
@@ -729,26 +793,28 @@ def memory_attention_bwd(
             out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             H, N, HEAD_DIM=D, BLOCK_M=64, HAS_GRAD_LSE=grad_lse is not None, ACC=acc,
         )
+        documents = doc_start is not None
         record_launch("memory_attention_dq_kernel")
         memory_attention_dq_kernel[(triton.cdiv(N, dq_cfg["BLOCK_M"]), B * H)](
-            q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, grad_out, lse, delta, dq, *common,
-            dq.stride(0), dq.stride(1), dq.stride(2), H, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634,
+            q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_start if documents else delta, grad_out, lse,
+            delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2), _document_strides(doc_start),
+            H, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634,
             HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"],
             HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
-            ACC=acc, DOT_PRECISION=precision,
+            ACC=acc, DOT_PRECISION=precision, DOCUMENTS=documents,
             num_warps=dq_cfg["num_warps"], num_stages=dq_cfg["num_stages"],
         )
         memory_blocks = triton.cdiv(M, dkdv_cfg["BLOCK_N"])
         record_launch("memory_attention_dkdv_kernel")
         memory_attention_dkdv_kernel[(memory_blocks + triton.cdiv(Nk, dkdv_cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, grad_out, lse, delta,
+            q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_end if documents else delta, grad_out, lse, delta,
             dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta,
             ddecay if ddecay is not None else delta, *common,
-            *_strides3(dmem_k), dk.stride(0), dk.stride(1), dk.stride(2),
+            *_strides3(dmem_k), dk.stride(0), dk.stride(1), dk.stride(2), _document_strides(doc_end),
             H, Hkv, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634, memory_blocks,
             HEAD_DIM=D, BLOCK_M=dkdv_cfg["BLOCK_M"], BLOCK_N=dkdv_cfg["BLOCK_N"],
             HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
-            MEMORY_GRAD_ATOMIC=atomic, ACC=acc,
+            MEMORY_GRAD_ATOMIC=atomic, ACC=acc, DOCUMENTS=documents,
             DOT_PRECISION=precision, num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"],
         )
     else:  # no query: every grad is zero

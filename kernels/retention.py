@@ -2,10 +2,12 @@
 
 Capacity (per batch and KV head, over positions t, j of one sequence of log_beta[j] <= 0):
 
-    R[t]            = sum_{j <= t} exp((t - j) * log_beta[j])
-    dlog_beta[j]    = sum_{t >= j} dR[t] * (t - j) * exp((t - j) * log_beta[j])
+    R[t]            = sum_{start[t] <= j <= t} exp((t - j) * log_beta[j])
+    dlog_beta[j]    = sum_{j <= t < end[j]} dR[t] * (t - j) * exp((t - j) * log_beta[j])
 
-Both stream tiles of the (t, j) triangle through registers: the N x N terms are never stored.
+start[t] / end[j] bound the token's packed document (0 and N without documents). Both stream tiles of the
+(t, j) triangle through registers, and only the tiles that touch the block's documents: the N x N terms are
+never stored.
 
 Eviction (per batch and KV head, over the L rows of a cache, the newest token at position t):
 
@@ -25,42 +27,62 @@ from memops._launches import record_launch
 from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "rows_per_batch"])
 def retention_capacity_fwd_kernel(
-    log_beta_ptr, capacity_ptr, N,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr,
+    log_beta_ptr, capacity_ptr, starts_ptr, N, rows_per_batch, stride_starts,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):
-    # One program per (sequence, block of t); it walks the j blocks up to the block's last t.
-    row = tl.program_id(1).to(tl.int64) * N
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # One program per (sequence, block of t); it walks the j blocks up to the block's last t. With packed
+    # documents it starts at the block's first document (starts[t] is non-decreasing in t), not at 0.
+    pid_t = tl.program_id(0)
+    sequence = tl.program_id(1).to(tl.int64)
+    row = sequence * N
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     total = tl.zeros((BLOCK_T,), dtype=ACC)
-    end = tl.minimum((tl.program_id(0) + 1) * BLOCK_T, N)
-    for start in range(0, end, BLOCK_J):
+    end = tl.minimum((pid_t + 1) * BLOCK_T, N)
+    first = 0
+    if DOCUMENTS:
+        starts_row = starts_ptr + sequence // rows_per_batch * stride_starts
+        t_start = tl.load(starts_row + offs_t, mask=offs_t < N, other=N)
+        first = tl.load(starts_row + pid_t * BLOCK_T) // BLOCK_J * BLOCK_J
+    for start in range(first, end, BLOCK_J):
         offs_j = start + tl.arange(0, BLOCK_J)
         log_beta = tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC)
         distance = (offs_t[:, None] - offs_j[None, :]).to(ACC)
         visible = (offs_j[None, :] <= offs_t[:, None]) & (offs_j[None, :] < N)
+        if DOCUMENTS:
+            visible = visible & (offs_j[None, :] >= t_start[:, None])
         # Masked before the exp: (t - j) < 0 with a very negative log_beta would overflow.
         total += tl.sum(tl.exp(tl.where(visible, distance * log_beta[None, :], float("-inf"))), axis=1)
     tl.store(capacity_ptr + row + offs_t, total, mask=offs_t < N)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "rows_per_batch"])
 def retention_capacity_bwd_kernel(
-    log_beta_ptr, grad_capacity_ptr, grad_log_beta_ptr, N,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr,
+    log_beta_ptr, grad_capacity_ptr, grad_log_beta_ptr, ends_ptr, N, rows_per_batch, stride_ends,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr, DOCUMENTS: tl.constexpr,
 ):
-    # One program per (sequence, block of j); it walks the t blocks from the block's first j on.
-    row = tl.program_id(1).to(tl.int64) * N
-    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    # One program per (sequence, block of j); it walks the t blocks from the block's first j on, up to the
+    # end of the block's last document when documents are packed.
+    pid_j = tl.program_id(0)
+    sequence = tl.program_id(1).to(tl.int64)
+    row = sequence * N
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     log_beta = tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC)
     total = tl.zeros((BLOCK_J,), dtype=ACC)
-    first = tl.program_id(0) * BLOCK_J // BLOCK_T * BLOCK_T
-    for start in range(first, N, BLOCK_T):
+    first = pid_j * BLOCK_J // BLOCK_T * BLOCK_T
+    last = N
+    if DOCUMENTS:
+        ends_row = ends_ptr + sequence // rows_per_batch * stride_ends
+        j_end = tl.load(ends_row + offs_j, mask=offs_j < N, other=0)
+        last = tl.load(ends_row + tl.minimum((pid_j + 1) * BLOCK_J, N) - 1)
+    for start in range(first, last, BLOCK_T):
         offs_t = start + tl.arange(0, BLOCK_T)
         grad = tl.load(grad_capacity_ptr + row + offs_t, mask=offs_t < N, other=0.0).to(ACC)
         distance = (offs_t[None, :] - offs_j[:, None]).to(ACC)                  # (j, t)
         visible = (offs_j[:, None] <= offs_t[None, :]) & (offs_t[None, :] < N)
+        if DOCUMENTS:
+            visible = visible & (offs_t[None, :] < j_end[:, None])
         decay = tl.exp(tl.where(visible, distance * log_beta[:, None], float("-inf")))
         total += tl.sum(tl.where(visible, grad[None, :] * distance * decay, 0.0), axis=1)
     tl.store(grad_log_beta_ptr + row + offs_j, total.to(grad_log_beta_ptr.dtype.element_ty), mask=offs_j < N)
@@ -78,8 +100,18 @@ def capacity_config(device: torch.device) -> dict:
     return {"BLOCK_T": 64, "BLOCK_J": 128, "num_warps": 8}
 
 
-def retention_capacity_fwd(log_beta: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """R (..., N) fp32 (fp64 for fp64) from a contiguous log_beta (..., N)."""
+def _document_args(bounds: torch.Tensor | None, log_beta: torch.Tensor, rows: int):
+    """(pointer, rows per batch row, batch stride) of a (B|1, N) int32 starts/ends tensor, or placeholders."""
+    if bounds is None:
+        return log_beta, 1, 0
+    batch = bounds.shape[0]
+    return bounds, max(rows // batch, 1), bounds.stride(0) if batch > 1 else 0
+
+
+def retention_capacity_fwd(log_beta: torch.Tensor, starts: torch.Tensor | None = None, *,
+                           config: dict | None = None) -> torch.Tensor:
+    """R (..., N) fp32 (fp64 for fp64) from a contiguous log_beta (..., N); starts (B|1, N) int32 contiguous:
+    each position's document start (packed documents, batch dim first), or None."""
     N = log_beta.shape[-1]
     rows = log_beta.numel() // max(N, 1)
     acc, acc_dtype = _acc(log_beta)
@@ -87,15 +119,20 @@ def retention_capacity_fwd(log_beta: torch.Tensor, *, config: dict | None = None
     if log_beta.numel() == 0:
         return capacity
     cfg = config or capacity_config(log_beta.device)
+    pointer, rows_per_batch, stride = _document_args(starts, log_beta, rows)
     record_launch("retention_capacity_fwd_kernel")
     retention_capacity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_T"]), rows)](
-        log_beta, capacity, N, BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=acc, num_warps=cfg["num_warps"],
+        log_beta, capacity, pointer, N, rows_per_batch, stride,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=acc, DOCUMENTS=starts is not None,
+        num_warps=cfg["num_warps"],
     )
     return capacity
 
 
-def retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
-    """dlog_beta (..., N) in log_beta.dtype; both arguments contiguous (..., N)."""
+def retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, ends: torch.Tensor | None = None,
+                           *, config: dict | None = None) -> torch.Tensor:
+    """dlog_beta (..., N) in log_beta.dtype; both arguments contiguous (..., N); ends (B|1, N) int32
+    contiguous: one past each position's document end, or None."""
     N = log_beta.shape[-1]
     rows = log_beta.numel() // max(N, 1)
     acc, _ = _acc(log_beta)
@@ -103,10 +140,12 @@ def retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, 
     if log_beta.numel() == 0:
         return grad_log_beta
     cfg = config or capacity_config(log_beta.device)
+    pointer, rows_per_batch, stride = _document_args(ends, log_beta, rows)
     record_launch("retention_capacity_bwd_kernel")
     retention_capacity_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_J"]), rows)](
-        log_beta, grad_capacity, grad_log_beta, N,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=acc, num_warps=cfg["num_warps"],
+        log_beta, grad_capacity, grad_log_beta, pointer, N, rows_per_batch, stride,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=acc, DOCUMENTS=ends is not None,
+        num_warps=cfg["num_warps"],
     )
     return grad_log_beta
 

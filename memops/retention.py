@@ -50,15 +50,15 @@ def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, 
 @torch.library.custom_op("memops::retention_attention", mutates_args=())
 def _retention_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None, scale: float,
+    mem_v: torch.Tensor | None, doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, log_beta, mem_k, mem_v))
     return _attention_kernels().memory_attention_fwd(q, k, v, mem_k, mem_v, None, causal=True, scale=scale,
-                                                     log_beta=log_beta)
+                                                     log_beta=log_beta, doc_start=doc_start)
 
 
 @_retention_attention_op.register_fake
-def _(q, k, v, log_beta, mem_k, mem_v, scale):
+def _(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
@@ -66,15 +66,15 @@ def _(q, k, v, log_beta, mem_k, mem_v, scale):
 @torch.library.custom_op("memops::retention_attention_backward", mutates_args=())
 def _retention_attention_backward_op(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    log_beta: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, out: torch.Tensor,
-    lse: torch.Tensor, scale: float, deterministic: bool,
+    log_beta: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, doc_start: torch.Tensor | None,
+    doc_end: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tensors = (grad_out, q, k, v, log_beta, mem_k, mem_v)
     grad_out, q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in tensors)
     # Sequence keys use no atomics; a batch-shared memory sums its grads with atomics unless deterministic.
     dq, dk, dv, dmem_k, dmem_v, _, dlog_beta = _attention_kernels().memory_attention_bwd(
         grad_out, q, k, v, mem_k, mem_v, None, out, lse, causal=True, scale=scale, deterministic=deterministic,
-        grad_lse=grad_lse, log_beta=log_beta,
+        grad_lse=grad_lse, log_beta=log_beta, doc_start=doc_start, doc_end=doc_end,
     )
     # A custom op returns tensors only (and no two may alias): absent grads travel as fresh empty tensors.
     return (dq, dk, dv, dlog_beta.to(log_beta.dtype), q.new_empty(0) if dmem_k is None else dmem_k,
@@ -82,25 +82,26 @@ def _retention_attention_backward_op(
 
 
 @_retention_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, out, lse, scale, deterministic):
+def _(grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, out, lse, scale, deterministic):
     def like(t):
         return q.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
     return like(q), like(k), like(v), like(log_beta), like(mem_k), like(mem_v)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, log_beta, mem_k, mem_v, scale = inputs
-    ctx.save_for_backward(q, k, v, log_beta, mem_k, mem_v, *output)
+    q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale = inputs
+    ctx.save_for_backward(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, *output)
     ctx.scale = scale
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, log_beta, mem_k, mem_v, out, lse = ctx.saved_tensors
+    q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, out, lse = ctx.saved_tensors
     dq, dk, dv, dlog_beta, dmem_k, dmem_v = _retention_attention_backward_op(
-        grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, out, lse, ctx.scale,
+        grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, out, lse, ctx.scale,
         torch.are_deterministic_algorithms_enabled())
     has_memory = mem_k is not None
-    return dq, dk, dv, dlog_beta, dmem_k if has_memory else None, dmem_v if has_memory else None, None
+    return (dq, dk, dv, dlog_beta, dmem_k if has_memory else None, dmem_v if has_memory else None, None, None,
+            None)
 
 
 _retention_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -110,6 +111,7 @@ def retention_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
     mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
     scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True,
+    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
 ):
     """Causal attention with TRIM-KV's learned retention decay (training-time attention).
 
@@ -127,6 +129,10 @@ def retention_attention(
         return_lse: also return the log-sum-exp (B, H, N), fp32.
         check_log_beta: raise ValueError for a log_beta > 0 (one reduction and a host sync; skipped
             under torch.compile). NaN in log_beta propagates to the output.
+        position_ids: (B, Nk) or (Nk,) integer, packed documents along the keys (the official convention:
+            a document starts wherever the position does not advance by 1). cu_seqlens: (S + 1,) int32/int64,
+            FlashAttention's boundaries, shared by every batch row. A query (at key index pos_i) sees only
+            its own document's keys; the kernels skip the key and query blocks outside it.
 
     Returns:
         out (B, H, N, D) in q.dtype, or (out, lse). A query with no visible key (N > Nk) gets zeros.
@@ -139,12 +145,15 @@ def retention_attention(
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = None
     validate_log_beta(log_beta, (k.shape[0], k.shape[1], k.shape[2]), q.device, op, check_values=check_log_beta)
+    bounds = documents(op, k.shape[2], k.shape[0], position_ids, cu_seqlens, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if resolve_attention_backend(q, "decay", k, v, log_beta, mem_k, mem_v) == "reference":
         return reference.retention_attention(q, k, v, log_beta, mem_k=mem_k, mem_v=mem_v, scale=scale,
-                                             return_lse=return_lse)
+                                             return_lse=return_lse, position_ids=position_ids, cu_seqlens=cu_seqlens)
     check_triton_head_dim(q, op)
-    out, lse = _retention_attention_op(q, k, v, log_beta, mem_k, mem_v, scale)
+    # with no sequence key there is nothing for a document to hide
+    doc_start, doc_end = bounds[:2] if bounds is not None and k.shape[2] else (None, None)
+    out, lse = _retention_attention_op(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale)
     return (out, lse) if return_lse else out
 
 
@@ -152,66 +161,165 @@ def retention_attention(
 # retention_capacity and capacity_loss
 
 
+def documents(op: str, num_positions: int, batch: int | None, position_ids, cu_seqlens, device):
+    """Validated packed-document bounds: None, or (starts, ends, positions) (B|1, N), starts and ends int32
+    contiguous for the kernels. position_ids (batch, N) or (N,), any integer dtype; cu_seqlens (S + 1,)
+    int32/int64 from 0, non-decreasing, ending at N (values checked with one host sync, not under compile)."""
+    if position_ids is None and cu_seqlens is None:
+        return None
+    if position_ids is not None and cu_seqlens is not None:
+        raise ValueError(f"{op}: give position_ids or cu_seqlens, not both")
+    name, ids = ("position_ids", position_ids) if position_ids is not None else ("cu_seqlens", cu_seqlens)
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must be an integer tensor, got {ids.dtype}")
+    if ids.device != torch.device(device):
+        raise ValueError(f"{op}: {name} is on {ids.device} but log_beta is on {device}")
+    if num_positions >= 2 ** 31:
+        raise ValueError(f"{op}: packed documents need fewer than 2**31 positions, got {num_positions}")
+    if position_ids is not None:
+        shapes = [(num_positions,), (1, num_positions)] + ([(batch, num_positions)] if batch is not None else [])
+        if tuple(ids.shape) not in shapes:
+            expected = "(N,)" if batch is None else f"(B, N) = {(batch, num_positions)}"
+            raise ValueError(f"{op}: position_ids must be {expected} or (N,), got {tuple(ids.shape)}")
+    else:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {ids.dtype}")
+        if ids.dim() != 1 or ids.numel() < 2:
+            raise ValueError(f"{op}: cu_seqlens must be (S + 1,) with S >= 1, got {tuple(ids.shape)}")
+        if not torch.compiler.is_compiling():
+            first, last = ids[0].item(), ids[-1].item()
+            if first != 0 or last != num_positions or bool((ids[1:] < ids[:-1]).any()):
+                raise ValueError(f"{op}: cu_seqlens must start at 0, not decrease and end at N = {num_positions}, "
+                                 f"got {ids.tolist() if ids.numel() <= 16 else f'[{first}, ..., {last}]'}")
+    starts, ends, positions = reference.document_bounds(num_positions, position_ids=position_ids,
+                                                        cu_seqlens=cu_seqlens, device=device)
+    return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous(), positions
+
+
 @torch.library.custom_op("memops::retention_capacity", mutates_args=())
-def _retention_capacity_op(log_beta: torch.Tensor) -> torch.Tensor:
-    return _retention_kernels().retention_capacity_fwd(log_beta.contiguous())
+def _retention_capacity_op(log_beta: torch.Tensor, starts: torch.Tensor | None, ends: torch.Tensor | None,
+                           ) -> torch.Tensor:
+    return _retention_kernels().retention_capacity_fwd(log_beta.contiguous(), starts)
 
 
 @_retention_capacity_op.register_fake
-def _(log_beta):
+def _(log_beta, starts, ends):
     return log_beta.new_empty(log_beta.shape, dtype=torch.float64 if log_beta.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.custom_op("memops::retention_capacity_backward", mutates_args=())
-def _retention_capacity_backward_op(grad_capacity: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
-    return _retention_kernels().retention_capacity_bwd(grad_capacity.contiguous(), log_beta.contiguous())
+def _retention_capacity_backward_op(grad_capacity: torch.Tensor, log_beta: torch.Tensor,
+                                    ends: torch.Tensor | None) -> torch.Tensor:
+    return _retention_kernels().retention_capacity_bwd(grad_capacity.contiguous(), log_beta.contiguous(), ends)
 
 
 @_retention_capacity_backward_op.register_fake
-def _(grad_capacity, log_beta):
+def _(grad_capacity, log_beta, ends):
     return torch.empty_like(log_beta, memory_format=torch.contiguous_format)
 
 
 def _capacity_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(inputs[0], inputs[2])
 
 
 def _capacity_backward(ctx, grad_capacity):
-    (log_beta,) = ctx.saved_tensors
-    return _retention_capacity_backward_op(grad_capacity, log_beta)
+    log_beta, ends = ctx.saved_tensors
+    return _retention_capacity_backward_op(grad_capacity, log_beta, ends), None, None
 
 
 _retention_capacity_op.register_autograd(_capacity_backward, setup_context=_capacity_setup_context)
 
 
-def retention_capacity(log_beta: torch.Tensor, *, check_log_beta: bool = True) -> torch.Tensor:
+def _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta: bool, op: str) -> torch.Tensor:
+    validate_log_beta(log_beta, log_beta.shape, log_beta.device, op, check_values=check_log_beta)
+    if resolve_backend(log_beta) == "reference":
+        return reference.retention_capacity(log_beta, position_ids=position_ids, cu_seqlens=cu_seqlens)
+    starts, ends = (None, None) if bounds is None else bounds[:2]
+    return _retention_capacity_op(log_beta, starts, ends)
+
+
+def retention_capacity(
+    log_beta: torch.Tensor, *, position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    check_log_beta: bool = True,
+) -> torch.Tensor:
     """TRIM-KV's capacity: how many tokens' worth of retention the sequence holds at each position.
 
-    ``R[..., t] = sum_{j <= t} exp((t - j) * log_beta[..., j])``
+    ``R[..., t] = sum_{j <= t} exp((t - j) * log_beta[..., j])``, j in t's own document when packed.
 
     Args:
-        log_beta: (B, Hkv, N) (any leading dims) float, each <= 0.
+        log_beta: (B, Hkv, N) (any leading dims, batch first) float, each <= 0.
+        position_ids: (B, N) or (N,) integer, the official convention for packed documents: a document
+            starts at 0 and wherever the position does not advance by 1 (transformers' packed position_ids).
+        cu_seqlens: (S + 1,) int32/int64, FlashAttention's: document s is positions
+            [cu_seqlens[s], cu_seqlens[s + 1]) of every batch row; cu_seqlens[-1] == N.
         check_log_beta: raise ValueError for a log_beta > 0 (one reduction and a host sync).
 
     Returns:
         R with log_beta's shape, fp32 (fp64 for fp64), differentiable:
         ``dlog_beta[j] = sum_{t >= j} dR[t] (t - j) exp((t - j) log_beta[j])``. The Triton kernels never
-        store the N x N terms (the reference does).
+        store the N x N terms (the reference does), and with documents they skip the tiles outside them.
     """
+    op = "retention_capacity"
     if not isinstance(log_beta, torch.Tensor):
-        raise TypeError(f"retention_capacity: log_beta must be a torch.Tensor, got {type(log_beta).__name__}")
+        raise TypeError(f"{op}: log_beta must be a torch.Tensor, got {type(log_beta).__name__}")
     if log_beta.dim() < 1:
-        raise ValueError("retention_capacity: log_beta must have shape (..., N), got a 0-d tensor")
-    validate_log_beta(log_beta, log_beta.shape, log_beta.device, "retention_capacity", check_values=check_log_beta)
-    if resolve_backend(log_beta) == "reference":
-        return reference.retention_capacity(log_beta)
-    return _retention_capacity_op(log_beta)
+        raise ValueError(f"{op}: log_beta must have shape (..., N), got a 0-d tensor")
+    bounds = documents(op, log_beta.shape[-1], log_beta.shape[0] if log_beta.dim() > 1 else None, position_ids,
+                       cu_seqlens, log_beta.device)
+    return _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta, op)
 
 
-def capacity_loss(log_beta: torch.Tensor, budget: float, *, check_log_beta: bool = True) -> torch.Tensor:
-    """TRIM-KV's capacity loss for a KV budget M: the mean over the positive entries of
-    ``max(0, (R_t - M) / max(t - M, 1))`` with R = :func:`retention_capacity` (0 when none is positive).
-    log_beta (B, Hkv, N); returns a scalar fp32 tensor (fp64 for fp64), differentiable."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
-        raise ValueError(f"capacity_loss: budget must be a number >= 0, got {budget!r}")
-    return reference.capacity_loss_from(retention_capacity(log_beta, check_log_beta=check_log_beta), float(budget))
+def capacity_loss(
+    log_beta, budget: float, *, global_capacity: bool = False, num_layers: int | None = None,
+    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, check_log_beta: bool = True,
+) -> torch.Tensor:
+    """TRIM-KV's capacity loss for a KV budget M.
+
+    ``loss = mean over the positive entries of max(0, (R_t - M) / max(pos_t - M, 1))`` (0 when none is
+    positive), with R = :func:`retention_capacity` and pos_t the position (within its document when packed).
+
+    Args:
+        log_beta: (B, Hkv, N) one layer's, (B, L, Hkv, N) all layers' (the official training code's stacked
+            retention weights), or a list of L per-layer (B, Hkv, N) tensors (stacked on dim 1).
+        budget: M >= 0, the KV budget per head.
+        global_capacity: the official training default: R_t is summed over all layers and KV heads (every
+            dim between batch and N, f of them) and compared with M * f, pos_t scaled by f as well. False
+            (memops' default, and the official per-head option) applies the hinge to every head on its own.
+        num_layers: optional check that the input holds L layers: dim 1 of a 4-d input, the list's length,
+            or a divisor of dim 1 of a 3-d (B, L * Hkv, N) input.
+        position_ids, cu_seqlens: packed documents, as in :func:`retention_capacity`; pos_t is position_ids
+            (the official convention), or the index within the document for cu_seqlens.
+        check_log_beta: raise ValueError for a log_beta > 0.
+
+    Returns a scalar fp32 tensor (fp64 for fp64), differentiable with respect to log_beta.
+    """
+    op = "capacity_loss"
+    if isinstance(log_beta, (list, tuple)):
+        if not log_beta or not all(isinstance(t, torch.Tensor) for t in log_beta):
+            raise TypeError(f"{op}: log_beta must be a tensor or a non-empty list of per-layer tensors")
+        if len({tuple(t.shape) for t in log_beta}) != 1:
+            raise ValueError(f"{op}: the per-layer log_betas must share one shape, got "
+                             f"{sorted({tuple(t.shape) for t in log_beta})}")
+        log_beta = torch.stack(list(log_beta), dim=1)
+    if not isinstance(log_beta, torch.Tensor):
+        raise TypeError(f"{op}: log_beta must be a torch.Tensor, got {type(log_beta).__name__}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+        raise ValueError(f"{op}: budget must be a number >= 0, got {budget!r}")
+    if not isinstance(global_capacity, bool):
+        raise TypeError(f"{op}: global_capacity must be a bool, got {type(global_capacity).__name__}")
+    if num_layers is not None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"{op}: num_layers must be an int >= 1, got {num_layers!r}")
+        held = log_beta.shape[1] if log_beta.dim() >= 3 else 1
+        if log_beta.dim() not in (3, 4) or (held != num_layers if log_beta.dim() == 4 else held % num_layers):
+            raise ValueError(f"{op}: num_layers={num_layers} does not match log_beta {tuple(log_beta.shape)}: "
+                             "expected (B, L, Hkv, N) with L = num_layers or (B, L * Hkv, N)")
+    if log_beta.dim() < 1:
+        raise ValueError(f"{op}: log_beta must have shape (B, Hkv, N), got a 0-d tensor")
+    bounds = documents(op, log_beta.shape[-1], log_beta.shape[0] if log_beta.dim() > 1 else None, position_ids,
+                       cu_seqlens, log_beta.device)
+    capacity = _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta, op)
+    return reference.capacity_loss_from(capacity, float(budget), positions=None if bounds is None else bounds[2],
+                                        global_capacity=global_capacity)

@@ -127,7 +127,9 @@ def test_retention_attention_gradcheck_fp64(device):
 def test_retention_attention_opcheck(device):
     inputs = make_attention_inputs(1, 2, 1, 9, 9, 16, torch.float32, device)
     args = [inputs[name].requires_grad_() for name in ("q", "k", "v", "log_beta")]
-    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, None, None, 0.25))
+    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, None, None, None, None, 0.25))
+    starts, ends, _ = memops.retention.documents("test", 9, 1, None, torch.tensor([0, 4, 9], device=device), device)
+    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, None, None, starts, ends, 0.25))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -197,7 +199,10 @@ def test_capacity_loss(device):
 
 def test_capacity_opcheck(device):
     log_beta = (-torch.rand(2, 13, device=device)).requires_grad_()
-    torch.library.opcheck(torch.ops.memops.retention_capacity.default, (log_beta,))
+    torch.library.opcheck(torch.ops.memops.retention_capacity.default, (log_beta, None, None))
+    starts, ends, _ = memops.retention.documents("test", 13, 2, None, torch.tensor([0, 4, 4, 13], device=device),
+                                                 log_beta.device)
+    torch.library.opcheck(torch.ops.memops.retention_capacity.default, (log_beta, starts, ends))
 
 
 # --- bad input -----------------------------------------------------------------------------------------
@@ -489,3 +494,211 @@ def test_retention_gate_matches_the_official_gate(activation):
         memops.nn.RetentionGate(64, 4, init="xavier")
     with pytest.raises(ValueError, match="activation must be one of"):
         memops.nn.RetentionGate(64, 4, activation="swish2")
+
+
+# --- packed documents and the global capacity (issue 15, points 4 and 5) ----------------------------------
+# Document lengths cross the interpreter's 32-row tiles and the capacity kernels' 64-row tiles, and include a
+# document of one token; position_ids packs them as transformers does (each document counts from 0).
+DOCUMENT_LENGTHS = [[50, 7, 1, 40, 72], [100, 70]]
+
+
+def packed_position_ids(lengths_per_row, device):
+    return torch.stack([torch.cat([torch.arange(n, device=device) for n in lengths]) for lengths in lengths_per_row])
+
+
+def official_capacity_loss(log_beta, position_ids, memory_size, *, global_capacity):
+    """A plain-Python transcription of the newer official TRIM-KV training loss as issue 15 quotes it: a
+    document starts wherever position_ids does not advance by 1, a token's capacity sums over its own
+    document, and with global_capacity the capacity is summed over layers and KV heads and compared with
+    memory_size * L * Hkv, positions scaled by the same factor. log_beta (B, L, Hkv, N) float64."""
+    B, L, Hkv, N = log_beta.shape
+    hinge = []
+    for b in range(B):
+        start = 0
+        capacity = torch.zeros(L, Hkv, N, dtype=torch.float64)
+        for t in range(N):
+            if t > 0 and position_ids[b, t] != position_ids[b, t - 1] + 1:
+                start = t
+            for j in range(start, t + 1):
+                capacity[:, :, t] += torch.exp((t - j) * log_beta[b, :, :, j])
+        positions = position_ids[b].double()
+        if global_capacity:
+            factor = L * Hkv
+            excess = (capacity.sum((0, 1)) - memory_size * factor) / torch.clamp(positions * factor - memory_size * factor, min=1)
+        else:
+            excess = (capacity - memory_size) / torch.clamp(positions - memory_size, min=1)
+        hinge.append(torch.relu(excess).flatten())
+    hinge = torch.cat(hinge)
+    return hinge[hinge > 0].mean() if (hinge > 0).any() else hinge.sum() * 0
+
+
+@pytest.mark.parametrize("global_capacity", [True, False])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_capacity_loss_matches_the_official_formula(backend, global_capacity, device):
+    generator = torch.Generator(device=device).manual_seed(3)
+    B, L, Hkv = 2, 3, 2
+    position_ids = packed_position_ids([[9, 1, 14], [24]], device)
+    log_beta = -0.08 * torch.rand(B, L, Hkv, 24, generator=generator, device=device)
+    expected = official_capacity_loss(log_beta.double().cpu(), position_ids.cpu(), 4, global_capacity=global_capacity)
+    assert expected > 0
+    with memops.backend(backend):
+        loss = memops.capacity_loss(log_beta, 4, global_capacity=global_capacity, position_ids=position_ids)
+        # the per-layer list is the stacked tensor, and num_layers checks it
+        listed = memops.capacity_loss(list(log_beta.unbind(1)), 4, global_capacity=global_capacity,
+                                      num_layers=L, position_ids=position_ids)
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(listed, loss)
+    if global_capacity:  # the per-head loss is a different number on the same input
+        per_head = memops.capacity_loss(log_beta, 4, position_ids=position_ids)
+        assert abs(per_head.item() - loss.item()) > 1e-3
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("documents", ["position_ids", "cu_seqlens"])
+def test_capacity_per_document_is_capacity_of_each_document(documents, device):
+    # An independent statement of the mask: the packed capacity equals each document's own capacity.
+    generator = torch.Generator(device=device).manual_seed(1)
+    lengths = [50, 7, 1, 40, 72]
+    log_beta = (-0.2 * torch.rand(2, 3, sum(lengths), generator=generator, device=device)).requires_grad_()
+    if documents == "position_ids":
+        kwargs = {"position_ids": packed_position_ids([lengths, lengths], device)}
+    else:
+        kwargs = {"cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
+                                             device=device)}
+    grad = torch.randn(log_beta.shape, generator=generator, device=device)
+    with memops.backend("triton"), count_launches() as launches:
+        capacity = memops.retention_capacity(log_beta, **kwargs)
+        capacity.backward(grad)
+    assert launches["retention_capacity_fwd_kernel"] == launches["retention_capacity_bwd_kernel"] == 1
+    pieces = log_beta.detach().double().split(lengths, dim=-1)
+    pieces = [p.requires_grad_() for p in pieces]
+    expected = torch.cat([reference.retention_capacity(p) for p in pieces], dim=-1)
+    expected.backward(grad.double())
+    assert_close_to_reference(capacity, expected, torch.float32, name="capacity")
+    assert_close_to_reference(log_beta.grad, torch.cat([p.grad for p in pieces], -1), torch.float32,
+                              name="grad log_beta")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("memory", [False, True])
+def test_retention_attention_per_document(memory, device):
+    # Packed rows of documents against each document attended on its own (float64), grads included.
+    B, H, Hkv, D = 2, 4, 2, 16
+    Nk = sum(DOCUMENT_LENGTHS[0])
+    inputs = make_attention_inputs(B, H, Hkv, Nk, Nk, D, torch.float32, device, seed=5)
+    if memory:
+        inputs = with_memory(inputs, 5, shared=True)
+    position_ids = packed_position_ids(DOCUMENT_LENGTHS, device)
+    grad_out = torch.randn_like(inputs["q"])
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    with memops.backend("triton"), count_launches() as launches:
+        out = memops.retention_attention(**leaves, position_ids=position_ids)
+        out.backward(grad_out)
+    assert all(launches[name] == 1 for name in ATTENTION_KERNELS), dict(launches)
+    for b, lengths in enumerate(DOCUMENT_LENGTHS):
+        offset = 0
+        for n in lengths:
+            rows = slice(offset, offset + n)
+            piece = {name: t.detach()[b:b + 1, :, rows].double().requires_grad_() for name, t in inputs.items()
+                     if name not in ("mem_k", "mem_v")}
+            piece |= {name: inputs[name].detach().double().requires_grad_() for name in ("mem_k", "mem_v")
+                      if name in inputs}
+            expected = reference.retention_attention(**piece)
+            expected.backward(grad_out[b:b + 1, :, rows].double())
+            assert_close_to_reference(out[b:b + 1, :, rows], expected, torch.float32, name=f"out doc {b}/{offset}")
+            for name in ("q", "k", "v", "log_beta"):
+                assert_close_to_reference(leaves[name].grad[b:b + 1, :, rows], piece[name].grad, torch.float32,
+                                          name=f"grad {name} doc {b}/{offset}", scale=2.0)
+            offset += n
+    if memory:  # the memory grad is the sum over every document of every row
+        expected = 0
+        for b, lengths in enumerate(DOCUMENT_LENGTHS):
+            offset = 0
+            for n in lengths:
+                rows = slice(offset, offset + n)
+                mem = {name: inputs[name].detach().double().requires_grad_() for name in ("mem_k", "mem_v")}
+                piece = {name: inputs[name][b:b + 1, :, rows].double() for name in ("q", "k", "v", "log_beta")}
+                reference.retention_attention(**piece, **mem).backward(grad_out[b:b + 1, :, rows].double())
+                expected = expected + mem["mem_k"].grad
+                offset += n
+        assert_close_to_reference(leaves["mem_k"].grad, expected, torch.float32, name="grad mem_k", scale=2.0)
+
+
+@pytest.mark.usefixtures("poison_empty")
+def test_retention_attention_documents_with_fewer_queries(device):
+    # N < Nk: the queries are the last N keys' positions (bottom-right); cu_seqlens marks the documents.
+    inputs = make_attention_inputs(1, 2, 1, 70, 170, 16, torch.float32, device, seed=2)
+    cu_seqlens = torch.tensor([0, 33, 33, 64, 65, 130, 170], dtype=torch.int32, device=device)
+    grad_out, grad_lse = torch.randn_like(inputs["q"]), torch.randn(inputs["q"].shape[:3], device=device)
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    with memops.backend("triton"):
+        out, lse = memops.retention_attention(**leaves, cu_seqlens=cu_seqlens, return_lse=True)
+        torch.autograd.backward([out, lse], [grad_out, grad_lse])
+    doubles = {name: t.detach().double().requires_grad_() for name, t in inputs.items()}
+    ref_out, ref_lse = reference.retention_attention(**doubles, cu_seqlens=cu_seqlens, return_lse=True)
+    torch.autograd.backward([ref_out, ref_lse], [grad_out.double(), grad_lse.double()])
+    assert_close_to_reference(out, ref_out, torch.float32, name="out")
+    assert_close_to_reference(lse, ref_lse, torch.float32, name="lse")
+    for name in leaves:
+        assert_close_to_reference(leaves[name].grad, doubles[name].grad, torch.float32, name=f"grad {name}", scale=2.0)
+    # the same documents through position_ids
+    same = reference.retention_attention(**{n: t.detach().double() for n, t in inputs.items()},
+                                         position_ids=packed_position_ids([[33, 31, 1, 65, 40]], device))
+    torch.testing.assert_close(same, ref_out.detach())
+
+
+def test_retention_documents_compile(device):
+    inputs = make_attention_inputs(1, 2, 2, 40, 40, 16, torch.float32, device)
+    position_ids = packed_position_ids([[17, 23]], device)
+
+    def loss(q, k, v, lb):
+        out = memops.retention_attention(q, k, v, lb, check_log_beta=False, position_ids=position_ids)
+        return out.square().sum() + memops.capacity_loss(lb, 4, global_capacity=True, position_ids=position_ids,
+                                                         check_log_beta=False)
+
+    check_compiled_grads(loss, list(inputs.values()), backend="triton", device=device,
+                         kernel="retention_capacity_fwd_kernel")
+
+
+BAD_DOCUMENTS = {
+    "both": (dict(position_ids=torch.zeros(1, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 6])),
+             ValueError, "position_ids or cu_seqlens, not both"),
+    "float position_ids": (dict(position_ids=torch.zeros(1, 6)), TypeError, "position_ids must be an integer"),
+    "bool position_ids": (dict(position_ids=torch.zeros(1, 6, dtype=torch.bool)), TypeError, "integer tensor"),
+    "position_ids shape": (dict(position_ids=torch.zeros(2, 5, dtype=torch.long)), ValueError, "position_ids must be"),
+    "cu_seqlens end": (dict(cu_seqlens=torch.tensor([0, 3, 5])), ValueError, "end at N = 6"),
+    "cu_seqlens start": (dict(cu_seqlens=torch.tensor([1, 3, 6])), ValueError, "start at 0"),
+    "cu_seqlens decreasing": (dict(cu_seqlens=torch.tensor([0, 4, 3, 6])), ValueError, "not decrease"),
+    "cu_seqlens dtype": (dict(cu_seqlens=torch.tensor([0, 6], dtype=torch.int16)), TypeError, "int32 or int64"),
+    "cu_seqlens shape": (dict(cu_seqlens=torch.tensor([6])), ValueError, r"\(S \+ 1,\)"),
+    "cu_seqlens list": (dict(cu_seqlens=[0, 6]), TypeError, "cu_seqlens must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", sorted(BAD_DOCUMENTS))
+def test_bad_documents(case, backend):
+    kwargs, error, message = BAD_DOCUMENTS[case]
+    q, k, v, lb = (torch.randn(1, 2, 6, 16), torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16),
+                   -torch.rand(1, 1, 6))
+    with memops.backend(backend), count_launches() as launches:
+        for call in (lambda: memops.retention_attention(q, k, v, lb, **kwargs),
+                     lambda: memops.retention_capacity(lb, **kwargs),
+                     lambda: memops.capacity_loss(lb, 2, **kwargs)):
+            with pytest.raises(error, match=message):
+                call()
+    assert not launches, "bad input must be rejected before any kernel launches"
+
+
+def test_bad_global_capacity_arguments():
+    lb = -torch.rand(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="num_layers=3 does not match"):
+        memops.capacity_loss(lb, 2, global_capacity=True, num_layers=3)
+    with pytest.raises(ValueError, match="num_layers must be an int >= 1"):
+        memops.capacity_loss(lb, 2, num_layers=0)
+    with pytest.raises(ValueError, match="share one shape"):
+        memops.capacity_loss([lb[:, 0], lb[:, 0, :2]], 2)
+    with pytest.raises(TypeError, match="global_capacity must be a bool"):
+        memops.capacity_loss(lb, 2, global_capacity="yes")
+    with pytest.raises(ValueError, match="budget must be a number >= 0"):
+        memops.capacity_loss(lb, float("nan"))
