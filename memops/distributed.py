@@ -20,7 +20,7 @@ from torch import nn
 from memops.moe import moe_ffn, unique_experts
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
-from memops.product_key import product_key_topk, weighted_gather
+from memops.product_key import weighted_gather
 
 
 # Bytes each rank hands to collectives, by scheme and direction: what docs/scale_out.md's model predicts.
@@ -113,7 +113,7 @@ class ShardedProductKeyMemory(ProductKeyMemory):
         if kwargs.get("shared_values") is not None:
             raise ValueError("ShardedProductKeyMemory: pass shared_values another ShardedProductKeyMemory's table "
                              "after construction (tables must be sharded alike)")
-        gated = kwargs.get("gated", False)
+        gated = kwargs.get("gated", False) or kwargs.get("output_gate", False)
         if not gather_output and (gated or value_dim != output_dim):
             raise ValueError("ShardedProductKeyMemory: gather_output=False needs no gate and no output projection")
         super().__init__(input_dim, output_dim, **kwargs)
@@ -150,23 +150,18 @@ class ShardedProductKeyMemory(ProductKeyMemory):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        # (the dropouts draw on each rank's own generator: seed ranks alike for identical replicas)
+        flat = torch.nn.functional.dropout(x.reshape(-1, x.shape[-1]), self.input_dropout, self.training)
         T = flat.shape[0]
-        q = self.queries(flat)
-        scores, indices = product_key_topk(q, self.sub_keys.to(q.dtype), self.topk)
+        weights, indices = self.search(flat)
         # Each rank's read uses only its columns, so the weights' gradient is a partial sum over columns:
         # the all-reduce in _AllReduceGrad's backward completes it.
-        weights = _AllReduceGrad.apply(torch.softmax(scores.float(), dim=-1), self.process_group)
+        weights = _AllReduceGrad.apply(weights, self.process_group)
         y = weighted_gather(self.values.weight, indices.view(T, -1), weights.view(T, -1), check_indices=False)
-        self.last_indices = indices
-        if not self.gather_output:
-            return y.reshape(*x.shape[:-1], y.shape[-1])
-        y = _GatherColumns.apply(y, self.process_group)
-        if self.gated:
-            y = y * torch.nn.functional.silu(self.gate_proj(flat))
-        if self.out_proj is not None:
-            y = self.out_proj(y)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        if self.gather_output:
+            y = _GatherColumns.apply(y, self.process_group)
+        # (without gathering there is no gate or projection: output() only applies the value dropout)
+        return self.output(y, flat).reshape(*x.shape[:-1], -1)
 
 
 @torch.no_grad()

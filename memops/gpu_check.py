@@ -253,26 +253,33 @@ def _retention_scenarios(dtype, subset):
 
     dt = _torch_dtype(dtype)
     for case, p, D in _cases_by_head_dim("retention", subset, "llm-4k"):
-        def run(p=p, D=D):
-            B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
-            q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, N, D, dtype=dt)
-            log_beta = _meta(B, Hkv, N, dtype=torch.float32)
-            if attention.reference_instead(q, "decay", backward=False):  # the ops run the reference
-                return
-            attention.memory_attention_fwd(q, k, k, None, None, None, causal=True, scale=D ** -0.5, log_beta=log_beta)
-            if not attention.reference_instead(q, "decay", backward=True):
-                attention.memory_attention_bwd(q, q, k, k, None, None, None, q, _meta(B, H, N, dtype=torch.float32),
-                                               causal=True, scale=D ** -0.5, deterministic=True, log_beta=log_beta)
-        yield f"{case.name} D={D} decay", run
+        for documents in (False, True):  # packed documents (position_ids / cu_seqlens): the DOCUMENTS variants
+            def run(p=p, D=D, documents=documents):
+                B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
+                q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, N, D, dtype=dt)
+                log_beta = _meta(B, Hkv, N, dtype=torch.float32)
+                bounds = _meta(B, N, dtype=torch.int32) if documents else None
+                if attention.reference_instead(q, "decay", backward=False):  # the ops run the reference
+                    return
+                attention.memory_attention_fwd(q, k, k, None, None, None, causal=True, scale=D ** -0.5,
+                                               log_beta=log_beta, doc_start=bounds)
+                if not attention.reference_instead(q, "decay", backward=True):
+                    attention.memory_attention_bwd(q, q, k, k, None, None, None, q, _meta(B, H, N, dtype=torch.float32),
+                                                   causal=True, scale=D ** -0.5, deterministic=True, log_beta=log_beta,
+                                                   doc_start=bounds, doc_end=bounds)
+            yield f"{case.name} D={D} decay{' documents' if documents else ''}", run
     if dtype in ("fp32", "bf16"):  # the capacity kernels read log_beta (any float) and compute in fp32
         for case in _cases("retention_capacity"):
             p = case.params
 
-            def run(p=p):
-                log_beta = _meta(p["B"], p["Hkv"], p["N"], dtype=dt)
-                retention.retention_capacity_fwd(log_beta)
-                retention.retention_capacity_bwd(_meta(p["B"], p["Hkv"], p["N"], dtype=torch.float32), log_beta)
-            yield f"capacity {case.name}", run
+            for documents in (False, True):
+                def run(p=p, documents=documents):
+                    log_beta = _meta(p["B"], p["Hkv"], p["N"], dtype=dt)
+                    bounds = _meta(p["B"], p["N"], dtype=torch.int32) if documents else None
+                    retention.retention_capacity_fwd(log_beta, bounds)
+                    retention.retention_capacity_bwd(_meta(p["B"], p["Hkv"], p["N"], dtype=torch.float32), log_beta,
+                                                     bounds)
+                yield f"capacity {case.name}{' documents' if documents else ''}", run
     for case in _cases("retention_cache"):
         p = case.params
 

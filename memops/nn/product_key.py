@@ -7,7 +7,9 @@ from torch import nn
 
 from memops.product_key import product_key_topk, weighted_gather
 
-QUERY_NORMS = ("batchnorm", "layernorm", None)
+QUERY_NORMS = ("batchnorm", "layernorm", "layernorm_per_half", None)
+KEY_INITS = ("xlm", "meta")
+SCORE_SUBTRACTS = ("min", "mean", "median", None)
 
 
 class ProductKeyMemory(nn.Module):
@@ -17,10 +19,12 @@ class ProductKeyMemory(nn.Module):
 
         q_h            = norm(W_q x + b_q)[h]                       (key_dim)
         scores, slots  = top-k over the n_keys**2 slots of q_h1 . C1_h[i1] + q_h2 . C2_h[i2]
-        y              = sum_h sum_j softmax(scores)_j * V[slot_j]   (value_dim; heads summed, one table)
+        w              = softmax(scores / temperature)              (XLM's re-scoring options below)
+        y              = sum_h sum_j w_j * V[slot_j]                (value_dim; heads summed, one table)
         out            = y                      (value_dim == output_dim, not gated; XLM)
                        = W_o y + b_o             (value_dim != output_dim)
-                       = W_o (y * SiLU(W_s x + b_s)) + b_o   (gated=True: Meta's Memory+)
+                       = W_o (y * SiLU(W_s x + b_s)) + b_o   (gated=True: Meta's Memory+ SwiLU projection)
+        out            = sigmoid(w_g . x + b_g) * out        (output_gate=True: Meta's ``mem_gated``)
 
     Works on (..., input_dim) inputs, e.g. (B, N, input_dim) or (T, input_dim). The softmax is in fp32.
     Sub-keys are cast to the query's dtype (so autocast works); the value table keeps its own dtype.
@@ -28,9 +32,11 @@ class ProductKeyMemory(nn.Module):
     State dict keys: ``query_proj.weight`` (key_dim * heads, input_dim), ``query_proj.bias``; with
     ``query_norm="batchnorm"``: ``query_norm.{weight,bias,running_mean,running_var,num_batches_tracked}``
     over the heads * key_dim query features (XLM's QueryMLP); with "layernorm": ``query_norm.{weight,bias}``
-    over each head's key_dim; ``sub_keys`` (heads, 2, n_keys, key_dim // 2); ``values.weight``
+    over each head's key_dim; with "layernorm_per_half": ``query_norm.{weight,bias}`` over key_dim // 2;
+    ``sub_keys`` (heads, 2, n_keys, key_dim // 2); ``values.weight``
     (n_keys**2, value_dim); with ``gated``: ``gate_proj.{weight,bias}`` (value_dim, input_dim); with
-    ``gated`` or value_dim != output_dim: ``out_proj.{weight,bias}`` (output_dim, value_dim).
+    ``gated`` or value_dim != output_dim: ``out_proj.{weight,bias}`` (output_dim, value_dim); with
+    ``output_gate``: ``output_gate.{weight,bias}`` (1, input_dim) (Meta's ``gating``).
 
     Args:
         input_dim, output_dim: feature sizes of the input and the output.
@@ -38,8 +44,23 @@ class ProductKeyMemory(nn.Module):
         heads: memory heads, each with its own query and sub-keys; all read the one value table.
         topk: slots read per head and token (k). key_dim: query size per head (even).
         value_dim: width of the value table; default output_dim (or the shared table's width).
-        query_norm: "batchnorm" (XLM), "layernorm" (per head) or None (Memory Layers at Scale).
+        query_norm: "batchnorm" (XLM's QueryMLP: BatchNorm1d over all heads * key_dim features),
+            "layernorm" (one LayerNorm over each head's whole key_dim query), "layernorm_per_half" (one
+            LayerNorm over key_dim // 2, applied to each half of each head's query separately: lucidrains'
+            product-key-memory) or None (Memory Layers at Scale).
         gated: Memory+ output ``W_o(y * SiLU(W_s x))``.
+        output_gate: Meta's ``mem_gated``: the output times sigmoid(w . x + b), one scalar per token (w
+            initialised N(0, 1 / input_dim) as there).
+        key_init: "xlm" draws the sub-keys U(+-1 / sqrt(key_dim / 2)) (XLM's uniform keys, the size of
+            each half); "meta" U(+-1 / sqrt(key_dim)) (lingua's product_key memory).
+        temperature: the scores are divided by it before the softmax (XLM's ``mem_temperature``).
+        score_softmax, score_subtract, score_normalize: XLM's re-scoring after the temperature: softmax
+            (default, as XLM), then optionally subtract the row's "min", "mean" or "median", then optionally
+            divide by the row's L1 norm. XLM's rule holds: normalize with softmax needs a subtract.
+        normalize_query: divide each half of each head's query by its L2 norm before the search (XLM's
+            ``mem_normalize_query``).
+        input_dropout, query_dropout, value_dropout: dropout on the input (feeding the query and the gates),
+            on the queries after their norm, and on the layer's output before the output gate (XLM, Meta).
         shared_values: another ProductKeyMemory (or an nn.Embedding of n_keys**2 rows) whose value table
             this layer reads and trains too: Memory Layers at Scale shares one table across layers.
 
@@ -50,7 +71,11 @@ class ProductKeyMemory(nn.Module):
     def __init__(
         self, input_dim: int, output_dim: int, *, n_keys: int = 512, heads: int = 4, topk: int = 32,
         key_dim: int = 256, value_dim: int | None = None, query_norm: str | None = "batchnorm", gated: bool = False,
-        shared_values: ProductKeyMemory | nn.Embedding | None = None, device=None, dtype=None,
+        shared_values: ProductKeyMemory | nn.Embedding | None = None, output_gate: bool = False,
+        key_init: str = "xlm", temperature: float = 1.0, score_softmax: bool = True,
+        score_subtract: str | None = None, score_normalize: bool = False, normalize_query: bool = False,
+        input_dropout: float = 0.0, query_dropout: float = 0.0, value_dropout: float = 0.0,
+        device=None, dtype=None,
     ) -> None:
         super().__init__()
         if key_dim % 2:
@@ -59,6 +84,21 @@ class ProductKeyMemory(nn.Module):
             raise ValueError(f"ProductKeyMemory: topk must be in [1, n_keys={n_keys}], got {topk}")
         if query_norm not in QUERY_NORMS:
             raise ValueError(f"ProductKeyMemory: query_norm must be one of {QUERY_NORMS}, got {query_norm!r}")
+        if key_init not in KEY_INITS:
+            raise ValueError(f"ProductKeyMemory: key_init must be one of {KEY_INITS}, got {key_init!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"ProductKeyMemory: temperature must be a number > 0, got {temperature!r}")
+        if score_subtract not in SCORE_SUBTRACTS:
+            raise ValueError(f"ProductKeyMemory: score_subtract must be one of {SCORE_SUBTRACTS}, got {score_subtract!r}")
+        if score_subtract is not None and topk < 2:
+            raise ValueError("ProductKeyMemory: score_subtract needs topk >= 2 (it would zero every weight)")
+        if score_normalize and score_softmax and score_subtract is None:
+            raise ValueError("ProductKeyMemory: score_normalize after a softmax changes nothing without a "
+                             "score_subtract (XLM rejects it too)")
+        for name, p in (("input_dropout", input_dropout), ("query_dropout", query_dropout),
+                        ("value_dropout", value_dropout)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                raise ValueError(f"ProductKeyMemory: {name} must be in [0, 1), got {p!r}")
         factory = {"device": device, "dtype": dtype}
         self.n_keys, self.heads, self.topk, self.key_dim = n_keys, heads, topk, key_dim
         self.query_proj = nn.Linear(input_dim, heads * key_dim, **factory)
@@ -66,11 +106,16 @@ class ProductKeyMemory(nn.Module):
             self.query_norm = nn.BatchNorm1d(heads * key_dim, **factory)
         elif query_norm == "layernorm":
             self.query_norm = nn.LayerNorm(key_dim, **factory)
+        elif query_norm == "layernorm_per_half":
+            self.query_norm = nn.LayerNorm(key_dim // 2, **factory)
         else:
             self.query_norm = None
-        self.query_norm_kind = query_norm
-        # XLM's init: uniform in +-1/sqrt(key_dim / 2), the size of each half.
-        bound = (key_dim // 2) ** -0.5
+        self.query_norm_kind, self.key_init = query_norm, key_init
+        self.temperature, self.score_softmax = float(temperature), score_softmax
+        self.score_subtract, self.score_normalize, self.normalize_query = score_subtract, score_normalize, normalize_query
+        self.input_dropout, self.query_dropout, self.value_dropout = input_dropout, query_dropout, value_dropout
+        # XLM: uniform in +-1/sqrt(key_dim / 2), the size of each half; Meta's lingua: +-1/sqrt(key_dim).
+        bound = (key_dim // 2 if key_init == "xlm" else key_dim) ** -0.5
         self.sub_keys = nn.Parameter(torch.empty(heads, 2, n_keys, key_dim // 2, **factory).uniform_(-bound, bound))
         if shared_values is not None:
             self.values = self._shared_table(shared_values, n_keys, value_dim)
@@ -82,6 +127,9 @@ class ProductKeyMemory(nn.Module):
         self.value_dim, self.gated = value_dim, gated
         self.gate_proj = nn.Linear(input_dim, value_dim, **factory) if gated else None
         self.out_proj = nn.Linear(value_dim, output_dim, **factory) if gated or value_dim != output_dim else None
+        self.output_gate = nn.Linear(input_dim, 1, **factory) if output_gate else None
+        if output_gate:
+            nn.init.normal_(self.output_gate.weight, std=input_dim ** -0.5)
         self.last_indices: torch.Tensor | None = None
 
     @staticmethod
@@ -100,30 +148,66 @@ class ProductKeyMemory(nn.Module):
         return table
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, input_dim) -> (T, heads, key_dim) search queries."""
+        """(T, input_dim) -> (T, heads, key_dim) search queries (norm, query dropout, normalize_query)."""
         q = self.query_proj(x)
         if self.query_norm_kind == "batchnorm":
             q = self.query_norm(q)
         q = q.view(x.shape[0], self.heads, self.key_dim)
         if self.query_norm_kind == "layernorm":
             q = self.query_norm(q)
+        elif self.query_norm_kind == "layernorm_per_half":
+            q = self.query_norm(q.view(x.shape[0], self.heads, 2, self.key_dim // 2)).view_as(q)
+        q = F.dropout(q, self.query_dropout, self.training)
+        if self.normalize_query:  # each half on its own, as XLM (the search splits q into halves)
+            halves = q.view(x.shape[0], self.heads, 2, self.key_dim // 2)
+            q = (halves / halves.norm(dim=-1, keepdim=True)).view_as(q)
         return q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., input_dim) -> (..., output_dim)."""
-        flat = x.reshape(-1, x.shape[-1])
-        T = flat.shape[0]
+    def read_weights(self, scores: torch.Tensor) -> torch.Tensor:
+        """The (T, heads, topk) read weights from the search scores, in fp32 (fp64 for fp64): temperature,
+        then XLM's re-scoring (softmax by default)."""
+        weights = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        if self.temperature != 1.0:
+            weights = weights / self.temperature
+        if self.score_softmax:
+            weights = torch.softmax(weights, dim=-1)
+        if self.score_subtract == "min":
+            weights = weights - weights.min(-1, keepdim=True).values
+        elif self.score_subtract == "mean":
+            weights = weights - weights.mean(-1, keepdim=True)
+        elif self.score_subtract == "median":
+            weights = weights - weights.median(-1, keepdim=True).values
+        if self.score_normalize:
+            weights = weights / weights.norm(p=1, dim=-1, keepdim=True)
+        return weights
+
+    def search(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, input_dim) -> read weights (T, heads, topk) fp32 and slots (T, heads, topk) int64."""
         q = self.queries(flat)
         scores, indices = product_key_topk(q, self.sub_keys.to(q.dtype), self.topk)
-        weights = torch.softmax(scores.float(), dim=-1)
-        # The search only returns slots in [0, n_keys**2): no range check (and no host sync) needed.
-        y = weighted_gather(self.values.weight, indices.view(T, -1), weights.view(T, -1), check_indices=False)
+        self.last_indices = indices
+        return self.read_weights(scores), indices
+
+    def output(self, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The layer's output from the value read y (T, value_dim) and its input flat (T, input_dim): SwiLU
+        gate, output projection, value dropout, output gate (Meta's order)."""
         if self.gated:
             y = y * F.silu(self.gate_proj(flat))
         if self.out_proj is not None:
             y = self.out_proj(y)
-        self.last_indices = indices
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = F.dropout(y, self.value_dropout, self.training)
+        if self.output_gate is not None:
+            y = torch.sigmoid(self.output_gate(flat)).to(y.dtype) * y
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., input_dim) -> (..., output_dim)."""
+        flat = F.dropout(x.reshape(-1, x.shape[-1]), self.input_dropout, self.training)
+        weights, indices = self.search(flat)
+        T = flat.shape[0]
+        # The search only returns slots in [0, n_keys**2): no range check (and no host sync) needed.
+        y = weighted_gather(self.values.weight, indices.view(T, -1), weights.view(T, -1), check_indices=False)
+        return self.output(y, flat).reshape(*x.shape[:-1], -1)
 
     @torch.no_grad()
     def slot_usage(self) -> dict[str, float]:
@@ -142,4 +226,5 @@ class ProductKeyMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"n_keys={self.n_keys}, heads={self.heads}, topk={self.topk}, key_dim={self.key_dim}, "
-                f"value_dim={self.value_dim}, query_norm={self.query_norm_kind!r}, gated={self.gated}")
+                f"value_dim={self.value_dim}, query_norm={self.query_norm_kind!r}, gated={self.gated}, "
+                f"output_gate={self.output_gate is not None}, key_init={self.key_init!r}")
