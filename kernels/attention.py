@@ -23,9 +23,10 @@ when causal, at or below the first query's diagonal) run without bounds or causa
 diagonal and edge blocks pay for them. The logit scale is applied once per tile in fp32, folded with log2(e)
 so the softmax uses exp2; it is not folded into a 16-bit q, which would round q * scale to 16 bits.
 
-A query that sees no key (no memory, causal, N > Nk) has out = 0 and lse = -inf. Batch-shared memory
-(one (Hkv, M, D) table for all samples) gets the sum of its per-sample grads: atomics into an fp32
-(Hkv, M, D) buffer, or per-sample partials summed in a fixed order when determinism is asked for.
+A query that sees no key (no memory, causal, N > Nk) has out = 0 and lse = -inf; one with a +inf logit has
+lse = +inf and a NaN out. Batch-shared memory (one (Hkv, M, D) table for all samples) gets the sum of its
+per-sample grads: atomics into an fp32 (Hkv, M, D) buffer, or per-sample partials summed in a fixed order
+when determinism is asked for.
 """
 from __future__ import annotations
 
@@ -81,6 +82,14 @@ def _backward_rows(
 
 
 @triton.jit
+def _finite_log_beta(log_beta):
+    """log_beta with -inf (beta = 0) as -1e30: a key's own position then decays by 0 * -1e30 = 0 (beta**0 = 1,
+    where 0 * -inf is NaN) and any later one by exp(<= -1e30) = 0. NaN stays NaN. On the (BLOCK_N,) vector,
+    not the tile."""
+    return tl.where(log_beta == float("-inf"), -1e30, log_beta)
+
+
+@triton.jit
 def _masked_logits(
     q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2, query_doc_start,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
@@ -102,7 +111,7 @@ def _masked_logits(
         else:
             log_beta = tl.load(decay_base + offs_n).to(ACC)
         distance = (offs_m[:, None] + causal_shift - offs_n[None, :]).to(ACC)
-        s += distance * (log_beta * 1.4426950408889634)[None, :]
+        s += distance * (_finite_log_beta(log_beta) * 1.4426950408889634)[None, :]
     if MASKED:
         visible = in_range[None, :]
         if CAUSAL:
@@ -290,6 +299,8 @@ def memory_attention_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    # a +inf logit: the log-sum-exp is +inf (l_i is inf - inf = NaN there); out is NaN, as the reference's
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + bh * N + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
@@ -431,8 +442,9 @@ def memory_attention_dkdv_kernel(
                             other=0.0).to(ACC) * 1.4426950408889634
     decay_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
     if HAS_DECAY:  # sequence keys only (retention_attention has no memory)
-        decay_log2 = tl.load(decay_ptr + b * stride_decb + g * stride_dech + offs_n,
-                             mask=offs_n < tl.where(is_memory, 0, Nk), other=0.0).to(ACC) * 1.4426950408889634
+        decay_log2 = _finite_log_beta(tl.load(decay_ptr + b * stride_decb + g * stride_dech + offs_n,
+                                              mask=offs_n < tl.where(is_memory, 0, Nk), other=0.0).to(ACC))
+        decay_log2 = decay_log2 * 1.4426950408889634
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dbias = tl.zeros((BLOCK_N,), dtype=ACC)

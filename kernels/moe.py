@@ -43,16 +43,18 @@ def _top_entries_mask(scores, valid, offs_e, K: tl.constexpr, T_LOG2: tl.constex
 def _eligible_experts(scores, valid, offs_e, GROUP_SIZE: tl.constexpr, N_GROUPS: tl.constexpr,
                       TOPK_GROUPS: tl.constexpr, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr):
     """(T, E) mask of the experts in each token's TOPK_GROUPS best groups (group score: sum of its two
-    largest scores; ties: lower group)."""
+    largest scores, its only score for groups of one; ties: lower group)."""
     offs_g = tl.arange(0, G_PAD)
     # Padding groups score below everything (NaN-free: -inf compares false with >, and they come last).
     group_scores = tl.full((BLOCK_T, G_PAD), float("-inf"), dtype=tl.float32)
     for g in tl.static_range(N_GROUPS):
         in_group = valid & ((offs_e[None, :] // GROUP_SIZE) == g)
         member = tl.where(in_group, scores, float("-inf"))
-        first = tl.argmax(member, axis=1)
-        second = tl.max(tl.where(offs_e[None, :] == first[:, None], float("-inf"), member), axis=1)
-        group_scores = tl.where(offs_g[None, :] == g, (tl.max(member, axis=1) + second)[:, None], group_scores)
+        group_score = tl.max(member, axis=1)
+        if GROUP_SIZE > 1:  # a group of one scores its only member (the reference's top-min(2, size) sum)
+            first = tl.argmax(member, axis=1)
+            group_score += tl.max(tl.where(offs_e[None, :] == first[:, None], float("-inf"), member), axis=1)
+        group_scores = tl.where(offs_g[None, :] == g, group_score[:, None], group_scores)
     eligible = tl.zeros(scores.shape, dtype=tl.int1)
     for g in tl.static_range(N_GROUPS):
         mine = tl.sum(tl.where(offs_g[None, :] == g, group_scores, 0.0), axis=1)

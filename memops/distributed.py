@@ -11,6 +11,8 @@ expert-parallel block MoE, built from plain collectives with autograd.
 """
 from __future__ import annotations
 
+import math
+
 from collections import Counter
 
 import torch
@@ -151,17 +153,18 @@ class ShardedProductKeyMemory(ProductKeyMemory):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (the dropouts draw on each rank's own generator: seed ranks alike for identical replicas)
-        flat = torch.nn.functional.dropout(x.reshape(-1, x.shape[-1]), self.input_dropout, self.training)
+        flat = torch.nn.functional.dropout(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), self.input_dropout, self.training)
         T = flat.shape[0]
         weights, indices = self.search(flat)
         # Each rank's read uses only its columns, so the weights' gradient is a partial sum over columns:
         # the all-reduce in _AllReduceGrad's backward completes it.
         weights = _AllReduceGrad.apply(weights, self.process_group)
-        y = weighted_gather(self.values.weight, indices.view(T, -1), weights.view(T, -1), check_indices=False)
+        y = weighted_gather(self.values.weight, indices.view(T, self.heads * self.topk), weights.view(T, self.heads * self.topk), check_indices=False)
         if self.gather_output:
             y = _GatherColumns.apply(y, self.process_group)
         # (without gathering there is no gate or projection: output() only applies the value dropout)
-        return self.output(y, flat).reshape(*x.shape[:-1], -1)
+        out = self.output(y, flat)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
+from memops._validation import check_bool, check_int, check_layer_idx, writable
 
 
 def _kernels():
@@ -28,6 +29,12 @@ class _Layer:
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
+
+    def writable(self) -> _Layer:
+        """This layer, with buffers made under torch.inference_mode replaced by normal copies when written
+        outside it (the copies are fresh, so tensors returned earlier stay intact)."""
+        buffers = [writable(t) for t in (self.keys, self.values, self.log_beta, self.positions)]
+        return dataclasses.replace(self, keys=buffers[0], values=buffers[1], log_beta=buffers[2], positions=buffers[3])
 
 
 class RetentionKVCache:
@@ -54,15 +61,23 @@ class RetentionKVCache:
     On CUDA (or under the Triton interpreter with backend "triton") the selection and the gather are Triton
     kernels; on backend "reference" they are ``torch.sort`` and ``torch.gather``.
 
+    Every update is all or nothing: one that raises (bad input, NaN in log_beta) leaves the cache exactly
+    as it was. Layer indices are ints >= 0 (negative ones raise IndexError; layers are stored sparsely, so
+    any index costs only its own rows). A cache filled under ``torch.inference_mode`` keeps working outside
+    it (its buffers are copied once on the first write there).
+
     Args:
         budget: tokens kept per (layer, batch row, KV head) after a compaction, >= 1.
         buffer: extra tokens accepted before compacting again, >= 0 (TRIM-KV: 128).
         score: ``"official"`` or ``"next_query"``, the eviction score's position (above).
+        check_log_beta: reject an update whose log_beta has NaN before it changes anything (one reduction
+            and a host sync per update). False skips it; NaN then surfaces at the next compaction, which
+            raises and leaves the cache as before that update, NaN rows included.
     """
 
     SCORES = ("official", "next_query")
 
-    def __init__(self, budget: int, buffer: int = 128, *, score: str = "official") -> None:
+    def __init__(self, budget: int, buffer: int = 128, *, score: str = "official", check_log_beta: bool = True) -> None:
         for name, value, low in (("budget", budget, 1), ("buffer", buffer, 0)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"RetentionKVCache: {name} must be an int, got {type(value).__name__}")
@@ -71,40 +86,42 @@ class RetentionKVCache:
         if score not in self.SCORES:
             raise ValueError(f"RetentionKVCache: score must be one of {self.SCORES}, got {score!r}")
         self.budget, self.buffer, self.score = budget, buffer, score
-        self._layers: list[_Layer | None] = []
+        self.check_log_beta = check_bool(check_log_beta, "check_log_beta", "RetentionKVCache")
+        self._layers: dict[int, _Layer] = {}
 
     def __len__(self) -> int:
-        return len(self._layers)
+        """The number of layers: one past the highest layer index updated (transformers' convention)."""
+        return max(self._layers, default=-1) + 1
 
-    def _layer(self, layer_idx: int) -> _Layer:
-        if not 0 <= layer_idx < len(self._layers) or self._layers[layer_idx] is None:
-            raise IndexError(f"RetentionKVCache: layer {layer_idx} has no cached rows")
+    def _layer(self, layer_idx: int, op: str) -> _Layer:
+        check_layer_idx(layer_idx, f"RetentionKVCache.{op}")
+        if layer_idx not in self._layers:
+            raise IndexError(f"RetentionKVCache.{op}: layer {layer_idx} has no cached rows")
         return self._layers[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Rows held by ``layer_idx`` now (after any compaction); 0 for a layer never updated."""
-        if layer_idx >= len(self._layers) or self._layers[layer_idx] is None:
-            return 0
-        return self._layers[layer_idx].length
+        check_layer_idx(layer_idx, "RetentionKVCache.get_seq_length")
+        layer = self._layers.get(layer_idx)
+        return 0 if layer is None else layer.length
 
     def positions(self, layer_idx: int) -> torch.Tensor:
         """(B, Hkv, L) int64: the original position of each row ``layer_idx`` holds."""
-        layer = self._layer(layer_idx)
+        layer = self._layer(layer_idx, "positions")
         return layer.positions[:, :, :layer.length]
 
     def log_beta(self, layer_idx: int) -> torch.Tensor:
         """(B, Hkv, L) fp32: the retention of each row ``layer_idx`` holds."""
-        layer = self._layer(layer_idx)
+        layer = self._layer(layer_idx, "log_beta")
         return layer.log_beta[:, :, :layer.length]
 
     def memory_bytes(self) -> int:
         """Bytes of the buffers the cache holds (all layers; the allocated capacity, not only live rows)."""
-        return sum(t.numel() * t.element_size() for layer in self._layers if layer is not None
+        return sum(t.numel() * t.element_size() for layer in self._layers.values()
                    for t in (layer.keys, layer.values, layer.log_beta, layer.positions))
 
     def _check(self, key_states, value_states, layer_idx, log_beta) -> None:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-            raise ValueError(f"RetentionKVCache.update: layer_idx must be an int >= 0, got {layer_idx!r}")
+        check_layer_idx(layer_idx, "RetentionKVCache.update")
         for name, t in (("key_states", key_states), ("value_states", value_states), ("log_beta", log_beta)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"RetentionKVCache.update: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -124,7 +141,7 @@ class RetentionKVCache:
                 f"RetentionKVCache.update: log_beta must be (B, Hkv, n) = {tuple(key_states.shape[:3])}, "
                 f"got {tuple(log_beta.shape)}"
             )
-        if layer_idx < len(self._layers) and self._layers[layer_idx] is not None:
+        if layer_idx in self._layers:
             layer = self._layers[layer_idx]
             cached = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[3], layer.keys.dtype, layer.keys.device)
             given = (key_states.shape[0], key_states.shape[1], key_states.shape[3], key_states.dtype, key_states.device)
@@ -139,31 +156,36 @@ class RetentionKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, Hkv, n, D) key/value rows with their log_beta (B, Hkv, n) to ``layer_idx``; return the
         (B, Hkv, L + n, D) keys and values to attend over; compact the layer when it is full (see class).
-        Raises ValueError when a compaction finds NaN in the layer's log_beta (eviction would be arbitrary)."""
+        Raises ValueError for NaN in log_beta (eviction by retention would be arbitrary), leaving the cache
+        as it was."""
         self._check(key_states, value_states, layer_idx, log_beta)
-        while len(self._layers) <= layer_idx:
-            self._layers.append(None)
+        if self.check_log_beta and bool(torch.isnan(log_beta).any()):
+            raise ValueError("RetentionKVCache.update: log_beta has NaN; eviction by retention would be arbitrary")
         B, Hkv, n, D = key_states.shape
-        layer = self._layers[layer_idx]
+        # Build the new state beside the committed one: rows go into spare capacity past the live rows (or
+        # fresh buffers), and the layer entry is replaced only once everything, compaction included, is done.
+        layer = self._layers.get(layer_idx)
         if layer is None:
-            layer = self._layers[layer_idx] = self._allocate(key_states, max(n, self.budget + self.buffer), None)
+            layer = self._allocate(key_states, max(n, self.budget + self.buffer), None)
         elif layer.length + n > layer.capacity:
             # Grow into fresh buffers: rows returned before stay where they are.
             grown = self._allocate(key_states, layer.length + n, layer)
             for old, new in ((layer.keys, grown.keys), (layer.values, grown.values),
                              (layer.log_beta, grown.log_beta), (layer.positions, grown.positions)):
                 new[:, :, :layer.length] = old[:, :, :layer.length]
-            layer = self._layers[layer_idx] = grown
+            layer = grown
+        else:
+            layer = layer.writable()
         rows = slice(layer.length, layer.length + n)
         layer.keys[:, :, rows] = key_states
         layer.values[:, :, rows] = value_states
         layer.log_beta[:, :, rows] = log_beta
         layer.positions[:, :, rows] = torch.arange(layer.next_position, layer.next_position + n, device=key_states.device)
-        layer.length += n
-        layer.next_position += n
+        layer = dataclasses.replace(layer, length=layer.length + n, next_position=layer.next_position + n)
         keys, values = layer.keys[:, :, :layer.length], layer.values[:, :, :layer.length]
         if layer.length >= self.budget + self.buffer and layer.length > self.budget:
-            self._layers[layer_idx] = self._compact(layer)
+            layer = self._compact(layer)
+        self._layers[layer_idx] = layer
         return keys, values
 
     def _allocate(self, like: torch.Tensor, capacity: int, layer: _Layer | None) -> _Layer:
@@ -260,7 +282,8 @@ class SharedLoopKVCache:
         self._lengths = [0] * n_layers
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._lengths[layer_idx]
+        """Rows layer ``layer_idx`` holds (0 before its first update)."""
+        return self._lengths[check_layer_idx(layer_idx, "SharedLoopKVCache.get_seq_length", self.n_layers)]
 
     def memory_bytes(self) -> int:
         """Bytes of the key and value buffers of all layers (allocated capacity)."""
@@ -271,10 +294,8 @@ class SharedLoopKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from memops.looped import check_update_inputs, looped_kv_update
 
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < self.n_layers:
-            raise ValueError(f"SharedLoopKVCache.update: layer_idx must be in [0, {self.n_layers}), got {layer_idx!r}")
-        if isinstance(loop_idx, bool) or not isinstance(loop_idx, int) or loop_idx < 0:
-            raise ValueError(f"SharedLoopKVCache.update: loop_idx must be an int >= 0, got {loop_idx!r}")
+        check_layer_idx(layer_idx, "SharedLoopKVCache.update", self.n_layers)
+        check_int(loop_idx, "loop_idx", "SharedLoopKVCache.update", low=0)
         check_update_inputs(key_states, value_states, key_states, value_states, gate, "SharedLoopKVCache.update")
         B, Hkv, n, D = key_states.shape
         keys, length = self._keys[layer_idx], self._lengths[layer_idx]
@@ -285,6 +306,8 @@ class SharedLoopKVCache:
                 raise ValueError(
                     f"SharedLoopKVCache.update: layer {layer_idx} caches (B, Hkv, D, dtype, device) = {cached}, got {given}"
                 )
+        if keys is not None:  # a cache filled under torch.inference_mode, written outside it: copy once
+            self._keys[layer_idx], self._values[layer_idx] = writable(keys), writable(self._values[layer_idx])
         if loop_idx == 0:
             if keys is None or length + n > keys.shape[2]:
                 self._grow(layer_idx, key_states, max(2 * length, length + n, 16))

@@ -11,6 +11,7 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_attention_backend, resolve_backend
+from memops._validation import can_read_values
 from memops.attention import check_attention_inputs, check_triton_head_dim
 from memops.attention import memory_attention as memops_attention
 
@@ -41,10 +42,12 @@ def _rows_spec(rows, num_cache_rows: int, num_new: int, device) -> tuple[torch.T
         raise TypeError("looped_kv_update: rows must be None, a slice or a 1-D int32/int64 tensor")
     if rows.numel() != num_new:
         raise ValueError(f"looped_kv_update: rows names {rows.numel()} cache rows but k_new has {num_new}")
-    if rows.numel() and not torch.compiler.is_compiling():
+    if rows.numel() and can_read_values(rows):
         low, high = torch.stack(torch.aminmax(rows)).tolist()
         if low < 0 or high >= num_cache_rows:
             raise IndexError(f"looped_kv_update: rows must lie in [0, {num_cache_rows}), found [{low}, {high}]")
+        if torch.unique(rows).numel() != rows.numel():  # two blends of one row would race (last write wins)
+            raise ValueError("looped_kv_update: rows must be distinct, got a repeated row index")
     return rows.to(device=device, dtype=torch.int64), 0
 
 
@@ -144,8 +147,8 @@ def update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset
     if backend == "triton":
         raise ValueError("looped_kv_update: inplace=True on the Triton path needs contiguous k_cache and v_cache")
     rows = _rows_for_reference(rows_index, row_offset, k_new.shape[2])
-    k_cache[:, :, rows] = torch.lerp(k_new, k_cache[:, :, rows], gate.to(k_cache.dtype))
-    v_cache[:, :, rows] = torch.lerp(v_new, v_cache[:, :, rows], gate.to(v_cache.dtype))
+    k_cache[:, :, rows] = reference.looped_blend(k_cache[:, :, rows], k_new, gate)
+    v_cache[:, :, rows] = reference.looped_blend(v_cache[:, :, rows], v_new, gate)
 
 
 def looped_kv_update(
@@ -260,6 +263,13 @@ def _attention_backward(ctx, grad_out, grad_lse, grad_k, grad_v):
 _looped_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
+def _check_query_rows(q, k_new, op: str) -> None:
+    """The loop's n new tokens give both its queries and its new key/value rows."""
+    if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] != k_new.shape[2]:
+        raise ValueError(f"{op}: q must have k_new's n={k_new.shape[2]} rows (one query per new token), "
+                         f"got {q.shape[2]}")
+
+
 def looped_attention(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
     k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *,
@@ -292,8 +302,10 @@ def looped_attention(
         if k_cache is not None or v_cache is not None:
             raise ValueError(f"{op}: k_cache and v_cache must be given together")
         check_update_inputs(k_new, v_new, k_new, v_new, gate, op)
+        _check_query_rows(q, k_new, op)
         return memops_attention(q, k_new, v_new, causal=causal, scale=scale), k_new, v_new
     check_update_inputs(k_cache, v_cache, k_new, v_new, gate, op)
+    _check_query_rows(q, k_new, op)
     check_attention_inputs(q, k_cache, v_cache, None, None, None, scale, op=op)
     n, Nk = k_new.shape[2], k_cache.shape[2]
     if n > Nk:

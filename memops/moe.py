@@ -10,6 +10,7 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
+from memops._validation import can_read_values, check_bool, check_int, check_number
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 
@@ -136,13 +137,16 @@ def block_route(
             either way, as in the official gate.
 
     Returns:
-        topk_ids (B, N, top_k) int32, sorted by routing score; topk_weights (B, N, top_k) fp32, differentiable
+        topk_ids (B, N, top_k) int32, sorted by routing score; topk_weights (B, N, top_k) fp32 (fp64 for
+        fp64 logits, on both backends; the Triton kernel still ranks in fp32), differentiable
         w.r.t. router_logits (through the bias-free scores at the chosen ids); coreset (B, n_blocks, E) bool,
         or None when block_size is None. Ties go to the lower expert index.
     """
     _check_route_args(router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups,
                       topk_groups)
-    normalize = bool(normalize) and top_k > 1  # the official rule: one pick is never renormalised
+    check_bool(normalize, "normalize", "block_route")
+    routed_scaling = check_number(routed_scaling, "routed_scaling", "block_route")
+    normalize = normalize and top_k > 1  # the official rule: one pick is never renormalised
     if vote not in ("plain", "group_limited"):
         raise ValueError(f"block_route: vote must be 'plain' or 'group_limited', got {vote!r}")
     kwargs = dict(block_size=block_size, top_k=top_k, top_p=float(top_p), min_experts=min_experts,
@@ -155,16 +159,28 @@ def block_route(
                                             kwargs.pop("top_p"), min_experts, score_func == "softmax", n_groups,
                                             topk_groups, kwargs.pop("routed_scaling"), normalize,
                                             vote == "group_limited")
+    if router_logits.dtype == torch.float64:
+        # The kernel ranks and weighs in fp32; fp64 logits get fp64 weights at its ids, as on the reference
+        # (differentiable by autograd, the gradcheck path).
+        scores = reference.router_scores(router_logits, score_func)
+        weights = reference.routing_weights(scores, ids.long(), normalize=normalize, routed_scaling=routed_scaling)
     return ids, weights, (coreset if block_size is not None else None)
 
 
 def unique_experts(topk_ids: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, n_blocks) int64: how many distinct experts the tokens of each block use (dMoE's metric: fewer means
-    fewer expert weights streamed per forward). topk_ids (B, N, k) int."""
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 3 or topk_ids.is_floating_point():
-        raise TypeError("unique_experts: topk_ids must be a (B, N, k) integer tensor")
-    if not _is_int(block_size) or block_size < 1:
-        raise ValueError(f"unique_experts: block_size must be an int >= 1, got {block_size!r}")
+    fewer expert weights streamed per forward). topk_ids (B, N, k) int8..int64 (not bool), each >= 0 (one
+    min check and a host sync, skipped under compile); any size of id (no (E,) table is allocated). Empty
+    blocks (k = 0) count 0; the last block may be partial."""
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 3 or topk_ids.is_floating_point() \
+            or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+        raise TypeError("unique_experts: topk_ids must be a (B, N, k) integer tensor (not bool), got "
+                        f"{getattr(topk_ids, 'dtype', type(topk_ids).__name__)} {tuple(getattr(topk_ids, 'shape', ()))}")
+    check_int(block_size, "block_size", "unique_experts", low=1)
+    if topk_ids.numel() and can_read_values(topk_ids):
+        lowest = int(topk_ids.min())
+        if lowest < 0:
+            raise ValueError(f"unique_experts: topk_ids must be >= 0 (expert indices), found {lowest}")
     return reference.unique_experts(topk_ids, block_size)
 
 
@@ -188,6 +204,8 @@ def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, ch
     if w_gate_up.dim() != 3 or w_gate_up.shape[2] != d or w_gate_up.shape[1] % 2:
         raise ValueError(f"{op}: w_gate_up must be (E, 2I, d={d}), got {tuple(w_gate_up.shape)}")
     E, two_i = w_gate_up.shape[0], w_gate_up.shape[1]
+    if E == 0:
+        raise ValueError(f"{op}: w_gate_up must hold at least one expert, got E=0 ({tuple(w_gate_up.shape)})")
     if tuple(w_down.shape) != (E, d, two_i // 2):
         raise ValueError(f"{op}: w_down must be (E={E}, d={d}, I={two_i // 2}), got {tuple(w_down.shape)}")
     for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
@@ -199,7 +217,7 @@ def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, ch
         raise ValueError(f"{op}: topk_ids must be (T={T}, k), got {tuple(topk_ids.shape)}")
     if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
         raise ValueError(f"{op}: topk_weights must be a float tensor of topk_ids' shape {tuple(topk_ids.shape)}")
-    if check_ids and topk_ids.numel() and not torch.compiler.is_compiling():
+    if check_ids and topk_ids.numel() and can_read_values(topk_ids):
         low, high = torch.stack(torch.aminmax(topk_ids)).tolist()
         if low < 0 or high >= E:
             raise IndexError(f"{op}: topk_ids must lie in [0, E={E}), found [{low}, {high}]")

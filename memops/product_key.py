@@ -12,6 +12,7 @@ import torch
 
 from memops import reference
 from memops._backend import get_backend, resolve_backend
+from memops._validation import can_read_values
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -164,7 +165,7 @@ def weighted_gather(
         # Straight to the reference (autograd through embedding_bag): the custom op's dispatch would cost
         # ~45 us a call, a third of the whole op at small sizes. Under torch.compile the data-dependent range
         # check cannot be traced; embedding_bag's own bounds check still raises there.
-        if check_indices and not torch.compiler.is_compiling():
+        if check_indices and can_read_values(indices):
             _check_index_range(indices, values.shape[0])
         out = reference.weighted_gather(values, indices, weights)
     else:
@@ -304,7 +305,7 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
         backend = "reference"
     heads, key_dim = queries.shape[-2], queries.shape[-1]
     out_shape = (*queries.shape[:-1], topk)
-    flat = queries.reshape(-1, heads, key_dim)
+    flat = queries.reshape(math.prod(queries.shape[:-2]), heads, key_dim)
     if backend == "reference":
         scores, indices = reference.product_key_topk(flat, sub_keys, topk)
     else:

@@ -11,6 +11,7 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_attention_backend, resolve_backend
+from memops._validation import can_read_values
 from memops.attention import check_attention_inputs, check_triton_head_dim, unit_last_stride
 
 
@@ -37,7 +38,7 @@ def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, 
         raise ValueError(f"{op}: log_beta must be (B, Hkv, Nk) = {tuple(shape)}, got {tuple(log_beta.shape)}")
     if log_beta.device != device:
         raise ValueError(f"{op}: log_beta is on {log_beta.device} but q is on {device}")
-    if check_values and log_beta.numel() and not torch.compiler.is_compiling():
+    if check_values and log_beta.numel() and can_read_values(log_beta):
         largest = log_beta.max().item()
         if largest > 0:
             raise ValueError(f"{op}: log_beta must be <= 0 (beta = exp(log_beta) <= 1), found {largest:g}")
@@ -188,7 +189,7 @@ def documents(op: str, num_positions: int, batch: int | None, position_ids, cu_s
             raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {ids.dtype}")
         if ids.dim() != 1 or ids.numel() < 2:
             raise ValueError(f"{op}: cu_seqlens must be (S + 1,) with S >= 1, got {tuple(ids.shape)}")
-        if not torch.compiler.is_compiling():
+        if can_read_values(ids):
             first, last = ids[0].item(), ids[-1].item()
             if first != 0 or last != num_positions or bool((ids[1:] < ids[:-1]).any()):
                 raise ValueError(f"{op}: cu_seqlens must start at 0, not decrease and end at N = {num_positions}, "

@@ -11,7 +11,10 @@ if not CUDA:
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("memops", max_examples=12, deadline=None, derandomize=False, print_blob=True)
+# CI: 12 examples per property with a fixed seed (derandomized), so a run is reproducible and its time is
+# bounded; ``--hypothesis-profile memops-long`` draws 300 per property, randomly, for local fuzzing.
+settings.register_profile("memops", max_examples=12, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("memops-long", max_examples=300, deadline=None, derandomize=False, print_blob=True)
 settings.load_profile("memops")
 
 

@@ -348,7 +348,7 @@ def test_shared_cache_update_semantics(device):
     with pytest.raises(ValueError, match=r"layer 1 caches \(B, Hkv, D, dtype, device\)"):
         cache.update(torch.randn(2, 2, 1, 8, device=device), torch.randn(2, 2, 1, 8, device=device), 1, 0,
                      torch.ones(2, 2, 1, 1, device=device))
-    with pytest.raises(ValueError, match=r"layer_idx must be in \[0, 2\)"):
+    with pytest.raises(IndexError, match=r"layer_idx must be in \[0, 2\)"):
         cache.update(prompt, prompt, 2, 0, ones)
 
 

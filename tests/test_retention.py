@@ -403,9 +403,10 @@ def test_cache_nan_log_beta_is_an_error(device):
     log_beta = -torch.rand(1, 1, 2, device=device)
     log_beta[0, 0, 1] = float("nan")
     with memops.backend("triton"), count_launches() as launches:
-        cache.update(k, k, 0, log_beta)   # below the budget: no eviction yet, no error
-        with pytest.raises(ValueError, match="log_beta has NaN"):
-            cache.update(k, k, 0, -torch.rand(1, 1, 2, device=device))
+        with pytest.raises(ValueError, match="log_beta has NaN"):   # rejected before it joins the cache
+            cache.update(k, k, 0, log_beta)
+        assert cache.get_seq_length(0) == 0
+        cache.update(k, k, 0, -torch.rand(1, 1, 2, device=device))
     assert launches["retention_select_kernel"] == 0
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memops._validation import can_read_values, check_int
 from memops.attention import memory_attention
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
 from memops.looped import looped_attention
@@ -74,6 +75,13 @@ class MemoryLMConfig:
         for layer in self.pkm_layers:
             if not 0 <= layer < self.n_layers:
                 fail(f"pkm_layers entry {layer} is not a layer index in [0, {self.n_layers})")
+        for name in ("moe_experts", "moe_top_k", "moe_d_expert", "moe_min_experts", "retention_hidden"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.moe_top_k > self.moe_experts:
+            fail(f"moe_top_k={self.moe_top_k} must not exceed moe_experts={self.moe_experts}")
+        if not self.capacity_weight >= 0:
+            fail(f"capacity_weight must be >= 0, got {self.capacity_weight}")
 
 
 class MemoryLMLayer(nn.Module):
@@ -151,6 +159,21 @@ class MemoryLM(nn.Module):
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
+    def _check_tokens(self, tokens, name: str, op: str) -> None:
+        """(B, N) integer token ids in [0, vocab_size) (one min/max check and a host sync, skipped under
+        compile): embedding would otherwise fail inside torch, or read out of bounds on CUDA."""
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"{op}: {name} must be integer token ids, got {tokens.dtype}")
+        if tokens.dim() != 2:
+            raise ValueError(f"{op}: {name} must be (B, N) token ids, got shape {tuple(tokens.shape)}")
+        if tokens.numel() and can_read_values(tokens):
+            low, high = torch.stack(torch.aminmax(tokens)).tolist()
+            if low < 0 or high >= self.config.vocab_size:
+                raise IndexError(f"{op}: {name} must lie in [0, vocab_size={self.config.vocab_size}), "
+                                 f"found [{low}, {high}]")
+
     def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         if start + tokens.shape[1] > self.config.max_positions:
             raise ValueError(
@@ -161,6 +184,7 @@ class MemoryLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, return_log_beta: bool = False):
         """tokens (B, N) int64 -> logits (B, N, vocab_size) [, list of per-layer log_beta (B, Hkv, N)]."""
+        self._check_tokens(tokens, "tokens", "MemoryLM")
         x = self._embed(tokens, 0)
         log_betas = []
         shared = [None] * len(self.layers)
@@ -182,9 +206,14 @@ class MemoryLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int):
         """Greedy decoding. prompt (B, N) -> (tokens (B, N + max_new_tokens), the cache): a RetentionKVCache of
-        kv_budget + kv_buffer rows per layer and KV head, or with loops > 1 a SharedLoopKVCache."""
-        if prompt.dim() != 2:
-            raise ValueError(f"MemoryLM.generate: prompt must be (B, N) token ids, got shape {tuple(prompt.shape)}")
+        kv_budget + kv_buffer rows per layer and KV head, or with loops > 1 a SharedLoopKVCache.
+        max_new_tokens >= 0; the prompt needs N >= 1 tokens to predict from; B = 0 returns (0, N +
+        max_new_tokens) tokens and an empty cache."""
+        op = "MemoryLM.generate"
+        self._check_tokens(prompt, "prompt", op)
+        check_int(max_new_tokens, "max_new_tokens", op, low=0)
+        if prompt.shape[1] == 0:
+            raise ValueError(f"{op}: prompt must hold at least one token per row, got shape {tuple(prompt.shape)}")
         total = prompt.shape[1] + max_new_tokens
         if total > self.config.max_positions:
             raise ValueError(
@@ -194,6 +223,8 @@ class MemoryLM(nn.Module):
         looped = self.config.loops > 1
         cache = (SharedLoopKVCache(len(self.layers)) if looped
                  else RetentionKVCache(self.config.kv_budget, self.config.kv_buffer))
+        if prompt.shape[0] == 0:
+            return prompt.new_empty((0, total)), cache
         tokens, step_input, start = prompt, prompt, 0
         for _ in range(max_new_tokens):
             x = self._embed(step_input, start)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from memops._validation import check_int, check_module_input
 from memops.attention import memory_attention
 
 RotaryFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -40,8 +41,13 @@ class MemoryAttention(nn.Module):
         device=None, dtype=None,
     ) -> None:
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        head_dim = d_model // num_heads if head_dim is None else head_dim
+        op = "MemoryAttention"
+        check_int(d_model, "d_model", op, low=1)
+        check_int(num_heads, "num_heads", op, low=1)
+        num_kv_heads = num_heads if num_kv_heads is None else check_int(num_kv_heads, "num_kv_heads", op, low=1)
+        head_dim = d_model // num_heads if head_dim is None else check_int(head_dim, "head_dim", op, low=1)
+        if head_dim < 1:
+            raise ValueError(f"{op}: d_model={d_model} // num_heads={num_heads} leaves head_dim 0; pass head_dim")
         if num_heads % num_kv_heads:
             raise ValueError(f"MemoryAttention: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         if prefix_length < 0:
@@ -68,6 +74,12 @@ class MemoryAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, N, d_model); memory (B, M, d_model) or None; memory_bias (M_total,), (Hkv, M_total) or
         (B, Hkv, M_total) over [prefix ; memory] rows. Returns (B, N, d_model)."""
+        check_module_input(x, "x", "MemoryAttention", width=self.q_proj.in_features, dims=(3,), like=self.q_proj.weight)
+        if memory is not None:
+            check_module_input(memory, "memory", "MemoryAttention", width=self.q_proj.in_features, dims=(3,),
+                               like=self.q_proj.weight)
+            if memory.shape[0] != x.shape[0]:
+                raise ValueError(f"MemoryAttention: memory must be (B={x.shape[0]}, M, d_model), got {tuple(memory.shape)}")
         q = self._heads(self.q_proj(x), self.num_heads)
         k = self._heads(self.k_proj(x), self.num_kv_heads)
         v = self._heads(self.v_proj(x), self.num_kv_heads)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memops._validation import check_int, check_module_input
 from memops.moe import block_route, moe_ffn, unique_experts
 
 
@@ -33,6 +34,11 @@ class BlockMoE(nn.Module):
         vote: str = "plain", device=None, dtype=None,
     ) -> None:
         super().__init__()
+        for name, value in (("d_model", d_model), ("d_expert", d_expert), ("n_experts", n_experts), ("top_k", top_k)):
+            check_int(value, name, "BlockMoE", low=1)
+        check_int(shared_experts, "shared_experts", "BlockMoE", low=0)
+        if top_k > n_experts:
+            raise ValueError(f"BlockMoE: top_k={top_k} exceeds n_experts={n_experts}")
         factory = {"device": device, "dtype": dtype}
         self.top_k, self.block_size, self.top_p = top_k, block_size, top_p
         self.min_experts = min(max(min_experts, top_k), n_experts)
@@ -68,11 +74,13 @@ class BlockMoE(nn.Module):
         return y + self.shared_down(F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, d_model) -> (B, N, d_model)."""
+        check_module_input(x, "x", "BlockMoE", width=self.router.in_features, dims=(3,), like=self.router.weight)
         B, N, d = x.shape
         ids, weights = self.route(x)
         flat = x.reshape(B * N, d)
         # The router's ids are in range by construction: no range check, so no host sync per forward.
-        y = moe_ffn(flat, self.w_gate_up, self.w_down, ids.reshape(B * N, -1), weights.reshape(B * N, -1),
+        y = moe_ffn(flat, self.w_gate_up, self.w_down, ids.reshape(B * N, self.top_k), weights.reshape(B * N, self.top_k),
                     check_ids=False)
         return self.add_shared_experts(y, flat).reshape(B, N, d)
 

@@ -1,10 +1,13 @@
 """ProductKeyMemory: the product-key memory layer of Lample et al. (2019) and Meta's Memory Layers at Scale."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memops._validation import check_int, check_module_input
 from memops.product_key import product_key_topk, weighted_gather
 
 QUERY_NORMS = ("batchnorm", "layernorm", "layernorm_per_half", None)
@@ -78,6 +81,9 @@ class ProductKeyMemory(nn.Module):
         device=None, dtype=None,
     ) -> None:
         super().__init__()
+        for name, value in (("input_dim", input_dim), ("output_dim", output_dim), ("n_keys", n_keys),
+                            ("heads", heads), ("topk", topk), ("key_dim", key_dim)):
+            check_int(value, name, "ProductKeyMemory", low=1)
         if key_dim % 2:
             raise ValueError(f"ProductKeyMemory: key_dim must be even (two halves), got {key_dim}")
         if not 1 <= topk <= n_keys:
@@ -202,12 +208,14 @@ class ProductKeyMemory(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., input_dim) -> (..., output_dim)."""
-        flat = F.dropout(x.reshape(-1, x.shape[-1]), self.input_dropout, self.training)
+        check_module_input(x, "x", "ProductKeyMemory", width=self.query_proj.in_features, like=self.query_proj.weight)
+        flat = F.dropout(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), self.input_dropout, self.training)
         weights, indices = self.search(flat)
         T = flat.shape[0]
         # The search only returns slots in [0, n_keys**2): no range check (and no host sync) needed.
-        y = weighted_gather(self.values.weight, indices.view(T, -1), weights.view(T, -1), check_indices=False)
-        return self.output(y, flat).reshape(*x.shape[:-1], -1)
+        y = weighted_gather(self.values.weight, indices.view(T, self.heads * self.topk), weights.view(T, self.heads * self.topk), check_indices=False)
+        out = self.output(y, flat)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
     def slot_usage(self) -> dict[str, float]:

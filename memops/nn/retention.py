@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memops._validation import check_module_input
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -67,4 +68,8 @@ class RetentionGate(nn.Module):
         return self.load_state_dict(mapped, strict=strict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, d_model) (any leading dims) -> log_beta (B, n_kv_heads, N)."""
+        check_module_input(x, "x", "RetentionGate", width=self.up.in_features, like=self.up.weight)
+        if x.dim() < 2:
+            raise ValueError(f"RetentionGate: x must be (..., N, d_model), got shape {tuple(x.shape)}")
         return F.logsigmoid(self.down(self.act(self.up(x)))).transpose(-1, -2)

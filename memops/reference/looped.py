@@ -25,9 +25,16 @@ def looped_kv_update(
     ``g * cache + (1 - g) * new``; the other rows copied. rows None: all rows (n = Nk)."""
     rows = slice(None) if rows is None else rows
     k_out, v_out = k_cache.clone(), v_cache.clone()
-    k_out[:, :, rows] = torch.lerp(k_new, k_cache[:, :, rows], gate.to(k_cache.dtype))
-    v_out[:, :, rows] = torch.lerp(v_new, v_cache[:, :, rows], gate.to(v_cache.dtype))
+    k_out[:, :, rows] = looped_blend(k_cache[:, :, rows], k_new, gate)
+    v_out[:, :, rows] = looped_blend(v_cache[:, :, rows], v_new, gate)
     return k_out, v_out
+
+
+def looped_blend(cache_rows: torch.Tensor, new_rows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """g * cache + (1 - g) * new, written as the formula (and the kernels) so that an inf in either input
+    gives inf, not the NaN of lerp's new + g * (cache - new)."""
+    g = gate.to(cache_rows.dtype)
+    return g * cache_rows + (1 - g) * new_rows
 
 
 def looped_attention(

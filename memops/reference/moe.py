@@ -74,7 +74,7 @@ def block_coreset(
 
 
 def routing_weights(scores: torch.Tensor, ids: torch.Tensor, *, normalize: bool, routed_scaling: float) -> torch.Tensor:
-    """w = s[ids] (renormalised over the k picks when ``normalize`` and k > 1) * routed_scaling, fp32."""
+    """w = s[ids] (renormalised over the k picks when ``normalize`` and k > 1) * routed_scaling, in the scores' dtype."""
     picked = scores.gather(-1, ids)
     if normalize and ids.shape[-1] > 1:
         picked = picked / (picked.sum(-1, keepdim=True) + 1e-20)
@@ -86,8 +86,9 @@ def block_route(
     min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
     topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, vote: str = "plain",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(topk_ids (B, N, top_k) int32, topk_weights (B, N, top_k) fp32, coreset (B, n_blocks, E) bool or None)
-    from router_logits (B, N, E). Weights are differentiable w.r.t. the logits; ids are not."""
+    """(topk_ids (B, N, top_k) int32, topk_weights (B, N, top_k) fp32 (fp64 for fp64), coreset
+    (B, n_blocks, E) bool or None) from router_logits (B, N, E). Weights are differentiable w.r.t. the
+    logits; ids are not."""
     scores = router_scores(router_logits, score_func)
     routing = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
     routing = routing.detach()
@@ -106,12 +107,15 @@ def block_route(
 def unique_experts(topk_ids: torch.Tensor, block_size: int) -> torch.Tensor:
     """(B, n_blocks) int64: the distinct experts the tokens of each block route to (the paper's metric)."""
     B, N, k = topk_ids.shape
-    E = int(topk_ids.max()) + 1 if topk_ids.numel() else 1
     n_blocks = -(-N // block_size)
-    block_of_token = torch.arange(N, device=topk_ids.device) // block_size
-    used = torch.zeros(B, n_blocks, E, dtype=torch.bool, device=topk_ids.device)
-    used[torch.arange(B, device=topk_ids.device)[:, None, None], block_of_token[None, :, None], topk_ids.long()] = True
-    return used.sum(-1)
+    if N * k == 0:
+        return torch.zeros(B, n_blocks, dtype=torch.int64, device=topk_ids.device)
+    # Sort each block's ids and count the changes: no (E,) table, whatever the largest id. The partial last
+    # block is padded with -1, which sorts first and is not counted.
+    ids = F.pad(topk_ids.long(), (0, 0, 0, n_blocks * block_size - N), value=-1)
+    ids = ids.view(B, n_blocks, block_size * k).sort(dim=-1).values
+    changes = (ids[..., 1:] != ids[..., :-1]) & (ids[..., 1:] >= 0)
+    return changes.sum(-1) + (ids[..., 0] >= 0)
 
 
 def expert_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -143,8 +147,9 @@ def moe_ffn(
     contributions = []
     for expert, chunk in zip(experts.tolist(), torch.split(tokens, counts.tolist())):
         contributions.append(expert_ffn(x[chunk].to(acc), w_gate_up[expert].to(acc), w_down[expert].to(acc)))
-    if not contributions:
-        return torch.zeros_like(x)
+    if not contributions:  # no slot (T = 0 or k = 0): zeros, attached to every input's graph
+        attached = x[:0].sum() + w_gate_up[:0].sum() + w_down[:0].sum() + topk_weights.sum()
+        return torch.zeros_like(x) + attached.to(x.dtype)
     per_slot = torch.cat(contributions)                                   # slots in expert order
     weights = topk_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
     y = torch.zeros(T, x.shape[1], dtype=acc, device=x.device).index_add_(0, tokens, per_slot * weights)

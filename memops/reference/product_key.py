@@ -18,6 +18,11 @@ def weighted_gather(values: torch.Tensor, indices: torch.Tensor, weights: torch.
     per_sample_weights=weights)`` when all are fp32/fp64 of one dtype.
     """
     acc = _accumulator_dtype(values, weights)
+    if indices.numel() == 0 or values.shape[1] == 0:
+        # An empty sum (K = 0 or T = 0) or empty rows (D = 0): zeros, still attached to both inputs' graphs
+        # (embedding_bag rejects these shapes).
+        zero = weights.sum(-1, keepdim=True).to(acc) * values[:0].sum(0).to(acc)        # (T, D)
+        return zero.to(values.dtype)
     if values.dtype == acc:
         return F.embedding_bag(indices, values, per_sample_weights=weights.to(acc), mode="sum")
     # 16-bit tables: upcast only the rows that are read (a table can be GBs), then sum in fp32.

@@ -67,6 +67,12 @@ def _outside_document(starts: torch.Tensor, query_index: torch.Tensor, num_keys:
     return outside.reshape(outside.shape[0], *([1] * lead), *outside.shape[1:])
 
 
+def finite_log_beta(log_beta: torch.Tensor) -> torch.Tensor:
+    """log_beta with -inf (beta = 0) as -1e30, so that distance 0 gives 0 * -1e30 = 0 (beta**0 = 1, where
+    0 * -inf would be NaN) and any distance >= 1 a weight exp(<= -1e30) = 0. NaN stays NaN, so it propagates."""
+    return log_beta.clamp(min=-1e30)
+
+
 def retention_bias(log_beta: torch.Tensor, num_queries: int, heads: int,
                    document_starts: torch.Tensor | None = None) -> torch.Tensor:
     """The additive (B, H, N, Nk) logit mask of retention attention: (pos_i - j) * log_beta[j] where key j is
@@ -74,7 +80,8 @@ def retention_bias(log_beta: torch.Tensor, num_queries: int, heads: int,
     document_starts (B|1, Nk) (from :func:`document_bounds`) hides keys of earlier documents."""
     num_keys = log_beta.shape[-1]
     distance = _distances(num_queries, num_keys, log_beta.device)
-    bias = distance.to(log_beta.dtype) * log_beta.unsqueeze(-2)               # (B, Hkv, N, Nk)
+    # beta = 0 (log_beta = -inf) as -1e30: a key's own position decays by beta**0 = 1 (0 * -inf is NaN); NaN stays
+    bias = distance.to(log_beta.dtype) * finite_log_beta(log_beta).unsqueeze(-2)    # (B, Hkv, N, Nk)
     bias = bias.masked_fill(distance < 0, float("-inf"))
     if document_starts is not None:
         query_index = torch.arange(num_queries, device=log_beta.device) + (num_keys - num_queries)
@@ -125,7 +132,9 @@ def retention_capacity(
     acc = torch.promote_types(log_beta.dtype, torch.float32)
     N = log_beta.shape[-1]
     distance = _distances(N, N, log_beta.device)                              # (t, j)
-    exponent = (distance.to(acc) * log_beta.to(acc).unsqueeze(-2)).masked_fill(distance < 0, float("-inf"))
+    # the token's own term is exp(0) = 1, also for log_beta = -inf (see finite_log_beta)
+    exponent = distance.to(acc) * finite_log_beta(log_beta.to(acc)).unsqueeze(-2)
+    exponent = exponent.masked_fill(distance < 0, float("-inf"))
     if position_ids is not None or cu_seqlens is not None:
         starts = document_bounds(N, position_ids=position_ids, cu_seqlens=cu_seqlens, device=log_beta.device)[0]
         outside = _outside_document(starts, torch.arange(N, device=log_beta.device), N, max(log_beta.dim() - 2, 0))

@@ -1,0 +1,84 @@
+"""Argument checks shared by the public ops, modules and caches: strict scalar types, layer indices and
+inference-mode-safe cache buffers. Every message names the op, the argument and what was expected, and every
+check runs before anything launches or mutates."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_int(value, name: str, op: str, *, low: int | None = None, high: int | None = None) -> int:
+    """An int (not a bool) in [low, high): TypeError for another type, ValueError out of range."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value >= high):
+        bounds = f">= {low}" if high is None else f"in [{0 if low is None else low}, {high})"
+        raise ValueError(f"{op}: {name} must be {bounds}, got {value}")
+    return value
+
+
+def check_number(value, name: str, op: str, *, low: float | None = None, strictly: bool = False) -> float:
+    """A finite real number (int or float, not a bool or a string), >= low (> low with strictly)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value!r}")
+    if low is not None and (value <= low if strictly else value < low):
+        raise ValueError(f"{op}: {name} must be {'>' if strictly else '>='} {low}, got {value!r}")
+    return float(value)
+
+
+def check_bool(value, name: str, op: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_layer_idx(layer_idx, op: str, n_layers: int | None = None) -> int:
+    """A layer index: an int >= 0 (below n_layers when the cache has a fixed count). Negative indices are
+    rejected everywhere rather than counted from the end, so a typo never reads another layer."""
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+        raise TypeError(f"{op}: layer_idx must be an int, got {type(layer_idx).__name__}")
+    if layer_idx < 0 or (n_layers is not None and layer_idx >= n_layers):
+        expected = ">= 0" if n_layers is None else f"in [0, {n_layers})"
+        raise IndexError(f"{op}: layer_idx must be {expected}, got {layer_idx}")
+    return layer_idx
+
+
+def can_read_values(t: torch.Tensor) -> bool:
+    """Whether a value check (a reduction and a host sync) may look at t's data: not while torch.compile or
+    FakeTensor tracing runs, and not for meta tensors, which have no data (those skip the check)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
+def writable(buffer: torch.Tensor) -> torch.Tensor:
+    """``buffer`` itself, or a normal copy when it was created under torch.inference_mode and is about to be
+    written in place outside it (torch forbids that)."""
+    if buffer.is_inference() and not torch.is_inference_mode_enabled():
+        return buffer.clone()
+    return buffer
+
+
+def check_module_input(x, name: str, op: str, *, width: int, dims: tuple[int, ...] | None = None,
+                       like: torch.Tensor | None = None) -> None:
+    """A module's float input: a tensor with ``width`` features in its last dim (and ``dims`` dimensions
+    when given), of ``like``'s dtype (a parameter's) unless autocast is on, and on its device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {x.dtype}")
+    if dims is not None and x.dim() not in dims:
+        raise ValueError(f"{op}: {name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] != width:
+        raise ValueError(f"{op}: {name} must have {width} features in its last dim, got shape {tuple(x.shape)}")
+    if like is not None:
+        if x.device != like.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but the module's parameters are on {like.device}")
+        if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{op}: {name} is {x.dtype} but the module's parameters are {like.dtype} (cast the "
+                            "module or the input, or use autocast)")
