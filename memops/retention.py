@@ -39,7 +39,8 @@ def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, 
     if log_beta.device != device:
         raise ValueError(f"{op}: log_beta is on {log_beta.device} but q is on {device}")
     if check_values and log_beta.numel() and can_read_values(log_beta):
-        largest = log_beta.max().item()
+        # (max() would return NaN when a NaN is present, hiding a positive entry beside it)
+        largest = torch.where(log_beta > 0, log_beta, 0).max().item()
         if largest > 0:
             raise ValueError(f"{op}: log_beta must be <= 0 (beta = exp(log_beta) <= 1), found {largest:g}")
 
