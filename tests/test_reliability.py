@@ -311,3 +311,15 @@ def test_positive_log_beta_beside_nan_is_rejected(backend):
     # found by the fuzz suite: max() is NaN when a NaN is present, which hid the positive entry
     with memops.backend(backend), pytest.raises(ValueError, match="log_beta must be <= 0"):
         memops.retention_capacity(torch.tensor([[[0.5, float("nan")]]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_query_gives_a_nan_row(backend):
+    # found by the fuzz suite: torch's CPU flash SDPA returns 0 for a NaN query row; the spec says NaN
+    q, k = torch.randn(1, 1, 3, 16), torch.randn(1, 1, 5, 16)
+    q[0, 0, 1, 0] = float("nan")
+    with memops.backend(backend):
+        out = memops.memory_attention(q, k, k)
+        decayed = memops.retention_attention(q, k, k, -torch.rand(1, 1, 5))
+    for o in (out, decayed):
+        assert o[0, 0, 1].isnan().all() and not o[0, 0, [0, 2]].isnan().any()

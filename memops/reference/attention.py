@@ -69,12 +69,25 @@ def memory_attention(
     if causal and not M and N == Nk and not return_lse:
         # Square causal attention: bottom-right and top-left alignment agree, and SDPA's own causal path
         # skips building the (N, Nk) mask.
-        return F.scaled_dot_product_attention(q, keys, vals, is_causal=True, scale=scale, enable_gqa=H != Hkv)
+        out = F.scaled_dot_product_attention(q, keys, vals, is_causal=True, scale=scale, enable_gqa=H != Hkv)
+        return nan_query_rows(out, q, None)
     mask = _logit_mask(q, Hkv, Nk, M, causal, mem_bias)
     out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+    out = nan_query_rows(out, q, mask, keys.shape[2])
     if not return_lse:
         return out
     return out, attention_lse(q, keys, mask, scale)
+
+
+def nan_query_rows(out: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None, num_keys: int = 1) -> torch.Tensor:
+    """out with NaN in the rows whose query has a NaN and sees at least one key: torch's CPU flash SDPA
+    returns 0 for them (its row max is NaN), where the math, the kernels and the spec give NaN."""
+    nan_rows = torch.isnan(q).any(-1, keepdim=True)
+    if mask is not None:
+        nan_rows = nan_rows & torch.isfinite(mask).any(-1, keepdim=True)
+    if out.shape[-2] == 0 or out.shape[-1] == 0 or num_keys == 0:
+        return out
+    return out.masked_fill(nan_rows, float("nan"))
 
 
 def attention_lse(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
