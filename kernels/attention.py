@@ -526,7 +526,8 @@ def _acc_and_precision(q: torch.Tensor):
 #             "medium"; "fp32" = fp32 with "highest": ieee dots, which Triton lowers to FMA with a full K row
 #             per thread, so only D=64 (and D=128 on sm_80) fit in registers.
 # path (forward): "memory" (memory tokens and/or a bias, or plain), "decay" (retention), "blend-row" /
-#             "blend-channel" (looped: the gate per row / per channel); (backward): "memory", "decay".
+#             "blend-channel" (looped: the gate per row / per channel); (backward): "memory", "decay". Both:
+#             "documents" (retention over packed documents), the "decay" entry unless listed.
 _Config = tuple[int, int, int, int]
 FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = {
     (90, "16", 64): ({"*": (128, 64, 8, 3)}, "4 warps spill 32-40 B with a bias or decay; 8: 128-187 regs"),
@@ -576,7 +577,8 @@ DQ_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = 
                      "183-202 regs; memory attention at 64x64 spills 8 B under Triton 3.6 (64x32: 166-168 regs)"),
     (80, "16", 128): ({"*": (64, 32, 4, 2)}, "64x64 sits at 255 regs, 128x64 spills 32 B"),
     (80, "16", 256): ({"*": (64, 32, 8, 2)}, "4 warps or 1 stage spill 1-4.7 KB"),
-    (90, "tf32", 64): ({"*": (64, 64, 4, 2)}, "150-168 regs"),
+    (90, "tf32", 64): ({"*": (64, 64, 4, 2), "documents": (64, 32, 4, 2)},
+                       "150-168 regs; with packed documents 64x64 spills 16 B under Triton 3.6 (64x32: 123-153 regs)"),
     (90, "tf32", 128): ({"*": (64, 32, 8, 2)}, "137-251 regs; 4 warps spill 40-56 B under Triton 3.6, BLOCK_N 64 48-80 B"),
     (90, "tf32", 256): ({"*": None}, "see DKDV_CONFIGS: the backward has no clean dK/dV config at D=256"),
     (80, "tf32", 64): ({"*": (64, 32, 8, 2)}, "4 warps spill 16 B with a bias"),
@@ -606,8 +608,9 @@ DKDV_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] 
     (90, "tf32", 128): ({"*": None}, "no tile tried is clean under both Triton versions: 16x64x8w x1 stage "
                         "spills 40-112 B under 3.9, 16x128x8w 16-72 B under 3.6 (decay, atomics)"),
     (90, "tf32", 256): ({"*": None}, "the accumulators alone are 128 regs per thread at 64 keys x 8 warps"),
-    (80, "tf32", 64): ({"*": (32, 32, 4, 2)}, "168-186 regs; 32x64 spills 32-80 B, 16x64 24 B under 3.6, 8 warps "
-                       "430 B-1.2 KB"),
+    (80, "tf32", 64): ({"*": (32, 32, 4, 2), "documents": (32, 32, 4, 1)},
+                       "168-186 regs; 32x64 spills 32-80 B, 16x64 24 B under 3.6, 8 warps 430 B-1.2 KB; with packed "
+                       "documents 2 stages spill 8 B under 3.9 (1 stage: 168 regs)"),
     (80, "tf32", 128): ({"*": (32, 64, 8, 1)}, "248-255 regs; 2 stages spill 8-40 B under Triton 3.6, 4 warps "
                         "64 B-1 KB"),
     (80, "tf32", 256): ({"*": None}, "as on sm_90"),
@@ -626,6 +629,8 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages
 def _lookup(table, arch: int, dtype: torch.dtype, head_dim: int, path: str) -> _Config | None:
     key = (90 if arch >= 90 else 80, dtype_class(dtype), 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)
     by_path = table[key][0]
+    if path == "documents" and path not in by_path:  # packed documents: the decay path's tile unless listed
+        path = "decay"
     return by_path.get(path, by_path["*"])
 
 
@@ -733,8 +738,8 @@ def memory_attention_fwd(
     lse = torch.empty((B, H, N), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     if B * H * N == 0:
         return out, lse
-    cfg = config or attention_config(D, q.device, q.dtype, fwd_path(
-        decay=log_beta is not None, gate_per_channel=None if blend is None else blend[2].shape[-1] != 1))
+    path = fwd_path(decay=log_beta is not None, gate_per_channel=None if blend is None else blend[2].shape[-1] != 1)
+    cfg = config or attention_config(D, q.device, q.dtype, "documents" if doc_start is not None else path)
     k_new, v_new, gate, k_out, v_out = blend if blend is not None else (k, v, k, k, v)
     if doc_start is not None and not (causal and Nk > 0):
         raise ValueError("memory_attention_fwd: doc_start needs causal attention over Nk > 0 keys")
@@ -772,7 +777,8 @@ def memory_attention_bwd(
     Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
     acc, precision = _acc_and_precision(q)
-    cfg = config or attention_bwd_config(D, q.device, q.dtype, "decay" if log_beta is not None else "memory")
+    path = "documents" if doc_start is not None else "decay" if log_beta is not None else "memory"
+    cfg = config or attention_bwd_config(D, q.device, q.dtype, path)
     # one config for both kernels, or {"dq": ..., "dkdv": ...}
     dq_cfg, dkdv_cfg = (cfg["dq"], cfg["dkdv"]) if "dq" in cfg else (cfg, cfg)
     delta = torch.empty_like(lse)
