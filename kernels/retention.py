@@ -24,14 +24,8 @@ import triton.language as tl
 
 from memops._backend import launch_arch
 from memops._launches import record_launch
+from memops.kernels.attention import _finite_log_beta
 from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries
-
-
-@triton.jit
-def _finite(log_beta):
-    """-inf (beta = 0) as -1e30: the token's own term is exp(0 * -1e30) = 1 (beta**0, where 0 * -inf is NaN),
-    every later one exp(<= -1e30) = 0. NaN stays NaN."""
-    return tl.where(log_beta == float("-inf"), -1e30, log_beta)
 
 
 @triton.jit(do_not_specialize=["N", "rows_per_batch"])
@@ -54,7 +48,7 @@ def retention_capacity_fwd_kernel(
         first = tl.load(starts_row + pid_t * BLOCK_T) // BLOCK_J * BLOCK_J
     for start in range(first, end, BLOCK_J):
         offs_j = start + tl.arange(0, BLOCK_J)
-        log_beta = _finite(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
+        log_beta = _finite_log_beta(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
         distance = (offs_t[:, None] - offs_j[None, :]).to(ACC)
         visible = (offs_j[None, :] <= offs_t[:, None]) & (offs_j[None, :] < N)
         if DOCUMENTS:
@@ -75,7 +69,7 @@ def retention_capacity_bwd_kernel(
     sequence = tl.program_id(1).to(tl.int64)
     row = sequence * N
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    log_beta = _finite(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
+    log_beta = _finite_log_beta(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
     total = tl.zeros((BLOCK_J,), dtype=ACC)
     first = pid_j * BLOCK_J // BLOCK_T * BLOCK_T
     last = N
