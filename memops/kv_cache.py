@@ -51,8 +51,9 @@ class RetentionKVCache:
       ``TrimKVCache.compress`` (``q_idx = seen_tokens + 1``);
     - ``score="next_query"``: ``log_beta_j * (n - pos_j)``, the decay the next query (at position n) applies
       to the row, memops' earlier rule; one position nearer, so it can keep a different set.
- Compaction writes into fresh buffers, so tensors returned earlier are never changed;
-    appends go in place into spare capacity after the live rows, which returned tensors do not cover.
+
+    Compaction writes into fresh buffers, so tensors returned earlier are never changed; appends go in place
+    into spare capacity after the live rows, which returned tensors do not cover.
 
     Positions count from 0 per layer and advance by n on each call, so a long prompt given in one update
     is attended in full, then compacted once. Decode attention over the returned rows is
@@ -78,11 +79,8 @@ class RetentionKVCache:
     SCORES = ("official", "next_query")
 
     def __init__(self, budget: int, buffer: int = 128, *, score: str = "official", check_log_beta: bool = True) -> None:
-        for name, value, low in (("budget", budget, 1), ("buffer", buffer, 0)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"RetentionKVCache: {name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"RetentionKVCache: {name} must be >= {low}, got {value}")
+        check_int(budget, "budget", "RetentionKVCache", low=1)
+        check_int(buffer, "buffer", "RetentionKVCache", low=0)
         if score not in self.SCORES:
             raise ValueError(f"RetentionKVCache: score must be one of {self.SCORES}, got {score!r}")
         self.budget, self.buffer, self.score = budget, buffer, score
