@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memops._backend import dtype_class, launch_arch
-from memops._launches import record_launch
+from memops.kernels._common import LN2, LOG2E, LOG2E_HOST, accumulator, dot_precision
+from memops.kernels._launch import dtype_class, launch_arch, record_launch
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _lse_log2(lse_ptrs, row_ok, ACC: tl.constexpr):
     """Saved log-sum-exp in the log2 domain. A row that saw no key stored -inf; +inf instead makes every
     exp2(s - lse) of that row 0 without forming inf - inf."""
     lse = tl.load(lse_ptrs, mask=row_ok, other=0.0).to(ACC)
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 @triton.jit
@@ -102,16 +102,16 @@ def _masked_logits(
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(ACC) * scale_log2
     if HAS_BIAS:
         if MASKED:
-            s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC)[None, :] * 1.4426950408889634
+            s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC)[None, :] * LOG2E
         else:
-            s += tl.load(bias_base + offs_n).to(ACC)[None, :] * 1.4426950408889634
+            s += tl.load(bias_base + offs_n).to(ACC)[None, :] * LOG2E
     if HAS_DECAY:
         if MASKED:
             log_beta = tl.load(decay_base + offs_n, mask=in_range, other=0.0).to(ACC)
         else:
             log_beta = tl.load(decay_base + offs_n).to(ACC)
         distance = (offs_m[:, None] + causal_shift - offs_n[None, :]).to(ACC)
-        s += distance * (_finite_log_beta(log_beta) * 1.4426950408889634)[None, :]
+        s += distance * (_finite_log_beta(log_beta) * LOG2E)[None, :]
     if MASKED:
         visible = in_range[None, :]
         if CAUSAL:
@@ -298,7 +298,7 @@ def memory_attention_fwd_kernel(
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     # a +inf logit: the log-sum-exp is +inf (l_i is inf - inf = NaN there); out is NaN, as the reference's
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
@@ -439,12 +439,12 @@ def memory_attention_dkdv_kernel(
     bias_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
     if HAS_BIAS:
         bias_log2 = tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n, mask=offs_n < tl.where(is_memory, M, 0),
-                            other=0.0).to(ACC) * 1.4426950408889634
+                            other=0.0).to(ACC) * LOG2E
     decay_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
     if HAS_DECAY:  # sequence keys only (retention_attention has no memory)
         decay_log2 = _finite_log_beta(tl.load(decay_ptr + b * stride_decb + g * stride_dech + offs_n,
                                               mask=offs_n < tl.where(is_memory, 0, Nk), other=0.0).to(ACC))
-        decay_log2 = decay_log2 * 1.4426950408889634
+        decay_log2 = decay_log2 * LOG2E
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dbias = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -497,17 +497,6 @@ def memory_attention_dkdv_kernel(
                  dv.to(dv_ptr.dtype.element_ty), mask=mask)
         if HAS_DECAY:
             tl.store(ddecay_ptr + (b * Hkv + g) * Nk + offs_n, ddecay, mask=in_range)
-
-
-def _acc_and_precision(q: torch.Tensor):
-    # fp64 stays fp64 (gradcheck). fp32 dots follow torch's matmul setting: full fp32 by default, tf32 after
-    # torch.set_float32_matmul_precision("high") (logits then carry ~1e-3 relative error). 16-bit dots
-    # accumulate in fp32.
-    if q.dtype == torch.float64:
-        return tl.float64, "ieee"
-    if q.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return tl.float32, "tf32"
-    return tl.float32, "ieee"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -733,7 +722,7 @@ def memory_attention_fwd(
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
-    acc, precision = _acc_and_precision(q)
+    acc, precision = accumulator(q), dot_precision(q)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, N), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     if B * H * N == 0:
@@ -754,7 +743,7 @@ def memory_attention_fwd(
         # k_new and v_new share strides, as do k_out and v_out (the launchers allocate them alike)
         k_new.stride(0), k_new.stride(1), k_new.stride(2), gate.stride(0), gate.stride(1), gate.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), _document_strides(doc_start),
-        H, N, Nk, M, H // Hkv, scale * 1.4426950408889634, Nk - k_new.shape[2] if blend is not None else Nk,
+        H, N, Nk, M, H // Hkv, scale * LOG2E_HOST, Nk - k_new.shape[2] if blend is not None else Nk,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
         ACC=acc, DOT_PRECISION=precision, BLEND=blend is not None,
@@ -776,7 +765,7 @@ def memory_attention_bwd(
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
-    acc, precision = _acc_and_precision(q)
+    acc, precision = accumulator(q), dot_precision(q)
     path = "documents" if doc_start is not None else "decay" if log_beta is not None else "memory"
     cfg = config or attention_bwd_config(D, q.device, q.dtype, path)
     # one config for both kernels, or {"dq": ..., "dkdv": ...}
@@ -816,7 +805,7 @@ def memory_attention_bwd(
         memory_attention_dq_kernel[(triton.cdiv(N, dq_cfg["BLOCK_M"]), B * H)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_start if documents else delta, grad_out, lse,
             delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2), _document_strides(doc_start),
-            H, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634,
+            H, N, Nk, M, H // Hkv, scale, scale * LOG2E_HOST,
             HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"],
             HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
             ACC=acc, DOT_PRECISION=precision, DOCUMENTS=documents,
@@ -829,7 +818,7 @@ def memory_attention_bwd(
             dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta,
             ddecay if ddecay is not None else delta, *common,
             *_strides3(dmem_k), dk.stride(0), dk.stride(1), dk.stride(2), _document_strides(doc_end),
-            H, Hkv, N, Nk, M, H // Hkv, scale, scale * 1.4426950408889634, memory_blocks,
+            H, Hkv, N, Nk, M, H // Hkv, scale, scale * LOG2E_HOST, memory_blocks,
             HEAD_DIM=D, BLOCK_M=dkdv_cfg["BLOCK_M"], BLOCK_N=dkdv_cfg["BLOCK_N"],
             HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
             MEMORY_GRAD_ATOMIC=atomic, ACC=acc, DOCUMENTS=documents,

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memops._launches import record_launch
+from memops.kernels._common import accumulator
+from memops.kernels._launch import record_launch
 
 
 @triton.jit
@@ -107,11 +108,6 @@ def _blend_grad(cache_ptr, new_ptr, grad_ptr, grad_cache_ptr, grad_new_ptr, cach
     return (old - new) * grad
 
 
-def _acc(t: torch.Tensor):
-    # fp64 caches keep fp64 math (gradcheck); everything else blends in fp32.
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
 def _launch_shape(num_updates: int, D: int):
     block_d = triton.next_power_of_2(D)
     block_r = max(1, min(64, 4096 // block_d))
@@ -132,7 +128,7 @@ def looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows, row_offset, k_
     looped_update_fwd_kernel[grid](
         k_cache, v_cache, k_new, v_new, gate, rows if rows is not None else gate, k_out, v_out,
         num_updates, n, Nk, row_offset, D=D, BLOCK_R=block_r, BLOCK_D=block_d,
-        USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=_acc(k_cache), num_warps=4,
+        USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache), num_warps=4,
     )
 
 
@@ -154,6 +150,6 @@ def looped_update_bwd(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows
             grad_k_cache, grad_v_cache, grad_k_new, grad_v_new, grad_gate,
             num_updates, n, Nk, row_offset, D=D, BLOCK_R=block_r, BLOCK_D=block_d,
             # 8 warps: at 4 the ten (BLOCK_R, BLOCK_D) fp32 tiles of K and V sat at 255 registers and spilled
-            USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=_acc(k_cache), num_warps=8,
+            USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache), num_warps=8,
         )
     return grad_k_cache, grad_v_cache, grad_k_new, grad_v_new, grad_gate

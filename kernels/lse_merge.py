@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memops._backend import launch_arch
-from memops._launches import record_launch
+from memops.kernels._launch import launch_arch, record_launch
 
 
 @triton.jit

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memops._backend import dtype_class, launch_arch
-from memops._launches import record_launch
+from memops.kernels._common import accumulator, dot_precision
+from memops.kernels._launch import dtype_class, launch_arch, record_launch
 from memops.kernels.topk import pack_entries, topk_entries, unpack_entries
 
 
@@ -280,7 +280,7 @@ BY_TOKEN, BY_SLOT, BY_POSITION = 0, 1, 2
 
 # Tiles of the grouped GEMMs on CUDA per (arch class, dtype class), from `memops gpu-check` compile figures
 # (docs/gpu-compile.md). BLOCK_M is the slot layout's block and stays 64 everywhere. The dtype classes are
-# memops._backend.dtype_class: "16" (bf16/fp16), "tf32" (fp32, matmul precision high/medium) and
+# memops.kernels._launch.dtype_class: "16" (bf16/fp16), "tf32" (fp32, matmul precision high/medium) and
 # "fp32" (fp32 at "highest": ieee dots, lowered to FMA, which hold a full BLOCK_K row per thread).
 GEMM_CONFIGS = {
     (90, "16"): ((64, 64, 64, 4, 3), "wgmma, no stack on every GEMM"),
@@ -358,17 +358,6 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_slot, block_expert, expert_start, expert_end
 
 
-def _acc(t: torch.Tensor):
-    # fp64 operands keep fp64 accumulation (gradcheck); everything else accumulates in fp32.
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _dot_precision(t: torch.Tensor) -> str:
-    if t.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def grouped_gemm(a, w, out, layout, *, k_in, n_out, top_k, w_strides, a_rows, c_rows, swiglu=False, preact=None,
                  config=None):
     """One grouped GEMM over the sorted layout (see grouped_gemm_kernel); w_strides = (stride_wn, stride_wk)."""
@@ -380,8 +369,8 @@ def grouped_gemm(a, w, out, layout, *, k_in, n_out, top_k, w_strides, a_rows, c_
         k_in, n_out, top_k, a.stride(0), w.stride(0), w_strides[0], w_strides[1], out.stride(0),
         preact.stride(0) if preact is not None else 0,
         A_ROWS=a_rows, C_ROWS=c_rows, SWIGLU=swiglu, SAVE_PREACT=preact is not None,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(a),
-        ACC=_acc(a), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precision(a),
+        ACC=accumulator(a), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
 
 
@@ -394,7 +383,7 @@ def grouped_weight_grad(g, a, dw, layout, *, top_k, g_rows, a_rows, config=None)
     grouped_weight_grad_kernel[(E, triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))](
         g, a, dw, sorted_slot, expert_start, expert_end, N, K, top_k, g.stride(0), a.stride(0), dw.stride(0),
         G_ROWS=g_rows, A_ROWS=a_rows, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=_dot_precision(g), ACC=_acc(g), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        DOT_PRECISION=dot_precision(g), ACC=accumulator(g), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
 
 

@@ -28,10 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from memops._backend import launch_arch
-from memops._launches import record_launch
+from memops.kernels._common import accumulator, dot_precision
+from memops.kernels._launch import launch_arch, record_launch
 from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries, unpack_entries
-from memops.reference.product_key import product_key_search_as_gather
 
 
 @triton.jit
@@ -116,11 +115,6 @@ def values_grad_segment_kernel(
     tl.store(grad_values_ptr + row * D + offs_d, acc.to(grad_values_ptr.dtype.element_ty), mask=mask_d)
 
 
-def _accumulator(*tensors: torch.Tensor):
-    # fp64 inputs keep fp64 math, so fp64 gradcheck can run on the Triton path; everything else is fp32.
-    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
-
-
 def _block_d(D: int, cap: int) -> int:
     return min(triton.next_power_of_2(D), cap)
 
@@ -163,7 +157,7 @@ def weighted_gather_fwd(
     record_launch("weighted_gather_fwd_kernel")
     weighted_gather_fwd_kernel[(T, triton.cdiv(D, cfg["BLOCK_D"]))](
         values, indices, weights, out, K, D, values.stride(0),
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=_accumulator(values, weights),
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=accumulator(values, weights),
         num_warps=cfg["num_warps"],
     )
     return out
@@ -257,7 +251,7 @@ def weighted_gather_bwd(
         raise ValueError(f"values_grad_algorithm: expected 'auto', 'atomic' or 'segment', got {values_grad_algorithm!r}")
     T, K = indices.shape
     S, D = values.shape
-    acc = _accumulator(values, weights, grad_out)
+    acc = accumulator(values, weights, grad_out)
     algorithm = values_grad_algorithm
     if algorithm == "auto":
         algorithm = pick_values_grad_algorithm(values, indices)
@@ -410,13 +404,6 @@ def search_config(n_keys: int, k_pad: int, device: torch.device) -> dict:
     return {"BLOCK_T": 32, "BLOCK_N": block_n, "num_warps": 8, "num_stages": 2}
 
 
-def _dot_precision(t: torch.Tensor) -> str:
-    # fp32 dots follow torch's matmul setting, as in memops.kernels.attention.
-    if t.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
@@ -442,26 +429,6 @@ def product_key_search(
         queries, sub_keys, scores, indices, T, n_keys,
         HEADS=heads, HALF_DIM=half_dim, TOPK=topk, BLOCK_H=max(16, triton.next_power_of_2(half_dim)),
         T_LOG2=_log2(cfg["BLOCK_T"]), N_LOG2=_log2(cfg["BLOCK_N"]), K_LOG2=_log2(k_pad),
-        DOT_PRECISION=_dot_precision(queries), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        DOT_PRECISION=dot_precision(queries), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )
     return scores, indices
-
-
-def product_key_search_bwd(
-    grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor, *,
-    queries_grad: bool = True, keys_grad: bool = True, deterministic: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dqueries (T, Hm, Dk), dsub_keys (Hm, 2, n_keys, Dk // 2)) in the inputs' dtype; None where not asked.
-
-    Reuses the weighted-gather kernels (see memops.reference.product_key_search_as_gather); ``deterministic``
-    selects the sorted-segment values grad for the sub-keys, bit-identical across runs.
-    """
-    table, rows, weights, bags = product_key_search_as_gather(queries, sub_keys, indices, grad_scores)
-    dq = dkeys = None
-    if queries_grad:
-        dq = weighted_gather_fwd(table, rows, weights).reshape(queries.shape)
-    if keys_grad:
-        dkeys, _ = weighted_gather_bwd(bags, table, rows, weights, weights_grad=False,
-                                       values_grad_algorithm="segment" if deterministic else "auto")
-        dkeys = dkeys.reshape(sub_keys.shape)
-    return dq, dkeys

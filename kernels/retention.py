@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memops._backend import launch_arch
-from memops._launches import record_launch
+from memops.kernels._common import accumulator, accumulator_torch_dtype
+from memops.kernels._launch import launch_arch, record_launch
 from memops.kernels.attention import _finite_log_beta
 from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries
 
@@ -89,10 +89,6 @@ def retention_capacity_bwd_kernel(
     tl.store(grad_log_beta_ptr + row + offs_j, total.to(grad_log_beta_ptr.dtype.element_ty), mask=offs_j < N)
 
 
-def _acc(t: torch.Tensor):
-    return (tl.float64, torch.float64) if t.dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def capacity_config(device: torch.device) -> dict:
     """Tile of the (t, j) triangle (not yet timed on a GPU). On CUDA 8 warps: at 4 the backward sits at 255
     registers and spills 8 B on sm_80 under Triton 3.6 (8 warps: 156-237)."""
@@ -115,7 +111,7 @@ def retention_capacity_fwd(log_beta: torch.Tensor, starts: torch.Tensor | None =
     each position's document start (packed documents, batch dim first), or None."""
     N = log_beta.shape[-1]
     rows = log_beta.numel() // max(N, 1)
-    acc, acc_dtype = _acc(log_beta)
+    acc, acc_dtype = accumulator(log_beta), accumulator_torch_dtype(log_beta)
     capacity = torch.empty(log_beta.shape, dtype=acc_dtype, device=log_beta.device)
     if log_beta.numel() == 0:
         return capacity
@@ -136,7 +132,7 @@ def retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, 
     contiguous: one past each position's document end, or None."""
     N = log_beta.shape[-1]
     rows = log_beta.numel() // max(N, 1)
-    acc, _ = _acc(log_beta)
+    acc = accumulator(log_beta)
     grad_log_beta = torch.empty_like(log_beta)
     if log_beta.numel() == 0:
         return grad_log_beta

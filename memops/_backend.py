@@ -17,6 +17,9 @@ from collections.abc import Iterator
 
 import torch
 
+# The kernel layer owns its launch plumbing; re-exported here for the ops and tests that pin an architecture.
+from memops.kernels._launch import configs_for_arch, dtype_class, launch_arch  # noqa: F401
+
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -109,40 +112,3 @@ def resolve_attention_backend(q: torch.Tensor, path: str, *tensors: torch.Tensor
         if reference_instead(q, path, backward=backward):
             return "reference"
     return name
-
-
-def dtype_class(dtype: torch.dtype) -> str:
-    """The dtype class that launch tables are keyed by: "16" (bf16, fp16), "tf32" (fp32 with
-    torch.get_float32_matmul_precision() "high" or "medium") or "fp32" (fp32 at "highest": ieee dots)."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return "16"
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "fp32"
-
-
-# Launch configurations are chosen per GPU architecture (compute capability as 10 * major + minor: 80 for
-# A100, 90 for H100/H200). ``memops.gpu_check`` compiles kernels ahead of time on machines without a GPU, so it
-# can pin the architecture the launchers choose their configs for.
-_pinned_arch: list[int] = []
-
-
-def launch_arch(device: torch.device) -> int | None:
-    """The architecture whose launch configs apply to kernels on ``device``: the CUDA device's compute
-    capability (e.g. 90), the one pinned by :func:`configs_for_arch`, or None (the interpreter)."""
-    if _pinned_arch:
-        return _pinned_arch[-1]
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return None
-
-
-@contextlib.contextmanager
-def configs_for_arch(arch: int) -> Iterator[None]:
-    """Make every launcher pick the configs of GPU architecture ``arch`` (for ahead-of-time compiles)."""
-    _pinned_arch.append(int(arch))
-    try:
-        yield
-    finally:
-        _pinned_arch.pop()

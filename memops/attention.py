@@ -13,7 +13,7 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_attention_backend
-from memops._launches import record_launch
+from memops.kernels._launch import record_launch
 from memops.reference.attention import bias_3d
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)

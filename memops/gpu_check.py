@@ -170,6 +170,7 @@ def _weighted_gather_scenarios(dtype, subset):
 
 def _search_scenarios(dtype, subset):
     from memops.kernels import product_key as kernels
+    from memops.product_key import search_backward
 
     dt = _torch_dtype(dtype)
     for case in _cases("product_key_search"):
@@ -184,7 +185,7 @@ def _search_scenarios(dtype, subset):
                 return
             kernels.product_key_search(queries, sub_keys, topk)
             indices = torch.randint(0, n_keys * n_keys, (T, heads, topk), dtype=torch.int64)
-            kernels.product_key_search_bwd(_meta(T, heads, topk, dtype=torch.float32), queries, sub_keys, indices)
+            search_backward(_meta(T, heads, topk, dtype=torch.float32), queries, sub_keys, indices)
         yield case.name, run
 
 

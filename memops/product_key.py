@@ -216,6 +216,26 @@ def _exact_scores(queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.
     return (first + second).squeeze(-1)
 
 
+def search_backward(
+    grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor, *,
+    queries_grad: bool = True, keys_grad: bool = True, deterministic: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The search's backward on the weighted-gather kernels: (dqueries (T, Hm, Dk), dsub_keys (Hm, 2, n_keys,
+    Dk // 2)) in the inputs' dtype, None where not asked. The layout rewrite is
+    :func:`memops.reference.product_key_search_as_gather`; ``deterministic`` selects the sorted-segment values
+    grad for the sub-keys, bit-identical across runs."""
+    kernels = _kernels()
+    table, rows, weights, bags = reference.product_key_search_as_gather(queries, sub_keys, indices, grad_scores)
+    grad_queries = grad_keys = None
+    if queries_grad:
+        grad_queries = kernels.weighted_gather_fwd(table, rows, weights).reshape(queries.shape)
+    if keys_grad:
+        grad_keys, _ = kernels.weighted_gather_bwd(bags, table, rows, weights, weights_grad=False,
+                                                   values_grad_algorithm="segment" if deterministic else "auto")
+        grad_keys = grad_keys.reshape(sub_keys.shape)
+    return grad_queries, grad_keys
+
+
 @torch.library.custom_op("memops::product_key_topk", mutates_args=())
 def _product_key_topk_op(
     queries: torch.Tensor, sub_keys: torch.Tensor, topk: int, backend: str
@@ -244,7 +264,7 @@ def _product_key_topk_backward_op(
     backend: str, deterministic: bool, queries_grad: bool, keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        grad_queries, grad_keys = _kernels().product_key_search_bwd(
+        grad_queries, grad_keys = search_backward(
             grad_scores, queries.contiguous(), sub_keys.contiguous(), indices,
             queries_grad=queries_grad, keys_grad=keys_grad, deterministic=deterministic,
         )

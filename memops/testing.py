@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from memops._launches import count_launches
+from memops.kernels._launch import count_launches
 
 __all__ = ["count_launches", "relative_error", "assert_close_to_reference", "check_compiled_grads", "TOLERANCES"]
 

@@ -1,0 +1,36 @@
+"""Helpers shared by the kernel files: jit constants, and the host-side choice of accumulator dtype and dot
+precision that every launcher makes the same way.
+
+- ``LOG2E`` and ``LN2`` convert between natural-log and base-2 forms: the kernels keep logits and
+  log-sum-exps in base 2 (``exp2(x * LOG2E) == exp(x)``), the fast form on GPUs.
+- fp64 inputs keep fp64 math, so fp64 gradcheck runs on the Triton path; everything else accumulates in fp32.
+- fp32 dots follow torch's matmul setting: full fp32 ("ieee") by default, tf32 after
+  ``torch.set_float32_matmul_precision("high")``. 16-bit dots accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+LOG2E_HOST = 1.4426950408889634  # the same, for scales computed by launchers
+
+
+def accumulator(*tensors: torch.Tensor):
+    """tl.float64 when any input is fp64, else tl.float32."""
+    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
+def accumulator_torch_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The torch dtype of :func:`accumulator`."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def dot_precision(t: torch.Tensor) -> str:
+    """The ``input_precision`` of tl.dot for operands of t's dtype: "tf32" for fp32 under matmul precision
+    "high" or "medium", "ieee" otherwise (fp32 at "highest", fp64; 16-bit dots ignore it)."""
+    if t.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
