@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import memops
 from memops import reference
-from memops.benchmarking import Case, case_grid, random_source
+from memops.tools.benchmarking import Case, case_grid, random_source
 from memops.testing import count_launches
 
 OP = "memory_attention"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.benchmarking import Case, random_source
+from memops.tools.benchmarking import Case, random_source
 
 OP = "looped_attention"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import memops
 from memops import reference
-from memops.benchmarking import Case
+from memops.tools.benchmarking import Case
 
 OP = "block_moe"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")

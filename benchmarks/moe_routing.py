@@ -10,7 +10,7 @@ import torch
 
 import memops
 from memops import reference
-from memops.benchmarking import Case
+from memops.tools.benchmarking import Case
 
 OP = "block_route"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.benchmarking import Case, case_grid
+from memops.tools.benchmarking import Case, case_grid
 
 OP = "weighted_gather"
 MEMOPS_PROVIDERS = ("memops", "memops-reference", "memops-unchecked", "memops-deterministic")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.benchmarking import Case, case_grid
+from memops.tools.benchmarking import Case, case_grid
 
 OP = "product_key_memory"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import memops
-from memops.benchmarking import Case, case_grid, random_source
+from memops.tools.benchmarking import Case, case_grid, random_source
 from memops.benchmarks.product_key_memory import xlm_search
 
 OP = "product_key_topk"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import memops
 from memops import reference
-from memops.benchmarking import Case, case_grid, random_source
+from memops.tools.benchmarking import Case, case_grid, random_source
 from memops.benchmarks.attention import _build, _compiled_flex
 
 OP = "retention_attention"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.benchmarking import Case
+from memops.tools.benchmarking import Case
 from memops.kv_cache import evict
 
 OP = "retention_cache"

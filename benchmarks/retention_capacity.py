@@ -7,7 +7,7 @@ import torch
 
 import memops
 from memops import reference
-from memops.benchmarking import Case
+from memops.tools.benchmarking import Case
 
 OP = "retention_capacity"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")

@@ -5,7 +5,7 @@ with GB/s, TFLOP/s, the fraction of copy bandwidth, and the speedups against the
 import pytest
 import torch
 
-from memops import benchmarking
+from memops.tools import benchmarking
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 JOBS = [

@@ -3,7 +3,7 @@
 - A launch counter, so tests can prove that a Triton kernel really ran (no silent fallback to the
   reference); ``memops.testing.count_launches`` re-exports it.
 - The GPU architecture and dtype class that launch tables are keyed by, and a way to pin the architecture
-  for ahead-of-time compiles on machines without a GPU (``memops.gpu_check``).
+  for ahead-of-time compiles on machines without a GPU (``memops.tools.gpu_check``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def dtype_class(dtype: torch.dtype) -> str:
 
 
 # Launch configurations are chosen per GPU architecture (compute capability as 10 * major + minor: 80 for
-# A100, 90 for H100/H200). ``memops.gpu_check`` compiles kernels ahead of time on machines without a GPU, so it
+# A100, 90 for H100/H200). ``memops.tools.gpu_check`` compiles kernels ahead of time on machines without a GPU, so it
 # can pin the architecture the launchers choose their configs for.
 _pinned_arch: list[int] = []
 

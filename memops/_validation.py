@@ -1,5 +1,5 @@
-"""Argument checks shared by the public ops, modules and caches: strict scalar types, layer indices and
-inference-mode-safe cache buffers. Every message names the op, the argument and what was expected, and every
+"""Argument checks shared by the public ops, modules and caches: strict scalar types, layer indices,
+inference-mode-safe cache buffers and the attention family's tensor checks. Every message names the op, the argument and what was expected, and every
 check runs before anything launches or mutates."""
 from __future__ import annotations
 
@@ -82,3 +82,76 @@ def check_module_input(x, name: str, op: str, *, width: int, dims: tuple[int, ..
         if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{op}: {name} is {x.dtype} but the module's parameters are {like.dtype} (cast the "
                             "module or the input, or use autocast)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention family (memory, retention and looped attention)
+
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_attention"):
+    named = [("q", q), ("k", k), ("v", v), ("mem_k", mem_k), ("mem_v", mem_v), ("mem_bias", mem_bias)]
+    for name, t in named:
+        if (t is not None or name in ("q", "k", "v")) and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (B, heads, length, D), got shape {_shape(t)}")
+    B, H, N, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{op}: k must be (B={B}, Hkv, Nk, D={D}), got {_shape(k)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: v must have k's shape {_shape(k)}, got {_shape(v)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"{op}: q's {H} heads must be a multiple of k's {Hkv} heads (GQA/MQA)")
+    if (mem_k is None) != (mem_v is None):
+        raise ValueError(f"{op}: mem_k and mem_v must be given together")
+    if mem_k is not None:
+        if mem_k.dim() not in (3, 4):
+            raise ValueError(
+                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
+                f"got {_shape(mem_k)}"
+            )
+        expected = (B, Hkv) if mem_k.dim() == 4 else (Hkv,)
+        if tuple(mem_k.shape[:-2]) != expected or mem_k.shape[-1] != D:
+            raise ValueError(
+                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
+                f"got {_shape(mem_k)}"
+            )
+        if mem_v.shape != mem_k.shape:
+            raise ValueError(f"{op}: mem_v must have mem_k's shape {_shape(mem_k)}, got {_shape(mem_v)}")
+    if mem_bias is not None:
+        if mem_k is None:
+            raise ValueError(f"{op}: mem_bias needs mem_k and mem_v")
+        M = mem_k.shape[-2]
+        if _shape(mem_bias) not in ((M,), (Hkv, M), (B, Hkv, M)):
+            raise ValueError(
+                f"{op}: mem_bias must be (M,), (Hkv, M) or (B, Hkv, M) = ({M},), ({Hkv}, {M}) or "
+                f"({B}, {Hkv}, {M}), got {_shape(mem_bias)}"
+            )
+        if not mem_bias.is_floating_point():
+            raise TypeError(f"{op}: mem_bias must be floating point, got {mem_bias.dtype}")
+    if not q.is_floating_point():
+        raise TypeError(f"{op}: q must be floating point, got {q.dtype}")
+    for name, t in named[1:5]:
+        if t is not None and t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    for name, t in named[1:]:
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+
+
+def check_triton_head_dim(q: torch.Tensor, op: str) -> None:
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise ValueError(
+            f"{op}: head dim D={q.shape[-1]} is not supported by the Triton kernels; "
+            f"expected one of {TRITON_HEAD_DIMS} (backend 'reference' takes any)"
+        )

@@ -13,92 +13,15 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_attention_backend
+from memops._registration import (
+    attention_outputs_like, backward_op, custom_op, dense, lazy_kernels, unit_last_stride,
+)
+from memops._validation import check_attention_inputs, check_triton_head_dim
 from memops.kernels._launch import record_launch
 from memops.reference.attention import bias_3d
 
-TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-def _kernels():
-    from memops.kernels import attention
-
-    return attention
-
-
-def _shape(t: torch.Tensor) -> tuple:
-    return tuple(t.shape)
-
-
-def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_attention"):
-    named = [("q", q), ("k", k), ("v", v), ("mem_k", mem_k), ("mem_v", mem_v), ("mem_bias", mem_bias)]
-    for name, t in named:
-        if (t is not None or name in ("q", "k", "v")) and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (B, heads, length, D), got shape {_shape(t)}")
-    B, H, N, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{op}: k must be (B={B}, Hkv, Nk, D={D}), got {_shape(k)}")
-    if v.shape != k.shape:
-        raise ValueError(f"{op}: v must have k's shape {_shape(k)}, got {_shape(v)}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"{op}: q's {H} heads must be a multiple of k's {Hkv} heads (GQA/MQA)")
-    if (mem_k is None) != (mem_v is None):
-        raise ValueError(f"{op}: mem_k and mem_v must be given together")
-    if mem_k is not None:
-        if mem_k.dim() not in (3, 4):
-            raise ValueError(
-                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
-                f"got {_shape(mem_k)}"
-            )
-        expected = (B, Hkv) if mem_k.dim() == 4 else (Hkv,)
-        if tuple(mem_k.shape[:-2]) != expected or mem_k.shape[-1] != D:
-            raise ValueError(
-                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
-                f"got {_shape(mem_k)}"
-            )
-        if mem_v.shape != mem_k.shape:
-            raise ValueError(f"{op}: mem_v must have mem_k's shape {_shape(mem_k)}, got {_shape(mem_v)}")
-    if mem_bias is not None:
-        if mem_k is None:
-            raise ValueError(f"{op}: mem_bias needs mem_k and mem_v")
-        M = mem_k.shape[-2]
-        if _shape(mem_bias) not in ((M,), (Hkv, M), (B, Hkv, M)):
-            raise ValueError(
-                f"{op}: mem_bias must be (M,), (Hkv, M) or (B, Hkv, M) = ({M},), ({Hkv}, {M}) or "
-                f"({B}, {Hkv}, {M}), got {_shape(mem_bias)}"
-            )
-        if not mem_bias.is_floating_point():
-            raise TypeError(f"{op}: mem_bias must be floating point, got {mem_bias.dtype}")
-    if not q.is_floating_point():
-        raise TypeError(f"{op}: q must be floating point, got {q.dtype}")
-    for name, t in named[1:5]:
-        if t is not None and t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
-    for name, t in named[1:]:
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
-
-
-def check_triton_head_dim(q: torch.Tensor, op: str) -> None:
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        raise ValueError(
-            f"{op}: head dim D={q.shape[-1]} is not supported by the Triton kernels; "
-            f"expected one of {TRITON_HEAD_DIMS} (backend 'reference' takes any)"
-        )
-
-
-def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
-def dense(t: torch.Tensor) -> torch.Tensor:
-    """t in the contiguous layout; clone(), unlike contiguous(), also traces on fake CUDA tensors."""
-    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+attention_kernels = lazy_kernels("attention")
+lse_merge_kernels = lazy_kernels("lse_merge")
 
 
 def _bias_grad_to_shape(dbias: torch.Tensor | None, mem_bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -114,62 +37,30 @@ def _two_states(state: list, q: torch.Tensor) -> list:
     return state + [q.new_zeros(1) for _ in range(2 - len(state))]
 
 
-@torch.library.custom_op("memops::memory_attention", mutates_args=())
-def _memory_attention_op(
+def _memory_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None,
     mem_bias: torch.Tensor | None, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
-    return _kernels().memory_attention_fwd(*prepared, causal=causal, scale=scale)
+    return attention_kernels.memory_attention_fwd(*prepared, causal=causal, scale=scale)
 
 
-@_memory_attention_op.register_fake
-def _(q, k, v, mem_k, mem_v, mem_bias, causal, scale):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
-
-
-@torch.library.custom_op("memops::memory_attention_backward", mutates_args=())
-def _memory_attention_backward_op(
+def _memory_attention_bwd(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, mem_bias: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
-    dq, dk, dv, dmem_k, dmem_v, dbias, _ = _kernels().memory_attention_bwd(
+    dq, dk, dv, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
         *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse,
     )
-    dbias = _bias_grad_to_shape(dbias, mem_bias)
-    # A custom op returns tensors only (and no two may alias): absent grads travel as fresh empty tensors.
-    return tuple(q.new_empty(0) if t is None else t for t in (dq, dk, dv, dmem_k, dmem_v, dbias))
+    return dq, dk, dv, dmem_k, dmem_v, _bias_grad_to_shape(dbias, mem_bias)
 
 
-@_memory_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_bias, out, lse, causal, scale, deterministic):
-    def like(t):
-        return q.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-    return like(q), like(k), like(v), like(mem_k), like(mem_v), like(mem_bias)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, mem_k, mem_v, mem_bias, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, mem_k, mem_v, mem_bias, out, lse)
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mem_k, mem_v, mem_bias, out, lse = ctx.saved_tensors
-    dq, dk, dv, dmem_k, dmem_v, dbias = _memory_attention_backward_op(
-        grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_bias, out, lse, ctx.causal, ctx.scale,
-        torch.are_deterministic_algorithms_enabled(),
-    )
-    has_memory = mem_k is not None
-    return (dq, dk, dv, dmem_k if has_memory else None, dmem_v if has_memory else None,
-            dbias if mem_bias is not None else None, None, None)
-
-
-_memory_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_memory_attention_backward_op = backward_op("memory_attention_backward", _memory_attention_bwd,
+                                            grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"))
+_memory_attention_op = custom_op("memory_attention", _memory_attention_fwd, fake=attention_outputs_like,
+                                 outputs=("out", "lse"), backward=_memory_attention_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,7 +89,6 @@ def _as_query_heads(t, B, H, N):
 
 def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     from memops import _sdpa
-    from memops.kernels.lse_merge import lse_merge
 
     B, H, N, D = q.shape
     Nk = k.shape[2]
@@ -210,17 +100,16 @@ def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     empty_rows = min(max(N - Nk, 0), N) if causal else 0
     if M:
         none = k.narrow(2, 0, 0)  # no sequence keys: the memory rows alone
-        out_m, lse_m = _kernels().memory_attention_fwd(q, none, none, mem_k, mem_v, mem_bias, causal=False,
+        out_m, lse_m = attention_kernels.memory_attention_fwd(q, none, none, mem_k, mem_v, mem_bias, causal=False,
                                                        scale=scale)
-        out, lse = lse_merge(out_s, lse_s, out_m, lse_m, empty_a_rows=empty_rows)
+        out, lse = lse_merge_kernels.lse_merge(out_s, lse_s, out_m, lse_m, empty_a_rows=empty_rows)
     else:  # the vendor op alone; its rows without a key get out 0 and lse -inf, as the fused kernel gives
         never = q.new_full(lse_s.shape, float("-inf"), dtype=lse_s.dtype)
-        out, lse = lse_merge(out_s, lse_s, out_s, never, empty_a_rows=empty_rows)
+        out, lse = lse_merge_kernels.lse_merge(out_s, lse_s, out_s, never, empty_a_rows=empty_rows)
     return out, lse, state[0], state[1]
 
 
-@torch.library.custom_op("memops::memory_attention_composed", mutates_args=())
-def _memory_attention_composed_op(
+def _memory_attention_composed_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None,
     mem_bias: torch.Tensor | None, causal: bool, scale: float, sequence: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,17 +117,13 @@ def _memory_attention_composed_op(
     return _composed_fwd(*prepared, causal, scale, sequence)
 
 
-@_memory_attention_composed_op.register_fake
-def _(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
+def _memory_attention_composed_fake(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     from memops import _sdpa
 
     # The vendor op's own fake (meta) kernel gives its state tensors' shapes on this torch version.
     qs, ks, vs, _ = _gqa_for_vendor(q, k, v, causal)
-    state = _sdpa.sequence_fwd(sequence, qs, ks, vs, causal=causal, scale=scale)[2]
-    state = _two_states(state, q)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype),
-            torch.empty_like(state[0]), torch.empty_like(state[1]))
+    state = _two_states(_sdpa.sequence_fwd(sequence, qs, ks, vs, causal=causal, scale=scale)[2], q)
+    return (*attention_outputs_like(q), torch.empty_like(state[0]), torch.empty_like(state[1]))
 
 
 def _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b, causal, scale, sequence,
@@ -252,7 +137,7 @@ def _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, 
     dq = dmem_k = dmem_v = dbias = None
     if M:  # the memory part: memops' kernels over the memory rows alone, given the merged out and lse
         none = k.narrow(2, 0, 0)  # no sequence keys: the memory rows alone
-        dq, _, _, dmem_k, dmem_v, dbias, _ = _kernels().memory_attention_bwd(
+        dq, _, _, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
             grad_out, q, none, none, mem_k, mem_v, mem_bias, out, lse, causal=False, scale=scale,
             deterministic=deterministic)
         dbias = _bias_grad_to_shape(dbias, mem_bias)
@@ -269,11 +154,11 @@ def _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, 
         dk = dk.reshape(B, Hkv, H // Hkv, *dk.shape[2:]).sum(2)
         dv = dv.reshape(B, Hkv, H // Hkv, *dv.shape[2:]).sum(2)
     dq = dq_s if dq is None else dq + dq_s
+    # placeholders for absent grads here already: tests trace this body on its own under FakeTensorMode
     return tuple(q.new_empty(0) if t is None else dense(t) for t in (dq, dk, dv, dmem_k, dmem_v, dbias))
 
 
-@torch.library.custom_op("memops::memory_attention_composed_backward", mutates_args=())
-def _memory_attention_composed_backward_op(
+def _memory_attention_composed_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, mem_bias: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, state_a: torch.Tensor, state_b: torch.Tensor,
@@ -283,43 +168,32 @@ def _memory_attention_composed_backward_op(
     return _composed_bwd(*prepared, out, lse, state_a, state_b, causal, scale, sequence, deterministic)
 
 
-@_memory_attention_composed_backward_op.register_fake
-def _(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b, causal, scale, sequence,
-      deterministic):
-    def like(t):
-        return q.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-    return like(q), like(k), like(v), like(mem_k), like(mem_v), like(mem_bias)
+_memory_attention_composed_backward_op = backward_op(
+    "memory_attention_composed_backward", _memory_attention_composed_bwd,
+    grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"))
 
 
-def _composed_setup_context(ctx, inputs, output):
-    q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence = inputs
-    out, lse, state_a, state_b = output
-    ctx.save_for_backward(q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b)
-    ctx.causal, ctx.scale, ctx.sequence = causal, scale, sequence
-    # An unused lse gets no grad (None, not zeros), so the backward knows when it may use the vendor op.
-    ctx.set_materialize_grads(False)
-
-
-def _composed_backward(ctx, grad_out, grad_lse, *_):
-    q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b = ctx.saved_tensors
-    deterministic = torch.are_deterministic_algorithms_enabled()
+def _composed_backward(saved, grad_out, grad_lse, *_):
+    s = saved
     if grad_out is None:
-        grad_out = torch.zeros_like(out)
+        grad_out = torch.zeros_like(s.out)
     if grad_lse is not None:
         # The vendor backward ops take no lse grad: the fused backward over [memory ; sequence] is exact
         # here too, given the merged out and lse.
-        dq, dk, dv, dmem_k, dmem_v, dbias = _memory_attention_backward_op(
-            grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_bias, out, lse, ctx.causal, ctx.scale, deterministic)
-    else:
-        dq, dk, dv, dmem_k, dmem_v, dbias = _memory_attention_composed_backward_op(
-            grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b, ctx.causal, ctx.scale,
-            ctx.sequence, deterministic)
-    has_memory = mem_k is not None
-    return (dq, dk, dv, dmem_k if has_memory else None, dmem_v if has_memory else None,
-            dbias if mem_bias is not None else None, None, None, None)
+        return _memory_attention_backward_op(grad_out, grad_lse, s.q, s.k, s.v, s.mem_k, s.mem_v, s.mem_bias, s.out,
+                                             s.lse, s.causal, s.scale, s.deterministic)
+    return _memory_attention_composed_backward_op(grad_out, s.q, s.k, s.v, s.mem_k, s.mem_v, s.mem_bias, s.out, s.lse,
+                                                  s.state_a, s.state_b, s.causal, s.scale, s.sequence, s.deterministic)
 
 
-_memory_attention_composed_op.register_autograd(_composed_backward, setup_context=_composed_setup_context)
+# An unused lse gets no grad (None, not zeros), so the backward knows when it may use the vendor op.
+_memory_attention_composed_op = custom_op(
+    "memory_attention_composed", _memory_attention_composed_fwd, fake=_memory_attention_composed_fake,
+    outputs=("out", "lse", "state_a", "state_b"), backward=_composed_backward,
+    grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"), materialize_grads=False,
+    save=("q", "k", "v", "mem_k", "mem_v", "mem_bias", "out", "lse", "state_a", "state_b", "causal", "scale",
+          "sequence"),
+)
 
 
 IMPLS = ("auto", "composed", "fused")

@@ -7,13 +7,11 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
+from memops._registration import lazy_kernels
 from memops._validation import check_bool, check_int, check_layer_idx, writable
 
 
-def _kernels():
-    from memops.kernels import retention
-
-    return retention
+retention_kernels = lazy_kernels("retention")
 
 
 @dataclasses.dataclass
@@ -240,7 +238,7 @@ def evict(
         out[0][:, :, :budget] = keys.gather(2, index)
         out[1][:, :, :budget] = values.gather(2, index)
         return out
-    kernels = _kernels()
+    kernels = retention_kernels
     rows = B * Hkv
 
     def flat(t: torch.Tensor) -> torch.Tensor:

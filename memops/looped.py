@@ -11,15 +11,13 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_attention_backend, resolve_backend
-from memops._validation import can_read_values
-from memops.attention import check_attention_inputs, check_triton_head_dim
+from memops._registration import attention_outputs_like, backward_op, contiguous, custom_op, empty_like_dense, lazy_kernels
+from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim
 from memops.attention import memory_attention as memops_attention
 
 
-def _kernels():
-    from memops.kernels import looped
-
-    return looped
+looped_kernels = lazy_kernels("looped")
+attention_kernels = lazy_kernels("attention")
 
 
 def _rows_spec(rows, num_cache_rows: int, num_new: int, device) -> tuple[torch.Tensor | None, int]:
@@ -83,66 +81,38 @@ def _rows_for_reference(rows_index: torch.Tensor | None, row_offset: int, n: int
     return rows_index if rows_index is not None else slice(row_offset, row_offset + n)
 
 
-@torch.library.custom_op("memops::looped_kv_update", mutates_args=())
-def _looped_kv_update_op(
+def _looped_kv_update_fwd(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
-    rows_index: torch.Tensor | None, row_offset: int, backend: str,
+    rows_index: torch.Tensor | None, row_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "triton":
-        return reference.looped_kv_update(k_cache, v_cache, k_new, v_new, gate,
-                                          _rows_for_reference(rows_index, row_offset, k_new.shape[2]))
-    k_cache, v_cache, k_new, v_new, gate = (t.contiguous() for t in (k_cache, v_cache, k_new, v_new, gate))
+    k_cache, v_cache, k_new, v_new, gate = contiguous(k_cache, v_cache, k_new, v_new, gate)
     # Rows not updated are copied by the clone; the kernel then overwrites the updated ones.
     k_out, v_out = k_cache.clone(), v_cache.clone()
-    _kernels().looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, k_out, v_out)
+    looped_kernels.looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, k_out, v_out)
     return k_out, v_out
 
 
-@_looped_kv_update_op.register_fake
-def _(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend):
-    return (torch.empty_like(k_cache, memory_format=torch.contiguous_format),
-            torch.empty_like(v_cache, memory_format=torch.contiguous_format))
-
-
-@torch.library.custom_op("memops::looped_kv_update_backward", mutates_args=())
-def _looped_kv_update_backward_op(
+def _looped_kv_update_bwd(
     grad_k: torch.Tensor, grad_v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
-    v_new: torch.Tensor, gate: torch.Tensor, rows_index: torch.Tensor | None, row_offset: int, backend: str,
+    v_new: torch.Tensor, gate: torch.Tensor, rows_index: torch.Tensor | None, row_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend != "triton":
-        return reference.looped_kv_update_backward(
-            grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, _rows_for_reference(rows_index, row_offset, k_new.shape[2]))
-    tensors = (grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate)
-    return _kernels().looped_update_bwd(*(t.contiguous() for t in tensors), rows_index, row_offset)
+    tensors = contiguous(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate)
+    return looped_kernels.looped_update_bwd(*tensors, rows_index, row_offset)
 
 
-@_looped_kv_update_backward_op.register_fake
-def _(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (k_cache, v_cache, k_new, v_new, gate))
-
-
-def _update_setup_context(ctx, inputs, output):
-    k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend = inputs
-    ctx.save_for_backward(k_cache, v_cache, k_new, v_new, gate, rows_index)
-    ctx.row_offset, ctx.backend = row_offset, backend
-
-
-def _update_backward(ctx, grad_k, grad_v):
-    k_cache, v_cache, k_new, v_new, gate, rows_index = ctx.saved_tensors
-    grads = _looped_kv_update_backward_op(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows_index,
-                                          ctx.row_offset, ctx.backend)
-    return (*grads, None, None, None)
-
-
-_looped_kv_update_op.register_autograd(_update_backward, setup_context=_update_setup_context)
+_looped_kv_update_op = custom_op(
+    "looped_kv_update", _looped_kv_update_fwd, outputs=("k", "v"),
+    fake=lambda k_cache, v_cache, *_: (empty_like_dense(k_cache), empty_like_dense(v_cache)),
+    backward=backward_op("looped_kv_update_backward", _looped_kv_update_bwd,
+                         grads=("k_cache", "v_cache", "k_new", "v_new", "gate")),
+)
 
 
 def update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend) -> None:
     """The gated update written into the caches themselves (inference)."""
     if backend == "triton" and k_cache.is_contiguous() and v_cache.is_contiguous():
-        k_new, v_new, gate = (t.contiguous() for t in (k_new, v_new, gate))
-        _kernels().looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, k_cache, v_cache)
+        k_new, v_new, gate = contiguous(k_new, v_new, gate)
+        looped_kernels.looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, k_cache, v_cache)
         return
     if backend == "triton":
         raise ValueError("looped_kv_update: inplace=True on the Triton path needs contiguous k_cache and v_cache")
@@ -181,86 +151,61 @@ def looped_kv_update(
     if backend == "reference":
         return reference.looped_kv_update(k_cache, v_cache, k_new, v_new, gate,
                                           _rows_for_reference(rows_index, row_offset, k_new.shape[2]))
-    return _looped_kv_update_op(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend)
+    return _looped_kv_update_op(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # looped_attention
 
 
-def _attention_kernels():
-    from memops.kernels import attention
-
-    return attention
-
-
-@torch.library.custom_op("memops::looped_attention", mutates_args=())
-def _looped_attention_op(
+def _looped_attention_fwd(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor, k_cache: torch.Tensor,
     v_cache: torch.Tensor, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k_new, v_new, gate, k_cache, v_cache = (t.contiguous() for t in (q, k_new, v_new, gate, k_cache, v_cache))
+    q, k_new, v_new, gate, k_cache, v_cache = contiguous(q, k_new, v_new, gate, k_cache, v_cache)
     Nk, n = k_cache.shape[2], k_new.shape[2]
     # The kernel writes the n blended rows; rows before them are copied here (none in training, where n = Nk).
     k_out, v_out = torch.empty_like(k_cache), torch.empty_like(v_cache)
     if n < Nk:
         k_out[:, :, :Nk - n] = k_cache[:, :, :Nk - n]
         v_out[:, :, :Nk - n] = v_cache[:, :, :Nk - n]
-    out, lse = _attention_kernels().memory_attention_fwd(
+    out, lse = attention_kernels.memory_attention_fwd(
         q, k_cache, v_cache, None, None, None, causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out))
     return out, lse, k_out, v_out
 
 
-@_looped_attention_op.register_fake
-def _(q, k_new, v_new, gate, k_cache, v_cache, causal, scale):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype),
-            torch.empty_like(k_cache, memory_format=torch.contiguous_format),
-            torch.empty_like(v_cache, memory_format=torch.contiguous_format))
+def _looped_attention_fake(q, k_new, v_new, gate, k_cache, v_cache, causal, scale):
+    return (*attention_outputs_like(q), empty_like_dense(k_cache), empty_like_dense(v_cache))
 
 
-@torch.library.custom_op("memops::looped_attention_backward", mutates_args=())
-def _looped_attention_backward_op(
-    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, grad_k: torch.Tensor | None, grad_v: torch.Tensor | None,
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
-    causal: bool, scale: float,
+def _looped_attention_bwd(
+    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, grad_k_out: torch.Tensor | None,
+    grad_v_out: torch.Tensor | None, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k_out: torch.Tensor,
+    v_out: torch.Tensor, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    tensors = (grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out)
-    grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out = (t.contiguous() for t in tensors)
+    grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out = contiguous(
+        grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out)
     # Attention's grads w.r.t. the updated cache, plus whatever reached the returned caches, then back
     # through the blend.
-    dq, d_k_out, d_v_out, *_ = _attention_kernels().memory_attention_bwd(
+    dq, d_k_out, d_v_out, *_ = attention_kernels.memory_attention_bwd(
         grad_out, q, k_out, v_out, None, None, None, out, lse, causal=causal, scale=scale, deterministic=True,
         grad_lse=grad_lse)
-    if grad_k is not None:
-        d_k_out = d_k_out + grad_k
-    if grad_v is not None:
-        d_v_out = d_v_out + grad_v
+    if grad_k_out is not None:
+        d_k_out = d_k_out + grad_k_out
+    if grad_v_out is not None:
+        d_v_out = d_v_out + grad_v_out
     Nk, n = k_cache.shape[2], k_new.shape[2]
-    dk_cache, dv_cache, dk_new, dv_new, dgate = _kernels().looped_update_bwd(
-        d_k_out.contiguous(), d_v_out.contiguous(), k_cache, v_cache, k_new, v_new, gate, None, Nk - n)
+    dk_cache, dv_cache, dk_new, dv_new, dgate = looped_kernels.looped_update_bwd(
+        *contiguous(d_k_out, d_v_out), k_cache, v_cache, k_new, v_new, gate, None, Nk - n)
     return dq, dk_new, dv_new, dgate, dk_cache, dv_cache
 
 
-@_looped_attention_backward_op.register_fake
-def _(grad_out, grad_lse, grad_k, grad_v, q, k_new, v_new, gate, k_cache, v_cache, out, lse, k_out, v_out, causal, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
-                 for t in (q, k_new, v_new, gate, k_cache, v_cache))
-
-
-def _attention_setup_context(ctx, inputs, output):
-    q, k_new, v_new, gate, k_cache, v_cache, causal, scale = inputs
-    ctx.save_for_backward(q, k_new, v_new, gate, k_cache, v_cache, *output)
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _attention_backward(ctx, grad_out, grad_lse, grad_k, grad_v):
-    return (*_looped_attention_backward_op(grad_out, grad_lse, grad_k, grad_v, *ctx.saved_tensors, ctx.causal,
-                                           ctx.scale), None, None)
-
-
-_looped_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+_looped_attention_op = custom_op(
+    "looped_attention", _looped_attention_fwd, fake=_looped_attention_fake, outputs=("out", "lse", "k_out", "v_out"),
+    backward=backward_op("looped_attention_backward", _looped_attention_bwd,
+                         grads=("q", "k_new", "v_new", "gate", "k_cache", "v_cache")),
+)
 
 
 def _check_query_rows(q, k_new, op: str) -> None:

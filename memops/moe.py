@@ -10,15 +10,13 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
+from memops._registration import backward_op, contiguous, custom_op, lazy_kernels
 from memops._validation import can_read_values, check_bool, check_int, check_number
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 
 
-def _kernels():
-    from memops.kernels import moe
-
-    return moe
+moe_kernels = lazy_kernels("moe")
 
 
 def _is_int(value) -> bool:
@@ -68,26 +66,23 @@ def _check_route_args(router_logits, block_size, top_k, top_p, min_experts, scor
             raise ValueError(f"{op}: expert_bias is on {expert_bias.device} but router_logits is on {router_logits.device}")
 
 
-@torch.library.custom_op("memops::block_route", mutates_args=())
-def _block_route_op(
+def _block_route_fwd(
     router_logits: torch.Tensor, expert_bias: torch.Tensor | None, block_size: int, top_k: int, top_p: float,
     min_experts: int, softmax: bool, n_groups: int, topk_groups: int, routed_scaling: float, normalize: bool,
     group_limited_vote: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids, weights, coreset = _kernels().block_route(
-        router_logits.contiguous(), expert_bias.contiguous() if expert_bias is not None else None,
-        block_size=block_size or None, top_k=top_k, top_p=top_p, min_experts=min_experts, softmax=softmax,
-        n_groups=n_groups, topk_groups=topk_groups, routed_scaling=routed_scaling, normalize=normalize,
-        group_limited_vote=group_limited_vote,
+    router_logits, expert_bias = contiguous(router_logits, expert_bias)
+    ids, weights, coreset = moe_kernels.block_route(
+        router_logits, expert_bias, block_size=block_size or None, top_k=top_k, top_p=top_p,
+        min_experts=min_experts, softmax=softmax, n_groups=n_groups, topk_groups=topk_groups,
+        routed_scaling=routed_scaling, normalize=normalize, group_limited_vote=group_limited_vote,
     )
     # A custom op returns tensors: token-level routing has no coreset, an empty tensor stands for None.
     # Weights come first (opcheck's autograd check sums the outputs in order and chokes on an int first).
     return weights, ids, coreset if coreset is not None else router_logits.new_empty(0, dtype=torch.bool)
 
 
-@_block_route_op.register_fake
-def _(router_logits, expert_bias, block_size, top_k, top_p, min_experts, softmax, n_groups, topk_groups,
-      routed_scaling, normalize, group_limited_vote):
+def _block_route_fake(router_logits, expert_bias, block_size, top_k, *_options):
     B, N, E = router_logits.shape
     shape = (B, N, top_k)
     coreset_shape = (B, -(-N // block_size), E) if block_size else (0,)
@@ -95,22 +90,19 @@ def _(router_logits, expert_bias, block_size, top_k, top_p, min_experts, softmax
             router_logits.new_empty(coreset_shape, dtype=torch.bool))
 
 
-def _route_setup_context(ctx, inputs, output):
-    router_logits = inputs[0]
-    ctx.save_for_backward(router_logits, output[1])
-    ctx.softmax, ctx.routed_scaling, ctx.normalize = inputs[6], inputs[9], inputs[10]
-
-
-def _route_backward(ctx, grad_weights, grad_ids, grad_coreset):
-    router_logits, ids = ctx.saved_tensors
-    grad_logits = reference.routing_weights_backward(
-        grad_weights, router_logits, ids, score_func="softmax" if ctx.softmax else "sigmoid", normalize=ctx.normalize,
-        routed_scaling=ctx.routed_scaling,
+def _block_route_bwd(saved, grad_weights, *_):
+    """Through the bias-free scores at the chosen ids (the selection itself has no gradient)."""
+    return reference.routing_weights_backward(
+        grad_weights, saved.router_logits, saved.ids, score_func="softmax" if saved.softmax else "sigmoid",
+        normalize=saved.normalize, routed_scaling=saved.routed_scaling,
     )
-    return (grad_logits, *([None] * 11))
 
 
-_block_route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
+_block_route_op = custom_op(
+    "block_route", _block_route_fwd, fake=_block_route_fake, outputs=("weights", "ids", "coreset"),
+    backward=_block_route_bwd, grads=("router_logits",),
+    save=("router_logits", "ids", "softmax", "normalize", "routed_scaling"),
+)
 
 
 def block_route(
@@ -223,47 +215,30 @@ def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, ch
             raise IndexError(f"{op}: topk_ids must lie in [0, E={E}), found [{low}, {high}]")
 
 
-@torch.library.custom_op("memops::moe_experts", mutates_args=())
-def _moe_experts_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    x, w_gate_up, w_down, topk_ids = (t.contiguous() for t in (x, w_gate_up, w_down, topk_ids))
-    y_slots, _ = _kernels().moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=False)
-    return y_slots.view(x.shape[0], topk_ids.shape[1], x.shape[1])
+def _moe_experts_fwd(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor
+                     ) -> torch.Tensor:
+    x, w_gate_up, w_down, topk_ids = contiguous(x, w_gate_up, w_down, topk_ids)
+    slots, _ = moe_kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=False)
+    return slots.view(x.shape[0], topk_ids.shape[1], x.shape[1])
 
 
-@_moe_experts_op.register_fake
-def _(x, w_gate_up, w_down, topk_ids):
-    return x.new_empty((x.shape[0], topk_ids.shape[1], x.shape[1]))
-
-
-@torch.library.custom_op("memops::moe_experts_backward", mutates_args=())
-def _moe_experts_backward_op(
+def _moe_experts_bwd(
     grad_slots: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _kernels()
-    x, w_gate_up, w_down, topk_ids = (t.contiguous() for t in (x, w_gate_up, w_down, topk_ids))
+    x, w_gate_up, w_down, topk_ids = contiguous(x, w_gate_up, w_down, topk_ids)
     # The gate/up GEMM runs again for its pre-activations rather than keeping (slots, 2I) fp32 from the
     # forward (activation recomputation: one more GEMM, far less memory held between the passes).
-    _, (layout, h, preact) = kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=True, down=False)
+    _, (layout, h, preact) = moe_kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=True,
+                                                         down=False)
     grad_slots = grad_slots.reshape(-1, x.shape[1]).contiguous()
-    return kernels.moe_experts_bwd(grad_slots, x, w_gate_up, w_down, topk_ids, layout, h, preact)
+    return moe_kernels.moe_experts_bwd(grad_slots, x, w_gate_up, w_down, topk_ids, layout, h, preact)
 
 
-@_moe_experts_backward_op.register_fake
-def _(grad_slots, x, w_gate_up, w_down, topk_ids):
-    return torch.empty_like(x), torch.empty_like(w_gate_up), torch.empty_like(w_down)
-
-
-def _experts_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _experts_backward(ctx, grad_slots):
-    x, w_gate_up, w_down, topk_ids = ctx.saved_tensors
-    dx, dw_gate_up, dw_down = _moe_experts_backward_op(grad_slots, x, w_gate_up, w_down, topk_ids)
-    return dx, dw_gate_up, dw_down, None
-
-
-_moe_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+_moe_experts_op = custom_op(
+    "moe_experts", _moe_experts_fwd, outputs=("slots",),
+    fake=lambda x, w_gate_up, w_down, topk_ids: x.new_empty((x.shape[0], topk_ids.shape[1], x.shape[1])),
+    backward=backward_op("moe_experts_backward", _moe_experts_bwd, grads=("x", "w_gate_up", "w_down")),
+)
 
 
 def moe_ffn(

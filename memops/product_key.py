@@ -2,7 +2,6 @@
 
 ``weighted_gather`` -> ``memops::weighted_gather`` (custom op) -> ``memops.kernels.product_key`` on backend
 "triton"; backend "reference" calls ``memops.reference.product_key`` directly (differentiable by autograd).
-The custom op also accepts backend "reference", which opcheck exercises.
 """
 from __future__ import annotations
 
@@ -12,16 +11,13 @@ import torch
 
 from memops import reference
 from memops._backend import get_backend, resolve_backend
+from memops._registration import backward_op, contiguous, custom_op, lazy_kernels
 from memops._validation import can_read_values
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _kernels():
-    # Imported on first use, so `import memops` works where triton does not.
-    from memops.kernels import product_key
-
-    return product_key
+product_key_kernels = lazy_kernels("product_key")
 
 
 def _check_weighted_gather_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
@@ -61,76 +57,35 @@ def _check_index_range(indices: torch.Tensor, num_rows: int) -> None:
         )
 
 
-def _triton_matrix(t: torch.Tensor) -> torch.Tensor:
+def _triton_table(values: torch.Tensor) -> torch.Tensor:
     # Kernels address (T, K) and (T, D) operands as dense row-major; the value table only needs unit
     # column stride, so a column slice of a huge table is never copied.
-    return t.contiguous()
-
-
-def _triton_table(values: torch.Tensor) -> torch.Tensor:
     return values if values.stride(1) == 1 else values.contiguous()
 
 
-@torch.library.custom_op("memops::weighted_gather", mutates_args=())
-def _weighted_gather_op(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, backend: str, check_indices: bool
-) -> torch.Tensor:
+def _weighted_gather_fwd(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, check_indices: bool
+                         ) -> torch.Tensor:
     if check_indices:
         _check_index_range(indices, values.shape[0])
-    if backend == "triton":
-        return _kernels().weighted_gather_fwd(_triton_table(values), _triton_matrix(indices), _triton_matrix(weights))
-    return reference.weighted_gather(values, indices, weights)
+    return product_key_kernels.weighted_gather_fwd(_triton_table(values), *contiguous(indices, weights))
 
 
-@_weighted_gather_op.register_fake
-def _(values, indices, weights, backend, check_indices):
-    return values.new_empty((indices.shape[0], values.shape[1]))
-
-
-@torch.library.custom_op("memops::weighted_gather_backward", mutates_args=())
-def _weighted_gather_backward_op(
+def _weighted_gather_bwd(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-    backend: str, deterministic: bool, values_grad: bool, weights_grad: bool,
+    deterministic: bool, values_grad: bool, weights_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        grad_values, grad_weights = _kernels().weighted_gather_bwd(
-            _triton_matrix(grad_out), _triton_table(values), _triton_matrix(indices), _triton_matrix(weights),
-            values_grad_algorithm="segment" if deterministic else "auto", values_grad=values_grad, weights_grad=weights_grad,
-        )
-    else:
-        grad_values, grad_weights = reference.weighted_gather_backward(grad_out, values, indices, weights)
-    # A custom op returns tensors only: an unneeded grad travels as an empty tensor and becomes None.
-    if grad_values is None or not values_grad:
-        grad_values = values.new_empty(0)
-    if grad_weights is None or not weights_grad:
-        grad_weights = weights.new_empty(0)
-    return grad_values, grad_weights
-
-
-@_weighted_gather_backward_op.register_fake
-def _(grad_out, values, indices, weights, backend, deterministic, values_grad, weights_grad):
-    grad_values = values.new_empty(values.shape if values_grad else (0,))
-    grad_weights = weights.new_empty(weights.shape if weights_grad else (0,))
-    return grad_values, grad_weights
-
-
-def _setup_context(ctx, inputs, output):
-    values, indices, weights, backend, _ = inputs
-    ctx.save_for_backward(values, indices, weights)
-    ctx.backend = backend
-
-
-def _backward(ctx, grad_out):
-    values, indices, weights = ctx.saved_tensors
-    values_grad, weights_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    grad_values, grad_weights = _weighted_gather_backward_op(
-        grad_out, values, indices, weights, ctx.backend,
-        torch.are_deterministic_algorithms_enabled(), values_grad, weights_grad,
+    grad_out, indices, weights = contiguous(grad_out, indices, weights)
+    return product_key_kernels.weighted_gather_bwd(
+        grad_out, _triton_table(values), indices, weights, values_grad=values_grad, weights_grad=weights_grad,
+        values_grad_algorithm="segment" if deterministic else "auto",
     )
-    return (grad_values if values_grad else None), None, (grad_weights if weights_grad else None), None, None
 
 
-_weighted_gather_op.register_autograd(_backward, setup_context=_setup_context)
+_weighted_gather_op = custom_op(
+    "weighted_gather", _weighted_gather_fwd, outputs=("out",),
+    fake=lambda values, indices, weights, check_indices: values.new_empty((indices.shape[0], values.shape[1])),
+    backward=backward_op("weighted_gather_backward", _weighted_gather_bwd, grads=("values", "weights")),
+)
 
 
 def weighted_gather(
@@ -169,7 +124,7 @@ def weighted_gather(
             _check_index_range(indices, values.shape[0])
         out = reference.weighted_gather(values, indices, weights)
     else:
-        out = _weighted_gather_op(values, indices, weights, backend, check_indices)
+        out = _weighted_gather_op(values, indices, weights, check_indices)
     return out.reshape(out_shape)
 
 
@@ -224,26 +179,21 @@ def search_backward(
     Dk // 2)) in the inputs' dtype, None where not asked. The layout rewrite is
     :func:`memops.reference.product_key_search_as_gather`; ``deterministic`` selects the sorted-segment values
     grad for the sub-keys, bit-identical across runs."""
-    kernels = _kernels()
     table, rows, weights, bags = reference.product_key_search_as_gather(queries, sub_keys, indices, grad_scores)
     grad_queries = grad_keys = None
     if queries_grad:
-        grad_queries = kernels.weighted_gather_fwd(table, rows, weights).reshape(queries.shape)
+        grad_queries = product_key_kernels.weighted_gather_fwd(table, rows, weights).reshape(queries.shape)
     if keys_grad:
-        grad_keys, _ = kernels.weighted_gather_bwd(bags, table, rows, weights, weights_grad=False,
+        grad_keys, _ = product_key_kernels.weighted_gather_bwd(bags, table, rows, weights, weights_grad=False,
                                                    values_grad_algorithm="segment" if deterministic else "auto")
         grad_keys = grad_keys.reshape(sub_keys.shape)
     return grad_queries, grad_keys
 
 
-@torch.library.custom_op("memops::product_key_topk", mutates_args=())
-def _product_key_topk_op(
-    queries: torch.Tensor, sub_keys: torch.Tensor, topk: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "triton":
-        return reference.product_key_topk(queries, sub_keys, topk)
-    queries, sub_keys = queries.contiguous(), sub_keys.contiguous()
-    scores, indices = _kernels().product_key_search(queries, sub_keys, topk)
+def _product_key_topk_fwd(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    queries, sub_keys = contiguous(queries, sub_keys)
+    scores, indices = product_key_kernels.product_key_search(queries, sub_keys, topk)
     if queries.dtype == torch.float64:
         # The kernel ranks in fp32; fp64 callers (gradcheck) get their scores at full precision.
         scores, order = _exact_scores(queries, sub_keys, indices).sort(dim=-1, descending=True)
@@ -251,52 +201,24 @@ def _product_key_topk_op(
     return scores, indices
 
 
-@_product_key_topk_op.register_fake
-def _(queries, sub_keys, topk, backend):
+def _product_key_topk_fake(queries, sub_keys, topk):
     shape = (*queries.shape[:-1], topk)
     score_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     return queries.new_empty(shape, dtype=score_dtype), queries.new_empty(shape, dtype=torch.int64)
 
 
-@torch.library.custom_op("memops::product_key_topk_backward", mutates_args=())
-def _product_key_topk_backward_op(
+def _product_key_topk_bwd(
     grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor,
-    backend: str, deterministic: bool, queries_grad: bool, keys_grad: bool,
+    deterministic: bool, queries_grad: bool, sub_keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        grad_queries, grad_keys = search_backward(
-            grad_scores, queries.contiguous(), sub_keys.contiguous(), indices,
-            queries_grad=queries_grad, keys_grad=keys_grad, deterministic=deterministic,
-        )
-    else:
-        grad_queries, grad_keys = reference.product_key_topk_backward(grad_scores, queries, sub_keys, indices)
-    # A custom op returns tensors only: an unneeded grad travels as an empty tensor and becomes None.
-    return (grad_queries if queries_grad else queries.new_empty(0)), (grad_keys if keys_grad else sub_keys.new_empty(0))
+    return search_backward(grad_scores, *contiguous(queries, sub_keys), indices, queries_grad=queries_grad,
+                           keys_grad=sub_keys_grad, deterministic=deterministic)
 
 
-@_product_key_topk_backward_op.register_fake
-def _(grad_scores, queries, sub_keys, indices, backend, deterministic, queries_grad, keys_grad):
-    return (queries.new_empty(queries.shape if queries_grad else (0,)),
-            sub_keys.new_empty(sub_keys.shape if keys_grad else (0,)))
-
-
-def _topk_setup_context(ctx, inputs, output):
-    queries, sub_keys, _, backend = inputs
-    ctx.save_for_backward(queries, sub_keys, output[1])
-    ctx.backend = backend
-
-
-def _topk_backward(ctx, grad_scores, _grad_indices):
-    queries, sub_keys, indices = ctx.saved_tensors
-    queries_grad, keys_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_queries, grad_keys = _product_key_topk_backward_op(
-        grad_scores, queries, sub_keys, indices, ctx.backend,
-        torch.are_deterministic_algorithms_enabled(), queries_grad, keys_grad,
-    )
-    return (grad_queries if queries_grad else None), (grad_keys if keys_grad else None), None, None
-
-
-_product_key_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup_context)
+_product_key_topk_op = custom_op(
+    "product_key_topk", _product_key_topk_fwd, fake=_product_key_topk_fake, outputs=("scores", "indices"),
+    backward=backward_op("product_key_topk_backward", _product_key_topk_bwd, grads=("queries", "sub_keys")),
+)
 
 
 def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,7 +243,7 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
     """
     _check_product_key_topk_inputs(queries, sub_keys, topk)
     backend = resolve_backend(queries)
-    if backend == "triton" and get_backend() == "auto" and _kernels().search_reference_instead(queries):
+    if backend == "triton" and get_backend() == "auto" and product_key_kernels.search_reference_instead(queries):
         backend = "reference"
     heads, key_dim = queries.shape[-2], queries.shape[-1]
     out_shape = (*queries.shape[:-1], topk)
@@ -335,5 +257,5 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
                 f"product_key_topk: the Triton kernel needs n_keys**2 < 2**31, got n_keys={n_keys}; "
                 "use backend 'reference'"
             )
-        scores, indices = _product_key_topk_op(flat, sub_keys, topk, backend)
+        scores, indices = _product_key_topk_op(flat, sub_keys, topk)
     return scores.reshape(out_shape), indices.reshape(out_shape)

@@ -11,20 +11,12 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_attention_backend, resolve_backend
-from memops._validation import can_read_values
-from memops.attention import check_attention_inputs, check_triton_head_dim, unit_last_stride
+from memops._registration import attention_outputs_like, backward_op, custom_op, lazy_kernels, unit_last_stride
+from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim
 
 
-def _attention_kernels():
-    from memops.kernels import attention
-
-    return attention
-
-
-def _retention_kernels():
-    from memops.kernels import retention
-
-    return retention
+attention_kernels = lazy_kernels("attention")
+retention_kernels = lazy_kernels("retention")
 
 
 def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, check_values: bool) -> None:
@@ -49,24 +41,16 @@ def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, 
 # retention_attention
 
 
-@torch.library.custom_op("memops::retention_attention", mutates_args=())
-def _retention_attention_op(
+def _retention_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, mem_k: torch.Tensor | None,
     mem_v: torch.Tensor | None, doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, log_beta, mem_k, mem_v))
-    return _attention_kernels().memory_attention_fwd(q, k, v, mem_k, mem_v, None, causal=True, scale=scale,
-                                                     log_beta=log_beta, doc_start=doc_start)
+    return attention_kernels.memory_attention_fwd(q, k, v, mem_k, mem_v, None, causal=True, scale=scale,
+                                                  log_beta=log_beta, doc_start=doc_start)
 
 
-@_retention_attention_op.register_fake
-def _(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
-
-
-@torch.library.custom_op("memops::retention_attention_backward", mutates_args=())
-def _retention_attention_backward_op(
+def _retention_attention_bwd(
     grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     log_beta: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, doc_start: torch.Tensor | None,
     doc_end: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float, deterministic: bool,
@@ -74,39 +58,18 @@ def _retention_attention_backward_op(
     tensors = (grad_out, q, k, v, log_beta, mem_k, mem_v)
     grad_out, q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in tensors)
     # Sequence keys use no atomics; a batch-shared memory sums its grads with atomics unless deterministic.
-    dq, dk, dv, dmem_k, dmem_v, _, dlog_beta = _attention_kernels().memory_attention_bwd(
+    dq, dk, dv, dmem_k, dmem_v, _, dlog_beta = attention_kernels.memory_attention_bwd(
         grad_out, q, k, v, mem_k, mem_v, None, out, lse, causal=True, scale=scale, deterministic=deterministic,
         grad_lse=grad_lse, log_beta=log_beta, doc_start=doc_start, doc_end=doc_end,
     )
-    # A custom op returns tensors only (and no two may alias): absent grads travel as fresh empty tensors.
-    return (dq, dk, dv, dlog_beta.to(log_beta.dtype), q.new_empty(0) if dmem_k is None else dmem_k,
-            q.new_empty(0) if dmem_v is None else dmem_v)
+    return dq, dk, dv, dlog_beta.to(log_beta.dtype), dmem_k, dmem_v
 
 
-@_retention_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, out, lse, scale, deterministic):
-    def like(t):
-        return q.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-    return like(q), like(k), like(v), like(log_beta), like(mem_k), like(mem_v)
-
-
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale = inputs
-    ctx.save_for_backward(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, *output)
-    ctx.scale = scale
-
-
-def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, out, lse = ctx.saved_tensors
-    dq, dk, dv, dlog_beta, dmem_k, dmem_v = _retention_attention_backward_op(
-        grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, out, lse, ctx.scale,
-        torch.are_deterministic_algorithms_enabled())
-    has_memory = mem_k is not None
-    return (dq, dk, dv, dlog_beta, dmem_k if has_memory else None, dmem_v if has_memory else None, None, None,
-            None)
-
-
-_retention_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+_retention_attention_op = custom_op(
+    "retention_attention", _retention_attention_fwd, fake=attention_outputs_like, outputs=("out", "lse"),
+    backward=backward_op("retention_attention_backward", _retention_attention_bwd,
+                         grads=("q", "k", "v", "log_beta", "mem_k", "mem_v")),
+)
 
 
 def retention_attention(
@@ -200,38 +163,22 @@ def documents(op: str, num_positions: int, batch: int | None, position_ids, cu_s
     return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous(), positions
 
 
-@torch.library.custom_op("memops::retention_capacity", mutates_args=())
-def _retention_capacity_op(log_beta: torch.Tensor, starts: torch.Tensor | None, ends: torch.Tensor | None,
-                           ) -> torch.Tensor:
-    return _retention_kernels().retention_capacity_fwd(log_beta.contiguous(), starts)
+def _retention_capacity_fwd(log_beta: torch.Tensor, starts: torch.Tensor | None, ends: torch.Tensor | None
+                            ) -> torch.Tensor:
+    return retention_kernels.retention_capacity_fwd(log_beta.contiguous(), starts)
 
 
-@_retention_capacity_op.register_fake
-def _(log_beta, starts, ends):
-    return log_beta.new_empty(log_beta.shape, dtype=torch.float64 if log_beta.dtype == torch.float64 else torch.float32)
+def _retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, ends: torch.Tensor | None
+                            ) -> torch.Tensor:
+    return retention_kernels.retention_capacity_bwd(grad_capacity.contiguous(), log_beta.contiguous(), ends)
 
 
-@torch.library.custom_op("memops::retention_capacity_backward", mutates_args=())
-def _retention_capacity_backward_op(grad_capacity: torch.Tensor, log_beta: torch.Tensor,
-                                    ends: torch.Tensor | None) -> torch.Tensor:
-    return _retention_kernels().retention_capacity_bwd(grad_capacity.contiguous(), log_beta.contiguous(), ends)
-
-
-@_retention_capacity_backward_op.register_fake
-def _(grad_capacity, log_beta, ends):
-    return torch.empty_like(log_beta, memory_format=torch.contiguous_format)
-
-
-def _capacity_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[2])
-
-
-def _capacity_backward(ctx, grad_capacity):
-    log_beta, ends = ctx.saved_tensors
-    return _retention_capacity_backward_op(grad_capacity, log_beta, ends), None, None
-
-
-_retention_capacity_op.register_autograd(_capacity_backward, setup_context=_capacity_setup_context)
+_retention_capacity_op = custom_op(
+    "retention_capacity", _retention_capacity_fwd, outputs=("capacity",),
+    fake=lambda log_beta, starts, ends: log_beta.new_empty(
+        log_beta.shape, dtype=torch.float64 if log_beta.dtype == torch.float64 else torch.float32),
+    backward=backward_op("retention_capacity_backward", _retention_capacity_bwd, grads=("log_beta",)),
+)
 
 
 def _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta: bool, op: str) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import memops
-from memops import benchmarking
+from memops.tools import benchmarking
 
 JOBS = [
     pytest.param(op, case, provider, id=f"{op}-{case.name}-{case.mode}-{provider}")

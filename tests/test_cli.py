@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-from memops import benchmarking
+from memops.tools import benchmarking
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU quick run; the GPU run is benchmarks/gpu/run.sh")
 def test_bench_quick_writes_table_json_and_png(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(
-        [sys.executable, "-m", "memops.cli", "bench", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "memops.tools.cli", "bench", "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -35,7 +35,7 @@ def test_bench_refuses_interpreter_timings(monkeypatch):
 
 def test_bench_unknown_op():
     result = subprocess.run(
-        [sys.executable, "-m", "memops.cli", "bench", "--op", "nope"], capture_output=True, text=True,
+        [sys.executable, "-m", "memops.tools.cli", "bench", "--op", "nope"], capture_output=True, text=True,
     )
     assert result.returncode == 2
     assert "unknown op 'nope'" in result.stderr and "weighted_gather" in result.stderr
@@ -43,7 +43,7 @@ def test_bench_unknown_op():
 
 def test_train_demo_command():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-m", "memops.cli", "train-demo", "--steps", "3"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "memops.tools.cli", "train-demo", "--steps", "3"], capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "recall on 512 held-out sequences" in result.stdout and "less K/V memory" in result.stdout
@@ -59,7 +59,7 @@ def test_report_renders_committed_results(tmp_path):
                             "peak_memory_mb": None, "note": None}]}
     (results / "weighted_gather.json").write_text(json.dumps(payload))
     out = tmp_path / "docs" / "benchmarks.md"
-    result = subprocess.run([sys.executable, "-m", "memops.cli", "report", "--results", str(tmp_path / "results"),
+    result = subprocess.run([sys.executable, "-m", "memops.tools.cli", "report", "--results", str(tmp_path / "results"),
                              "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     text = out.read_text()

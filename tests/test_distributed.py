@@ -1,6 +1,6 @@
 """memops.distributed on CPU: two processes spawned with the gloo backend (loopback only), every
 collective under a 60 s timeout and the whole run under a deadline, so nothing can hang the suite.
-The checks themselves live in memops.distributed_testing (the spawned interpreters import them)."""
+The checks themselves live in memops.testing.distributed (the spawned interpreters import them)."""
 import json
 import socket
 import time
@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from memops import distributed_testing
+from memops.testing import distributed as distributed_testing
 
 WORLD = 2
 DEADLINE_S = 240

@@ -1,13 +1,13 @@
-"""The generated docs are current: docs/api.md is what `python -m memops.apidoc` prints."""
+"""The generated docs are current: docs/api.md is what `python -m memops.tools.apidoc` prints."""
 from pathlib import Path
 
-from memops import apidoc
+from memops.tools import apidoc
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def test_api_reference_is_current():
-    assert (DOCS / "api.md").read_text() == apidoc.render() + "\n", "rerun: python -m memops.apidoc > docs/api.md"
+    assert (DOCS / "api.md").read_text() == apidoc.render() + "\n", "rerun: python -m memops.tools.apidoc > docs/api.md"
 
 
 def test_every_public_name_is_documented():

@@ -1,4 +1,4 @@
-"""The ahead-of-time GPU compile check (memops.gpu_check) catches what the interpreter lets through.
+"""The ahead-of-time GPU compile check (memops.tools.gpu_check) catches what the interpreter lets through.
 
 The check compiles for real GPU targets, so it runs in a subprocess without TRITON_INTERPRET (the suite's
 conftest sets it for this process)."""
@@ -49,7 +49,7 @@ DRIVER = textwrap.dedent('''
     import json, sys
     sys.path.insert(0, sys.argv[1])
     import broken_kernels
-    from memops import gpu_check
+    from memops.tools import gpu_check
     with gpu_check.recording() as launches:
         broken_kernels.launch_all()
     rows = [gpu_check.compile_variant(gpu_check.Variant("test", l.kernel.__name__, 90, "bf16", ["test"], {}, "", l))
@@ -90,7 +90,7 @@ def test_ci_subset_compiles_clean_for_sm90(python, tmp_path: Path):
     compile error, no shared memory over the limit, no spill and no 16-bit/tf32 dot off tensor cores outside
     gpu_check.ALLOWED; the three kernels built on memops.kernels.topk (search, block routing, cache eviction)
     are among them."""
-    result = subprocess.run([python, "-m", "memops.gpu_check", "--subset", "--jobs", "2", "--out", str(tmp_path)],
+    result = subprocess.run([python, "-m", "memops.tools.gpu_check", "--subset", "--jobs", "2", "--out", str(tmp_path)],
                             capture_output=True, text=True, env=_check_env(), timeout=900)
     report = json.loads(next(tmp_path.glob("gpu-compile-triton*-subset.json")).read_text())
     failing = [(r["arch"], r["kernel"], r["dtype"], r["config"], r["problems"]) for r in report["rows"] if r["problems"]]

@@ -1,7 +1,7 @@
 """The composed memory attention's CUDA branch, without a GPU.
 
 Fake CUDA tensors (FakeTensorMode) run the vendor aten ops' meta kernels on this torch, and the Triton
-launches are recorded instead of run (memops.gpu_check.recording), so the exact aten ops and argument lists
+launches are recorded instead of run (memops.tools.gpu_check.recording), so the exact aten ops and argument lists
 that a GPU gets are traced, forward and backward, with the shapes and dtypes they return. The numerics of the
 same composition run on CPU tensors in test_memory_attention.py (the CPU flash op)."""
 import pytest
@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import memops
 from memops import attention
 from memops._backend import configs_for_arch
-from memops.gpu_check import recording
+from memops.tools.gpu_check import recording
 from memops.testing import count_launches
 
 

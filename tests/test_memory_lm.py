@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import memops
-from memops import demo
+from memops.tools import demo
 from memops.models import MemoryLM, MemoryLMConfig
 from memops.testing import count_launches
 

@@ -1,6 +1,7 @@
 """MemoryLM: a small decoder-only language model assembled from memops.nn parts.
 
-Each layer: pre-norm attention over [learned memory prefix ; sequence] (``MemoryAttention``), then a
+Each layer: pre-norm attention over [learned memory prefix ; sequence] (``nn.RetentionAttention``, or
+``nn.LoopedAttention`` with loops > 1: forms of ``nn.MemoryAttention``), then a
 pre-norm FFN that is a ``ProductKeyMemory`` in ``pkm_layers`` and a ``BlockMoE`` (dMoE block routing)
 elsewhere. Every layer also has a ``RetentionGate`` (TRIM-KV): in training the sequence keys decay by its
 retention inside attention (``memops.retention_attention``; the memory prefix does not decay) and its
@@ -22,11 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memops._validation import can_read_values, check_int
-from memops.attention import memory_attention
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
-from memops.looped import looped_attention
-from memops.nn import BlockMoE, MemoryAttention, ProductKeyMemory, RetentionGate
-from memops.retention import capacity_loss, retention_attention
+from memops.nn import BlockMoE, LoopedAttention, ProductKeyMemory, RetentionAttention, RetentionGate
+from memops.retention import capacity_loss
 
 
 @dataclasses.dataclass
@@ -89,12 +88,12 @@ class MemoryLMLayer(nn.Module):
         super().__init__()
         c = config
         self.attn_norm = nn.LayerNorm(c.d_model)
-        self.attn = MemoryAttention(c.d_model, c.n_heads, num_kv_heads=c.n_kv_heads, causal=True,
-                                    prefix_length=c.prefix_length)
+        attention = dict(num_kv_heads=c.n_kv_heads, causal=True, prefix_length=c.prefix_length)
+        self.attn = (LoopedAttention(c.d_model, c.n_heads, **attention) if c.loops > 1
+                     else RetentionAttention(c.d_model, c.n_heads, decay=c.retention_in_attention, **attention))
         self.retention = RetentionGate(c.d_model, c.n_kv_heads, hidden=c.retention_hidden)
         # MELT's gate: how much of the previous loop's key/value row each token keeps, per KV head
         self.loop_gate = nn.Linear(c.d_model, c.n_kv_heads) if c.loops > 1 else None
-        self.retention_in_attention = c.retention_in_attention
         self.ffn_norm = nn.LayerNorm(c.d_model)
         if index in c.pkm_layers:
             self.ffn = ProductKeyMemory(c.d_model, c.d_model, n_keys=c.pkm_n_keys, heads=c.pkm_heads, topk=c.pkm_topk,
@@ -102,11 +101,6 @@ class MemoryLMLayer(nn.Module):
         else:
             self.ffn = BlockMoE(c.d_model, c.moe_d_expert, c.moe_experts, c.moe_top_k, block_size=c.moe_block_size,
                                 min_experts=c.moe_min_experts)
-
-    def _qkv(self, x):
-        a = self.attn
-        return (a._heads(a.q_proj(x), a.num_heads), a._heads(a.k_proj(x), a.num_kv_heads),
-                a._heads(a.v_proj(x), a.num_kv_heads))
 
     def _loop_gate(self, h):
         return torch.sigmoid(self.loop_gate(h)).transpose(1, 2).unsqueeze(-1)      # (B, Hkv, N, 1)
@@ -117,28 +111,12 @@ class MemoryLMLayer(nn.Module):
         looped cache, [prefix ; sequence] keys and values of the previous loop (None on loop 0)."""
         h = self.attn_norm(x)
         log_beta = self.retention(h).float()
-        q, k, v = self._qkv(h)
-        prefix_k, prefix_v = self.attn.prefix_k, self.attn.prefix_v
-        if isinstance(cache, SharedLoopKVCache):
-            k, v = cache.update(k, v, layer_idx, loop, self._loop_gate(h))
-        elif cache is not None:
-            k, v = cache.update(k, v, layer_idx, log_beta.detach())
-        if self.loop_gate is not None and cache is None:
-            if shared is None:  # loop 0: [prefix ; k] with gate 0 is [prefix ; k] itself
-                batch = x.shape[0]
-                rows = [t for t in (prefix_k, prefix_v)] if prefix_k is not None else None
-                k_cache = torch.cat([rows[0].expand(batch, -1, -1, -1), k], 2) if rows else k
-                v_cache = torch.cat([rows[1].expand(batch, -1, -1, -1), v], 2) if rows else v
-                gate = torch.zeros_like(self._loop_gate(h))
-            else:
-                (k_cache, v_cache), gate = shared, self._loop_gate(h)
-            out, k_cache, v_cache = looped_attention(q, k, v, gate, k_cache, v_cache, causal=True)
-            shared = (k_cache, v_cache)
-        elif cache is None and self.retention_in_attention:
-            out = retention_attention(q, k, v, log_beta, mem_k=prefix_k, mem_v=prefix_v, check_log_beta=False)
+        if self.loop_gate is not None:
+            attended, shared = self.attn(h, self._loop_gate(h), shared=shared, cache=cache, layer_idx=layer_idx,
+                                         loop=loop)
         else:
-            out = memory_attention(q, k, v, prefix_k, prefix_v, causal=q.shape[2] > 1)
-        x = x + self.attn.out_proj(out.transpose(1, 2).flatten(2))
+            attended = self.attn(h, log_beta, cache=cache, layer_idx=layer_idx, check_log_beta=False)
+        x = x + attended
         return x + self.ffn(self.ffn_norm(x)), log_beta, shared
 
 

@@ -1,7 +1,7 @@
 """torch.nn.Modules built from memops ops."""
-from memops.nn.attention import MemoryAttention
+from memops.nn.attention import LoopedAttention, MemoryAttention, RetentionAttention
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
 from memops.nn.retention import RetentionGate
 
-__all__ = ["BlockMoE", "MemoryAttention", "ProductKeyMemory", "RetentionGate"]
+__all__ = ["BlockMoE", "LoopedAttention", "MemoryAttention", "ProductKeyMemory", "RetentionAttention", "RetentionGate"]

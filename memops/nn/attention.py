@@ -1,4 +1,5 @@
-"""MemoryAttention: a drop-in self-attention layer that also attends to memory tokens or a learned prefix."""
+"""Attention layers: MemoryAttention (a drop-in self-attention layer that also attends to memory tokens or a
+learned prefix), and its retention-decay (TRIM-KV) and looped-cache (MELT) forms."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,6 +9,8 @@ from torch import nn
 
 from memops._validation import check_int, check_module_input
 from memops.attention import memory_attention
+from memops.looped import looped_attention
+from memops.retention import retention_attention
 
 RotaryFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -69,22 +72,22 @@ class MemoryAttention(nn.Module):
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)  # (B, L, h*d) -> (B, h, L, d)
 
-    def forward(
-        self, x: torch.Tensor, memory: torch.Tensor | None = None, *, memory_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x (B, N, d_model); memory (B, M, d_model) or None; memory_bias (M_total,), (Hkv, M_total) or
-        (B, Hkv, M_total) over [prefix ; memory] rows. Returns (B, N, d_model)."""
-        check_module_input(x, "x", "MemoryAttention", width=self.q_proj.in_features, dims=(3,), like=self.q_proj.weight)
-        if memory is not None:
-            check_module_input(memory, "memory", "MemoryAttention", width=self.q_proj.in_features, dims=(3,),
-                               like=self.q_proj.weight)
-            if memory.shape[0] != x.shape[0]:
-                raise ValueError(f"MemoryAttention: memory must be (B={x.shape[0]}, M, d_model), got {tuple(memory.shape)}")
+    def _check_input(self, x: torch.Tensor, name: str = "x") -> None:
+        check_module_input(x, name, type(self).__name__, width=self.q_proj.in_features, dims=(3,),
+                           like=self.q_proj.weight)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, d_model) -> q (B, H, N, head_dim), k and v (B, Hkv, N, head_dim), rotary applied."""
         q = self._heads(self.q_proj(x), self.num_heads)
         k = self._heads(self.k_proj(x), self.num_kv_heads)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
+        return q, k, v
+
+    def memory_rows(self, memory: torch.Tensor | None = None):
+        """(mem_k, mem_v) over [prefix ; memory tokens]: (Hkv, P, head_dim) batch-shared for the prefix alone,
+        (B, Hkv, P + M, head_dim) with memory (B, M, d_model), or (None, None) when the layer has neither."""
         mem_k = mem_v = None
         if memory is not None:
             mem_k = self._heads(self.k_proj(memory), self.num_kv_heads)
@@ -93,8 +96,89 @@ class MemoryAttention(nn.Module):
             if mem_k is None:  # batch-shared: its grads are summed over the batch inside the kernel
                 mem_k, mem_v = self.prefix_k, self.prefix_v
             else:  # prefix rows first, then this sample's memory tokens
-                batch = x.shape[0]
+                batch = memory.shape[0]
                 mem_k = torch.cat([self.prefix_k.expand(batch, -1, -1, -1), mem_k], dim=2)
                 mem_v = torch.cat([self.prefix_v.expand(batch, -1, -1, -1), mem_v], dim=2)
-        out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal, mem_bias=memory_bias)
+        return mem_k, mem_v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, H, N, head_dim) -> (B, N, d_model) through ``out_proj``."""
         return self.out_proj(out.transpose(1, 2).flatten(2))
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor | None = None, *, memory_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, d_model); memory (B, M, d_model) or None; memory_bias (M_total,), (Hkv, M_total) or
+        (B, Hkv, M_total) over [prefix ; memory] rows. Returns (B, N, d_model)."""
+        self._check_input(x)
+        if memory is not None:
+            self._check_input(memory, "memory")
+            if memory.shape[0] != x.shape[0]:
+                raise ValueError(f"MemoryAttention: memory must be (B={x.shape[0]}, M, d_model), got {tuple(memory.shape)}")
+        q, k, v = self.project(x)
+        mem_k, mem_v = self.memory_rows(memory)
+        out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal, mem_bias=memory_bias)
+        return self.output(out)
+
+
+class RetentionAttention(MemoryAttention):
+    """Causal self-attention with TRIM-KV's retention decay (:func:`memops.retention_attention`) over
+    [prefix ; sequence], and its bounded-cache decode form.
+
+    The layer of :class:`MemoryAttention` (same arguments and state-dict keys; ``causal`` must stay True).
+    ``forward(x, log_beta)`` in training decays every sequence key by its retention (``decay=False``: plain
+    causal attention, with the gate trained by the capacity loss alone). With ``cache=`` (a
+    :class:`memops.RetentionKVCache`) the new rows join the cache at ``layer_idx`` and attention runs over
+    [prefix ; cache] without decay, as TRIM-KV inference does. The prefix is never evicted.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, decay: bool = True, **kwargs) -> None:
+        if not kwargs.setdefault("causal", True):
+            raise ValueError("RetentionAttention: retention attention is causal; causal=False is not supported")
+        super().__init__(d_model, num_heads, **kwargs)
+        self.decay = decay
+
+    def forward(self, x: torch.Tensor, log_beta: torch.Tensor, *, cache=None, layer_idx: int = 0,
+                check_log_beta: bool = True) -> torch.Tensor:
+        """x (B, N, d_model), log_beta (B, Hkv, N) (from a :class:`memops.nn.RetentionGate`) -> (B, N, d_model)."""
+        self._check_input(x)
+        q, k, v = self.project(x)
+        mem_k, mem_v = self.memory_rows()
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx, log_beta.detach())
+            out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal)
+        elif self.decay:
+            out = retention_attention(q, k, v, log_beta, mem_k=mem_k, mem_v=mem_v, check_log_beta=check_log_beta)
+        else:
+            out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal)
+        return self.output(out)
+
+
+class LoopedAttention(MemoryAttention):
+    """One loop of a MELT layer: the loop's keys and values blend into the layer's shared KV cache with a gate,
+    then attention runs over it (:func:`memops.looped_attention`). Same arguments and state-dict keys as
+    :class:`MemoryAttention`; the prefix rows lead the cache and are never blended.
+
+    ``forward(x, gate, shared=None)`` -> (out (B, N, d_model), shared): ``shared`` is the (k, v) cache the
+    previous loop returned (None on loop 0, where the cache is [prefix ; k] itself). With ``cache=`` (a
+    :class:`memops.SharedLoopKVCache`, decoding) the rows go to ``cache.update(k, v, layer_idx, loop, gate)``.
+    """
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, *, shared=None, cache=None, layer_idx: int = 0,
+                loop: int = 0):
+        """x (B, N, d_model), gate (B, Hkv, N, 1) or (B, Hkv, N, head_dim) in [0, 1]."""
+        self._check_input(x)
+        q, k, v = self.project(x)
+        mem_k, mem_v = self.memory_rows()
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx, loop, gate)
+            return self.output(memory_attention(q, k, v, mem_k, mem_v, causal=self.causal)), None
+        if shared is None:  # loop 0: [prefix ; k] with gate 0 is [prefix ; k] itself
+            batch = x.shape[0]
+            k_cache = torch.cat([mem_k.expand(batch, -1, -1, -1), k], 2) if mem_k is not None else k
+            v_cache = torch.cat([mem_v.expand(batch, -1, -1, -1), v], 2) if mem_v is not None else v
+            gate = torch.zeros_like(gate)
+        else:
+            k_cache, v_cache = shared
+        out, k_cache, v_cache = looped_attention(q, k, v, gate, k_cache, v_cache, causal=self.causal)
+        return self.output(out), (k_cache, v_cache)

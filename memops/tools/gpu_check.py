@@ -644,7 +644,7 @@ def markdown(reports: list[dict], before: list[dict] | None = None) -> str:
              "Every kernel the public ops launch, compiled ahead of time on a CPU-only machine for real GPU targets",
              "at the launch configs the launchers choose on CUDA, at every family's CUDA benchmark shapes and for",
              "every dtype class (bf16, fp16, fp32 with ieee dots, fp32 with tf32 dots) and head dim",
-             "(`python -m memops.gpu_check`, which `memops gpu-check` runs; see `memops/gpu_check.py` and",
+             "(`python -m memops.tools.gpu_check`, which `memops gpu-check` runs; see `memops/tools/gpu_check.py` and",
              "docs/testing.md for what it proves and what it cannot). Regenerate with",
              "`memops gpu-check --out benchmarks/results/gpu-compile` under each Triton version, then `memops report`.", ""]
     for report in reports:

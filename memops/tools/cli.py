@@ -10,7 +10,7 @@ from pathlib import Path
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from memops import benchmarking
+    from memops.tools import benchmarking
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ops = [args.op] if args.op else list(benchmarking.BENCHMARKS)
@@ -33,7 +33,7 @@ def _bench(args: argparse.Namespace) -> int:
             print("(matplotlib is not installed: no plot; pip install 'memops[bench]')", file=sys.stderr)
         print("wrote " + ", ".join(written))
     if not args.op:  # the whole suite: one report page for this run
-        from memops.report import render
+        from memops.tools.report import render
 
         report = out_dir / "benchmarks.md"
         report.write_text(render([out_dir / f"{op}.json" for op in ops], title=f"memops benchmarks ({label})"))
@@ -42,7 +42,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from memops.report import render
+    from memops.tools.report import render
 
     paths = sorted(Path(args.results).glob("*/*.json"))
     paths = [p for p in paths if not p.name.startswith("tune")]
@@ -53,7 +53,7 @@ def _report(args: argparse.Namespace) -> int:
     out.write_text(text.replace(f"]({Path(args.results).as_posix()}", f"]({_relative(Path(args.results), out.parent)}"))
     print(f"wrote {out} from {len(paths)} result files")
     # The GPU compile check: the latest full sweep per Triton version, and the sweep before the fixes.
-    from memops import gpu_check
+    from memops.tools import gpu_check
 
     sweeps = sorted(Path(args.results).glob("gpu-compile/gpu-compile-triton*.json"))
     sweeps = [json.loads(p.read_text()) for p in sweeps if not p.stem.endswith("-subset")]
@@ -91,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                              "tensor cores (memops gpu-check --help)")
     if argv is None:
         argv = sys.argv[1:]
-    if argv and argv[0] == "gpu-check":  # its own parser: memops.gpu_check
-        from memops import gpu_check
+    if argv and argv[0] == "gpu-check":  # its own parser: memops.tools.gpu_check
+        from memops.tools import gpu_check
 
         return gpu_check.main(list(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "report":
         return _report(args)
     if args.command == "train-demo":
-        from memops import demo as demo_module
+        from memops.tools import demo as demo_module
 
         return demo_module.main(["--steps", str(args.steps), "--seed", str(args.seed)])
     if args.command == "bench":

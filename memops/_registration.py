@@ -1,0 +1,227 @@
+"""One way to put a kernel behind ``torch.library``: the forward custom op, its fake, the backward custom op,
+setup_context and register_autograd, built from a compact spec.
+
+Every custom op in memops is the Triton path of its public function; the public function calls
+``memops.reference`` directly for backend "reference" (differentiable by autograd), so no custom op takes a
+``backend`` argument. An op family's file then reads::
+
+    attention_kernels = lazy_kernels("attention")
+
+    def _fwd(q: Tensor, ..., causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        return attention_kernels.memory_attention_fwd(...)
+
+    def _bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, ..., out: Tensor, lse: Tensor, causal: bool,
+             scale: float, deterministic: bool) -> tuple[Tensor, ...]:
+        return dq, dk, ...                              # None for an absent input's grad
+
+    _op = custom_op("memory_attention", _fwd, fake=attention_outputs_like, outputs=("out", "lse"),
+                    backward=backward_op("memory_attention_backward", _bwd, grads=("q", "k", ...)))
+
+The backward op's parameters are wired **by name**: ``grad_<output>`` is the grad of that forward output, a
+forward input's or output's name is its saved value, ``deterministic`` is
+``torch.are_deterministic_algorithms_enabled()`` and ``<input>_grad`` is ``ctx.needs_input_grad`` of that
+input. It returns one grad per name in ``grads``: a custom op returns tensors only, so a None travels as an
+empty placeholder (of the input's dtype, or of the first input's where the input itself is None) and comes
+back to autograd as None, as does the grad of any input that needs none.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+
+import torch
+
+
+class lazy_kernels:  # noqa: N801 (reads as a module at its use sites)
+    """``memops.kernels.<name>``, imported on first attribute access, so ``import memops`` works where triton
+    does not import. Module level: ``attention_kernels = lazy_kernels("attention")``."""
+
+    def __init__(self, name: str) -> None:
+        self._name = f"memops.kernels.{name}"
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layout guards for kernel inputs
+
+
+def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t with stride 1 along its last dim (the kernels' only layout requirement for most operands)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t in the contiguous layout; clone(), unlike contiguous(), also traces on fake CUDA tensors."""
+    return t if t is None or t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+
+
+def contiguous(*tensors: torch.Tensor | None) -> tuple:
+    """Each tensor contiguous (None stays None): for kernels that address operands as dense row-major."""
+    return tuple(dense(t) for t in tensors)
+
+
+def empty_like_dense(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def attention_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake of every attention forward: out like q, and the (B, H, N) lse in fp32 (fp64 for fp64)."""
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return empty_like_dense(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The spec
+
+
+def _parameters(fn: Callable) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def _is_tensor_parameter(fn: Callable, name: str) -> bool:
+    annotation = inspect.signature(fn).parameters[name].annotation
+    return "Tensor" in (annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation)))
+
+
+def _placeholder_grads(values: dict, grads: Sequence[str], first: torch.Tensor, results) -> tuple:
+    """The backward op's results with every None as an empty placeholder, and every grad contiguous."""
+    out = []
+    for name, grad in zip(grads, results):
+        if grad is None or values.get(f"{name}_grad", True) is False:
+            like = values.get(name)
+            out.append((like if like is not None else first).new_empty(0))
+        else:
+            out.append(dense(grad))
+    return tuple(out)
+
+
+def backward_op(name: str, impl: Callable, *, grads: Sequence[str]):
+    """The custom op ``memops::<name>`` that computes the grads of the forward inputs named ``grads`` (see the
+    module docstring for how its parameters are wired), with a fake derived from those inputs."""
+    params = _parameters(impl)
+    missing = [g for g in grads if g not in params]
+    if missing:
+        raise TypeError(f"backward_op {name}: impl must take the inputs it differentiates, missing {missing}")
+    first_tensor = next(p for p in params if _is_tensor_parameter(impl, p) and not p.startswith("grad_"))
+
+    def bind(args, kwargs) -> dict:
+        values = dict(zip(params, args))
+        values.update(kwargs)
+        return values
+
+    def real(*args, **kwargs):
+        values = bind(args, kwargs)
+        results = impl(*args, **kwargs)
+        results = results if isinstance(results, tuple) else (results,)
+        grads_out = _placeholder_grads(values, grads, values[first_tensor], results)
+        return grads_out if len(grads_out) > 1 else grads_out[0]
+
+    def fake(*args, **kwargs):
+        values = bind(args, kwargs)
+        like = [values[g] if values.get(f"{g}_grad", True) is not False else None for g in grads]
+        results = [None if t is None else empty_like_dense(t) for t in like]
+        grads_out = _placeholder_grads(values, grads, values[first_tensor], results)
+        return grads_out if len(grads_out) > 1 else grads_out[0]
+
+    real.__wrapped__ = impl  # the schema comes from impl's signature
+    real.__name__ = real.__qualname__ = impl.__name__
+    real.__module__ = impl.__module__
+    op = torch.library.custom_op(f"memops::{name}", real, mutates_args=())
+    op.register_fake(fake)
+    op._memops_spec = SimpleNamespace(params=params, grads=tuple(grads))
+    return op
+
+
+def custom_op(
+    name: str,
+    impl: Callable,
+    *,
+    fake: Callable,
+    outputs: Sequence[str] | None = None,
+    backward=None,
+    grads: Sequence[str] | None = None,
+    save: Sequence[str] = (),
+    materialize_grads: bool = True,
+):
+    """The custom op ``memops::<name>`` running ``impl``, with ``fake`` for tracing, and autograd when
+    ``backward`` is given.
+
+    ``outputs`` names impl's outputs (for the wiring). ``backward`` is a :func:`backward_op` (wired by name;
+    its ``grads`` say which inputs get grads), or a function ``backward(saved, *output_grads)`` returning one
+    grad per name in ``grads``, where ``saved`` holds the inputs and outputs named in ``save`` and
+    ``saved.deterministic``. ``materialize_grads=False``: an unused output's grad arrives as None.
+    """
+    op = torch.library.custom_op(f"memops::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    if backward is None:
+        return op
+    names = _parameters(impl)
+    outputs = tuple(outputs or ())
+    if isinstance(backward, torch._library.custom_ops.CustomOpDef):
+        spec = backward._memops_spec
+        grads = spec.grads
+        sources = {}
+        for p in spec.params:
+            if p.startswith("grad_") and p[5:] in outputs:
+                sources[p] = ("grad", outputs.index(p[5:]))
+            elif p in names or p in outputs:
+                sources[p] = ("saved", p)
+            elif p == "deterministic":
+                sources[p] = ("deterministic", None)
+            elif p.endswith("_grad") and p[:-5] in names:
+                sources[p] = ("needs_grad", names.index(p[:-5]))
+            else:
+                raise TypeError(f"custom_op {name}: backward parameter {p!r} names no output grad, input or output")
+        save = [source for kind, source in sources.values() if kind == "saved"]
+        backward_op_def = backward
+    else:
+        if grads is None:
+            raise TypeError(f"custom_op {name}: a backward function needs grads=")
+        backward_op_def = None
+    grads = tuple(grads)
+    unknown = [g for g in grads if g not in names]
+    if unknown:
+        raise TypeError(f"custom_op {name}: grads {unknown} are not inputs of {impl.__name__}")
+    tensors = [s for s in save if s in outputs or _is_tensor_parameter(impl, s)]
+    attrs = [s for s in save if s not in tensors]
+
+    def setup_context(ctx, inputs, output):
+        values = dict(zip(names, inputs))
+        values.update(zip(outputs, output if isinstance(output, tuple) else (output,)))
+        ctx.save_for_backward(*(values[t] for t in tensors))
+        ctx.memops_attrs = {a: values[a] for a in attrs}
+        ctx.memops_given = [n in grads and values[n] is not None for n in names]
+        if not materialize_grads:
+            ctx.set_materialize_grads(False)
+
+    def backward_fn(ctx, *output_grads):
+        saved = dict(zip(tensors, ctx.saved_tensors), **ctx.memops_attrs)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if backward_op_def is not None:
+            args = []
+            for kind, source in sources.values():
+                if kind == "grad":
+                    args.append(output_grads[source])
+                elif kind == "saved":
+                    args.append(saved[source])
+                elif kind == "deterministic":
+                    args.append(deterministic)
+                else:
+                    args.append(ctx.needs_input_grad[source])
+            results = backward_op_def(*args)
+        else:
+            results = backward(SimpleNamespace(deterministic=deterministic, **saved), *output_grads)
+        results = results if isinstance(results, tuple) else (results,)
+        by_name = dict(zip(grads, results))
+        return tuple(
+            by_name[n] if given and ctx.needs_input_grad[i] else None
+            for i, (n, given) in enumerate(zip(names, ctx.memops_given))
+        )
+
+    op.register_autograd(backward_fn, setup_context=setup_context)
+    return op
