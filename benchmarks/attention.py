@@ -13,6 +13,7 @@ Dedupe cases (``copies`` > 1): the memory is ``M`` distinct rows each repeated `
 build today; memops gets the M distinct rows with ``mem_bias = ln copies``, which is exact. FLOPs count
 the M x copies keys of the problem solved.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 
 import memops
 from memops import reference
-from memops.tools.benchmarking import Case, case_grid, random_source
 from memops.testing import count_launches
+from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "memory_attention"
 MEMOPS_PROVIDERS = ("memops", "memops-composed", "memops-fused", "memops-reference")
@@ -39,10 +40,14 @@ def cases(device: str, quick: bool) -> list[Case]:
     decode = dict(B=8, H=32, Hkv=8, N=1, Nk=8192, M=256, D=128, dtype="bfloat16", causal=True, shared=False)
     small_dedupe = dict(small, M=4, copies=8)
     dit_mem_dedupe = dict(dit_mem, M=10, copies=100)
-    out = case_grid(device, quick, quick_cases=[("small", small), ("small-dedupe", small_dedupe)],
-                    full_cases=[("small-causal-gqa", small_causal)],
-                    cuda_quick=[("dit-mem", dit_mem)],
-                    cuda_full=[("dit-mem-dedupe", dit_mem_dedupe), ("prefix-tuning", prefix)])
+    out = case_grid(
+        device,
+        quick,
+        quick_cases=[("small", small), ("small-dedupe", small_dedupe)],
+        full_cases=[("small-causal-gqa", small_causal)],
+        cuda_quick=[("dit-mem", dit_mem)],
+        cuda_full=[("dit-mem-dedupe", dit_mem_dedupe), ("prefix-tuning", prefix)],
+    )
     if device == "cuda" and not quick:  # decode is inference only
         out.append(Case("decode", "fwd", decode, cuda_only=True))
     return out
@@ -52,8 +57,13 @@ def make_inputs(case: Case, device: str, seed: int):
     p, _, _, randn = random_source(case, device, seed)
 
     mem_shape = (p["Hkv"], p["M"], p["D"]) if p["shared"] else (p["B"], p["Hkv"], p["M"], p["D"])
-    tensors = dict(q=randn(p["B"], p["H"], p["N"], p["D"]), k=randn(p["B"], p["Hkv"], p["Nk"], p["D"]),
-                   v=randn(p["B"], p["Hkv"], p["Nk"], p["D"]), mem_k=randn(*mem_shape), mem_v=randn(*mem_shape))
+    tensors = dict(
+        q=randn(p["B"], p["H"], p["N"], p["D"]),
+        k=randn(p["B"], p["Hkv"], p["Nk"], p["D"]),
+        v=randn(p["B"], p["Hkv"], p["Nk"], p["D"]),
+        mem_k=randn(*mem_shape),
+        mem_v=randn(*mem_shape),
+    )
     copies = p.get("copies", 1)
     if copies > 1:  # the baselines' repeated table, and memops' distinct rows + ln(copies)
         tensors["repeated_mem_k"] = tensors["mem_k"].repeat_interleave(copies, dim=-2)
@@ -82,7 +92,11 @@ def bytes_moved(case: Case, mode: str) -> int:
     p = case.params
     item = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
     mem_rows = p["M"] * p.get("copies", 1) * (1 if p["shared"] else p["B"])
-    elements = 2 * p["B"] * p["H"] * p["N"] * p["D"] + 2 * p["B"] * p["Hkv"] * p["Nk"] * p["D"] + 2 * mem_rows * p["Hkv"] * p["D"]
+    elements = (
+        2 * p["B"] * p["H"] * p["N"] * p["D"]
+        + 2 * p["B"] * p["Hkv"] * p["Nk"] * p["D"]
+        + 2 * mem_rows * p["Hkv"] * p["D"]
+    )
     return elements * item * (1 if mode == "fwd" else 3)
 
 
@@ -106,6 +120,7 @@ def _cat_sdpa(p):
         q, keys, values = _concatenated(tensors)
         mask = _causal_with_memory_mask(p["N"], p["Nk"], p["M"], q.device) if p["causal"] else None
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=p["H"] != p["Hkv"])
+
     return forward
 
 
@@ -132,6 +147,7 @@ def _flex(p):
     def forward(tensors):
         q, keys, values = _concatenated(tensors)
         return _compiled_flex()(q, keys, values, block_mask=block_mask, enable_gqa=p["H"] != p["Hkv"])
+
     return forward
 
 
@@ -143,12 +159,14 @@ def _memops_inputs(tensors) -> dict:
 def _memops(p, impl="auto"):
     def forward(tensors):
         return memops.memory_attention(**_memops_inputs(tensors), causal=p["causal"], impl=impl)
+
     return forward
 
 
 def _reference(p):
     def forward(tensors):
         return reference.memory_attention(**_memops_inputs(tensors), causal=p["causal"])
+
     return forward
 
 
@@ -164,7 +182,9 @@ def _build(forward, mode: str):
             for t in tensors.values():
                 t.grad = None
             forward(tensors).backward(grad_out)
+
         return step
+
     return build
 
 

@@ -6,6 +6,7 @@ SDPA: what one writes by hand), ``per_loop`` (Ouro-style: every loop keeps its o
 attention over it, with T times the KV memory) and ``sdpa`` (plain attention on the same shapes: the
 floor). Times are per loop; the note gives the KV memory of the shared cache vs T per-loop caches.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,14 +26,21 @@ def cases(device: str, quick: bool) -> list[Case]:
     small_decode = dict(small, n=1, Nk=1024)
     # Ouro-1.4B-like: 16 heads x 128, prefill chunks of 4K tokens, decode at 8K and 32K context.
     ouro = dict(B=1, H=16, Hkv=16, n=4096, Nk=4096, D=128, dtype="bfloat16")
-    out = [Case("small", "fwd", small, quick=True), Case("small", "fwd+bwd", small, quick=True),
-           Case("small-decode", "decode", small_decode, quick=True)]
+    out = [
+        Case("small", "fwd", small, quick=True),
+        Case("small", "fwd+bwd", small, quick=True),
+        Case("small-decode", "decode", small_decode, quick=True),
+    ]
     if device == "cuda":
-        out += [Case("ouro-4k", "fwd", ouro, quick=True, cuda_only=True),
-                Case("ouro-decode-8k", "decode", dict(ouro, n=1, Nk=8192), quick=True, cuda_only=True)]
+        out += [
+            Case("ouro-4k", "fwd", ouro, quick=True, cuda_only=True),
+            Case("ouro-decode-8k", "decode", dict(ouro, n=1, Nk=8192), quick=True, cuda_only=True),
+        ]
         if not quick:
-            out += [Case("ouro-4k", "fwd+bwd", ouro, cuda_only=True),
-                    Case("ouro-decode-32k", "decode", dict(ouro, B=4, n=1, Nk=32768), cuda_only=True)]
+            out += [
+                Case("ouro-4k", "fwd+bwd", ouro, cuda_only=True),
+                Case("ouro-decode-32k", "decode", dict(ouro, B=4, n=1, Nk=32768), cuda_only=True),
+            ]
     return out
 
 
@@ -40,17 +48,24 @@ def make_inputs(case: Case, device: str, seed: int):
     p, _, generator, randn = random_source(case, device, seed)
 
     B, H, Hkv, n, Nk, D = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"], p["D"]
-    tensors = dict(q=randn(B, H, n, D), k_new=randn(B, Hkv, n, D), v_new=randn(B, Hkv, n, D),
-                   gate=torch.rand(B, Hkv, n, 1, device=device, generator=generator),
-                   k_cache=randn(B, Hkv, Nk, D), v_cache=randn(B, Hkv, Nk, D))
+    tensors = dict(
+        q=randn(B, H, n, D),
+        k_new=randn(B, Hkv, n, D),
+        v_new=randn(B, Hkv, n, D),
+        gate=torch.rand(B, Hkv, n, 1, device=device, generator=generator),
+        k_cache=randn(B, Hkv, Nk, D),
+        v_cache=randn(B, Hkv, Nk, D),
+    )
     grad_out = randn(B, H, n, D) if case.mode == "fwd+bwd" else None
     return tensors, grad_out
 
 
 def _memops(causal: bool, inplace: bool):
     def forward(t):
-        return memops.looped_attention(t["q"], t["k_new"], t["v_new"], t["gate"], t["k_cache"], t["v_cache"],
-                                       causal=causal, inplace=inplace)[0]
+        return memops.looped_attention(
+            t["q"], t["k_new"], t["v_new"], t["gate"], t["k_cache"], t["v_cache"], causal=causal, inplace=inplace
+        )[0]
+
     return forward
 
 
@@ -60,23 +75,29 @@ def _unfused(causal: bool):
         gate = t["gate"].to(t["k_new"].dtype)
         k = torch.cat([t["k_cache"][:, :, :-n], torch.lerp(t["k_new"], t["k_cache"][:, :, -n:], gate)], dim=2)
         v = torch.cat([t["v_cache"][:, :, :-n], torch.lerp(t["v_new"], t["v_cache"][:, :, -n:], gate)], dim=2)
-        return F.scaled_dot_product_attention(t["q"], k, v, is_causal=causal and n > 1,
-                                              enable_gqa=t["q"].shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(
+            t["q"], k, v, is_causal=causal and n > 1, enable_gqa=t["q"].shape[1] != k.shape[1]
+        )
+
     return forward
 
 
 def _plain(t, causal: bool):
     q, k, v = t["q"], t["k_cache"], t["v_cache"]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def _build(forward, mode: str, differentiable=("q", "k_new", "v_new", "gate", "k_cache", "v_cache")):
     def build(inputs):
         tensors, grad_out = inputs
         if mode != "fwd+bwd":
+
             def run():
                 with torch.no_grad():
                     return forward(tensors)
+
             return run
         leaves = [tensors[name].requires_grad_() for name in differentiable]
 
@@ -84,7 +105,9 @@ def _build(forward, mode: str, differentiable=("q", "k_new", "v_new", "gate", "k
             for t in leaves:
                 t.grad = None
             forward(tensors).backward(grad_out)
+
         return step
+
     return build
 
 
@@ -120,7 +143,7 @@ def bytes_moved(case: Case, mode: str) -> int:
     p = case.params
     item = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
     q_and_out = 2 * p["B"] * p["H"] * p["n"] * p["D"] * item
-    new_rows = 2 * p["B"] * p["Hkv"] * p["n"] * p["D"] * item * 2   # read k/v new, write the updated rows
+    new_rows = 2 * p["B"] * p["Hkv"] * p["n"] * p["D"] * item * 2  # read k/v new, write the updated rows
     return (q_and_out + _kv_bytes(p) + new_rows) * (3 if mode == "fwd+bwd" else 1)
 
 

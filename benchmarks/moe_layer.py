@@ -7,6 +7,7 @@ matmul per used expert in PyTorch, the usual hand-written MoE) and, on CUDA wher
 be read (the used experts' W_gate_up and W_down) plus activations: the layer is weight-bandwidth bound at
 small T, which is where block routing pays. The note gives the unique experts and expert bytes read.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,9 +30,11 @@ def cases(device: str, quick: bool) -> list[Case]:
     llada2 = dict(T=32, d=2048, inter=512, E=256, top_k=8, n_groups=8, topk_groups=4, min_experts=16, dtype="bfloat16")
     out = [Case("small", "fwd", small, quick=True), Case("small", "fwd+bwd", small, quick=True)]
     if device == "cuda":
-        out += [Case("llada2-1blk", "fwd", llada2, quick=True, cuda_only=True),
-                Case("llada2-64blk", "fwd", dict(llada2, T=2048), cuda_only=True),
-                Case("llada2-64blk", "fwd+bwd", dict(llada2, T=2048), cuda_only=True)]
+        out += [
+            Case("llada2-1blk", "fwd", llada2, quick=True, cuda_only=True),
+            Case("llada2-64blk", "fwd", dict(llada2, T=2048), cuda_only=True),
+            Case("llada2-64blk", "fwd+bwd", dict(llada2, T=2048), cuda_only=True),
+        ]
     return out
 
 
@@ -41,16 +44,26 @@ def _weights(params: tuple, device: str):
     p = dict(params)
     dtype = getattr(torch, p["dtype"])
     generator = torch.Generator(device=device).manual_seed(0)
-    w_gate_up = (torch.randn(p["E"], 2 * p["inter"], p["d"], device=device, generator=generator) * p["d"] ** -0.5).to(dtype)
-    w_down = (torch.randn(p["E"], p["d"], p["inter"], device=device, generator=generator) * p["inter"] ** -0.5).to(dtype)
+    w_gate_up = (torch.randn(p["E"], 2 * p["inter"], p["d"], device=device, generator=generator) * p["d"] ** -0.5).to(
+        dtype
+    )
+    w_down = (torch.randn(p["E"], p["d"], p["inter"], device=device, generator=generator) * p["inter"] ** -0.5).to(
+        dtype
+    )
     router = torch.randn(p["E"], p["d"], device=device, generator=generator) * p["d"] ** -0.5
     return w_gate_up, w_down, router
 
 
 def _route(p: dict, x: torch.Tensor, router: torch.Tensor, block_size):
     logits = (x.float() @ router.t())[None]
-    ids, weights, _ = reference.block_route(logits, block_size=block_size, top_k=p["top_k"], min_experts=p["min_experts"],
-                                            n_groups=p["n_groups"], topk_groups=p["topk_groups"])
+    ids, weights, _ = reference.block_route(
+        logits,
+        block_size=block_size,
+        top_k=p["top_k"],
+        min_experts=p["min_experts"],
+        n_groups=p["n_groups"],
+        topk_groups=p["topk_groups"],
+    )
     return ids[0], weights[0]
 
 
@@ -82,9 +95,11 @@ def _build(ffn, routing: str, mode: str):
         x, w_gate_up, w_down, routes, grad = inputs
         ids, weights = routes[routing]
         if mode == "fwd":
+
             def run():
                 with torch.no_grad():
                     return ffn(x, w_gate_up, w_down, ids, weights)
+
             return run
         leaves = [t.detach().requires_grad_() for t in (x, w_gate_up, w_down)]
 
@@ -92,7 +107,9 @@ def _build(ffn, routing: str, mode: str):
             for t in leaves:
                 t.grad = None
             ffn(*leaves, ids, weights).backward(grad)
+
         return step
+
     return build
 
 

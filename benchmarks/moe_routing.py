@@ -4,6 +4,7 @@ Providers, same run: ``memops`` (block routing, fused kernel), ``memops-token`` 
 block_size=None, through the same kernel), ``reference`` (memops.reference.block_route: the algorithm in
 PyTorch ops) and ``reference-token``. The note gives the mean unique experts per 32-token block.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,9 +22,11 @@ MIXTRAL = dict(E=8, top_k=2, n_groups=1, topk_groups=1, routed_scaling=1.0, scor
 
 
 def cases(device: str, quick: bool) -> list[Case]:
-    out = [Case("llada2-1blk", "fwd", dict(LLADA2, B=1, N=32), quick=True),
-           Case("llada2-64blk", "fwd", dict(LLADA2, B=1, N=2048), quick=True),
-           Case("mixtral-64blk", "fwd", dict(MIXTRAL, B=1, N=2048))]
+    out = [
+        Case("llada2-1blk", "fwd", dict(LLADA2, B=1, N=32), quick=True),
+        Case("llada2-64blk", "fwd", dict(LLADA2, B=1, N=2048), quick=True),
+        Case("mixtral-64blk", "fwd", dict(MIXTRAL, B=1, N=2048)),
+    ]
     if device == "cuda" and not quick:
         out.append(Case("llada2-512blk", "fwd", dict(LLADA2, B=8, N=2048), cuda_only=True))
     return out
@@ -36,18 +39,25 @@ def make_inputs(case: Case, device: str, seed: int):
 
 
 def _kwargs(p: dict, block_size):
-    return dict(block_size=block_size, top_k=p["top_k"], min_experts=p["min_experts"], score_func=p["score_func"],
-                n_groups=p["n_groups"], topk_groups=p["topk_groups"], routed_scaling=p["routed_scaling"])
+    return dict(
+        block_size=block_size,
+        top_k=p["top_k"],
+        min_experts=p["min_experts"],
+        score_func=p["score_func"],
+        n_groups=p["n_groups"],
+        topk_groups=p["topk_groups"],
+        routed_scaling=p["routed_scaling"],
+    )
 
 
 def providers(case: Case, device: str) -> dict:
     p = case.params
     ours = "memops" if device == "cuda" else "memops-reference"
-    out = {ours: lambda logits: (lambda: memops.block_route(logits, **_kwargs(p, 32)))}
+    out = {ours: lambda logits: lambda: memops.block_route(logits, **_kwargs(p, 32))}
     if device == "cuda":
-        out["memops-token"] = lambda logits: (lambda: memops.block_route(logits, **_kwargs(p, None)))
-    out["reference"] = lambda logits: (lambda: reference.block_route(logits, **_kwargs(p, 32)))
-    out["reference-token"] = lambda logits: (lambda: reference.block_route(logits, **_kwargs(p, None)))
+        out["memops-token"] = lambda logits: lambda: memops.block_route(logits, **_kwargs(p, None))
+    out["reference"] = lambda logits: lambda: reference.block_route(logits, **_kwargs(p, 32))
+    out["reference-token"] = lambda logits: lambda: reference.block_route(logits, **_kwargs(p, None))
     return out
 
 

@@ -1,9 +1,11 @@
-"""Product-key memory benchmarks. weighted_gather against F.embedding_bag(mode="sum", per_sample_weights=...) and gather-then-einsum.
+"""Product-key memory benchmarks. weighted_gather against F.embedding_bag(mode="sum", per_sample_weights=...)
+and gather-then-einsum.
 
 The forward must read T*K*D table elements and write T*D: its floor is those bytes over the measured copy
 bandwidth. fwd+bwd adds reading dout and V rows again (weights grad), writing the dense (S, D) values grad,
 and the scatter of T*K*D contributions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +25,14 @@ def cases(device: str, quick: bool) -> list[Case]:
     # Memory Layers at Scale: 4 heads x top-32 = 128 rows per token from a 1024^2-row bf16 table.
     mlas_1k = dict(T=4096, K=128, S=1 << 20, D=1024, dtype="bfloat16")
     mlas_4k = dict(T=4096, K=128, S=1 << 20, D=4096, dtype="bfloat16")
-    return case_grid(device, quick, quick_cases=[("small", small)], full_cases=[("medium", medium)],
-                     cuda_quick=[("mlas-D1024", mlas_1k)], cuda_full=[("mlas-D4096", mlas_4k)])
+    return case_grid(
+        device,
+        quick,
+        quick_cases=[("small", small)],
+        full_cases=[("medium", medium)],
+        cuda_quick=[("mlas-D1024", mlas_1k)],
+        cuda_full=[("mlas-D4096", mlas_4k)],
+    )
 
 
 def make_inputs(case: Case, device: str, seed: int):
@@ -34,7 +42,9 @@ def make_inputs(case: Case, device: str, seed: int):
     values = torch.randn(p["S"], p["D"], device=device, dtype=dtype, generator=generator)
     indices = torch.randint(0, p["S"], (p["T"], p["K"]), device=device, generator=generator)
     weights = torch.rand(p["T"], p["K"], device=device, generator=generator).softmax(-1).to(dtype)
-    grad_out = torch.randn(p["T"], p["D"], device=device, dtype=dtype, generator=generator) if case.mode != "fwd" else None
+    grad_out = (
+        torch.randn(p["T"], p["D"], device=device, dtype=dtype, generator=generator) if case.mode != "fwd" else None
+    )
     return values, indices, weights, grad_out
 
 
@@ -49,6 +59,7 @@ def _embedding_bag(values, indices, weights):
 def _memops(**kwargs):
     def fn(values, indices, weights):
         return memops.weighted_gather(values, indices, weights, **kwargs)
+
     return fn
 
 
@@ -67,7 +78,9 @@ def _build(forward, mode: str, deterministic: bool = False):
                 forward(values, indices, weights).backward(grad_out)
             finally:
                 torch.use_deterministic_algorithms(before)
+
         return step
+
     return build
 
 

@@ -6,6 +6,7 @@ F.embedding_bag) and ``xlm-compiled`` (the same under torch.compile). GB/s count
 must move (T * heads * k table rows, plus the output), so "% copy" is the value read's share of the copy
 roof; fwd+bwd adds the values-grad scatter and the dense values-grad write.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,20 +61,41 @@ def xlm_memory(layer: memops.nn.ProductKeyMemory, x: torch.Tensor) -> torch.Tens
 
 def cases(device: str, quick: bool) -> list[Case]:
     small = dict(T=512, dim=256, n_keys=64, heads=4, topk=16, key_dim=64, value_dim=256, gated=False, dtype="float32")
-    medium = dict(T=2048, dim=512, n_keys=256, heads=4, topk=32, key_dim=128, value_dim=512, gated=False, dtype="float32")
+    medium = dict(
+        T=2048, dim=512, n_keys=256, heads=4, topk=32, key_dim=128, value_dim=512, gated=False, dtype="float32"
+    )
     # XLM (Lample et al.): 512^2 slots, 4 heads x top-32, key_dim 256, values of the model width.
-    xlm = dict(T=8192, dim=1024, n_keys=512, heads=4, topk=32, key_dim=256, value_dim=1024, gated=False, dtype="bfloat16")
+    xlm = dict(
+        T=8192, dim=1024, n_keys=512, heads=4, topk=32, key_dim=256, value_dim=1024, gated=False, dtype="bfloat16"
+    )
     # Memory Layers at Scale: 1024^2 slots, key_dim 512, Memory+ (gated) output.
-    mlas = dict(T=8192, dim=2048, n_keys=1024, heads=4, topk=32, key_dim=512, value_dim=2048, gated=True, dtype="bfloat16")
+    mlas = dict(
+        T=8192, dim=2048, n_keys=1024, heads=4, topk=32, key_dim=512, value_dim=2048, gated=True, dtype="bfloat16"
+    )
     mlas_4k = dict(mlas, dim=4096, value_dim=4096)
-    return case_grid(device, quick, quick_cases=[("small", small)], full_cases=[("medium", medium)],
-                     cuda_quick=[("xlm", xlm)], cuda_full=[("mlas-D2048", mlas), ("mlas-D4096", mlas_4k)])
+    return case_grid(
+        device,
+        quick,
+        quick_cases=[("small", small)],
+        full_cases=[("medium", medium)],
+        cuda_quick=[("xlm", xlm)],
+        cuda_full=[("mlas-D2048", mlas), ("mlas-D4096", mlas_4k)],
+    )
 
 
 def make_layer(p: dict, device: str) -> memops.nn.ProductKeyMemory:
     return memops.nn.ProductKeyMemory(
-        p["dim"], p["dim"], n_keys=p["n_keys"], heads=p["heads"], topk=p["topk"], key_dim=p["key_dim"],
-        value_dim=p["value_dim"], query_norm=None, gated=p["gated"], device=device, dtype=getattr(torch, p["dtype"]),
+        p["dim"],
+        p["dim"],
+        n_keys=p["n_keys"],
+        heads=p["heads"],
+        topk=p["topk"],
+        key_dim=p["key_dim"],
+        value_dim=p["value_dim"],
+        query_norm=None,
+        gated=p["gated"],
+        device=device,
+        dtype=getattr(torch, p["dtype"]),
     )
 
 
@@ -96,9 +118,11 @@ def _build(forward, mode: str):
     def build(inputs):
         layer, x, grad_out = inputs
         if mode == "fwd":
+
             def run():
                 with torch.no_grad():
                     return forward(layer, x)
+
             return run
         x = x.detach().requires_grad_()
 
@@ -106,7 +130,9 @@ def _build(forward, mode: str):
             layer.zero_grad(set_to_none=True)
             x.grad = None
             forward(layer, x).backward(grad_out)
+
         return step
+
     return build
 
 

@@ -5,13 +5,14 @@ memops.benchmarks.product_key_memory.xlm_search) and ``xlm-compiled`` (the same 
 TFLOP/s counts the two half-score matmuls (2 * T * Hm * n_keys * Dk); bytes are the queries and sub-keys
 read and the (scores, indices) written, which the fused kernel is bound by only at tiny n_keys.
 """
+
 from __future__ import annotations
 
 import torch
 
 import memops
-from memops.tools.benchmarking import Case, case_grid, random_source
 from memops.benchmarks.product_key_memory import xlm_search
+from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "product_key_topk"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
@@ -23,8 +24,14 @@ def cases(device: str, quick: bool) -> list[Case]:
     medium = dict(T=4096, heads=4, key_dim=128, n_keys=256, topk=32, dtype="float32")
     xlm = dict(T=8192, heads=4, key_dim=256, n_keys=512, topk=32, dtype="bfloat16")
     mlas = dict(T=8192, heads=4, key_dim=512, n_keys=1024, topk=32, dtype="bfloat16")
-    return case_grid(device, quick, quick_cases=[("small", small)], full_cases=[("medium", medium)],
-                     cuda_quick=[("mlas", mlas)], cuda_full=[("xlm", xlm)])
+    return case_grid(
+        device,
+        quick,
+        quick_cases=[("small", small)],
+        full_cases=[("medium", medium)],
+        cuda_quick=[("mlas", mlas)],
+        cuda_full=[("xlm", xlm)],
+    )
 
 
 def make_inputs(case: Case, device: str, seed: int):
@@ -46,7 +53,9 @@ def _build(search, mode: str):
             queries.grad = sub_keys.grad = None
             scores, _ = search(queries, sub_keys, topk)
             scores.backward(grad_scores.to(scores.dtype))
+
         return step
+
     return build
 
 

@@ -5,6 +5,7 @@ block mask: what the official TRIM-KV training code uses; CUDA only), ``sdpa_cau
 with no bias: the cost floor) and ``reference`` (memops.reference: SDPA with a materialised (B, H, N, Nk)
 float bias). FLOPs count the visible (causal) keys: 4·B·H·D·Σ_i visible(i) forward, 3.5x that for fwd+bwd.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 
 import memops
 from memops import reference
-from memops.tools.benchmarking import Case, case_grid, random_source
 from memops.benchmarks.attention import _build, _compiled_flex
+from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "retention_attention"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
@@ -24,17 +25,21 @@ def cases(device: str, quick: bool) -> list[Case]:
     small = dict(B=1, H=4, Hkv=2, N=256, D=64, dtype="float32")
     llm_4k = dict(B=2, H=32, Hkv=8, N=4096, D=128, dtype="bfloat16")
     llm_16k = dict(B=1, H=32, Hkv=8, N=16384, D=128, dtype="bfloat16")
-    return case_grid(device, quick, quick_cases=[("small", small)], cuda_quick=[("llm-4k", llm_4k)],
-                     cuda_full=[("llm-16k", llm_16k)])
+    return case_grid(
+        device, quick, quick_cases=[("small", small)], cuda_quick=[("llm-4k", llm_4k)], cuda_full=[("llm-16k", llm_16k)]
+    )
 
 
 def make_inputs(case: Case, device: str, seed: int):
     p, _, generator, randn = random_source(case, device, seed)
 
-    tensors = dict(q=randn(p["B"], p["H"], p["N"], p["D"]), k=randn(p["B"], p["Hkv"], p["N"], p["D"]),
-                   v=randn(p["B"], p["Hkv"], p["N"], p["D"]),
-                   # a gate fresh from its bias init keeps beta close to 1
-                   log_beta=-0.01 * torch.rand(p["B"], p["Hkv"], p["N"], device=device, generator=generator))
+    tensors = dict(
+        q=randn(p["B"], p["H"], p["N"], p["D"]),
+        k=randn(p["B"], p["Hkv"], p["N"], p["D"]),
+        v=randn(p["B"], p["Hkv"], p["N"], p["D"]),
+        # a gate fresh from its bias init keeps beta close to 1
+        log_beta=-0.01 * torch.rand(p["B"], p["Hkv"], p["N"], device=device, generator=generator),
+    )
     grad_out = randn(p["B"], p["H"], p["N"], p["D"]) if case.mode != "fwd" else None
     return tensors, grad_out
 
@@ -77,8 +82,10 @@ def _flex(p):
         def retention(score, b, h, q_idx, kv_idx):
             return score + (q_idx - kv_idx) * log_beta[b, h // group, kv_idx]
 
-        return _compiled_flex()(tensors["q"], tensors["k"], tensors["v"], score_mod=retention,
-                                block_mask=block_mask, enable_gqa=group != 1)
+        return _compiled_flex()(
+            tensors["q"], tensors["k"], tensors["v"], score_mod=retention, block_mask=block_mask, enable_gqa=group != 1
+        )
+
     return forward
 
 

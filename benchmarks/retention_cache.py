@@ -8,14 +8,15 @@
   and ``memops.memory_attention`` (memops) against ``full_cache``, the same step over a full cache
   (in-place append into a preallocated buffer, SDPA over all rows). Bytes: the K/V rows each reads.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 import memops
-from memops.tools.benchmarking import Case
 from memops.kv_cache import evict
+from memops.tools.benchmarking import Case
 
 OP = "retention_cache"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
@@ -28,11 +29,15 @@ def cases(device: str, quick: bool) -> list[Case]:
     llm_b4 = dict(llm, B=4)
     out = [Case("small", "evict", small, quick=True), Case("small", "decode", small, quick=True)]
     if device == "cuda":
-        out += [Case("llm-32k", "evict", llm, quick=True, cuda_only=True),
-                Case("llm-32k", "decode", llm, quick=True, cuda_only=True)]
+        out += [
+            Case("llm-32k", "evict", llm, quick=True, cuda_only=True),
+            Case("llm-32k", "decode", llm, quick=True, cuda_only=True),
+        ]
         if not quick:
-            out += [Case("llm-32k-B4", "evict", llm_b4, cuda_only=True),
-                    Case("llm-32k-B4", "decode", llm_b4, cuda_only=True)]
+            out += [
+                Case("llm-32k-B4", "evict", llm_b4, cuda_only=True),
+                Case("llm-32k-B4", "decode", llm_b4, cuda_only=True),
+            ]
     return out
 
 
@@ -52,8 +57,15 @@ def _evict_memops(p):
     def build(inputs):
         rows = inputs["keys"].shape[2]
         positions = torch.arange(rows, device=inputs["keys"].device).expand(inputs["log_beta"].shape).contiguous()
-        return lambda: evict(inputs["keys"], inputs["values"], inputs["log_beta"], positions,
-                             newest_position=rows - 1, budget=p["budget"])
+        return lambda: evict(
+            inputs["keys"],
+            inputs["values"],
+            inputs["log_beta"],
+            positions,
+            newest_position=rows - 1,
+            budget=p["budget"],
+        )
+
     return build
 
 
@@ -68,7 +80,9 @@ def _evict_topk_gather(p):
             kept = scores.topk(p["budget"], dim=-1).indices.sort(dim=-1).values
             index = kept.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
             return keys.gather(2, index), values.gather(2, index), log_beta.gather(2, kept), positions.gather(2, kept)
+
         return step
+
     return build
 
 
@@ -76,7 +90,7 @@ def _decode_memops(p):
     def build(inputs):
         keys, values, log_beta, generator = inputs["keys"], inputs["values"], inputs["log_beta"], inputs["generator"]
         cache = memops.RetentionKVCache(p["budget"], p["buffer"])
-        cache.update(keys, values, 0, log_beta)             # the prompt: attended once, then compacted
+        cache.update(keys, values, 0, log_beta)  # the prompt: attended once, then compacted
         B, H, D = p["B"], p["H"], p["D"]
         q = torch.randn(B, H, 1, D, device=keys.device, generator=generator).to(keys.dtype)
         new_k, new_v, new_beta = keys[:, :, :1].clone(), values[:, :, :1].clone(), log_beta[:, :, :1].clone()
@@ -84,7 +98,9 @@ def _decode_memops(p):
         def step():
             cached_k, cached_v = cache.update(new_k, new_v, 0, new_beta)
             return memops.memory_attention(q, cached_k, cached_v)
+
         return step
+
     return build
 
 
@@ -92,7 +108,7 @@ def _decode_full_cache(p):
     def build(inputs):
         keys, values, generator = inputs["keys"], inputs["values"], inputs["generator"]
         B, H, Hkv, D, context = p["B"], p["H"], p["Hkv"], p["D"], p["context"]
-        k_buffer = torch.cat([keys, keys[:, :, :1]], dim=2)   # one spare row for the new token
+        k_buffer = torch.cat([keys, keys[:, :, :1]], dim=2)  # one spare row for the new token
         v_buffer = torch.cat([values, values[:, :, :1]], dim=2)
         q = torch.randn(B, H, 1, D, device=keys.device, generator=generator).to(keys.dtype)
         new_k, new_v = keys[:, :, :1].clone(), values[:, :, :1].clone()
@@ -101,7 +117,9 @@ def _decode_full_cache(p):
             k_buffer[:, :, context:] = new_k
             v_buffer[:, :, context:] = new_v
             return F.scaled_dot_product_attention(q, k_buffer, v_buffer, enable_gqa=H != Hkv)
+
         return step
+
     return build
 
 
@@ -115,8 +133,8 @@ def providers(case: Case, device: str) -> dict:
 def bytes_moved(case: Case, mode: str) -> int:
     p = case.params
     item = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
-    row = 2 * p["D"] * item + 12   # K, V, log_beta and position of one (batch, kv head) row
+    row = 2 * p["D"] * item + 12  # K, V, log_beta and position of one (batch, kv head) row
     heads = p["B"] * p["Hkv"]
     if mode == "evict":  # read the scores, read and write the kept rows
         return heads * ((p["budget"] + p["buffer"]) * 12 + 2 * p["budget"] * row)
-    return heads * p["budget"] * row   # the bounded cache's decode reads about budget rows
+    return heads * p["budget"] * row  # the bounded cache's decode reads about budget rows

@@ -1,6 +1,7 @@
 """TRIM-KV capacity benchmarks: memops.retention_capacity (tiled, no N x N terms stored) against the
 materialised N x N reference. Bytes: log_beta read and R written (the terms are compute, not traffic);
 FLOPs: about 3 per (t, j) pair of the causal triangle (multiply, exp, add) forward, 3x for fwd+bwd."""
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,9 @@ def _build(forward, mode: str):
         def step():
             log_beta.grad = None
             forward(log_beta).backward(grad)
+
         return step
+
     return build
 
 

@@ -5,6 +5,7 @@ column-parallel ShardedProductKeyMemory and an ExpertParallelBlockMoE forward+ba
 printing tokens/s and the bytes per token each rank handed to collectives (memops.distributed.COMMUNICATED).
 CPU gloo timings measure the schemes' overheads on one host, not GPU scaling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ def _worker(rank: int, world: int, port: int, out: str, tokens: int) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     device = f"cuda:{rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(rank)
@@ -51,16 +53,21 @@ def _worker(rank: int, world: int, port: int, out: str, tokens: int) -> None:
     x = torch.randn(1, tokens, 256, device=device)
     report = {}
     for name, layer in (("sharded_pkm", pkm), ("expert_parallel_moe", moe)):
+
         def step():
             layer.zero_grad(set_to_none=True)
             layer(x).square().mean().backward()
             if cuda:
                 torch.cuda.synchronize()
+
         seconds = _time(step)
         md.COMMUNICATED.clear()
         step()
-        report[name] = {"tokens_per_s": tokens / seconds, "bytes_per_token": sum(md.COMMUNICATED.values()) / tokens,
-                        "ms": 1e3 * seconds}
+        report[name] = {
+            "tokens_per_s": tokens / seconds,
+            "bytes_per_token": sum(md.COMMUNICATED.values()) / tokens,
+            "ms": 1e3 * seconds,
+        }
     dist.destroy_process_group()
     if rank == 0:
         with open(os.path.join(out, f"world{world}.json"), "w") as handle:
@@ -78,8 +85,11 @@ def main() -> None:
         result = json.load(open(os.path.join(out, f"world{world}.json")))
         for name in ("sharded_pkm", "expert_parallel_moe"):
             r = result[name]
-            print(f"{result['device']:<12} world {world}  {name:<20} {r['ms']:8.2f} ms  {r['tokens_per_s']:10.0f} tokens/s  "
-                  f"{r['bytes_per_token']:8.1f} bytes/token handed to collectives (rank 0)")
+            print(
+                f"{result['device']:<12} world {world}  {name:<20} {r['ms']:8.2f} ms  "
+                f"{r['tokens_per_s']:10.0f} tokens/s  "
+                f"{r['bytes_per_token']:8.1f} bytes/token handed to collectives (rank 0)"
+            )
 
 
 if __name__ == "__main__":

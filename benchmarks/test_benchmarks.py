@@ -2,6 +2,7 @@
 
 The quick cases of this device, every provider, every op. `memops bench` gives the same timings as a table
 with GB/s, TFLOP/s, the fraction of copy bandwidth, and the speedups against the baselines."""
+
 import pytest
 import torch
 

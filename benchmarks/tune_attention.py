@@ -5,6 +5,7 @@
 Times the forward and the backward (dQ and dK/dV kernels share one config) at the DiT-Mem shape with N
 halved, bf16, and prints the fastest configs against the launchers' defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,17 +40,40 @@ def main() -> None:
         k, v = (torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         mem_k, mem_v = (torch.randn(Hkv, M, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         grad_out = torch.randn_like(q)
-        scale = D ** -0.5
+        scale = D**-0.5
         flops = 4.0 * B * H * D * N * (M + (N + 1) / 2 if causal else M + N)
         out, lse = kernels.memory_attention_fwd(q, k, v, mem_k, mem_v, None, causal=causal, scale=scale)
         entry = {"shape": shape, "fwd": [], "bwd": []}
         print(shape)
         for name, configs, run, work in (
-            ("fwd", itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
-             lambda c: kernels.memory_attention_fwd(q, k, v, mem_k, mem_v, None, causal=causal, scale=scale, config=c), flops),
-            ("bwd", itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2)),
-             lambda c: kernels.memory_attention_bwd(grad_out, q, k, v, mem_k, mem_v, None, out, lse, causal=causal,
-                                                    scale=scale, deterministic=False, config=c), 2.5 * flops),
+            (
+                "fwd",
+                itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
+                lambda c: kernels.memory_attention_fwd(
+                    q, k, v, mem_k, mem_v, None, causal=causal, scale=scale, config=c
+                ),
+                flops,
+            ),
+            (
+                "bwd",
+                itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2)),
+                lambda c: kernels.memory_attention_bwd(
+                    grad_out,
+                    q,
+                    k,
+                    v,
+                    mem_k,
+                    mem_v,
+                    None,
+                    out,
+                    lse,
+                    causal=causal,
+                    scale=scale,
+                    deterministic=False,
+                    config=c,
+                ),
+                2.5 * flops,
+            ),
         ):
             for bm, bn, warps, stages in configs:
                 cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}

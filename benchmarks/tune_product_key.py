@@ -6,6 +6,7 @@ For each shape it times every config of the forward, the weights-grad (+ atomic 
 the deterministic segment kernel with do_bench, prints the fastest few against the launchers' default
 config, and writes all timings to DIR/tune_weighted_gather.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,10 @@ def _inputs(shape):
 def _configs(D, keys, *choices):
     # Block widths past D are clamped to next_power_of_2(D); duplicates that leaves are dropped.
     width = triton.next_power_of_2(D)
-    unique = {tuple(min(c, width) if k == "BLOCK_D" else c for k, c in zip(keys, combo)) for combo in itertools.product(*choices)}
+    unique = {
+        tuple(min(c, width) if k == "BLOCK_D" else c for k, c in zip(keys, combo))
+        for combo in itertools.product(*choices)
+    }
     return [dict(zip(keys, combo)) for combo in sorted(unique)]
 
 
@@ -66,6 +70,65 @@ def _sweep(name, configs, run, default):
     return {"default": default, "default_ms": default_ms, "all": [{"ms": ms, "config": cfg} for ms, cfg in rows]}
 
 
+def _tune_shape(shape: dict) -> dict:
+    """Sweep one shape's configs (its tensors are freed on return)."""
+    values, indices, weights, grad_out = _inputs(shape)
+    T, K, D = shape["T"], shape["K"], shape["D"]
+    item = values.element_size()
+    print(f"{shape}")
+    entry = {"shape": {k: str(v) for k, v in shape.items()}}
+
+    keys = ("BLOCK_K", "BLOCK_D", "num_warps")
+    fwd_configs = _configs(D, keys, (4, 8, 16, 32), (512, 1024, 2048), (4, 8))
+    entry["fwd"] = _sweep(
+        "fwd",
+        fwd_configs,
+        lambda cfg: kernels.weighted_gather_fwd(values, indices, weights, config=cfg),
+        kernels.gather_config(K, D, item),
+    )
+    fwd_best = entry["fwd"]["all"][0]["ms"]
+    entry["fwd_gbps"] = (T * K * D + T * D) * item / (fwd_best * 1e-3) / 1e9
+
+    bwd_configs = _configs(D, keys, (8, 16, 32), (64, 128, 256), (4, 8))
+    for algorithm, label in (("atomic", "wgrad+atomic"), ("segment", "wgrad-only")):
+        entry[label] = _sweep(
+            label,
+            bwd_configs,
+            lambda cfg, a=algorithm: kernels.weighted_gather_bwd(
+                grad_out,
+                values,
+                indices,
+                weights,
+                values_grad_algorithm=a,
+                config=cfg,
+                values_grad=(a == "atomic"),
+            ),
+            kernels.gather_bwd_config(K, D),
+        )
+    segment_configs = _configs(D, ("BLOCK_N", "BLOCK_D", "num_warps"), (1, 2, 4), (512, 1024, 2048), (2, 4, 8))
+    entry["segment"] = _sweep(
+        "segment",
+        segment_configs,
+        lambda cfg: kernels.weighted_gather_bwd(
+            grad_out,
+            values,
+            indices,
+            weights,
+            values_grad_algorithm="segment",
+            weights_grad=False,
+            segment=cfg,
+        ),
+        kernels.segment_config(D),
+    )
+    # The whole backward (weights grad + values grad, buffers and casts included) by algorithm.
+    for algorithm in ("atomic", "segment"):
+        entry[f"full_bwd_{algorithm}_ms"] = _ms(
+            lambda a=algorithm: kernels.weighted_gather_bwd(grad_out, values, indices, weights, values_grad_algorithm=a)
+        )
+        print(f"  full backward  {algorithm:<8} {entry[f'full_bwd_{algorithm}_ms']:.3f} ms")
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-results")
@@ -73,46 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": []}
     for shape in SHAPES[:2] if args.quick else SHAPES:
-        values, indices, weights, grad_out = _inputs(shape)
-        T, K, S, D = shape["T"], shape["K"], shape["S"], shape["D"]
-        item = values.element_size()
-        print(f"{shape}")
-        entry = {"shape": {k: str(v) for k, v in shape.items()}}
-
-        keys = ("BLOCK_K", "BLOCK_D", "num_warps")
-        fwd_configs = _configs(D, keys, (4, 8, 16, 32), (512, 1024, 2048), (4, 8))
-        entry["fwd"] = _sweep(
-            "fwd", fwd_configs, lambda cfg: kernels.weighted_gather_fwd(values, indices, weights, config=cfg),
-            kernels.gather_config(K, D, item),
-        )
-        fwd_best = entry["fwd"]["all"][0]["ms"]
-        entry["fwd_gbps"] = (T * K * D + T * D) * item / (fwd_best * 1e-3) / 1e9
-
-        bwd_configs = _configs(D, keys, (8, 16, 32), (64, 128, 256), (4, 8))
-        for algorithm, label in (("atomic", "wgrad+atomic"), ("segment", "wgrad-only")):
-            entry[label] = _sweep(
-                label, bwd_configs,
-                lambda cfg, a=algorithm: kernels.weighted_gather_bwd(
-                    grad_out, values, indices, weights, values_grad_algorithm=a, config=cfg,
-                    values_grad=(a == "atomic"),
-                ),
-                kernels.gather_bwd_config(K, D),
-            )
-        segment_configs = _configs(D, ("BLOCK_N", "BLOCK_D", "num_warps"), (1, 2, 4), (512, 1024, 2048), (2, 4, 8))
-        entry["segment"] = _sweep(
-            "segment", segment_configs,
-            lambda cfg: kernels.weighted_gather_bwd(
-                grad_out, values, indices, weights, values_grad_algorithm="segment", weights_grad=False, segment=cfg,
-            ),
-            kernels.segment_config(D),
-        )
-        # The whole backward (weights grad + values grad, buffers and casts included) by algorithm.
-        for algorithm in ("atomic", "segment"):
-            entry[f"full_bwd_{algorithm}_ms"] = _ms(lambda a=algorithm: kernels.weighted_gather_bwd(
-                grad_out, values, indices, weights, values_grad_algorithm=a))
-            print(f"  full backward  {algorithm:<8} {entry[f'full_bwd_{algorithm}_ms']:.3f} ms")
-        report["shapes"].append(entry)
-        del values, indices, weights, grad_out
+        report["shapes"].append(_tune_shape(shape))
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Helpers shared by the kernel files: jit constants, and the host-side choice of accumulator dtype and dot
 precision that every launcher makes the same way.
 
-- ``LOG2E`` and ``LN2`` convert between natural-log and base-2 forms: the kernels keep logits and
-  log-sum-exps in base 2 (``exp2(x * LOG2E) == exp(x)``), the fast form on GPUs.
+- ``to_log2`` and ``to_ln`` convert between natural-log and base-2 units: the kernels keep logits and
+  log-sum-exps in base 2 (``exp2(to_log2(x)) == exp(x)``), the fast form on GPUs. They are jit functions, not
+  module-level constexprs (STYLE.md), and their literals take the operand's dtype, so fp64 stays exact.
 - fp64 inputs keep fp64 math, so fp64 gradcheck runs on the Triton path; everything else accumulates in fp32.
 - fp32 dots follow torch's matmul setting: full fp32 ("ieee") by default, tf32 after
   ``torch.set_float32_matmul_precision("high")``. 16-bit dots accumulate in fp32.
@@ -11,11 +12,22 @@ precision that every launcher makes the same way.
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
-LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
-LOG2E_HOST = 1.4426950408889634  # the same, for scales computed by launchers
+LOG2E = 1.4426950408889634  # log2(e), for scales computed by launchers
+
+
+@triton.jit
+def to_log2(x):
+    """x in natural-log units, in base-2 units: x * log2(e)."""
+    return x * 1.4426950408889634
+
+
+@triton.jit
+def to_ln(x):
+    """x in base-2 units, in natural-log units: x * ln(2)."""
+    return x * 0.6931471805599453
 
 
 def accumulator(*tensors: torch.Tensor):

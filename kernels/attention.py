@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memops.kernels._common import LN2, LOG2E, LOG2E_HOST, accumulator, dot_precision
+from memops.kernels._common import LOG2E, accumulator, dot_precision, to_ln, to_log2
 from memops.kernels._launch import dtype_class, launch_arch, record_launch
 
 
@@ -63,7 +63,7 @@ def _lse_log2(lse_ptrs, row_ok, ACC: tl.constexpr):
     """Saved log-sum-exp in the log2 domain. A row that saw no key stored -inf; +inf instead makes every
     exp2(s - lse) of that row 0 without forming inf - inf."""
     lse = tl.load(lse_ptrs, mask=row_ok, other=0.0).to(ACC)
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return tl.where(lse == float("-inf"), float("inf"), to_log2(lse))
 
 
 @triton.jit
@@ -102,16 +102,16 @@ def _masked_logits(
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(ACC) * scale_log2
     if HAS_BIAS:
         if MASKED:
-            s += tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC)[None, :] * LOG2E
+            s += to_log2(tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC))[None, :]
         else:
-            s += tl.load(bias_base + offs_n).to(ACC)[None, :] * LOG2E
+            s += to_log2(tl.load(bias_base + offs_n).to(ACC))[None, :]
     if HAS_DECAY:
         if MASKED:
             log_beta = tl.load(decay_base + offs_n, mask=in_range, other=0.0).to(ACC)
         else:
             log_beta = tl.load(decay_base + offs_n).to(ACC)
         distance = (offs_m[:, None] + causal_shift - offs_n[None, :]).to(ACC)
-        s += distance * (_finite_log_beta(log_beta) * LOG2E)[None, :]
+        s += distance * to_log2(_finite_log_beta(log_beta))[None, :]
     if MASKED:
         visible = in_range[None, :]
         if CAUSAL:
@@ -133,7 +133,8 @@ def _blend_keys(
     new_rows = offs_n - start
     # Rows not fresh read g = 1 and new = 0, which leaves them exactly as they are.
     if GATE_PER_CHANNEL:
-        g_t = tl.load(gate_base + new_rows[None, :] * stride_gn + offs_d[:, None], mask=fresh[None, :], other=1.0).to(ACC)
+        g_t = tl.load(gate_base + new_rows[None, :] * stride_gn + offs_d[:, None], mask=fresh[None, :],
+                      other=1.0).to(ACC)
         g = tl.load(gate_base + new_rows[:, None] * stride_gn + offs_d[None, :], mask=fresh[:, None], other=1.0).to(ACC)
     else:
         g_row = tl.load(gate_base + new_rows * stride_gn, mask=fresh, other=1.0).to(ACC)
@@ -201,29 +202,24 @@ def _fwd_key_range(
     # [full_start, full_end) (multiples of BLOCK_N) are seen whole by every query of the block: no bounds,
     # causal or document masks there; only the edge blocks around them pay for masks. Without documents
     # first = full_start = 0.
-    if DOCUMENTS:  # the blocks between the first query's document start and the last query's
-        for start in range(first, full_start, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(
-                acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys,
-                offs_m, offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base,
-                stride_newn, stride_gn, k_out_base, v_out_base, stride_outn, is_writer, query_doc_start,
-                HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
-                DOT_PRECISION=DOT_PRECISION, BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=True,
-                DOCUMENTS=True)
-    for start in range(full_start, full_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m,
-            offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base, stride_newn,
-            stride_gn, k_out_base, v_out_base, stride_outn, is_writer, query_doc_start,
-            HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=False, DOCUMENTS=DOCUMENTS)
-    for start in range(full_end, end, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m,
-            offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base, stride_newn,
-            stride_gn, k_out_base, v_out_base, stride_outn, is_writer, query_doc_start,
-            HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, MASKED=True, DOCUMENTS=DOCUMENTS)
+    # Three runs of blocks, unrolled at compile time: [first, full_start) (documents only: between the first
+    # query's document start and the full blocks), [full_start, full_end) mask-free, [full_end, end).
+    for part in tl.static_range(3):
+        if part == 0:
+            lo, hi = first, full_start
+        elif part == 1:
+            lo, hi = full_start, full_end
+        else:
+            lo, hi = full_end, end
+        if part != 0 or DOCUMENTS:
+            for start in range(lo, hi, BLOCK_N):
+                acc, m_i, l_i = _fwd_block(
+                    acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys,
+                    offs_m, offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base,
+                    stride_newn, stride_gn, k_out_base, v_out_base, stride_outn, is_writer, query_doc_start,
+                    HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
+                    DOT_PRECISION=DOT_PRECISION, BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL,
+                    MASKED=part != 1, DOCUMENTS=DOCUMENTS)
     return acc, m_i, l_i
 
 
@@ -288,7 +284,8 @@ def memory_attention_fwd_kernel(
         acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
         stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, first, full_start,
         full_end, end, offs_m, offs_d, Nk - N,
-        scale_log2, blend_start, k_new_ptr + b * stride_newb + g * stride_newh, v_new_ptr + b * stride_newb + g * stride_newh,
+        scale_log2, blend_start, k_new_ptr + b * stride_newb + g * stride_newh,
+        v_new_ptr + b * stride_newb + g * stride_newh,
         gate_ptr + b * stride_gb + g * stride_gh, stride_newn, stride_gn,
         k_out_ptr + b * stride_outb + g * stride_outh, v_out_ptr + b * stride_outb + g * stride_outh, stride_outn,
         # The last query block sees every key (also when causal); the group's first head writes the rows.
@@ -298,7 +295,7 @@ def memory_attention_fwd_kernel(
     )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    lse = tl.where(empty, float("-inf"), to_ln(m_i + tl.math.log2(tl.where(empty, 1.0, l_i))))
     # a +inf logit: the log-sum-exp is +inf (l_i is inf - inf = NaN there); out is NaN, as the reference's
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
@@ -438,13 +435,13 @@ def memory_attention_dkdv_kernel(
         query_end = tl.where(is_memory, N, tl.minimum(tl.maximum(last_end - (Nk - N), 0), N))
     bias_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
     if HAS_BIAS:
-        bias_log2 = tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n, mask=offs_n < tl.where(is_memory, M, 0),
-                            other=0.0).to(ACC) * LOG2E
+        bias_log2 = to_log2(tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n,
+                                    mask=offs_n < tl.where(is_memory, M, 0), other=0.0).to(ACC))
     decay_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
     if HAS_DECAY:  # sequence keys only (retention_attention has no memory)
         decay_log2 = _finite_log_beta(tl.load(decay_ptr + b * stride_decb + g * stride_dech + offs_n,
                                               mask=offs_n < tl.where(is_memory, 0, Nk), other=0.0).to(ACC))
-        decay_log2 = decay_log2 * LOG2E
+        decay_log2 = to_log2(decay_log2)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dbias = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -568,7 +565,8 @@ DQ_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = 
     (80, "16", 256): ({"*": (64, 32, 8, 2)}, "4 warps or 1 stage spill 1-4.7 KB"),
     (90, "tf32", 64): ({"*": (64, 64, 4, 2), "documents": (64, 32, 4, 2)},
                        "150-168 regs; with packed documents 64x64 spills 16 B under Triton 3.6 (64x32: 123-153 regs)"),
-    (90, "tf32", 128): ({"*": (64, 32, 8, 2)}, "137-251 regs; 4 warps spill 40-56 B under Triton 3.6, BLOCK_N 64 48-80 B"),
+    (90, "tf32", 128): ({"*": (64, 32, 8, 2)},
+                        "137-251 regs; 4 warps spill 40-56 B under Triton 3.6, BLOCK_N 64 48-80 B"),
     (90, "tf32", 256): ({"*": None}, "see DKDV_CONFIGS: the backward has no clean dK/dV config at D=256"),
     (80, "tf32", 64): ({"*": (64, 32, 8, 2)}, "4 warps spill 16 B with a bias"),
     (80, "tf32", 128): ({"*": (64, 32, 8, 2)}, "4 warps sit at 255 regs"),
@@ -743,7 +741,7 @@ def memory_attention_fwd(
         # k_new and v_new share strides, as do k_out and v_out (the launchers allocate them alike)
         k_new.stride(0), k_new.stride(1), k_new.stride(2), gate.stride(0), gate.stride(1), gate.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), _document_strides(doc_start),
-        H, N, Nk, M, H // Hkv, scale * LOG2E_HOST, Nk - k_new.shape[2] if blend is not None else Nk,
+        H, N, Nk, M, H // Hkv, scale * LOG2E, Nk - k_new.shape[2] if blend is not None else Nk,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
         ACC=acc, DOT_PRECISION=precision, BLEND=blend is not None,
@@ -805,7 +803,7 @@ def memory_attention_bwd(
         memory_attention_dq_kernel[(triton.cdiv(N, dq_cfg["BLOCK_M"]), B * H)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_start if documents else delta, grad_out, lse,
             delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2), _document_strides(doc_start),
-            H, N, Nk, M, H // Hkv, scale, scale * LOG2E_HOST,
+            H, N, Nk, M, H // Hkv, scale, scale * LOG2E,
             HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"],
             HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
             ACC=acc, DOT_PRECISION=precision, DOCUMENTS=documents,
@@ -818,7 +816,7 @@ def memory_attention_bwd(
             dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta,
             ddecay if ddecay is not None else delta, *common,
             *_strides3(dmem_k), dk.stride(0), dk.stride(1), dk.stride(2), _document_strides(doc_end),
-            H, Hkv, N, Nk, M, H // Hkv, scale, scale * LOG2E_HOST, memory_blocks,
+            H, Hkv, N, Nk, M, H // Hkv, scale, scale * LOG2E, memory_blocks,
             HEAD_DIM=D, BLOCK_M=dkdv_cfg["BLOCK_M"], BLOCK_N=dkdv_cfg["BLOCK_N"],
             HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
             MEMORY_GRAD_ATOMIC=atomic, ACC=acc, DOCUMENTS=documents,

@@ -128,7 +128,8 @@ def looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows, row_offset, k_
     looped_update_fwd_kernel[grid](
         k_cache, v_cache, k_new, v_new, gate, rows if rows is not None else gate, k_out, v_out,
         num_updates, n, Nk, row_offset, D=D, BLOCK_R=block_r, BLOCK_D=block_d,
-        USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache), num_warps=4,
+        USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache),
+        num_warps=4,
     )
 
 
@@ -150,6 +151,7 @@ def looped_update_bwd(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows
             grad_k_cache, grad_v_cache, grad_k_new, grad_v_new, grad_gate,
             num_updates, n, Nk, row_offset, D=D, BLOCK_R=block_r, BLOCK_D=block_d,
             # 8 warps: at 4 the ten (BLOCK_R, BLOCK_D) fp32 tiles of K and V sat at 255 registers and spilled
-            USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache), num_warps=8,
+            USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache),
+            num_warps=8,
         )
     return grad_k_cache, grad_v_cache, grad_k_new, grad_v_new, grad_gate

@@ -45,8 +45,10 @@ def lse_merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_n < N
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    lse_a = tl.load(lse_a_ptr + b * stride_lab + h * stride_lah + offs_n * stride_lan, mask=row_ok, other=float("-inf")).to(ACC)
-    lse_b = tl.load(lse_b_ptr + b * stride_lbb + h * stride_lbh + offs_n * stride_lbn, mask=row_ok, other=float("-inf")).to(ACC)
+    lse_a = tl.load(lse_a_ptr + b * stride_lab + h * stride_lah + offs_n * stride_lan, mask=row_ok,
+                    other=float("-inf")).to(ACC)
+    lse_b = tl.load(lse_b_ptr + b * stride_lbb + h * stride_lbh + offs_n * stride_lbn, mask=row_ok,
+                    other=float("-inf")).to(ACC)
     lse_a = _part_weight_log(lse_a, offs_n < empty_a_rows)
     lse_b = _part_weight_log(lse_b, offs_n < 0)
     m = tl.maximum(lse_a, lse_b)

@@ -129,7 +129,8 @@ def block_route_kernel(
         tl.store(coreset_ptr + (b * n_blocks + block) * E + offs_e[None, :], coreset.to(tl.int8),
                  mask=expert_ok[None, :])
         routing = tl.where(coreset, routing, float("-inf"))
-    _, best = _routing_top(routing, valid, offs_e, TOP_K, T_LOG2, E_LOG2, K_LOG2, GROUP_SIZE, N_GROUPS, TOPK_GROUPS, G_PAD)
+    _, best = _routing_top(routing, valid, offs_e, TOP_K, T_LOG2, E_LOG2, K_LOG2, GROUP_SIZE, N_GROUPS, TOPK_GROUPS,
+                           G_PAD)
     _, inverted, _ = unpack_entries(best)
     ids = 0x7FFFFFFF - inverted                                                       # (T, K_PAD)
     offs_k = tl.arange(0, K_PAD)
@@ -225,12 +226,14 @@ def grouped_gemm_kernel(
     for k0 in range(0, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K_in
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         w_mask = k_ok[:, None] & n_ok[None, :]
         w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
         acc += tl.dot(a, w, input_precision=DOT_PRECISION)
         if SWIGLU:
-            w_up = tl.load(w_base + (offs_n[None, :] + N_out) * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            w_up = tl.load(w_base + (offs_n[None, :] + N_out) * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask,
+                           other=0.0)
             acc_up += tl.dot(a, w_up, input_precision=DOT_PRECISION)
     mask = row_ok[:, None] & n_ok[None, :]
     if SWIGLU:
@@ -268,8 +271,10 @@ def grouped_weight_grad_kernel(
         safe_slot = tl.maximum(slot, 0).to(tl.int64)
         g_rows = _gather_rows(safe_slot, positions.to(tl.int64), top_k, G_ROWS)
         a_rows = _gather_rows(safe_slot, positions.to(tl.int64), top_k, A_ROWS)
-        g = tl.load(g_ptr + g_rows[:, None] * stride_gm + offs_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_ptr + g_rows[:, None] * stride_gm + offs_n[None, :], mask=row_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         acc += tl.dot(tl.trans(g), a, input_precision=DOT_PRECISION)
     tl.store(dw_ptr + expert * stride_we + offs_n[:, None] * K_cols + offs_k[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=n_ok[:, None] & k_ok[None, :])
@@ -383,7 +388,8 @@ def grouped_weight_grad(g, a, dw, layout, *, top_k, g_rows, a_rows, config=None)
     grouped_weight_grad_kernel[(E, triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))](
         g, a, dw, sorted_slot, expert_start, expert_end, N, K, top_k, g.stride(0), a.stride(0), dw.stride(0),
         G_ROWS=g_rows, A_ROWS=a_rows, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=dot_precision(g), ACC=accumulator(g), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+        DOT_PRECISION=dot_precision(g), ACC=accumulator(g), num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3),
     )
 
 

@@ -110,7 +110,8 @@ def values_grad_segment_kernel(
         positions = tl.load(sorted_positions_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
         w = tl.load(weights_ptr + positions, mask=mask_n, other=0).to(ACC)
         tokens = positions // K
-        g = tl.load(grad_out_ptr + tokens[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0).to(ACC)
+        g = tl.load(grad_out_ptr + tokens[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                    other=0).to(ACC)
         acc += tl.sum(g * w[:, None], axis=0)
     tl.store(grad_values_ptr + row * D + offs_d, acc.to(grad_values_ptr.dtype.element_ty), mask=mask_d)
 
@@ -210,7 +211,8 @@ def _segment_values_grad(grad_out, weights, sorted_positions, segment_rows, segm
                          K, D, acc, cfg):
     starts, ends = segment_starts[:-1], segment_starts[1:]
     if int(longest) <= SEGMENT_CHUNK:
-        _launch_segment_kernel(grad_out, weights, sorted_positions, segment_rows, starts, ends, grad_values, K, D, acc, cfg)
+        _launch_segment_kernel(grad_out, weights, sorted_positions, segment_rows, starts, ends, grad_values, K, D, acc,
+                               cfg)
         return
     # A hot row would be one long serial loop. Short segments go straight to their rows; long ones are cut
     # into chunks whose fp32 partial sums are then added in chunk order: still a fixed order, so still
@@ -229,9 +231,11 @@ def _segment_values_grad(grad_out, weights, sorted_positions, segment_rows, segm
     chunk_ends = torch.minimum(chunk_starts + SEGMENT_CHUNK, long_ends[chunk_segment])
     partial_dtype = torch.float64 if acc == tl.float64 else torch.float32
     partials = torch.empty((chunk_ids.numel(), D), dtype=partial_dtype, device=grad_out.device)
-    _launch_segment_kernel(grad_out, weights, sorted_positions, chunk_ids, chunk_starts, chunk_ends, partials, K, D, acc, cfg)
+    _launch_segment_kernel(grad_out, weights, sorted_positions, chunk_ids, chunk_starts, chunk_ends, partials, K, D,
+                           acc, cfg)
     ones = torch.ones(chunk_ids.numel(), dtype=partial_dtype, device=grad_out.device)
-    _launch_segment_kernel(partials, ones, chunk_ids, long_rows, first_chunk, first_chunk + chunks, grad_values, 1, D, acc, cfg)
+    _launch_segment_kernel(partials, ones, chunk_ids, long_rows, first_chunk, first_chunk + chunks, grad_values, 1, D,
+                           acc, cfg)
 
 
 def weighted_gather_bwd(
@@ -248,7 +252,8 @@ def weighted_gather_bwd(
     LONG_SEGMENT times, where a segment's serial loop would dominate.
     """
     if values_grad_algorithm not in ("auto", "atomic", "segment"):
-        raise ValueError(f"values_grad_algorithm: expected 'auto', 'atomic' or 'segment', got {values_grad_algorithm!r}")
+        raise ValueError(
+            f"values_grad_algorithm: expected 'auto', 'atomic' or 'segment', got {values_grad_algorithm!r}")
     T, K = indices.shape
     S, D = values.shape
     acc = accumulator(values, weights, grad_out)

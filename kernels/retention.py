@@ -97,30 +97,30 @@ def capacity_config(device: torch.device) -> dict:
     return {"BLOCK_T": 64, "BLOCK_J": 128, "num_warps": 8}
 
 
-def _document_args(bounds: torch.Tensor | None, log_beta: torch.Tensor, rows: int):
-    """(pointer, rows per batch row, batch stride) of a (B|1, N) int32 starts/ends tensor, or placeholders."""
+def _capacity_launch(log_beta: torch.Tensor, bounds: torch.Tensor | None, config: dict | None):
+    """(N, rows, config, bounds pointer, rows per batch row, batch stride) for a capacity kernel over a
+    contiguous log_beta (..., N); bounds is a (B|1, N) int32 starts/ends tensor, or None (placeholders)."""
+    N = log_beta.shape[-1]
+    rows = log_beta.numel() // max(N, 1)
+    cfg = config or capacity_config(log_beta.device)
     if bounds is None:
-        return log_beta, 1, 0
+        return N, rows, cfg, log_beta, 1, 0
     batch = bounds.shape[0]
-    return bounds, max(rows // batch, 1), bounds.stride(0) if batch > 1 else 0
+    return N, rows, cfg, bounds, max(rows // batch, 1), bounds.stride(0) if batch > 1 else 0
 
 
 def retention_capacity_fwd(log_beta: torch.Tensor, starts: torch.Tensor | None = None, *,
                            config: dict | None = None) -> torch.Tensor:
     """R (..., N) fp32 (fp64 for fp64) from a contiguous log_beta (..., N); starts (B|1, N) int32 contiguous:
     each position's document start (packed documents, batch dim first), or None."""
-    N = log_beta.shape[-1]
-    rows = log_beta.numel() // max(N, 1)
-    acc, acc_dtype = accumulator(log_beta), accumulator_torch_dtype(log_beta)
-    capacity = torch.empty(log_beta.shape, dtype=acc_dtype, device=log_beta.device)
+    capacity = torch.empty(log_beta.shape, dtype=accumulator_torch_dtype(log_beta), device=log_beta.device)
     if log_beta.numel() == 0:
         return capacity
-    cfg = config or capacity_config(log_beta.device)
-    pointer, rows_per_batch, stride = _document_args(starts, log_beta, rows)
+    N, rows, cfg, pointer, rows_per_batch, stride = _capacity_launch(log_beta, starts, config)
     record_launch("retention_capacity_fwd_kernel")
     retention_capacity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_T"]), rows)](
         log_beta, capacity, pointer, N, rows_per_batch, stride,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=acc, DOCUMENTS=starts is not None,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=accumulator(log_beta), DOCUMENTS=starts is not None,
         num_warps=cfg["num_warps"],
     )
     return capacity
@@ -130,18 +130,14 @@ def retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, 
                            *, config: dict | None = None) -> torch.Tensor:
     """dlog_beta (..., N) in log_beta.dtype; both arguments contiguous (..., N); ends (B|1, N) int32
     contiguous: one past each position's document end, or None."""
-    N = log_beta.shape[-1]
-    rows = log_beta.numel() // max(N, 1)
-    acc = accumulator(log_beta)
     grad_log_beta = torch.empty_like(log_beta)
     if log_beta.numel() == 0:
         return grad_log_beta
-    cfg = config or capacity_config(log_beta.device)
-    pointer, rows_per_batch, stride = _document_args(ends, log_beta, rows)
+    N, rows, cfg, pointer, rows_per_batch, stride = _capacity_launch(log_beta, ends, config)
     record_launch("retention_capacity_bwd_kernel")
     retention_capacity_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_J"]), rows)](
         log_beta, grad_capacity, grad_log_beta, pointer, N, rows_per_batch, stride,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=acc, DOCUMENTS=ends is not None,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=accumulator(log_beta), DOCUMENTS=ends is not None,
         num_warps=cfg["num_warps"],
     )
     return grad_log_beta
@@ -200,7 +196,8 @@ def cache_gather_kernel(
         offs_w = w0 + tl.arange(0, BLOCK_W)
         mask = mask_r[:, None] & (offs_w[None, :] < width)
         rows = tl.load(src_ptr + row * stride_src_row + kept[:, None] * width + offs_w[None, :], mask=mask)
-        tl.store(dst_ptr + row * stride_dst_row + offs_r[:, None].to(tl.int64) * width + offs_w[None, :], rows, mask=mask)
+        tl.store(dst_ptr + row * stride_dst_row + offs_r[:, None].to(tl.int64) * width + offs_w[None, :], rows,
+                 mask=mask)
 
 
 def retention_select(log_beta: torch.Tensor, positions: torch.Tensor, length: int, newest_position: int,

@@ -3,19 +3,34 @@
 Public ops run on backend "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or
 "reference" (memops.reference); see :func:`backend` and the MEMOPS_BACKEND environment variable.
 """
+
+from memops import nn  # noqa: F401 (memops.nn, the modules)
 from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention
-from memops.product_key import product_key_topk, weighted_gather
-from memops.retention import capacity_loss, retention_attention, retention_capacity
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
 from memops.looped import looped_attention, looped_kv_update
 from memops.moe import block_route, moe_ffn, unique_experts
-from memops import nn
+from memops.product_key import product_key_topk, weighted_gather
+from memops.retention import capacity_loss, retention_attention, retention_capacity
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "RetentionKVCache", "SharedLoopKVCache", "backend", "block_route", "capacity_loss",
-    "get_backend", "looped_attention", "looped_kv_update", "memory_attention", "moe_ffn", "product_key_topk",
-    "retention_attention", "retention_capacity", "unique_experts", "weighted_gather", "__version__",
+    "BACKENDS",
+    "RetentionKVCache",
+    "SharedLoopKVCache",
+    "backend",
+    "block_route",
+    "capacity_loss",
+    "get_backend",
+    "looped_attention",
+    "looped_kv_update",
+    "memory_attention",
+    "moe_ffn",
+    "product_key_topk",
+    "retention_attention",
+    "retention_capacity",
+    "unique_experts",
+    "weighted_gather",
+    "__version__",
 ]

@@ -8,6 +8,7 @@ The choice comes from, in order: the innermost ``memops.backend(name)`` block in
 rather than a ``ContextVar`` because torch.compile traces (and guards on) the former but graph-breaks
 on ``ContextVar.get``; a compiled function therefore recompiles when the block's backend changes.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -27,6 +27,7 @@ Every op gets equal query and kv heads: the caller folds or expands GQA first. A
 (B, H, 32 * ceil(N / 32)) are viewed or sliced). Rows that see no key hold a placeholder LSE (FlashAttention 2
 writes +inf, the CPU op 0): the merge masks them by position instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,11 @@ _aten = torch.ops.aten
 def _enabled(backend: str) -> bool:
     """The user's torch.backends.cuda switches (``sdpa_kernel`` contexts set them too)."""
     cuda = torch.backends.cuda
-    return {"cudnn": cuda.cudnn_sdp_enabled, "flash": cuda.flash_sdp_enabled,
-            "efficient": cuda.mem_efficient_sdp_enabled}[backend]()
+    return {
+        "cudnn": cuda.cudnn_sdp_enabled,
+        "flash": cuda.flash_sdp_enabled,
+        "efficient": cuda.mem_efficient_sdp_enabled,
+    }[backend]()
 
 
 def sequence_backend(q: torch.Tensor, num_keys: int, *, causal: bool, arch: int | None) -> str | None:
@@ -66,7 +70,8 @@ def _bottom_right_mask(q: torch.Tensor, num_keys: int) -> torch.Tensor:
     rows = torch.arange(N, device=q.device).unsqueeze(1)
     cols = torch.arange(num_keys, device=q.device).unsqueeze(0)
     return torch.zeros((N, num_keys), dtype=q.dtype, device=q.device).masked_fill(
-        cols > rows + (num_keys - N), float("-inf"))
+        cols > rows + (num_keys - N), float("-inf")
+    )
 
 
 def _cpu_mask(q, k, causal):
@@ -76,34 +81,49 @@ def _cpu_mask(q, k, causal):
     return causal, None
 
 
-def sequence_fwd(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def sequence_fwd(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(out (B, H, N, D), lse (B, H, N) fp32 view, state): ``state`` holds the op's random-number
     tensors, which its backward takes (dropout is 0, so they carry no randomness)."""
     N = q.shape[2]
     if backend == "cpu_flash":
         is_causal, mask = _cpu_mask(q, k, causal)
         out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+        )
         return out, lse, []
     if backend == "flash":
         out, lse, _, _, _, _, rng_state, unused, _ = _aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale)
+            q, k, v, 0.0, causal, False, scale=scale
+        )
         return out, lse, [rng_state, unused]
     if backend == "cudnn":
         out, lse, _, _, _, _, seed, offset, _ = _aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False, scale=scale)
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
         return out, lse.reshape(lse.shape[0], lse.shape[1], N), [seed, offset]
     if backend == "efficient":
         out, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale)
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )
         return out, lse.narrow(-1, 0, N), [seed, offset]
     raise ValueError(f"unknown sequence backend {backend!r}; expected one of {SEQUENCE_BACKENDS}")
 
 
-def sequence_bwd(backend: str, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor, lse: torch.Tensor, state: list[torch.Tensor], *, causal: bool,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_bwd(
+    backend: str,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    state: list[torch.Tensor],
+    *,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the sequence part, given the merged ``out`` (B, H, N, D) and ``lse`` (B, H, N)."""
     N, Nk = q.shape[2], k.shape[2]
     if backend != "cpu_flash":
@@ -111,18 +131,47 @@ def sequence_bwd(backend: str, grad_out: torch.Tensor, q: torch.Tensor, k: torch
     if backend == "cpu_flash":
         is_causal, mask = _cpu_mask(q, k, causal)
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+            grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale
+        )
     if backend == "flash":
         return _aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, None, None, N, Nk, 0.0, causal, state[0], state[1], scale=scale)
+            grad_out, q, k, v, out, lse, None, None, N, Nk, 0.0, causal, state[0], state[1], scale=scale
+        )
     if backend == "cudnn":
         return _aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out, q, k, v, out, lse.unsqueeze(-1), state[0], state[1], None, None, None, N, Nk, 0.0, causal,
-            scale=scale)
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse.unsqueeze(-1),
+            state[0],
+            state[1],
+            None,
+            None,
+            None,
+            N,
+            Nk,
+            0.0,
+            causal,
+            scale=scale,
+        )
     if backend == "efficient":
         padded = torch.nn.functional.pad(lse, (0, -N % 32))  # the op's LSE rows are padded to 32
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-            grad_out, q, k, v, None, out, padded, state[0], state[1], 0.0, [True, True, True, False], causal,
-            scale=scale)
+            grad_out,
+            q,
+            k,
+            v,
+            None,
+            out,
+            padded,
+            state[0],
+            state[1],
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=scale,
+        )
         return dq, dk, dv
     raise ValueError(f"unknown sequence backend {backend!r}; expected one of {SEQUENCE_BACKENDS}")

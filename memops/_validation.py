@@ -1,6 +1,7 @@
 """Argument checks shared by the public ops, modules and caches: strict scalar types, layer indices,
-inference-mode-safe cache buffers and the attention family's tensor checks. Every message names the op, the argument and what was expected, and every
-check runs before anything launches or mutates."""
+inference-mode-safe cache buffers and the attention family's tensor checks. Every message names the op, the
+argument and what was expected, and every check runs before anything launches or mutates."""
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,9 @@ def writable(buffer: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
-def check_module_input(x, name: str, op: str, *, width: int, dims: tuple[int, ...] | None = None,
-                       like: torch.Tensor | None = None) -> None:
+def check_module_input(
+    x, name: str, op: str, *, width: int, dims: tuple[int, ...] | None = None, like: torch.Tensor | None = None
+) -> None:
     """A module's float input: a tensor with ``width`` features in its last dim (and ``dims`` dimensions
     when given), of ``like``'s dtype (a parameter's) unless autocast is on, and on its device."""
     if not isinstance(x, torch.Tensor):
@@ -80,8 +82,10 @@ def check_module_input(x, name: str, op: str, *, width: int, dims: tuple[int, ..
         if x.device != like.device:
             raise ValueError(f"{op}: {name} is on {x.device} but the module's parameters are on {like.device}")
         if x.dtype != like.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{op}: {name} is {x.dtype} but the module's parameters are {like.dtype} (cast the "
-                            "module or the input, or use autocast)")
+            raise TypeError(
+                f"{op}: {name} is {x.dtype} but the module's parameters are {like.dtype} (cast the "
+                "module or the input, or use autocast)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,14 +119,12 @@ def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_at
     if mem_k is not None:
         if mem_k.dim() not in (3, 4):
             raise ValueError(
-                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
-                f"got {_shape(mem_k)}"
+                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), got {_shape(mem_k)}"
             )
         expected = (B, Hkv) if mem_k.dim() == 4 else (Hkv,)
         if tuple(mem_k.shape[:-2]) != expected or mem_k.shape[-1] != D:
             raise ValueError(
-                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
-                f"got {_shape(mem_k)}"
+                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), got {_shape(mem_k)}"
             )
         if mem_v.shape != mem_k.shape:
             raise ValueError(f"{op}: mem_v must have mem_k's shape {_shape(mem_k)}, got {_shape(mem_v)}")

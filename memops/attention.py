@@ -7,6 +7,7 @@
   (``memops.kernels.lse_merge``); its backward hands each part the merged out and lse.
 Backend "reference" calls ``memops.reference.attention`` directly (SDPA, differentiable by autograd).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,12 @@ import torch
 from memops import reference
 from memops._backend import resolve_attention_backend
 from memops._registration import (
-    attention_outputs_like, backward_op, custom_op, dense, lazy_kernels, unit_last_stride,
+    attention_outputs_like,
+    backward_op,
+    custom_op,
+    dense,
+    lazy_kernels,
+    unit_last_stride,
 )
 from memops._validation import check_attention_inputs, check_triton_head_dim
 from memops.kernels._launch import record_launch
@@ -38,29 +44,57 @@ def _two_states(state: list, q: torch.Tensor) -> list:
 
 
 def _memory_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None,
-    mem_bias: torch.Tensor | None, causal: bool, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    mem_bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     return attention_kernels.memory_attention_fwd(*prepared, causal=causal, scale=scale)
 
 
 def _memory_attention_bwd(
-    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, mem_bias: torch.Tensor | None,
-    out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, deterministic: bool,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    mem_bias: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
     dq, dk, dv, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
-        *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse,
+        *prepared,
+        out,
+        lse,
+        causal=causal,
+        scale=scale,
+        deterministic=deterministic,
+        grad_lse=grad_lse,
     )
     return dq, dk, dv, dmem_k, dmem_v, _bias_grad_to_shape(dbias, mem_bias)
 
 
-_memory_attention_backward_op = backward_op("memory_attention_backward", _memory_attention_bwd,
-                                            grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"))
-_memory_attention_op = custom_op("memory_attention", _memory_attention_fwd, fake=attention_outputs_like,
-                                 outputs=("out", "lse"), backward=_memory_attention_backward_op)
+_memory_attention_backward_op = backward_op(
+    "memory_attention_backward", _memory_attention_bwd, grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias")
+)
+_memory_attention_op = custom_op(
+    "memory_attention",
+    _memory_attention_fwd,
+    fake=attention_outputs_like,
+    outputs=("out", "lse"),
+    backward=_memory_attention_backward_op,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,8 +134,9 @@ def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     empty_rows = min(max(N - Nk, 0), N) if causal else 0
     if M:
         none = k.narrow(2, 0, 0)  # no sequence keys: the memory rows alone
-        out_m, lse_m = attention_kernels.memory_attention_fwd(q, none, none, mem_k, mem_v, mem_bias, causal=False,
-                                                       scale=scale)
+        out_m, lse_m = attention_kernels.memory_attention_fwd(
+            q, none, none, mem_k, mem_v, mem_bias, causal=False, scale=scale
+        )
         out, lse = lse_merge_kernels.lse_merge(out_s, lse_s, out_m, lse_m, empty_a_rows=empty_rows)
     else:  # the vendor op alone; its rows without a key get out 0 and lse -inf, as the fused kernel gives
         never = q.new_full(lse_s.shape, float("-inf"), dtype=lse_s.dtype)
@@ -110,8 +145,15 @@ def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
 
 
 def _memory_attention_composed_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None,
-    mem_bias: torch.Tensor | None, causal: bool, scale: float, sequence: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    mem_bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    sequence: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     return _composed_fwd(*prepared, causal, scale, sequence)
@@ -126,8 +168,9 @@ def _memory_attention_composed_fake(q, k, v, mem_k, mem_v, mem_bias, causal, sca
     return (*attention_outputs_like(q), torch.empty_like(state[0]), torch.empty_like(state[1]))
 
 
-def _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b, causal, scale, sequence,
-                  deterministic):
+def _composed_bwd(
+    grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b, causal, scale, sequence, deterministic
+):
     from memops import _sdpa
 
     B, H, N, D = q.shape
@@ -138,8 +181,19 @@ def _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, 
     if M:  # the memory part: memops' kernels over the memory rows alone, given the merged out and lse
         none = k.narrow(2, 0, 0)  # no sequence keys: the memory rows alone
         dq, _, _, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
-            grad_out, q, none, none, mem_k, mem_v, mem_bias, out, lse, causal=False, scale=scale,
-            deterministic=deterministic)
+            grad_out,
+            q,
+            none,
+            none,
+            mem_k,
+            mem_v,
+            mem_bias,
+            out,
+            lse,
+            causal=False,
+            scale=scale,
+            deterministic=deterministic,
+        )
         dbias = _bias_grad_to_shape(dbias, mem_bias)
     # The sequence part: the vendor backward given the merged out and lse. A row with no key at all (lse
     # -inf) gets +inf, which makes its probabilities exp(s - lse) 0 instead of NaN.
@@ -147,8 +201,9 @@ def _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, 
     qs, ks, vs, expanded = _gqa_for_vendor(q, k, v, causal)
     fold = (lambda t: t.reshape(qs.shape[0], qs.shape[1], qs.shape[2], *t.shape[3:])) if qs is not q else None
     go, o, l_seq = (grad_out, out, lse_seq) if fold is None else (fold(grad_out), fold(out), fold(lse_seq))
-    dq_s, dk, dv = _sdpa.sequence_bwd(sequence, go, qs, ks, vs, o, l_seq, [state_a, state_b], causal=causal,
-                                      scale=scale)
+    dq_s, dk, dv = _sdpa.sequence_bwd(
+        sequence, go, qs, ks, vs, o, l_seq, [state_a, state_b], causal=causal, scale=scale
+    )
     dq_s = _as_query_heads(dq_s, B, H, N)
     if expanded:  # sum the expanded heads' grads back onto their kv head
         dk = dk.reshape(B, Hkv, H // Hkv, *dk.shape[2:]).sum(2)
@@ -159,18 +214,31 @@ def _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, 
 
 
 def _memory_attention_composed_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, mem_bias: torch.Tensor | None,
-    out: torch.Tensor, lse: torch.Tensor, state_a: torch.Tensor, state_b: torch.Tensor,
-    causal: bool, scale: float, sequence: str, deterministic: bool,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    mem_bias: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    state_a: torch.Tensor,
+    state_b: torch.Tensor,
+    causal: bool,
+    scale: float,
+    sequence: str,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
     return _composed_bwd(*prepared, out, lse, state_a, state_b, causal, scale, sequence, deterministic)
 
 
 _memory_attention_composed_backward_op = backward_op(
-    "memory_attention_composed_backward", _memory_attention_composed_bwd,
-    grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"))
+    "memory_attention_composed_backward",
+    _memory_attention_composed_bwd,
+    grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"),
+)
 
 
 def _composed_backward(saved, grad_out, grad_lse, *_):
@@ -180,19 +248,64 @@ def _composed_backward(saved, grad_out, grad_lse, *_):
     if grad_lse is not None:
         # The vendor backward ops take no lse grad: the fused backward over [memory ; sequence] is exact
         # here too, given the merged out and lse.
-        return _memory_attention_backward_op(grad_out, grad_lse, s.q, s.k, s.v, s.mem_k, s.mem_v, s.mem_bias, s.out,
-                                             s.lse, s.causal, s.scale, s.deterministic)
-    return _memory_attention_composed_backward_op(grad_out, s.q, s.k, s.v, s.mem_k, s.mem_v, s.mem_bias, s.out, s.lse,
-                                                  s.state_a, s.state_b, s.causal, s.scale, s.sequence, s.deterministic)
+        return _memory_attention_backward_op(
+            grad_out,
+            grad_lse,
+            s.q,
+            s.k,
+            s.v,
+            s.mem_k,
+            s.mem_v,
+            s.mem_bias,
+            s.out,
+            s.lse,
+            s.causal,
+            s.scale,
+            s.deterministic,
+        )
+    return _memory_attention_composed_backward_op(
+        grad_out,
+        s.q,
+        s.k,
+        s.v,
+        s.mem_k,
+        s.mem_v,
+        s.mem_bias,
+        s.out,
+        s.lse,
+        s.state_a,
+        s.state_b,
+        s.causal,
+        s.scale,
+        s.sequence,
+        s.deterministic,
+    )
 
 
 # An unused lse gets no grad (None, not zeros), so the backward knows when it may use the vendor op.
 _memory_attention_composed_op = custom_op(
-    "memory_attention_composed", _memory_attention_composed_fwd, fake=_memory_attention_composed_fake,
-    outputs=("out", "lse", "state_a", "state_b"), backward=_composed_backward,
-    grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"), materialize_grads=False,
-    save=("q", "k", "v", "mem_k", "mem_v", "mem_bias", "out", "lse", "state_a", "state_b", "causal", "scale",
-          "sequence"),
+    "memory_attention_composed",
+    _memory_attention_composed_fwd,
+    fake=_memory_attention_composed_fake,
+    outputs=("out", "lse", "state_a", "state_b"),
+    backward=_composed_backward,
+    grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"),
+    materialize_grads=False,
+    save=(
+        "q",
+        "k",
+        "v",
+        "mem_k",
+        "mem_v",
+        "mem_bias",
+        "out",
+        "lse",
+        "state_a",
+        "state_b",
+        "causal",
+        "scale",
+        "sequence",
+    ),
 )
 
 
@@ -236,19 +349,32 @@ def attention_impl(q: torch.Tensor, num_keys: int, *, causal: bool, impl: str = 
             raise ValueError(
                 f"memory_attention: impl='composed' needs sequence keys (Nk={num_keys}), queries, and a fused "
                 f"attention op for {q.device.type} {q.dtype} head dim {q.shape[-1]} (causal={causal}); "
-                "use impl='fused' or 'auto'")
+                "use impl='fused' or 'auto'"
+            )
         return "composed", sequence
-    if (q.device.type != "cuda" or sequence is None or q.numel() == 0 or q.shape[2] < COMPOSED_MIN_QUERIES
-            or num_keys < COMPOSED_MIN_KEYS):
+    if (
+        q.device.type != "cuda"
+        or sequence is None
+        or q.numel() == 0
+        or q.shape[2] < COMPOSED_MIN_QUERIES
+        or num_keys < COMPOSED_MIN_KEYS
+    ):
         return "fused", None
     return "composed", sequence
 
 
 def memory_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None, *,
-    causal: bool = False, scale: float | None = None, mem_bias: torch.Tensor | None = None,
-    return_lse: bool = False, impl: str = "auto",
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mem_k: torch.Tensor | None = None,
+    mem_v: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mem_bias: torch.Tensor | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
 ):
     """Attention over [memory ; sequence] keys without materialising the concatenation.
 

@@ -9,10 +9,10 @@ expert-parallel block MoE, built from plain collectives with autograd.
   router), every (token, k) slot travels to the rank owning its expert (``all_to_all_single``), runs there
   through ``moe_ffn`` and travels back: 2 x k x d values per token each way, plus split sizes.
 """
+
 from __future__ import annotations
 
 import math
-
 from collections import Counter
 
 import torch
@@ -23,7 +23,6 @@ from memops.moe import moe_ffn, unique_experts
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
 from memops.product_key import weighted_gather
-
 
 # Bytes each rank hands to collectives, by scheme and direction: what docs/scale_out.md's model predicts.
 COMMUNICATED: Counter = Counter()
@@ -71,7 +70,7 @@ class _GatherColumns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous(), None
+        return grad[..., ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width].contiguous(), None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -107,14 +106,18 @@ class ShardedProductKeyMemory(ProductKeyMemory):
     and names :func:`gather_value_table`, which assembles the full table for a single-process checkpoint.
     """
 
-    def __init__(self, input_dim: int, output_dim: int, *, process_group=None, gather_output: bool = True, **kwargs) -> None:
+    def __init__(
+        self, input_dim: int, output_dim: int, *, process_group=None, gather_output: bool = True, **kwargs
+    ) -> None:
         world, rank = _group_size_and_rank(process_group)
         value_dim = kwargs.get("value_dim") or output_dim
         if value_dim % world:
             raise ValueError(f"ShardedProductKeyMemory: world_size={world} must divide value_dim={value_dim}")
         if kwargs.get("shared_values") is not None:
-            raise ValueError("ShardedProductKeyMemory: pass shared_values another ShardedProductKeyMemory's table "
-                             "after construction (tables must be sharded alike)")
+            raise ValueError(
+                "ShardedProductKeyMemory: pass shared_values another ShardedProductKeyMemory's table "
+                "after construction (tables must be sharded alike)"
+            )
         gated = kwargs.get("gated", False) or kwargs.get("output_gate", False)
         if not gather_output and (gated or value_dim != output_dim):
             raise ValueError("ShardedProductKeyMemory: gather_output=False needs no gate and no output projection")
@@ -125,7 +128,7 @@ class ShardedProductKeyMemory(ProductKeyMemory):
         width = value_dim // world
         # Every rank draws the full table with the same seed and keeps its columns: sharded training starts
         # from exactly the single-process initialisation.
-        self.values = nn.Embedding.from_pretrained(full[:, rank * width:(rank + 1) * width].clone(), freeze=False)
+        self.values = nn.Embedding.from_pretrained(full[:, rank * width : (rank + 1) * width].clone(), freeze=False)
 
     def share_values_with(self, other: ShardedProductKeyMemory) -> None:
         """Read and train ``other``'s value table (Memory Layers at Scale shares one across layers). Both
@@ -133,11 +136,15 @@ class ShardedProductKeyMemory(ProductKeyMemory):
         if not isinstance(other, ShardedProductKeyMemory):
             raise TypeError("share_values_with: other must be a ShardedProductKeyMemory")
         if other.process_group is not self.process_group or other.world_size != self.world_size:
-            raise ValueError("share_values_with: the two layers use different process groups; a table sharded "
-                             "over one group cannot be read by ranks of another")
+            raise ValueError(
+                "share_values_with: the two layers use different process groups; a table sharded "
+                "over one group cannot be read by ranks of another"
+            )
         if other.values.weight.shape != self.values.weight.shape:
-            raise ValueError(f"share_values_with: shard shapes differ: {tuple(other.values.weight.shape)} vs "
-                             f"{tuple(self.values.weight.shape)}")
+            raise ValueError(
+                f"share_values_with: shard shapes differ: {tuple(other.values.weight.shape)} vs "
+                f"{tuple(self.values.weight.shape)}"
+            )
         self.values = other.values
 
     def get_extra_state(self):
@@ -153,13 +160,20 @@ class ShardedProductKeyMemory(ProductKeyMemory):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (the dropouts draw on each rank's own generator: seed ranks alike for identical replicas)
-        flat = torch.nn.functional.dropout(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), self.input_dropout, self.training)
+        flat = torch.nn.functional.dropout(
+            x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), self.input_dropout, self.training
+        )
         T = flat.shape[0]
         weights, indices = self.search(flat)
         # Each rank's read uses only its columns, so the weights' gradient is a partial sum over columns:
         # the all-reduce in _AllReduceGrad's backward completes it.
         weights = _AllReduceGrad.apply(weights, self.process_group)
-        y = weighted_gather(self.values.weight, indices.view(T, self.heads * self.topk), weights.view(T, self.heads * self.topk), check_indices=False)
+        y = weighted_gather(
+            self.values.weight,
+            indices.view(T, self.heads * self.topk),
+            weights.view(T, self.heads * self.topk),
+            check_indices=False,
+        )
         if self.gather_output:
             y = _GatherColumns.apply(y, self.process_group)
         # (without gathering there is no gate or projection: output() only applies the value dropout)
@@ -187,7 +201,9 @@ class ExpertParallelBlockMoE(BlockMoE):
     (computed when asked, from ``last_topk_ids``: no host sync in the forward beyond the split sizes).
     """
 
-    def __init__(self, d_model: int, d_expert: int, n_experts: int, top_k: int, *, process_group=None, **kwargs) -> None:
+    def __init__(
+        self, d_model: int, d_expert: int, n_experts: int, top_k: int, *, process_group=None, **kwargs
+    ) -> None:
         world, rank = _group_size_and_rank(process_group)
         if n_experts % world:
             raise ValueError(f"ExpertParallelBlockMoE: world_size={world} must divide n_experts={n_experts}")
@@ -210,8 +226,8 @@ class ExpertParallelBlockMoE(BlockMoE):
         B, N, d = x.shape
         ids, weights = self.route(x)
         flat = x.reshape(B * N, d)
-        slot_owner = (ids.long() // self.local_experts).reshape(-1)                # the rank owning each slot
-        order = torch.sort(slot_owner, stable=True).indices                        # slots grouped by owner rank
+        slot_owner = (ids.long() // self.local_experts).reshape(-1)  # the rank owning each slot
+        order = torch.sort(slot_owner, stable=True).indices  # slots grouped by owner rank
         send_counts = torch.bincount(slot_owner, minlength=self.world_size)
         recv_counts = torch.empty_like(send_counts)
         _count("moe forward all_to_all", send_counts)
@@ -223,15 +239,23 @@ class ExpertParallelBlockMoE(BlockMoE):
         recv_rows = _AllToAll.apply(send_rows, recv_splits, send_splits, self.process_group)
         recv_experts = send_experts.new_empty(sum(recv_splits))
         _count("moe forward all_to_all", send_experts)
-        dist.all_to_all_single(recv_experts, send_experts.contiguous(), recv_splits, send_splits, group=self.process_group)
+        dist.all_to_all_single(
+            recv_experts, send_experts.contiguous(), recv_splits, send_splits, group=self.process_group
+        )
         # Each received slot through its local expert, unweighted (the weights are applied at home).
         if recv_rows.shape[0]:
-            out = moe_ffn(recv_rows, self.w_gate_up, self.w_down, recv_experts[:, None],
-                          torch.ones(recv_rows.shape[0], 1, device=x.device), check_ids=False)
+            out = moe_ffn(
+                recv_rows,
+                self.w_gate_up,
+                self.w_down,
+                recv_experts[:, None],
+                torch.ones(recv_rows.shape[0], 1, device=x.device),
+                check_ids=False,
+            )
         else:  # nothing to run here: keep the local experts in the graph, so their gradient is zero, not None
             out = recv_rows * 0 + 0 * (self.w_gate_up.sum() + self.w_down.sum())
         back = _AllToAll.apply(out, send_splits, recv_splits, self.process_group)
-        per_slot = torch.empty_like(back).index_copy(0, order, back)              # back in slot order
+        per_slot = torch.empty_like(back).index_copy(0, order, back)  # back in slot order
         acc = torch.promote_types(x.dtype, torch.float32)
         y = (per_slot.view(B * N, k, d).to(acc) * weights.reshape(B * N, k, 1).to(acc)).sum(1).to(x.dtype)
         return self.add_shared_experts(y, flat).reshape(B, N, d)

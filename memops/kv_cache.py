@@ -1,4 +1,5 @@
 """RetentionKVCache: TRIM-KV's memory-bounded KV cache, shaped like the transformers ``Cache.update`` contract."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,17 +11,17 @@ from memops._backend import resolve_backend
 from memops._registration import lazy_kernels
 from memops._validation import check_bool, check_int, check_layer_idx, writable
 
-
 retention_kernels = lazy_kernels("retention")
 
 
 @dataclasses.dataclass
 class _Layer:
     """One layer's rows: (B, Hkv, capacity, D) storage of which the first `length` rows are live."""
+
     keys: torch.Tensor
     values: torch.Tensor
-    log_beta: torch.Tensor    # (B, Hkv, capacity) fp32
-    positions: torch.Tensor   # (B, Hkv, capacity) int64: each row's original position
+    log_beta: torch.Tensor  # (B, Hkv, capacity) fp32
+    positions: torch.Tensor  # (B, Hkv, capacity) int64: each row's original position
     length: int
     next_position: int
 
@@ -104,17 +105,20 @@ class RetentionKVCache:
     def positions(self, layer_idx: int) -> torch.Tensor:
         """(B, Hkv, L) int64: the original position of each row ``layer_idx`` holds."""
         layer = self._layer(layer_idx, "positions")
-        return layer.positions[:, :, :layer.length]
+        return layer.positions[:, :, : layer.length]
 
     def log_beta(self, layer_idx: int) -> torch.Tensor:
         """(B, Hkv, L) fp32: the retention of each row ``layer_idx`` holds."""
         layer = self._layer(layer_idx, "log_beta")
-        return layer.log_beta[:, :, :layer.length]
+        return layer.log_beta[:, :, : layer.length]
 
     def memory_bytes(self) -> int:
         """Bytes of the buffers the cache holds (all layers; the allocated capacity, not only live rows)."""
-        return sum(t.numel() * t.element_size() for layer in self._layers.values()
-                   for t in (layer.keys, layer.values, layer.log_beta, layer.positions))
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self._layers.values()
+            for t in (layer.keys, layer.values, layer.log_beta, layer.positions)
+        )
 
     def _check(self, key_states, value_states, layer_idx, log_beta) -> None:
         check_layer_idx(layer_idx, "RetentionKVCache.update")
@@ -124,9 +128,13 @@ class RetentionKVCache:
             if not t.is_floating_point():
                 raise TypeError(f"RetentionKVCache.update: {name} must be floating point, got {t.dtype}")
             if t.device != key_states.device:
-                raise ValueError(f"RetentionKVCache.update: {name} is on {t.device} but key_states is on {key_states.device}")
+                raise ValueError(
+                    f"RetentionKVCache.update: {name} is on {t.device} but key_states is on {key_states.device}"
+                )
         if key_states.dim() != 4:
-            raise ValueError(f"RetentionKVCache.update: key_states must be (B, Hkv, n, D), got {tuple(key_states.shape)}")
+            raise ValueError(
+                f"RetentionKVCache.update: key_states must be (B, Hkv, n, D), got {tuple(key_states.shape)}"
+            )
         if value_states.shape != key_states.shape or value_states.dtype != key_states.dtype:
             raise ValueError(
                 f"RetentionKVCache.update: value_states must match key_states {tuple(key_states.shape)} "
@@ -139,7 +147,13 @@ class RetentionKVCache:
             )
         if layer_idx in self._layers:
             layer = self._layers[layer_idx]
-            cached = (layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[3], layer.keys.dtype, layer.keys.device)
+            cached = (
+                layer.keys.shape[0],
+                layer.keys.shape[1],
+                layer.keys.shape[3],
+                layer.keys.dtype,
+                layer.keys.device,
+            )
             given = (key_states.shape[0], key_states.shape[1], key_states.shape[3], key_states.dtype, key_states.device)
             if cached != given:
                 raise ValueError(
@@ -148,7 +162,11 @@ class RetentionKVCache:
                 )
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, log_beta: torch.Tensor,
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        log_beta: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, Hkv, n, D) key/value rows with their log_beta (B, Hkv, n) to ``layer_idx``; return the
         (B, Hkv, L + n, D) keys and values to attend over; compact the layer when it is full (see class).
@@ -166,9 +184,13 @@ class RetentionKVCache:
         elif layer.length + n > layer.capacity:
             # Grow into fresh buffers: rows returned before stay where they are.
             grown = self._allocate(key_states, layer.length + n, layer)
-            for old, new in ((layer.keys, grown.keys), (layer.values, grown.values),
-                             (layer.log_beta, grown.log_beta), (layer.positions, grown.positions)):
-                new[:, :, :layer.length] = old[:, :, :layer.length]
+            for old, new in (
+                (layer.keys, grown.keys),
+                (layer.values, grown.values),
+                (layer.log_beta, grown.log_beta),
+                (layer.positions, grown.positions),
+            ):
+                new[:, :, : layer.length] = old[:, :, : layer.length]
             layer = grown
         else:
             layer = layer.writable()
@@ -176,9 +198,11 @@ class RetentionKVCache:
         layer.keys[:, :, rows] = key_states
         layer.values[:, :, rows] = value_states
         layer.log_beta[:, :, rows] = log_beta
-        layer.positions[:, :, rows] = torch.arange(layer.next_position, layer.next_position + n, device=key_states.device)
+        layer.positions[:, :, rows] = torch.arange(
+            layer.next_position, layer.next_position + n, device=key_states.device
+        )
         layer = dataclasses.replace(layer, length=layer.length + n, next_position=layer.next_position + n)
-        keys, values = layer.keys[:, :, :layer.length], layer.values[:, :, :layer.length]
+        keys, values = layer.keys[:, :, : layer.length], layer.values[:, :, : layer.length]
         if layer.length >= self.budget + self.buffer and layer.length > self.budget:
             layer = self._compact(layer)
         self._layers[layer_idx] = layer
@@ -187,10 +211,12 @@ class RetentionKVCache:
     def _allocate(self, like: torch.Tensor, capacity: int, layer: _Layer | None) -> _Layer:
         B, Hkv, _, D = like.shape
         return _Layer(
-            keys=like.new_empty((B, Hkv, capacity, D)), values=like.new_empty((B, Hkv, capacity, D)),
+            keys=like.new_empty((B, Hkv, capacity, D)),
+            values=like.new_empty((B, Hkv, capacity, D)),
             log_beta=like.new_empty((B, Hkv, capacity), dtype=torch.float32),
             positions=like.new_empty((B, Hkv, capacity), dtype=torch.int64),
-            length=0 if layer is None else layer.length, next_position=0 if layer is None else layer.next_position,
+            length=0 if layer is None else layer.length,
+            next_position=0 if layer is None else layer.next_position,
         )
 
     def _compact(self, layer: _Layer) -> _Layer:
@@ -199,15 +225,26 @@ class RetentionKVCache:
         rows = (layer.keys, layer.values, layer.log_beta, layer.positions)
         # next_position is the number of tokens the layer has seen
         score_position = layer.next_position + 1 if self.score == "official" else layer.next_position
-        evict(*(t[:, :, :layer.length] for t in rows), newest_position=layer.next_position - 1, budget=self.budget,
-              score_position=score_position,
-              out=(compacted.keys, compacted.values, compacted.log_beta, compacted.positions))
+        evict(
+            *(t[:, :, : layer.length] for t in rows),
+            newest_position=layer.next_position - 1,
+            budget=self.budget,
+            score_position=score_position,
+            out=(compacted.keys, compacted.values, compacted.log_beta, compacted.positions),
+        )
         return compacted
 
 
 def evict(
-    keys: torch.Tensor, values: torch.Tensor, log_beta: torch.Tensor, positions: torch.Tensor, *,
-    newest_position: int, budget: int, score_position: int | None = None, out: tuple[torch.Tensor, ...] | None = None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    log_beta: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    newest_position: int,
+    budget: int,
+    score_position: int | None = None,
+    out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One TRIM-KV eviction step: per (batch, KV head), keep the ``budget`` rows of largest
     ``log_beta_j * (score_position - positions_j)`` (ties keep the older row), in their original order.
@@ -226,10 +263,14 @@ def evict(
     if not 1 <= budget <= L:
         raise ValueError(f"evict: budget must be in [1, L={L}], got {budget}")
     if out is None:
-        out = (keys.new_empty((B, Hkv, budget, D)), values.new_empty((B, Hkv, budget, D)),
-               log_beta.new_empty((B, Hkv, budget)), positions.new_empty((B, Hkv, budget)))
+        out = (
+            keys.new_empty((B, Hkv, budget, D)),
+            values.new_empty((B, Hkv, budget, D)),
+            log_beta.new_empty((B, Hkv, budget)),
+            positions.new_empty((B, Hkv, budget)),
+        )
     # the scoring functions take the newest position t and score at t + 1
-    newest_position = (newest_position if score_position is None else score_position - 1)
+    newest_position = newest_position if score_position is None else score_position - 1
     if resolve_backend(keys) == "reference":
         kept = reference.retention_keep(log_beta, positions, newest_position, budget)
         out[2][:, :, :budget] = log_beta.gather(2, kept)
@@ -286,7 +327,12 @@ class SharedLoopKVCache:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, loop_idx: int, gate: torch.Tensor,
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        loop_idx: int,
+        gate: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from memops.looped import check_update_inputs, looped_kv_update
 
@@ -300,15 +346,16 @@ class SharedLoopKVCache:
             given = (B, Hkv, D, key_states.dtype, key_states.device)
             if cached != given:
                 raise ValueError(
-                    f"SharedLoopKVCache.update: layer {layer_idx} caches (B, Hkv, D, dtype, device) = {cached}, got {given}"
+                    f"SharedLoopKVCache.update: layer {layer_idx} caches (B, Hkv, D, dtype, device) = {cached}, "
+                    f"got {given}"
                 )
         if keys is not None:  # a cache filled under torch.inference_mode, written outside it: copy once
             self._keys[layer_idx], self._values[layer_idx] = writable(keys), writable(self._values[layer_idx])
         if loop_idx == 0:
             if keys is None or length + n > keys.shape[2]:
                 self._grow(layer_idx, key_states, max(2 * length, length + n, 16))
-            self._keys[layer_idx][:, :, length:length + n] = key_states
-            self._values[layer_idx][:, :, length:length + n] = value_states
+            self._keys[layer_idx][:, :, length : length + n] = key_states
+            self._values[layer_idx][:, :, length : length + n] = value_states
             self._lengths[layer_idx] = length = length + n
         else:
             if n > length:
@@ -317,8 +364,15 @@ class SharedLoopKVCache:
                     f"{length}; loop 0 appends a step's rows first"
                 )
             # The whole (contiguous) buffers, with the rows named: the in-place kernel addresses rows by pitch.
-            looped_kv_update(self._keys[layer_idx], self._values[layer_idx], key_states, value_states, gate,
-                             rows=slice(length - n, length), inplace=True)
+            looped_kv_update(
+                self._keys[layer_idx],
+                self._values[layer_idx],
+                key_states,
+                value_states,
+                gate,
+                rows=slice(length - n, length),
+                inplace=True,
+            )
         return self._keys[layer_idx][:, :, :length], self._values[layer_idx][:, :, :length]
 
     def _grow(self, layer_idx: int, like: torch.Tensor, capacity: int) -> None:

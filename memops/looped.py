@@ -5,16 +5,23 @@
 (``memops.kernels.attention``) and, for the backward, the attention backward kernels plus
 ``memops.kernels.looped``. Backend "reference" calls ``memops.reference.looped`` directly.
 """
+
 from __future__ import annotations
 
 import torch
 
 from memops import reference
 from memops._backend import resolve_attention_backend, resolve_backend
-from memops._registration import attention_outputs_like, backward_op, contiguous, custom_op, empty_like_dense, lazy_kernels
+from memops._registration import (
+    attention_outputs_like,
+    backward_op,
+    contiguous,
+    custom_op,
+    empty_like_dense,
+    lazy_kernels,
+)
 from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim
 from memops.attention import memory_attention as memops_attention
-
 
 looped_kernels = lazy_kernels("looped")
 attention_kernels = lazy_kernels("attention")
@@ -82,8 +89,13 @@ def _rows_for_reference(rows_index: torch.Tensor | None, row_offset: int, n: int
 
 
 def _looped_kv_update_fwd(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
-    rows_index: torch.Tensor | None, row_offset: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
+    rows_index: torch.Tensor | None,
+    row_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k_cache, v_cache, k_new, v_new, gate = contiguous(k_cache, v_cache, k_new, v_new, gate)
     # Rows not updated are copied by the clone; the kernel then overwrites the updated ones.
@@ -93,18 +105,28 @@ def _looped_kv_update_fwd(
 
 
 def _looped_kv_update_bwd(
-    grad_k: torch.Tensor, grad_v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
-    v_new: torch.Tensor, gate: torch.Tensor, rows_index: torch.Tensor | None, row_offset: int,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
+    rows_index: torch.Tensor | None,
+    row_offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tensors = contiguous(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate)
     return looped_kernels.looped_update_bwd(*tensors, rows_index, row_offset)
 
 
 _looped_kv_update_op = custom_op(
-    "looped_kv_update", _looped_kv_update_fwd, outputs=("k", "v"),
+    "looped_kv_update",
+    _looped_kv_update_fwd,
+    outputs=("k", "v"),
     fake=lambda k_cache, v_cache, *_: (empty_like_dense(k_cache), empty_like_dense(v_cache)),
-    backward=backward_op("looped_kv_update_backward", _looped_kv_update_bwd,
-                         grads=("k_cache", "v_cache", "k_new", "v_new", "gate")),
+    backward=backward_op(
+        "looped_kv_update_backward", _looped_kv_update_bwd, grads=("k_cache", "v_cache", "k_new", "v_new", "gate")
+    ),
 )
 
 
@@ -122,8 +144,14 @@ def update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset
 
 
 def looped_kv_update(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor, *,
-    rows: slice | torch.Tensor | None = None, inplace: bool = False,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    rows: slice | torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MELT's gated update of a shared looped KV cache: ``K[rows] = g * K[rows] + (1 - g) * k_new`` (and V).
 
@@ -149,8 +177,9 @@ def looped_kv_update(
         update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend)
         return k_cache, v_cache
     if backend == "reference":
-        return reference.looped_kv_update(k_cache, v_cache, k_new, v_new, gate,
-                                          _rows_for_reference(rows_index, row_offset, k_new.shape[2]))
+        return reference.looped_kv_update(
+            k_cache, v_cache, k_new, v_new, gate, _rows_for_reference(rows_index, row_offset, k_new.shape[2])
+        )
     return _looped_kv_update_op(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset)
 
 
@@ -159,18 +188,25 @@ def looped_kv_update(
 
 
 def _looped_attention_fwd(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor, k_cache: torch.Tensor,
-    v_cache: torch.Tensor, causal: bool, scale: float,
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k_new, v_new, gate, k_cache, v_cache = contiguous(q, k_new, v_new, gate, k_cache, v_cache)
     Nk, n = k_cache.shape[2], k_new.shape[2]
     # The kernel writes the n blended rows; rows before them are copied here (none in training, where n = Nk).
     k_out, v_out = torch.empty_like(k_cache), torch.empty_like(v_cache)
     if n < Nk:
-        k_out[:, :, :Nk - n] = k_cache[:, :, :Nk - n]
-        v_out[:, :, :Nk - n] = v_cache[:, :, :Nk - n]
+        k_out[:, :, : Nk - n] = k_cache[:, :, : Nk - n]
+        v_out[:, :, : Nk - n] = v_cache[:, :, : Nk - n]
     out, lse = attention_kernels.memory_attention_fwd(
-        q, k_cache, v_cache, None, None, None, causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out))
+        q, k_cache, v_cache, None, None, None, causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out)
+    )
     return out, lse, k_out, v_out
 
 
@@ -179,46 +215,84 @@ def _looped_attention_fake(q, k_new, v_new, gate, k_cache, v_cache, causal, scal
 
 
 def _looped_attention_bwd(
-    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, grad_k_out: torch.Tensor | None,
-    grad_v_out: torch.Tensor | None, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, k_out: torch.Tensor,
-    v_out: torch.Tensor, causal: bool, scale: float,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    grad_k_out: torch.Tensor | None,
+    grad_v_out: torch.Tensor | None,
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out = contiguous(
-        grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out)
+        grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out
+    )
     # Attention's grads w.r.t. the updated cache, plus whatever reached the returned caches, then back
     # through the blend.
     dq, d_k_out, d_v_out, *_ = attention_kernels.memory_attention_bwd(
-        grad_out, q, k_out, v_out, None, None, None, out, lse, causal=causal, scale=scale, deterministic=True,
-        grad_lse=grad_lse)
+        grad_out,
+        q,
+        k_out,
+        v_out,
+        None,
+        None,
+        None,
+        out,
+        lse,
+        causal=causal,
+        scale=scale,
+        deterministic=True,
+        grad_lse=grad_lse,
+    )
     if grad_k_out is not None:
         d_k_out = d_k_out + grad_k_out
     if grad_v_out is not None:
         d_v_out = d_v_out + grad_v_out
     Nk, n = k_cache.shape[2], k_new.shape[2]
     dk_cache, dv_cache, dk_new, dv_new, dgate = looped_kernels.looped_update_bwd(
-        *contiguous(d_k_out, d_v_out), k_cache, v_cache, k_new, v_new, gate, None, Nk - n)
+        *contiguous(d_k_out, d_v_out), k_cache, v_cache, k_new, v_new, gate, None, Nk - n
+    )
     return dq, dk_new, dv_new, dgate, dk_cache, dv_cache
 
 
 _looped_attention_op = custom_op(
-    "looped_attention", _looped_attention_fwd, fake=_looped_attention_fake, outputs=("out", "lse", "k_out", "v_out"),
-    backward=backward_op("looped_attention_backward", _looped_attention_bwd,
-                         grads=("q", "k_new", "v_new", "gate", "k_cache", "v_cache")),
+    "looped_attention",
+    _looped_attention_fwd,
+    fake=_looped_attention_fake,
+    outputs=("out", "lse", "k_out", "v_out"),
+    backward=backward_op(
+        "looped_attention_backward", _looped_attention_bwd, grads=("q", "k_new", "v_new", "gate", "k_cache", "v_cache")
+    ),
 )
 
 
 def _check_query_rows(q, k_new, op: str) -> None:
     """The loop's n new tokens give both its queries and its new key/value rows."""
     if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] != k_new.shape[2]:
-        raise ValueError(f"{op}: q must have k_new's n={k_new.shape[2]} rows (one query per new token), "
-                         f"got {q.shape[2]}")
+        raise ValueError(
+            f"{op}: q must have k_new's n={k_new.shape[2]} rows (one query per new token), got {q.shape[2]}"
+        )
 
 
 def looped_attention(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
-    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *,
-    causal: bool = True, scale: float | None = None, inplace: bool = False,
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One loop of a MELT layer: update the shared cache's last n rows with the gate, then attend over it.
 
@@ -258,8 +332,9 @@ def looped_attention(
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     backend = resolve_backend(q)
     if backend == "triton" and not inplace:  # the in-place path runs plain memory attention on the cache
-        backend = resolve_attention_backend(q, "blend-channel" if gate.shape[-1] != 1 else "blend-row",
-                                            k_new, v_new, gate, k_cache, v_cache)
+        backend = resolve_attention_backend(
+            q, "blend-channel" if gate.shape[-1] != 1 else "blend-row", k_new, v_new, gate, k_cache, v_cache
+        )
     if inplace:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_new, v_new, gate, k_cache, v_cache)):
             raise ValueError(f"{op}: inplace=True is for inference; an input requires grad")

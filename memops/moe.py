@@ -4,6 +4,7 @@
 kernel); ``moe_ffn`` -> ``memops::moe_experts`` -> the grouped-GEMM kernels of ``memops.kernels.moe``, then a
 weighted sum over each token's k slots. Backend "reference" calls ``memops.reference.moe`` directly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,9 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_route_args(router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups,
-                      topk_groups) -> None:
+def _check_route_args(
+    router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups, topk_groups
+) -> None:
     op = "block_route"
     if not isinstance(router_logits, torch.Tensor):
         raise TypeError(f"{op}: router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
@@ -33,8 +35,12 @@ def _check_route_args(router_logits, block_size, top_k, top_p, min_experts, scor
     if router_logits.dim() != 3:
         raise ValueError(f"{op}: router_logits must be (B, N, E), got shape {tuple(router_logits.shape)}")
     E = router_logits.shape[-1]
-    for name, value in (("top_k", top_k), ("min_experts", min_experts), ("n_groups", n_groups),
-                        ("topk_groups", topk_groups)):
+    for name, value in (
+        ("top_k", top_k),
+        ("min_experts", min_experts),
+        ("n_groups", n_groups),
+        ("topk_groups", topk_groups),
+    ):
         if not _is_int(value):
             raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if not 1 <= top_k <= E:
@@ -45,7 +51,8 @@ def _check_route_args(router_logits, block_size, top_k, top_p, min_experts, scor
         raise ValueError(f"{op}: top_p must be in (0, 1], got {top_p!r}")
     if not top_k <= min_experts <= E:
         raise ValueError(
-            f"{op}: min_experts must be in [top_k={top_k}, E={E}] (a coreset must hold each token's top_k), got {min_experts}"
+            f"{op}: min_experts must be in [top_k={top_k}, E={E}] (a coreset must hold each token's top_k), "
+            f"got {min_experts}"
         )
     if score_func not in SCORE_FUNCS:
         raise ValueError(f"{op}: score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
@@ -63,19 +70,39 @@ def _check_route_args(router_logits, block_size, top_k, top_p, min_experts, scor
         if tuple(expert_bias.shape) != (E,):
             raise ValueError(f"{op}: expert_bias must be (E,) = ({E},), got {tuple(expert_bias.shape)}")
         if expert_bias.device != router_logits.device:
-            raise ValueError(f"{op}: expert_bias is on {expert_bias.device} but router_logits is on {router_logits.device}")
+            raise ValueError(
+                f"{op}: expert_bias is on {expert_bias.device} but router_logits is on {router_logits.device}"
+            )
 
 
 def _block_route_fwd(
-    router_logits: torch.Tensor, expert_bias: torch.Tensor | None, block_size: int, top_k: int, top_p: float,
-    min_experts: int, softmax: bool, n_groups: int, topk_groups: int, routed_scaling: float, normalize: bool,
+    router_logits: torch.Tensor,
+    expert_bias: torch.Tensor | None,
+    block_size: int,
+    top_k: int,
+    top_p: float,
+    min_experts: int,
+    softmax: bool,
+    n_groups: int,
+    topk_groups: int,
+    routed_scaling: float,
+    normalize: bool,
     group_limited_vote: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     router_logits, expert_bias = contiguous(router_logits, expert_bias)
     ids, weights, coreset = moe_kernels.block_route(
-        router_logits, expert_bias, block_size=block_size or None, top_k=top_k, top_p=top_p,
-        min_experts=min_experts, softmax=softmax, n_groups=n_groups, topk_groups=topk_groups,
-        routed_scaling=routed_scaling, normalize=normalize, group_limited_vote=group_limited_vote,
+        router_logits,
+        expert_bias,
+        block_size=block_size or None,
+        top_k=top_k,
+        top_p=top_p,
+        min_experts=min_experts,
+        softmax=softmax,
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+        routed_scaling=routed_scaling,
+        normalize=normalize,
+        group_limited_vote=group_limited_vote,
     )
     # A custom op returns tensors: token-level routing has no coreset, an empty tensor stands for None.
     # Weights come first (opcheck's autograd check sums the outputs in order and chokes on an int first).
@@ -86,29 +113,50 @@ def _block_route_fake(router_logits, expert_bias, block_size, top_k, *_options):
     B, N, E = router_logits.shape
     shape = (B, N, top_k)
     coreset_shape = (B, -(-N // block_size), E) if block_size else (0,)
-    return (router_logits.new_empty(shape, dtype=torch.float32), router_logits.new_empty(shape, dtype=torch.int32),
-            router_logits.new_empty(coreset_shape, dtype=torch.bool))
+    return (
+        router_logits.new_empty(shape, dtype=torch.float32),
+        router_logits.new_empty(shape, dtype=torch.int32),
+        router_logits.new_empty(coreset_shape, dtype=torch.bool),
+    )
 
 
 def _block_route_bwd(saved, grad_weights, *_):
     """Through the bias-free scores at the chosen ids (the selection itself has no gradient)."""
     return reference.routing_weights_backward(
-        grad_weights, saved.router_logits, saved.ids, score_func="softmax" if saved.softmax else "sigmoid",
-        normalize=saved.normalize, routed_scaling=saved.routed_scaling,
+        grad_weights,
+        saved.router_logits,
+        saved.ids,
+        score_func="softmax" if saved.softmax else "sigmoid",
+        normalize=saved.normalize,
+        routed_scaling=saved.routed_scaling,
     )
 
 
 _block_route_op = custom_op(
-    "block_route", _block_route_fwd, fake=_block_route_fake, outputs=("weights", "ids", "coreset"),
-    backward=_block_route_bwd, grads=("router_logits",),
+    "block_route",
+    _block_route_fwd,
+    fake=_block_route_fake,
+    outputs=("weights", "ids", "coreset"),
+    backward=_block_route_bwd,
+    grads=("router_logits",),
     save=("router_logits", "ids", "softmax", "normalize", "routed_scaling"),
 )
 
 
 def block_route(
-    router_logits: torch.Tensor, *, block_size: int | None = 32, top_k: int = 8, top_p: float = 0.6,
-    min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
-    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, vote: str = "plain",
+    router_logits: torch.Tensor,
+    *,
+    block_size: int | None = 32,
+    top_k: int = 8,
+    top_p: float = 0.6,
+    min_experts: int = 16,
+    score_func: str = "sigmoid",
+    expert_bias: torch.Tensor | None = None,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling: float = 1.0,
+    normalize: bool = True,
+    vote: str = "plain",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dMoE block-level routing: each block of ``block_size`` tokens agrees on an expert coreset, then every
     token routes inside it (the algorithm is in memops.reference.moe and docs/block_moe.md).
@@ -134,23 +182,41 @@ def block_route(
         w.r.t. router_logits (through the bias-free scores at the chosen ids); coreset (B, n_blocks, E) bool,
         or None when block_size is None. Ties go to the lower expert index.
     """
-    _check_route_args(router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups,
-                      topk_groups)
+    _check_route_args(
+        router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups, topk_groups
+    )
     check_bool(normalize, "normalize", "block_route")
     routed_scaling = check_number(routed_scaling, "routed_scaling", "block_route")
     normalize = normalize and top_k > 1  # the official rule: one pick is never renormalised
     if vote not in ("plain", "group_limited"):
         raise ValueError(f"block_route: vote must be 'plain' or 'group_limited', got {vote!r}")
-    kwargs = dict(block_size=block_size, top_k=top_k, top_p=float(top_p), min_experts=min_experts,
-                  n_groups=n_groups, topk_groups=topk_groups, routed_scaling=float(routed_scaling), normalize=normalize)
+    kwargs = dict(
+        block_size=block_size,
+        top_k=top_k,
+        top_p=float(top_p),
+        min_experts=min_experts,
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+        routed_scaling=float(routed_scaling),
+        normalize=normalize,
+    )
     if resolve_backend(router_logits) == "reference":
-        return reference.block_route(router_logits, score_func=score_func, expert_bias=expert_bias, vote=vote,
-                                     **kwargs)
+        return reference.block_route(router_logits, score_func=score_func, expert_bias=expert_bias, vote=vote, **kwargs)
     kwargs["block_size"] = block_size or 0
-    weights, ids, coreset = _block_route_op(router_logits, expert_bias, kwargs.pop("block_size"), top_k,
-                                            kwargs.pop("top_p"), min_experts, score_func == "softmax", n_groups,
-                                            topk_groups, kwargs.pop("routed_scaling"), normalize,
-                                            vote == "group_limited")
+    weights, ids, coreset = _block_route_op(
+        router_logits,
+        expert_bias,
+        kwargs.pop("block_size"),
+        top_k,
+        kwargs.pop("top_p"),
+        min_experts,
+        score_func == "softmax",
+        n_groups,
+        topk_groups,
+        kwargs.pop("routed_scaling"),
+        normalize,
+        vote == "group_limited",
+    )
     if router_logits.dtype == torch.float64:
         # The kernel ranks and weighs in fp32; fp64 logits get fp64 weights at its ids, as on the reference
         # (differentiable by autograd, the gradcheck path).
@@ -164,10 +230,17 @@ def unique_experts(topk_ids: torch.Tensor, block_size: int) -> torch.Tensor:
     fewer expert weights streamed per forward). topk_ids (B, N, k) int8..int64 (not bool), each >= 0 (one
     min check and a host sync, skipped under compile); any size of id (no (E,) table is allocated). Empty
     blocks (k = 0) count 0; the last block may be partial."""
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 3 or topk_ids.is_floating_point() \
-            or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
-        raise TypeError("unique_experts: topk_ids must be a (B, N, k) integer tensor (not bool), got "
-                        f"{getattr(topk_ids, 'dtype', type(topk_ids).__name__)} {tuple(getattr(topk_ids, 'shape', ()))}")
+    if (
+        not isinstance(topk_ids, torch.Tensor)
+        or topk_ids.dim() != 3
+        or topk_ids.is_floating_point()
+        or topk_ids.is_complex()
+        or topk_ids.dtype == torch.bool
+    ):
+        raise TypeError(
+            "unique_experts: topk_ids must be a (B, N, k) integer tensor (not bool), got "
+            f"{getattr(topk_ids, 'dtype', type(topk_ids).__name__)} {tuple(getattr(topk_ids, 'shape', ()))}"
+        )
     check_int(block_size, "block_size", "unique_experts", low=1)
     if topk_ids.numel() and can_read_values(topk_ids):
         lowest = int(topk_ids.min())
@@ -182,8 +255,13 @@ def unique_experts(topk_ids: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, check_ids: bool) -> None:
     op = "moe_ffn"
-    for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down), ("topk_ids", topk_ids),
-                    ("topk_weights", topk_weights)):
+    for name, t in (
+        ("x", x),
+        ("w_gate_up", w_gate_up),
+        ("w_down", w_down),
+        ("topk_ids", topk_ids),
+        ("topk_weights", topk_weights),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != x.device:
@@ -215,35 +293,47 @@ def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, ch
             raise IndexError(f"{op}: topk_ids must lie in [0, E={E}), found [{low}, {high}]")
 
 
-def _moe_experts_fwd(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor
-                     ) -> torch.Tensor:
+def _moe_experts_fwd(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
     x, w_gate_up, w_down, topk_ids = contiguous(x, w_gate_up, w_down, topk_ids)
     slots, _ = moe_kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=False)
     return slots.view(x.shape[0], topk_ids.shape[1], x.shape[1])
 
 
 def _moe_experts_bwd(
-    grad_slots: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
+    grad_slots: torch.Tensor,
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, w_gate_up, w_down, topk_ids = contiguous(x, w_gate_up, w_down, topk_ids)
     # The gate/up GEMM runs again for its pre-activations rather than keeping (slots, 2I) fp32 from the
     # forward (activation recomputation: one more GEMM, far less memory held between the passes).
-    _, (layout, h, preact) = moe_kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=True,
-                                                         down=False)
+    _, (layout, h, preact) = moe_kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=True, down=False)
     grad_slots = grad_slots.reshape(-1, x.shape[1]).contiguous()
     return moe_kernels.moe_experts_bwd(grad_slots, x, w_gate_up, w_down, topk_ids, layout, h, preact)
 
 
 _moe_experts_op = custom_op(
-    "moe_experts", _moe_experts_fwd, outputs=("slots",),
+    "moe_experts",
+    _moe_experts_fwd,
+    outputs=("slots",),
     fake=lambda x, w_gate_up, w_down, topk_ids: x.new_empty((x.shape[0], topk_ids.shape[1], x.shape[1])),
     backward=backward_op("moe_experts_backward", _moe_experts_bwd, grads=("x", "w_gate_up", "w_down")),
 )
 
 
 def moe_ffn(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor, *, activation: str = "swiglu", check_ids: bool = True,
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    activation: str = "swiglu",
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Routed SwiGLU experts: ``y[t] = Σ_j w[t, j] · W_down[e] (SiLU(W_gate[e] x[t]) ⊙ W_up[e] x[t])``, e = ids[t, j].
 

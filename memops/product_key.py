@@ -3,6 +3,7 @@
 ``weighted_gather`` -> ``memops::weighted_gather`` (custom op) -> ``memops.kernels.product_key`` on backend
 "triton"; backend "reference" calls ``memops.reference.product_key`` directly (differentiable by autograd).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,26 +64,39 @@ def _triton_table(values: torch.Tensor) -> torch.Tensor:
     return values if values.stride(1) == 1 else values.contiguous()
 
 
-def _weighted_gather_fwd(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, check_indices: bool
-                         ) -> torch.Tensor:
+def _weighted_gather_fwd(
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, check_indices: bool
+) -> torch.Tensor:
     if check_indices:
         _check_index_range(indices, values.shape[0])
     return product_key_kernels.weighted_gather_fwd(_triton_table(values), *contiguous(indices, weights))
 
 
 def _weighted_gather_bwd(
-    grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-    deterministic: bool, values_grad: bool, weights_grad: bool,
+    grad_out: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    deterministic: bool,
+    values_grad: bool,
+    weights_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_out, indices, weights = contiguous(grad_out, indices, weights)
     return product_key_kernels.weighted_gather_bwd(
-        grad_out, _triton_table(values), indices, weights, values_grad=values_grad, weights_grad=weights_grad,
+        grad_out,
+        _triton_table(values),
+        indices,
+        weights,
+        values_grad=values_grad,
+        weights_grad=weights_grad,
         values_grad_algorithm="segment" if deterministic else "auto",
     )
 
 
 _weighted_gather_op = custom_op(
-    "weighted_gather", _weighted_gather_fwd, outputs=("out",),
+    "weighted_gather",
+    _weighted_gather_fwd,
+    outputs=("out",),
     fake=lambda values, indices, weights, check_indices: values.new_empty((indices.shape[0], values.shape[1])),
     backward=backward_op("weighted_gather_backward", _weighted_gather_bwd, grads=("values", "weights")),
 )
@@ -172,8 +186,14 @@ def _exact_scores(queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.
 
 
 def search_backward(
-    grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor, *,
-    queries_grad: bool = True, keys_grad: bool = True, deterministic: bool = False,
+    grad_scores: torch.Tensor,
+    queries: torch.Tensor,
+    sub_keys: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    queries_grad: bool = True,
+    keys_grad: bool = True,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The search's backward on the weighted-gather kernels: (dqueries (T, Hm, Dk), dsub_keys (Hm, 2, n_keys,
     Dk // 2)) in the inputs' dtype, None where not asked. The layout rewrite is
@@ -184,14 +204,16 @@ def search_backward(
     if queries_grad:
         grad_queries = product_key_kernels.weighted_gather_fwd(table, rows, weights).reshape(queries.shape)
     if keys_grad:
-        grad_keys, _ = product_key_kernels.weighted_gather_bwd(bags, table, rows, weights, weights_grad=False,
-                                                   values_grad_algorithm="segment" if deterministic else "auto")
+        grad_keys, _ = product_key_kernels.weighted_gather_bwd(
+            bags, table, rows, weights, weights_grad=False, values_grad_algorithm="segment" if deterministic else "auto"
+        )
         grad_keys = grad_keys.reshape(sub_keys.shape)
     return grad_queries, grad_keys
 
 
-def _product_key_topk_fwd(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _product_key_topk_fwd(
+    queries: torch.Tensor, sub_keys: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     queries, sub_keys = contiguous(queries, sub_keys)
     scores, indices = product_key_kernels.product_key_search(queries, sub_keys, topk)
     if queries.dtype == torch.float64:
@@ -208,15 +230,29 @@ def _product_key_topk_fake(queries, sub_keys, topk):
 
 
 def _product_key_topk_bwd(
-    grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor,
-    deterministic: bool, queries_grad: bool, sub_keys_grad: bool,
+    grad_scores: torch.Tensor,
+    queries: torch.Tensor,
+    sub_keys: torch.Tensor,
+    indices: torch.Tensor,
+    deterministic: bool,
+    queries_grad: bool,
+    sub_keys_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return search_backward(grad_scores, *contiguous(queries, sub_keys), indices, queries_grad=queries_grad,
-                           keys_grad=sub_keys_grad, deterministic=deterministic)
+    return search_backward(
+        grad_scores,
+        *contiguous(queries, sub_keys),
+        indices,
+        queries_grad=queries_grad,
+        keys_grad=sub_keys_grad,
+        deterministic=deterministic,
+    )
 
 
 _product_key_topk_op = custom_op(
-    "product_key_topk", _product_key_topk_fwd, fake=_product_key_topk_fake, outputs=("scores", "indices"),
+    "product_key_topk",
+    _product_key_topk_fwd,
+    fake=_product_key_topk_fake,
+    outputs=("scores", "indices"),
     backward=backward_op("product_key_topk_backward", _product_key_topk_bwd, grads=("queries", "sub_keys")),
 )
 

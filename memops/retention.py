@@ -5,6 +5,7 @@
 ``memops::retention_capacity`` -> ``memops.kernels.retention``. Backend "reference" calls
 ``memops.reference.retention`` directly (differentiable by autograd).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,6 @@ from memops import reference
 from memops._backend import resolve_attention_backend, resolve_backend
 from memops._registration import attention_outputs_like, backward_op, custom_op, lazy_kernels, unit_last_stride
 from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim
-
 
 attention_kernels = lazy_kernels("attention")
 retention_kernels = lazy_kernels("retention")
@@ -42,41 +42,86 @@ def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, 
 
 
 def _retention_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None, doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_beta: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    doc_start: torch.Tensor | None,
+    doc_end: torch.Tensor | None,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, log_beta, mem_k, mem_v))
-    return attention_kernels.memory_attention_fwd(q, k, v, mem_k, mem_v, None, causal=True, scale=scale,
-                                                  log_beta=log_beta, doc_start=doc_start)
+    return attention_kernels.memory_attention_fwd(
+        q, k, v, mem_k, mem_v, None, causal=True, scale=scale, log_beta=log_beta, doc_start=doc_start
+    )
 
 
 def _retention_attention_bwd(
-    grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    log_beta: torch.Tensor, mem_k: torch.Tensor | None, mem_v: torch.Tensor | None, doc_start: torch.Tensor | None,
-    doc_end: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float, deterministic: bool,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_beta: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+    doc_start: torch.Tensor | None,
+    doc_end: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tensors = (grad_out, q, k, v, log_beta, mem_k, mem_v)
     grad_out, q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in tensors)
     # Sequence keys use no atomics; a batch-shared memory sums its grads with atomics unless deterministic.
     dq, dk, dv, dmem_k, dmem_v, _, dlog_beta = attention_kernels.memory_attention_bwd(
-        grad_out, q, k, v, mem_k, mem_v, None, out, lse, causal=True, scale=scale, deterministic=deterministic,
-        grad_lse=grad_lse, log_beta=log_beta, doc_start=doc_start, doc_end=doc_end,
+        grad_out,
+        q,
+        k,
+        v,
+        mem_k,
+        mem_v,
+        None,
+        out,
+        lse,
+        causal=True,
+        scale=scale,
+        deterministic=deterministic,
+        grad_lse=grad_lse,
+        log_beta=log_beta,
+        doc_start=doc_start,
+        doc_end=doc_end,
     )
     return dq, dk, dv, dlog_beta.to(log_beta.dtype), dmem_k, dmem_v
 
 
 _retention_attention_op = custom_op(
-    "retention_attention", _retention_attention_fwd, fake=attention_outputs_like, outputs=("out", "lse"),
-    backward=backward_op("retention_attention_backward", _retention_attention_bwd,
-                         grads=("q", "k", "v", "log_beta", "mem_k", "mem_v")),
+    "retention_attention",
+    _retention_attention_fwd,
+    fake=attention_outputs_like,
+    outputs=("out", "lse"),
+    backward=backward_op(
+        "retention_attention_backward", _retention_attention_bwd, grads=("q", "k", "v", "log_beta", "mem_k", "mem_v")
+    ),
 )
 
 
 def retention_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
-    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
-    scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True,
-    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_beta: torch.Tensor,
+    *,
+    mem_k: torch.Tensor | None = None,
+    mem_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    check_log_beta: bool = True,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Causal attention with TRIM-KV's learned retention decay (training-time attention).
 
@@ -113,8 +158,18 @@ def retention_attention(
     bounds = documents(op, k.shape[2], k.shape[0], position_ids, cu_seqlens, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if resolve_attention_backend(q, "decay", k, v, log_beta, mem_k, mem_v) == "reference":
-        return reference.retention_attention(q, k, v, log_beta, mem_k=mem_k, mem_v=mem_v, scale=scale,
-                                             return_lse=return_lse, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        return reference.retention_attention(
+            q,
+            k,
+            v,
+            log_beta,
+            mem_k=mem_k,
+            mem_v=mem_v,
+            scale=scale,
+            return_lse=return_lse,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+        )
     check_triton_head_dim(q, op)
     # with no sequence key there is nothing for a document to hide
     doc_start, doc_end = bounds[:2] if bounds is not None and k.shape[2] else (None, None)
@@ -141,7 +196,7 @@ def documents(op: str, num_positions: int, batch: int | None, position_ids, cu_s
         raise TypeError(f"{op}: {name} must be an integer tensor, got {ids.dtype}")
     if ids.device != torch.device(device):
         raise ValueError(f"{op}: {name} is on {ids.device} but log_beta is on {device}")
-    if num_positions >= 2 ** 31:
+    if num_positions >= 2**31:
         raise ValueError(f"{op}: packed documents need fewer than 2**31 positions, got {num_positions}")
     if position_ids is not None:
         shapes = [(num_positions,), (1, num_positions)] + ([(batch, num_positions)] if batch is not None else [])
@@ -156,27 +211,35 @@ def documents(op: str, num_positions: int, batch: int | None, position_ids, cu_s
         if can_read_values(ids):
             first, last = ids[0].item(), ids[-1].item()
             if first != 0 or last != num_positions or bool((ids[1:] < ids[:-1]).any()):
-                raise ValueError(f"{op}: cu_seqlens must start at 0, not decrease and end at N = {num_positions}, "
-                                 f"got {ids.tolist() if ids.numel() <= 16 else f'[{first}, ..., {last}]'}")
-    starts, ends, positions = reference.document_bounds(num_positions, position_ids=position_ids,
-                                                        cu_seqlens=cu_seqlens, device=device)
+                raise ValueError(
+                    f"{op}: cu_seqlens must start at 0, not decrease and end at N = {num_positions}, "
+                    f"got {ids.tolist() if ids.numel() <= 16 else f'[{first}, ..., {last}]'}"
+                )
+    starts, ends, positions = reference.document_bounds(
+        num_positions, position_ids=position_ids, cu_seqlens=cu_seqlens, device=device
+    )
     return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous(), positions
 
 
-def _retention_capacity_fwd(log_beta: torch.Tensor, starts: torch.Tensor | None, ends: torch.Tensor | None
-                            ) -> torch.Tensor:
+def _retention_capacity_fwd(
+    log_beta: torch.Tensor, starts: torch.Tensor | None, ends: torch.Tensor | None
+) -> torch.Tensor:
     return retention_kernels.retention_capacity_fwd(log_beta.contiguous(), starts)
 
 
-def _retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, ends: torch.Tensor | None
-                            ) -> torch.Tensor:
+def _retention_capacity_bwd(
+    grad_capacity: torch.Tensor, log_beta: torch.Tensor, ends: torch.Tensor | None
+) -> torch.Tensor:
     return retention_kernels.retention_capacity_bwd(grad_capacity.contiguous(), log_beta.contiguous(), ends)
 
 
 _retention_capacity_op = custom_op(
-    "retention_capacity", _retention_capacity_fwd, outputs=("capacity",),
+    "retention_capacity",
+    _retention_capacity_fwd,
+    outputs=("capacity",),
     fake=lambda log_beta, starts, ends: log_beta.new_empty(
-        log_beta.shape, dtype=torch.float64 if log_beta.dtype == torch.float64 else torch.float32),
+        log_beta.shape, dtype=torch.float64 if log_beta.dtype == torch.float64 else torch.float32
+    ),
     backward=backward_op("retention_capacity_backward", _retention_capacity_bwd, grads=("log_beta",)),
 )
 
@@ -190,7 +253,10 @@ def _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta: bool, 
 
 
 def retention_capacity(
-    log_beta: torch.Tensor, *, position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    log_beta: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     check_log_beta: bool = True,
 ) -> torch.Tensor:
     """TRIM-KV's capacity: how many tokens' worth of retention the sequence holds at each position.
@@ -215,14 +281,26 @@ def retention_capacity(
         raise TypeError(f"{op}: log_beta must be a torch.Tensor, got {type(log_beta).__name__}")
     if log_beta.dim() < 1:
         raise ValueError(f"{op}: log_beta must have shape (..., N), got a 0-d tensor")
-    bounds = documents(op, log_beta.shape[-1], log_beta.shape[0] if log_beta.dim() > 1 else None, position_ids,
-                       cu_seqlens, log_beta.device)
+    bounds = documents(
+        op,
+        log_beta.shape[-1],
+        log_beta.shape[0] if log_beta.dim() > 1 else None,
+        position_ids,
+        cu_seqlens,
+        log_beta.device,
+    )
     return _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta, op)
 
 
 def capacity_loss(
-    log_beta, budget: float, *, global_capacity: bool = False, num_layers: int | None = None,
-    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, check_log_beta: bool = True,
+    log_beta,
+    budget: float,
+    *,
+    global_capacity: bool = False,
+    num_layers: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    check_log_beta: bool = True,
 ) -> torch.Tensor:
     """TRIM-KV's capacity loss for a KV budget M.
 
@@ -249,8 +327,9 @@ def capacity_loss(
         if not log_beta or not all(isinstance(t, torch.Tensor) for t in log_beta):
             raise TypeError(f"{op}: log_beta must be a tensor or a non-empty list of per-layer tensors")
         if len({tuple(t.shape) for t in log_beta}) != 1:
-            raise ValueError(f"{op}: the per-layer log_betas must share one shape, got "
-                             f"{sorted({tuple(t.shape) for t in log_beta})}")
+            raise ValueError(
+                f"{op}: the per-layer log_betas must share one shape, got {sorted({tuple(t.shape) for t in log_beta})}"
+            )
         log_beta = torch.stack(list(log_beta), dim=1)
     if not isinstance(log_beta, torch.Tensor):
         raise TypeError(f"{op}: log_beta must be a torch.Tensor, got {type(log_beta).__name__}")
@@ -263,12 +342,21 @@ def capacity_loss(
             raise ValueError(f"{op}: num_layers must be an int >= 1, got {num_layers!r}")
         held = log_beta.shape[1] if log_beta.dim() >= 3 else 1
         if log_beta.dim() not in (3, 4) or (held != num_layers if log_beta.dim() == 4 else held % num_layers):
-            raise ValueError(f"{op}: num_layers={num_layers} does not match log_beta {tuple(log_beta.shape)}: "
-                             "expected (B, L, Hkv, N) with L = num_layers or (B, L * Hkv, N)")
+            raise ValueError(
+                f"{op}: num_layers={num_layers} does not match log_beta {tuple(log_beta.shape)}: "
+                "expected (B, L, Hkv, N) with L = num_layers or (B, L * Hkv, N)"
+            )
     if log_beta.dim() < 1:
         raise ValueError(f"{op}: log_beta must have shape (B, Hkv, N), got a 0-d tensor")
-    bounds = documents(op, log_beta.shape[-1], log_beta.shape[0] if log_beta.dim() > 1 else None, position_ids,
-                       cu_seqlens, log_beta.device)
+    bounds = documents(
+        op,
+        log_beta.shape[-1],
+        log_beta.shape[0] if log_beta.dim() > 1 else None,
+        position_ids,
+        cu_seqlens,
+        log_beta.device,
+    )
     capacity = _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta, op)
-    return reference.capacity_loss_from(capacity, float(budget), positions=None if bounds is None else bounds[2],
-                                        global_capacity=global_capacity)
+    return reference.capacity_loss_from(
+        capacity, float(budget), positions=None if bounds is None else bounds[2], global_capacity=global_capacity
+    )

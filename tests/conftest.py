@@ -1,5 +1,6 @@
 """Test set-up. Without CUDA, every Triton kernel runs on CPU tensors through Triton's interpreter, so
 TRITON_INTERPRET must be set before triton is first imported: here, before memops is imported."""
+
 import os
 
 import torch
@@ -39,6 +40,7 @@ def _poisoned(factory):
         if t.dtype == torch.bool:
             return t.fill_(True)
         return t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.uint8 else 255)
+
     return make
 
 

@@ -1,4 +1,5 @@
 """Backend selection, packaging, and the guarantees around them."""
+
 import os
 import subprocess
 import sys

@@ -1,6 +1,7 @@
 """Every benchmark provider, including the CUDA-only ones, runs once on CPU at the quick shapes: the GPU
 benchmark run must not be the first to execute this code. The memops providers run on backend "reference"
 here (the kernels at these shapes would take minutes in the interpreter; the op tests cover them)."""
+
 import pytest
 import torch
 
@@ -24,6 +25,6 @@ def test_provider_runs(op, case, provider):
         call = build(suite.make_inputs(case, "cpu", seed=0))
         if provider == "flex_attention" and case.mode != "fwd":
             with pytest.raises(NotImplementedError, match="does not support backward on CPU"):
-                call()   # FlexAttention's backward is GPU-only; its forward ran in the fwd case
+                call()  # FlexAttention's backward is GPU-only; its forward ran in the fwd case
             return
         call()

@@ -1,4 +1,5 @@
 """`memops bench`: the table, the JSON and the PNG; refusing interpreter timings; unknown ops."""
+
 import json
 import os
 import subprocess
@@ -15,7 +16,10 @@ def test_bench_quick_writes_table_json_and_png(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(
         [sys.executable, "-m", "memops.tools.cli", "bench", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "memops-reference" in result.stdout and "embedding_bag" in result.stdout
@@ -35,7 +39,9 @@ def test_bench_refuses_interpreter_timings(monkeypatch):
 
 def test_bench_unknown_op():
     result = subprocess.run(
-        [sys.executable, "-m", "memops.tools.cli", "bench", "--op", "nope"], capture_output=True, text=True,
+        [sys.executable, "-m", "memops.tools.cli", "bench", "--op", "nope"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "unknown op 'nope'" in result.stderr and "weighted_gather" in result.stderr
@@ -43,8 +49,13 @@ def test_bench_unknown_op():
 
 def test_train_demo_command():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-m", "memops.tools.cli", "train-demo", "--steps", "3"], capture_output=True,
-                            text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "memops.tools.cli", "train-demo", "--steps", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "recall on 512 held-out sequences" in result.stdout and "less K/V memory" in result.stdout
 
@@ -52,15 +63,38 @@ def test_train_demo_command():
 def test_report_renders_committed_results(tmp_path):
     results = tmp_path / "results" / "some-gpu"
     results.mkdir(parents=True)
-    payload = {"device": "Some GPU", "torch": "2.11", "triton": "3.6", "date": "2026-11-25", "copy_bandwidth_gbps": 3000.0,
-               "results": [{"op": "weighted_gather", "case": "small", "mode": "fwd", "provider": "memops",
-                            "params": {"T": 4}, "device": "cuda", "median_ms": 0.5, "gbps": 10.0, "tflops": None,
-                            "fraction_of_copy_bandwidth": 0.01, "speedup_vs": {"embedding_bag": 2.0}, "error": None,
-                            "peak_memory_mb": None, "note": None}]}
+    payload = {
+        "device": "Some GPU",
+        "torch": "2.11",
+        "triton": "3.6",
+        "date": "2026-11-25",
+        "copy_bandwidth_gbps": 3000.0,
+        "results": [
+            {
+                "op": "weighted_gather",
+                "case": "small",
+                "mode": "fwd",
+                "provider": "memops",
+                "params": {"T": 4},
+                "device": "cuda",
+                "median_ms": 0.5,
+                "gbps": 10.0,
+                "tflops": None,
+                "fraction_of_copy_bandwidth": 0.01,
+                "speedup_vs": {"embedding_bag": 2.0},
+                "error": None,
+                "peak_memory_mb": None,
+                "note": None,
+            }
+        ],
+    }
     (results / "weighted_gather.json").write_text(json.dumps(payload))
     out = tmp_path / "docs" / "benchmarks.md"
-    result = subprocess.run([sys.executable, "-m", "memops.tools.cli", "report", "--results", str(tmp_path / "results"),
-                             "--out", str(out)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "memops.tools.cli", "report", "--results", str(tmp_path / "results"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert "### weighted_gather on Some GPU" in text and "embedding_bag 2.00x" in text and "date 2026-11-25" in text

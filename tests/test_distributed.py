@@ -1,6 +1,7 @@
 """memops.distributed on CPU: two processes spawned with the gloo backend (loopback only), every
 collective under a 60 s timeout and the whole run under a deadline, so nothing can hang the suite.
 The checks themselves live in memops.testing.distributed (the spawned interpreters import them)."""
+
 import json
 import socket
 import time
@@ -27,8 +28,9 @@ def reports(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
     out = tmp_path_factory.mktemp("dist")
-    context = mp.start_processes(distributed_testing.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        distributed_testing.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not context.join(timeout=5):
@@ -66,6 +68,7 @@ def test_wrong_world_size_checkpoint_names_the_helper(reports):
 
 def test_bad_construction_without_a_process_group():
     from memops.distributed import ShardedProductKeyMemory
+
     if dist.is_initialized():
         pytest.skip("a process group is already initialised here")
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):

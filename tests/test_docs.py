@@ -1,4 +1,5 @@
 """The generated docs are current: docs/api.md is what `python -m memops.tools.apidoc` prints."""
+
 from pathlib import Path
 
 from memops.tools import apidoc
@@ -13,6 +14,7 @@ def test_api_reference_is_current():
 def test_every_public_name_is_documented():
     text = (DOCS / "api.md").read_text()
     import memops
+
     for name in memops.__all__:
         if name not in ("BACKENDS", "__version__"):
             assert f"`memops.{name}`" in text, name

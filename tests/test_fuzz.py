@@ -12,6 +12,7 @@ the default profile's 12 examples per test with a fixed seed (derandomized; abou
 ``pytest tests/test_fuzz.py --hypothesis-profile memops-long`` for 300 per test. ``test_every_outcome_seen``
 (last) checks that each family really produced every outcome it is meant to, and prints the case counts.
 """
+
 from collections import Counter
 
 import pytest
@@ -43,8 +44,9 @@ def check_value(family, out, ref, dtype):
     """Finite entries agree with the float64 reference; non-finite ones have the same pattern."""
     out, ref = out.double(), ref.double()
     assert torch.equal(torch.isnan(out), torch.isnan(ref)), f"{family}: NaN pattern differs"
-    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(out[torch.isinf(out)], ref[torch.isinf(ref)]), \
-        f"{family}: inf pattern differs"
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(
+        out[torch.isinf(out)], ref[torch.isinf(ref)]
+    ), f"{family}: inf pattern differs"
     finite = torch.isfinite(ref)
     if finite.any():
         error = relative_error(out[finite], ref[finite])
@@ -53,7 +55,7 @@ def check_value(family, out, ref, dtype):
 
 
 def tensor(draw, shape, dtype, *, low=-1.0, high=1.0):
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(shape, generator=g, dtype=torch.float64) * (high - low) + low).to(dtype)
 
@@ -65,16 +67,22 @@ def maybe_strided(draw, t):
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
     if layout == "padded" and t.dim() >= 1:
         wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 3, dtype=t.dtype)
-        wide[..., :t.shape[-1]] = t
-        return wide[..., :t.shape[-1]]
+        wide[..., : t.shape[-1]] = t
+        return wide[..., : t.shape[-1]]
     return t
 
 
 # --- weighted_gather -------------------------------------------------------------------------------------------
 
+
 @st.composite
 def gather_cases(draw):
-    S, D, T, K = draw(st.integers(1, 40)), draw(st.sampled_from([1, 3, 16, 33])), draw(st.integers(0, 9)), draw(st.integers(0, 9))
+    S, D, T, K = (
+        draw(st.integers(1, 40)),
+        draw(st.sampled_from([1, 3, 16, 33])),
+        draw(st.integers(0, 9)),
+        draw(st.integers(0, 9)),
+    )
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16]))
     values = maybe_strided(draw, tensor(draw, (S, D), dtype))
     indices = torch.tensor(draw(st.lists(st.integers(0, S - 1), min_size=T * K, max_size=T * K)), dtype=torch.long)
@@ -83,8 +91,12 @@ def gather_cases(draw):
     special = draw(st.sampled_from(["none", "nan", "inf", "big", "ties"]))
     if T * K and special != "none":
         t, k = draw(st.integers(0, T - 1)), draw(st.integers(0, K - 1))
-        weights[t, k] = {"nan": float("nan"), "inf": float("inf"), "big": 1e4 if dtype != torch.float16 else 1.0,
-                         "ties": 0.5}[special]
+        weights[t, k] = {
+            "nan": float("nan"),
+            "inf": float("inf"),
+            "big": 1e4 if dtype != torch.float16 else 1.0,
+            "ties": 0.5,
+        }[special]
         if special == "ties":
             indices[t] = indices[t, 0]
     bad = draw(st.sampled_from([None] * 4 + ["index_range", "float_indices", "weights_shape", "values_1d"]))
@@ -98,14 +110,23 @@ def test_fuzz_weighted_gather(backend, case):
     values, indices, weights, dtype, bad = case
     if bad == "index_range":  # one row past the table
         indices, weights = torch.tensor([[values.shape[0]]]), torch.ones(1, 1)
-        return expect_error(backend, "weighted_gather", lambda: memops.weighted_gather(values, indices, weights),
-                            IndexError, ["indices"])
+        return expect_error(
+            backend,
+            "weighted_gather",
+            lambda: memops.weighted_gather(values, indices, weights),
+            IndexError,
+            ["indices"],
+        )
     if bad is not None:
-        args = {"float_indices": (values, indices.float(), weights), "weights_shape": (values, indices, weights[:, :0] if
-                indices.shape[1] else torch.ones(indices.shape[0], 1)), "values_1d": (values[:, 0], indices, weights)}[bad]
+        args = {
+            "float_indices": (values, indices.float(), weights),
+            "weights_shape": (values, indices, weights[:, :0] if indices.shape[1] else torch.ones(indices.shape[0], 1)),
+            "values_1d": (values[:, 0], indices, weights),
+        }[bad]
         error = TypeError if bad == "float_indices" else ValueError
-        return expect_error(backend, "weighted_gather", lambda: memops.weighted_gather(*args), error,
-                            ["indices", "weights", "values"])
+        return expect_error(
+            backend, "weighted_gather", lambda: memops.weighted_gather(*args), error, ["indices", "weights", "values"]
+        )
     with memops.backend(backend):
         out = memops.weighted_gather(values, indices, weights)
     ref = (weights.double()[..., None] * values.double()[indices.long()]).sum(-2).to(dtype)
@@ -114,6 +135,7 @@ def test_fuzz_weighted_gather(backend, case):
 
 
 # --- memory_attention ----------------------------------------------------------------------------------------------
+
 
 @st.composite
 def attention_cases(draw):
@@ -149,33 +171,49 @@ def test_fuzz_memory_attention(backend, case):
         if bad == "head_dim":
             args, kwargs, error, names = (q, k[..., :8], v[..., :8]), {}, ValueError, ["k", "D"]
         elif bad == "heads":
-            args, kwargs, error, names = (q[:, :1].expand(-1, 3, -1, -1), k[:, :1].expand(-1, 2, -1, -1), v[:, :1].expand(-1, 2, -1, -1)), {}, ValueError, ["H", "Hkv", "heads"]
+            args, kwargs, error, names = (
+                (q[:, :1].expand(-1, 3, -1, -1), k[:, :1].expand(-1, 2, -1, -1), v[:, :1].expand(-1, 2, -1, -1)),
+                {},
+                ValueError,
+                ["H", "Hkv", "heads"],
+            )
         elif bad == "int_q":
             args, kwargs, error, names = (q.long(), k, v), {}, TypeError, ["q"]
         else:
             args, kwargs, error, names = (q, k, v), {"mem_k": k}, ValueError, ["mem_k", "mem_v"]
-        return expect_error(backend, "memory_attention",
-                            lambda: memops.memory_attention(*args, causal=causal, **kwargs), error, names)
+        return expect_error(
+            backend, "memory_attention", lambda: memops.memory_attention(*args, causal=causal, **kwargs), error, names
+        )
     with memops.backend(backend):
         out, lse = memops.memory_attention(q, k, v, causal=causal, return_lse=True, **memory)
-    ref, ref_lse = reference.memory_attention(q.double(), k.double(), v.double(), causal=causal, return_lse=True,
-                                              **{n: t.double() for n, t in memory.items()})
+    ref, ref_lse = reference.memory_attention(
+        q.double(), k.double(), v.double(), causal=causal, return_lse=True, **{n: t.double() for n, t in memory.items()}
+    )
     check_value("memory_attention", out, ref, dtype)
     check_value("memory_attention", lse, ref_lse, dtype)
 
 
 # --- retention: attention, capacity and loss with documents and special retentions ---------------------------
 
+
 @st.composite
 def retention_cases(draw):
-    B, Hkv, group, N, D = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2])), draw(st.integers(1, 40)), 16
+    B, Hkv, group, N, D = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 2)),
+        draw(st.sampled_from([1, 2])),
+        draw(st.integers(1, 40)),
+        16,
+    )
     q = tensor(draw, (B, Hkv * group, N, D), torch.float32, low=-2, high=2)
     k, v = tensor(draw, (B, Hkv, N, D), torch.float32), tensor(draw, (B, Hkv, N, D), torch.float32)
     log_beta = tensor(draw, (B, Hkv, N), torch.float32, low=-0.5, high=0.0)
     special = draw(st.sampled_from(["none", "zero_beta", "one_beta", "tiny_beta", "nan"]))
     j = draw(st.integers(0, N - 1))
     if special != "none":
-        log_beta[0, 0, j] = {"zero_beta": float("-inf"), "one_beta": 0.0, "tiny_beta": -1e4, "nan": float("nan")}[special]
+        log_beta[0, 0, j] = {"zero_beta": float("-inf"), "one_beta": 0.0, "tiny_beta": -1e4, "nan": float("nan")}[
+            special
+        ]
     documents = draw(st.sampled_from(["none", "position_ids", "cu_seqlens"]))
     kwargs = {}
     if documents != "none":
@@ -199,16 +237,29 @@ def test_fuzz_retention(backend, case):
     if bad == "positive":
         log_beta = log_beta.clone()
         log_beta[0, 0, 0] = 0.5
-        return expect_error(backend, "retention", lambda: memops.retention_attention(q, k, v, log_beta, **kwargs),
-                            ValueError, ["log_beta"])
+        return expect_error(
+            backend,
+            "retention",
+            lambda: memops.retention_attention(q, k, v, log_beta, **kwargs),
+            ValueError,
+            ["log_beta"],
+        )
     if bad == "cu_end":
-        return expect_error(backend, "retention",
-                            lambda: memops.retention_capacity(log_beta, cu_seqlens=torch.tensor([0, N + 1])),
-                            ValueError, ["cu_seqlens"])
+        return expect_error(
+            backend,
+            "retention",
+            lambda: memops.retention_capacity(log_beta, cu_seqlens=torch.tensor([0, N + 1])),
+            ValueError,
+            ["cu_seqlens"],
+        )
     if bad == "float_ids":
-        return expect_error(backend, "retention",
-                            lambda: memops.capacity_loss(log_beta, 2, position_ids=torch.zeros(1, N)), TypeError,
-                            ["position_ids"])
+        return expect_error(
+            backend,
+            "retention",
+            lambda: memops.capacity_loss(log_beta, 2, position_ids=torch.zeros(1, N)),
+            TypeError,
+            ["position_ids"],
+        )
     if bad == "budget":
         return expect_error(backend, "retention", lambda: memops.capacity_loss(log_beta, "8"), ValueError, ["budget"])
     with memops.backend(backend):
@@ -218,11 +269,13 @@ def test_fuzz_retention(backend, case):
     doubles = [t.double() for t in (q, k, v, log_beta)]
     check_value("retention", out, reference.retention_attention(*doubles, **kwargs), torch.float32)
     check_value("retention", capacity, reference.retention_capacity(doubles[3], **kwargs), torch.float32)
-    check_value("retention", loss, reference.capacity_loss(doubles[3], 2, global_capacity=bool(N % 2), **kwargs),
-                torch.float32)
+    check_value(
+        "retention", loss, reference.capacity_loss(doubles[3], 2, global_capacity=bool(N % 2), **kwargs), torch.float32
+    )
 
 
 # --- block routing and the expert FFN ----------------------------------------------------------------------------
+
 
 @st.composite
 def routing_cases(draw):
@@ -234,10 +287,16 @@ def routing_cases(draw):
     logits = tensor(draw, (B, N, E), torch.float32, low=-3, high=3)
     if draw(st.booleans()):  # ties: a few distinct values only
         logits = (logits * 2).round() / 2
-    kwargs = dict(block_size=draw(st.sampled_from([None, 1, 4, 7])), top_k=top_k,
-                  min_experts=draw(st.integers(top_k, E)), n_groups=n_groups, topk_groups=topk_groups,
-                  score_func=draw(st.sampled_from(["sigmoid", "softmax"])), normalize=draw(st.booleans()),
-                  routed_scaling=draw(st.sampled_from([1.0, 2.5])))
+    kwargs = dict(
+        block_size=draw(st.sampled_from([None, 1, 4, 7])),
+        top_k=top_k,
+        min_experts=draw(st.integers(top_k, E)),
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+        score_func=draw(st.sampled_from(["sigmoid", "softmax"])),
+        normalize=draw(st.booleans()),
+        routed_scaling=draw(st.sampled_from([1.0, 2.5])),
+    )
     bad = draw(st.sampled_from([None] * 4 + ["top_k", "n_groups", "normalize", "scaling"]))
     return logits, kwargs, bad
 
@@ -249,11 +308,23 @@ def test_fuzz_block_route_and_experts(backend, case):
     logits, kwargs, bad = case
     E = logits.shape[-1]
     if bad is not None:
-        kwargs = {**kwargs, **{"top_k": dict(top_k=E + 1), "n_groups": dict(n_groups=3, topk_groups=1),
-                               "normalize": dict(normalize=1), "scaling": dict(routed_scaling=float("inf"))}[bad]}
+        kwargs = {
+            **kwargs,
+            **{
+                "top_k": dict(top_k=E + 1),
+                "n_groups": dict(n_groups=3, topk_groups=1),
+                "normalize": dict(normalize=1),
+                "scaling": dict(routed_scaling=float("inf")),
+            }[bad],
+        }
         error = TypeError if bad == "normalize" else ValueError
-        return expect_error(backend, "block_route", lambda: memops.block_route(logits, **kwargs), error,
-                            ["top_k", "n_groups", "normalize", "routed_scaling", "min_experts"])
+        return expect_error(
+            backend,
+            "block_route",
+            lambda: memops.block_route(logits, **kwargs),
+            error,
+            ["top_k", "n_groups", "normalize", "routed_scaling", "min_experts"],
+        )
     with memops.backend(backend):
         ids, weights, coreset = memops.block_route(logits, **kwargs)
     ref_ids, ref_weights, ref_coreset = reference.block_route(logits, **kwargs)
@@ -277,9 +348,15 @@ def tensor_from(seed, shape):
 
 # --- looped KV update --------------------------------------------------------------------------------------------
 
+
 @st.composite
 def looped_cases(draw):
-    B, Hkv, Nk, D = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 30)), draw(st.sampled_from([16, 32]))
+    B, Hkv, Nk, D = (
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 2)),
+        draw(st.integers(1, 30)),
+        draw(st.sampled_from([16, 32])),
+    )
     n = draw(st.integers(0, Nk))
     cache, new = tensor(draw, (B, Hkv, Nk, D), torch.float32), tensor(draw, (B, Hkv, n, D), torch.float32)
     gate = tensor(draw, (B, Hkv, n, draw(st.sampled_from([1, D]))), torch.float32, low=0.0, high=1.0)
@@ -315,20 +392,27 @@ def test_fuzz_looped_kv_update(backend, case):
             gate = gate[..., :0]
         else:
             bad_rows, error, names = torch.full((n,), Nk), IndexError, ["rows"]
-        return expect_error(backend, "looped_kv_update",
-                            lambda: memops.looped_kv_update(cache, cache, new, new, gate, rows=bad_rows), error, names)
+        return expect_error(
+            backend,
+            "looped_kv_update",
+            lambda: memops.looped_kv_update(cache, cache, new, new, gate, rows=bad_rows),
+            error,
+            names,
+        )
     with memops.backend(backend):
         k_out, v_out = memops.looped_kv_update(cache, -cache, new, -new, gate, rows=rows)
-    ref_k, ref_v = reference.looped_kv_update(cache.double(), -cache.double(), new.double(), -new.double(),
-                                              gate.double(), rows)
+    ref_k, ref_v = reference.looped_kv_update(
+        cache.double(), -cache.double(), new.double(), -new.double(), gate.double(), rows
+    )
     check_value("looped_kv_update", k_out, ref_k, torch.float32)
     check_value("looped_kv_update", v_out, ref_v, torch.float32)
 
 
 # --- retention cache streams -------------------------------------------------------------------------------------
 
+
 @settings(FUZZ, max_examples=4)
-@given(seed=st.integers(0, 2 ** 31 - 1), budget=st.integers(1, 6), buffer=st.integers(0, 4))
+@given(seed=st.integers(0, 2**31 - 1), budget=st.integers(1, 6), buffer=st.integers(0, 4))
 def test_fuzz_retention_cache_stream(seed, budget, buffer):
     """Hundreds of random updates, some bad, on both backends at once: the budget invariant, all-or-nothing
     failures, returned tensors never changed later, and the same kept rows on both backends."""
@@ -366,6 +450,7 @@ def test_fuzz_retention_cache_stream(seed, budget, buffer):
 
 
 # --- the suite exercised what it claims ------------------------------------------------------------------------
+
 
 def test_every_outcome_seen():
     """Run last (file order): each family produced values and errors, and the NaN cases propagated."""

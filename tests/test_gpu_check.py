@@ -2,6 +2,7 @@
 
 The check compiles for real GPU targets, so it runs in a subprocess without TRITON_INTERPRET (the suite's
 conftest sets it for this process)."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-BROKEN_KERNELS = textwrap.dedent('''
+BROKEN_KERNELS = textwrap.dedent("""
     import torch
     import triton
     import triton.language as tl
@@ -43,9 +44,9 @@ BROKEN_KERNELS = textwrap.dedent('''
         reassigned_constexpr_kernel[(1,)](x, BLOCK=16)
         a = torch.empty(256, 4096, dtype=torch.bfloat16, device="meta")
         too_much_shared_kernel[(1,)](a, a, x, 4096, BLOCK=256, num_warps=8, num_stages=4)
-''')
+""")
 
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
     import broken_kernels
@@ -55,7 +56,7 @@ DRIVER = textwrap.dedent('''
     rows = [gpu_check.compile_variant(gpu_check.Variant("test", l.kernel.__name__, 90, "bf16", ["test"], {}, "", l))
             for l in launches]
     print(json.dumps([dict(kernel=r["kernel"], ok=r["ok"], error=r["error"], problems=r["problems"]) for r in rows]))
-''')
+""")
 
 
 def _check_env() -> dict:
@@ -67,8 +68,9 @@ def _check_env() -> dict:
 
 def test_check_catches_reassigned_constexpr_and_shared_memory_over_the_limit(tmp_path: Path):
     (tmp_path / "broken_kernels.py").write_text(BROKEN_KERNELS)
-    result = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path)], capture_output=True, text=True,
-                            env=_check_env(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(tmp_path)], capture_output=True, text=True, env=_check_env(), timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["kernel"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
     reassigned = rows["reassigned_constexpr_kernel"]
@@ -81,7 +83,9 @@ def test_check_catches_reassigned_constexpr_and_shared_memory_over_the_limit(tmp
 
 # .ci/run installs Triton 3.6.0 (the GPU machine's) in a second venv and names its python here, so the check
 # also runs under the GPU's compiler version.
-PYTHONS = [sys.executable] + ([os.environ["MEMOPS_TRITON36_PYTHON"]] if os.environ.get("MEMOPS_TRITON36_PYTHON") else [])
+PYTHONS = [sys.executable] + (
+    [os.environ["MEMOPS_TRITON36_PYTHON"]] if os.environ.get("MEMOPS_TRITON36_PYTHON") else []
+)
 
 
 @pytest.mark.parametrize("python", PYTHONS, ids=lambda p: "this-triton" if p == sys.executable else "triton36")
@@ -90,10 +94,17 @@ def test_ci_subset_compiles_clean_for_sm90(python, tmp_path: Path):
     compile error, no shared memory over the limit, no spill and no 16-bit/tf32 dot off tensor cores outside
     gpu_check.ALLOWED; the three kernels built on memops.kernels.topk (search, block routing, cache eviction)
     are among them."""
-    result = subprocess.run([python, "-m", "memops.tools.gpu_check", "--subset", "--jobs", "2", "--out", str(tmp_path)],
-                            capture_output=True, text=True, env=_check_env(), timeout=900)
+    result = subprocess.run(
+        [python, "-m", "memops.tools.gpu_check", "--subset", "--jobs", "2", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=_check_env(),
+        timeout=900,
+    )
     report = json.loads(next(tmp_path.glob("gpu-compile-triton*-subset.json")).read_text())
-    failing = [(r["arch"], r["kernel"], r["dtype"], r["config"], r["problems"]) for r in report["rows"] if r["problems"]]
+    failing = [
+        (r["arch"], r["kernel"], r["dtype"], r["config"], r["problems"]) for r in report["rows"] if r["problems"]
+    ]
     assert result.returncode == 0 and not failing, (failing, result.stderr[-2000:])
     compiled = {r["kernel"] for r in report["rows"] if r["ok"]}
     assert {"product_key_search_kernel", "block_route_kernel", "retention_select_kernel"} <= compiled

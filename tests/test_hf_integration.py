@@ -1,5 +1,6 @@
 """memops.integrations.hf: RetentionCache / SharedLoopCache as transformers caches in model.generate, and
 replace_mlp, on a tiny randomly initialised Llama built locally (no hub access)."""
+
 import pytest
 import torch
 
@@ -12,14 +13,27 @@ from memops.nn import BlockMoE, ProductKeyMemory  # noqa: E402
 @pytest.fixture
 def llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def generate(model, prompt, new_tokens, cache):
-    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                          do_sample=False, cache=cache, pad_token_id=0)
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        cache=cache,
+        pad_token_id=0,
+    )
 
 
 def full_cache_output(model, prompt, new_tokens):
@@ -39,7 +53,7 @@ def test_retention_cache_stays_within_budget_plus_buffer(llama):
     assert tokens.shape == (2, 42)
     for layer in range(2):
         assert cache.memory.get_seq_length(layer) < 8 + 2
-        assert cache.get_seq_length(layer) == 41          # positions still count every token
+        assert cache.get_seq_length(layer) == 41  # positions still count every token
     # constant retention keeps the most recent tokens
     assert cache.memory.positions(0)[0, 0].tolist() == list(range(41 - cache.memory.get_seq_length(0), 41))
     full = transformers.DynamicCache(config=llama.config)
@@ -70,10 +84,13 @@ def test_shared_loop_cache_in_an_unlooped_model_is_a_plain_cache(llama):
     assert cache.memory_bytes() > 0 and cache.memory.get_seq_length(0) == 18
 
 
-@pytest.mark.parametrize("kind, cls, kwargs", [
-    ("pkm", ProductKeyMemory, dict(n_keys=8, heads=2, topk=4, key_dim=16)),
-    ("moe", BlockMoE, dict(d_expert=16, n_experts=4, top_k=2, block_size=8, min_experts=2)),
-])
+@pytest.mark.parametrize(
+    "kind, cls, kwargs",
+    [
+        ("pkm", ProductKeyMemory, dict(n_keys=8, heads=2, topk=4, key_dim=16)),
+        ("moe", BlockMoE, dict(d_expert=16, n_experts=4, top_k=2, block_size=8, min_experts=2)),
+    ],
+)
 def test_replace_mlp(llama, kind, cls, kwargs):
     created = replace_mlp(llama, [1], kind, **kwargs)
     assert isinstance(llama.model.layers[1].mlp, cls) and created[0] is llama.model.layers[1].mlp

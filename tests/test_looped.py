@@ -1,6 +1,7 @@
 """MELT: memops.looped_kv_update, memops.looped_attention and SharedLoopKVCache. Triton kernels
 (interpreter on CPU, compiled on CUDA) against the float64 reference, every gradient, a 4-loop chain,
 the g = 0 / g = 1 limits, bad input, and the decode cache's loop-independent memory."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -53,8 +54,9 @@ def test_update_matches_float64(rows_case, gate_width, device):
     with memops.backend("triton"), count_launches() as launches:
         outputs, input_grads = with_grads(lambda *a: memops.looped_kv_update(*a, rows=rows), inputs, grads)
     assert launches["looped_update_fwd_kernel"] == 1 and launches["looped_update_bwd_kernel"] == 1
-    ref_outputs, ref_grads = with_grads(lambda *a: reference.looped_kv_update(*a, rows), [t.double() for t in inputs],
-                                        [g.double() for g in grads])
+    ref_outputs, ref_grads = with_grads(
+        lambda *a: reference.looped_kv_update(*a, rows), [t.double() for t in inputs], [g.double() for g in grads]
+    )
     for name, out, ref in zip(("k", "v"), outputs, ref_outputs):
         assert_close_to_reference(out, ref, torch.float32, name=name)
     for name, grad, ref in zip(("k_cache", "v_cache", "k_new", "v_new", "gate"), input_grads, ref_grads):
@@ -98,7 +100,9 @@ def test_update_gate_limits(device):
 def test_update_gradcheck_fp64(device):
     inputs = [t.requires_grad_() for t in make_update_inputs(1, 2, 5, 2, 4, 1, torch.float64, device)]
     with memops.backend("triton"):
-        assert torch.autograd.gradcheck(lambda *a: memops.looped_kv_update(*a, rows=slice(1, 3)), inputs, fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda *a: memops.looped_kv_update(*a, rows=slice(1, 3)), inputs, fast_mode=True
+        )
 
 
 def test_update_opcheck(device):
@@ -109,10 +113,13 @@ def test_update_opcheck(device):
 
 # --- looped_attention -------------------------------------------------------------------------------------
 
+
 def make_attention_inputs(B, H, Hkv, n, Nk, D, gate_width, dtype, device, *, seed=0):
     generator = torch.Generator(device=device).manual_seed(seed)
     q = randn(generator, device, dtype, B, H, n, D)
-    k_cache, v_cache, k_new, v_new, gate = make_update_inputs(B, Hkv, Nk, n, D, gate_width, dtype, device, seed=seed + 1)
+    k_cache, v_cache, k_new, v_new, gate = make_update_inputs(
+        B, Hkv, Nk, n, D, gate_width, dtype, device, seed=seed + 1
+    )
     return [q, k_new, v_new, gate, k_cache, v_cache]
 
 
@@ -132,8 +139,11 @@ def check_looped_attention(inputs, causal, dtype):
         outputs, input_grads = with_grads(lambda *a: memops.looped_attention(*a, causal=causal), inputs, grads)
     assert launches["memory_attention_fwd_kernel"] == 1 and launches["looped_update_fwd_kernel"] == 0
     assert launches["memory_attention_dkdv_kernel"] == 1 and launches["looped_update_bwd_kernel"] == 1
-    ref_outputs, ref_grads = with_grads(lambda *a: reference.looped_attention(*a, causal=causal),
-                                        [t.double() for t in inputs], [g.double() for g in grads])
+    ref_outputs, ref_grads = with_grads(
+        lambda *a: reference.looped_attention(*a, causal=causal),
+        [t.double() for t in inputs],
+        [g.double() for g in grads],
+    )
     for name, out, ref in zip(("out", "k", "v"), outputs, ref_outputs):
         assert_close_to_reference(out, ref, dtype, name=name)
     for name, grad, ref in zip(("q", "k_new", "v_new", "gate", "k_cache", "v_cache"), input_grads, ref_grads):
@@ -161,13 +171,19 @@ def test_first_loop_without_cache_is_plain_attention(device):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-@given(gate_value=st.sampled_from([0.0, 1.0]), n=st.integers(1, 20), extra=st.integers(0, 10),
-       gate_width=st.sampled_from([1, 16]), seed=st.integers(0, 2**31 - 1))
+@given(
+    gate_value=st.sampled_from([0.0, 1.0]),
+    n=st.integers(1, 20),
+    extra=st.integers(0, 10),
+    gate_width=st.sampled_from([1, 16]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_gate_limits_property(gate_value, n, extra, gate_width, seed):
     # g = 0: the updated rows are the new k, v; g = 1: the cache is untouched. Either way, attention over it.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k_new, v_new, gate, k_cache, v_cache = make_attention_inputs(1, 2, 1, n, n + extra, 16, gate_width,
-                                                                    torch.float32, device, seed=seed)
+    q, k_new, v_new, gate, k_cache, v_cache = make_attention_inputs(
+        1, 2, 1, n, n + extra, 16, gate_width, torch.float32, device, seed=seed
+    )
     gate = torch.full_like(gate, gate_value)
     with memops.backend("triton"):
         out, k, v = memops.looped_attention(q, k_new, v_new, gate, k_cache, v_cache)
@@ -184,9 +200,11 @@ def test_four_loop_chain_gradients(device):
     # cache; the loss reads every loop's output, so gradients run through the whole chain of updates.
     generator = torch.Generator(device=device).manual_seed(0)
     B, H, Hkv, N, D = 1, 2, 1, 17, 16
-    loops = [[randn(generator, device, torch.float32, *shape) for shape in
-              ((B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, D))] + [torch.rand(B, Hkv, N, 1, generator=generator, device=device)]
-             for _ in range(4)]
+    loops = [
+        [randn(generator, device, torch.float32, *shape) for shape in ((B, H, N, D), (B, Hkv, N, D), (B, Hkv, N, D))]
+        + [torch.rand(B, Hkv, N, 1, generator=generator, device=device)]
+        for _ in range(4)
+    ]
     weights = [torch.randn(B, H, N, D, generator=generator, device=device) for _ in range(4)]
 
     def chain(attention, tensors, backend):
@@ -258,15 +276,40 @@ def test_nan_gate_propagates(device):
 # --- bad input -----------------------------------------------------------------------------------------
 
 BAD_UPDATE = {
-    "gate_shape": (lambda kc, vc, kn, vn, g: (kc, vc, kn, vn, g[..., :1, :]), {}, ValueError, r"gate must be \(B, Hkv, n, 1\)"),
+    "gate_shape": (
+        lambda kc, vc, kn, vn, g: (kc, vc, kn, vn, g[..., :1, :]),
+        {},
+        ValueError,
+        r"gate must be \(B, Hkv, n, 1\)",
+    ),
     "gate_width": (lambda kc, vc, kn, vn, g: (kc, vc, kn, vn, g.expand(-1, -1, -1, 3)), {}, ValueError, "gate must be"),
-    "cache_head_dim": (lambda kc, vc, kn, vn, g: (kc[..., :4], vc[..., :4], kn, vn, g), {}, ValueError, r"k_cache must be \(B=1"),
-    "v_cache_shape": (lambda kc, vc, kn, vn, g: (kc, vc[:, :, :-1], kn, vn, g), {}, ValueError, "v_cache must have k_cache's shape"),
-    "v_new_shape": (lambda kc, vc, kn, vn, g: (kc, vc, kn, vn[:, :1], g), {}, ValueError, "v_new must have k_new's shape"),
+    "cache_head_dim": (
+        lambda kc, vc, kn, vn, g: (kc[..., :4], vc[..., :4], kn, vn, g),
+        {},
+        ValueError,
+        r"k_cache must be \(B=1",
+    ),
+    "v_cache_shape": (
+        lambda kc, vc, kn, vn, g: (kc, vc[:, :, :-1], kn, vn, g),
+        {},
+        ValueError,
+        "v_cache must have k_cache's shape",
+    ),
+    "v_new_shape": (
+        lambda kc, vc, kn, vn, g: (kc, vc, kn, vn[:, :1], g),
+        {},
+        ValueError,
+        "v_new must have k_new's shape",
+    ),
     "dtype": (lambda kc, vc, kn, vn, g: (kc.double(), vc, kn, vn, g), {}, TypeError, "k_cache must have k_new's dtype"),
     "int_gate": (lambda kc, vc, kn, vn, g: (kc, vc, kn, vn, g.long()), {}, TypeError, "gate must be floating point"),
     "device": (lambda kc, vc, kn, vn, g: (kc, vc, kn, vn, g.to("meta")), {}, ValueError, "gate is on meta"),
-    "rows_count": (lambda *a: a, {"rows": slice(0, 2)}, ValueError, r"rows slice\(0, 2, None\) names 2 cache rows but k_new has 3"),
+    "rows_count": (
+        lambda *a: a,
+        {"rows": slice(0, 2)},
+        ValueError,
+        r"rows slice\(0, 2, None\) names 2 cache rows but k_new has 3",
+    ),
     "rows_none": (lambda *a: a, {}, ValueError, "with rows=None, k_new must have the cache's 8 rows"),
     "rows_range": (lambda *a: a, {"rows": torch.tensor([0, 1, 8])}, IndexError, r"rows must lie in \[0, 8\)"),
     "rows_float": (lambda *a: a, {"rows": torch.tensor([0.0, 1.0, 2.0])}, TypeError, "rows must be None, a slice"),
@@ -301,11 +344,18 @@ def test_bad_looped_attention_input(device):
     with pytest.raises(ValueError, match="k_cache and v_cache must be given together"):
         memops.looped_attention(q, k_new, v_new, gate, k_cache)
     with pytest.raises(ValueError, match="looped_attention: q's 3 heads must be a multiple"):
-        memops.looped_attention(q[:, :1].expand(-1, 3, -1, -1), k_new.expand(-1, 2, -1, -1), v_new.expand(-1, 2, -1, -1),
-                                gate.expand(-1, 2, -1, -1), k_cache.expand(-1, 2, -1, -1), v_cache.expand(-1, 2, -1, -1))
+        memops.looped_attention(
+            q[:, :1].expand(-1, 3, -1, -1),
+            k_new.expand(-1, 2, -1, -1),
+            v_new.expand(-1, 2, -1, -1),
+            gate.expand(-1, 2, -1, -1),
+            k_cache.expand(-1, 2, -1, -1),
+            v_cache.expand(-1, 2, -1, -1),
+        )
 
 
 # --- the decode cache ----------------------------------------------------------------------------------
+
 
 def decode(cache, steps, loops, *, device, seed=0):
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -333,26 +383,37 @@ def test_shared_cache_update_semantics(device):
     prompt = torch.randn(1, 2, 5, 8, generator=generator, device=device)
     ones = torch.ones(1, 2, 5, 1, device=device)
     with memops.backend("triton"), count_launches() as launches:
-        keys, values = cache.update(prompt, -prompt, 1, 0, ones)                    # loop 0: append
+        keys, values = cache.update(prompt, -prompt, 1, 0, ones)  # loop 0: append
         torch.testing.assert_close(keys, prompt) and torch.testing.assert_close(values, -prompt)
         refined = torch.randn(1, 2, 5, 8, generator=generator, device=device)
         gate = torch.rand(1, 2, 5, 8, generator=generator, device=device)
-        keys, values = cache.update(refined, -refined, 1, 1, gate)                # loop 1: blend in place
+        keys, values = cache.update(refined, -refined, 1, 1, gate)  # loop 1: blend in place
     assert launches["looped_update_fwd_kernel"] == 1
     torch.testing.assert_close(keys, gate * prompt + (1 - gate) * refined)
     torch.testing.assert_close(values, -(gate * prompt + (1 - gate) * refined))
     assert cache.get_seq_length(1) == 5 and cache.get_seq_length(0) == 0
     with pytest.raises(ValueError, match="loop 1 updates the last 6 rows but layer 1 holds 5"):
-        cache.update(torch.randn(1, 2, 6, 8, device=device), torch.randn(1, 2, 6, 8, device=device), 1, 1,
-                     torch.ones(1, 2, 6, 1, device=device))
+        cache.update(
+            torch.randn(1, 2, 6, 8, device=device),
+            torch.randn(1, 2, 6, 8, device=device),
+            1,
+            1,
+            torch.ones(1, 2, 6, 1, device=device),
+        )
     with pytest.raises(ValueError, match=r"layer 1 caches \(B, Hkv, D, dtype, device\)"):
-        cache.update(torch.randn(2, 2, 1, 8, device=device), torch.randn(2, 2, 1, 8, device=device), 1, 0,
-                     torch.ones(2, 2, 1, 1, device=device))
+        cache.update(
+            torch.randn(2, 2, 1, 8, device=device),
+            torch.randn(2, 2, 1, 8, device=device),
+            1,
+            0,
+            torch.ones(2, 2, 1, 1, device=device),
+        )
     with pytest.raises(IndexError, match=r"layer_idx must be in \[0, 2\)"):
         cache.update(prompt, prompt, 2, 0, ones)
 
 
 # --- GPU acceptance ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

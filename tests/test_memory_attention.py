@@ -1,5 +1,6 @@
 """memops.memory_attention: Triton kernels (interpreter on CPU, compiled on CUDA) against the float64
 reference, gradients of all six inputs (and through lse), deterministic shared-memory grads, bad inputs."""
+
 import math
 
 import pytest
@@ -9,12 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import memops
-from memops import reference
 from memops.testing import assert_close_to_reference, count_launches, relative_error
 
 CUDA = torch.cuda.is_available()
-KERNELS = ("memory_attention_fwd_kernel", "memory_attention_delta_kernel", "memory_attention_dq_kernel",
-           "memory_attention_dkdv_kernel")
+KERNELS = (
+    "memory_attention_fwd_kernel",
+    "memory_attention_delta_kernel",
+    "memory_attention_dq_kernel",
+    "memory_attention_dkdv_kernel",
+)
 
 
 def tolerance_key(dtype):
@@ -67,21 +71,27 @@ def check_against_float64(inputs, *, causal, dtype, scale=None, impl="fused", ls
     B, H, N, _ = q.shape
     grad_out = torch.randn_like(q)
     grad_lse = torch.randn(B, H, N, device=q.device) if lse_grad else None
-    out, lse, grads, launches = run("triton", inputs, causal=causal, grad_out=grad_out, grad_lse=grad_lse,
-                                    scale=scale, impl=impl)
+    out, lse, grads, launches = run(
+        "triton", inputs, causal=causal, grad_out=grad_out, grad_lse=grad_lse, scale=scale, impl=impl
+    )
     memory = "mem_k" in inputs and inputs["mem_k"].shape[-2] > 0
     expected = expected_launches(impl, memory=memory, lse_grad=lse_grad)
     # the composed path records its vendor op: memory_attention.composed.<cudnn|flash|efficient|cpu_flash>
-    launches["memory_attention.composed"] = sum(n for name, n in launches.items() if name.startswith(
-        "memory_attention.composed."))
+    launches["memory_attention.composed"] = sum(
+        n for name, n in launches.items() if name.startswith("memory_attention.composed.")
+    )
     assert all(launches[name] == count for name, count in expected.items()), (dict(launches), expected)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
 
     inputs64 = {name: t.double() for name, t in inputs.items()}
     visible = None
     ref_out, ref_lse, ref_grads, _ = run(
-        "reference", inputs64, causal=causal, grad_out=grad_out.double(),
-        grad_lse=grad_lse.double() if lse_grad else None, scale=scale,
+        "reference",
+        inputs64,
+        causal=causal,
+        grad_out=grad_out.double(),
+        grad_lse=grad_lse.double() if lse_grad else None,
+        scale=scale,
     )
     visible = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), visible), "lse: rows with no visible key must be -inf, others finite"
@@ -98,20 +108,20 @@ def check_against_float64(inputs, *, causal, dtype, scale=None, impl="fused", ls
 
 CASES = {
     #                  B  H  Hkv N   Nk  M   D   memory        causal bias_shape
-    "plain":          (2, 2, 2, 37, 37, 0, 32, None, False, None),
-    "plain_causal":   (1, 2, 2, 40, 40, 0, 16, None, True, None),
-    "per_sample":     (2, 4, 2, 37, 45, 19, 32, "per_sample", False, None),
-    "shared":         (2, 4, 2, 37, 45, 19, 32, "shared", False, None),
-    "shared_causal":  (3, 2, 1, 33, 50, 7, 64, "shared", True, None),
-    "gqa_causal":     (1, 4, 1, 45, 45, 33, 16, "per_sample", True, None),
-    "bias_m":         (2, 2, 2, 20, 30, 40, 32, "shared", False, "M"),
-    "bias_hkv_m":     (2, 4, 2, 20, 30, 17, 32, "per_sample", True, "Hkv,M"),
-    "bias_b_hkv_m":   (2, 2, 2, 20, 30, 17, 32, "per_sample", False, "B,Hkv,M"),
-    "decode":         (2, 4, 2, 1, 70, 9, 32, "per_sample", True, "Hkv,M"),
+    "plain": (2, 2, 2, 37, 37, 0, 32, None, False, None),
+    "plain_causal": (1, 2, 2, 40, 40, 0, 16, None, True, None),
+    "per_sample": (2, 4, 2, 37, 45, 19, 32, "per_sample", False, None),
+    "shared": (2, 4, 2, 37, 45, 19, 32, "shared", False, None),
+    "shared_causal": (3, 2, 1, 33, 50, 7, 64, "shared", True, None),
+    "gqa_causal": (1, 4, 1, 45, 45, 33, 16, "per_sample", True, None),
+    "bias_m": (2, 2, 2, 20, 30, 40, 32, "shared", False, "M"),
+    "bias_hkv_m": (2, 4, 2, 20, 30, 17, 32, "per_sample", True, "Hkv,M"),
+    "bias_b_hkv_m": (2, 2, 2, 20, 30, 17, 32, "per_sample", False, "B,Hkv,M"),
+    "decode": (2, 4, 2, 1, 70, 9, 32, "per_sample", True, "Hkv,M"),
     "chunked_prefill": (1, 2, 2, 16, 80, 5, 32, "shared", True, None),
     # N > Nk, causal, with memory: the first 30 queries see the memory rows only (the composed path's merge
     # must ignore its sequence part's placeholder there)
-    "more_queries":   (2, 4, 2, 50, 20, 6, 16, "per_sample", True, "Hkv,M"),
+    "more_queries": (2, 4, 2, 50, 20, 6, 16, "per_sample", True, "Hkv,M"),
     # Nk = N + 1: query 31 sees key 32, the first of the second key block (a block-boundary case).
     "causal_block_edge": (1, 2, 2, 40, 41, 0, 16, None, True, None),
 }
@@ -159,8 +169,13 @@ def test_head_dims(device):
 def test_rows_with_no_visible_key_give_zeros(device):
     # No memory, causal, N > Nk: the first N - Nk queries see nothing. Zeros, lse -inf, finite grads.
     inputs = make_inputs(1, 2, 2, 50, 20, 0, 16, torch.float32, device, memory=None)
-    out, lse, grads, _ = run("triton", inputs, causal=True, grad_out=torch.randn(1, 2, 50, 16, device=device),
-                             grad_lse=torch.zeros(1, 2, 50, device=device))
+    out, lse, grads, _ = run(
+        "triton",
+        inputs,
+        causal=True,
+        grad_out=torch.randn(1, 2, 50, 16, device=device),
+        grad_lse=torch.zeros(1, 2, 50, device=device),
+    )
     assert torch.equal(out[:, :, :30], torch.zeros_like(out[:, :, :30]))
     assert torch.isneginf(lse[:, :, :30]).all() and torch.isfinite(lse[:, :, 30:]).all()
     assert all(torch.isfinite(g).all() for g in grads.values())
@@ -181,7 +196,9 @@ def test_plain_attention_matches_sdpa(device):
     inputs = make_inputs(2, 4, 4, 33, 33, 0, 32, torch.float32, device, memory=None)
     with memops.backend("triton"):
         out = memops.memory_attention(**inputs, causal=True)
-    expected = F.scaled_dot_product_attention(inputs["q"].double(), inputs["k"].double(), inputs["v"].double(), is_causal=True)
+    expected = F.scaled_dot_product_attention(
+        inputs["q"].double(), inputs["k"].double(), inputs["v"].double(), is_causal=True
+    )
     assert_close_to_reference(out, expected, tolerance_key(torch.float32))
 
 
@@ -208,22 +225,35 @@ def test_shared_memory_grads_over_the_batch(deterministic_mode, device):
         for name in ("mem_k", "mem_v", "mem_bias"):
             assert torch.equal(runs[0][2][name], runs[1][2][name]), name
     per_sample = dict(inputs, mem_k=inputs["mem_k"].expand(4, -1, -1, -1), mem_v=inputs["mem_v"].expand(4, -1, -1, -1))
-    _, _, expanded_grads, _ = run("reference", {n: t.double() for n, t in per_sample.items()}, causal=False,
-                                  grad_out=grad_out.double(), grad_lse=grad_lse.double())
+    _, _, expanded_grads, _ = run(
+        "reference",
+        {n: t.double() for n, t in per_sample.items()},
+        causal=False,
+        grad_out=grad_out.double(),
+        grad_lse=grad_lse.double(),
+    )
     for name in ("mem_k", "mem_v"):  # the shared table's grad is the sum of the per-sample grads
-        assert_close_to_reference(runs[0][2][name], expanded_grads[name].sum(0), tolerance_key(torch.float32), name=name)
+        assert_close_to_reference(
+            runs[0][2][name], expanded_grads[name].sum(0), tolerance_key(torch.float32), name=name
+        )
     assert_close_to_reference(runs[0][2]["mem_bias"], expanded_grads["mem_bias"], tolerance_key(torch.float32))
 
 
 @given(
-    copies=st.integers(2, 5), distinct=st.integers(1, 4), causal=st.booleans(), seed=st.integers(0, 2**31 - 1),
+    copies=st.integers(2, 5),
+    distinct=st.integers(1, 4),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_property_repeated_memory_rows_equal_one_row_with_log_bias(copies, distinct, causal, seed):
     # k identical memory rows are one row with bias ln k: DiT-Mem's 10 distinct x 100 copies dedupe.
     device = "cuda" if CUDA else "cpu"
     inputs = make_inputs(1, 2, 1, 20, 20, distinct, 16, torch.float32, device, memory="shared", seed=seed)
-    repeated = dict(inputs, mem_k=inputs["mem_k"].repeat_interleave(copies, dim=1),
-                    mem_v=inputs["mem_v"].repeat_interleave(copies, dim=1))
+    repeated = dict(
+        inputs,
+        mem_k=inputs["mem_k"].repeat_interleave(copies, dim=1),
+        mem_v=inputs["mem_v"].repeat_interleave(copies, dim=1),
+    )
     deduped = dict(inputs, mem_bias=torch.full((distinct,), math.log(copies), device=device))
     with memops.backend("triton"):
         out_repeated = memops.memory_attention(**repeated, causal=causal)
@@ -232,16 +262,35 @@ def test_property_repeated_memory_rows_equal_one_row_with_log_bias(copies, disti
 
 
 @given(
-    B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]), N=st.integers(1, 40),
-    Nk=st.integers(1, 40), M=st.integers(0, 40), D=st.sampled_from([16, 32]),
-    memory=st.sampled_from(["per_sample", "shared"]), causal=st.booleans(),
-    bias=st.sampled_from([None, "M", "Hkv,M", "B,Hkv,M"]), seed=st.integers(0, 2**31 - 1),
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 2),
+    group=st.sampled_from([1, 2]),
+    N=st.integers(1, 40),
+    Nk=st.integers(1, 40),
+    M=st.integers(0, 40),
+    D=st.sampled_from([16, 32]),
+    memory=st.sampled_from(["per_sample", "shared"]),
+    causal=st.booleans(),
+    bias=st.sampled_from([None, "M", "Hkv,M", "B,Hkv,M"]),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_property_random_shapes(B, Hkv, group, N, Nk, M, D, memory, causal, bias, seed):
     device = "cuda" if CUDA else "cpu"
     bias = bias if M else None
-    inputs = make_inputs(B, Hkv * group, Hkv, N, Nk, M, D, torch.float32, device, memory=memory,
-                         bias_shape=bias_shape(bias, B, Hkv, M), seed=seed)
+    inputs = make_inputs(
+        B,
+        Hkv * group,
+        Hkv,
+        N,
+        Nk,
+        M,
+        D,
+        torch.float32,
+        device,
+        memory=memory,
+        bias_shape=bias_shape(bias, B, Hkv, M),
+        seed=seed,
+    )
     check_against_float64(inputs, causal=causal, dtype=torch.float32)
 
 
@@ -272,8 +321,17 @@ def test_opcheck(device):
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_composed(causal):
     inputs = make_inputs(1, 4, 2, 9, 7, 4, 16, torch.float32, "cpu", memory="shared", bias_shape=(1, 1, 4))
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["mem_k"], inputs["mem_v"], inputs["mem_bias"], causal,
-            0.25, "cpu_flash")
+    args = (
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        inputs["mem_k"],
+        inputs["mem_v"],
+        inputs["mem_bias"],
+        causal,
+        0.25,
+        "cpu_flash",
+    )
     for t in args[:6]:
         t.requires_grad_()
     torch.library.opcheck(torch.ops.memops.memory_attention_composed.default, args)
@@ -284,9 +342,19 @@ def test_opcheck_composed(causal):
 def test_opcheck_composed_cuda():
     inputs = make_inputs(1, 4, 2, 128, 96, 4, 64, torch.bfloat16, "cuda", memory="shared", bias_shape=(1, 1, 4))
     from memops.attention import attention_impl
+
     _, sequence = attention_impl(inputs["q"], 96, causal=True, impl="composed")
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["mem_k"], inputs["mem_v"], inputs["mem_bias"], True,
-            0.125, sequence)
+    args = (
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        inputs["mem_k"],
+        inputs["mem_v"],
+        inputs["mem_bias"],
+        True,
+        0.125,
+        sequence,
+    )
     for t in args[:6]:
         t.requires_grad_()
     torch.library.opcheck(torch.ops.memops.memory_attention_composed.default, args)
@@ -316,9 +384,11 @@ def test_torch_compile_fullgraph(backend, impl, device):
 
 # --- bad input ---------------------------------------------------------------------------------
 
+
 def _bad(**changes):
     def make(inputs):
         return {**inputs, **{k: (v(inputs) if callable(v) else v) for k, v in changes.items()}}
+
     return make
 
 
@@ -329,15 +399,40 @@ BAD_INPUTS = {
     "heads_not_multiple": (_bad(q=lambda i: torch.cat([i["q"], i["q"][:, :1]], 1)), ValueError, "multiple of k's"),
     "d_mismatch": (_bad(k=lambda i: i["k"][..., :8], v=lambda i: i["v"][..., :8]), ValueError, r"D=16"),
     "mem_k_without_mem_v": (_bad(mem_v=None), ValueError, "mem_k and mem_v must be given together"),
-    "mem_wrong_heads": (_bad(mem_k=lambda i: i["mem_k"][:, :1], mem_v=lambda i: i["mem_v"][:, :1]), ValueError, "mem_k must be"),
-    "mem_wrong_d": (_bad(mem_k=lambda i: i["mem_k"][..., :8], mem_v=lambda i: i["mem_v"][..., :8]), ValueError, "mem_k must be"),
+    "mem_wrong_heads": (
+        _bad(mem_k=lambda i: i["mem_k"][:, :1], mem_v=lambda i: i["mem_v"][:, :1]),
+        ValueError,
+        "mem_k must be",
+    ),
+    "mem_wrong_d": (
+        _bad(mem_k=lambda i: i["mem_k"][..., :8], mem_v=lambda i: i["mem_v"][..., :8]),
+        ValueError,
+        "mem_k must be",
+    ),
     "mem_v_shape": (_bad(mem_v=lambda i: i["mem_v"][:, :, :-1]), ValueError, "mem_v must have mem_k's shape"),
     "bias_shape": (_bad(mem_bias=lambda i: torch.zeros(3, device=i["q"].device)), ValueError, "mem_bias must be"),
-    "bias_int": (_bad(mem_bias=lambda i: torch.zeros(5, dtype=torch.long, device=i["q"].device)), TypeError, "mem_bias must be floating"),
-    "bias_without_memory": (_bad(mem_k=None, mem_v=None, mem_bias=lambda i: torch.zeros(5, device=i["q"].device)), ValueError, "mem_bias needs"),
+    "bias_int": (
+        _bad(mem_bias=lambda i: torch.zeros(5, dtype=torch.long, device=i["q"].device)),
+        TypeError,
+        "mem_bias must be floating",
+    ),
+    "bias_without_memory": (
+        _bad(mem_k=None, mem_v=None, mem_bias=lambda i: torch.zeros(5, device=i["q"].device)),
+        ValueError,
+        "mem_bias needs",
+    ),
     "mixed_dtype": (_bad(k=lambda i: i["k"].double()), TypeError, "k must have q's dtype"),
-    "int_q": (_bad(q=lambda i: i["q"].long(), k=lambda i: i["k"].long(), v=lambda i: i["v"].long(),
-                   mem_k=lambda i: i["mem_k"].long(), mem_v=lambda i: i["mem_v"].long()), TypeError, "q must be floating"),
+    "int_q": (
+        _bad(
+            q=lambda i: i["q"].long(),
+            k=lambda i: i["k"].long(),
+            v=lambda i: i["v"].long(),
+            mem_k=lambda i: i["mem_k"].long(),
+            mem_v=lambda i: i["mem_v"].long(),
+        ),
+        TypeError,
+        "q must be floating",
+    ),
     "mixed_device": (_bad(mem_bias=lambda i: torch.zeros(5, device="meta")), ValueError, "mem_bias is on meta"),
     "k_not_tensor": (_bad(k=lambda i: i["k"].tolist()), TypeError, "k must be a torch.Tensor"),
     "v_none": (_bad(v=None), TypeError, "v must be a torch.Tensor"),
@@ -363,6 +458,7 @@ def test_unsupported_head_dim_on_triton(device):
 
 
 # --- GPU acceptance at real sizes ---------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", ["fused", "composed"])
@@ -390,7 +486,11 @@ def test_non_contiguous_inputs(impl, device):
     generator = torch.Generator(device=device).manual_seed(3)
 
     def heads(length, count):
-        return torch.randn(B, length, count * D, generator=generator, device=device).view(B, length, count, D).transpose(1, 2)
+        return (
+            torch.randn(B, length, count * D, generator=generator, device=device)
+            .view(B, length, count, D)
+            .transpose(1, 2)
+        )
 
     inputs = {"q": heads(N, H), "k": heads(N, 2), "v": heads(N, 2), "mem_k": heads(M, 2), "mem_v": heads(M, 2)}
     assert not any(t.is_contiguous() for t in inputs.values())

@@ -4,6 +4,7 @@ Fake CUDA tensors (FakeTensorMode) run the vendor aten ops' meta kernels on this
 launches are recorded instead of run (memops.tools.gpu_check.recording), so the exact aten ops and argument lists
 that a GPU gets are traced, forward and backward, with the shapes and dtypes they return. The numerics of the
 same composition run on CPU tensors in test_memory_attention.py (the CPU flash op)."""
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -13,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import memops
 from memops import attention
 from memops._backend import configs_for_arch
-from memops.tools.gpu_check import recording
 from memops.testing import count_launches
+from memops.tools.gpu_check import recording
 
 
 class OpLog(TorchDispatchMode):
@@ -37,19 +38,20 @@ VENDOR_OPS = {
 
 CASES = {
     #                        backend      dtype           B  H  Hkv N    Nk   M   D    causal memory      bias
-    "cudnn_gqa_folded":     ("cudnn", torch.bfloat16, 2, 8, 2, 96, 96, 16, 128, False, "shared", True),
-    "cudnn_causal_square":  ("cudnn", torch.float16, 1, 4, 4, 80, 80, 8, 64, True, "per_sample", False),
-    "flash_causal_gqa":     ("flash", torch.bfloat16, 2, 8, 2, 64, 100, 12, 128, True, "per_sample", True),
+    "cudnn_gqa_folded": ("cudnn", torch.bfloat16, 2, 8, 2, 96, 96, 16, 128, False, "shared", True),
+    "cudnn_causal_square": ("cudnn", torch.float16, 1, 4, 4, 80, 80, 8, 64, True, "per_sample", False),
+    "flash_causal_gqa": ("flash", torch.bfloat16, 2, 8, 2, 64, 100, 12, 128, True, "per_sample", True),
     "flash_d256_no_memory": ("flash", torch.bfloat16, 1, 2, 2, 70, 70, 0, 256, False, None, False),
-    "flash_more_queries":   ("flash", torch.float16, 1, 2, 1, 90, 40, 4, 64, True, "shared", False),
-    "efficient_fp32_gqa":   ("efficient", torch.float32, 2, 4, 2, 40, 72, 10, 64, False, "per_sample", False),
-    "efficient_square":     ("efficient", torch.bfloat16, 1, 2, 2, 33, 33, 5, 32, True, "shared", True),
+    "flash_more_queries": ("flash", torch.float16, 1, 2, 1, 90, 40, 4, 64, True, "shared", False),
+    "efficient_fp32_gqa": ("efficient", torch.float32, 2, 4, 2, 40, 72, 10, 64, False, "per_sample", False),
+    "efficient_square": ("efficient", torch.bfloat16, 1, 2, 2, 33, 33, 5, 32, True, "shared", True),
 }
 
 
 def fake_inputs(dtype, B, H, Hkv, N, Nk, M, D, memory, bias):
     def empty(*shape, dtype=dtype):
         return torch.empty(*shape, dtype=dtype, device="cuda")
+
     q, k, v = empty(B, H, N, D), empty(B, Hkv, Nk, D), empty(B, Hkv, Nk, D)
     mem_shape = (B, Hkv, M, D) if memory == "per_sample" else (Hkv, M, D)
     mem_k = empty(*mem_shape) if memory else None
@@ -59,16 +61,19 @@ def fake_inputs(dtype, B, H, Hkv, N, Nk, M, D, memory, bias):
 
 
 # cuDNN on sm_90 only, as the dispatch gives it
-@pytest.mark.parametrize("case,arch", [(case, arch) for case in sorted(CASES) for arch in (90, 80)
-                                       if arch == 90 or CASES[case][0] != "cudnn"])
+@pytest.mark.parametrize(
+    "case,arch",
+    [(case, arch) for case in sorted(CASES) for arch in (90, 80) if arch == 90 or CASES[case][0] != "cudnn"],
+)
 def test_cuda_branch_traces_forward_and_backward(case, arch):
     backend, dtype, B, H, Hkv, N, Nk, M, D, causal, memory, bias = CASES[case]
     with FakeTensorMode(), configs_for_arch(arch):
         q, k, v, mem_k, mem_v, mem_bias = fake_inputs(dtype, B, H, Hkv, N, Nk, M, D, memory, bias)
         forward_ops, backward_ops = OpLog(), OpLog()
         with recording() as forward_launches, forward_ops:
-            out, lse, state_a, state_b = attention._composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, D ** -0.5,
-                                                                 backend)
+            out, lse, state_a, state_b = attention._composed_fwd(
+                q, k, v, mem_k, mem_v, mem_bias, causal, D**-0.5, backend
+            )
         assert out.shape == q.shape and out.dtype == dtype and out.device.type == "cuda"
         assert lse.shape == (B, H, N) and lse.dtype == torch.float32
         assert VENDOR_OPS[backend][0] in forward_ops.ops, forward_ops.ops
@@ -77,8 +82,9 @@ def test_cuda_branch_traces_forward_and_backward(case, arch):
 
         grad_out = torch.empty_like(out)
         with recording() as backward_launches, backward_ops:
-            grads = attention._composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b,
-                                            causal, D ** -0.5, backend, False)
+            grads = attention._composed_bwd(
+                grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b, causal, D**-0.5, backend, False
+            )
         assert VENDOR_OPS[backend][1] in backward_ops.ops, backward_ops.ops
         for grad, like in zip(grads, (q, k, v, mem_k, mem_v, mem_bias)):
             if like is None:
@@ -87,8 +93,11 @@ def test_cuda_branch_traces_forward_and_backward(case, arch):
                 assert grad.shape == like.shape and grad.device.type == "cuda", (grad.shape, like.shape)
                 assert grad.dtype == (like.dtype if like is not mem_k and like is not mem_v else dtype)
         kernels = sorted(launch.kernel.__name__ for launch in backward_launches)
-        assert kernels == (sorted(["memory_attention_delta_kernel", "memory_attention_dq_kernel",
-                                   "memory_attention_dkdv_kernel"]) if M else [])
+        assert kernels == (
+            sorted(["memory_attention_delta_kernel", "memory_attention_dq_kernel", "memory_attention_dkdv_kernel"])
+            if M
+            else []
+        )
 
 
 def _choice(dtype, N, Nk, D, causal, arch, impl="auto"):

@@ -1,16 +1,35 @@
 """memops.models.MemoryLM and the train-demo: a model assembled from memops parts trains, generates with a
 bounded cache (equal to full recomputation while nothing is evicted), compiles, and validates its config."""
+
 import pytest
 import torch
 
 import memops
-from memops.tools import demo
 from memops.models import MemoryLM, MemoryLMConfig
 from memops.testing import count_launches
+from memops.tools import demo
 
-TINY = dict(vocab_size=17, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_positions=64, prefix_length=2,
-            pkm_layers=(1,), pkm_n_keys=4, pkm_heads=1, pkm_topk=2, pkm_key_dim=16, moe_experts=4, moe_top_k=2,
-            moe_d_expert=16, moe_min_experts=2, retention_hidden=8, kv_budget=8, kv_buffer=2)
+TINY = dict(
+    vocab_size=17,
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    max_positions=64,
+    prefix_length=2,
+    pkm_layers=(1,),
+    pkm_n_keys=4,
+    pkm_heads=1,
+    pkm_topk=2,
+    pkm_key_dim=16,
+    moe_experts=4,
+    moe_top_k=2,
+    moe_d_expert=16,
+    moe_min_experts=2,
+    retention_hidden=8,
+    kv_budget=8,
+    kv_buffer=2,
+)
 
 
 def tiny_model(**overrides):
@@ -53,7 +72,7 @@ def test_generate_with_a_cache_equals_full_recomputation():
         for _ in range(10):
             expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(tokens, expected)
-    assert cache.get_seq_length(0) == 15   # the last token is produced, never fed back
+    assert cache.get_seq_length(0) == 15  # the last token is produced, never fed back
 
 
 def test_generate_stays_within_budget_plus_buffer():
@@ -73,13 +92,16 @@ def test_generate_rejects_too_long():
         model.generate(torch.zeros(60, dtype=torch.long), max_new_tokens=1)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(n_heads=3), "n_heads=3 must divide d_model=32"),
-    (dict(n_kv_heads=3, n_heads=4), "n_kv_heads=3 must divide n_heads=4"),
-    (dict(kv_budget=0), "kv_budget must be >= 1"),
-    (dict(moe_block_size=0), "moe_block_size must be None or >= 1"),
-    (dict(pkm_layers=(5,)), "pkm_layers entry 5 is not a layer index"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_heads=3), "n_heads=3 must divide d_model=32"),
+        (dict(n_kv_heads=3, n_heads=4), "n_kv_heads=3 must divide n_heads=4"),
+        (dict(kv_budget=0), "kv_budget must be >= 1"),
+        (dict(moe_block_size=0), "moe_block_size must be None or >= 1"),
+        (dict(pkm_layers=(5,)), "pkm_layers entry 5 is not a layer index"),
+    ],
+)
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         MemoryLMConfig(**{**TINY, **overrides}).validate()

@@ -1,5 +1,6 @@
 """dMoE: memops.block_route (fused routing kernel), unique_experts, memops.moe_ffn (grouped GEMMs) and
 memops.nn.BlockMoE, against float64 references written from the algorithm and a per-slot expert loop."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -28,7 +29,8 @@ def route_both(logits, **kwargs):
     leaf64 = logits.detach().double().requires_grad_()
     bias = kwargs.pop("expert_bias", None)
     ref_ids, ref_weights, ref_coreset = reference.block_route(
-        leaf64, expert_bias=None if bias is None else bias.double(), **kwargs)
+        leaf64, expert_bias=None if bias is None else bias.double(), **kwargs
+    )
     ref_weights.backward(grad.double())
     assert launches["block_route_kernel"] == 1
     return (ids, weights, coreset, leaf.grad), (ref_ids, ref_weights, ref_coreset, leaf64.grad)
@@ -37,8 +39,12 @@ def route_both(logits, **kwargs):
 ROUTING = {  # B, N, E, kwargs
     "sigmoid_blocks": (2, 40, 64, dict(block_size=16, top_k=4, min_experts=6)),
     "softmax_mixtral_like": (2, 50, 8, dict(block_size=32, top_k=2, min_experts=2, score_func="softmax")),
-    "bias_and_groups": (2, 37, 64, dict(block_size=16, top_k=4, min_experts=8, n_groups=8, topk_groups=4,
-                                        routed_scaling=2.5)),
+    "bias_and_groups": (
+        2,
+        37,
+        64,
+        dict(block_size=16, top_k=4, min_experts=8, n_groups=8, topk_groups=4, routed_scaling=2.5),
+    ),
     "partial_last_block": (1, 21, 32, dict(block_size=8, top_k=3, min_experts=5, top_p=0.4)),
     "experts_not_power_of_two": (1, 19, 60, dict(block_size=8, top_k=6, min_experts=6, score_func="softmax")),
     "token_level": (2, 21, 64, dict(block_size=None, top_k=4, n_groups=4, topk_groups=2)),
@@ -102,19 +108,31 @@ def test_experts_nobody_votes_for_join_only_through_min_experts(device):
     for backend in ("triton", "reference"):
         with memops.backend(backend):
             _, _, coreset = memops.block_route(logits, block_size=8, top_k=2, min_experts=3, top_p=1.0)
-        assert coreset.sum().item() == 3 and coreset[0, 0, :2].all(), backend   # {0, 1} + min_experts' third
+        assert coreset.sum().item() == 3 and coreset[0, 0, :2].all(), backend  # {0, 1} + min_experts' third
 
 
-@given(N=st.integers(1, 40), E_log2=st.integers(3, 6), top_k=st.integers(1, 4), block_size=st.integers(1, 16),
-       top_p=st.floats(0.05, 1.0), extra=st.integers(0, 4), seed=st.integers(0, 2**31 - 1))
+@given(
+    N=st.integers(1, 40),
+    E_log2=st.integers(3, 6),
+    top_k=st.integers(1, 4),
+    block_size=st.integers(1, 16),
+    top_p=st.floats(0.05, 1.0),
+    extra=st.integers(0, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_routing_properties(N, E_log2, top_k, block_size, top_p, extra, seed):
     # Every token's ids lie in its block's coreset, the coreset holds at least min_experts, ids are distinct.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     E = 1 << E_log2
     min_experts = min(top_k + extra, E)
     with memops.backend("triton"):
-        ids, _, coreset = memops.block_route(make_logits(1, N, E, device, seed=seed), block_size=block_size,
-                                             top_k=top_k, top_p=top_p, min_experts=min_experts)
+        ids, _, coreset = memops.block_route(
+            make_logits(1, N, E, device, seed=seed),
+            block_size=block_size,
+            top_k=top_k,
+            top_p=top_p,
+            min_experts=min_experts,
+        )
     assert (coreset.sum(-1) >= min_experts).all()
     block_of_token = torch.arange(N, device=device) // block_size
     in_coreset = coreset[0][block_of_token].gather(-1, ids[0].long())
@@ -123,7 +141,7 @@ def test_routing_properties(N, E_log2, top_k, block_size, top_p, extra, seed):
 
 
 def test_unique_experts():
-    ids = torch.tensor([[[0, 1], [1, 2], [5, 0], [5, 5]]], dtype=torch.int32)   # blocks of 2: {0,1,2}, {0,5}
+    ids = torch.tensor([[[0, 1], [1, 2], [5, 0], [5, 5]]], dtype=torch.int32)  # blocks of 2: {0,1,2}, {0,5}
     assert memops.unique_experts(ids, 2).tolist() == [[3, 2]]
     assert memops.unique_experts(ids, 3).tolist() == [[4, 1]]
 
@@ -142,13 +160,16 @@ def test_block_routing_uses_fewer_experts_than_token_routing(device):
 
 def test_block_route_opcheck(device):
     logits = make_logits(1, 20, 16, device).requires_grad_()
-    torch.library.opcheck(torch.ops.memops.block_route.default,
-                          (logits, None, 8, 2, 0.6, 4, False, 1, 1, 1.0, True, False))
+    torch.library.opcheck(
+        torch.ops.memops.block_route.default, (logits, None, 8, 2, 0.6, 4, False, 1, 1, 1.0, True, False)
+    )
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("T, k, E, block_m", [(19, 2, 6, 16), (300, 8, 256, 64), (5, 1, 8, 16), (0, 2, 4, 16),
-                                              (64, 4, 60, 16), (40, 2, 3, 16)])
+@pytest.mark.parametrize(
+    "T, k, E, block_m",
+    [(19, 2, 6, 16), (300, 8, 256, 64), (5, 1, 8, 16), (0, 2, 4, 16), (64, 4, 60, 16), (40, 2, 3, 16)],
+)
 def test_align_kernel_equals_the_stable_sort_layout(T, k, E, block_m, device):
     from memops.kernels import moe as kernels
     from memops.reference.moe import align_slots
@@ -156,22 +177,24 @@ def test_align_kernel_equals_the_stable_sort_layout(T, k, E, block_m, device):
     generator = torch.Generator(device=device).manual_seed(T)
     ids = torch.randint(0, E, (T, k), generator=generator, device=device, dtype=torch.int32)
     if T >= 40:
-        ids[:, 0] = 1   # one hot expert: a long run
+        ids[:, 0] = 1  # one hot expert: a long run
     with count_launches() as launches:
         layout = kernels.align(ids, E, block_m)
     assert launches["align_kernel"] == 1
-    for name, ours, expected in zip(("sorted_slot", "block_expert", "expert_start", "expert_end"), layout,
-                                    align_slots(ids, E, block_m)):
+    for name, ours, expected in zip(
+        ("sorted_slot", "block_expert", "expert_start", "expert_end"), layout, align_slots(ids, E, block_m)
+    ):
         assert torch.equal(ours, expected), name
 
 
 # --- moe_ffn ---------------------------------------------------------------------------------------------
 
+
 def make_ffn_inputs(T, d, inter, E, k, dtype, device, *, seed=0, used=None):
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(T, d, generator=generator, device=device).to(dtype)
-    w_gate_up = (torch.randn(E, 2 * inter, d, generator=generator, device=device) * d ** -0.5).to(dtype)
-    w_down = (torch.randn(E, d, inter, generator=generator, device=device) * inter ** -0.5).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * inter, d, generator=generator, device=device) * d**-0.5).to(dtype)
+    w_down = (torch.randn(E, d, inter, generator=generator, device=device) * inter**-0.5).to(dtype)
     pool = used if used is not None else E
     ids = torch.stack([torch.randperm(pool, generator=generator, device=device)[:k] for _ in range(T)]).to(torch.int32)
     weights = torch.rand(T, k, generator=generator, device=device)
@@ -183,8 +206,11 @@ def slot_loop_reference(x, w_gate_up, w_down, ids, weights):
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     rows = []
     for t in range(x.shape[0]):
-        row = sum(weights[t, j].double() * expert_ffn(x[t:t + 1].double(), w_gate_up[ids[t, j]].double(),
-                                                       w_down[ids[t, j]].double())[0] for j in range(ids.shape[1]))
+        row = sum(
+            weights[t, j].double()
+            * expert_ffn(x[t : t + 1].double(), w_gate_up[ids[t, j]].double(), w_down[ids[t, j]].double())[0]
+            for j in range(ids.shape[1])
+        )
         rows.append(row)
     return torch.stack(rows) if rows else out
 
@@ -256,17 +282,29 @@ def test_route_and_ffn_compile(backend, device):
         ids, weights, _ = memops.block_route((x @ router.t())[None], block_size=8, top_k=2, min_experts=4)
         return memops.moe_ffn(x, w_gate_up, w_down, ids[0], weights[0]).square().sum()
 
-    check_compiled_grads(layer, [x, w_gate_up, w_down, router], backend=backend, device=device,
-                         kernel="grouped_gemm_kernel")
+    check_compiled_grads(
+        layer, [x, w_gate_up, w_down, router], backend=backend, device=device, kernel="grouped_gemm_kernel"
+    )
 
 
 # --- BlockMoE ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("block_size", [8, None])
 def test_block_moe_matches_reference_backend(block_size, device):
     torch.manual_seed(0)
-    layer = memops.nn.BlockMoE(32, 16, 8, 2, block_size=block_size, min_experts=4, shared_experts=1,
-                               n_groups=2, topk_groups=1, routed_scaling=2.5).to(device)
+    layer = memops.nn.BlockMoE(
+        32,
+        16,
+        8,
+        2,
+        block_size=block_size,
+        min_experts=4,
+        shared_experts=1,
+        n_groups=2,
+        topk_groups=1,
+        routed_scaling=2.5,
+    ).to(device)
     x = torch.randn(2, 20, 32, device=device)
     with memops.backend("triton"), count_launches() as launches:
         y = layer(x)
@@ -306,9 +344,16 @@ BAD_ROUTE = {
     "top_p_zero": (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
     "top_p_above_one": (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
     "groups_do_not_divide": (dict(n_groups=3), ValueError, "n_groups must divide E=16"),
-    "topk_groups_above_groups": (dict(n_groups=4, topk_groups=5), ValueError, r"topk_groups must be in \[1, n_groups=4\]"),
-    "top_k_above_kept_groups": (dict(top_k=6, min_experts=6, n_groups=8, topk_groups=2), ValueError,
-                                "top_k=6 exceeds the 4 experts of the 2 kept groups"),
+    "topk_groups_above_groups": (
+        dict(n_groups=4, topk_groups=5),
+        ValueError,
+        r"topk_groups must be in \[1, n_groups=4\]",
+    ),
+    "top_k_above_kept_groups": (
+        dict(top_k=6, min_experts=6, n_groups=8, topk_groups=2),
+        ValueError,
+        "top_k=6 exceeds the 4 experts of the 2 kept groups",
+    ),
     "score_func": (dict(score_func="relu"), ValueError, "score_func must be one of"),
     "bias_shape": (dict(expert_bias=torch.zeros(15)), ValueError, r"expert_bias must be \(E,\) = \(16,\)"),
     "block_size": (dict(block_size=0), ValueError, "block_size must be None or an int >= 1"),
@@ -332,11 +377,27 @@ def test_bad_route_tensor():
 
 
 BAD_FFN = {
-    "ids_out_of_range": (lambda x, gu, dn, i, w: (x, gu, dn, i + 100, w), IndexError, r"topk_ids must lie in \[0, E=4\)"),
+    "ids_out_of_range": (
+        lambda x, gu, dn, i, w: (x, gu, dn, i + 100, w),
+        IndexError,
+        r"topk_ids must lie in \[0, E=4\)",
+    ),
     "ids_float": (lambda x, gu, dn, i, w: (x, gu, dn, i.float(), w), TypeError, "topk_ids must be int32 or int64"),
-    "weights_shape": (lambda x, gu, dn, i, w: (x, gu, dn, i, w[:, :1]), ValueError, "topk_weights must be a float tensor"),
-    "w_down_shape": (lambda x, gu, dn, i, w: (x, gu, dn[..., :-1], i, w), ValueError, r"w_down must be \(E=4, d=16, I=16\)"),
-    "w_gate_up_dim": (lambda x, gu, dn, i, w: (x, gu[..., :-1], dn, i, w), ValueError, r"w_gate_up must be \(E, 2I, d=16\)"),
+    "weights_shape": (
+        lambda x, gu, dn, i, w: (x, gu, dn, i, w[:, :1]),
+        ValueError,
+        "topk_weights must be a float tensor",
+    ),
+    "w_down_shape": (
+        lambda x, gu, dn, i, w: (x, gu, dn[..., :-1], i, w),
+        ValueError,
+        r"w_down must be \(E=4, d=16, I=16\)",
+    ),
+    "w_gate_up_dim": (
+        lambda x, gu, dn, i, w: (x, gu[..., :-1], dn, i, w),
+        ValueError,
+        r"w_gate_up must be \(E, 2I, d=16\)",
+    ),
     "dtype": (lambda x, gu, dn, i, w: (x, gu.double(), dn, i, w), TypeError, "w_gate_up must have x's dtype"),
     "ids_tokens": (lambda x, gu, dn, i, w: (x, gu, dn, i[:-1], w[:-1]), ValueError, r"topk_ids must be \(T=6, k\)"),
 }
@@ -353,13 +414,15 @@ def test_bad_ffn_input(case, device):
 
 # --- GPU acceptance ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.cuda
 def test_cuda_llada2_layer():
     # LLaDA2.0-mini MoE layer: d 2048, 256 experts of 512, top-8, 8 groups keep 4, scaling 2.5; 4 blocks.
     torch.manual_seed(0)
     logits = torch.randn(1, 128, 256, device="cuda")
-    ours, ref = route_both(logits, block_size=32, top_k=8, min_experts=16, n_groups=8, topk_groups=4,
-                           routed_scaling=2.5)
+    ours, ref = route_both(
+        logits, block_size=32, top_k=8, min_experts=16, n_groups=8, topk_groups=4, routed_scaling=2.5
+    )
     assert torch.equal(ours[0].cpu(), ref[0].cpu()) and torch.equal(ours[2].cpu(), ref[2].cpu())
     inputs = make_ffn_inputs(128, 2048, 512, 256, 8, torch.bfloat16, "cuda")
     check_ffn((*inputs[:3], ours[0][0], ours[1][0].detach()), torch.bfloat16)
@@ -390,8 +453,9 @@ def test_routing_weights_follow_the_official_top_k_rule(top_k, backend, device):
     device = device if backend == "triton" else "cpu"
     logits = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(top_k)).to(device).requires_grad_()
     with memops.backend(backend):
-        ids, weights, _ = memops.block_route(logits, block_size=None, top_k=top_k, min_experts=top_k,
-                                             routed_scaling=2.5, normalize=True)
+        ids, weights, _ = memops.block_route(
+            logits, block_size=None, top_k=top_k, min_experts=top_k, routed_scaling=2.5, normalize=True
+        )
         expected = official_gate_weights(logits, ids, routed_scaling=2.5)
         assert relative_error(weights, expected.detach()) < 1e-6
         if top_k == 1:  # the raw sigmoid score, not 1.0
@@ -402,8 +466,9 @@ def test_routing_weights_follow_the_official_top_k_rule(top_k, backend, device):
     assert relative_error(got, want) < 1e-5
 
 
-def official_llada2_block_gate(logits, expert_bias, *, top_k, n_group, topk_group, core_threshold, guard_size,
-                               routed_scaling):
+def official_llada2_block_gate(
+    logits, expert_bias, *, top_k, n_group, topk_group, core_threshold, guard_size, routed_scaling
+):
     """Transcribed from fscdc/dMoE evaluations/models/modeling_llada2_moe_be_adaptive.py, LLaDA2MoeGate
     (group_limited_topk, block_experts_select, forward with mode "aggregate"), for one block: seq_len equals
     the block size, so there is no prefix. Returns (topk_idx (B, N, k), topk_weight (B, N, k), coreset (B, E))."""
@@ -418,7 +483,7 @@ def official_llada2_block_gate(logits, expert_bias, *, top_k, n_group, topk_grou
         score_mask = group_mask.unsqueeze(-1).expand(s.shape[0], n_group, E // n_group).reshape(s.shape[0], -1)
         return torch.topk(s.masked_fill(~score_mask.bool(), float("-inf")), k=top_k, dim=-1)
 
-    local_scores, local_idx = torch.topk(routing, k=top_k, dim=-1)           # the vote: plain top-k
+    local_scores, local_idx = torch.topk(routing, k=top_k, dim=-1)  # the vote: plain top-k
     votes = torch.zeros_like(routing).scatter_(-1, local_idx, local_scores).sum(dim=1)
     votes = votes / (votes.sum(dim=-1, keepdim=True) + 1e-20)
     sorted_votes, sorted_idx = torch.sort(votes, dim=-1, descending=True)
@@ -446,18 +511,28 @@ def test_block_route_matches_the_official_llada2_gate(backend, device):
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 32, 256, generator=generator)
     bias = torch.randn(256, generator=generator) * 0.01
-    official = official_llada2_block_gate(logits, bias, top_k=8, n_group=8, topk_group=4, core_threshold=0.6,
-                                          guard_size=12, routed_scaling=2.5)
+    official = official_llada2_block_gate(
+        logits, bias, top_k=8, n_group=8, topk_group=4, core_threshold=0.6, guard_size=12, routed_scaling=2.5
+    )
     results = {}
     for vote in ("plain", "group_limited"):
         with memops.backend(backend):
             ids, weights, coreset = memops.block_route(
-                logits.to(device), block_size=32, top_k=8, top_p=0.6, min_experts=12, expert_bias=bias.to(device),
-                n_groups=8, topk_groups=4, routed_scaling=2.5, vote=vote)
+                logits.to(device),
+                block_size=32,
+                top_k=8,
+                top_p=0.6,
+                min_experts=12,
+                expert_bias=bias.to(device),
+                n_groups=8,
+                topk_groups=4,
+                routed_scaling=2.5,
+                vote=vote,
+            )
         results[vote] = (ids.cpu(), weights.cpu(), coreset.cpu())
     ids, weights, coreset = results["plain"]
-    assert torch.equal(coreset[:, 0], official[2])                      # the same coreset in 4 of 4 blocks
-    finite = official[3]                                                 # tokens the official gate fills
+    assert torch.equal(coreset[:, 0], official[2])  # the same coreset in 4 of 4 blocks
+    finite = official[3]  # tokens the official gate fills
     same_ids = (ids.long().sort(-1).values == official[0].sort(-1).values).all(-1)
     assert bool(same_ids[finite].all()) and int(finite.sum()) > 100, (int(same_ids.sum()), int(finite.sum()))
     order, official_order = ids.long().argsort(-1), official[0].argsort(-1)

@@ -2,6 +2,7 @@
 and MELT's shared looped cache. Each equals the hand-written composition of the public ops it wraps, on both
 backends (the Triton path launches under the interpreter), with gradients into every parameter, and shares
 MemoryAttention's state-dict keys."""
+
 import pytest
 import torch
 
@@ -18,8 +19,11 @@ def heads(layer, x):
     def split(t, h):
         return t.view(B, N, h, d).transpose(1, 2)
 
-    return (split(layer.q_proj(x), layer.num_heads), split(layer.k_proj(x), layer.num_kv_heads),
-            split(layer.v_proj(x), layer.num_kv_heads))
+    return (
+        split(layer.q_proj(x), layer.num_heads),
+        split(layer.k_proj(x), layer.num_kv_heads),
+        split(layer.v_proj(x), layer.num_kv_heads),
+    )
 
 
 def merged(layer, out):
@@ -42,8 +46,9 @@ def test_retention_attention_layer_matches_its_ops(backend):
         got = grads(layer, x, out)
     assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton")
     q, k, v = heads(layer, x)
-    expected = merged(layer, reference.retention_attention(q, k, v, log_beta, mem_k=layer.prefix_k,
-                                                           mem_v=layer.prefix_v))
+    expected = merged(
+        layer, reference.retention_attention(q, k, v, log_beta, mem_k=layer.prefix_k, mem_v=layer.prefix_v)
+    )
     assert_close_to_reference(out, expected, torch.float64, name="out")
     for g, e in zip(got, grads(layer, x, expected)):
         assert g is not None and e is not None
@@ -112,8 +117,10 @@ def test_looped_attention_layer_matches_its_ops(backend):
 def test_attention_forms_share_memory_attention_state_dict():
     torch.manual_seed(0)
     plain = MemoryAttention(32, 4, num_kv_heads=2, prefix_length=3, causal=True)
-    for form in (RetentionAttention(32, 4, num_kv_heads=2, prefix_length=3),
-                 LoopedAttention(32, 4, num_kv_heads=2, prefix_length=3, causal=True)):
+    for form in (
+        RetentionAttention(32, 4, num_kv_heads=2, prefix_length=3),
+        LoopedAttention(32, 4, num_kv_heads=2, prefix_length=3, causal=True),
+    ):
         form.load_state_dict(plain.state_dict())
         assert form.state_dict().keys() == plain.state_dict().keys()
         for key, value in plain.state_dict().items():

@@ -1,5 +1,6 @@
 """memops.nn.MemoryAttention: same output as the hand-written cat + SDPA layer, state dicts that round-trip,
 grads into the memory tokens and the prefix, RoPE on sequence rows only, the Triton path under the interpreter."""
+
 import io
 
 import pytest
@@ -45,19 +46,29 @@ def rotate_half_rope(q, k):
     def apply(t):
         first, second = t.chunk(2, dim=-1)
         return t * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()
+
     return apply(q), apply(k)
 
 
-@pytest.mark.parametrize("config", [
-    dict(num_kv_heads=None, prefix_length=0, causal=False, memory=True, rotary=None),
-    dict(num_kv_heads=2, prefix_length=5, causal=True, memory=False, rotary=rotate_half_rope),
-    dict(num_kv_heads=1, prefix_length=3, causal=True, memory=True, rotary=rotate_half_rope),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(num_kv_heads=None, prefix_length=0, causal=False, memory=True, rotary=None),
+        dict(num_kv_heads=2, prefix_length=5, causal=True, memory=False, rotary=rotate_half_rope),
+        dict(num_kv_heads=1, prefix_length=3, causal=True, memory=True, rotary=rotate_half_rope),
+    ],
+)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_matches_hand_written_layer(config, backend):
     torch.manual_seed(0)
-    layer = MemoryAttention(64, 4, num_kv_heads=config["num_kv_heads"], prefix_length=config["prefix_length"],
-                            causal=config["causal"], rotary=config["rotary"])
+    layer = MemoryAttention(
+        64,
+        4,
+        num_kv_heads=config["num_kv_heads"],
+        prefix_length=config["prefix_length"],
+        causal=config["causal"],
+        rotary=config["rotary"],
+    )
     x = torch.randn(2, 19, 64, requires_grad=True)
     memory = torch.randn(2, 7, 64, requires_grad=True) if config["memory"] else None
     with memops.backend(backend), count_launches() as launches:
@@ -84,8 +95,16 @@ def test_state_dict_round_trips():
     torch.manual_seed(1)
     layer = MemoryAttention(32, 2, num_kv_heads=1, prefix_length=4, bias=True)
     assert set(layer.state_dict()) == {
-        "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
-        "out_proj.weight", "out_proj.bias", "prefix_k", "prefix_v",
+        "q_proj.weight",
+        "q_proj.bias",
+        "k_proj.weight",
+        "k_proj.bias",
+        "v_proj.weight",
+        "v_proj.bias",
+        "out_proj.weight",
+        "out_proj.bias",
+        "prefix_k",
+        "prefix_v",
     }
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)

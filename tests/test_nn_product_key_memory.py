@@ -1,6 +1,7 @@
 """memops.nn.ProductKeyMemory against a plain-PyTorch XLM HashingMemory layer with the same parameters:
 forward, every parameter's gradient, the variants (norms, gated, value projection, shared tables), state
 dicts, train/eval, torch.compile and the routing statistics."""
+
 import copy
 
 import pytest
@@ -81,16 +82,26 @@ def test_train_and_eval_batchnorm(device):
         layer(x)
         assert int(layer.query_norm.num_batches_tracked) == 1
         layer.eval()
-        compare_with_xlm(layer, x)   # running statistics in eval
+        compare_with_xlm(layer, x)  # running statistics in eval
     assert int(layer.query_norm.num_batches_tracked) == 1
 
 
 def test_state_dict_round_trip(device):
     layer = make_layer(device=device, gated=True, query_norm="batchnorm")
     assert set(layer.state_dict()) == {
-        "query_proj.weight", "query_proj.bias", "query_norm.weight", "query_norm.bias", "query_norm.running_mean",
-        "query_norm.running_var", "query_norm.num_batches_tracked", "sub_keys", "values.weight",
-        "gate_proj.weight", "gate_proj.bias", "out_proj.weight", "out_proj.bias",
+        "query_proj.weight",
+        "query_proj.bias",
+        "query_norm.weight",
+        "query_norm.bias",
+        "query_norm.running_mean",
+        "query_norm.running_var",
+        "query_norm.num_batches_tracked",
+        "sub_keys",
+        "values.weight",
+        "gate_proj.weight",
+        "gate_proj.bias",
+        "out_proj.weight",
+        "out_proj.bias",
     }
     assert layer.sub_keys.shape == (2, 2, 8, 8) and layer.values.weight.shape == (64, 10)
     restored = make_layer(device=device, seed=1, gated=True, query_norm="batchnorm")
@@ -102,9 +113,9 @@ def test_state_dict_round_trip(device):
 
 def test_initialisation_follows_xlm():
     layer = ProductKeyMemory(32, 64, n_keys=64, heads=2, topk=8, key_dim=32)
-    bound = 16 ** -0.5
+    bound = 16**-0.5
     assert layer.sub_keys.abs().max() <= bound and layer.sub_keys.abs().max() > 0.9 * bound
-    assert abs(layer.values.weight.std().item() - 64 ** -0.5) < 0.01
+    assert abs(layer.values.weight.std().item() - 64**-0.5) < 0.01
 
 
 def test_shared_values_across_layers(device):
@@ -161,9 +172,17 @@ BAD_ARGS = {
     "odd_key_dim": (dict(key_dim=15), ValueError, "key_dim must be even"),
     "topk_too_large": (dict(topk=9), ValueError, r"topk must be in \[1, n_keys=8\]"),
     "unknown_norm": (dict(query_norm="rmsnorm"), ValueError, "query_norm must be one of"),
-    "shared_wrong_rows": (dict(shared_values=torch.nn.Embedding(63, 10)), ValueError, r"shared_values must have \(n_keys\*\*2=64"),
+    "shared_wrong_rows": (
+        dict(shared_values=torch.nn.Embedding(63, 10)),
+        ValueError,
+        r"shared_values must have \(n_keys\*\*2=64",
+    ),
     "shared_wrong_width": (dict(shared_values=torch.nn.Embedding(64, 10), value_dim=6), ValueError, "value_dim=6"),
-    "shared_not_a_table": (dict(shared_values=torch.zeros(64, 10)), TypeError, "shared_values must be a ProductKeyMemory"),
+    "shared_not_a_table": (
+        dict(shared_values=torch.zeros(64, 10)),
+        TypeError,
+        "shared_values must be a ProductKeyMemory",
+    ),
     "unknown_key_init": (dict(key_init="normal"), ValueError, "key_init must be one of"),
     "temperature_zero": (dict(temperature=0.0), ValueError, "temperature must be a number > 0"),
     "unknown_subtract": (dict(score_subtract="max"), ValueError, "score_subtract must be one of"),
@@ -184,8 +203,18 @@ def test_bad_arguments(case):
 def test_cuda_bf16_memory_layers_at_scale_layer():
     # Memory Layers at Scale geometry (1024^2 slots, key_dim 512, Memory+), fewer tokens.
     torch.manual_seed(0)
-    layer = ProductKeyMemory(1024, 1024, n_keys=1024, heads=4, topk=32, key_dim=512, query_norm=None, gated=True,
-                             device="cuda", dtype=torch.bfloat16)
+    layer = ProductKeyMemory(
+        1024,
+        1024,
+        n_keys=1024,
+        heads=4,
+        topk=32,
+        key_dim=512,
+        query_norm=None,
+        gated=True,
+        device="cuda",
+        dtype=torch.bfloat16,
+    )
     x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16)
     with count_launches() as launches:
         out = layer(x)
@@ -200,6 +229,7 @@ def test_cuda_bf16_memory_layers_at_scale_layer():
 # --- compatibility with the peers' layers (issue 15, point 7) ------------------------------------------------
 # Each transcription below is written from the peer's own file, named in its docstring, and run in float64 on a
 # copy of memops' parameters; the search is brute force over all n_keys**2 slots (the exact top-k).
+
 
 def brute_force_search(q, sub_keys, topk):
     """Exact top-k over all n_keys**2 slots: q (T, H, Dk), sub_keys (H, 2, n, Dk/2)."""
@@ -234,8 +264,9 @@ def xlm_rescored_memory(layer, x):
     if layer.score_normalize:
         scores = scores / scores.norm(p=1, dim=-1, keepdim=True)
     T = x.shape[0]
-    return torch.nn.functional.embedding_bag(indices.view(T, -1), layer.values.weight,
-                                             per_sample_weights=scores.reshape(T, -1), mode="sum")
+    return torch.nn.functional.embedding_bag(
+        indices.view(T, -1), layer.values.weight, per_sample_weights=scores.reshape(T, -1), mode="sum"
+    )
 
 
 XLM_RESCORING = {
@@ -270,8 +301,9 @@ def meta_gated_memory(layer, x):
     q = layer.query_proj(x).view(x.shape[0], layer.heads, layer.key_dim)
     scores, indices = brute_force_search(q, layer.sub_keys, layer.topk)
     T = x.shape[0]
-    y = torch.nn.functional.embedding_bag(indices.view(T, -1), layer.values.weight,
-                                          per_sample_weights=torch.softmax(scores, -1).view(T, -1), mode="sum")
+    y = torch.nn.functional.embedding_bag(
+        indices.view(T, -1), layer.values.weight, per_sample_weights=torch.softmax(scores, -1).view(T, -1), mode="sum"
+    )
     if layer.gated:
         y = layer.out_proj(y * torch.nn.functional.silu(layer.gate_proj(x)))
     return torch.sigmoid(layer.output_gate(x)) * y
@@ -303,9 +335,9 @@ def lucidrains_pkm(layer, x):
     (h, n, p, d). Built from memops' parameters by permuting them into that layout (no query bias there)."""
     T, H, half = x.shape[0], layer.heads, layer.key_dim // 2
     weight = layer.query_proj.weight.view(H, 2, half, -1).transpose(0, 1).reshape(2 * H * half, -1)  # (p h d)
-    queries = (x @ weight.T).view(T, 2, H, half)                                   # b t (p h d) -> p h d
+    queries = (x @ weight.T).view(T, 2, H, half)  # b t (p h d) -> p h d
     queries = torch.nn.functional.layer_norm(queries, (half,), layer.query_norm.weight, layer.query_norm.bias)
-    keys = layer.sub_keys.permute(0, 2, 1, 3)                                         # (h, n, p, d)
+    keys = layer.sub_keys.permute(0, 2, 1, 3)  # (h, n, p, d)
     dots = torch.einsum("tphd,hnpd->thpn", queries, keys)
     scores, indices = dots.topk(layer.topk, dim=-1)
     all_scores = (scores[:, :, 0, :, None] + scores[:, :, 1, None, :]).flatten(-2)
@@ -313,8 +345,9 @@ def lucidrains_pkm(layer, x):
     final, best = all_scores.topk(layer.topk, dim=-1)
     value_indices = all_indices.gather(-1, best)
     attn = final.softmax(dim=-1)
-    return torch.nn.functional.embedding_bag(value_indices.reshape(T, -1), layer.values.weight,
-                                             per_sample_weights=attn.reshape(T, -1), mode="sum")
+    return torch.nn.functional.embedding_bag(
+        value_indices.reshape(T, -1), layer.values.weight, per_sample_weights=attn.reshape(T, -1), mode="sum"
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -334,7 +367,7 @@ def test_layernorm_per_half_is_lucidrains(backend, device):
     assert (other - out).norm() / out.norm() > 0.05, "'layernorm' over the whole key_dim is a different function"
 
 
-@pytest.mark.parametrize("key_init, bound", [("xlm", 8 ** -0.5), ("meta", 16 ** -0.5)])
+@pytest.mark.parametrize("key_init, bound", [("xlm", 8**-0.5), ("meta", 16**-0.5)])
 def test_key_init(key_init, bound):
     # XLM: U(+-1/sqrt(k_dim / 2)) per half (get_uniform_keys); Meta: U(+-1/sqrt(k_dim)) (reset_parameters)
     layer = make_layer(n_keys=64, key_dim=16, key_init=key_init)
@@ -344,8 +377,21 @@ def test_key_init(key_init, bound):
 
 def test_dropouts_follow_the_peers_order(device):
     # Input, query and value dropout drawn in Meta's / XLM's order: the same seed gives the same masks.
-    layer = make_layer(input_dim=12, output_dim=12, device=device, query_norm=None, gated=True, output_gate=True,
-                       input_dropout=0.2, query_dropout=0.3, value_dropout=0.25).double().train()
+    layer = (
+        make_layer(
+            input_dim=12,
+            output_dim=12,
+            device=device,
+            query_norm=None,
+            gated=True,
+            output_gate=True,
+            input_dropout=0.2,
+            query_dropout=0.3,
+            value_dropout=0.25,
+        )
+        .double()
+        .train()
+    )
     x = torch.randn(9, 12, device=device, dtype=torch.float64)
     torch.manual_seed(11)
     out = layer(x)
@@ -354,8 +400,9 @@ def test_dropouts_follow_the_peers_order(device):
     inp = F.dropout(x, 0.2)
     q = F.dropout(layer.query_proj(inp).view(9, layer.heads, layer.key_dim), 0.3)
     scores, indices = brute_force_search(q, layer.sub_keys, layer.topk)
-    y = F.embedding_bag(indices.view(9, -1), layer.values.weight, per_sample_weights=scores.softmax(-1).view(9, -1),
-                        mode="sum")
+    y = F.embedding_bag(
+        indices.view(9, -1), layer.values.weight, per_sample_weights=scores.softmax(-1).view(9, -1), mode="sum"
+    )
     y = F.dropout(layer.out_proj(y * F.silu(layer.gate_proj(inp))), 0.25)
     torch.testing.assert_close(out, torch.sigmoid(layer.output_gate(inp)) * y, rtol=1e-9, atol=1e-12)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """memops.product_key_topk: the fused Triton search (interpreter on CPU, real on CUDA) and the reference spec,
 both against brute force over all n_keys**2 slots; gradients of queries and sub_keys; bad input; compile."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -25,7 +26,7 @@ def brute_force(queries, sub_keys, topk):
     half = sub_keys.shape[3]
     s1 = torch.einsum("...hd,hnd->...hn", queries[..., :half], sub_keys[:, 0])
     s2 = torch.einsum("...hd,hnd->...hn", queries[..., half:], sub_keys[:, 1])
-    every_slot = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)     # slot i1 * n_keys + i2
+    every_slot = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # slot i1 * n_keys + i2
     return every_slot, every_slot.topk(topk, dim=-1).values
 
 
@@ -56,7 +57,7 @@ SHAPES = {  # (T, Hm, Dk, n_keys, topk)
     "topk_is_n_keys": (9, 1, 16, 6, 6),
     "topk_1": (7, 2, 32, 11, 1),
     "half_dim_not_power_of_two": (12, 2, 24, 9, 4),
-    "several_key_blocks": (5, 1, 32, 300, 16),   # n_keys > BLOCK_N: the running top-k merges blocks
+    "several_key_blocks": (5, 1, 32, 300, 16),  # n_keys > BLOCK_N: the running top-k merges blocks
     "one_key": (3, 2, 16, 1, 1),
     "k32": (6, 1, 32, 40, 32),
 }
@@ -74,11 +75,14 @@ def test_matches_brute_force(case, device):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("dtype", [
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.cuda),  # the interpreter's bf16 dots are wrong
-    torch.float64,
-])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float16,
+        pytest.param(torch.bfloat16, marks=pytest.mark.cuda),  # the interpreter's bf16 dots are wrong
+        torch.float64,
+    ],
+)
 def test_dtypes(dtype, device):
     queries, sub_keys = make_inputs(19, 2, 32, 15, dtype, device)
     scores, indices, launches = search("triton", queries, sub_keys, 6)
@@ -135,8 +139,14 @@ def test_empty_token_dimension(device):
     assert scores.shape == indices.shape == (0, 2, 4)
 
 
-@given(T=st.integers(1, 40), heads=st.integers(1, 3), half=st.sampled_from([4, 8, 12, 16]), n_keys=st.integers(1, 40),
-       topk_fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1))
+@given(
+    T=st.integers(1, 40),
+    heads=st.integers(1, 3),
+    half=st.sampled_from([4, 8, 12, 16]),
+    n_keys=st.integers(1, 40),
+    topk_fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_property_random_shapes(T, heads, half, n_keys, topk_fraction, seed):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     queries, sub_keys = make_inputs(T, heads, 2 * half, n_keys, torch.float32, device, seed=seed)
@@ -146,6 +156,7 @@ def test_property_random_shapes(T, heads, half, n_keys, topk_fraction, seed):
 
 
 # --- gradients -------------------------------------------------------------------------------------
+
 
 def run_with_grads(backend, queries, sub_keys, topk, grad_scores=None):
     queries = queries.detach().clone().requires_grad_()
@@ -165,12 +176,15 @@ def test_gradients_match_float64_reference(dtype, values_grad_path, monkeypatch,
     monkeypatch.setattr(kernels, "pick_values_grad_algorithm", lambda values, indices: values_grad_path)
     queries, sub_keys = make_inputs(17, 2, 32, 10, dtype, device)
     indices, grad_scores, grad_queries, grad_keys, launches = run_with_grads("triton", queries, sub_keys, 5)
-    assert launches["weighted_gather_fwd_kernel"] == 1                 # dq
-    assert launches["values_grad_segment_kernel" if values_grad_path == "segment" else "weighted_gather_bwd_kernel"] == 1
+    assert launches["weighted_gather_fwd_kernel"] == 1  # dq
+    assert (
+        launches["values_grad_segment_kernel" if values_grad_path == "segment" else "weighted_gather_bwd_kernel"] == 1
+    )
     assert grad_queries.dtype == dtype and grad_keys.dtype == dtype
     # The spec's backward at the slots the kernel chose (ties could pick other slots than the reference).
-    ref_queries, ref_keys = reference.product_key_topk_backward(grad_scores.double(), queries.double(),
-                                                                sub_keys.double(), indices)
+    ref_queries, ref_keys = reference.product_key_topk_backward(
+        grad_scores.double(), queries.double(), sub_keys.double(), indices
+    )
     assert_close_to_reference(grad_queries, ref_queries, dtype, name="grad queries")
     assert_close_to_reference(grad_keys, ref_keys, dtype, name="grad sub_keys")
     selected = torch.zeros(2, 2, 10, dtype=torch.bool, device=device)
@@ -217,8 +231,9 @@ def test_fp64_gradcheck_on_triton_path(device):
     queries, sub_keys = make_inputs(5, 2, 8, 6, torch.float64, device)
     queries.requires_grad_(), sub_keys.requires_grad_()
     with memops.backend("triton"):
-        assert torch.autograd.gradcheck(lambda q, c: memops.product_key_topk(q, c, 3)[0], (queries, sub_keys),
-                                        fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda q, c: memops.product_key_topk(q, c, 3)[0], (queries, sub_keys), fast_mode=True
+        )
 
 
 def test_opcheck(device):
@@ -243,17 +258,24 @@ def test_torch_compile_fullgraph(backend, device):
 
 # --- the reference (the spec) ------------------------------------------------------------------------
 
-@given(T=st.integers(1, 6), heads=st.integers(1, 3), n_keys=st.integers(1, 12), half=st.sampled_from([1, 4, 8]),
-       topk_fraction=st.floats(0.01, 1.0), seed=st.integers(0, 2**31 - 1))
+
+@given(
+    T=st.integers(1, 6),
+    heads=st.integers(1, 3),
+    n_keys=st.integers(1, 12),
+    half=st.sampled_from([1, 4, 8]),
+    topk_fraction=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_reference_matches_brute_force(T, heads, n_keys, half, topk_fraction, seed):
     queries, sub_keys = make_inputs(T, heads, 2 * half, n_keys, torch.float64, "cpu", seed=seed)
     topk = max(1, round(topk_fraction * n_keys))
     scores, indices, launches = search("reference", queries, sub_keys, topk)
     assert sum(launches.values()) == 0
     every_slot, expected = brute_force(queries, sub_keys, topk)
-    torch.testing.assert_close(scores, expected)                            # the exact top-k scores, sorted
-    assert torch.equal(every_slot.gather(-1, indices), scores)              # indices consistent with scores
-    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()                 # no slot twice in a row
+    torch.testing.assert_close(scores, expected)  # the exact top-k scores, sorted
+    assert torch.equal(every_slot.gather(-1, indices), scores)  # indices consistent with scores
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # no slot twice in a row
 
 
 def test_reference_leading_dims_and_dtypes():
@@ -285,7 +307,9 @@ def test_reference_backward_matches_autograd():
     scores, indices = reference.product_key_topk(queries, sub_keys, 4)
     grad_scores = torch.randn_like(scores)
     scores.backward(grad_scores)
-    grad_queries, grad_keys = reference.product_key_topk_backward(grad_scores, queries.detach(), sub_keys.detach(), indices)
+    grad_queries, grad_keys = reference.product_key_topk_backward(
+        grad_scores, queries.detach(), sub_keys.detach(), indices
+    )
     torch.testing.assert_close(grad_queries, queries.grad)
     torch.testing.assert_close(grad_keys, sub_keys.grad)
 
@@ -304,7 +328,11 @@ BAD_INPUTS = {
     "topk_float": (lambda q, c, k: (q, c, 2.0), TypeError, "topk must be an int"),
     "int_queries": (lambda q, c, k: (q.long(), c, k), TypeError, "queries must be a floating-point"),
     "int_sub_keys": (lambda q, c, k: (q, c.long(), k), TypeError, "sub_keys must be a floating-point"),
-    "mixed_dtypes": (lambda q, c, k: (q, c.double(), k), TypeError, "sub_keys is torch.float64 but queries is torch.float32"),
+    "mixed_dtypes": (
+        lambda q, c, k: (q, c.double(), k),
+        TypeError,
+        "sub_keys is torch.float64 but queries is torch.float32",
+    ),
     "queries_not_tensor": (lambda q, c, k: (q.tolist(), c, k), TypeError, "queries must be a torch.Tensor"),
     "mixed_devices": (lambda q, c, k: (q, c.to("meta"), k), ValueError, "sub_keys is on meta but queries is on"),
 }
@@ -330,12 +358,16 @@ def test_triton_slot_limit_names_the_fix(device):
 
 # --- GPU acceptance: the same checks at real sizes -----------------------------------------------
 
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype, key_dim, n_keys", [
-    (torch.bfloat16, 512, 1024),   # Memory Layers at Scale
-    (torch.float32, 256, 512),     # XLM
-    (torch.float16, 256, 512),
-])
+@pytest.mark.parametrize(
+    "dtype, key_dim, n_keys",
+    [
+        (torch.bfloat16, 512, 1024),  # Memory Layers at Scale
+        (torch.float32, 256, 512),  # XLM
+        (torch.float16, 256, 512),
+    ],
+)
 def test_cuda_real_shapes(dtype, key_dim, n_keys):
     queries, sub_keys = make_inputs(1024, 4, key_dim, n_keys, dtype, "cuda")
     indices, grad_scores, grad_queries, grad_keys, launches = run_with_grads("triton", queries, sub_keys, 32)
@@ -343,8 +375,9 @@ def test_cuda_real_shapes(dtype, key_dim, n_keys):
     # The float64 reference search (itself checked against brute force) is the oracle at this size.
     expected, _ = reference.product_key_topk(queries.double(), sub_keys.double(), 32)
     assert_close_to_reference(scores, expected, dtype, name="scores")
-    ref_queries, ref_keys = reference.product_key_topk_backward(grad_scores.double(), queries.double(),
-                                                                sub_keys.double(), indices)
+    ref_queries, ref_keys = reference.product_key_topk_backward(
+        grad_scores.double(), queries.double(), sub_keys.double(), indices
+    )
     assert_close_to_reference(grad_queries, ref_queries, dtype, name="grad queries")
     assert_close_to_reference(grad_keys, ref_keys, dtype, name="grad sub_keys")
     assert (indices.sort(-1).values.diff(dim=-1) > 0).all()

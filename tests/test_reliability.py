@@ -1,5 +1,6 @@
 """Issue 16: each bad or extreme input that once gave a wrong answer, a NaN, a crash or an unclear error, on
 both backends (Triton under the interpreter on CPU). Every test here failed on the code before the fix."""
+
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ BACKENDS = ["triton", "reference"]
 
 
 # --- 1. a silently wrong kernel ------------------------------------------------------------------------------
+
 
 def test_block_route_groups_of_one_expert():
     logits = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0))
@@ -33,6 +35,7 @@ def test_block_route_groups_of_one_expert():
 
 # --- 2. log_beta = -inf (beta = 0) is legal ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_retention_is_not_nan(backend):
     log_beta = torch.tensor([[[-0.1, float("-inf"), -0.2]]], requires_grad=True)
@@ -40,13 +43,18 @@ def test_zero_retention_is_not_nan(backend):
         capacity = memops.retention_capacity(log_beta)
         loss = memops.capacity_loss(log_beta, 0.5)
         (capacity.sum() + loss).backward()
-    expected = torch.tensor([1.0, 1.0 + torch.exp(torch.tensor(-0.1)).item(), 1.0 + torch.exp(torch.tensor(-0.2)).item()])
+    expected = torch.tensor(
+        [1.0, 1.0 + torch.exp(torch.tensor(-0.1)).item(), 1.0 + torch.exp(torch.tensor(-0.2)).item()]
+    )
     torch.testing.assert_close(capacity[0, 0], expected)
     assert torch.isfinite(loss) and torch.isfinite(log_beta.grad).all()
 
     generator = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 6, 16, generator=generator), torch.randn(1, 1, 6, 16, generator=generator),
-               torch.randn(1, 1, 6, 16, generator=generator))
+    q, k, v = (
+        torch.randn(1, 2, 6, 16, generator=generator),
+        torch.randn(1, 1, 6, 16, generator=generator),
+        torch.randn(1, 1, 6, 16, generator=generator),
+    )
     lb = -torch.rand(1, 1, 6, generator=generator)
     lb[0, 0, 2] = float("-inf")
     leaves = [t.clone().requires_grad_() for t in (q, k, v, lb)]
@@ -60,6 +68,7 @@ def test_zero_retention_is_not_nan(backend):
 
 
 # --- 3. empty inputs -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("K, D", [(0, 4), (2, 0)])
@@ -90,8 +99,13 @@ def test_moe_ffn_without_slots(T, k, backend):
 def test_moe_ffn_without_experts(backend):
     with memops.backend(backend), count_launches() as launches:
         with pytest.raises(ValueError, match="at least one expert"):
-            memops.moe_ffn(torch.randn(0, 8), torch.randn(0, 6, 8), torch.randn(0, 8, 3),
-                           torch.zeros(0, 2, dtype=torch.long), torch.rand(0, 2))
+            memops.moe_ffn(
+                torch.randn(0, 8),
+                torch.randn(0, 6, 8),
+                torch.randn(0, 8, 3),
+                torch.zeros(0, 2, dtype=torch.long),
+                torch.rand(0, 2),
+            )
     assert not launches
 
 
@@ -115,8 +129,19 @@ def test_modules_on_zero_tokens(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_generate_edge_cases(backend):
     torch.manual_seed(0)
-    model = MemoryLM(MemoryLMConfig(vocab_size=16, d_model=32, n_heads=2, n_kv_heads=1, max_positions=32,
-                                    prefix_length=0, pkm_layers=(), kv_budget=8, kv_buffer=2))
+    model = MemoryLM(
+        MemoryLMConfig(
+            vocab_size=16,
+            d_model=32,
+            n_heads=2,
+            n_kv_heads=1,
+            max_positions=32,
+            prefix_length=0,
+            pkm_layers=(),
+            kv_budget=8,
+            kv_buffer=2,
+        )
+    )
     with memops.backend(backend):
         tokens, _ = model.generate(torch.zeros(0, 3, dtype=torch.long), 4)
         assert tokens.shape == (0, 7)
@@ -132,14 +157,19 @@ def test_generate_edge_cases(backend):
 
 # --- 4. caches -----------------------------------------------------------------------------------------------
 
+
 def test_retention_cache_layer_indices():
     cache = memops.RetentionKVCache(budget=4, buffer=2)
     k = torch.randn(1, 1, 3, 8)
-    cache.update(k, k, 10 ** 9, -torch.rand(1, 1, 3))          # sparse: no billion placeholders
-    assert cache.get_seq_length(10 ** 9) == 3 and cache.get_seq_length(0) == 0 and len(cache) == 10 ** 9 + 1
-    assert cache.memory_bytes() < 10 ** 4
-    for call in (lambda: cache.get_seq_length(-1), lambda: cache.positions(-1), lambda: cache.log_beta(-1),
-                 lambda: cache.update(k, k, -1, -torch.rand(1, 1, 3))):
+    cache.update(k, k, 10**9, -torch.rand(1, 1, 3))  # sparse: no billion placeholders
+    assert cache.get_seq_length(10**9) == 3 and cache.get_seq_length(0) == 0 and len(cache) == 10**9 + 1
+    assert cache.memory_bytes() < 10**4
+    for call in (
+        lambda: cache.get_seq_length(-1),
+        lambda: cache.positions(-1),
+        lambda: cache.log_beta(-1),
+        lambda: cache.update(k, k, -1, -torch.rand(1, 1, 3)),
+    ):
         with pytest.raises(IndexError, match="layer_idx must be >= 0"):
             call()
     with pytest.raises(TypeError, match="layer_idx must be an int"):
@@ -193,6 +223,7 @@ def test_caches_filled_under_inference_mode():
 
 # --- 5. accepted without error ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_looped_argument_checks(backend):
     gate = torch.full((1, 1, 3, 1), 0.5)
@@ -203,8 +234,9 @@ def test_looped_argument_checks(backend):
         with pytest.raises(ValueError, match="q must have k_new's n=3 rows"):
             memops.looped_attention(torch.randn(1, 2, 2, 16), new, new, gate)
         with pytest.raises(ValueError, match="rows must be distinct"):
-            memops.looped_kv_update(cache, cache, new[:, :, :2], new[:, :, :2], gate[:, :, :2],
-                                    rows=torch.tensor([3, 3]))
+            memops.looped_kv_update(
+                cache, cache, new[:, :, :2], new[:, :, :2], gate[:, :, :2], rows=torch.tensor([3, 3])
+            )
     assert not launches
 
 
@@ -213,17 +245,20 @@ def test_unique_experts_ids():
         memops.unique_experts(torch.tensor([[[-1, 2]]]), 2)
     with pytest.raises(TypeError, match="not bool"):
         memops.unique_experts(torch.ones(1, 2, 2, dtype=torch.bool), 2)
-    counts = memops.unique_experts(torch.tensor([[[2 ** 40, 2 ** 40], [3, 2 ** 40], [1, 1]]]), 2)
+    counts = memops.unique_experts(torch.tensor([[[2**40, 2**40], [3, 2**40], [1, 1]]]), 2)
     assert counts.tolist() == [[2, 1]]
     assert memops.unique_experts(torch.zeros(2, 3, 0, dtype=torch.long), 2).tolist() == [[0, 0], [0, 0]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(normalize="no"), TypeError, "normalize must be a bool"),
-    (dict(routed_scaling="2"), TypeError, "routed_scaling must be a number"),
-    (dict(routed_scaling=float("nan")), ValueError, "routed_scaling must be finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(normalize="no"), TypeError, "normalize must be a bool"),
+        (dict(routed_scaling="2"), TypeError, "routed_scaling must be a number"),
+        (dict(routed_scaling=float("nan")), ValueError, "routed_scaling must be finite"),
+    ],
+)
 def test_block_route_scalar_types(kwargs, error, message, backend):
     with memops.backend(backend), count_launches() as launches:
         with pytest.raises(error, match=message):
@@ -232,12 +267,14 @@ def test_block_route_scalar_types(kwargs, error, message, backend):
 
 
 def test_module_and_config_sizes():
-    for make, message in [(lambda: MemoryAttention(32, 2, head_dim=0), "head_dim must be >= 1"),
-                          (lambda: MemoryAttention(32, 2, num_kv_heads=0), "num_kv_heads must be >= 1"),
-                          (lambda: MemoryAttention(2, 4), "leaves head_dim 0"),
-                          (lambda: ProductKeyMemory(8, 8, heads=0), "heads must be >= 1"),
-                          (lambda: BlockMoE(8, 4, 4, 5), "top_k=5 exceeds n_experts=4"),
-                          (lambda: MemoryLMConfig(moe_experts=2, moe_top_k=3).validate(), "moe_top_k=3 must not exceed")]:
+    for make, message in [
+        (lambda: MemoryAttention(32, 2, head_dim=0), "head_dim must be >= 1"),
+        (lambda: MemoryAttention(32, 2, num_kv_heads=0), "num_kv_heads must be >= 1"),
+        (lambda: MemoryAttention(2, 4), "leaves head_dim 0"),
+        (lambda: ProductKeyMemory(8, 8, heads=0), "heads must be >= 1"),
+        (lambda: BlockMoE(8, 4, 4, 5), "top_k=5 exceeds n_experts=4"),
+        (lambda: MemoryLMConfig(moe_experts=2, moe_top_k=3).validate(), "moe_top_k=3 must not exceed"),
+    ]:
         with pytest.raises(ValueError, match=message):
             make()
     with pytest.raises(ValueError, match="budget must be a number >= 0"):
@@ -246,18 +283,21 @@ def test_module_and_config_sizes():
 
 # --- 6. clear errors from the modules ------------------------------------------------------------------------------
 
+
 def test_module_input_errors():
     attention, moe, gate = MemoryAttention(32, 2), BlockMoE(16, 8, 8, 2, min_experts=2), RetentionGate(16, 2, hidden=8)
     pkm = ProductKeyMemory(12, 10, n_keys=8, heads=2, topk=4, key_dim=16)
-    cases = [(lambda: attention(torch.randn(1, 4, 31)), ValueError, "x must have 32 features"),
-             (lambda: attention(torch.randn(1, 4, 32, dtype=torch.float64)), TypeError, "x is torch.float64"),
-             (lambda: attention(torch.randn(4, 32)), ValueError, "x must have 3 dims"),
-             (lambda: attention(torch.randn(1, 4, 32), torch.randn(2, 3, 32)), ValueError, "memory must be"),
-             (lambda: moe(torch.randn(4, 16)), ValueError, "x must have 3 dims"),
-             (lambda: moe(torch.randn(1, 4, 15)), ValueError, "x must have 16 features"),
-             (lambda: gate(torch.randn(1, 4, 15)), ValueError, "x must have 16 features"),
-             (lambda: pkm(torch.randn(3, 11)), ValueError, "x must have 12 features"),
-             (lambda: pkm(torch.zeros(3, 12, dtype=torch.long)), TypeError, "x must be floating point")]
+    cases = [
+        (lambda: attention(torch.randn(1, 4, 31)), ValueError, "x must have 32 features"),
+        (lambda: attention(torch.randn(1, 4, 32, dtype=torch.float64)), TypeError, "x is torch.float64"),
+        (lambda: attention(torch.randn(4, 32)), ValueError, "x must have 3 dims"),
+        (lambda: attention(torch.randn(1, 4, 32), torch.randn(2, 3, 32)), ValueError, "memory must be"),
+        (lambda: moe(torch.randn(4, 16)), ValueError, "x must have 3 dims"),
+        (lambda: moe(torch.randn(1, 4, 15)), ValueError, "x must have 16 features"),
+        (lambda: gate(torch.randn(1, 4, 15)), ValueError, "x must have 16 features"),
+        (lambda: pkm(torch.randn(3, 11)), ValueError, "x must have 12 features"),
+        (lambda: pkm(torch.zeros(3, 12, dtype=torch.long)), TypeError, "x must be floating point"),
+    ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
@@ -265,12 +305,13 @@ def test_module_input_errors():
 
 # --- 7. the backends agree on inf ------------------------------------------------------------------------------------
 
+
 def test_backends_agree_on_inf():
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 3, 16, generator=generator)
     q[..., 0] = 1.0
     k, v = torch.randn(1, 1, 3, 16, generator=generator), torch.randn(1, 1, 3, 16, generator=generator)
-    k[0, 0, 1, 0] = float("inf")                      # a +inf logit for every query
+    k[0, 0, 1, 0] = float("inf")  # a +inf logit for every query
     cache, new = torch.randn(1, 1, 4, 16, generator=generator), torch.full((1, 1, 2, 16), float("inf"))
     logits = torch.randn(1, 4, 8, dtype=torch.float64, generator=generator)
     results = {}
@@ -280,7 +321,7 @@ def test_backends_agree_on_inf():
             k_out, _ = memops.looped_kv_update(cache, cache, new, new, torch.full((1, 1, 2, 1), 0.25), rows=slice(2, 4))
             _, weights, _ = memops.block_route(logits, block_size=4, top_k=2, min_experts=2)
             results[backend] = (lse, k_out, weights)
-    for (a, b) in zip(results["triton"], results["reference"]):
+    for a, b in zip(results["triton"], results["reference"]):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, equal_nan=True)
     assert torch.isposinf(results["triton"][0]).all() and torch.isposinf(results["triton"][1][:, :, 2:]).all()
@@ -288,6 +329,7 @@ def test_backends_agree_on_inf():
 
 
 # --- 8. meta tensors and FakeTensor tracing ------------------------------------------------------------------------
+
 
 def test_retention_ops_on_meta_and_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode

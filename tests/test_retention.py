@@ -1,6 +1,7 @@
 """TRIM-KV: memops.retention_attention, retention_capacity / capacity_loss, RetentionGate and RetentionKVCache.
 Triton kernels (interpreter on CPU, compiled on CUDA) against float64 references; the cache against a
 plain-Python model of its contract on random streams of appends."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,12 @@ import memops
 from memops import reference
 from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches
 
-ATTENTION_KERNELS = ("memory_attention_fwd_kernel", "memory_attention_delta_kernel", "memory_attention_dq_kernel",
-                     "memory_attention_dkdv_kernel")
+ATTENTION_KERNELS = (
+    "memory_attention_fwd_kernel",
+    "memory_attention_delta_kernel",
+    "memory_attention_dq_kernel",
+    "memory_attention_dkdv_kernel",
+)
 
 
 def make_attention_inputs(B, H, Hkv, N, Nk, D, dtype, device, *, seed=0, decay=0.3):
@@ -21,7 +26,7 @@ def make_attention_inputs(B, H, Hkv, N, Nk, D, dtype, device, *, seed=0, decay=0
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device=device).to(dtype)
 
-    log_beta = -decay * torch.rand(B, Hkv, Nk, generator=generator, device=device)   # fp32 beside 16-bit q
+    log_beta = -decay * torch.rand(B, Hkv, Nk, generator=generator, device=device)  # fp32 beside 16-bit q
     log_beta = log_beta.to(torch.promote_types(dtype, torch.float32))
     return {"q": randn(B, H, N, D), "k": randn(B, Hkv, Nk, D), "v": randn(B, Hkv, Nk, D), "log_beta": log_beta}
 
@@ -30,7 +35,9 @@ def with_memory(inputs, M, *, shared, seed=7):
     generator = torch.Generator(device=inputs["k"].device).manual_seed(seed)
     B, Hkv, _, D = inputs["k"].shape
     shape = (Hkv, M, D) if shared else (B, Hkv, M, D)
-    memory = [torch.randn(*shape, generator=generator, device=inputs["k"].device).to(inputs["k"].dtype) for _ in range(2)]
+    memory = [
+        torch.randn(*shape, generator=generator, device=inputs["k"].device).to(inputs["k"].dtype) for _ in range(2)
+    ]
     return {**inputs, "mem_k": memory[0], "mem_v": memory[1]}
 
 
@@ -51,7 +58,8 @@ def check_attention(inputs, dtype):
     assert all(launches[name] == 1 for name in ATTENTION_KERNELS), dict(launches)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     ref_out, ref_lse, ref_grads, _ = run_attention(
-        "reference", {name: t.double() for name, t in inputs.items()}, grad_out.double(), grad_lse.double())
+        "reference", {name: t.double() for name, t in inputs.items()}, grad_out.double(), grad_lse.double()
+    )
     visible = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), visible), "rows with no visible key must have lse -inf"
     assert_close_to_reference(out, ref_out, dtype, name="out")
@@ -63,7 +71,7 @@ def check_attention(inputs, dtype):
 ATTENTION_CASES = {  # B, H, Hkv, N, Nk, D
     "square": (2, 2, 2, 37, 37, 32),
     "gqa": (1, 4, 2, 33, 33, 16),
-    "chunked_prefill": (2, 2, 1, 20, 53, 32),    # N < Nk: queries at the end of a longer key sequence
+    "chunked_prefill": (2, 2, 1, 20, 53, 32),  # N < Nk: queries at the end of a longer key sequence
     "queries_before_keys": (1, 2, 2, 40, 25, 16),  # N > Nk: the first 15 queries see nothing
     "decode": (2, 4, 2, 1, 45, 64),
 }
@@ -112,7 +120,9 @@ def test_strong_decay_attends_to_the_newest_key(device):
     # beta -> 0: every key but the query's own position is decayed away.
     inputs = make_attention_inputs(1, 2, 2, 6, 6, 16, torch.float32, device)
     with memops.backend("triton"):
-        out = memops.retention_attention(inputs["q"], inputs["k"], inputs["v"], torch.full_like(inputs["log_beta"], -200.0))
+        out = memops.retention_attention(
+            inputs["q"], inputs["k"], inputs["v"], torch.full_like(inputs["log_beta"], -200.0)
+        )
     torch.testing.assert_close(out, inputs["v"], rtol=1e-5, atol=1e-5)
 
 
@@ -120,8 +130,9 @@ def test_retention_attention_gradcheck_fp64(device):
     inputs = make_attention_inputs(1, 2, 1, 5, 7, 16, torch.float64, device)
     leaves = [inputs[name].requires_grad_() for name in ("q", "k", "v", "log_beta")]
     with memops.backend("triton"):
-        assert torch.autograd.gradcheck(lambda q, k, v, lb: memops.retention_attention(q, k, v, lb), leaves,
-                                        fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda q, k, v, lb: memops.retention_attention(q, k, v, lb), leaves, fast_mode=True
+        )
 
 
 def test_retention_attention_opcheck(device):
@@ -141,11 +152,13 @@ def test_retention_attention_compile(backend, device):
     def loss(q, k, v, lb):
         return memops.retention_attention(q, k, v, lb, check_log_beta=False).square().sum()
 
-    check_compiled_grads(loss, list(inputs.values()), backend=backend, device=device,
-                         kernel="memory_attention_fwd_kernel")
+    check_compiled_grads(
+        loss, list(inputs.values()), backend=backend, device=device, kernel="memory_attention_fwd_kernel"
+    )
 
 
 # --- capacity ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("shape", [(2, 3, 37), (1, 1, 300), (1, 2, 1), (3, 65)])
@@ -200,12 +213,14 @@ def test_capacity_loss(device):
 def test_capacity_opcheck(device):
     log_beta = (-torch.rand(2, 13, device=device)).requires_grad_()
     torch.library.opcheck(torch.ops.memops.retention_capacity.default, (log_beta, None, None))
-    starts, ends, _ = memops.retention.documents("test", 13, 2, None, torch.tensor([0, 4, 4, 13], device=device),
-                                                 log_beta.device)
+    starts, ends, _ = memops.retention.documents(
+        "test", 13, 2, None, torch.tensor([0, 4, 4, 13], device=device), log_beta.device
+    )
     torch.library.opcheck(torch.ops.memops.retention_capacity.default, (log_beta, starts, ends))
 
 
 # --- bad input -----------------------------------------------------------------------------------------
+
 
 def _attention_args(device):
     inputs = make_attention_inputs(1, 2, 1, 5, 5, 16, torch.float32, device)
@@ -216,8 +231,11 @@ BAD_ATTENTION = {
     "positive_log_beta": (lambda q, k, v, lb: (q, k, v, lb + 1.0), ValueError, "log_beta must be <= 0"),
     "log_beta_shape": (lambda q, k, v, lb: (q, k, v, lb[..., :-1]), ValueError, r"log_beta must be \(B, Hkv, Nk\)"),
     "log_beta_int": (lambda q, k, v, lb: (q, k, v, lb.long()), TypeError, "log_beta must be floating point"),
-    "heads": (lambda q, k, v, lb: (q[:, :1], k.expand(-1, 2, -1, -1)[:, :2], v.expand(-1, 2, -1, -1), lb.expand(-1, 2, -1)),
-              ValueError, "retention_attention: q's 1 heads must be a multiple"),
+    "heads": (
+        lambda q, k, v, lb: (q[:, :1], k.expand(-1, 2, -1, -1)[:, :2], v.expand(-1, 2, -1, -1), lb.expand(-1, 2, -1)),
+        ValueError,
+        "retention_attention: q's 1 heads must be a multiple",
+    ),
     "head_dim": (lambda q, k, v, lb: (q, k[..., :8], v, lb), ValueError, "retention_attention: k must be"),
     "dtype": (lambda q, k, v, lb: (q, k.double(), v, lb), TypeError, "retention_attention: k must have q's dtype"),
     "log_beta_device": (lambda q, k, v, lb: (q, k, v, lb.to("meta")), ValueError, "log_beta is on meta"),
@@ -240,7 +258,7 @@ def test_nan_log_beta_propagates(device):
     with memops.backend("triton"):
         out = memops.retention_attention(q, k, v, lb)
         capacity = memops.retention_capacity(lb)
-    assert out[0, :, 2:].isnan().all() and not out[0, :, :2].isnan().any()   # queries that see key 2
+    assert out[0, :, 2:].isnan().all() and not out[0, :, :2].isnan().any()  # queries that see key 2
     assert capacity[0, 0, 2:].isnan().all() and not capacity[0, 0, :2].isnan().any()
 
 
@@ -255,6 +273,7 @@ def test_bad_capacity_input(device):
 
 # --- gate ------------------------------------------------------------------------------------------------
 
+
 def test_retention_gate():
     gate = memops.nn.RetentionGate(16, 3, hidden=8, bias_init=8.0)
     x = torch.randn(2, 5, 16)
@@ -267,6 +286,7 @@ def test_retention_gate():
 
 
 # --- the cache ---------------------------------------------------------------------------------------
+
 
 class CacheModel:
     """The cache's contract in plain Python: per (b, h) a list of (position, log_beta, key, value)."""
@@ -283,8 +303,13 @@ class CacheModel:
             for h in range(H):
                 self.rows[b][h] += [(self.position + i, log_beta[b, h, i], k[b, h, i], v[b, h, i]) for i in range(n)]
         self.position += n
-        returned = [[(torch.stack([r[2] for r in self.rows[b][h]]), torch.stack([r[3] for r in self.rows[b][h]]))
-                     for h in range(H)] for b in range(B)]
+        returned = [
+            [
+                (torch.stack([r[2] for r in self.rows[b][h]]), torch.stack([r[3] for r in self.rows[b][h]]))
+                for h in range(H)
+            ]
+            for b in range(B)
+        ]
         length = len(self.rows[0][0])
         if length >= self.budget + self.buffer and length > self.budget:
             self.compactions += 1
@@ -296,7 +321,7 @@ class CacheModel:
                     # score in fp32 as the spec; larger first, then the older row
                     score = [float(r[1].float() * float(at - r[0])) for r in row]
                     ranked = sorted(range(len(row)), key=lambda j: (-score[j], j))
-                    self.rows[b][h] = [row[j] for j in sorted(ranked[:self.budget])]
+                    self.rows[b][h] = [row[j] for j in sorted(ranked[: self.budget])]
         return returned
 
 
@@ -326,10 +351,11 @@ def run_stream(backend, chunks, budget, buffer, *, B=2, H=2, D=8, seed=0, device
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_cache_matches_model(backend, score, device):
     chunks = [4, 1, 1, 1, 1, 7, 1, 1, 2, 1, 1, 1, 12, 1]
-    cache, model = run_stream(backend, chunks, budget=5, buffer=3, device=device if backend == "triton" else "cpu",
-                              score=score)
+    cache, model = run_stream(
+        backend, chunks, budget=5, buffer=3, device=device if backend == "triton" else "cpu", score=score
+    )
     assert model.compactions >= 4
-    assert cache.get_seq_length(0) == 0 and len(cache) == 2   # layer 0 never updated
+    assert cache.get_seq_length(0) == 0 and len(cache) == 2  # layer 0 never updated
 
 
 def test_cache_kernels_launch(device):
@@ -338,8 +364,13 @@ def test_cache_kernels_launch(device):
     assert launches["retention_select_kernel"] == 2 and launches["cache_gather_kernel"] == 8
 
 
-@given(chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8), budget=st.integers(1, 8), buffer=st.integers(0, 5),
-       seed=st.integers(0, 2**31 - 1), backend=st.sampled_from(["reference", "triton"]))
+@given(
+    chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8),
+    budget=st.integers(1, 8),
+    buffer=st.integers(0, 5),
+    seed=st.integers(0, 2**31 - 1),
+    backend=st.sampled_from(["reference", "triton"]),
+)
 def test_cache_property(chunks, budget, buffer, seed, backend):
     device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
     run_stream(backend, chunks, budget, buffer, B=1, H=2, D=4, seed=seed, device=device)
@@ -390,8 +421,9 @@ def test_cache_bad_input(case):
         cache.update(keys, values, 0, log_beta)
 
 
-@pytest.mark.parametrize("kwargs, message", [(dict(budget=0), "budget must be >= 1"),
-                                             (dict(budget=4, buffer=-1), "buffer must be >= 0")])
+@pytest.mark.parametrize(
+    "kwargs, message", [(dict(budget=0), "budget must be >= 1"), (dict(budget=4, buffer=-1), "buffer must be >= 0")]
+)
 def test_cache_bad_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         memops.RetentionKVCache(**kwargs)
@@ -403,7 +435,7 @@ def test_cache_nan_log_beta_is_an_error(device):
     log_beta = -torch.rand(1, 1, 2, device=device)
     log_beta[0, 0, 1] = float("nan")
     with memops.backend("triton"), count_launches() as launches:
-        with pytest.raises(ValueError, match="log_beta has NaN"):   # rejected before it joins the cache
+        with pytest.raises(ValueError, match="log_beta has NaN"):  # rejected before it joins the cache
             cache.update(k, k, 0, log_beta)
         assert cache.get_seq_length(0) == 0
         cache.update(k, k, 0, -torch.rand(1, 1, 2, device=device))
@@ -411,6 +443,7 @@ def test_cache_nan_log_beta_is_an_error(device):
 
 
 # --- GPU acceptance --------------------------------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -454,7 +487,7 @@ def test_eviction_matches_official_trimkv(backend, device):
                 cache.update(k.to(device), k.to(device), 0, log_beta.to(device))
             agree[score] += torch.equal(cache.positions(0).cpu(), expected)
     assert agree["official"] == trials, agree
-    assert agree["next_query"] < trials, agree   # the two rules really differ on these inputs
+    assert agree["next_query"] < trials, agree  # the two rules really differ on these inputs
 
 
 class OfficialRetentionGate(torch.nn.Module):
@@ -474,7 +507,7 @@ class OfficialRetentionGate(torch.nn.Module):
         self.bias.data.fill_(bias_init)
 
     def forward(self, x):
-        return F.logsigmoid(self.linear2(self.act(self.linear1(x))) + self.bias)   # (B, S, H)
+        return F.logsigmoid(self.linear2(self.act(self.linear1(x))) + self.bias)  # (B, S, H)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
@@ -490,7 +523,7 @@ def test_retention_gate_matches_the_official_gate(activation):
     x = torch.randn(2, 7, 64)
     torch.testing.assert_close(gate(x), official(x).transpose(1, 2), rtol=0, atol=1e-6)
     torch_init = memops.nn.RetentionGate(64, 4, hidden=512, init="torch")
-    assert torch_init.up.weight.abs().max() > 0.05   # nn.Linear's U(±1/sqrt(64)), not N(0, 0.02)
+    assert torch_init.up.weight.abs().max() > 0.05  # nn.Linear's U(±1/sqrt(64)), not N(0, 0.02)
     with pytest.raises(ValueError, match="init must be"):
         memops.nn.RetentionGate(64, 4, init="xavier")
     with pytest.raises(ValueError, match="activation must be one of"):
@@ -525,7 +558,9 @@ def official_capacity_loss(log_beta, position_ids, memory_size, *, global_capaci
         positions = position_ids[b].double()
         if global_capacity:
             factor = L * Hkv
-            excess = (capacity.sum((0, 1)) - memory_size * factor) / torch.clamp(positions * factor - memory_size * factor, min=1)
+            excess = (capacity.sum((0, 1)) - memory_size * factor) / torch.clamp(
+                positions * factor - memory_size * factor, min=1
+            )
         else:
             excess = (capacity - memory_size) / torch.clamp(positions - memory_size, min=1)
         hinge.append(torch.relu(excess).flatten())
@@ -545,8 +580,9 @@ def test_capacity_loss_matches_the_official_formula(backend, global_capacity, de
     with memops.backend(backend):
         loss = memops.capacity_loss(log_beta, 4, global_capacity=global_capacity, position_ids=position_ids)
         # the per-layer list is the stacked tensor, and num_layers checks it
-        listed = memops.capacity_loss(list(log_beta.unbind(1)), 4, global_capacity=global_capacity,
-                                      num_layers=L, position_ids=position_ids)
+        listed = memops.capacity_loss(
+            list(log_beta.unbind(1)), 4, global_capacity=global_capacity, num_layers=L, position_ids=position_ids
+        )
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(listed, loss)
     if global_capacity:  # the per-head loss is a different number on the same input
@@ -564,8 +600,9 @@ def test_capacity_per_document_is_capacity_of_each_document(documents, device):
     if documents == "position_ids":
         kwargs = {"position_ids": packed_position_ids([lengths, lengths], device)}
     else:
-        kwargs = {"cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                                             device=device)}
+        kwargs = {
+            "cu_seqlens": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        }
     grad = torch.randn(log_beta.shape, generator=generator, device=device)
     with memops.backend("triton"), count_launches() as launches:
         capacity = memops.retention_capacity(log_beta, **kwargs)
@@ -576,8 +613,9 @@ def test_capacity_per_document_is_capacity_of_each_document(documents, device):
     expected = torch.cat([reference.retention_capacity(p) for p in pieces], dim=-1)
     expected.backward(grad.double())
     assert_close_to_reference(capacity, expected, torch.float32, name="capacity")
-    assert_close_to_reference(log_beta.grad, torch.cat([p.grad for p in pieces], -1), torch.float32,
-                              name="grad log_beta")
+    assert_close_to_reference(
+        log_beta.grad, torch.cat([p.grad for p in pieces], -1), torch.float32, name="grad log_beta"
+    )
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -600,16 +638,25 @@ def test_retention_attention_per_document(memory, device):
         offset = 0
         for n in lengths:
             rows = slice(offset, offset + n)
-            piece = {name: t.detach()[b:b + 1, :, rows].double().requires_grad_() for name, t in inputs.items()
-                     if name not in ("mem_k", "mem_v")}
-            piece |= {name: inputs[name].detach().double().requires_grad_() for name in ("mem_k", "mem_v")
-                      if name in inputs}
+            piece = {
+                name: t.detach()[b : b + 1, :, rows].double().requires_grad_()
+                for name, t in inputs.items()
+                if name not in ("mem_k", "mem_v")
+            }
+            piece |= {
+                name: inputs[name].detach().double().requires_grad_() for name in ("mem_k", "mem_v") if name in inputs
+            }
             expected = reference.retention_attention(**piece)
-            expected.backward(grad_out[b:b + 1, :, rows].double())
-            assert_close_to_reference(out[b:b + 1, :, rows], expected, torch.float32, name=f"out doc {b}/{offset}")
+            expected.backward(grad_out[b : b + 1, :, rows].double())
+            assert_close_to_reference(out[b : b + 1, :, rows], expected, torch.float32, name=f"out doc {b}/{offset}")
             for name in ("q", "k", "v", "log_beta"):
-                assert_close_to_reference(leaves[name].grad[b:b + 1, :, rows], piece[name].grad, torch.float32,
-                                          name=f"grad {name} doc {b}/{offset}", scale=2.0)
+                assert_close_to_reference(
+                    leaves[name].grad[b : b + 1, :, rows],
+                    piece[name].grad,
+                    torch.float32,
+                    name=f"grad {name} doc {b}/{offset}",
+                    scale=2.0,
+                )
             offset += n
     if memory:  # the memory grad is the sum over every document of every row
         expected = 0
@@ -618,8 +665,8 @@ def test_retention_attention_per_document(memory, device):
             for n in lengths:
                 rows = slice(offset, offset + n)
                 mem = {name: inputs[name].detach().double().requires_grad_() for name in ("mem_k", "mem_v")}
-                piece = {name: inputs[name][b:b + 1, :, rows].double() for name in ("q", "k", "v", "log_beta")}
-                reference.retention_attention(**piece, **mem).backward(grad_out[b:b + 1, :, rows].double())
+                piece = {name: inputs[name][b : b + 1, :, rows].double() for name in ("q", "k", "v", "log_beta")}
+                reference.retention_attention(**piece, **mem).backward(grad_out[b : b + 1, :, rows].double())
                 expected = expected + mem["mem_k"].grad
                 offset += n
         assert_close_to_reference(leaves["mem_k"].grad, expected, torch.float32, name="grad mem_k", scale=2.0)
@@ -643,8 +690,10 @@ def test_retention_attention_documents_with_fewer_queries(device):
     for name in leaves:
         assert_close_to_reference(leaves[name].grad, doubles[name].grad, torch.float32, name=f"grad {name}", scale=2.0)
     # the same documents through position_ids
-    same = reference.retention_attention(**{n: t.detach().double() for n, t in inputs.items()},
-                                         position_ids=packed_position_ids([[33, 31, 1, 65, 40]], device))
+    same = reference.retention_attention(
+        **{n: t.detach().double() for n, t in inputs.items()},
+        position_ids=packed_position_ids([[33, 31, 1, 65, 40]], device),
+    )
     torch.testing.assert_close(same, ref_out.detach())
 
 
@@ -654,16 +703,21 @@ def test_retention_documents_compile(device):
 
     def loss(q, k, v, lb):
         out = memops.retention_attention(q, k, v, lb, check_log_beta=False, position_ids=position_ids)
-        return out.square().sum() + memops.capacity_loss(lb, 4, global_capacity=True, position_ids=position_ids,
-                                                         check_log_beta=False)
+        return out.square().sum() + memops.capacity_loss(
+            lb, 4, global_capacity=True, position_ids=position_ids, check_log_beta=False
+        )
 
-    check_compiled_grads(loss, list(inputs.values()), backend="triton", device=device,
-                         kernel="retention_capacity_fwd_kernel")
+    check_compiled_grads(
+        loss, list(inputs.values()), backend="triton", device=device, kernel="retention_capacity_fwd_kernel"
+    )
 
 
 BAD_DOCUMENTS = {
-    "both": (dict(position_ids=torch.zeros(1, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 6])),
-             ValueError, "position_ids or cu_seqlens, not both"),
+    "both": (
+        dict(position_ids=torch.zeros(1, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 6])),
+        ValueError,
+        "position_ids or cu_seqlens, not both",
+    ),
     "float position_ids": (dict(position_ids=torch.zeros(1, 6)), TypeError, "position_ids must be an integer"),
     "bool position_ids": (dict(position_ids=torch.zeros(1, 6, dtype=torch.bool)), TypeError, "integer tensor"),
     "position_ids shape": (dict(position_ids=torch.zeros(2, 5, dtype=torch.long)), ValueError, "position_ids must be"),
@@ -680,12 +734,13 @@ BAD_DOCUMENTS = {
 @pytest.mark.parametrize("case", sorted(BAD_DOCUMENTS))
 def test_bad_documents(case, backend):
     kwargs, error, message = BAD_DOCUMENTS[case]
-    q, k, v, lb = (torch.randn(1, 2, 6, 16), torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16),
-                   -torch.rand(1, 1, 6))
+    q, k, v, lb = (torch.randn(1, 2, 6, 16), torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16), -torch.rand(1, 1, 6))
     with memops.backend(backend), count_launches() as launches:
-        for call in (lambda: memops.retention_attention(q, k, v, lb, **kwargs),
-                     lambda: memops.retention_capacity(lb, **kwargs),
-                     lambda: memops.capacity_loss(lb, 2, **kwargs)):
+        for call in (
+            lambda: memops.retention_attention(q, k, v, lb, **kwargs),
+            lambda: memops.retention_capacity(lb, **kwargs),
+            lambda: memops.capacity_loss(lb, 2, **kwargs),
+        ):
             with pytest.raises(error, match=message):
                 call()
     assert not launches, "bad input must be rejected before any kernel launches"

@@ -1,5 +1,6 @@
 """memops.weighted_gather: the Triton kernels (interpreter on CPU, real on CUDA) against the float64
 reference, gradients of every differentiable input, the deterministic mode, bad inputs, compile."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,7 +146,7 @@ def test_deterministic_hot_rows_are_cut_into_chunks(dtype, monkeypatch, device):
     # summed in order by a second pass. Still exact to the reference and bit-identical between runs.
     monkeypatch.setattr(kernels, "SEGMENT_CHUNK", 3)
     values, indices, weights = make_inputs(16, 6, 30, 40, dtype, device)
-    indices[:, :3] = torch.tensor([2, 2, 7], device=device)   # rows 2 and 7: 32 and 16 picks, several chunks
+    indices[:, :3] = torch.tensor([2, 2, 7], device=device)  # rows 2 and 7: 32 and 16 picks, several chunks
     grad_out = torch.randn(16, 40, device=device).to(dtype)
     first = run_with_grads("triton", values, indices, weights, grad_out)
     second = run_with_grads("triton", values, indices, weights, grad_out)
@@ -160,8 +161,8 @@ def test_non_contiguous_inputs(device):
     values, indices, weights = make_inputs(10, 6, 30, 128, torch.float32, device)
     wide = torch.randn(30, 300, device=device)
     wide[:, 100:228] = values
-    values = wide[:, 100:228]                   # row stride 300, unit column stride: used in place
-    indices = indices.t().contiguous().t()      # transposed storage
+    values = wide[:, 100:228]  # row stride 300, unit column stride: used in place
+    indices = indices.t().contiguous().t()  # transposed storage
     weights = weights.t().contiguous().t()
     assert not values.is_contiguous() and not indices.is_contiguous() and not weights.is_contiguous()
     check_against_float64(values, indices, weights, dtype=torch.float32)
@@ -234,10 +235,17 @@ def test_torch_compile_fullgraph(backend, device):
 
 
 @given(
-    T=st.integers(1, 9), K=st.integers(1, 9), S=st.integers(1, 40), D=st.integers(1, 70),
-    dtype=st.sampled_from([torch.float32, torch.float16]), index_dtype=st.sampled_from([torch.int32, torch.int64]),
-    picked=st.sampled_from(["atomic", "segment"]), long_segment=st.sampled_from([0, 3, kernels.LONG_SEGMENT]),
-    chunk=st.sampled_from([1, 2, kernels.SEGMENT_CHUNK]), deterministic_mode=st.booleans(), seed=st.integers(0, 2**31 - 1),
+    T=st.integers(1, 9),
+    K=st.integers(1, 9),
+    S=st.integers(1, 40),
+    D=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    index_dtype=st.sampled_from([torch.int32, torch.int64]),
+    picked=st.sampled_from(["atomic", "segment"]),
+    long_segment=st.sampled_from([0, 3, kernels.LONG_SEGMENT]),
+    chunk=st.sampled_from([1, 2, kernels.SEGMENT_CHUNK]),
+    deterministic_mode=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_property_random_shapes(T, K, S, D, dtype, index_dtype, picked, long_segment, chunk, deterministic_mode, seed):
     # The picker's choice and the hot-row threshold are drawn too: a picked segment path with a row
@@ -245,8 +253,12 @@ def test_property_random_shapes(T, K, S, D, dtype, index_dtype, picked, long_seg
     device = "cuda" if torch.cuda.is_available() else "cpu"
     values, indices, weights = make_inputs(T, K, S, D, dtype, device, index_dtype=index_dtype, seed=seed)
     longest = int(torch.unique(indices, return_counts=True)[1].max())
-    saved = (torch.are_deterministic_algorithms_enabled(), kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm,
-             kernels.SEGMENT_CHUNK)
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        kernels.LONG_SEGMENT,
+        kernels.pick_values_grad_algorithm,
+        kernels.SEGMENT_CHUNK,
+    )
     torch.use_deterministic_algorithms(deterministic_mode)
     kernels.LONG_SEGMENT, kernels.pick_values_grad_algorithm = long_segment, lambda values, indices: picked
     kernels.SEGMENT_CHUNK = chunk
@@ -288,7 +300,11 @@ BAD_INPUTS = {
     "k_mismatch": (lambda v, i, w: (v, i, w[:, :-1]), ValueError, "weights must have the shape of indices"),
     "t_mismatch": (lambda v, i, w: (v, i, w[:-1]), ValueError, "weights must have the shape of indices"),
     "int_weights": (lambda v, i, w: (v, i, w.long()), TypeError, "weights must be a floating-point"),
-    "index_too_large": (lambda v, i, w: (v, torch.full_like(i, v.shape[0]), w), IndexError, r"indices must lie in \[0, 16\)"),
+    "index_too_large": (
+        lambda v, i, w: (v, torch.full_like(i, v.shape[0]), w),
+        IndexError,
+        r"indices must lie in \[0, 16\)",
+    ),
     "negative_index": (lambda v, i, w: (v, i - 100, w), IndexError, r"indices must lie in \[0, 16\)"),
     "indices_not_tensor": (lambda v, i, w: (v, i.tolist(), w), TypeError, "indices must be a torch.Tensor"),
 }
@@ -331,8 +347,11 @@ def test_unchecked_indices_skip_the_range_check(device):
 
 # --- GPU acceptance: the same checks at real sizes -------------------------------------------
 
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype, D", [(torch.float32, 1024), (torch.float16, 1024), (torch.bfloat16, 1024), (torch.bfloat16, 4096)])
+@pytest.mark.parametrize(
+    "dtype, D", [(torch.float32, 1024), (torch.float16, 1024), (torch.bfloat16, 1024), (torch.bfloat16, 4096)]
+)
 def test_cuda_memory_layers_at_scale_shapes(dtype, D, values_grad_path):
     # Memory Layers at Scale: 4 heads x top-32 = K 128 from 2**20 rows (T smaller than 4096 keeps it quick).
     values, indices, weights = make_inputs(1024, 128, 1 << 20, D, dtype, "cuda")
@@ -353,11 +372,14 @@ def test_cuda_deterministic_bit_identical_at_scale():
     assert relative_error(first[1], ref_gv) < 1e-2
 
 
-@pytest.mark.parametrize("dtype, hot_row, expected", [
-    (torch.float32, False, "atomic"),    # fp32 tables: atomics write the grad in place
-    (torch.float16, False, "segment"),   # 16-bit tables: no fp32 buffer and cast
-    (torch.float16, True, "atomic"),     # a row chosen more than LONG_SEGMENT times: atomics after all
-])
+@pytest.mark.parametrize(
+    "dtype, hot_row, expected",
+    [
+        (torch.float32, False, "atomic"),  # fp32 tables: atomics write the grad in place
+        (torch.float16, False, "segment"),  # 16-bit tables: no fp32 buffer and cast
+        (torch.float16, True, "atomic"),  # a row chosen more than LONG_SEGMENT times: atomics after all
+    ],
+)
 def test_auto_values_grad_algorithm(dtype, hot_row, expected, monkeypatch, device):
     monkeypatch.setattr(kernels, "SMALL_PROBLEM", 0)
     monkeypatch.setattr(kernels, "LONG_SEGMENT", 4)

@@ -1,10 +1,15 @@
 """Run every kernel once on awkward shapes, for `compute-sanitizer --tool memcheck python ...`."""
+
 import torch
 
 import memops
 
 torch.manual_seed(0)
-for S, D, T, K, dtype in [(37, 70, 9, 5, torch.float32), (1000, 1030, 17, 33, torch.bfloat16), (5, 1, 3, 1, torch.float16)]:
+for S, D, T, K, dtype in [
+    (37, 70, 9, 5, torch.float32),
+    (1000, 1030, 17, 33, torch.bfloat16),
+    (5, 1, 3, 1, torch.float16),
+]:
     values = torch.randn(S, D, device="cuda", dtype=dtype, requires_grad=True)
     indices = torch.randint(0, S, (T, K), device="cuda", dtype=torch.int32)
     weights = torch.rand(T, K, device="cuda", dtype=dtype, requires_grad=True)
@@ -20,23 +25,30 @@ memops.weighted_gather(values, indices, torch.rand(64, 40, device="cuda")).squar
 
 # memory attention: odd lengths, GQA, shared and per-sample memory, bias, causal with N > Nk, decode
 for B, H, Hkv, N, Nk, M, D, shared, causal in [
-    (2, 4, 2, 37, 45, 19, 64, True, False), (1, 2, 1, 70, 33, 0, 128, False, True),
-    (3, 8, 2, 1, 100, 7, 32, False, True), (2, 2, 2, 65, 65, 130, 16, True, True),
+    (2, 4, 2, 37, 45, 19, 64, True, False),
+    (1, 2, 1, 70, 33, 0, 128, False, True),
+    (3, 8, 2, 1, 100, 7, 32, False, True),
+    (2, 2, 2, 65, 65, 130, 16, True, True),
 ]:
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
         q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(B, Hkv, Nk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         mem_shape = (Hkv, M, D) if shared else (B, Hkv, M, D)
-        mem_k, mem_v = (torch.randn(mem_shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        mem_k, mem_v = (
+            torch.randn(mem_shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)
+        )
         bias = torch.randn(Hkv, M, device="cuda", requires_grad=True) if M else None
         out, lse = memops.memory_attention(q, k, v, mem_k, mem_v, causal=causal, mem_bias=bias, return_lse=True)
         (out.float().square().sum() + lse[torch.isfinite(lse)].sum()).backward()
 
 # product-key search: n_keys not a multiple of the key block, topk not a power of two, half dim not a power of
 # two, a token count off the token block, and the whole layer
-for T, heads, key_dim, n_keys, topk, dtype in [(37, 3, 24, 130, 5, torch.float32), (70, 4, 256, 512, 32, torch.bfloat16),
-                                              (1, 1, 16, 3, 1, torch.float16)]:
+for T, heads, key_dim, n_keys, topk, dtype in [
+    (37, 3, 24, 130, 5, torch.float32),
+    (70, 4, 256, 512, 32, torch.bfloat16),
+    (1, 1, 16, 3, 1, torch.float16),
+]:
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
         queries = torch.randn(T, heads, key_dim, device="cuda", dtype=dtype, requires_grad=True)
@@ -63,14 +75,19 @@ for n in (50, 1, 3, 1, 1, 7, 1):
 for n, Nk, gate_width in [(37, 45, 1), (70, 70, 64), (1, 33, 1)]:
     q = torch.randn(2, 4, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k_new, v_new = (torch.randn(2, 2, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    k_cache, v_cache = (torch.randn(2, 2, Nk, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    k_cache, v_cache = (
+        torch.randn(2, 2, Nk, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)
+    )
     gate = torch.rand(2, 2, n, gate_width, device="cuda", requires_grad=True)
     out, k, v = memops.looped_attention(q, k_new, v_new, gate, k_cache, v_cache)
     (out.float().square().sum() + k.float().sum() + v.float().sum()).backward()
 rows = torch.tensor([5, 0, 9], device="cuda")
-memops.looped_kv_update(*(torch.randn(1, 2, 10, 32, device="cuda") for _ in range(2)),
-                        *(torch.randn(1, 2, 3, 32, device="cuda") for _ in range(2)), torch.rand(1, 2, 3, 32, device="cuda"),
-                        rows=rows)
+memops.looped_kv_update(
+    *(torch.randn(1, 2, 10, 32, device="cuda") for _ in range(2)),
+    *(torch.randn(1, 2, 3, 32, device="cuda") for _ in range(2)),
+    torch.rand(1, 2, 3, 32, device="cuda"),
+    rows=rows,
+)
 loop_cache = memops.SharedLoopKVCache(1)
 for loop in range(4):
     kv = torch.randn(1, 2, 1, 64, device="cuda")
@@ -78,13 +95,16 @@ for loop in range(4):
 
 # dMoE: routing (partial block, groups, bias; softmax with E not a power of two) and the expert GEMMs
 logits = torch.randn(2, 45, 256, device="cuda", requires_grad=True)
-ids, weights, _ = memops.block_route(logits, block_size=32, top_k=8, n_groups=8, topk_groups=4,
-                                     expert_bias=0.01 * torch.randn(256, device="cuda"))
+ids, weights, _ = memops.block_route(
+    logits, block_size=32, top_k=8, n_groups=8, topk_groups=4, expert_bias=0.01 * torch.randn(256, device="cuda")
+)
 weights.sum().backward()
 memops.block_route(torch.randn(1, 37, 60, device="cuda"), block_size=16, top_k=6, score_func="softmax")
 x = torch.randn(90, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 w_gate_up = (0.05 * torch.randn(256, 256, 256, device="cuda", dtype=torch.bfloat16)).requires_grad_()
 w_down = (0.05 * torch.randn(256, 256, 128, device="cuda", dtype=torch.bfloat16)).requires_grad_()
-memops.moe_ffn(x, w_gate_up, w_down, ids.reshape(-1, 8)[:90], weights.detach().reshape(-1, 8)[:90]).float().sum().backward()
+memops.moe_ffn(
+    x, w_gate_up, w_down, ids.reshape(-1, 8)[:90], weights.detach().reshape(-1, 8)[:90]
+).float().sum().backward()
 torch.cuda.synchronize()
 print("sanitize run done")

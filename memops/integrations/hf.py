@@ -11,6 +11,7 @@
 The attention mask treats the rows a layer holds as the most recent past: every held row is visible to
 every new query, new rows are causal among themselves; positions (RoPE) keep counting every token seen.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,8 +31,10 @@ LogBetaFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 def constant_decay(log_beta: float = -0.01) -> LogBetaFn:
     """log_beta_fn giving every token the same retention: eviction then keeps the most recent tokens."""
+
     def fn(layer_idx: int, key_states: torch.Tensor) -> torch.Tensor:
         return torch.full(key_states.shape[:3], log_beta, dtype=torch.float32, device=key_states.device)
+
     return fn
 
 

@@ -14,6 +14,7 @@ layer keeps one KV cache for all loops: loop r blends its keys/values into the r
 learned per-token, per-KV-head gate (``memops.looped_attention``; the memory prefix rows stay as they are),
 and ``generate`` uses a ``SharedLoopKVCache`` (no eviction) whose memory does not grow with the loop count.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ from memops.retention import capacity_loss
 @dataclasses.dataclass
 class MemoryLMConfig:
     """Sizes of a MemoryLM. ``pkm_layers``: indices of the layers whose FFN is a product-key memory."""
+
     vocab_size: int = 64
     d_model: int = 64
     n_layers: int = 2
@@ -60,7 +62,16 @@ class MemoryLMConfig:
         def fail(message):
             raise ValueError(f"MemoryLMConfig: {message}")
 
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_positions", "kv_budget", "loops"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "max_positions",
+            "kv_budget",
+            "loops",
+        ):
             if getattr(self, name) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
@@ -89,21 +100,38 @@ class MemoryLMLayer(nn.Module):
         c = config
         self.attn_norm = nn.LayerNorm(c.d_model)
         attention = dict(num_kv_heads=c.n_kv_heads, causal=True, prefix_length=c.prefix_length)
-        self.attn = (LoopedAttention(c.d_model, c.n_heads, **attention) if c.loops > 1
-                     else RetentionAttention(c.d_model, c.n_heads, decay=c.retention_in_attention, **attention))
+        self.attn = (
+            LoopedAttention(c.d_model, c.n_heads, **attention)
+            if c.loops > 1
+            else RetentionAttention(c.d_model, c.n_heads, decay=c.retention_in_attention, **attention)
+        )
         self.retention = RetentionGate(c.d_model, c.n_kv_heads, hidden=c.retention_hidden)
         # MELT's gate: how much of the previous loop's key/value row each token keeps, per KV head
         self.loop_gate = nn.Linear(c.d_model, c.n_kv_heads) if c.loops > 1 else None
         self.ffn_norm = nn.LayerNorm(c.d_model)
         if index in c.pkm_layers:
-            self.ffn = ProductKeyMemory(c.d_model, c.d_model, n_keys=c.pkm_n_keys, heads=c.pkm_heads, topk=c.pkm_topk,
-                                        key_dim=c.pkm_key_dim, query_norm="layernorm", gated=c.pkm_gated)
+            self.ffn = ProductKeyMemory(
+                c.d_model,
+                c.d_model,
+                n_keys=c.pkm_n_keys,
+                heads=c.pkm_heads,
+                topk=c.pkm_topk,
+                key_dim=c.pkm_key_dim,
+                query_norm="layernorm",
+                gated=c.pkm_gated,
+            )
         else:
-            self.ffn = BlockMoE(c.d_model, c.moe_d_expert, c.moe_experts, c.moe_top_k, block_size=c.moe_block_size,
-                                min_experts=c.moe_min_experts)
+            self.ffn = BlockMoE(
+                c.d_model,
+                c.moe_d_expert,
+                c.moe_experts,
+                c.moe_top_k,
+                block_size=c.moe_block_size,
+                min_experts=c.moe_min_experts,
+            )
 
     def _loop_gate(self, h):
-        return torch.sigmoid(self.loop_gate(h)).transpose(1, 2).unsqueeze(-1)      # (B, Hkv, N, 1)
+        return torch.sigmoid(self.loop_gate(h)).transpose(1, 2).unsqueeze(-1)  # (B, Hkv, N, 1)
 
     def forward(self, x, cache=None, layer_idx: int = 0, loop: int = 0, shared=None):
         """x (B, N, d) -> (x, log_beta (B, Hkv, N), shared). With a cache (generation) the new rows join it:
@@ -112,8 +140,9 @@ class MemoryLMLayer(nn.Module):
         h = self.attn_norm(x)
         log_beta = self.retention(h).float()
         if self.loop_gate is not None:
-            attended, shared = self.attn(h, self._loop_gate(h), shared=shared, cache=cache, layer_idx=layer_idx,
-                                         loop=loop)
+            attended, shared = self.attn(
+                h, self._loop_gate(h), shared=shared, cache=cache, layer_idx=layer_idx, loop=loop
+            )
         else:
             attended = self.attn(h, log_beta, cache=cache, layer_idx=layer_idx, check_log_beta=False)
         x = x + attended
@@ -149,8 +178,9 @@ class MemoryLM(nn.Module):
         if tokens.numel() and can_read_values(tokens):
             low, high = torch.stack(torch.aminmax(tokens)).tolist()
             if low < 0 or high >= self.config.vocab_size:
-                raise IndexError(f"{op}: {name} must lie in [0, vocab_size={self.config.vocab_size}), "
-                                 f"found [{low}, {high}]")
+                raise IndexError(
+                    f"{op}: {name} must lie in [0, vocab_size={self.config.vocab_size}), found [{low}, {high}]"
+                )
 
     def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         if start + tokens.shape[1] > self.config.max_positions:
@@ -199,8 +229,11 @@ class MemoryLM(nn.Module):
                 f"max_positions={self.config.max_positions}"
             )
         looped = self.config.loops > 1
-        cache = (SharedLoopKVCache(len(self.layers)) if looped
-                 else RetentionKVCache(self.config.kv_budget, self.config.kv_buffer))
+        cache = (
+            SharedLoopKVCache(len(self.layers))
+            if looped
+            else RetentionKVCache(self.config.kv_budget, self.config.kv_buffer)
+        )
         if prompt.shape[0] == 0:
             return prompt.new_empty((0, total)), cache
         tokens, step_input, start = prompt, prompt, 0

@@ -1,4 +1,5 @@
 """torch.nn.Modules built from memops ops."""
+
 from memops.nn.attention import LoopedAttention, MemoryAttention, RetentionAttention
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory

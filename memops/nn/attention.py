@@ -1,5 +1,6 @@
 """Attention layers: MemoryAttention (a drop-in self-attention layer that also attends to memory tokens or a
 learned prefix), and its retention-decay (TRIM-KV) and looped-cache (MELT) forms."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -39,9 +40,18 @@ class MemoryAttention(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
-        causal: bool = False, prefix_length: int = 0, bias: bool = False, rotary: RotaryFn | None = None,
-        device=None, dtype=None,
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        causal: bool = False,
+        prefix_length: int = 0,
+        bias: bool = False,
+        rotary: RotaryFn | None = None,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         op = "MemoryAttention"
@@ -52,7 +62,9 @@ class MemoryAttention(nn.Module):
         if head_dim < 1:
             raise ValueError(f"{op}: d_model={d_model} // num_heads={num_heads} leaves head_dim 0; pass head_dim")
         if num_heads % num_kv_heads:
-            raise ValueError(f"MemoryAttention: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"MemoryAttention: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+            )
         if prefix_length < 0:
             raise ValueError(f"MemoryAttention: prefix_length must be >= 0, got {prefix_length}")
         factory = {"device": device, "dtype": dtype}
@@ -63,8 +75,8 @@ class MemoryAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias, **factory)
         if prefix_length:
-            self.prefix_k = nn.Parameter(torch.randn(num_kv_heads, prefix_length, head_dim, **factory) * head_dim ** -0.5)
-            self.prefix_v = nn.Parameter(torch.randn(num_kv_heads, prefix_length, head_dim, **factory) * head_dim ** -0.5)
+            self.prefix_k = nn.Parameter(torch.randn(num_kv_heads, prefix_length, head_dim, **factory) * head_dim**-0.5)
+            self.prefix_v = nn.Parameter(torch.randn(num_kv_heads, prefix_length, head_dim, **factory) * head_dim**-0.5)
         else:
             self.register_parameter("prefix_k", None)
             self.register_parameter("prefix_v", None)
@@ -73,8 +85,9 @@ class MemoryAttention(nn.Module):
         return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)  # (B, L, h*d) -> (B, h, L, d)
 
     def _check_input(self, x: torch.Tensor, name: str = "x") -> None:
-        check_module_input(x, name, type(self).__name__, width=self.q_proj.in_features, dims=(3,),
-                           like=self.q_proj.weight)
+        check_module_input(
+            x, name, type(self).__name__, width=self.q_proj.in_features, dims=(3,), like=self.q_proj.weight
+        )
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, N, d_model) -> q (B, H, N, head_dim), k and v (B, Hkv, N, head_dim), rotary applied."""
@@ -106,7 +119,11 @@ class MemoryAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor | None = None, *, memory_bias: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        *,
+        memory_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, N, d_model); memory (B, M, d_model) or None; memory_bias (M_total,), (Hkv, M_total) or
         (B, Hkv, M_total) over [prefix ; memory] rows. Returns (B, N, d_model)."""
@@ -114,7 +131,9 @@ class MemoryAttention(nn.Module):
         if memory is not None:
             self._check_input(memory, "memory")
             if memory.shape[0] != x.shape[0]:
-                raise ValueError(f"MemoryAttention: memory must be (B={x.shape[0]}, M, d_model), got {tuple(memory.shape)}")
+                raise ValueError(
+                    f"MemoryAttention: memory must be (B={x.shape[0]}, M, d_model), got {tuple(memory.shape)}"
+                )
         q, k, v = self.project(x)
         mem_k, mem_v = self.memory_rows(memory)
         out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal, mem_bias=memory_bias)
@@ -138,8 +157,9 @@ class RetentionAttention(MemoryAttention):
         super().__init__(d_model, num_heads, **kwargs)
         self.decay = decay
 
-    def forward(self, x: torch.Tensor, log_beta: torch.Tensor, *, cache=None, layer_idx: int = 0,
-                check_log_beta: bool = True) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, log_beta: torch.Tensor, *, cache=None, layer_idx: int = 0, check_log_beta: bool = True
+    ) -> torch.Tensor:
         """x (B, N, d_model), log_beta (B, Hkv, N) (from a :class:`memops.nn.RetentionGate`) -> (B, N, d_model)."""
         self._check_input(x)
         q, k, v = self.project(x)
@@ -164,8 +184,9 @@ class LoopedAttention(MemoryAttention):
     :class:`memops.SharedLoopKVCache`, decoding) the rows go to ``cache.update(k, v, layer_idx, loop, gate)``.
     """
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor, *, shared=None, cache=None, layer_idx: int = 0,
-                loop: int = 0):
+    def forward(
+        self, x: torch.Tensor, gate: torch.Tensor, *, shared=None, cache=None, layer_idx: int = 0, loop: int = 0
+    ):
         """x (B, N, d_model), gate (B, Hkv, N, 1) or (B, Hkv, N, head_dim) in [0, 1]."""
         self._check_input(x)
         q, k, v = self.project(x)

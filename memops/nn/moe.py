@@ -1,4 +1,5 @@
 """BlockMoE: a mixture-of-experts FFN layer with dMoE block-level routing (or plain token routing)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,10 +29,24 @@ class BlockMoE(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, d_expert: int, n_experts: int, top_k: int, *, block_size: int | None = 32,
-        top_p: float = 0.6, min_experts: int = 16, score_func: str = "sigmoid", n_groups: int = 1,
-        topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, shared_experts: int = 0,
-        vote: str = "plain", device=None, dtype=None,
+        self,
+        d_model: int,
+        d_expert: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        block_size: int | None = 32,
+        top_p: float = 0.6,
+        min_experts: int = 16,
+        score_func: str = "sigmoid",
+        n_groups: int = 1,
+        topk_groups: int = 1,
+        routed_scaling: float = 1.0,
+        normalize: bool = True,
+        shared_experts: int = 0,
+        vote: str = "plain",
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("d_expert", d_expert), ("n_experts", n_experts), ("top_k", top_k)):
@@ -46,8 +61,8 @@ class BlockMoE(nn.Module):
         self.routed_scaling, self.normalize, self.vote = routed_scaling, normalize, vote
         self.router = nn.Linear(d_model, n_experts, bias=False, **factory)
         self.register_buffer("expert_bias", torch.zeros(n_experts, device=device, dtype=torch.float32))
-        self.w_gate_up = nn.Parameter(torch.randn(n_experts, 2 * d_expert, d_model, **factory) * d_model ** -0.5)
-        self.w_down = nn.Parameter(torch.randn(n_experts, d_model, d_expert, **factory) * d_expert ** -0.5)
+        self.w_gate_up = nn.Parameter(torch.randn(n_experts, 2 * d_expert, d_model, **factory) * d_model**-0.5)
+        self.w_down = nn.Parameter(torch.randn(n_experts, d_model, d_expert, **factory) * d_expert**-0.5)
         if shared_experts:
             self.shared_gate_up = nn.Linear(d_model, 2 * shared_experts * d_expert, bias=False, **factory)
             self.shared_down = nn.Linear(shared_experts * d_expert, d_model, bias=False, **factory)
@@ -58,10 +73,18 @@ class BlockMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_ids, topk_weights), each (B, N, top_k), of x (B, N, d_model); recorded in last_topk_ids."""
         ids, weights, _ = block_route(
-            self.router(x), block_size=self.block_size, top_k=self.top_k, top_p=self.top_p,
-            min_experts=self.min_experts, score_func=self.score_func, expert_bias=self.expert_bias,
-            n_groups=self.n_groups, topk_groups=self.topk_groups, routed_scaling=self.routed_scaling,
-            normalize=self.normalize, vote=self.vote,
+            self.router(x),
+            block_size=self.block_size,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_experts=self.min_experts,
+            score_func=self.score_func,
+            expert_bias=self.expert_bias,
+            n_groups=self.n_groups,
+            topk_groups=self.topk_groups,
+            routed_scaling=self.routed_scaling,
+            normalize=self.normalize,
+            vote=self.vote,
         )
         self.last_topk_ids = ids
         return ids, weights
@@ -80,8 +103,14 @@ class BlockMoE(nn.Module):
         ids, weights = self.route(x)
         flat = x.reshape(B * N, d)
         # The router's ids are in range by construction: no range check, so no host sync per forward.
-        y = moe_ffn(flat, self.w_gate_up, self.w_down, ids.reshape(B * N, self.top_k), weights.reshape(B * N, self.top_k),
-                    check_ids=False)
+        y = moe_ffn(
+            flat,
+            self.w_gate_up,
+            self.w_down,
+            ids.reshape(B * N, self.top_k),
+            weights.reshape(B * N, self.top_k),
+            check_ids=False,
+        )
         return self.add_shared_experts(y, flat).reshape(B, N, d)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
 """ProductKeyMemory: the product-key memory layer of Lample et al. (2019) and Meta's Memory Layers at Scale."""
+
 from __future__ import annotations
 
 import math
@@ -72,17 +73,40 @@ class ProductKeyMemory(nn.Module):
     """
 
     def __init__(
-        self, input_dim: int, output_dim: int, *, n_keys: int = 512, heads: int = 4, topk: int = 32,
-        key_dim: int = 256, value_dim: int | None = None, query_norm: str | None = "batchnorm", gated: bool = False,
-        shared_values: ProductKeyMemory | nn.Embedding | None = None, output_gate: bool = False,
-        key_init: str = "xlm", temperature: float = 1.0, score_softmax: bool = True,
-        score_subtract: str | None = None, score_normalize: bool = False, normalize_query: bool = False,
-        input_dropout: float = 0.0, query_dropout: float = 0.0, value_dropout: float = 0.0,
-        device=None, dtype=None,
+        self,
+        input_dim: int,
+        output_dim: int,
+        *,
+        n_keys: int = 512,
+        heads: int = 4,
+        topk: int = 32,
+        key_dim: int = 256,
+        value_dim: int | None = None,
+        query_norm: str | None = "batchnorm",
+        gated: bool = False,
+        shared_values: ProductKeyMemory | nn.Embedding | None = None,
+        output_gate: bool = False,
+        key_init: str = "xlm",
+        temperature: float = 1.0,
+        score_softmax: bool = True,
+        score_subtract: str | None = None,
+        score_normalize: bool = False,
+        normalize_query: bool = False,
+        input_dropout: float = 0.0,
+        query_dropout: float = 0.0,
+        value_dropout: float = 0.0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (("input_dim", input_dim), ("output_dim", output_dim), ("n_keys", n_keys),
-                            ("heads", heads), ("topk", topk), ("key_dim", key_dim)):
+        for name, value in (
+            ("input_dim", input_dim),
+            ("output_dim", output_dim),
+            ("n_keys", n_keys),
+            ("heads", heads),
+            ("topk", topk),
+            ("key_dim", key_dim),
+        ):
             check_int(value, name, "ProductKeyMemory", low=1)
         if key_dim % 2:
             raise ValueError(f"ProductKeyMemory: key_dim must be even (two halves), got {key_dim}")
@@ -95,14 +119,21 @@ class ProductKeyMemory(nn.Module):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"ProductKeyMemory: temperature must be a number > 0, got {temperature!r}")
         if score_subtract not in SCORE_SUBTRACTS:
-            raise ValueError(f"ProductKeyMemory: score_subtract must be one of {SCORE_SUBTRACTS}, got {score_subtract!r}")
+            raise ValueError(
+                f"ProductKeyMemory: score_subtract must be one of {SCORE_SUBTRACTS}, got {score_subtract!r}"
+            )
         if score_subtract is not None and topk < 2:
             raise ValueError("ProductKeyMemory: score_subtract needs topk >= 2 (it would zero every weight)")
         if score_normalize and score_softmax and score_subtract is None:
-            raise ValueError("ProductKeyMemory: score_normalize after a softmax changes nothing without a "
-                             "score_subtract (XLM rejects it too)")
-        for name, p in (("input_dropout", input_dropout), ("query_dropout", query_dropout),
-                        ("value_dropout", value_dropout)):
+            raise ValueError(
+                "ProductKeyMemory: score_normalize after a softmax changes nothing without a "
+                "score_subtract (XLM rejects it too)"
+            )
+        for name, p in (
+            ("input_dropout", input_dropout),
+            ("query_dropout", query_dropout),
+            ("value_dropout", value_dropout),
+        ):
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
                 raise ValueError(f"ProductKeyMemory: {name} must be in [0, 1), got {p!r}")
         factory = {"device": device, "dtype": dtype}
@@ -118,7 +149,11 @@ class ProductKeyMemory(nn.Module):
             self.query_norm = None
         self.query_norm_kind, self.key_init = query_norm, key_init
         self.temperature, self.score_softmax = float(temperature), score_softmax
-        self.score_subtract, self.score_normalize, self.normalize_query = score_subtract, score_normalize, normalize_query
+        self.score_subtract, self.score_normalize, self.normalize_query = (
+            score_subtract,
+            score_normalize,
+            normalize_query,
+        )
         self.input_dropout, self.query_dropout, self.value_dropout = input_dropout, query_dropout, value_dropout
         # XLM: uniform in +-1/sqrt(key_dim / 2), the size of each half; Meta's lingua: +-1/sqrt(key_dim).
         bound = (key_dim // 2 if key_init == "xlm" else key_dim) ** -0.5
@@ -129,13 +164,13 @@ class ProductKeyMemory(nn.Module):
         else:
             value_dim = output_dim if value_dim is None else value_dim
             self.values = nn.Embedding(n_keys * n_keys, value_dim, **factory)
-            nn.init.normal_(self.values.weight, std=value_dim ** -0.5)
+            nn.init.normal_(self.values.weight, std=value_dim**-0.5)
         self.value_dim, self.gated = value_dim, gated
         self.gate_proj = nn.Linear(input_dim, value_dim, **factory) if gated else None
         self.out_proj = nn.Linear(value_dim, output_dim, **factory) if gated or value_dim != output_dim else None
         self.output_gate = nn.Linear(input_dim, 1, **factory) if output_gate else None
         if output_gate:
-            nn.init.normal_(self.output_gate.weight, std=input_dim ** -0.5)
+            nn.init.normal_(self.output_gate.weight, std=input_dim**-0.5)
         self.last_indices: torch.Tensor | None = None
 
     @staticmethod
@@ -143,7 +178,8 @@ class ProductKeyMemory(nn.Module):
         table = shared.values if isinstance(shared, ProductKeyMemory) else shared
         if not isinstance(table, nn.Embedding):
             raise TypeError(
-                f"ProductKeyMemory: shared_values must be a ProductKeyMemory or an nn.Embedding, got {type(shared).__name__}"
+                "ProductKeyMemory: shared_values must be a ProductKeyMemory or an nn.Embedding, "
+                f"got {type(shared).__name__}"
             )
         if table.num_embeddings != n_keys * n_keys or (value_dim is not None and table.embedding_dim != value_dim):
             raise ValueError(
@@ -213,7 +249,12 @@ class ProductKeyMemory(nn.Module):
         weights, indices = self.search(flat)
         T = flat.shape[0]
         # The search only returns slots in [0, n_keys**2): no range check (and no host sync) needed.
-        y = weighted_gather(self.values.weight, indices.view(T, self.heads * self.topk), weights.view(T, self.heads * self.topk), check_indices=False)
+        y = weighted_gather(
+            self.values.weight,
+            indices.view(T, self.heads * self.topk),
+            weights.view(T, self.heads * self.topk),
+            check_indices=False,
+        )
         out = self.output(y, flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -233,6 +274,8 @@ class ProductKeyMemory(nn.Module):
         }
 
     def extra_repr(self) -> str:
-        return (f"n_keys={self.n_keys}, heads={self.heads}, topk={self.topk}, key_dim={self.key_dim}, "
-                f"value_dim={self.value_dim}, query_norm={self.query_norm_kind!r}, gated={self.gated}, "
-                f"output_gate={self.output_gate is not None}, key_init={self.key_init!r}")
+        return (
+            f"n_keys={self.n_keys}, heads={self.heads}, topk={self.topk}, key_dim={self.key_dim}, "
+            f"value_dim={self.value_dim}, query_norm={self.query_norm_kind!r}, gated={self.gated}, "
+            f"output_gate={self.output_gate is not None}, key_init={self.key_init!r}"
+        )

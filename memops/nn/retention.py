@@ -1,4 +1,5 @@
 """RetentionGate: TRIM-KV's per-token retention gate."""
+
 from __future__ import annotations
 
 import torch
@@ -31,18 +32,33 @@ class RetentionGate(nn.Module):
     ``linear2.weight`` and ``bias``: :meth:`load_official_state_dict` maps them.
     """
 
-    OFFICIAL_KEYS = {"linear1.weight": "up.weight", "linear1.bias": "up.bias", "linear2.weight": "down.weight",
-                     "bias": "down.bias"}
+    OFFICIAL_KEYS = {
+        "linear1.weight": "up.weight",
+        "linear1.bias": "up.bias",
+        "linear2.weight": "down.weight",
+        "bias": "down.bias",
+    }
 
-    def __init__(self, d_model: int, n_kv_heads: int, hidden: int = 512, bias_init: float = 8.0, *,
-                 activation="silu", init: str = "official", device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_kv_heads: int,
+        hidden: int = 512,
+        bias_init: float = 8.0,
+        *,
+        activation="silu",
+        init: str = "official",
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         if init not in ("official", "torch"):
             raise ValueError(f"RetentionGate: init must be 'official' or 'torch', got {init!r}")
         if isinstance(activation, str):
             if activation not in _ACTIVATIONS:
-                raise ValueError(f"RetentionGate: activation must be one of {sorted(_ACTIVATIONS)} or a callable, "
-                                 f"got {activation!r}")
+                raise ValueError(
+                    f"RetentionGate: activation must be one of {sorted(_ACTIVATIONS)} or a callable, got {activation!r}"
+                )
             activation = _ACTIVATIONS[activation]
         elif not callable(activation):
             raise TypeError(f"RetentionGate: activation must be a name or a callable, got {type(activation).__name__}")

@@ -6,6 +6,7 @@ Memory columns are visible to every query; ``causal`` masks the sequence columns
 (query i sees sequence key j when j <= i + Nk - N). A query that sees no key gets a zero output and an LSE
 of -inf. Built as what users write today: concatenate the memory onto K/V and call SDPA.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,9 +48,15 @@ def bias_3d(mem_bias: torch.Tensor) -> torch.Tensor:
 
 
 def memory_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None, *,
-    causal: bool = False, scale: float | None = None, mem_bias: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mem_k: torch.Tensor | None = None,
+    mem_v: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mem_bias: torch.Tensor | None = None,
     return_lse: bool = False,
 ):
     """Attention of q over [memory ; sequence] keys. Shapes as ``memops.memory_attention``.
@@ -59,7 +66,7 @@ def memory_attention(
     """
     B, H, N, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     M = 0 if mem_k is None else mem_k.shape[-2]
     if M:
         keys = torch.cat([_expand_memory(mem_k, B), k], dim=2)

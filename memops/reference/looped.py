@@ -10,6 +10,7 @@ updates it with a learned gate g in [0, 1] (per token and head, (B, Hkv, n, 1), 
 
 and the loop's queries attend over the updated cache (causal, bottom-right aligned).
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,11 @@ from memops.reference.attention import memory_attention
 
 
 def looped_kv_update(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
     rows: slice | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New (k, v) caches: rows ``rows`` of the (B, Hkv, Nk, D) caches blended with the (B, Hkv, n, D) new rows,
@@ -38,9 +43,15 @@ def looped_blend(cache_rows: torch.Tensor, new_rows: torch.Tensor, gate: torch.T
 
 
 def looped_attention(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
-    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *,
-    causal: bool = True, scale: float | None = None,
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, n, D), k, v): the last n rows of the caches updated with the gate, then q's attention over
     the whole updated cache. No cache: k, v = k_new, v_new (the gate is not used)."""
@@ -53,8 +64,14 @@ def looped_attention(
 
 
 def looped_kv_update_backward(
-    grad_k: torch.Tensor, grad_v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
-    v_new: torch.Tensor, gate: torch.Tensor, rows: slice | torch.Tensor | None = None,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    gate: torch.Tensor,
+    rows: slice | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dk_cache, dv_cache, dk_new, dv_new, dgate) of :func:`looped_kv_update` from the output caches' grads:
     updated rows pass g * grad to the cache and (1 - g) * grad to the new rows; the gate gets
@@ -68,5 +85,10 @@ def looped_kv_update_backward(
     grad_gate = (k_cache[:, :, rows] - k_new) * grad_k_rows + (v_cache[:, :, rows] - v_new) * grad_v_rows
     if gate.shape[-1] == 1:
         grad_gate = grad_gate.sum(-1, keepdim=True)
-    return (grad_k_cache, grad_v_cache, ((1 - g) * grad_k_rows).to(k_new.dtype), ((1 - g) * grad_v_rows).to(v_new.dtype),
-            grad_gate.to(gate.dtype))
+    return (
+        grad_k_cache,
+        grad_v_cache,
+        ((1 - g) * grad_k_rows).to(k_new.dtype),
+        ((1 - g) * grad_v_rows).to(v_new.dtype),
+        grad_gate.to(gate.dtype),
+    )

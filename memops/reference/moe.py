@@ -6,7 +6,8 @@ block agrees on (the official LLaDA2.0-mini gate). Per block of ``block_size`` t
 
     s_i   = score_func(logits_i)  (fp32; sigmoid or softmax),   r_i = s_i + expert_bias   (bias: selection only)
     ŝ_i   = r_i on the token's own top-k experts (plain top-k over all experts, as the official gate's
-            block_experts_select; vote="group_limited": its group-limited top-k), 0 elsewhere;  padded tokens do not vote
+            block_experts_select; vote="group_limited": its group-limited top-k), 0 elsewhere;
+            padded tokens do not vote
     S̃     = Σ_i ŝ_i / (Σ_e Σ_i ŝ_i + 1e-20)
     C     = the prefix of S̃ sorted descending whose exclusive cumulative sum is <= top_p (the experts while
             the cumsum stays <= top_p, plus the first to cross it; experts with no vote excluded), at least
@@ -20,6 +21,7 @@ Group-limited top-k: experts split into n_groups equal groups; a group's score i
 largest (masked) r; only experts of the topk_groups best groups compete. Ties go to the lower index.
 block_size None is plain token-level routing (no coreset).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,22 +52,33 @@ def group_limited_topk(scores: torch.Tensor, k: int, n_groups: int, topk_groups:
 
 
 def block_coreset(
-    routing: torch.Tensor, valid: torch.Tensor, *, block_size: int, top_k: int, top_p: float, min_experts: int,
-    n_groups: int, topk_groups: int, vote: str = "plain",
+    routing: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    top_p: float,
+    min_experts: int,
+    n_groups: int,
+    topk_groups: int,
+    vote: str = "plain",
 ) -> torch.Tensor:
     """(B, n_blocks, E) bool coreset of every block from the routing scores r (B, N, E); ``valid`` (B, N)
     marks the tokens that vote, each with its plain top-k (``vote="plain"``, the official gate) or its
     group-limited top-k (``vote="group_limited"``)."""
     B, N, E = routing.shape
-    ids = group_limited_topk(routing, top_k, n_groups, topk_groups) if vote == "group_limited" else \
-        group_limited_topk(routing, top_k, 1, 1)
+    ids = (
+        group_limited_topk(routing, top_k, n_groups, topk_groups)
+        if vote == "group_limited"
+        else group_limited_topk(routing, top_k, 1, 1)
+    )
     masked = torch.zeros_like(routing).scatter_(-1, ids, routing.gather(-1, ids)) * valid.unsqueeze(-1)
     n_blocks = -(-N // block_size)
     padded = F.pad(masked, (0, 0, 0, n_blocks * block_size - N))
     votes = padded.view(B, n_blocks, block_size, E).sum(2)
     shares = votes / (votes.sum(-1, keepdim=True) + 1e-20)
     sorted_shares, order = torch.sort(shares, dim=-1, descending=True, stable=True)
-    before = sorted_shares.cumsum(-1) - sorted_shares                     # exclusive cumulative sum
+    before = sorted_shares.cumsum(-1) - sorted_shares  # exclusive cumulative sum
     positions = torch.arange(E, device=routing.device)
     # A zero-vote expert adds no mass: it only joins through min_experts (this also keeps top_p = 1 from
     # admitting every expert on rounding).
@@ -74,7 +87,8 @@ def block_coreset(
 
 
 def routing_weights(scores: torch.Tensor, ids: torch.Tensor, *, normalize: bool, routed_scaling: float) -> torch.Tensor:
-    """w = s[ids] (renormalised over the k picks when ``normalize`` and k > 1) * routed_scaling, in the scores' dtype."""
+    """w = s[ids] (renormalised over the k picks when ``normalize`` and k > 1) * routed_scaling, in the scores'
+    dtype."""
     picked = scores.gather(-1, ids)
     if normalize and ids.shape[-1] > 1:
         picked = picked / (picked.sum(-1, keepdim=True) + 1e-20)
@@ -82,9 +96,19 @@ def routing_weights(scores: torch.Tensor, ids: torch.Tensor, *, normalize: bool,
 
 
 def block_route(
-    router_logits: torch.Tensor, *, block_size: int | None = 32, top_k: int = 8, top_p: float = 0.6,
-    min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
-    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, vote: str = "plain",
+    router_logits: torch.Tensor,
+    *,
+    block_size: int | None = 32,
+    top_k: int = 8,
+    top_p: float = 0.6,
+    min_experts: int = 16,
+    score_func: str = "sigmoid",
+    expert_bias: torch.Tensor | None = None,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    routed_scaling: float = 1.0,
+    normalize: bool = True,
+    vote: str = "plain",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(topk_ids (B, N, top_k) int32, topk_weights (B, N, top_k) fp32 (fp64 for fp64), coreset
     (B, n_blocks, E) bool or None) from router_logits (B, N, E). Weights are differentiable w.r.t. the
@@ -95,9 +119,18 @@ def block_route(
     coreset = None
     if block_size is not None:
         valid = torch.ones(routing.shape[:2], dtype=routing.dtype, device=routing.device)
-        coreset = block_coreset(routing, valid, block_size=block_size, top_k=top_k, top_p=top_p,
-                                min_experts=min_experts, n_groups=n_groups, topk_groups=topk_groups, vote=vote)
-        per_token = coreset.repeat_interleave(block_size, dim=1)[:, :routing.shape[1]]
+        coreset = block_coreset(
+            routing,
+            valid,
+            block_size=block_size,
+            top_k=top_k,
+            top_p=top_p,
+            min_experts=min_experts,
+            n_groups=n_groups,
+            topk_groups=topk_groups,
+            vote=vote,
+        )
+        per_token = coreset.repeat_interleave(block_size, dim=1)[:, : routing.shape[1]]
         routing = routing.masked_fill(~per_token, float("-inf"))
     ids = group_limited_topk(routing, top_k, n_groups, topk_groups)
     weights = routing_weights(scores, ids, normalize=normalize, routed_scaling=routed_scaling)
@@ -125,7 +158,11 @@ def expert_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -
 
 
 def moe_ffn(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
 ) -> torch.Tensor:
     """y[t] = Σ_j topk_weights[t, j] * expert_ffn(x[t]; expert topk_ids[t, j]) for x (T, d),
     w_gate_up (E, 2I, d), w_down (E, d, I), topk ids/weights (T, k). One batched matmul per used expert
@@ -150,15 +187,20 @@ def moe_ffn(
     if not contributions:  # no slot (T = 0 or k = 0): zeros, attached to every input's graph
         attached = x[:0].sum() + w_gate_up[:0].sum() + w_down[:0].sum() + topk_weights.sum()
         return torch.zeros_like(x) + attached.to(x.dtype)
-    per_slot = torch.cat(contributions)                                   # slots in expert order
+    per_slot = torch.cat(contributions)  # slots in expert order
     weights = topk_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
     y = torch.zeros(T, x.shape[1], dtype=acc, device=x.device).index_add_(0, tokens, per_slot * weights)
     return y.to(x.dtype)
 
 
 def routing_weights_backward(
-    grad_weights: torch.Tensor, router_logits: torch.Tensor, topk_ids: torch.Tensor, *, score_func: str,
-    normalize: bool, routed_scaling: float,
+    grad_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    score_func: str,
+    normalize: bool,
+    routed_scaling: float,
 ) -> torch.Tensor:
     """d router_logits (B, N, E) of :func:`routing_weights` from grad_weights (B, N, k): only the scores at
     the selected ids carry gradient (selection is hard)."""

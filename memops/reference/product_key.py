@@ -1,5 +1,6 @@
 """Pure-PyTorch definition of the product-key memory ops: the spec the Triton kernels are tested against,
 and the path users get on CPU. Differentiable by autograd; vectorised (no Python loop over tokens)."""
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ def weighted_gather(values: torch.Tensor, indices: torch.Tensor, weights: torch.
     if indices.numel() == 0 or values.shape[1] == 0:
         # An empty sum (K = 0 or T = 0) or empty rows (D = 0): zeros, still attached to both inputs' graphs
         # (embedding_bag rejects these shapes).
-        zero = weights.sum(-1, keepdim=True).to(acc) * values[:0].sum(0).to(acc)        # (T, D)
+        zero = weights.sum(-1, keepdim=True).to(acc) * values[:0].sum(0).to(acc)  # (T, D)
         return zero.to(values.dtype)
     if values.dtype == acc:
         return F.embedding_bag(indices, values, per_sample_weights=weights.to(acc), mode="sum")
@@ -42,7 +43,7 @@ def weighted_gather_backward(
     acc = _accumulator_dtype(values, weights, grad_out)
     T, K = indices.shape
     g = grad_out.to(acc)
-    selected = values[indices].to(acc)                                    # (T, K, D)
+    selected = values[indices].to(acc)  # (T, K, D)
     grad_weights = torch.bmm(selected, g.unsqueeze(-1)).squeeze(-1)
     contributions = (weights.to(acc).unsqueeze(-1) * g.unsqueeze(1)).reshape(T * K, -1)
     grad_values = torch.zeros(values.shape, dtype=acc, device=values.device)
@@ -63,11 +64,11 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
     acc = _accumulator_dtype(queries, sub_keys)
     q = queries.to(acc)
     keys = sub_keys.to(acc)
-    s1 = torch.einsum("...hd,hnd->...hn", q[..., :half], keys[:, 0])   # (..., Hm, n_keys)
+    s1 = torch.einsum("...hd,hnd->...hn", q[..., :half], keys[:, 0])  # (..., Hm, n_keys)
     s2 = torch.einsum("...hd,hnd->...hn", q[..., half:], keys[:, 1])
     top1, index1 = s1.topk(topk, dim=-1)
     top2, index2 = s2.topk(topk, dim=-1)
-    candidates = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)                    # (..., Hm, k*k)
+    candidates = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)  # (..., Hm, k*k)
     scores, best = candidates.topk(topk, dim=-1)
     # Slot indices only for the k winners, not all k*k candidates (a third of the CPU time otherwise).
     first, second = index1.gather(-1, best // topk), index2.gather(-1, best % topk)
@@ -93,8 +94,12 @@ def product_key_search_as_gather(
     table_base = torch.arange(heads, device=indices.device).view(1, heads, 1) * (2 * n_keys)
     rows = torch.stack((table_base + indices // n_keys, table_base + n_keys + indices % n_keys), dim=2)
     weights = grad_scores.unsqueeze(2).expand(T, heads, 2, topk)
-    return (sub_keys.reshape(heads * 2 * n_keys, half_dim), rows.reshape(T * heads * 2, topk),
-            weights.reshape(T * heads * 2, topk).contiguous(), queries.reshape(T * heads * 2, half_dim).contiguous())
+    return (
+        sub_keys.reshape(heads * 2 * n_keys, half_dim),
+        rows.reshape(T * heads * 2, topk),
+        weights.reshape(T * heads * 2, topk).contiguous(),
+        queries.reshape(T * heads * 2, half_dim).contiguous(),
+    )
 
 
 def product_key_topk_backward(

@@ -15,6 +15,7 @@ over j and every visible key is restricted to the token's own document, and pos_
 With ``global_capacity`` (the official training default) the capacity is summed over all layers and KV heads
 and compared with M x (their number), the positions scaled by the same factor.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,10 @@ def _distances(num_queries: int, num_keys: int, device) -> torch.Tensor:
 
 
 def document_bounds(
-    num_positions: int, *, position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    num_positions: int,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     device=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(starts, ends, positions), each (B, N) int64 (B = 1 for cu_seqlens or 1-D position_ids): the first
@@ -62,8 +66,8 @@ def document_bounds(
 def _outside_document(starts: torch.Tensor, query_index: torch.Tensor, num_keys: int, lead: int) -> torch.Tensor:
     """(B, 1 x lead, Nq, Nk) True where key j lies before the document start of the query at key index
     query_index[i] (clamped into range: a query before every key sees nothing anyway)."""
-    query_starts = starts[:, query_index.clamp(min=0, max=num_keys - 1)]             # (B, Nq)
-    outside = torch.arange(num_keys, device=starts.device) < query_starts[..., None]   # (B, Nq, Nk)
+    query_starts = starts[:, query_index.clamp(min=0, max=num_keys - 1)]  # (B, Nq)
+    outside = torch.arange(num_keys, device=starts.device) < query_starts[..., None]  # (B, Nq, Nk)
     return outside.reshape(outside.shape[0], *([1] * lead), *outside.shape[1:])
 
 
@@ -73,15 +77,16 @@ def finite_log_beta(log_beta: torch.Tensor) -> torch.Tensor:
     return log_beta.clamp(min=-1e30)
 
 
-def retention_bias(log_beta: torch.Tensor, num_queries: int, heads: int,
-                   document_starts: torch.Tensor | None = None) -> torch.Tensor:
+def retention_bias(
+    log_beta: torch.Tensor, num_queries: int, heads: int, document_starts: torch.Tensor | None = None
+) -> torch.Tensor:
     """The additive (B, H, N, Nk) logit mask of retention attention: (pos_i - j) * log_beta[j] where key j is
     visible to query i, -inf elsewhere. log_beta (B, Hkv, Nk) is shared by the H // Hkv heads of a group;
     document_starts (B|1, Nk) (from :func:`document_bounds`) hides keys of earlier documents."""
     num_keys = log_beta.shape[-1]
     distance = _distances(num_queries, num_keys, log_beta.device)
     # beta = 0 (log_beta = -inf) as -1e30: a key's own position decays by beta**0 = 1 (0 * -inf is NaN); NaN stays
-    bias = distance.to(log_beta.dtype) * finite_log_beta(log_beta).unsqueeze(-2)    # (B, Hkv, N, Nk)
+    bias = distance.to(log_beta.dtype) * finite_log_beta(log_beta).unsqueeze(-2)  # (B, Hkv, N, Nk)
     bias = bias.masked_fill(distance < 0, float("-inf"))
     if document_starts is not None:
         query_index = torch.arange(num_queries, device=log_beta.device) + (num_keys - num_queries)
@@ -90,19 +95,26 @@ def retention_bias(log_beta: torch.Tensor, num_queries: int, heads: int,
 
 
 def retention_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
-    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
-    scale: float | None = None, return_lse: bool = False,
-    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_beta: torch.Tensor,
+    *,
+    mem_k: torch.Tensor | None = None,
+    mem_v: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ):
     """Causal attention with TRIM-KV's retention decay. q (B, H, N, D); k, v (B, Hkv, Nk, D); log_beta
     (B, Hkv, Nk); optional memory rows mem_k, mem_v ((B, Hkv, M, D) or batch-shared (Hkv, M, D)), visible to
     every query with no decay. position_ids (B, Nk) or cu_seqlens (S + 1,) split the keys into packed
-    documents (see :func:`document_bounds`): a query sees only its own document's keys. Returns out (B, H, N, D) in q.dtype (a query with no visible key gets
-    zeros), and lse (B, H, N) fp32 (fp64 for fp64) with return_lse. With log_beta = 0 it is plain causal
-    attention (over [memory ; sequence])."""
+    documents (see :func:`document_bounds`): a query sees only its own document's keys. Returns out (B, H, N, D)
+    in q.dtype (a query with no visible key gets zeros), and lse (B, H, N) fp32 (fp64 for fp64) with return_lse.
+    With log_beta = 0 it is plain causal attention (over [memory ; sequence])."""
     B, H, N, D = q.shape
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     # The bias reaches (distance x log_beta) ~ -30 and beyond at long range: 16-bit inputs are computed in
     # fp32, where a bf16 mask would round it by whole units of logit.
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -114,10 +126,13 @@ def retention_attention(
     if mem_k is not None and mem_k.shape[-2]:
         keys = torch.cat([_expand_memory(mem_k, B), k], dim=2)
         values = torch.cat([_expand_memory(mem_v, B), v], dim=2)
-        mask = torch.cat([mask.new_zeros(*mask.shape[:3], mem_k.shape[-2]).expand(B, H, -1, -1), mask.expand(B, H, -1, -1)], -1)
+        mask = torch.cat(
+            [mask.new_zeros(*mask.shape[:3], mem_k.shape[-2]).expand(B, H, -1, -1), mask.expand(B, H, -1, -1)], -1
+        )
     # A row with no visible key (N > Nk, no memory) would be all -inf; SDPA gives it zeros, which is the spec.
-    out = F.scaled_dot_product_attention(q.to(acc), keys.to(acc), values.to(acc), attn_mask=mask, scale=scale,
-                                         enable_gqa=H != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q.to(acc), keys.to(acc), values.to(acc), attn_mask=mask, scale=scale, enable_gqa=H != k.shape[1]
+    )
     out = nan_query_rows(out, q, mask).to(q.dtype)
     if not return_lse:
         return out
@@ -125,14 +140,17 @@ def retention_attention(
 
 
 def retention_capacity(
-    log_beta: torch.Tensor, *, position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    log_beta: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """R[..., t] = sum_{j <= t} exp((t - j) * log_beta[..., j]): (..., N) -> (..., N) in fp32 (fp64 for fp64),
     j restricted to t's document when position_ids (B, N) or cu_seqlens are given (batch dim first).
     Materialises the (N, N) terms: the spec, and the baseline the kernel is measured against."""
     acc = torch.promote_types(log_beta.dtype, torch.float32)
     N = log_beta.shape[-1]
-    distance = _distances(N, N, log_beta.device)                              # (t, j)
+    distance = _distances(N, N, log_beta.device)  # (t, j)
     # the token's own term is exp(0) = 1, also for log_beta = -inf (see finite_log_beta)
     exponent = distance.to(acc) * finite_log_beta(log_beta.to(acc)).unsqueeze(-2)
     exponent = exponent.masked_fill(distance < 0, float("-inf"))
@@ -143,8 +161,9 @@ def retention_capacity(
     return exponent.exp().sum(-1)
 
 
-def capacity_loss_from(capacity: torch.Tensor, budget: float, *, positions: torch.Tensor | None = None,
-                       global_capacity: bool = False) -> torch.Tensor:
+def capacity_loss_from(
+    capacity: torch.Tensor, budget: float, *, positions: torch.Tensor | None = None, global_capacity: bool = False
+) -> torch.Tensor:
     """TRIM-KV's capacity loss: the mean over the positive entries of max(0, (R_t - M) / max(pos_t - M, 1)),
     0 when none is positive. capacity (B, ..., N) from :func:`retention_capacity`, budget M, positions
     (B|1, N) (default t = 0..N-1). global_capacity: R_t is first summed over every dim between the batch and
@@ -167,15 +186,20 @@ def capacity_loss_from(capacity: torch.Tensor, budget: float, *, positions: torc
 
 
 def capacity_loss(
-    log_beta: torch.Tensor, budget: float, *, global_capacity: bool = False,
-    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    log_beta: torch.Tensor,
+    budget: float,
+    *,
+    global_capacity: bool = False,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar capacity loss of log_beta (B, Hkv, N), or all layers' (B, L, Hkv, N), for a KV budget M (see
     :func:`capacity_loss_from`), per packed document with position_ids or cu_seqlens."""
     positions = None
     if position_ids is not None or cu_seqlens is not None:
-        positions = document_bounds(log_beta.shape[-1], position_ids=position_ids, cu_seqlens=cu_seqlens,
-                                    device=log_beta.device)[2]
+        positions = document_bounds(
+            log_beta.shape[-1], position_ids=position_ids, cu_seqlens=cu_seqlens, device=log_beta.device
+        )[2]
     capacity = retention_capacity(log_beta, position_ids=position_ids, cu_seqlens=cu_seqlens)
     return capacity_loss_from(capacity, budget, positions=positions, global_capacity=global_capacity)
 

@@ -1,4 +1,5 @@
 """Helpers for testing memops kernels: relative errors against float64 references, launch counting."""
+
 from __future__ import annotations
 
 import torch

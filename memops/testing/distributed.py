@@ -3,6 +3,7 @@
 They live in the package (not the test file) so the spawned interpreters can import them. Each check
 compares the sharded module against the single-process module built from the same seed.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -41,12 +42,15 @@ def check_sharded_pkm(rank: int, world: int) -> dict:
         out = module(leaf)
         out.square().sum().backward()
         results[name] = (out.detach(), leaf.grad, {n: p.grad for n, p in module.named_parameters()})
-    errors = {"out": _close(results["sharded"][0], results["single"][0]), "dx": _close(results["sharded"][1], results["single"][1])}
+    errors = {
+        "out": _close(results["sharded"][0], results["single"][0]),
+        "dx": _close(results["sharded"][1], results["single"][1]),
+    }
     width = 16 // world
     for name, grad in results["sharded"][2].items():
         expected = results["single"][2][name]
         if name == "values.weight":
-            expected = expected[:, rank * width:(rank + 1) * width]
+            expected = expected[:, rank * width : (rank + 1) * width]
         errors[name] = _close(grad, expected)
     # Without the weights' all-reduce the query and sub-key gradients are wrong: the all-reduce is needed.
     torch.manual_seed(0)
@@ -57,7 +61,9 @@ def check_sharded_pkm(rank: int, world: int) -> dict:
         unreduced(x).square().sum().backward()
     finally:
         md._AllReduceGrad.apply = original
-    difference = (unreduced.sub_keys.grad - results["single"][2]["sub_keys"]).norm() / results["single"][2]["sub_keys"].norm()
+    difference = (unreduced.sub_keys.grad - results["single"][2]["sub_keys"]).norm() / results["single"][2][
+        "sub_keys"
+    ].norm()
     errors["sub_keys error without all-reduce"] = difference.item()
     if difference < 1e-3:
         raise AssertionError("the sub-key gradient came out right without the all-reduce: the check cannot fail")
@@ -77,7 +83,9 @@ def check_sharded_pkm(rank: int, world: int) -> dict:
         errors["indivisible width message"] = "must divide value_dim=15" in str(error)
     other_group = dist.new_group(ranks=[0])
     try:
-        sharded.share_values_with(md.ShardedProductKeyMemory(12, 8, value_dim=16, process_group=dist.group.WORLD, **kwargs))
+        sharded.share_values_with(
+            md.ShardedProductKeyMemory(12, 8, value_dim=16, process_group=dist.group.WORLD, **kwargs)
+        )
         errors["same group shares"] = True
         fake = md.ShardedProductKeyMemory(12, 8, value_dim=16, **kwargs)
         fake.process_group = other_group
@@ -90,7 +98,7 @@ def check_sharded_pkm(rank: int, world: int) -> dict:
     fresh = md.ShardedProductKeyMemory(12, 8, value_dim=16, **kwargs)
     fresh.load_state_dict(state)
     full = md.gather_value_table(sharded)
-    _close(full, single.values.weight.detach() - 0 * full)   # same init; training steps not taken yet
+    _close(full, single.values.weight.detach() - 0 * full)  # same init; training steps not taken yet
     bad = dict(state)
     bad["_extra_state"] = {"rank": 0, "world_size": world + 1}
     try:
@@ -122,13 +130,13 @@ def check_expert_parallel_moe(rank: int, world: int) -> dict:
         mine = inputs[rank].clone().requires_grad_()
         out = parallel(mine)
         out.square().sum().backward()
-        errors[f"{case} out"] = _close(out.detach(), expected.detach()[rank * 2:(rank + 1) * 2])
-        errors[f"{case} dx"] = _close(mine.grad, everything.grad[rank * 2:(rank + 1) * 2])
+        errors[f"{case} out"] = _close(out.detach(), expected.detach()[rank * 2 : (rank + 1) * 2])
+        errors[f"{case} dx"] = _close(mine.grad, everything.grad[rank * 2 : (rank + 1) * 2])
         local = slice(rank * 2, (rank + 1) * 2)
         errors[f"{case} dw_gate_up"] = _close(parallel.w_gate_up.grad, single.w_gate_up.grad[local])
         errors[f"{case} dw_down"] = _close(parallel.w_down.grad, single.w_down.grad[local])
         router = parallel.router.weight.grad.clone()
-        dist.all_reduce(router)   # each rank's router saw its own tokens
+        dist.all_reduce(router)  # each rank's router saw its own tokens
         errors[f"{case} d_router"] = _close(router, single.router.weight.grad)
         errors[f"{case} ranks per block"] = parallel.ranks_per_block()
     # Communication model, summed over ranks: each slot's d values go out once and come back once, with its
@@ -136,7 +144,9 @@ def check_expert_parallel_moe(rank: int, world: int) -> dict:
     md.COMMUNICATED.clear()
     parallel(inputs[rank].clone().requires_grad_()).sum().backward()
     slots, d = world * inputs[rank].shape[0] * inputs[rank].shape[1] * 2, 16
-    counted = torch.tensor([float(md.COMMUNICATED["moe forward all_to_all"]), float(md.COMMUNICATED["moe backward all_to_all"])])
+    counted = torch.tensor(
+        [float(md.COMMUNICATED["moe forward all_to_all"]), float(md.COMMUNICATED["moe backward all_to_all"])]
+    )
     dist.all_reduce(counted)
     expected = [slots * d * 4 * 2 + slots * 8 + world * world * 8, slots * d * 4 * 2]
     if counted.tolist() != expected:
@@ -154,9 +164,27 @@ def check_ddp_memory_lm(rank: int, world: int) -> dict:
 
     from memops.models import MemoryLM, MemoryLMConfig
 
-    config = dict(vocab_size=17, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_positions=32, prefix_length=2,
-                  pkm_layers=(1,), pkm_n_keys=4, pkm_heads=1, pkm_topk=2, pkm_key_dim=16, moe_experts=4, moe_top_k=2,
-                  moe_d_expert=16, moe_min_experts=2, retention_hidden=8, kv_budget=64, capacity_weight=0.0)
+    config = dict(
+        vocab_size=17,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        max_positions=32,
+        prefix_length=2,
+        pkm_layers=(1,),
+        pkm_n_keys=4,
+        pkm_heads=1,
+        pkm_topk=2,
+        pkm_key_dim=16,
+        moe_experts=4,
+        moe_top_k=2,
+        moe_d_expert=16,
+        moe_min_experts=2,
+        retention_hidden=8,
+        kv_budget=64,
+        capacity_weight=0.0,
+    )
     generator = torch.Generator().manual_seed(5)
     batches = [torch.randint(0, 17, (4, 12), generator=generator) for _ in range(3)]
     torch.manual_seed(0)
@@ -173,7 +201,7 @@ def check_ddp_memory_lm(rank: int, world: int) -> dict:
         optimizers[0].step()
         # This rank's half of the global batch, through DDP's forward so its gradient hooks run.
         optimizers[1].zero_grad()
-        half = tokens[rank * 2:(rank + 1) * 2]
+        half = tokens[rank * 2 : (rank + 1) * 2]
         logits = ddp(half[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), half[:, 1:].flatten())
         loss.backward()
@@ -187,8 +215,11 @@ def check_ddp_memory_lm(rank: int, world: int) -> dict:
     return {"losses": losses}
 
 
-CHECKS = {"sharded_pkm": check_sharded_pkm, "expert_parallel_moe": check_expert_parallel_moe,
-          "ddp_memory_lm": check_ddp_memory_lm}
+CHECKS = {
+    "sharded_pkm": check_sharded_pkm,
+    "expert_parallel_moe": check_expert_parallel_moe,
+    "ddp_memory_lm": check_ddp_memory_lm,
+}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -13,6 +13,7 @@ On CUDA, times are ``triton.testing.do_bench`` medians, rotating among several i
 fits in L2. On CPU, the reference and the baselines are timed with a wall clock and labelled as CPU
 timings. Interpreter timings are never taken: the harness refuses to run with TRITON_INTERPRET=1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,7 +74,14 @@ class Result:
 
 
 def case_grid(
-    device: str, quick: bool, *, quick_cases=(), full_cases=(), cuda_quick=(), cuda_full=(), modes=("fwd", "fwd+bwd"),
+    device: str,
+    quick: bool,
+    *,
+    quick_cases=(),
+    full_cases=(),
+    cuda_quick=(),
+    cuda_full=(),
+    modes=("fwd", "fwd+bwd"),
 ) -> list[Case]:
     """The usual case list of a benchmark module, each group a sequence of (name, params): per mode, the
     quick cases; on full runs the full ones; on CUDA the CUDA-only quick ones, and on full CUDA runs the rest."""
@@ -142,7 +150,9 @@ def copy_bandwidth_gbps(device: str) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def _rotating(make: Callable[[int], object], build: Callable[[object], Callable[[], object]], set_bytes: int, device: str):
+def _rotating(
+    make: Callable[[int], object], build: Callable[[object], Callable[[], object]], set_bytes: int, device: str
+):
     # When one input set fits in a GPU's L2, repeated calls would time the cache: cycle through enough
     # sets. (On CPU the extra sets only add page faults and noise.)
     sets = 1
@@ -193,14 +203,27 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
         if progress:
             _progress(n, len(jobs), f"{op} {case.name} {case.mode} {provider}")
         try:
-            fn = _rotating(lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"), device)
+            fn = _rotating(
+                lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"), device
+            )
             ms = time_ms(fn, device)
         except Exception as error:  # noqa: BLE001 - a provider without this dtype, mode or torch feature: record it, go on
-            results.append(Result(
-                op=op, case=case.name, mode=case.mode, provider=provider, params=case.params, device=device,
-                median_ms=None, gbps=None, tflops=None, fraction_of_copy_bandwidth=None, speedup_vs={},
-                error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}",
-            ))
+            results.append(
+                Result(
+                    op=op,
+                    case=case.name,
+                    mode=case.mode,
+                    provider=provider,
+                    params=case.params,
+                    device=device,
+                    median_ms=None,
+                    gbps=None,
+                    tflops=None,
+                    fraction_of_copy_bandwidth=None,
+                    speedup_vs={},
+                    error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}",
+                )
+            )
             continue
         finally:
             if device == "cuda":
@@ -209,12 +232,23 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
         moved = module.bytes_moved(case, case.mode)
         flops = module.flops(case, case.mode) if hasattr(module, "flops") else None
         gbps = moved / (ms * 1e-3) / 1e9
-        results.append(Result(
-            op=op, case=case.name, mode=case.mode, provider=provider, params=case.params, device=device,
-            median_ms=ms, gbps=gbps, tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
-            fraction_of_copy_bandwidth=gbps / bandwidth_gbps, speedup_vs={}, peak_memory_mb=peak,
-            note=module.note(case, provider, device) if hasattr(module, "note") else None,
-        ))
+        results.append(
+            Result(
+                op=op,
+                case=case.name,
+                mode=case.mode,
+                provider=provider,
+                params=case.params,
+                device=device,
+                median_ms=ms,
+                gbps=gbps,
+                tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
+                fraction_of_copy_bandwidth=gbps / bandwidth_gbps,
+                speedup_vs={},
+                peak_memory_mb=peak,
+                note=module.note(case, provider, device) if hasattr(module, "note") else None,
+            )
+        )
     if progress:
         _progress(len(jobs), len(jobs), f"{op} done")
     _fill_speedups(results, module.MEMOPS_PROVIDERS, module.BASELINES)

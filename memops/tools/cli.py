@@ -1,4 +1,5 @@
 """``memops`` command line: ``memops bench [--op NAME] [--quick] [--out DIR]`` and ``memops train-demo [--steps N]``."""
+
 from __future__ import annotations
 
 import argparse
@@ -76,19 +77,31 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time the ops against their baselines; print a table, write JSON + PNG")
     bench.add_argument("--op", help="one op to run (default: all)")
-    bench.add_argument("--quick", action="store_true", help="the small cases only (a CPU-only machine: under 2 minutes)")
-    bench.add_argument("--out", default="bench-results", help="folder for <op>.json and <op>.png (default: bench-results)")
+    bench.add_argument(
+        "--quick", action="store_true", help="the small cases only (a CPU-only machine: under 2 minutes)"
+    )
+    bench.add_argument(
+        "--out", default="bench-results", help="folder for <op>.json and <op>.png (default: bench-results)"
+    )
     report = commands.add_parser("report", help="render committed bench results into one markdown page")
     report.add_argument("--results", default="benchmarks/results", help="folder of <device>/<op>.json results")
     report.add_argument("--out", default="docs/benchmarks.md", help="the page to write (default: docs/benchmarks.md)")
-    report.add_argument("--compile-out", default="docs/gpu-compile.md",
-                        help="the GPU compile check's page, from <results>/gpu-compile/*.json (default: docs/gpu-compile.md)")
-    demo = commands.add_parser("train-demo", help="train a small MemoryLM on associative recall, then generate (CPU: < 1 min)")
+    report.add_argument(
+        "--compile-out",
+        default="docs/gpu-compile.md",
+        help="the GPU compile check's page, from <results>/gpu-compile/*.json (default: docs/gpu-compile.md)",
+    )
+    demo = commands.add_parser(
+        "train-demo", help="train a small MemoryLM on associative recall, then generate (CPU: < 1 min)"
+    )
     demo.add_argument("--steps", type=int, default=1500)
     demo.add_argument("--seed", type=int, default=0)
-    commands.add_parser("gpu-check", add_help=False,
-                        help="compile every kernel ahead of time for sm_90/sm_80 and report registers, spills, smem, "
-                             "tensor cores (memops gpu-check --help)")
+    commands.add_parser(
+        "gpu-check",
+        add_help=False,
+        help="compile every kernel ahead of time for sm_90/sm_80 and report registers, spills, smem, "
+        "tensor cores (memops gpu-check --help)",
+    )
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "gpu-check":  # its own parser: memops.tools.gpu_check

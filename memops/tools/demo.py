@@ -4,6 +4,7 @@ The task is generated on the fly (nothing to download): a sequence of key-value 
 one of the keys; the target is that key's value. Tokens: keys [0, n_keys), values [n_keys, n_keys +
 n_values), the separator n_keys + n_values. Loss is on the answer only; accuracy is exact recall.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,37 @@ def recall_batch(batch: int, pairs: int, n_keys: int, n_values: int, generator: 
 
 
 def demo_config(n_keys: int, n_values: int) -> MemoryLMConfig:
-    return MemoryLMConfig(vocab_size=n_keys + n_values + 1, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                          max_positions=256, prefix_length=4, pkm_layers=(1,), moe_block_size=16, kv_budget=32,
-                          kv_buffer=8)
+    return MemoryLMConfig(
+        vocab_size=n_keys + n_values + 1,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_positions=256,
+        prefix_length=4,
+        pkm_layers=(1,),
+        moe_block_size=16,
+        kv_budget=32,
+        kv_buffer=8,
+    )
 
 
 PAIRS, N_KEYS, N_VALUES = 4, 8, 8
 
 
-def train(steps: int = 1500, *, batch: int = 64, pairs: int = PAIRS, n_keys: int = N_KEYS, n_values: int = N_VALUES,
-          seed: int = 0, device: str = "cpu", log_every: int = 100, progress: bool = True, lr: float = 1e-3):
+def train(
+    steps: int = 1500,
+    *,
+    batch: int = 64,
+    pairs: int = PAIRS,
+    n_keys: int = N_KEYS,
+    n_values: int = N_VALUES,
+    seed: int = 0,
+    device: str = "cpu",
+    log_every: int = 100,
+    progress: bool = True,
+    lr: float = 1e-3,
+):
     """Train; returns (model, list of (step, loss, accuracy))."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -59,8 +81,11 @@ def train(steps: int = 1500, *, batch: int = 64, pairs: int = PAIRS, n_keys: int
             history.append((step, loss.item(), accuracy))
             if progress:
                 bar = "#" * (24 * step // steps)
-                print(f"[{bar:<24}] step {step:4d}/{steps}  loss {loss.item():.3f}  recall {accuracy:6.1%}  "
-                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+                print(
+                    f"[{bar:<24}] step {step:4d}/{steps}  loss {loss.item():.3f}  recall {accuracy:6.1%}  "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
     return model, history
 
 
@@ -70,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"training MemoryLM on associative recall ({device}; "
-          f"{'Triton kernels' if device == 'cuda' else 'the PyTorch reference path'})")
+    print(
+        f"training MemoryLM on associative recall ({device}; "
+        f"{'Triton kernels' if device == 'cuda' else 'the PyTorch reference path'})"
+    )
     model, history = train(args.steps, seed=args.seed, device=device)
     generator = torch.Generator().manual_seed(args.seed + 1)
     held_out, answers = recall_batch(512, PAIRS, N_KEYS, N_VALUES, generator)
@@ -80,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     prompt = held_out[:4].to(device)
     tokens, cache = model.generate(prompt, max_new_tokens=96)
     rows, total = cache.get_seq_length(0), tokens.shape[1]
-    print(f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; recall on 512 held-out sequences: {accuracy:.1%} "
-          f"(chance {1 / N_VALUES:.1%})")
-    print(f"generated {total - prompt.shape[1]} tokens per sequence with a RetentionKVCache: {rows} rows per layer "
-          f"and KV head (budget {model.config.kv_budget} + buffer {model.config.kv_buffer}) instead of {total} for a "
-          f"full cache ({1 - rows / total:.0%} less K/V memory), {cache.memory_bytes() / 1024:.1f} KiB allocated")
+    print(
+        f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; recall on 512 held-out sequences: {accuracy:.1%} "
+        f"(chance {1 / N_VALUES:.1%})"
+    )
+    print(
+        f"generated {total - prompt.shape[1]} tokens per sequence with a RetentionKVCache: {rows} rows per layer "
+        f"and KV head (budget {model.config.kv_budget} + buffer {model.config.kv_buffer}) instead of {total} for a "
+        f"full cache ({1 - rows / total:.0%} less K/V memory), {cache.memory_bytes() / 1024:.1f} KiB allocated"
+    )
     return 0
 
 

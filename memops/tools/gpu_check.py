@@ -24,6 +24,7 @@ timing, the absence of races, or numerics on hardware: those need the GPU sessio
 Usage: ``memops gpu-check`` (full sweep: every family, variant and target; writes JSON + markdown),
 ``memops gpu-check --subset`` (the CI subset: one variant per kernel, dtype class and code path, sm_90).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,22 +48,29 @@ import torch
 # may use, the shared memory of one SM (each resident block also reserves 1 KiB), registers per SM, resident
 # blocks and threads per SM.
 TARGETS = {
-    80: dict(name="sm_80", smem_per_block=166912, smem_per_sm=167936, regs_per_sm=65536, max_blocks=32,
-             max_threads=2048),
-    90: dict(name="sm_90", smem_per_block=232448, smem_per_sm=233472, regs_per_sm=65536, max_blocks=32,
-             max_threads=2048),
-    100: dict(name="sm_100", smem_per_block=232448, smem_per_sm=233472, regs_per_sm=65536, max_blocks=32,
-              max_threads=2048),
+    80: dict(
+        name="sm_80", smem_per_block=166912, smem_per_sm=167936, regs_per_sm=65536, max_blocks=32, max_threads=2048
+    ),
+    90: dict(
+        name="sm_90", smem_per_block=232448, smem_per_sm=233472, regs_per_sm=65536, max_blocks=32, max_threads=2048
+    ),
+    100: dict(
+        name="sm_100", smem_per_block=232448, smem_per_sm=233472, regs_per_sm=65536, max_blocks=32, max_threads=2048
+    ),
 }
 DEFAULT_ARCHES = (90, 80)
 
 # Variants that may break a rule, each with its reason: (kernel, predicate on the variant's labels, rule, why).
 # Rules: "spill" (stack or LDL/STL), "tensor_cores" (a 16-bit or tf32 dot not on tensor cores).
 ALLOWED: list[tuple[str, Callable[[dict], bool], str, str]] = [
-    ("block_route_kernel", lambda row: row["config"].get("E", 0) >= 256, "spill",
-     "E = 256 experts (LLaDA2): the (32 tokens, 256 experts) int64 packed-entry sorts of the vote and the top-k "
-     "spill 160-170 B at 8 warps (1.2-3.2 KB at 4); removing it means splitting the expert axis across programs "
-     "(not done yet). The kernel has no dots and runs once per block of tokens."),
+    (
+        "block_route_kernel",
+        lambda row: row["config"].get("E", 0) >= 256,
+        "spill",
+        "E = 256 experts (LLaDA2): the (32 tokens, 256 experts) int64 packed-entry sorts of the vote and the top-k "
+        "spill 160-170 B at 8 warps (1.2-3.2 KB at 4); removing it means splitting the expert axis across programs "
+        "(not done yet). The kernel has no dots and runs once per block of tokens.",
+    ),
 ]
 
 
@@ -76,12 +84,13 @@ class Launch:
 @dataclasses.dataclass
 class Variant:
     """One compile: a kernel at one specialisation for one target, and every scenario that launches it."""
+
     family: str
     kernel: str
     arch: int
-    dtype: str           # "bf16", "fp16", "fp32" (ieee dots), "tf32" (fp32 inputs, tf32 dots)
-    labels: list[str]    # "<case> <path>" of every scenario that produced this exact compile
-    config: dict         # the constexprs and options that the launcher chose (for the report)
+    dtype: str  # "bf16", "fp16", "fp32" (ieee dots), "tf32" (fp32 inputs, tf32 dots)
+    labels: list[str]  # "<case> <path>" of every scenario that produced this exact compile
+    config: dict  # the constexprs and options that the launcher chose (for the report)
     key: str = ""
     launch: Launch | None = dataclasses.field(default=None, repr=False)
 
@@ -163,8 +172,10 @@ def _weighted_gather_scenarios(dtype, subset):
             indices = torch.randint(0, S, (T, K), dtype=torch.int64)
             kernels.weighted_gather_fwd(values, indices, weights)
             for algorithm in ("atomic", "segment"):
-                kernels.weighted_gather_bwd(_meta(T, D, dtype=dt), values, indices, weights,
-                                            values_grad_algorithm=algorithm)
+                kernels.weighted_gather_bwd(
+                    _meta(T, D, dtype=dt), values, indices, weights, values_grad_algorithm=algorithm
+                )
+
         yield case.name, run
 
 
@@ -186,6 +197,7 @@ def _search_scenarios(dtype, subset):
             kernels.product_key_search(queries, sub_keys, topk)
             indices = torch.randint(0, n_keys * n_keys, (T, heads, topk), dtype=torch.int64)
             search_backward(_meta(T, heads, topk, dtype=torch.float32), queries, sub_keys, indices)
+
         yield case.name, run
 
 
@@ -199,20 +211,36 @@ def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
     q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
     paths = [("shared-memory", _meta(Hkv, M, D, dtype=dt), None, False)]
     if not subset:
-        paths += [("per-sample-memory+bias", _meta(B, Hkv, M, D, dtype=dt), _meta(B, Hkv, M, dtype=dt), False),
-                  ("shared-memory deterministic", _meta(Hkv, M, D, dtype=dt), None, True)]
+        paths += [
+            ("per-sample-memory+bias", _meta(B, Hkv, M, D, dtype=dt), _meta(B, Hkv, M, dtype=dt), False),
+            ("shared-memory deterministic", _meta(Hkv, M, D, dtype=dt), None, True),
+        ]
     for label, mem, bias, deterministic in paths:
+
         def run(mem=mem, bias=bias, deterministic=deterministic):
             # Where the launch tables have no clean config the ops' "auto" backend runs the reference, so
             # nothing is launched to check (the report lists those table entries).
             if kernels.reference_instead(q, "memory", backward=False):
                 return
-            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, causal=causal, scale=D ** -0.5)
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, causal=causal, scale=D**-0.5)
             if kernels.reference_instead(q, "memory", backward=True):
                 return
-            kernels.memory_attention_bwd(_meta(B, H, N, D, dtype=dt), q, k, k, mem, mem, bias, _meta(B, H, N, D, dtype=dt),
-                                         _meta(B, H, N, dtype=torch.float32), causal=causal, scale=D ** -0.5,
-                                         deterministic=deterministic, grad_lse=_meta(B, H, N, dtype=torch.float32))
+            kernels.memory_attention_bwd(
+                _meta(B, H, N, D, dtype=dt),
+                q,
+                k,
+                k,
+                mem,
+                mem,
+                bias,
+                _meta(B, H, N, D, dtype=dt),
+                _meta(B, H, N, dtype=torch.float32),
+                causal=causal,
+                scale=D**-0.5,
+                deterministic=deterministic,
+                grad_lse=_meta(B, H, N, dtype=torch.float32),
+            )
+
         yield label, run
 
     def composed(mem=paths[0][1]):
@@ -223,11 +251,29 @@ def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
         if kernels.reference_instead(q, "memory", backward=True):
             return
         none = k.narrow(2, 0, 0)
-        out, lse = kernels.memory_attention_fwd(q, none, none, mem, mem, None, causal=False, scale=D ** -0.5)
-        lse_merge(out, lse, _meta(B, H, N, D, dtype=dt), _meta(B, H, N, dtype=torch.float32),
-                  empty_a_rows=max(N - Nk, 0) if causal else 0)
-        kernels.memory_attention_bwd(_meta(B, H, N, D, dtype=dt), q, none, none, mem, mem, None, out, lse,
-                                     causal=False, scale=D ** -0.5, deterministic=False)
+        out, lse = kernels.memory_attention_fwd(q, none, none, mem, mem, None, causal=False, scale=D**-0.5)
+        lse_merge(
+            out,
+            lse,
+            _meta(B, H, N, D, dtype=dt),
+            _meta(B, H, N, dtype=torch.float32),
+            empty_a_rows=max(N - Nk, 0) if causal else 0,
+        )
+        kernels.memory_attention_bwd(
+            _meta(B, H, N, D, dtype=dt),
+            q,
+            none,
+            none,
+            mem,
+            mem,
+            None,
+            out,
+            lse,
+            causal=False,
+            scale=D**-0.5,
+            deterministic=False,
+        )
+
     yield "composed", composed
 
 
@@ -244,8 +290,9 @@ def _cases_by_head_dim(module: str, subset: bool, subset_case: str):
 def _memory_attention_scenarios(dtype, subset):
     dt = _torch_dtype(dtype)
     for case, p, D in _cases_by_head_dim("attention", subset, "dit-mem"):
-        for path, run in _attention_paths(p["B"], p["H"], p["Hkv"], p["N"], p["Nk"], p["M"], D, p["causal"], dt,
-                                          subset):
+        for path, run in _attention_paths(
+            p["B"], p["H"], p["Hkv"], p["N"], p["Nk"], p["M"], D, p["causal"], dt, subset
+        ):
             yield f"{case.name} D={D} {path}", run
 
 
@@ -255,6 +302,7 @@ def _retention_scenarios(dtype, subset):
     dt = _torch_dtype(dtype)
     for case, p, D in _cases_by_head_dim("retention", subset, "llm-4k"):
         for documents in (False, True):  # packed documents (position_ids / cu_seqlens): the DOCUMENTS variants
+
             def run(p=p, D=D, documents=documents):
                 B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
                 q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, N, D, dtype=dt)
@@ -262,24 +310,43 @@ def _retention_scenarios(dtype, subset):
                 bounds = _meta(B, N, dtype=torch.int32) if documents else None
                 if attention.reference_instead(q, "decay", backward=False):  # the ops run the reference
                     return
-                attention.memory_attention_fwd(q, k, k, None, None, None, causal=True, scale=D ** -0.5,
-                                               log_beta=log_beta, doc_start=bounds)
+                attention.memory_attention_fwd(
+                    q, k, k, None, None, None, causal=True, scale=D**-0.5, log_beta=log_beta, doc_start=bounds
+                )
                 if not attention.reference_instead(q, "decay", backward=True):
-                    attention.memory_attention_bwd(q, q, k, k, None, None, None, q, _meta(B, H, N, dtype=torch.float32),
-                                                   causal=True, scale=D ** -0.5, deterministic=True, log_beta=log_beta,
-                                                   doc_start=bounds, doc_end=bounds)
+                    attention.memory_attention_bwd(
+                        q,
+                        q,
+                        k,
+                        k,
+                        None,
+                        None,
+                        None,
+                        q,
+                        _meta(B, H, N, dtype=torch.float32),
+                        causal=True,
+                        scale=D**-0.5,
+                        deterministic=True,
+                        log_beta=log_beta,
+                        doc_start=bounds,
+                        doc_end=bounds,
+                    )
+
             yield f"{case.name} D={D} decay{' documents' if documents else ''}", run
     if dtype in ("fp32", "bf16"):  # the capacity kernels read log_beta (any float) and compute in fp32
         for case in _cases("retention_capacity"):
             p = case.params
 
             for documents in (False, True):
+
                 def run(p=p, documents=documents):
                     log_beta = _meta(p["B"], p["Hkv"], p["N"], dtype=dt)
                     bounds = _meta(p["B"], p["N"], dtype=torch.int32) if documents else None
                     retention.retention_capacity_fwd(log_beta, bounds)
-                    retention.retention_capacity_bwd(_meta(p["B"], p["Hkv"], p["N"], dtype=torch.float32), log_beta,
-                                                     bounds)
+                    retention.retention_capacity_bwd(
+                        _meta(p["B"], p["Hkv"], p["N"], dtype=torch.float32), log_beta, bounds
+                    )
+
                 yield f"capacity {case.name}{' documents' if documents else ''}", run
     for case in _cases("retention_cache"):
         p = case.params
@@ -291,6 +358,7 @@ def _retention_scenarios(dtype, subset):
             retention.cache_gather(_meta(rows, L, D, dtype=dt), kept, _meta(rows, budget, D, dtype=dt))
             retention.cache_gather(log_beta[..., None], kept, _meta(rows, budget, 1, dtype=torch.float32))
             retention.cache_gather(positions[..., None], kept, _meta(rows, budget, 1, dtype=torch.int64))
+
         yield f"cache {case.name}", run
 
 
@@ -300,16 +368,28 @@ def _looped_scenarios(dtype, subset):
     dt = _torch_dtype(dtype)
     for case, p, D in _cases_by_head_dim("looped", subset, "ouro-4k"):
         for gate_width in (1, D):
+
             def run(p=p, D=D, gate_width=gate_width):
                 B, H, Hkv, n, Nk = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"]
                 q, cache = _meta(B, H, n, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
                 new, gate = _meta(B, Hkv, n, D, dtype=dt), _meta(B, Hkv, n, gate_width, dtype=dt)
-                if not attention.reference_instead(q, attention.fwd_path(gate_per_channel=gate_width != 1),
-                                                   backward=False):  # else the ops run the reference
-                    attention.memory_attention_fwd(q, cache, cache, None, None, None, causal=True, scale=D ** -0.5,
-                                                   blend=(new, new, gate, cache, cache))
+                if not attention.reference_instead(
+                    q, attention.fwd_path(gate_per_channel=gate_width != 1), backward=False
+                ):  # else the ops run the reference
+                    attention.memory_attention_fwd(
+                        q,
+                        cache,
+                        cache,
+                        None,
+                        None,
+                        None,
+                        causal=True,
+                        scale=D**-0.5,
+                        blend=(new, new, gate, cache, cache),
+                    )
                 looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
                 looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
+
             yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
 
 
@@ -325,10 +405,20 @@ def _moe_scenarios(dtype, subset):
         def run(p=p):
             logits = _meta(p["B"], p["N"], p["E"], dtype=torch.float32)
             for block_size in (32, None):  # block routing, and token routing
-                moe.block_route(logits, _meta(p["E"], dtype=torch.float32), block_size=block_size, top_k=p["top_k"],
-                                top_p=0.9, min_experts=p["min_experts"], softmax=p["score_func"] == "softmax",
-                                n_groups=p["n_groups"], topk_groups=p["topk_groups"],
-                                routed_scaling=p["routed_scaling"], normalize=True)
+                moe.block_route(
+                    logits,
+                    _meta(p["E"], dtype=torch.float32),
+                    block_size=block_size,
+                    top_k=p["top_k"],
+                    top_p=0.9,
+                    min_experts=p["min_experts"],
+                    softmax=p["score_func"] == "softmax",
+                    n_groups=p["n_groups"],
+                    topk_groups=p["topk_groups"],
+                    routed_scaling=p["routed_scaling"],
+                    normalize=True,
+                )
+
         yield f"route {case.name}", run
     for case in _cases("moe_layer"):
         p = case.params
@@ -343,6 +433,7 @@ def _moe_scenarios(dtype, subset):
             # the backward op: the gate/up GEMM again for its pre-activations, then the grads
             _, (layout, h, preact) = moe.moe_experts_fwd(x, w_gate_up, w_down, ids, save_preact=True, down=False)
             moe.moe_experts_bwd(_meta(T * top_k, d, dtype=dt), x, w_gate_up, w_down, ids, layout, h, preact)
+
         yield f"experts {case.name}", run
 
 
@@ -399,23 +490,60 @@ def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = 
                             if kernels and fn.__name__ not in kernels:
                                 continue
                             options, signature, constexprs, attrs = _specialise(launch, arch)
-                            key = repr((fn.__name__, arch, sorted(signature.items()), sorted(constexprs.items()),
-                                        sorted(attrs.items()), options.num_warps, options.num_stages))
+                            key = repr(
+                                (
+                                    fn.__name__,
+                                    arch,
+                                    sorted(signature.items()),
+                                    sorted(constexprs.items()),
+                                    sorted(attrs.items()),
+                                    options.num_warps,
+                                    options.num_stages,
+                                )
+                            )
                             if key in variants:
                                 if label not in variants[key].labels:
                                     variants[key].labels.append(label)
                                 continue
-                            config = {fn.arg_names[path[0]]: _describe(v) for path, v in constexprs.items()
-                                      if len(path) == 1 and fn.arg_names[path[0]].isupper()}
+                            config = {
+                                fn.arg_names[path[0]]: _describe(v)
+                                for path, v in constexprs.items()
+                                if len(path) == 1 and fn.arg_names[path[0]].isupper()
+                            }
                             config.update(num_warps=options.num_warps, num_stages=options.num_stages)
                             variants[key] = Variant(family, fn.__name__, arch, dtype, [label], config, key, launch)
     out = list(variants.values())
     if subset:  # one variant per (kernel, dtype class, code path): the first of each
         seen, kept = set(), []
         for v in out:
-            path = tuple(sorted((k, v.config[k]) for k in v.config if k.isupper() and (
-                k.startswith(("HAS_", "CAUSAL", "BLEND", "GATE_", "MEMORY_", "WEIGHTS_", "ATOMIC_", "SWIGLU",
-                              "SAVE_", "VOTE", "SOFTMAX", "A_ROWS", "C_ROWS", "G_ROWS", "USE_")))))
+            path = tuple(
+                sorted(
+                    (k, v.config[k])
+                    for k in v.config
+                    if k.isupper()
+                    and (
+                        k.startswith(
+                            (
+                                "HAS_",
+                                "CAUSAL",
+                                "BLEND",
+                                "GATE_",
+                                "MEMORY_",
+                                "WEIGHTS_",
+                                "ATOMIC_",
+                                "SWIGLU",
+                                "SAVE_",
+                                "VOTE",
+                                "SOFTMAX",
+                                "A_ROWS",
+                                "C_ROWS",
+                                "G_ROWS",
+                                "USE_",
+                            )
+                        )
+                    )
+                )
+            )
             k = (v.kernel, v.dtype, path)
             if k not in seen:
                 seen.add(k)
@@ -438,8 +566,9 @@ def _dot_lowering(ttgir: str) -> dict:
     """How many dots became wgmma (HGMMA), mma.sync (HMMA) or FMA, from the TTGIR."""
     definitions = re.findall(r"^(#\w+) = (#ttg\.\w+)<\{([^\n]*)", ttgir, flags=re.M)
     encodings = {alias: kind for alias, kind, _ in definitions}
-    versions = {alias: int(m.group(1)) for alias, _, rest in definitions
-                if (m := re.search(r"versionMajor = (\d+)", rest))}
+    versions = {
+        alias: int(m.group(1)) for alias, _, rest in definitions if (m := re.search(r"versionMajor = (\d+)", rest))
+    }
     counts = {"wgmma": 0, "mma": 0, "fma": 0}
     counts["wgmma"] = len(re.findall(r"= ttng\.warp_group_dot ", ttgir))
     for line in re.findall(r"= tt\.dot [^\n]*", ttgir):
@@ -456,13 +585,19 @@ def _resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     field = lambda name: int(re.search(rf"\b{name}:(\d+)", usage).group(1))  # noqa: E731
-    return dict(registers=field("REG"), stack=field("STACK"), local=field("LOCAL"),
-                spill_instructions=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
-                hgmma=len(re.findall(r"\bHGMMA\b", sass)), hmma=len(re.findall(r"\bHMMA\b", sass)))
+    return dict(
+        registers=field("REG"),
+        stack=field("STACK"),
+        local=field("LOCAL"),
+        spill_instructions=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+        hmma=len(re.findall(r"\bHMMA\b", sass)),
+    )
 
 
 def _occupancy(registers: int, shared: int, num_warps: int, target: dict) -> int:
@@ -482,18 +617,35 @@ def compile_variant(variant: Variant) -> dict:
     from triton.compiler import compile as triton_compile
 
     target = TARGETS[variant.arch]
-    row = dict(family=variant.family, kernel=variant.kernel, arch=target["name"], dtype=variant.dtype,
-               labels=variant.labels, config=variant.config, ok=False, error=None)
+    row = dict(
+        family=variant.family,
+        kernel=variant.kernel,
+        arch=target["name"],
+        dtype=variant.dtype,
+        labels=variant.labels,
+        config=variant.config,
+        ok=False,
+        error=None,
+    )
     start = time.perf_counter()
     try:
         options, signature, constexprs, attrs = _specialise(variant.launch, variant.arch)
-        compiled = triton_compile(ASTSource(variant.launch.kernel, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", variant.arch, 32), options=options.__dict__)
+        compiled = triton_compile(
+            ASTSource(variant.launch.kernel, signature, constexprs, attrs),
+            target=GPUTarget("cuda", variant.arch, 32),
+            options=options.__dict__,
+        )
         resources = _resources(compiled.asm["cubin"])
         dots = _dot_lowering(compiled.asm["ttgir"])
         shared = int(compiled.metadata.shared)
-        row.update(ok=True, shared=shared, shared_limit=target["smem_per_block"], dots=dots, **resources,
-                   blocks_per_sm=_occupancy(resources["registers"], shared, options.num_warps, target))
+        row.update(
+            ok=True,
+            shared=shared,
+            shared_limit=target["smem_per_block"],
+            dots=dots,
+            **resources,
+            blocks_per_sm=_occupancy(resources["registers"], shared, options.num_warps, target),
+        )
     except Exception as error:  # noqa: BLE001 - the report carries the exact error of any compile failure
         # A CompilationError's text is the source position, the source line and the cause: keep the position
         # and the cause on one line.
@@ -542,8 +694,15 @@ def _worker_compile(index: int) -> dict:
     return compile_variant(_WORKER_VARIANTS[index])
 
 
-def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False, jobs: int | None = None,
-              progress=None, kernels=None) -> dict:
+def run_check(
+    families=None,
+    dtypes=DTYPES,
+    arches=DEFAULT_ARCHES,
+    subset=False,
+    jobs: int | None = None,
+    progress=None,
+    kernels=None,
+) -> dict:
     """Compile every variant (in ``jobs`` processes) and return the report: rows and a summary."""
     import triton
 
@@ -563,16 +722,23 @@ def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False,
     else:
         # spawn, not fork: a forked torch process can deadlock on locks held by the parent's threads
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
-                                 initargs=(families, dtypes, arches, subset, kernels)) as pool:
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_worker_init, initargs=(families, dtypes, arches, subset, kernels)
+        ) as pool:
             for row in pool.map(_worker_compile, range(len(variants))):
                 rows.append(row)
                 if progress:
                     progress(row)
     failing = [r for r in rows if r["problems"]]
     return dict(
-        triton=triton.__version__, torch=torch.__version__, subset=subset, arches=[TARGETS[a]["name"] for a in arches],
-        variants=len(rows), failing=len(failing), wall_s=round(time.perf_counter() - start, 1), rows=rows,
+        triton=triton.__version__,
+        torch=torch.__version__,
+        subset=subset,
+        arches=[TARGETS[a]["name"] for a in arches],
+        variants=len(rows),
+        failing=len(failing),
+        wall_s=round(time.perf_counter() - start, 1),
+        rows=rows,
     )
 
 
@@ -595,29 +761,46 @@ def summary_table(reports: list[dict]) -> list[dict]:
     out = []
     for (version, arch, kernel, dtype), rows in sorted(groups.items()):
         ok = [r for r in rows if r["ok"]]
-        out.append(dict(
-            triton=version, arch=arch, kernel=kernel, dtype=dtype, variants=len(rows), compiled=len(ok),
-            failing=sum(1 for r in rows if r["problems"]),
-            max_registers=max((r["registers"] for r in ok), default=None),
-            max_stack=max((r["stack"] for r in ok), default=None),
-            spill_instructions=sum(r["spill_instructions"] for r in ok),
-            max_shared_kib=round(max((r["shared"] for r in ok), default=0) / 1024, 1),
-            tensor_cores="n/a" if dtype == "fp32" else (
-                "yes" if ok and all(not r["dots"]["fma"] and not (r["arch"] == "sm_90" and r["dots"]["mma"])
-                                    for r in ok) and any(sum(r["dots"].values()) for r in ok) else
-                ("no dots" if all(not sum(r["dots"].values()) for r in ok) else "no")),
-            min_blocks_per_sm=min((r["blocks_per_sm"] for r in ok), default=None),
-        ))
+        out.append(
+            dict(
+                triton=version,
+                arch=arch,
+                kernel=kernel,
+                dtype=dtype,
+                variants=len(rows),
+                compiled=len(ok),
+                failing=sum(1 for r in rows if r["problems"]),
+                max_registers=max((r["registers"] for r in ok), default=None),
+                max_stack=max((r["stack"] for r in ok), default=None),
+                spill_instructions=sum(r["spill_instructions"] for r in ok),
+                max_shared_kib=round(max((r["shared"] for r in ok), default=0) / 1024, 1),
+                tensor_cores="n/a"
+                if dtype == "fp32"
+                else (
+                    "yes"
+                    if ok
+                    and all(not r["dots"]["fma"] and not (r["arch"] == "sm_90" and r["dots"]["mma"]) for r in ok)
+                    and any(sum(r["dots"].values()) for r in ok)
+                    else ("no dots" if all(not sum(r["dots"].values()) for r in ok) else "no")
+                ),
+                min_blocks_per_sm=min((r["blocks_per_sm"] for r in ok), default=None),
+            )
+        )
     return out
 
 
 def _summary_lines(reports: list[dict]) -> list[str]:
-    lines = ["| triton | target | kernel | dtype | variants | failing | max regs | max stack B | LDL/STL | "
-             "max smem KiB | tensor cores | min blocks/SM |", "|" + "---|" * 12]
+    lines = [
+        "| triton | target | kernel | dtype | variants | failing | max regs | max stack B | LDL/STL | "
+        "max smem KiB | tensor cores | min blocks/SM |",
+        "|" + "---|" * 12,
+    ]
     for r in summary_table(reports):
-        lines.append(f"| {r['triton']} | {r['arch']} | {r['kernel']} | {r['dtype']} | {r['variants']} | {r['failing']} | "
-                     f"{r['max_registers']} | {r['max_stack']} | {r['spill_instructions']} | {r['max_shared_kib']} | "
-                     f"{r['tensor_cores']} | {r['min_blocks_per_sm']} |")
+        lines.append(
+            f"| {r['triton']} | {r['arch']} | {r['kernel']} | {r['dtype']} | {r['variants']} | {r['failing']} | "
+            f"{r['max_registers']} | {r['max_stack']} | {r['spill_instructions']} | {r['max_shared_kib']} | "
+            f"{r['tensor_cores']} | {r['min_blocks_per_sm']} |"
+        )
     return lines
 
 
@@ -627,8 +810,11 @@ def _fallback_lines() -> list[str]:
     from memops.kernels import attention
 
     lines = []
-    for name, table in (("forward", attention.FWD_CONFIGS), ("dQ", attention.DQ_CONFIGS),
-                        ("dK/dV", attention.DKDV_CONFIGS)):
+    for name, table in (
+        ("forward", attention.FWD_CONFIGS),
+        ("dQ", attention.DQ_CONFIGS),
+        ("dK/dV", attention.DKDV_CONFIGS),
+    ):
         for (arch, dtype, head_dim), (by_path, why) in sorted(table.items()):
             paths = [path for path, config in by_path.items() if config is None]
             if paths:
@@ -640,17 +826,23 @@ def _fallback_lines() -> list[str]:
 def markdown(reports: list[dict], before: list[dict] | None = None) -> str:
     """docs/gpu-compile.md: the summary per kernel, then every failing variant with its reason; ``before``:
     reports of an earlier sweep, summarised after it for comparison."""
-    lines = ["# GPU compile check", "",
-             "Every kernel the public ops launch, compiled ahead of time on a CPU-only machine for real GPU targets",
-             "at the launch configs the launchers choose on CUDA, at every family's CUDA benchmark shapes and for",
-             "every dtype class (bf16, fp16, fp32 with ieee dots, fp32 with tf32 dots) and head dim",
-             "(`python -m memops.tools.gpu_check`, which `memops gpu-check` runs; see `memops/tools/gpu_check.py` and",
-             "docs/testing.md for what it proves and what it cannot). Regenerate with",
-             "`memops gpu-check --out benchmarks/results/gpu-compile` under each Triton version, then `memops report`.", ""]
+    lines = [
+        "# GPU compile check",
+        "",
+        "Every kernel the public ops launch, compiled ahead of time on a CPU-only machine for real GPU targets",
+        "at the launch configs the launchers choose on CUDA, at every family's CUDA benchmark shapes and for",
+        "every dtype class (bf16, fp16, fp32 with ieee dots, fp32 with tf32 dots) and head dim",
+        "(`python -m memops.tools.gpu_check`, which `memops gpu-check` runs; see `memops/tools/gpu_check.py` and",
+        "docs/testing.md for what it proves and what it cannot). Regenerate with",
+        "`memops gpu-check --out benchmarks/results/gpu-compile` under each Triton version, then `memops report`.",
+        "",
+    ]
     for report in reports:
-        lines.append(f"- Triton {report['triton']} (torch {report['torch']}), targets {', '.join(report['arches'])}: "
-                     f"{report['variants']} variants, {report['failing']} failing, {report['wall_s']} s"
-                     f"{' (subset)' if report['subset'] else ''}.")
+        lines.append(
+            f"- Triton {report['triton']} (torch {report['torch']}), targets {', '.join(report['arches'])}: "
+            f"{report['variants']} variants, {report['failing']} failing, {report['wall_s']} s"
+            f"{' (subset)' if report['subset'] else ''}."
+        )
     lines += [""] + _summary_lines(reports)
     # Failing variants, grouped by (triton, target, kernel, dtype, kind of problem), with one example each.
     groups: dict[tuple, list] = {}
@@ -659,37 +851,53 @@ def markdown(reports: list[dict], before: list[dict] | None = None) -> str:
             for problem in row["problems"]:
                 kind = re.sub(r"\d+", "N", problem.split(":")[0])
                 groups.setdefault((report["triton"], row["arch"], row["kernel"], row["dtype"], kind), []).append(
-                    (row, problem))
+                    (row, problem)
+                )
     lines += ["", "## Failing variants", ""]
     if not groups:
         lines.append("None.")
     for (version, arch, kernel, dtype, kind), items in sorted(groups.items()):
         row, problem = items[0]
-        lines.append(f"- Triton {version}, {arch}, `{kernel}` {dtype}: {len(items)} variant(s), {kind}; e.g. "
-                     f"{row['labels'][0]} {row['config']}: {problem}")
+        lines.append(
+            f"- Triton {version}, {arch}, `{kernel}` {dtype}: {len(items)} variant(s), {kind}; e.g. "
+            f"{row['labels'][0]} {row['config']}: {problem}"
+        )
     if ALLOWED:
         lines += ["", "## Allowed exceptions", ""]
         lines += [f"- `{kernel}` ({rule}): {why}" for kernel, _, rule, why in ALLOWED]
-    lines += ["", "## Reference fallbacks", "",
-              "Attention launch-table entries (`memops/kernels/attention.py`) where no candidate compiled clean. There",
-              "the public ops' `\"auto\"` backend runs the reference (torch SDPA and matmuls) instead, so the",
-              "sweep launches nothing; `memops.backend(\"triton\")` still forces the kernels, at the smallest tile.", ""]
+    lines += [
+        "",
+        "## Reference fallbacks",
+        "",
+        "Attention launch-table entries (`memops/kernels/attention.py`) where no candidate compiled clean. There",
+        'the public ops\' `"auto"` backend runs the reference (torch SDPA and matmuls) instead, so the',
+        'sweep launches nothing; `memops.backend("triton")` still forces the kernels, at the smallest tile.',
+        "",
+    ]
     lines += _fallback_lines() or ["None."]
     if before:
-        lines += ["", "## Before the fixes", "",
-                  "The first sweep, before the fixes above (launch configs of that commit; the search, routing and",
-                  "eviction kernels did not compile):", ""]
+        lines += [
+            "",
+            "## Before the fixes",
+            "",
+            "The first sweep, before the fixes above (launch configs of that commit; the search, routing and",
+            "eviction kernels did not compile):",
+            "",
+        ]
         for report in before:
-            lines.append(f"- Triton {report['triton']}, targets {', '.join(report['arches'])}: {report['variants']} "
-                         f"variants, {report['failing']} failing, {report['wall_s']} s.")
+            lines.append(
+                f"- Triton {report['triton']}, targets {', '.join(report['arches'])}: {report['variants']} "
+                f"variants, {report['failing']} failing, {report['wall_s']} s."
+            )
         lines += [""] + _summary_lines(before)
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memops gpu-check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subset", action="store_true", help="the CI subset (one variant per kernel, dtype class "
-                        "and code path, sm_90)")
+    parser.add_argument(
+        "--subset", action="store_true", help="the CI subset (one variant per kernel, dtype class and code path, sm_90)"
+    )
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families")
     parser.add_argument("--arch", action="append", type=int, choices=sorted(TARGETS), help="targets (default 90, 80)")
     parser.add_argument("--kernel", action="append", help="only these kernels (by name)")
@@ -700,13 +908,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(row):
         status = "ok" if not row["problems"] else "FAIL " + "; ".join(row["problems"])
-        figures = (f"regs {row['registers']} stack {row['stack']} smem {row['shared']} dots [{_dots_text(row)}]"
-                   if row["ok"] else "")
-        print(f"{row['arch']} {row['kernel']} {row['dtype']} {row['config']} {figures} {row['compile_s']}s: {status}",
-              flush=True)
+        figures = (
+            f"regs {row['registers']} stack {row['stack']} smem {row['shared']} dots [{_dots_text(row)}]"
+            if row["ok"]
+            else ""
+        )
+        print(
+            f"{row['arch']} {row['kernel']} {row['dtype']} {row['config']} {figures} {row['compile_s']}s: {status}",
+            flush=True,
+        )
 
     report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress, args.kernel)
-    print(f"triton {report['triton']}: {report['variants']} variants, {report['failing']} failing, {report['wall_s']} s")
+    print(
+        f"triton {report['triton']}: {report['variants']} variants, {report['failing']} failing, {report['wall_s']} s"
+    )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         name = f"gpu-compile-triton{report['triton']}{'-subset' if args.subset else ''}.json"
