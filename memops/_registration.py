@@ -7,15 +7,19 @@ Every custom op in memops is the Triton path of its public function; the public 
 
     attention_kernels = lazy_kernels("attention")
 
-    def _fwd(q: Tensor, ..., causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    def _fwd(q, k, v, ..., causal, scale):
         return attention_kernels.memory_attention_fwd(...)
 
-    def _bwd(grad_out: Tensor, grad_lse: Tensor, q: Tensor, ..., out: Tensor, lse: Tensor, causal: bool,
-             scale: float, deterministic: bool) -> tuple[Tensor, ...]:
+    def _bwd(grad_out, grad_lse, q, k, v, ..., out, lse, causal, scale, deterministic):
         return dq, dk, ...                              # None for an absent input's grad
 
-    _op = custom_op("memory_attention", _fwd, fake=attention_outputs_like, outputs=("out", "lse"),
-                    backward=backward_op("memory_attention_backward", _bwd, grads=("q", "k", ...)))
+    _op = custom_op("memory_attention", _fwd, "(Tensor q, ..., float scale) -> (Tensor out, Tensor lse)",
+                    fake=attention_outputs_like,
+                    backward=backward_op("memory_attention_backward", _bwd, "(Tensor grad_out, ...) -> (...)",
+                                         grads=("q", "k", ...)))
+
+The schema (torch.library's, with named returns) is the op's typed signature, so the Python functions
+behind it stay short.
 
 The backward op's parameters are wired **by name**: ``grad_<output>`` is the grad of that forward output, a
 forward input's or output's name is its saved value, ``deterministic`` is
@@ -28,7 +32,6 @@ back to autograd as None, as does the grad of any input that needs none.
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
@@ -79,13 +82,12 @@ def attention_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch
 # The spec
 
 
-def _parameters(fn: Callable) -> list[str]:
-    return list(inspect.signature(fn).parameters)
-
-
-def _is_tensor_parameter(fn: Callable, name: str) -> bool:
-    annotation = inspect.signature(fn).parameters[name].annotation
-    return "Tensor" in (annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation)))
+def _parse(name: str, schema: str) -> tuple[list[str], set[str], list[str]]:
+    """(argument names, the tensor ones, return names) of a torch.library schema string."""
+    parsed = torch._C.parse_schema(f"memops::{name}{schema}")
+    names = [a.name for a in parsed.arguments]
+    tensors = {a.name for a in parsed.arguments if str(a.type) in ("Tensor", "Optional[Tensor]")}
+    return names, tensors, [r.name for r in parsed.returns]
 
 
 def _placeholder_grads(values: dict, grads: Sequence[str], first: torch.Tensor, results) -> tuple:
@@ -100,68 +102,64 @@ def _placeholder_grads(values: dict, grads: Sequence[str], first: torch.Tensor, 
     return tuple(out)
 
 
-def backward_op(name: str, impl: Callable, *, grads: Sequence[str]):
-    """The custom op ``memops::<name>`` that computes the grads of the forward inputs named ``grads`` (see the
-    module docstring for how its parameters are wired), with a fake derived from those inputs."""
-    params = _parameters(impl)
+def backward_op(name: str, impl: Callable, schema: str, *, grads: Sequence[str]):
+    """The custom op ``memops::<name>`` with ``schema`` that computes the grads of the forward inputs named
+    ``grads`` (see the module docstring for how its parameters are wired), with a fake derived from them."""
+    params, tensors, _ = _parse(name, schema)
     missing = [g for g in grads if g not in params]
     if missing:
-        raise TypeError(f"backward_op {name}: impl must take the inputs it differentiates, missing {missing}")
-    first_tensor = next(p for p in params if _is_tensor_parameter(impl, p) and not p.startswith("grad_"))
+        raise TypeError(f"backward_op {name}: the schema must take the inputs it differentiates, missing {missing}")
+    first_tensor = next(p for p in params if p in tensors and not p.startswith("grad_"))
 
-    def bind(args, kwargs) -> dict:
+    def finish(args: tuple, results) -> tuple | torch.Tensor:
         values = dict(zip(params, args))
-        values.update(kwargs)
-        return values
-
-    def real(*args, **kwargs):
-        values = bind(args, kwargs)
-        results = impl(*args, **kwargs)
         results = results if isinstance(results, tuple) else (results,)
         grads_out = _placeholder_grads(values, grads, values[first_tensor], results)
         return grads_out if len(grads_out) > 1 else grads_out[0]
 
-    def fake(*args, **kwargs):
-        values = bind(args, kwargs)
-        like = [values[g] if values.get(f"{g}_grad", True) is not False else None for g in grads]
-        results = [None if t is None else empty_like_dense(t) for t in like]
-        grads_out = _placeholder_grads(values, grads, values[first_tensor], results)
-        return grads_out if len(grads_out) > 1 else grads_out[0]
+    def real(*args):
+        return finish(args, impl(*args))
 
-    real.__wrapped__ = impl  # the schema comes from impl's signature
-    real.__name__ = real.__qualname__ = impl.__name__
-    real.__module__ = impl.__module__
-    op = torch.library.custom_op(f"memops::{name}", real, mutates_args=())
+    def fake(*args):
+        values = dict(zip(params, args))
+        like = [values[g] if values.get(f"{g}_grad", True) is not False else None for g in grads]
+        return finish(args, tuple(None if t is None else empty_like_dense(t) for t in like))
+
+    op = torch.library.custom_op(f"memops::{name}", real, mutates_args=(), schema=schema)
     op.register_fake(fake)
     op._memops_spec = SimpleNamespace(params=params, grads=tuple(grads))
     return op
 
 
+def call_with(op, values: dict, **overrides):
+    """Call a :func:`backward_op` with each parameter taken by name from ``overrides``, else ``values``."""
+    return op(*(overrides[p] if p in overrides else values[p] for p in op._memops_spec.params))
+
+
 def custom_op(
     name: str,
     impl: Callable,
+    schema: str,
     *,
     fake: Callable,
-    outputs: Sequence[str] | None = None,
     backward=None,
     grads: Sequence[str] | None = None,
-    save: Sequence[str] = (),
+    save: Sequence[str] | None = None,
     materialize_grads: bool = True,
 ):
-    """The custom op ``memops::<name>`` running ``impl``, with ``fake`` for tracing, and autograd when
-    ``backward`` is given.
+    """The custom op ``memops::<name>`` with ``schema`` (torch.library's, with named returns), running
+    ``impl``, with ``fake`` for tracing, and autograd when ``backward`` is given.
 
-    ``outputs`` names impl's outputs (for the wiring). ``backward`` is a :func:`backward_op` (wired by name;
-    its ``grads`` say which inputs get grads), or a function ``backward(saved, *output_grads)`` returning one
-    grad per name in ``grads``, where ``saved`` holds the inputs and outputs named in ``save`` and
-    ``saved.deterministic``. ``materialize_grads=False``: an unused output's grad arrives as None.
+    ``backward`` is a :func:`backward_op` (wired by name; its ``grads`` say which inputs get grads), or a
+    function ``backward(saved, *output_grads)`` returning one grad per name in ``grads``, where ``saved`` holds
+    the inputs and outputs named in ``save`` (default: all of them) and ``saved.deterministic``.
+    ``materialize_grads=False``: an unused output's grad arrives as None.
     """
-    op = torch.library.custom_op(f"memops::{name}", impl, mutates_args=())
+    names, tensor_inputs, outputs = _parse(name, schema)
+    op = torch.library.custom_op(f"memops::{name}", impl, mutates_args=(), schema=schema)
     op.register_fake(fake)
     if backward is None:
         return op
-    names = _parameters(impl)
-    outputs = tuple(outputs or ())
     if isinstance(backward, torch._library.custom_ops.CustomOpDef):
         spec = backward._memops_spec
         grads = spec.grads
@@ -179,15 +177,16 @@ def custom_op(
                 raise TypeError(f"custom_op {name}: backward parameter {p!r} names no output grad, input or output")
         save = [source for kind, source in sources.values() if kind == "saved"]
         backward_op_def = backward
+    elif grads is None:
+        raise TypeError(f"custom_op {name}: a backward function needs grads=")
     else:
-        if grads is None:
-            raise TypeError(f"custom_op {name}: a backward function needs grads=")
         backward_op_def = None
+        save = [*names, *outputs] if save is None else save
     grads = tuple(grads)
     unknown = [g for g in grads if g not in names]
     if unknown:
-        raise TypeError(f"custom_op {name}: grads {unknown} are not inputs of {impl.__name__}")
-    tensors = [s for s in save if s in outputs or _is_tensor_parameter(impl, s)]
+        raise TypeError(f"custom_op {name}: grads {unknown} are not inputs of {name}")
+    tensors = [s for s in save if s in outputs or s in tensor_inputs]
     attrs = [s for s in save if s not in tensors]
 
     def setup_context(ctx, inputs, output):

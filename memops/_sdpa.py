@@ -111,19 +111,9 @@ def sequence_fwd(
     raise ValueError(f"unknown sequence backend {backend!r}; expected one of {SEQUENCE_BACKENDS}")
 
 
-def sequence_bwd(
-    backend: str,
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    state: list[torch.Tensor],
-    *,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sequence_bwd(backend: str, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, state: list[torch.Tensor], *, causal: bool,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq, dk, dv) of the sequence part, given the merged ``out`` (B, H, N, D) and ``lse`` (B, H, N)."""
     N, Nk = q.shape[2], k.shape[2]
     if backend != "cpu_flash":

@@ -9,6 +9,19 @@ import math
 import torch
 
 
+def check_float_tensor(t, name: str, op: str, *, dims: int, layout: str, device_of=None) -> None:
+    """A floating-point torch.Tensor (TypeError otherwise) of ``dims`` dims (ValueError, naming ``layout``, e.g.
+    "(B, N, E)"), on the device of ``device_of`` = (its name, tensor) when given."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(t.shape)}")
+    if device_of is not None and t.device != device_of[1].device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {device_of[0]} is on {device_of[1].device}")
+
+
 def check_int(value, name: str, op: str, *, low: int | None = None, high: int | None = None) -> int:
     """An int (not a bool) in [low, high): TypeError for another type, ValueError out of range."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -17,6 +17,7 @@ from memops._backend import resolve_attention_backend
 from memops._registration import (
     attention_outputs_like,
     backward_op,
+    call_with,
     custom_op,
     dense,
     lazy_kernels,
@@ -43,56 +44,35 @@ def _two_states(state: list, q: torch.Tensor) -> list:
     return state + [q.new_zeros(1) for _ in range(2 - len(state))]
 
 
-def _memory_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None,
-    mem_bias: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _memory_attention_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale):
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     return attention_kernels.memory_attention_fwd(*prepared, causal=causal, scale=scale)
 
 
-def _memory_attention_bwd(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None,
-    mem_bias: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    scale: float,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _memory_attention_bwd(grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_bias, out, lse, causal, scale, deterministic):
     prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
     dq, dk, dv, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
-        *prepared,
-        out,
-        lse,
-        causal=causal,
-        scale=scale,
-        deterministic=deterministic,
-        grad_lse=grad_lse,
+        *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse
     )
     return dq, dk, dv, dmem_k, dmem_v, _bias_grad_to_shape(dbias, mem_bias)
 
 
+# The differentiable inputs of both memory-attention ops (fused and composed), and their backward ops' grads.
+DIFFERENTIABLE = ("q", "k", "v", "mem_k", "mem_v", "mem_bias")
+ATTENTION_INPUTS = "Tensor q, Tensor k, Tensor v, Tensor? mem_k, Tensor? mem_v, Tensor? mem_bias"
+ATTENTION_GRADS = "Tensor dq, Tensor dk, Tensor dv, Tensor dmem_k, Tensor dmem_v, Tensor dmem_bias"
+_FUSED_BACKWARD = (
+    f"(Tensor grad_out, Tensor? grad_lse, {ATTENTION_INPUTS}, Tensor out, Tensor lse, bool causal, float scale, "
+    f"bool deterministic) -> ({ATTENTION_GRADS})"
+)
 _memory_attention_backward_op = backward_op(
-    "memory_attention_backward", _memory_attention_bwd, grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias")
+    "memory_attention_backward", _memory_attention_bwd, _FUSED_BACKWARD, grads=DIFFERENTIABLE
 )
 _memory_attention_op = custom_op(
     "memory_attention",
     _memory_attention_fwd,
+    f"({ATTENTION_INPUTS}, bool causal, float scale) -> (Tensor out, Tensor lse)",
     fake=attention_outputs_like,
-    outputs=("out", "lse"),
     backward=_memory_attention_backward_op,
 )
 
@@ -144,17 +124,7 @@ def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     return out, lse, state[0], state[1]
 
 
-def _memory_attention_composed_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None,
-    mem_bias: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    sequence: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _memory_attention_composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     return _composed_fwd(*prepared, causal, scale, sequence)
 
@@ -213,99 +183,39 @@ def _composed_bwd(
     return tuple(q.new_empty(0) if t is None else dense(t) for t in (dq, dk, dv, dmem_k, dmem_v, dbias))
 
 
-def _memory_attention_composed_bwd(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None,
-    mem_bias: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    state_a: torch.Tensor,
-    state_b: torch.Tensor,
-    causal: bool,
-    scale: float,
-    sequence: str,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
-    return _composed_bwd(*prepared, out, lse, state_a, state_b, causal, scale, sequence, deterministic)
+def _memory_attention_composed_bwd(*args):
+    grad_out, q, k, v, mem_k, mem_v, mem_bias = (unit_last_stride(t) for t in args[:7])
+    return _composed_bwd(grad_out, q, k, v, mem_k, mem_v, mem_bias, *args[7:])
 
 
+_COMPOSED_BACKWARD = (
+    f"(Tensor grad_out, {ATTENTION_INPUTS}, Tensor out, Tensor lse, Tensor state_a, Tensor state_b, bool causal, "
+    f"float scale, str sequence, bool deterministic) -> ({ATTENTION_GRADS})"
+)
 _memory_attention_composed_backward_op = backward_op(
-    "memory_attention_composed_backward",
-    _memory_attention_composed_bwd,
-    grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"),
+    "memory_attention_composed_backward", _memory_attention_composed_bwd, _COMPOSED_BACKWARD, grads=DIFFERENTIABLE
 )
 
 
 def _composed_backward(saved, grad_out, grad_lse, *_):
-    s = saved
-    if grad_out is None:
-        grad_out = torch.zeros_like(s.out)
+    grad_out = torch.zeros_like(saved.out) if grad_out is None else grad_out
     if grad_lse is not None:
         # The vendor backward ops take no lse grad: the fused backward over [memory ; sequence] is exact
         # here too, given the merged out and lse.
-        return _memory_attention_backward_op(
-            grad_out,
-            grad_lse,
-            s.q,
-            s.k,
-            s.v,
-            s.mem_k,
-            s.mem_v,
-            s.mem_bias,
-            s.out,
-            s.lse,
-            s.causal,
-            s.scale,
-            s.deterministic,
-        )
-    return _memory_attention_composed_backward_op(
-        grad_out,
-        s.q,
-        s.k,
-        s.v,
-        s.mem_k,
-        s.mem_v,
-        s.mem_bias,
-        s.out,
-        s.lse,
-        s.state_a,
-        s.state_b,
-        s.causal,
-        s.scale,
-        s.sequence,
-        s.deterministic,
-    )
+        return call_with(_memory_attention_backward_op, vars(saved), grad_out=grad_out, grad_lse=grad_lse)
+    return call_with(_memory_attention_composed_backward_op, vars(saved), grad_out=grad_out)
 
 
 # An unused lse gets no grad (None, not zeros), so the backward knows when it may use the vendor op.
 _memory_attention_composed_op = custom_op(
     "memory_attention_composed",
     _memory_attention_composed_fwd,
+    f"({ATTENTION_INPUTS}, bool causal, float scale, str sequence) -> "
+    "(Tensor out, Tensor lse, Tensor state_a, Tensor state_b)",
     fake=_memory_attention_composed_fake,
-    outputs=("out", "lse", "state_a", "state_b"),
     backward=_composed_backward,
-    grads=("q", "k", "v", "mem_k", "mem_v", "mem_bias"),
+    grads=DIFFERENTIABLE,
     materialize_grads=False,
-    save=(
-        "q",
-        "k",
-        "v",
-        "mem_k",
-        "mem_v",
-        "mem_bias",
-        "out",
-        "lse",
-        "state_a",
-        "state_b",
-        "causal",
-        "scale",
-        "sequence",
-    ),
 )
 
 
@@ -364,18 +274,11 @@ def attention_impl(q: torch.Tensor, num_keys: int, *, causal: bool, impl: str = 
 
 
 def memory_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mem_k: torch.Tensor | None = None,
-    mem_v: torch.Tensor | None = None,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    mem_bias: torch.Tensor | None = None,
-    return_lse: bool = False,
-    impl: str = "auto",
-):
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None, *,
+    causal: bool = False, scale: float | None = None, mem_bias: torch.Tensor | None = None,
+    return_lse: bool = False, impl: str = "auto",
+):  # fmt: skip
     """Attention over [memory ; sequence] keys without materialising the concatenation.
 
     ``out = softmax(scale * q @ [mem_k ; k]^T + mask + [mem_bias ; 0]) @ [mem_v ; v]``

@@ -236,16 +236,9 @@ class RetentionKVCache:
 
 
 def evict(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    log_beta: torch.Tensor,
-    positions: torch.Tensor,
-    *,
-    newest_position: int,
-    budget: int,
-    score_position: int | None = None,
-    out: tuple[torch.Tensor, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    keys: torch.Tensor, values: torch.Tensor, log_beta: torch.Tensor, positions: torch.Tensor, *,
+    newest_position: int, budget: int, score_position: int | None = None, out: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """One TRIM-KV eviction step: per (batch, KV head), keep the ``budget`` rows of largest
     ``log_beta_j * (score_position - positions_j)`` (ties keep the older row), in their original order.
     ``score_position`` defaults to ``newest_position + 1``; RetentionKVCache's official score passes
@@ -327,13 +320,8 @@ class SharedLoopKVCache:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
 
     def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        layer_idx: int,
-        loop_idx: int,
-        gate: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, loop_idx: int, gate: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         from memops.looped import check_update_inputs, looped_kv_update
 
         check_layer_idx(layer_idx, "SharedLoopKVCache.update", self.n_layers)

@@ -17,10 +17,11 @@ from memops._registration import (
     backward_op,
     contiguous,
     custom_op,
+    dense,
     empty_like_dense,
     lazy_kernels,
 )
-from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim
+from memops._validation import can_read_values, check_attention_inputs, check_float_tensor, check_triton_head_dim
 from memops.attention import memory_attention as memops_attention
 
 looped_kernels = lazy_kernels("looped")
@@ -59,14 +60,7 @@ def _rows_spec(rows, num_cache_rows: int, num_new: int, device) -> tuple[torch.T
 def check_update_inputs(k_cache, v_cache, k_new, v_new, gate, op: str) -> None:
     named = (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new), ("gate", gate))
     for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (B, Hkv, rows, D), got shape {tuple(t.shape)}")
-        if t.device != k_new.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but k_new is on {k_new.device}")
+        check_float_tensor(t, name, op, dims=4, layout="4-D (B, Hkv, rows, D)", device_of=("k_new", k_new))
     B, Hkv, n, D = k_new.shape
     if v_new.shape != k_new.shape:
         raise ValueError(f"{op}: v_new must have k_new's shape {tuple(k_new.shape)}, got {tuple(v_new.shape)}")
@@ -88,15 +82,7 @@ def _rows_for_reference(rows_index: torch.Tensor | None, row_offset: int, n: int
     return rows_index if rows_index is not None else slice(row_offset, row_offset + n)
 
 
-def _looped_kv_update_fwd(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
-    rows_index: torch.Tensor | None,
-    row_offset: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _looped_kv_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset):
     k_cache, v_cache, k_new, v_new, gate = contiguous(k_cache, v_cache, k_new, v_new, gate)
     # Rows not updated are copied by the clone; the kernel then overwrites the updated ones.
     k_out, v_out = k_cache.clone(), v_cache.clone()
@@ -104,28 +90,23 @@ def _looped_kv_update_fwd(
     return k_out, v_out
 
 
-def _looped_kv_update_bwd(
-    grad_k: torch.Tensor,
-    grad_v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
-    rows_index: torch.Tensor | None,
-    row_offset: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _looped_kv_update_bwd(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset):
     tensors = contiguous(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate)
     return looped_kernels.looped_update_bwd(*tensors, rows_index, row_offset)
 
 
+_UPDATE_INPUTS = "Tensor k_cache, Tensor v_cache, Tensor k_new, Tensor v_new, Tensor gate, Tensor? rows_index"
 _looped_kv_update_op = custom_op(
     "looped_kv_update",
     _looped_kv_update_fwd,
-    outputs=("k", "v"),
+    f"({_UPDATE_INPUTS}, int row_offset) -> (Tensor k, Tensor v)",
     fake=lambda k_cache, v_cache, *_: (empty_like_dense(k_cache), empty_like_dense(v_cache)),
     backward=backward_op(
-        "looped_kv_update_backward", _looped_kv_update_bwd, grads=("k_cache", "v_cache", "k_new", "v_new", "gate")
+        "looped_kv_update_backward",
+        _looped_kv_update_bwd,
+        f"(Tensor grad_k, Tensor grad_v, {_UPDATE_INPUTS}, int row_offset) -> "
+        "(Tensor grad_k_cache, Tensor grad_v_cache, Tensor grad_k_new, Tensor grad_v_new, Tensor grad_gate)",
+        grads=("k_cache", "v_cache", "k_new", "v_new", "gate"),
     ),
 )
 
@@ -144,15 +125,9 @@ def update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset
 
 
 def looped_kv_update(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
-    *,
-    rows: slice | torch.Tensor | None = None,
-    inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor, *,
+    rows: slice | torch.Tensor | None = None, inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """MELT's gated update of a shared looped KV cache: ``K[rows] = g * K[rows] + (1 - g) * k_new`` (and V).
 
     Args:
@@ -187,16 +162,7 @@ def looped_kv_update(
 # looped_attention
 
 
-def _looped_attention_fwd(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _looped_attention_fwd(q, k_new, v_new, gate, k_cache, v_cache, causal, scale):
     q, k_new, v_new, gate, k_cache, v_cache = contiguous(q, k_new, v_new, gate, k_cache, v_cache)
     Nk, n = k_cache.shape[2], k_new.shape[2]
     # The kernel writes the n blended rows; rows before them are copied here (none in training, where n = Nk).
@@ -204,9 +170,8 @@ def _looped_attention_fwd(
     if n < Nk:
         k_out[:, :, : Nk - n] = k_cache[:, :, : Nk - n]
         v_out[:, :, : Nk - n] = v_cache[:, :, : Nk - n]
-    out, lse = attention_kernels.memory_attention_fwd(
-        q, k_cache, v_cache, None, None, None, causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out)
-    )
+    options = dict(causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out))
+    out, lse = attention_kernels.memory_attention_fwd(q, k_cache, v_cache, None, None, None, **options)
     return out, lse, k_out, v_out
 
 
@@ -214,43 +179,15 @@ def _looped_attention_fake(q, k_new, v_new, gate, k_cache, v_cache, causal, scal
     return (*attention_outputs_like(q), empty_like_dense(k_cache), empty_like_dense(v_cache))
 
 
-def _looped_attention_bwd(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None,
-    grad_k_out: torch.Tensor | None,
-    grad_v_out: torch.Tensor | None,
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    k_out: torch.Tensor,
-    v_out: torch.Tensor,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out = contiguous(
-        grad_out, q, k_new, v_new, gate, k_cache, v_cache, k_out, v_out
-    )
+def _looped_attention_bwd(*args):
+    grad_out, grad_lse, grad_k_out, grad_v_out, causal, scale = args[:4] + args[-2:]
+    q, k_new, v_new, gate, k_cache, v_cache, out, lse, k_out, v_out = contiguous(*args[4:-2])
+    grad_out = dense(grad_out)
     # Attention's grads w.r.t. the updated cache, plus whatever reached the returned caches, then back
     # through the blend.
+    options = dict(causal=causal, scale=scale, deterministic=True, grad_lse=grad_lse)
     dq, d_k_out, d_v_out, *_ = attention_kernels.memory_attention_bwd(
-        grad_out,
-        q,
-        k_out,
-        v_out,
-        None,
-        None,
-        None,
-        out,
-        lse,
-        causal=causal,
-        scale=scale,
-        deterministic=True,
-        grad_lse=grad_lse,
+        grad_out, q, k_out, v_out, None, None, None, out, lse, **options
     )
     if grad_k_out is not None:
         d_k_out = d_k_out + grad_k_out
@@ -263,13 +200,19 @@ def _looped_attention_bwd(
     return dq, dk_new, dv_new, dgate, dk_cache, dv_cache
 
 
+_LOOPED_INPUTS = "Tensor q, Tensor k_new, Tensor v_new, Tensor gate, Tensor k_cache, Tensor v_cache"
 _looped_attention_op = custom_op(
     "looped_attention",
     _looped_attention_fwd,
+    f"({_LOOPED_INPUTS}, bool causal, float scale) -> (Tensor out, Tensor lse, Tensor k_out, Tensor v_out)",
     fake=_looped_attention_fake,
-    outputs=("out", "lse", "k_out", "v_out"),
     backward=backward_op(
-        "looped_attention_backward", _looped_attention_bwd, grads=("q", "k_new", "v_new", "gate", "k_cache", "v_cache")
+        "looped_attention_backward",
+        _looped_attention_bwd,
+        f"(Tensor grad_out, Tensor? grad_lse, Tensor? grad_k_out, Tensor? grad_v_out, {_LOOPED_INPUTS}, Tensor out, "
+        "Tensor lse, Tensor k_out, Tensor v_out, bool causal, float scale) -> "
+        "(Tensor dq, Tensor dk_new, Tensor dv_new, Tensor dgate, Tensor dk_cache, Tensor dv_cache)",
+        grads=("q", "k_new", "v_new", "gate", "k_cache", "v_cache"),
     ),
 )
 
@@ -283,17 +226,10 @@ def _check_query_rows(q, k_new, op: str) -> None:
 
 
 def looped_attention(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
-    k_cache: torch.Tensor | None = None,
-    v_cache: torch.Tensor | None = None,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-    inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
+    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *,
+    causal: bool = True, scale: float | None = None, inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """One loop of a MELT layer: update the shared cache's last n rows with the gate, then attend over it.
 
     ``K[Nk-n:] = g * K[Nk-n:] + (1 - g) * k_new`` (and V), then ``softmax(scale * q K^T + mask) V``.

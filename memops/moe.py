@@ -12,7 +12,7 @@ import torch
 from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op, lazy_kernels
-from memops._validation import can_read_values, check_bool, check_int, check_number
+from memops._validation import can_read_values, check_bool, check_float_tensor, check_int, check_number
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 
@@ -28,12 +28,7 @@ def _check_route_args(
     router_logits, block_size, top_k, top_p, min_experts, score_func, expert_bias, n_groups, topk_groups
 ) -> None:
     op = "block_route"
-    if not isinstance(router_logits, torch.Tensor):
-        raise TypeError(f"{op}: router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
-    if not router_logits.is_floating_point():
-        raise TypeError(f"{op}: router_logits must be floating point, got {router_logits.dtype}")
-    if router_logits.dim() != 3:
-        raise ValueError(f"{op}: router_logits must be (B, N, E), got shape {tuple(router_logits.shape)}")
+    check_float_tensor(router_logits, "router_logits", op, dims=3, layout="(B, N, E)")
     E = router_logits.shape[-1]
     for name, value in (
         ("top_k", top_k),
@@ -75,35 +70,18 @@ def _check_route_args(
             )
 
 
-def _block_route_fwd(
-    router_logits: torch.Tensor,
-    expert_bias: torch.Tensor | None,
-    block_size: int,
-    top_k: int,
-    top_p: float,
-    min_experts: int,
-    softmax: bool,
-    n_groups: int,
-    topk_groups: int,
-    routed_scaling: float,
-    normalize: bool,
-    group_limited_vote: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# The block_route op's options after (router_logits, expert_bias), in its schema's order.
+_ROUTE_OPTIONS = (
+    *("block_size", "top_k", "top_p", "min_experts", "softmax"),
+    *("n_groups", "topk_groups", "routed_scaling", "normalize", "group_limited_vote"),
+)
+
+
+def _block_route_fwd(router_logits, expert_bias, *options):
     router_logits, expert_bias = contiguous(router_logits, expert_bias)
-    ids, weights, coreset = moe_kernels.block_route(
-        router_logits,
-        expert_bias,
-        block_size=block_size or None,
-        top_k=top_k,
-        top_p=top_p,
-        min_experts=min_experts,
-        softmax=softmax,
-        n_groups=n_groups,
-        topk_groups=topk_groups,
-        routed_scaling=routed_scaling,
-        normalize=normalize,
-        group_limited_vote=group_limited_vote,
-    )
+    kwargs = dict(zip(_ROUTE_OPTIONS, options))
+    kwargs["block_size"] = kwargs["block_size"] or None  # 0 in the schema: token-level routing
+    ids, weights, coreset = moe_kernels.block_route(router_logits, expert_bias, **kwargs)
     # A custom op returns tensors: token-level routing has no coreset, an empty tensor stands for None.
     # Weights come first (opcheck's autograd check sums the outputs in order and chokes on an int first).
     return weights, ids, coreset if coreset is not None else router_logits.new_empty(0, dtype=torch.bool)
@@ -122,42 +100,28 @@ def _block_route_fake(router_logits, expert_bias, block_size, top_k, *_options):
 
 def _block_route_bwd(saved, grad_weights, *_):
     """Through the bias-free scores at the chosen ids (the selection itself has no gradient)."""
-    return reference.routing_weights_backward(
-        grad_weights,
-        saved.router_logits,
-        saved.ids,
-        score_func="softmax" if saved.softmax else "sigmoid",
-        normalize=saved.normalize,
-        routed_scaling=saved.routed_scaling,
-    )
+    score_func = "softmax" if saved.softmax else "sigmoid"
+    options = dict(score_func=score_func, normalize=saved.normalize, routed_scaling=saved.routed_scaling)
+    return reference.routing_weights_backward(grad_weights, saved.router_logits, saved.ids, **options)
 
 
 _block_route_op = custom_op(
     "block_route",
     _block_route_fwd,
+    "(Tensor router_logits, Tensor? expert_bias, int block_size, int top_k, float top_p, int min_experts, "
+    "bool softmax, int n_groups, int topk_groups, float routed_scaling, bool normalize, bool group_limited_vote) "
+    "-> (Tensor weights, Tensor ids, Tensor coreset)",
     fake=_block_route_fake,
-    outputs=("weights", "ids", "coreset"),
     backward=_block_route_bwd,
     grads=("router_logits",),
-    save=("router_logits", "ids", "softmax", "normalize", "routed_scaling"),
 )
 
 
 def block_route(
-    router_logits: torch.Tensor,
-    *,
-    block_size: int | None = 32,
-    top_k: int = 8,
-    top_p: float = 0.6,
-    min_experts: int = 16,
-    score_func: str = "sigmoid",
-    expert_bias: torch.Tensor | None = None,
-    n_groups: int = 1,
-    topk_groups: int = 1,
-    routed_scaling: float = 1.0,
-    normalize: bool = True,
-    vote: str = "plain",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    router_logits: torch.Tensor, *, block_size: int | None = 32, top_k: int = 8, top_p: float = 0.6,
+    min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
+    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, vote: str = "plain",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """dMoE block-level routing: each block of ``block_size`` tokens agrees on an expert coreset, then every
     token routes inside it (the algorithm is in memops.reference.moe and docs/block_moe.md).
 
@@ -293,21 +257,13 @@ def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, ch
             raise IndexError(f"{op}: topk_ids must lie in [0, E={E}), found [{low}, {high}]")
 
 
-def _moe_experts_fwd(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor
-) -> torch.Tensor:
+def _moe_experts_fwd(x, w_gate_up, w_down, topk_ids):
     x, w_gate_up, w_down, topk_ids = contiguous(x, w_gate_up, w_down, topk_ids)
     slots, _ = moe_kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=False)
     return slots.view(x.shape[0], topk_ids.shape[1], x.shape[1])
 
 
-def _moe_experts_bwd(
-    grad_slots: torch.Tensor,
-    x: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    topk_ids: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moe_experts_bwd(grad_slots, x, w_gate_up, w_down, topk_ids):
     x, w_gate_up, w_down, topk_ids = contiguous(x, w_gate_up, w_down, topk_ids)
     # The gate/up GEMM runs again for its pre-activations rather than keeping (slots, 2I) fp32 from the
     # forward (activation recomputation: one more GEMM, far less memory held between the passes).
@@ -319,22 +275,22 @@ def _moe_experts_bwd(
 _moe_experts_op = custom_op(
     "moe_experts",
     _moe_experts_fwd,
-    outputs=("slots",),
+    "(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor topk_ids) -> Tensor slots",
     fake=lambda x, w_gate_up, w_down, topk_ids: x.new_empty((x.shape[0], topk_ids.shape[1], x.shape[1])),
-    backward=backward_op("moe_experts_backward", _moe_experts_bwd, grads=("x", "w_gate_up", "w_down")),
+    backward=backward_op(
+        "moe_experts_backward",
+        _moe_experts_bwd,
+        "(Tensor grad_slots, Tensor x, Tensor w_gate_up, Tensor w_down, Tensor topk_ids) "
+        "-> (Tensor grad_x, Tensor grad_w_gate_up, Tensor grad_w_down)",
+        grads=("x", "w_gate_up", "w_down"),
+    ),
 )
 
 
 def moe_ffn(
-    x: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    *,
-    activation: str = "swiglu",
-    check_ids: bool = True,
-) -> torch.Tensor:
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor, *, activation: str = "swiglu", check_ids: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """Routed SwiGLU experts: ``y[t] = Σ_j w[t, j] · W_down[e] (SiLU(W_gate[e] x[t]) ⊙ W_up[e] x[t])``, e = ids[t, j].
 
     Args:

@@ -64,41 +64,31 @@ def _triton_table(values: torch.Tensor) -> torch.Tensor:
     return values if values.stride(1) == 1 else values.contiguous()
 
 
-def _weighted_gather_fwd(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, check_indices: bool
-) -> torch.Tensor:
+def _weighted_gather_fwd(values, indices, weights, check_indices):
     if check_indices:
         _check_index_range(indices, values.shape[0])
     return product_key_kernels.weighted_gather_fwd(_triton_table(values), *contiguous(indices, weights))
 
 
-def _weighted_gather_bwd(
-    grad_out: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    deterministic: bool,
-    values_grad: bool,
-    weights_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _weighted_gather_bwd(grad_out, values, indices, weights, deterministic, values_grad, weights_grad):
     grad_out, indices, weights = contiguous(grad_out, indices, weights)
-    return product_key_kernels.weighted_gather_bwd(
-        grad_out,
-        _triton_table(values),
-        indices,
-        weights,
-        values_grad=values_grad,
-        weights_grad=weights_grad,
-        values_grad_algorithm="segment" if deterministic else "auto",
-    )
+    options = dict(values_grad=values_grad, weights_grad=weights_grad)
+    options["values_grad_algorithm"] = "segment" if deterministic else "auto"
+    return product_key_kernels.weighted_gather_bwd(grad_out, _triton_table(values), indices, weights, **options)
 
 
 _weighted_gather_op = custom_op(
     "weighted_gather",
     _weighted_gather_fwd,
-    outputs=("out",),
+    "(Tensor values, Tensor indices, Tensor weights, bool check_indices) -> Tensor out",
     fake=lambda values, indices, weights, check_indices: values.new_empty((indices.shape[0], values.shape[1])),
-    backward=backward_op("weighted_gather_backward", _weighted_gather_bwd, grads=("values", "weights")),
+    backward=backward_op(
+        "weighted_gather_backward",
+        _weighted_gather_bwd,
+        "(Tensor grad_out, Tensor values, Tensor indices, Tensor weights, bool deterministic, bool values_grad, "
+        "bool weights_grad) -> (Tensor grad_values, Tensor grad_weights)",
+        grads=("values", "weights"),
+    ),
 )
 
 
@@ -186,15 +176,9 @@ def _exact_scores(queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.
 
 
 def search_backward(
-    grad_scores: torch.Tensor,
-    queries: torch.Tensor,
-    sub_keys: torch.Tensor,
-    indices: torch.Tensor,
-    *,
-    queries_grad: bool = True,
-    keys_grad: bool = True,
-    deterministic: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    grad_scores: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor, *,
+    queries_grad: bool = True, keys_grad: bool = True, deterministic: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """The search's backward on the weighted-gather kernels: (dqueries (T, Hm, Dk), dsub_keys (Hm, 2, n_keys,
     Dk // 2)) in the inputs' dtype, None where not asked. The layout rewrite is
     :func:`memops.reference.product_key_search_as_gather`; ``deterministic`` selects the sorted-segment values
@@ -211,9 +195,7 @@ def search_backward(
     return grad_queries, grad_keys
 
 
-def _product_key_topk_fwd(
-    queries: torch.Tensor, sub_keys: torch.Tensor, topk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _product_key_topk_fwd(queries, sub_keys, topk):
     queries, sub_keys = contiguous(queries, sub_keys)
     scores, indices = product_key_kernels.product_key_search(queries, sub_keys, topk)
     if queries.dtype == torch.float64:
@@ -229,31 +211,24 @@ def _product_key_topk_fake(queries, sub_keys, topk):
     return queries.new_empty(shape, dtype=score_dtype), queries.new_empty(shape, dtype=torch.int64)
 
 
-def _product_key_topk_bwd(
-    grad_scores: torch.Tensor,
-    queries: torch.Tensor,
-    sub_keys: torch.Tensor,
-    indices: torch.Tensor,
-    deterministic: bool,
-    queries_grad: bool,
-    sub_keys_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return search_backward(
-        grad_scores,
-        *contiguous(queries, sub_keys),
-        indices,
-        queries_grad=queries_grad,
-        keys_grad=sub_keys_grad,
-        deterministic=deterministic,
-    )
+def _product_key_topk_bwd(grad_scores, queries, sub_keys, indices, deterministic, queries_grad, sub_keys_grad):
+    queries, sub_keys = contiguous(queries, sub_keys)
+    options = dict(queries_grad=queries_grad, keys_grad=sub_keys_grad, deterministic=deterministic)
+    return search_backward(grad_scores, queries, sub_keys, indices, **options)
 
 
 _product_key_topk_op = custom_op(
     "product_key_topk",
     _product_key_topk_fwd,
+    "(Tensor queries, Tensor sub_keys, int topk) -> (Tensor scores, Tensor indices)",
     fake=_product_key_topk_fake,
-    outputs=("scores", "indices"),
-    backward=backward_op("product_key_topk_backward", _product_key_topk_bwd, grads=("queries", "sub_keys")),
+    backward=backward_op(
+        "product_key_topk_backward",
+        _product_key_topk_bwd,
+        "(Tensor grad_scores, Tensor queries, Tensor sub_keys, Tensor indices, bool deterministic, bool queries_grad, "
+        "bool sub_keys_grad) -> (Tensor grad_queries, Tensor grad_sub_keys)",
+        grads=("queries", "sub_keys"),
+    ),
 )
 
 

@@ -41,17 +41,7 @@ def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, 
 # retention_attention
 
 
-def _retention_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_beta: torch.Tensor,
-    mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None,
-    doc_start: torch.Tensor | None,
-    doc_end: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _retention_attention_fwd(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale):
     q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, log_beta, mem_k, mem_v))
     return attention_kernels.memory_attention_fwd(
         q, k, v, mem_k, mem_v, None, causal=True, scale=scale, log_beta=log_beta, doc_start=doc_start
@@ -59,70 +49,44 @@ def _retention_attention_fwd(
 
 
 def _retention_attention_bwd(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_beta: torch.Tensor,
-    mem_k: torch.Tensor | None,
-    mem_v: torch.Tensor | None,
-    doc_start: torch.Tensor | None,
-    doc_end: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    tensors = (grad_out, q, k, v, log_beta, mem_k, mem_v)
-    grad_out, q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in tensors)
+    grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, out, lse, scale, deterministic
+):
+    grad_out, q, k, v, log_beta, mem_k, mem_v = (
+        unit_last_stride(t) for t in (grad_out, q, k, v, log_beta, mem_k, mem_v)
+    )
     # Sequence keys use no atomics; a batch-shared memory sums its grads with atomics unless deterministic.
+    decay = dict(log_beta=log_beta, doc_start=doc_start, doc_end=doc_end)
+    options = dict(causal=True, scale=scale, deterministic=deterministic, grad_lse=grad_lse, **decay)
     dq, dk, dv, dmem_k, dmem_v, _, dlog_beta = attention_kernels.memory_attention_bwd(
-        grad_out,
-        q,
-        k,
-        v,
-        mem_k,
-        mem_v,
-        None,
-        out,
-        lse,
-        causal=True,
-        scale=scale,
-        deterministic=deterministic,
-        grad_lse=grad_lse,
-        log_beta=log_beta,
-        doc_start=doc_start,
-        doc_end=doc_end,
+        grad_out, q, k, v, mem_k, mem_v, None, out, lse, **options
     )
     return dq, dk, dv, dlog_beta.to(log_beta.dtype), dmem_k, dmem_v
 
 
+_RETENTION_INPUTS = (
+    "Tensor q, Tensor k, Tensor v, Tensor log_beta, Tensor? mem_k, Tensor? mem_v, Tensor? doc_start, Tensor? doc_end"
+)
 _retention_attention_op = custom_op(
     "retention_attention",
     _retention_attention_fwd,
+    f"({_RETENTION_INPUTS}, float scale) -> (Tensor out, Tensor lse)",
     fake=attention_outputs_like,
-    outputs=("out", "lse"),
     backward=backward_op(
-        "retention_attention_backward", _retention_attention_bwd, grads=("q", "k", "v", "log_beta", "mem_k", "mem_v")
+        "retention_attention_backward",
+        _retention_attention_bwd,
+        f"(Tensor grad_out, Tensor? grad_lse, {_RETENTION_INPUTS}, Tensor out, Tensor lse, float scale, "
+        "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dlog_beta, Tensor dmem_k, Tensor dmem_v)",
+        grads=("q", "k", "v", "log_beta", "mem_k", "mem_v"),
     ),
 )
 
 
 def retention_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_beta: torch.Tensor,
-    *,
-    mem_k: torch.Tensor | None = None,
-    mem_v: torch.Tensor | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-    check_log_beta: bool = True,
-    position_ids: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-):
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
+    scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True,
+    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+):  # fmt: skip
     """Causal attention with TRIM-KV's learned retention decay (training-time attention).
 
     ``logit[i, j] = scale * q_i . k_j + (pos_i - j) * log_beta[j]`` for sequence keys j <= pos_i, where
@@ -158,18 +122,9 @@ def retention_attention(
     bounds = documents(op, k.shape[2], k.shape[0], position_ids, cu_seqlens, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if resolve_attention_backend(q, "decay", k, v, log_beta, mem_k, mem_v) == "reference":
-        return reference.retention_attention(
-            q,
-            k,
-            v,
-            log_beta,
-            mem_k=mem_k,
-            mem_v=mem_v,
-            scale=scale,
-            return_lse=return_lse,
-            position_ids=position_ids,
-            cu_seqlens=cu_seqlens,
-        )
+        packed = dict(position_ids=position_ids, cu_seqlens=cu_seqlens)
+        memory = dict(mem_k=mem_k, mem_v=mem_v)
+        return reference.retention_attention(q, k, v, log_beta, **memory, scale=scale, return_lse=return_lse, **packed)
     check_triton_head_dim(q, op)
     # with no sequence key there is nothing for a document to hide
     doc_start, doc_end = bounds[:2] if bounds is not None and k.shape[2] else (None, None)
@@ -221,27 +176,36 @@ def documents(op: str, num_positions: int, batch: int | None, position_ids, cu_s
     return starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous(), positions
 
 
-def _retention_capacity_fwd(
-    log_beta: torch.Tensor, starts: torch.Tensor | None, ends: torch.Tensor | None
-) -> torch.Tensor:
+def _retention_capacity_fwd(log_beta, starts, ends):
     return retention_kernels.retention_capacity_fwd(log_beta.contiguous(), starts)
 
 
-def _retention_capacity_bwd(
-    grad_capacity: torch.Tensor, log_beta: torch.Tensor, ends: torch.Tensor | None
-) -> torch.Tensor:
+def _retention_capacity_bwd(grad_capacity, log_beta, ends):
     return retention_kernels.retention_capacity_bwd(grad_capacity.contiguous(), log_beta.contiguous(), ends)
+
+
+def _retention_capacity_fake(log_beta, starts, ends):
+    return log_beta.new_empty(log_beta.shape, dtype=torch.float64 if log_beta.dtype == torch.float64 else torch.float32)
 
 
 _retention_capacity_op = custom_op(
     "retention_capacity",
     _retention_capacity_fwd,
-    outputs=("capacity",),
-    fake=lambda log_beta, starts, ends: log_beta.new_empty(
-        log_beta.shape, dtype=torch.float64 if log_beta.dtype == torch.float64 else torch.float32
+    "(Tensor log_beta, Tensor? starts, Tensor? ends) -> Tensor capacity",
+    fake=_retention_capacity_fake,
+    backward=backward_op(
+        "retention_capacity_backward",
+        _retention_capacity_bwd,
+        "(Tensor grad_capacity, Tensor log_beta, Tensor? ends) -> Tensor dlog_beta",
+        grads=("log_beta",),
     ),
-    backward=backward_op("retention_capacity_backward", _retention_capacity_bwd, grads=("log_beta",)),
 )
+
+
+def _capacity_documents(op: str, log_beta: torch.Tensor, position_ids, cu_seqlens):
+    """:func:`documents` along log_beta's last dim (its first dim the batch, when it has more than one)."""
+    batch = log_beta.shape[0] if log_beta.dim() > 1 else None
+    return documents(op, log_beta.shape[-1], batch, position_ids, cu_seqlens, log_beta.device)
 
 
 def _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta: bool, op: str) -> torch.Tensor:
@@ -281,27 +245,14 @@ def retention_capacity(
         raise TypeError(f"{op}: log_beta must be a torch.Tensor, got {type(log_beta).__name__}")
     if log_beta.dim() < 1:
         raise ValueError(f"{op}: log_beta must have shape (..., N), got a 0-d tensor")
-    bounds = documents(
-        op,
-        log_beta.shape[-1],
-        log_beta.shape[0] if log_beta.dim() > 1 else None,
-        position_ids,
-        cu_seqlens,
-        log_beta.device,
-    )
+    bounds = _capacity_documents(op, log_beta, position_ids, cu_seqlens)
     return _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta, op)
 
 
 def capacity_loss(
-    log_beta,
-    budget: float,
-    *,
-    global_capacity: bool = False,
-    num_layers: int | None = None,
-    position_ids: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    check_log_beta: bool = True,
-) -> torch.Tensor:
+    log_beta, budget: float, *, global_capacity: bool = False, num_layers: int | None = None,
+    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, check_log_beta: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """TRIM-KV's capacity loss for a KV budget M.
 
     ``loss = mean over the positive entries of max(0, (R_t - M) / max(pos_t - M, 1))`` (0 when none is
@@ -348,14 +299,7 @@ def capacity_loss(
             )
     if log_beta.dim() < 1:
         raise ValueError(f"{op}: log_beta must have shape (B, Hkv, N), got a 0-d tensor")
-    bounds = documents(
-        op,
-        log_beta.shape[-1],
-        log_beta.shape[0] if log_beta.dim() > 1 else None,
-        position_ids,
-        cu_seqlens,
-        log_beta.device,
-    )
+    bounds = _capacity_documents(op, log_beta, position_ids, cu_seqlens)
     capacity = _capacity(log_beta, bounds, position_ids, cu_seqlens, check_log_beta, op)
     return reference.capacity_loss_from(
         capacity, float(budget), positions=None if bounds is None else bounds[2], global_capacity=global_capacity

@@ -6,30 +6,11 @@ import torch
 
 import memops
 from memops.models import MemoryLM, MemoryLMConfig
-from memops.testing import count_launches
+from memops.testing import TINY_MEMORY_LM, count_launches
 from memops.tools import demo
 
-TINY = dict(
-    vocab_size=17,
-    d_model=32,
-    n_layers=2,
-    n_heads=2,
-    n_kv_heads=1,
-    max_positions=64,
-    prefix_length=2,
-    pkm_layers=(1,),
-    pkm_n_keys=4,
-    pkm_heads=1,
-    pkm_topk=2,
-    pkm_key_dim=16,
-    moe_experts=4,
-    moe_top_k=2,
-    moe_d_expert=16,
-    moe_min_experts=2,
-    retention_hidden=8,
-    kv_budget=8,
-    kv_buffer=2,
-)
+# a MemoryLM of every part at the smallest sizes (shared with the distributed checks)
+TINY = TINY_MEMORY_LM
 
 
 def tiny_model(**overrides):

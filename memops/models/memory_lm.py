@@ -33,30 +33,30 @@ from memops.retention import capacity_loss
 class MemoryLMConfig:
     """Sizes of a MemoryLM. ``pkm_layers``: indices of the layers whose FFN is a product-key memory."""
 
-    vocab_size: int = 64
-    d_model: int = 64
+    vocab_size: int = 64  # token ids lie in [0, vocab_size)
+    d_model: int = 64  # the residual width
     n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    max_positions: int = 256
-    prefix_length: int = 4
-    pkm_layers: tuple[int, ...] = (1,)
-    pkm_n_keys: int = 16
+    n_heads: int = 4  # query heads of every attention layer
+    n_kv_heads: int = 2  # key/value heads (GQA), also the retention gate's outputs
+    max_positions: int = 256  # learned absolute positions
+    prefix_length: int = 4  # learned memory rows per attention layer and KV head (prefix tuning; 0: none)
+    pkm_layers: tuple[int, ...] = (1,)  # the layers whose FFN is a ProductKeyMemory (BlockMoE elsewhere)
+    pkm_n_keys: int = 16  # sub-keys per half: n_keys**2 memory slots
     pkm_heads: int = 2
-    pkm_topk: int = 4
+    pkm_topk: int = 4  # slots read per head and token
     pkm_key_dim: int = 16
-    pkm_gated: bool = False
+    pkm_gated: bool = False  # Memory Layers at Scale's SiLU output gate
     moe_experts: int = 8
-    moe_top_k: int = 2
-    moe_d_expert: int = 64
-    moe_block_size: int | None = 16
-    moe_min_experts: int = 4
-    retention_hidden: int = 32
-    kv_budget: int = 64
-    kv_buffer: int = 16
-    capacity_weight: float = 0.01
-    loops: int = 1
-    retention_in_attention: bool = True
+    moe_top_k: int = 2  # experts per token
+    moe_d_expert: int = 64  # each expert's SwiGLU hidden size
+    moe_block_size: int | None = 16  # dMoE's routing block (None: token-level routing)
+    moe_min_experts: int = 4  # the smallest coreset of a block
+    retention_hidden: int = 32  # the TRIM-KV retention gate's hidden size
+    kv_budget: int = 64  # rows per layer and KV head the decoding cache keeps, and the capacity loss' M
+    kv_buffer: int = 16  # rows the cache takes in before it compacts
+    capacity_weight: float = 0.01  # weight of the capacity loss in loss()
+    loops: int = 1  # > 1: a looped transformer (MELT), one shared KV cache per layer
+    retention_in_attention: bool = True  # decay the sequence keys by retention inside training attention
 
     def validate(self) -> None:
         def fail(message):

@@ -40,19 +40,10 @@ class MemoryAttention(nn.Module):
     """
 
     def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        *,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        causal: bool = False,
-        prefix_length: int = 0,
-        bias: bool = False,
-        rotary: RotaryFn | None = None,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
+        causal: bool = False, prefix_length: int = 0, bias: bool = False, rotary: RotaryFn | None = None,
+        device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         op = "MemoryAttention"
         check_int(d_model, "d_model", op, low=1)

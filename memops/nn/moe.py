@@ -29,25 +29,11 @@ class BlockMoE(nn.Module):
     """
 
     def __init__(
-        self,
-        d_model: int,
-        d_expert: int,
-        n_experts: int,
-        top_k: int,
-        *,
-        block_size: int | None = 32,
-        top_p: float = 0.6,
-        min_experts: int = 16,
-        score_func: str = "sigmoid",
-        n_groups: int = 1,
-        topk_groups: int = 1,
-        routed_scaling: float = 1.0,
-        normalize: bool = True,
-        shared_experts: int = 0,
-        vote: str = "plain",
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, d_model: int, d_expert: int, n_experts: int, top_k: int, *, block_size: int | None = 32,
+        top_p: float = 0.6, min_experts: int = 16, score_func: str = "sigmoid", n_groups: int = 1,
+        topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, shared_experts: int = 0,
+        vote: str = "plain", device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         for name, value in (("d_model", d_model), ("d_expert", d_expert), ("n_experts", n_experts), ("top_k", top_k)):
             check_int(value, name, "BlockMoE", low=1)

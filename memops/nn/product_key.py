@@ -73,31 +73,14 @@ class ProductKeyMemory(nn.Module):
     """
 
     def __init__(
-        self,
-        input_dim: int,
-        output_dim: int,
-        *,
-        n_keys: int = 512,
-        heads: int = 4,
-        topk: int = 32,
-        key_dim: int = 256,
-        value_dim: int | None = None,
-        query_norm: str | None = "batchnorm",
-        gated: bool = False,
-        shared_values: ProductKeyMemory | nn.Embedding | None = None,
-        output_gate: bool = False,
-        key_init: str = "xlm",
-        temperature: float = 1.0,
-        score_softmax: bool = True,
-        score_subtract: str | None = None,
-        score_normalize: bool = False,
-        normalize_query: bool = False,
-        input_dropout: float = 0.0,
-        query_dropout: float = 0.0,
-        value_dropout: float = 0.0,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, input_dim: int, output_dim: int, *, n_keys: int = 512, heads: int = 4, topk: int = 32,
+        key_dim: int = 256, value_dim: int | None = None, query_norm: str | None = "batchnorm", gated: bool = False,
+        shared_values: ProductKeyMemory | nn.Embedding | None = None, output_gate: bool = False,
+        key_init: str = "xlm", temperature: float = 1.0, score_softmax: bool = True,
+        score_subtract: str | None = None, score_normalize: bool = False, normalize_query: bool = False,
+        input_dropout: float = 0.0, query_dropout: float = 0.0, value_dropout: float = 0.0,
+        device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         for name, value in (
             ("input_dim", input_dim),

@@ -39,18 +39,8 @@ class RetentionGate(nn.Module):
         "bias": "down.bias",
     }
 
-    def __init__(
-        self,
-        d_model: int,
-        n_kv_heads: int,
-        hidden: int = 512,
-        bias_init: float = 8.0,
-        *,
-        activation="silu",
-        init: str = "official",
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, d_model: int, n_kv_heads: int, hidden: int = 512, bias_init: float = 8.0, *,
+                 activation="silu", init: str = "official", device=None, dtype=None) -> None:  # fmt: skip
         super().__init__()
         if init not in ("official", "torch"):
             raise ValueError(f"RetentionGate: init must be 'official' or 'torch', got {init!r}")

@@ -48,17 +48,11 @@ def bias_3d(mem_bias: torch.Tensor) -> torch.Tensor:
 
 
 def memory_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mem_k: torch.Tensor | None = None,
-    mem_v: torch.Tensor | None = None,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    mem_bias: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None, *,
+    causal: bool = False, scale: float | None = None, mem_bias: torch.Tensor | None = None,
     return_lse: bool = False,
-):
+):  # fmt: skip
     """Attention of q over [memory ; sequence] keys. Shapes as ``memops.memory_attention``.
 
     q (B, H, N, D); k, v (B, Hkv, Nk, D); mem_k, mem_v (B, Hkv, M, D) or (Hkv, M, D); mem_bias (M,),

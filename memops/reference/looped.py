@@ -19,13 +19,9 @@ from memops.reference.attention import memory_attention
 
 
 def looped_kv_update(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
     rows: slice | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """New (k, v) caches: rows ``rows`` of the (B, Hkv, Nk, D) caches blended with the (B, Hkv, n, D) new rows,
     ``g * cache + (1 - g) * new``; the other rows copied. rows None: all rows (n = Nk)."""
     rows = slice(None) if rows is None else rows
@@ -43,16 +39,10 @@ def looped_blend(cache_rows: torch.Tensor, new_rows: torch.Tensor, gate: torch.T
 
 
 def looped_attention(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
-    k_cache: torch.Tensor | None = None,
-    v_cache: torch.Tensor | None = None,
-    *,
-    causal: bool = True,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
+    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *,
+    causal: bool = True, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(out (B, H, n, D), k, v): the last n rows of the caches updated with the gate, then q's attention over
     the whole updated cache. No cache: k, v = k_new, v_new (the gate is not used)."""
     if k_cache is None:
@@ -64,15 +54,9 @@ def looped_attention(
 
 
 def looped_kv_update_backward(
-    grad_k: torch.Tensor,
-    grad_v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    gate: torch.Tensor,
-    rows: slice | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_k: torch.Tensor, grad_v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
+    v_new: torch.Tensor, gate: torch.Tensor, rows: slice | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dk_cache, dv_cache, dk_new, dv_new, dgate) of :func:`looped_kv_update` from the output caches' grads:
     updated rows pass g * grad to the cache and (1 - g) * grad to the new rows; the gate gets
     (cache - new) * grad, summed over D for a per-row gate; other rows pass their grad through."""

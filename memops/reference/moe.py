@@ -52,17 +52,9 @@ def group_limited_topk(scores: torch.Tensor, k: int, n_groups: int, topk_groups:
 
 
 def block_coreset(
-    routing: torch.Tensor,
-    valid: torch.Tensor,
-    *,
-    block_size: int,
-    top_k: int,
-    top_p: float,
-    min_experts: int,
-    n_groups: int,
-    topk_groups: int,
-    vote: str = "plain",
-) -> torch.Tensor:
+    routing: torch.Tensor, valid: torch.Tensor, *, block_size: int, top_k: int, top_p: float, min_experts: int,
+    n_groups: int, topk_groups: int, vote: str = "plain",
+) -> torch.Tensor:  # fmt: skip
     """(B, n_blocks, E) bool coreset of every block from the routing scores r (B, N, E); ``valid`` (B, N)
     marks the tokens that vote, each with its plain top-k (``vote="plain"``, the official gate) or its
     group-limited top-k (``vote="group_limited"``)."""
@@ -96,20 +88,10 @@ def routing_weights(scores: torch.Tensor, ids: torch.Tensor, *, normalize: bool,
 
 
 def block_route(
-    router_logits: torch.Tensor,
-    *,
-    block_size: int | None = 32,
-    top_k: int = 8,
-    top_p: float = 0.6,
-    min_experts: int = 16,
-    score_func: str = "sigmoid",
-    expert_bias: torch.Tensor | None = None,
-    n_groups: int = 1,
-    topk_groups: int = 1,
-    routed_scaling: float = 1.0,
-    normalize: bool = True,
-    vote: str = "plain",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    router_logits: torch.Tensor, *, block_size: int | None = 32, top_k: int = 8, top_p: float = 0.6,
+    min_experts: int = 16, score_func: str = "sigmoid", expert_bias: torch.Tensor | None = None, n_groups: int = 1,
+    topk_groups: int = 1, routed_scaling: float = 1.0, normalize: bool = True, vote: str = "plain",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """(topk_ids (B, N, top_k) int32, topk_weights (B, N, top_k) fp32 (fp64 for fp64), coreset
     (B, n_blocks, E) bool or None) from router_logits (B, N, E). Weights are differentiable w.r.t. the
     logits; ids are not."""
@@ -119,17 +101,8 @@ def block_route(
     coreset = None
     if block_size is not None:
         valid = torch.ones(routing.shape[:2], dtype=routing.dtype, device=routing.device)
-        coreset = block_coreset(
-            routing,
-            valid,
-            block_size=block_size,
-            top_k=top_k,
-            top_p=top_p,
-            min_experts=min_experts,
-            n_groups=n_groups,
-            topk_groups=topk_groups,
-            vote=vote,
-        )
+        selection = dict(top_k=top_k, top_p=top_p, min_experts=min_experts, n_groups=n_groups, topk_groups=topk_groups)
+        coreset = block_coreset(routing, valid, block_size=block_size, vote=vote, **selection)
         per_token = coreset.repeat_interleave(block_size, dim=1)[:, : routing.shape[1]]
         routing = routing.masked_fill(~per_token, float("-inf"))
     ids = group_limited_topk(routing, top_k, n_groups, topk_groups)
@@ -194,14 +167,9 @@ def moe_ffn(
 
 
 def routing_weights_backward(
-    grad_weights: torch.Tensor,
-    router_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    *,
-    score_func: str,
-    normalize: bool,
-    routed_scaling: float,
-) -> torch.Tensor:
+    grad_weights: torch.Tensor, router_logits: torch.Tensor, topk_ids: torch.Tensor, *, score_func: str,
+    normalize: bool, routed_scaling: float,
+) -> torch.Tensor:  # fmt: skip
     """d router_logits (B, N, E) of :func:`routing_weights` from grad_weights (B, N, k): only the scores at
     the selected ids carry gradient (selection is hard)."""
     scores = router_scores(router_logits, score_func)

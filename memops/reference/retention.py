@@ -95,18 +95,11 @@ def retention_bias(
 
 
 def retention_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_beta: torch.Tensor,
-    *,
-    mem_k: torch.Tensor | None = None,
-    mem_v: torch.Tensor | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-    position_ids: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-):
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
+    scale: float | None = None, return_lse: bool = False,
+    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+):  # fmt: skip
     """Causal attention with TRIM-KV's retention decay. q (B, H, N, D); k, v (B, Hkv, Nk, D); log_beta
     (B, Hkv, Nk); optional memory rows mem_k, mem_v ((B, Hkv, M, D) or batch-shared (Hkv, M, D)), visible to
     every query with no decay. position_ids (B, Nk) or cu_seqlens (S + 1,) split the keys into packed
@@ -186,13 +179,9 @@ def capacity_loss_from(
 
 
 def capacity_loss(
-    log_beta: torch.Tensor,
-    budget: float,
-    *,
-    global_capacity: bool = False,
-    position_ids: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-) -> torch.Tensor:
+    log_beta: torch.Tensor, budget: float, *, global_capacity: bool = False,
+    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Scalar capacity loss of log_beta (B, Hkv, N), or all layers' (B, L, Hkv, N), for a KV budget M (see
     :func:`capacity_loss_from`), per packed document with position_ids or cu_seqlens."""
     positions = None

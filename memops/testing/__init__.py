@@ -6,7 +6,22 @@ import torch
 
 from memops.kernels._launch import count_launches
 
-__all__ = ["count_launches", "relative_error", "assert_close_to_reference", "check_compiled_grads", "TOLERANCES"]
+__all__ = [
+    "TINY_MEMORY_LM",
+    "count_launches",
+    "relative_error",
+    "assert_close_to_reference",
+    "check_compiled_grads",
+    "TOLERANCES",
+]
+
+# A MemoryLMConfig of every part at the smallest sizes (the model tests and the distributed checks).
+TINY_MEMORY_LM = {
+    **dict(vocab_size=17, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_positions=64, prefix_length=2),
+    **dict(pkm_layers=(1,), pkm_n_keys=4, pkm_heads=1, pkm_topk=2, pkm_key_dim=16),
+    **dict(moe_experts=4, moe_top_k=2, moe_d_expert=16, moe_min_experts=2),
+    **dict(retention_hidden=8, kv_budget=8, kv_buffer=2),
+}
 
 # Relative error ‖out − ref‖ / ‖ref‖ allowed against a float64 reference, by compute dtype.
 TOLERANCES = {

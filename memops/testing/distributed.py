@@ -163,28 +163,9 @@ def check_ddp_memory_lm(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from memops.models import MemoryLM, MemoryLMConfig
+    from memops.testing import TINY_MEMORY_LM
 
-    config = dict(
-        vocab_size=17,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=1,
-        max_positions=32,
-        prefix_length=2,
-        pkm_layers=(1,),
-        pkm_n_keys=4,
-        pkm_heads=1,
-        pkm_topk=2,
-        pkm_key_dim=16,
-        moe_experts=4,
-        moe_top_k=2,
-        moe_d_expert=16,
-        moe_min_experts=2,
-        retention_hidden=8,
-        kv_budget=64,
-        capacity_weight=0.0,
-    )
+    config = {**TINY_MEMORY_LM, "max_positions": 32, "kv_budget": 64, "kv_buffer": 16, "capacity_weight": 0.0}
     generator = torch.Generator().manual_seed(5)
     batches = [torch.randint(0, 17, (4, 12), generator=generator) for _ in range(3)]
     torch.manual_seed(0)

@@ -63,26 +63,19 @@ class Result:
     provider: str
     params: dict
     device: str
-    median_ms: float | None
-    gbps: float | None
-    tflops: float | None
-    fraction_of_copy_bandwidth: float | None
-    speedup_vs: dict
+    median_ms: float | None = None
+    gbps: float | None = None
+    tflops: float | None = None
+    fraction_of_copy_bandwidth: float | None = None
+    speedup_vs: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
     peak_memory_mb: float | None = None
     note: str | None = None
 
 
 def case_grid(
-    device: str,
-    quick: bool,
-    *,
-    quick_cases=(),
-    full_cases=(),
-    cuda_quick=(),
-    cuda_full=(),
-    modes=("fwd", "fwd+bwd"),
-) -> list[Case]:
+    device: str, quick: bool, *, quick_cases=(), full_cases=(), cuda_quick=(), cuda_full=(), modes=("fwd", "fwd+bwd"),
+) -> list[Case]:  # fmt: skip
     """The usual case list of a benchmark module, each group a sequence of (name, params): per mode, the
     quick cases; on full runs the full ones; on CUDA the CUDA-only quick ones, and on full CUDA runs the rest."""
     out = []
@@ -202,28 +195,14 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
     for n, (case, provider, build) in enumerate(jobs):
         if progress:
             _progress(n, len(jobs), f"{op} {case.name} {case.mode} {provider}")
+        identity = dict(op=op, case=case.name, mode=case.mode, provider=provider, params=case.params, device=device)
         try:
             fn = _rotating(
                 lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"), device
             )
             ms = time_ms(fn, device)
         except Exception as error:  # noqa: BLE001 - a provider without this dtype, mode or torch feature: record it, go on
-            results.append(
-                Result(
-                    op=op,
-                    case=case.name,
-                    mode=case.mode,
-                    provider=provider,
-                    params=case.params,
-                    device=device,
-                    median_ms=None,
-                    gbps=None,
-                    tflops=None,
-                    fraction_of_copy_bandwidth=None,
-                    speedup_vs={},
-                    error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}",
-                )
-            )
+            results.append(Result(**identity, error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
             continue
         finally:
             if device == "cuda":
@@ -234,17 +213,11 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
         gbps = moved / (ms * 1e-3) / 1e9
         results.append(
             Result(
-                op=op,
-                case=case.name,
-                mode=case.mode,
-                provider=provider,
-                params=case.params,
-                device=device,
+                **identity,
                 median_ms=ms,
                 gbps=gbps,
                 tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
                 fraction_of_copy_bandwidth=gbps / bandwidth_gbps,
-                speedup_vs={},
                 peak_memory_mb=peak,
                 note=module.note(case, provider, device) if hasattr(module, "note") else None,
             )

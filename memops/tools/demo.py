@@ -30,19 +30,8 @@ def recall_batch(batch: int, pairs: int, n_keys: int, n_values: int, generator: 
 
 
 def demo_config(n_keys: int, n_values: int) -> MemoryLMConfig:
-    return MemoryLMConfig(
-        vocab_size=n_keys + n_values + 1,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        max_positions=256,
-        prefix_length=4,
-        pkm_layers=(1,),
-        moe_block_size=16,
-        kv_budget=32,
-        kv_buffer=8,
-    )
+    sizes = dict(vocab_size=n_keys + n_values + 1, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_positions=256)
+    return MemoryLMConfig(**sizes, prefix_length=4, pkm_layers=(1,), moe_block_size=16, kv_budget=32, kv_buffer=8)
 
 
 PAIRS, N_KEYS, N_VALUES = 4, 8, 8

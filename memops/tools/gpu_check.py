@@ -140,14 +140,15 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[dtype]
 
 
-def _cases(module: str) -> list:
-    """The CUDA benchmark cases of a benchmark module, one per distinct params (fwd and fwd+bwd share)."""
+def _cases(module: str, subset: bool = False, keep=None) -> list:
+    """The CUDA benchmark cases of a benchmark module, one per distinct params (fwd and fwd+bwd share); with
+    ``subset``, only those ``keep(case)`` accepts."""
     import importlib
 
     seen, out = set(), []
     for case in importlib.import_module(f"memops.benchmarks.{module}").cases("cuda", False):
         key = tuple(sorted(case.params.items()))
-        if key not in seen:
+        if key not in seen and (not subset or keep is None or keep(case)):
             seen.add(key)
             out.append(case)
     return out
@@ -160,10 +161,8 @@ def _weighted_gather_scenarios(dtype, subset):
     from memops.kernels import product_key as kernels
 
     dt = _torch_dtype(dtype)
-    for case in _cases("product_key"):
+    for case in _cases("product_key", subset, keep=lambda case: case.params["D"] == 1024):
         p = case.params
-        if subset and p["D"] != 1024:
-            continue
 
         def run(p=p):
             T, K, S, D = p["T"], p["K"], p["S"], p["D"]
@@ -184,10 +183,8 @@ def _search_scenarios(dtype, subset):
     from memops.product_key import search_backward
 
     dt = _torch_dtype(dtype)
-    for case in _cases("product_key_search"):
+    for case in _cases("product_key_search", subset, keep=lambda case: case.params["key_dim"] == 512):
         p = case.params
-        if subset and p["key_dim"] != 512:
-            continue
 
         def run(p=p):
             T, heads, key_dim, n_keys, topk = p["T"], p["heads"], p["key_dim"], p["n_keys"], p["topk"]
@@ -280,9 +277,7 @@ def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
 def _cases_by_head_dim(module: str, subset: bool, subset_case: str):
     """(case, params, head dim) of a benchmark module's CUDA cases at every head dim; the subset keeps one case
     at its own head dim."""
-    for case in _cases(module):
-        if subset and case.name != subset_case:
-            continue
+    for case in _cases(module, subset, keep=lambda case: case.name == subset_case):
         for D in (case.params["D"],) if subset else HEAD_DIMS:
             yield case, case.params, D
 
@@ -397,10 +392,8 @@ def _moe_scenarios(dtype, subset):
     from memops.kernels import moe
 
     dt = _torch_dtype(dtype)
-    for case in _cases("moe_routing"):
+    for case in _cases("moe_routing", subset, keep=lambda case: case.name.startswith("llada2")):
         p = case.params
-        if subset and not case.name.startswith("llada2"):
-            continue
 
         def run(p=p):
             logits = _meta(p["B"], p["N"], p["E"], dtype=torch.float32)
@@ -420,10 +413,8 @@ def _moe_scenarios(dtype, subset):
                 )
 
         yield f"route {case.name}", run
-    for case in _cases("moe_layer"):
+    for case in _cases("moe_layer", subset, keep=lambda case: case.name == "llada2-64blk"):
         p = case.params
-        if subset and case.name != "llada2-64blk":
-            continue
 
         def run(p=p):
             T, d, inter, E, top_k = p["T"], p["d"], p["inter"], p["E"], p["top_k"]
@@ -694,15 +685,8 @@ def _worker_compile(index: int) -> dict:
     return compile_variant(_WORKER_VARIANTS[index])
 
 
-def run_check(
-    families=None,
-    dtypes=DTYPES,
-    arches=DEFAULT_ARCHES,
-    subset=False,
-    jobs: int | None = None,
-    progress=None,
-    kernels=None,
-) -> dict:
+def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False, jobs: int | None = None,
+              progress=None, kernels=None) -> dict:  # fmt: skip
     """Compile every variant (in ``jobs`` processes) and return the report: rows and a summary."""
     import triton
 
