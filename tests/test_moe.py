@@ -1,5 +1,5 @@
-"""dMoE: memops.block_route (fused routing kernel), unique_experts, memops.moe_ffn (grouped GEMMs) and
-memops.nn.BlockMoE, against float64 references written from the algorithm and a per-slot expert loop."""
+"""dMoE: memops.block_route (fused routing kernel), unique_experts, memops.moe_ffn (grouped GEMMs) (BlockMoE:
+test_nn_block_moe.py), against float64 references written from the algorithm and a per-slot expert loop."""
 
 import pytest
 import torch
@@ -285,54 +285,6 @@ def test_route_and_ffn_compile(backend, device):
     check_compiled_grads(
         layer, [x, w_gate_up, w_down, router], backend=backend, device=device, kernel="grouped_gemm_kernel"
     )
-
-
-# --- BlockMoE ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("block_size", [8, None])
-def test_block_moe_matches_reference_backend(block_size, device):
-    torch.manual_seed(0)
-    layer = memops.nn.BlockMoE(
-        32,
-        16,
-        8,
-        2,
-        block_size=block_size,
-        min_experts=4,
-        shared_experts=1,
-        n_groups=2,
-        topk_groups=1,
-        routed_scaling=2.5,
-    ).to(device)
-    x = torch.randn(2, 20, 32, device=device)
-    with memops.backend("triton"), count_launches() as launches:
-        y = layer(x)
-        y.square().sum().backward()
-    assert launches["block_route_kernel"] == 1 and launches["grouped_gemm_kernel"] == 5
-    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
-    layer.zero_grad()
-    cpu_layer = layer.cpu().double()
-    with memops.backend("reference"):
-        expected = cpu_layer(x.cpu().double())
-        expected.square().sum().backward()
-    assert_close_to_reference(y, expected, torch.float32)
-    for name, p in cpu_layer.named_parameters():
-        assert_close_to_reference(grads[name], p.grad, torch.float32, name=f"grad {name}", scale=2.0)
-    counts = layer.unique_experts()
-    assert counts.shape == (2, 3 if block_size else 1) and (counts <= 8).all()
-
-
-def test_block_moe_state_dict_round_trip():
-    torch.manual_seed(0)
-    layer = memops.nn.BlockMoE(16, 8, 4, 2, block_size=4, min_experts=2)
-    assert set(layer.state_dict()) == {"router.weight", "expert_bias", "w_gate_up", "w_down"}
-    copy = memops.nn.BlockMoE(16, 8, 4, 2, block_size=4, min_experts=2)
-    copy.load_state_dict(layer.state_dict())
-    x = torch.randn(1, 8, 16)
-    torch.testing.assert_close(copy(x), layer(x), rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="no forward has run yet"):
-        memops.nn.BlockMoE(16, 8, 4, 2).unique_experts()
 
 
 # --- bad input --------------------------------------------------------------------------------------------
