@@ -35,6 +35,14 @@ def grads(layer, x, out):
     return torch.autograd.grad((out * weights).sum(), [x, *layer.parameters()], allow_unused=True)
 
 
+def assert_layer_matches(layer, x, out, got_grads, expected):
+    """out and the grads of x and every parameter equal those of the hand-written ``expected`` (fp64)."""
+    assert_close_to_reference(out, expected, torch.float64, name="out")
+    for g, e in zip(got_grads, grads(layer, x, expected)):
+        assert g is not None and e is not None
+        assert_close_to_reference(g, e, torch.float64, name="grad")
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_retention_attention_layer_matches_its_ops(backend):
     torch.manual_seed(0)
@@ -49,10 +57,7 @@ def test_retention_attention_layer_matches_its_ops(backend):
     expected = merged(
         layer, reference.retention_attention(q, k, v, log_beta, mem_k=layer.prefix_k, mem_v=layer.prefix_v)
     )
-    assert_close_to_reference(out, expected, torch.float64, name="out")
-    for g, e in zip(got, grads(layer, x, expected)):
-        assert g is not None and e is not None
-        assert_close_to_reference(g, e, torch.float64, name="grad")
+    assert_layer_matches(layer, x, out, got, expected)
 
 
 def test_retention_attention_layer_decodes_through_the_cache():
@@ -108,10 +113,7 @@ def test_looped_attention_layer_matches_its_ops(backend):
 
     expected, k_cache, v_cache = by_hand(x0)
     expected, _, _ = by_hand(expected, k_cache, v_cache)
-    assert_close_to_reference(second, expected, torch.float64, name="out")
-    for g, e in zip(got, grads(layer, x0, expected)):
-        assert g is not None and e is not None
-        assert_close_to_reference(g, e, torch.float64, name="grad")
+    assert_layer_matches(layer, x0, second, got, expected)
 
 
 def test_attention_forms_share_memory_attention_state_dict():
