@@ -98,3 +98,54 @@ def test_report_renders_committed_results(tmp_path):
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert "### weighted_gather on Some GPU" in text and "embedding_bag 2.00x" in text and "date 2026-11-25" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train-demo", "--steps", "0"], "--steps must be an integer >= 1, got '0'"),
+        (["train-demo", "--steps", "-3"], "--steps must be an integer >= 1, got '-3'"),
+        (["bench", "--op", "weighted_gather", "--out", "/dev/null/x"], "--out '/dev/null/x': cannot create the folder"),
+        (["report", "--results", "/nonexistent-memops-results"], "no such folder"),
+    ],
+)
+def test_cli_bad_arguments_give_clear_errors(argv, message):
+    result = subprocess.run([sys.executable, "-m", "memops.tools.cli", *argv], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_report_reads_what_bench_writes_and_refuses_an_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "other.json").write_text("[1, 2]")
+    refused = subprocess.run(
+        [sys.executable, "-m", "memops.tools.cli", "report", "--results", str(empty), "--out", str(tmp_path / "r.md")],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "no benchmark results" in refused.stderr
+    # memops bench --out writes <op>.json (and <op>.png) with no device folder; report reads that layout too
+    bench_out = tmp_path / "bench"
+    bench_out.mkdir()
+    result = benchmarking.Result(op="weighted_gather", case="small", mode="fwd", provider="memops", params={},
+                                 device="cpu", median_ms=1.0, gbps=1.0)  # fmt: skip
+    benchmarking.write_json([result], bench_out / "weighted_gather.json", "cpu", 10.0)
+    page = tmp_path / "page" / "r.md"
+    rendered = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memops.tools.cli",
+            "report",
+            "--results",
+            str(bench_out),
+            "--out",
+            str(page),
+            "--compile-out",
+            str(tmp_path / "c.md"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert rendered.returncode == 0 and "from 1 result files" in rendered.stdout, rendered.stderr
+    assert "### weighted_gather on cpu" in page.read_text()

@@ -8,6 +8,34 @@ import sys
 from pathlib import Path
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse turns the ValueError into a clear usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def positive_int_type(name: str):
+    def parse(text: str) -> int:
+        try:
+            return positive_int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
+
+    return parse
+
+
+def _output_folder(path: str, option: str) -> Path:
+    """The folder ``path``, created; a clear ValueError when it cannot be (a file on the way, no permission)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{option} {path!r}: cannot create the folder ({error.strerror})") from None
+    return folder
+
+
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -17,8 +45,7 @@ def _bench(args: argparse.Namespace) -> int:
     ops = [args.op] if args.op else list(benchmarking.BENCHMARKS)
     for op in ops:
         benchmarking.load(op)  # an unknown --op fails before any timing
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _output_folder(args.out, "--out")
     label = benchmarking.device_name(device)
     bandwidth = benchmarking.copy_bandwidth_gbps(device)
     for op in ops:
@@ -45,10 +72,17 @@ def _bench(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from memops.tools.report import render
 
-    paths = sorted(Path(args.results).glob("*/*.json"))
-    paths = [p for p in paths if not p.name.startswith("tune")]
+    results = Path(args.results)
+    if not results.is_dir():
+        raise ValueError(f"--results {args.results!r}: no such folder (memops bench --out writes one)")
+    # <device>/<op>.json (committed results) or <op>.json (what memops bench --out writes)
+    paths = sorted([*results.glob("*.json"), *results.glob("*/*.json")])
+    paths = [p for p in paths if not p.name.startswith("tune") and p.parent.name != "gpu-compile" and _is_bench(p)]
+    sweeps = sorted(results.glob("gpu-compile/gpu-compile-triton*.json"))
+    if not paths and not sweeps:
+        raise ValueError(f"--results {args.results!r}: no benchmark results (<op>.json or <device>/<op>.json) in it")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _output_folder(str(out.parent), "--out")
     text = render(paths)
     # Plot links relative to the report's folder.
     out.write_text(text.replace(f"]({Path(args.results).as_posix()}", f"]({_relative(Path(args.results), out.parent)}"))
@@ -56,7 +90,6 @@ def _report(args: argparse.Namespace) -> int:
     # The GPU compile check: the latest full sweep per Triton version, and the sweep before the fixes.
     from memops.tools import gpu_check
 
-    sweeps = sorted(Path(args.results).glob("gpu-compile/gpu-compile-triton*.json"))
     sweeps = [json.loads(p.read_text()) for p in sweeps if not p.stem.endswith("-subset")]
     before = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("gpu-compile/before-fixes-*.json"))]
     if sweeps:
@@ -64,6 +97,15 @@ def _report(args: argparse.Namespace) -> int:
         compile_out.write_text(gpu_check.markdown(sweeps, before))
         print(f"wrote {compile_out} from {len(sweeps)} compile sweeps")
     return 0
+
+
+def _is_bench(path: Path) -> bool:
+    """A JSON file memops bench wrote: an object with a "results" list (other JSON beside it is skipped)."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("results"), list)
 
 
 def _relative(target: Path, start: Path) -> str:
@@ -76,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memops", description="memops: Triton kernels for learnable-memory ops")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time the ops against their baselines; print a table, write JSON + PNG")
-    bench.add_argument("--op", help="one op to run (default: all)")
+    from memops.tools.benchmarking import BENCHMARKS
+
+    bench.add_argument("--op", metavar="NAME", help=f"one op to run, of: {', '.join(BENCHMARKS)} (default: all)")
     bench.add_argument(
         "--quick", action="store_true", help="the small cases only (a CPU-only machine: under 2 minutes)"
     )
@@ -94,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser(
         "train-demo", help="train a small MemoryLM on associative recall, then generate (CPU: < 1 min)"
     )
-    demo.add_argument("--steps", type=int, default=1500)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=positive_int_type("--steps"), default=1500, help="training steps (default 1500)")
+    demo.add_argument("--seed", type=int, default=0, help="the seed of the model, data and sampling (default 0)")
     commands.add_parser(
         "gpu-check",
         add_help=False,
@@ -110,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         return gpu_check.main(list(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "report":
-        return _report(args)
+        try:
+            return _report(args)
+        except ValueError as error:
+            parser.error(str(error))
     if args.command == "train-demo":
         from memops.tools import demo as demo_module
 

@@ -80,8 +80,12 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memops train-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
+    from memops.tools.cli import positive_int_type
+
+    parser.add_argument(
+        "--steps", type=positive_int_type("--steps"), default=1500, help="training steps (default 1500)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the seed of the model, data and sampling (default 0)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
