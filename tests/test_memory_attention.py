@@ -317,21 +317,16 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.memops.memory_attention.default, args)
 
 
+def attention_tensors(inputs):
+    """(q, k, v, mem_k, mem_v, mem_bias) of make_inputs, in the custom ops' argument order."""
+    return tuple(inputs[name] for name in ("q", "k", "v", "mem_k", "mem_v", "mem_bias"))
+
+
 @pytest.mark.skipif(CUDA, reason="the CPU flash op runs CPU tensors; on CUDA test_opcheck_composed_cuda does")
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_composed(causal):
     inputs = make_inputs(1, 4, 2, 9, 7, 4, 16, torch.float32, "cpu", memory="shared", bias_shape=(1, 1, 4))
-    args = (
-        inputs["q"],
-        inputs["k"],
-        inputs["v"],
-        inputs["mem_k"],
-        inputs["mem_v"],
-        inputs["mem_bias"],
-        causal,
-        0.25,
-        "cpu_flash",
-    )
+    args = (*attention_tensors(inputs), causal, 0.25, "cpu_flash")
     for t in args[:6]:
         t.requires_grad_()
     torch.library.opcheck(torch.ops.memops.memory_attention_composed.default, args)
@@ -344,17 +339,7 @@ def test_opcheck_composed_cuda():
     from memops.attention import attention_impl
 
     _, sequence = attention_impl(inputs["q"], 96, causal=True, impl="composed")
-    args = (
-        inputs["q"],
-        inputs["k"],
-        inputs["v"],
-        inputs["mem_k"],
-        inputs["mem_v"],
-        inputs["mem_bias"],
-        True,
-        0.125,
-        sequence,
-    )
+    args = (*attention_tensors(inputs), True, 0.125, sequence)
     for t in args[:6]:
         t.requires_grad_()
     torch.library.opcheck(torch.ops.memops.memory_attention_composed.default, args)
