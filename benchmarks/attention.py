@@ -28,6 +28,7 @@ from memops.testing import count_launches
 from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "memory_attention"
+METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-composed", "memops-fused", "memops-reference")
 BASELINES = ("cat_sdpa", "flex_attention", "reference")
 

@@ -16,6 +16,7 @@ import memops
 from memops.tools.benchmarking import Case, random_source
 
 OP = "looped_attention"
+METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("unfused", "per_loop", "sdpa")
 LOOPS = 4

@@ -20,6 +20,7 @@ from memops import reference
 from memops.tools.benchmarking import Case
 
 OP = "block_moe"
+METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("memops-token", "expert_loop", "grouped_mm")
 

@@ -15,6 +15,7 @@ import memops
 from memops.tools.benchmarking import Case, case_grid
 
 OP = "weighted_gather"
+METRIC = "bandwidth"  # the plot's third panel: % of the bandwidth ceiling
 MEMOPS_PROVIDERS = ("memops", "memops-reference", "memops-unchecked", "memops-deterministic")
 BASELINES = ("embedding_bag", "gather_einsum")
 

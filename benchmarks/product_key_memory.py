@@ -18,6 +18,7 @@ import memops
 from memops.tools.benchmarking import Case, case_grid
 
 OP = "product_key_memory"
+METRIC = "bandwidth"  # the plot's third panel: % of the bandwidth ceiling
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("xlm", "xlm-compiled")
 

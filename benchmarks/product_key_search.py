@@ -15,6 +15,7 @@ from memops.benchmarks.product_key_memory import xlm_search
 from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "product_key_topk"
+METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("xlm", "xlm-compiled")
 

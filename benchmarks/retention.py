@@ -17,6 +17,7 @@ from memops.benchmarks.attention import _build, _compiled_flex
 from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "retention_attention"
+METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("flex_attention", "sdpa_causal", "reference")
 

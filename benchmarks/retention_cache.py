@@ -19,6 +19,7 @@ from memops.kv_cache import evict
 from memops.tools.benchmarking import Case
 
 OP = "retention_cache"
+METRIC = "bandwidth"  # the plot's third panel: % of the bandwidth ceiling
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("topk_gather", "full_cache")
 

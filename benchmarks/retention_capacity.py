@@ -11,6 +11,7 @@ from memops import reference
 from memops.tools.benchmarking import Case
 
 OP = "retention_capacity"
+METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("materialised",)
 

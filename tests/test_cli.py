@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,29 @@ def test_bench_quick_writes_table_json_and_png(tmp_path):
     providers = {r["provider"] for r in payload["results"]}
     assert {"memops-reference", "embedding_bag", "gather_einsum"} <= providers
     assert all(r["median_ms"] > 0 for r in payload["results"])
+    for r in payload["results"]:  # the spread and the repeats travel with every median
+        assert r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] and r["min_ms"] <= r["q1_ms"] and r["repeats"] >= 3
+        assert r["fraction_of_ceiling"] is None or 0 < r["fraction_of_ceiling"] <= 1.0
+    assert "blocked_autorange" in payload["timing"]["method"]
+    assert "IQR" in result.stdout and "ceiling" in result.stdout
     assert (tmp_path / "weighted_gather.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The run's own page: links relative to the page, and it says which run the results came from.
+    page = (tmp_path / "benchmarks.md").read_text()
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", page)
+    assert len(links) == len(benchmarking.BENCHMARKS) and all((tmp_path / link).is_file() for link in links)
+    assert "this `memops bench --quick` run" in page and "| IQR |" in page and "committed" not in page
+
+
+def test_timing_statistics_and_noisy_reruns(monkeypatch):
+    timing = benchmarking.Timing((1.0, 2.0, 3.0, 4.0, 5.0))
+    assert timing.median == 3.0 and timing.quartiles == (2.0, 4.0) and timing.spread == pytest.approx(2 / 3)
+    runs = iter([timing, benchmarking.Timing((1.0, 1.01, 1.02)), timing])
+    monkeypatch.setattr(benchmarking, "measure", lambda fn, device: next(runs))
+    steady, noisy = benchmarking.measure_steady(lambda: None, "cpu")  # the tight rerun is kept, not flagged
+    assert steady.median == 1.01 and not noisy
+    runs = iter([timing] * 3)
+    steady, noisy = benchmarking.measure_steady(lambda: None, "cpu")  # noisy after every rerun: flagged
+    assert noisy and steady is timing
 
 
 def test_bench_refuses_interpreter_timings(monkeypatch):

@@ -9,9 +9,18 @@ family; ``BENCHMARKS`` maps each op to its module) defines, for one op:
 - ``providers(case, device) -> dict[name, Callable[[inputs], Callable[[], object]]]``;
 - ``bytes_moved(case, mode) -> int`` (the fewest bytes the op must move) and optionally ``flops``.
 
-On CUDA, times are ``triton.testing.do_bench`` medians, rotating among several input sets when one set
-fits in L2. On CPU, the reference and the baselines are timed with a wall clock and labelled as CPU
-timings. Interpreter timings are never taken: the harness refuses to run with TRITON_INTERPRET=1.
+Every case is warmed up, then timed over many repeats, and reported as the median with its spread (the
+interquartile range), its min and max, and the repeat count. On CUDA the repeats are
+``triton.testing.do_bench(return_mode="all")`` (one call each, L2 flushed before each, rotating among several
+input sets when one set fits in L2). On CPU they are ``torch.utils.benchmark.Timer.blocked_autorange`` blocks
+(each the mean of ``calls_per_repeat`` calls, all of torch's threads). A case whose spread exceeds
+``NOISY_SPREAD`` of its median is timed again, up to ``RERUNS`` times; the tightest timing is kept and one that
+stays noisy is flagged. Interpreter timings are never taken: the harness refuses to run with TRITON_INTERPRET=1.
+
+GB/s counts the fewest bytes the op must move. Its ceiling is measured for each case's byte count: the faster
+of a copy and a read-only pass over that many bytes (so a case whose bytes fit in a CPU cache is held to the
+cache's speed, not DRAM's). "% of ceiling" above 100% would mean the byte count does not bound the op; it is
+then not reported (None) and the case is flagged.
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ BENCHMARKS = {
     "block_moe": "moe_layer",
 }
 L2_BYTES_GUESS = 64 << 20
+NOISY_SPREAD = 0.10  # IQR / median above which a case is timed again
+RERUNS = 2
+CPU_MIN_RUN_S = 0.4  # blocked_autorange's minimum measuring time per case
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +76,17 @@ class Result:
     params: dict
     device: str
     median_ms: float | None = None
+    q1_ms: float | None = None  # first and third quartiles of the repeats: the spread is q3 - q1
+    q3_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    repeats: int | None = None
+    calls_per_repeat: int | None = None
+    noisy: bool = False  # the spread stayed above NOISY_SPREAD of the median after the reruns
     gbps: float | None = None
     tflops: float | None = None
-    fraction_of_copy_bandwidth: float | None = None
+    ceiling_gbps: float | None = None  # the faster of a copy and a read of this case's byte count
+    fraction_of_ceiling: float | None = None
     speedup_vs: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
     peak_memory_mb: float | None = None
@@ -119,27 +139,100 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str) -> float:
-    """Median milliseconds of one call of ``fn``."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Repeated timings of one call, in milliseconds per call."""
+
+    samples: tuple[float, ...]
+    calls_per_repeat: int = 1
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.samples) < 2:
+            return self.samples[0], self.samples[0]
+        q1, _, q3 = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q1, q3
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median."""
+        q1, q3 = self.quartiles
+        return (q3 - q1) / self.median if self.median > 0 else 0.0
+
+
+def measure(fn: Callable[[], object], device: str, *, min_run_s: float = CPU_MIN_RUN_S) -> Timing:
+    """Warm ``fn`` up, then time it over many repeats (see the module docstring)."""
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()  # warm-up
-    samples, deadline = [], time.perf_counter() + 1.0
-    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 100):
-        start = time.perf_counter()
+        samples = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
+        return Timing(tuple(float(t) for t in samples))
+    from torch.utils import benchmark
+
+    for _ in range(2):  # warm-up: first-call allocations, lazy inits, caches
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=min_run_s)
+    return Timing(tuple(t * 1e3 for t in measurement.times), measurement.number_per_run)
+
+
+def measure_steady(fn: Callable[[], object], device: str) -> tuple[Timing, bool]:
+    """``measure``, again up to RERUNS times while the spread exceeds NOISY_SPREAD: (the tightest timing,
+    whether it is still noisy)."""
+    best = measure(fn, device)
+    for _ in range(RERUNS):
+        if best.spread <= NOISY_SPREAD:
+            break
+        again = measure(fn, device)
+        best = min(best, again, key=lambda t: t.spread)
+    return best, best.spread > NOISY_SPREAD
+
+
+def time_ms(fn: Callable[[], object], device: str) -> float:
+    """Median milliseconds of one call of ``fn``."""
+    return measure(fn, device).median
+
+
+class Ceiling:
+    """The bandwidth ceiling for moving a given number of bytes on this device: the faster of a copy
+    (bytes/2 read, bytes/2 written) and a read-only sum over that many bytes, measured once per
+    power-of-two size and cached."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._gbps: dict[int, float] = {}
+
+    def gbps(self, nbytes: int) -> float:
+        # Rounded down: a smaller buffer is at least as fast, so the ceiling errs high, never low.
+        bucket = max(1 << 16, 1 << (max(int(nbytes), 1).bit_length() - 1))
+        if bucket not in self._gbps:
+            self._gbps[bucket] = max(self._measure_copy(bucket), self._measure_read(bucket))
+        return self._gbps[bucket]
+
+    def _measure_copy(self, nbytes: int) -> float:
+        src = torch.randn(max(nbytes // 8, 1), device=self.device)
+        dst = torch.empty_like(src)
+        ms = measure(lambda: dst.copy_(src), self.device, min_run_s=0.1).median
+        return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+    def _measure_read(self, nbytes: int) -> float:
+        src = torch.randn(max(nbytes // 4, 1), device=self.device)
+        out = torch.empty((), device=self.device)
+        ms = measure(lambda: torch.sum(src, dim=0, out=out), self.device, min_run_s=0.1).median
+        return src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
 def copy_bandwidth_gbps(device: str) -> float:
-    """Measured device copy bandwidth (bytes read + bytes written per second): the roof for a gather."""
+    """Measured device copy bandwidth (bytes read + bytes written per second) at DRAM size: the roof for a
+    gather whose table does not fit in a cache."""
     numel = (1 << 28) if device == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
+    ms = measure(lambda: dst.copy_(src), device, min_run_s=0.2).median
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
@@ -181,10 +274,15 @@ def _progress(done: int, total: int, label: str) -> None:
     sys.stderr.flush()
 
 
-def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress: bool = True) -> list[Result]:
+def run_op(
+    op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress: bool = True, ceiling: Ceiling | None = None
+) -> list[Result]:
+    """Time every case and provider of ``op``; ``bandwidth_gbps`` is the DRAM copy bandwidth the table header
+    quotes, ``ceiling`` the per-size bandwidth ceiling (one is made when not given)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("memops bench: TRITON_INTERPRET=1 is set; interpreter timings are not performance numbers")
     module = load(op)
+    ceiling = ceiling or Ceiling(device)
     jobs = []
     for case in module.cases(device, quick):
         if case.cuda_only and device != "cuda":
@@ -200,7 +298,7 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
             fn = _rotating(
                 lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"), device
             )
-            ms = time_ms(fn, device)
+            timing, noisy = measure_steady(fn, device)
         except Exception as error:  # noqa: BLE001 - a provider without this dtype, mode or torch feature: record it, go on
             results.append(Result(**identity, error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
             continue
@@ -210,14 +308,28 @@ def run_op(op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress
         peak = _peak_memory_mb(fn, device)
         moved = module.bytes_moved(case, case.mode)
         flops = module.flops(case, case.mode) if hasattr(module, "flops") else None
+        ms = timing.median
         gbps = moved / (ms * 1e-3) / 1e9
+        roof = ceiling.gbps(moved)
+        fraction = gbps / roof
+        q1, q3 = timing.quartiles
         results.append(
             Result(
                 **identity,
                 median_ms=ms,
+                q1_ms=q1,
+                q3_ms=q3,
+                min_ms=min(timing.samples),
+                max_ms=max(timing.samples),
+                repeats=len(timing.samples),
+                calls_per_repeat=timing.calls_per_repeat,
+                noisy=noisy or fraction > 1.0,
                 gbps=gbps,
                 tflops=(flops / (ms * 1e-3) / 1e12) if flops else None,
-                fraction_of_copy_bandwidth=gbps / bandwidth_gbps,
+                ceiling_gbps=roof,
+                # Above 1 the byte count does not bound the op (the data was reused from a cache it was not
+                # counted against): no percentage is claimed.
+                fraction_of_ceiling=fraction if fraction <= 1.0 else None,
                 peak_memory_mb=peak,
                 note=module.note(case, provider, device) if hasattr(module, "note") else None,
             )
@@ -238,24 +350,37 @@ def _fill_speedups(results: list[Result], ours: tuple[str, ...], baselines: tupl
                     r.speedup_vs[baseline] = other.median_ms / r.median_ms
 
 
+def spread_text(r) -> str:
+    """The interquartile range over the median, as 'x.y%', for a Result or its JSON dict."""
+    get = r.get if isinstance(r, dict) else lambda key: getattr(r, key, None)
+    if get("q1_ms") is None or not get("median_ms"):
+        return "—"
+    return f"{100 * (get('q3_ms') - get('q1_ms')) / get('median_ms'):.1f}%"
+
+
 def format_table(results: list[Result], device_label: str, bandwidth_gbps: float) -> str:
     lines = [
-        f"device: {device_label}   measured copy bandwidth: {bandwidth_gbps:,.0f} GB/s"
+        f"device: {device_label}   measured DRAM copy bandwidth: {bandwidth_gbps:,.0f} GB/s"
         + ("   (CPU timings: reference and baselines only)" if results and results[0].device == "cpu" else ""),
-        f"{'op':<20}{'case':<18}{'mode':<9}{'provider':<22}{'ms':>10}{'GB/s':>9}{'% copy':>8}{'TFLOP/s':>9}"
-        f"{'peak MB':>9}  speedup (baseline time / ours)",
+        "ms: median of N repeats; IQR: interquartile range / median; ceiling: the faster of a copy and a read "
+        "of the case's bytes, measured now; * noisy (spread > 10% after reruns) or above the ceiling",
+        f"{'op':<20}{'case':<18}{'mode':<9}{'provider':<22}{'ms':>10}{'IQR':>8}{'N':>5}{'GB/s':>9}"
+        f"{'ceiling':>9}{'%':>7}{'TFLOP/s':>9}{'peak MB':>9}  speedup (baseline time / ours)",
     ]
     for r in results:
         head = f"{r.op:<20}{r.case:<18}{r.mode:<9}{r.provider:<22}"
         if r.median_ms is None:
-            lines.append(f"{head}{'—':>10}{'—':>9}{'—':>8}{'—':>9}{'—':>9}  {r.error}")
+            lines.append(f"{head}{'—':>10}{'—':>8}{'—':>5}{'—':>9}{'—':>9}{'—':>7}{'—':>9}{'—':>9}  {r.error}")
             continue
         speedups = ", ".join(f"{b} {s:.2f}x" for b, s in r.speedup_vs.items())
         tflops = f"{r.tflops:.1f}" if r.tflops is not None else "—"
         peak = f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb is not None else "—"
+        percent = f"{100 * r.fraction_of_ceiling:.1f}" if r.fraction_of_ceiling is not None else ">100"
+        ceiling = f"{r.ceiling_gbps:.0f}" if r.ceiling_gbps is not None else "—"
+        flag = "*" if r.noisy else " "
         lines.append(
-            f"{head}{r.median_ms:>10.3f}{r.gbps:>9.1f}{100 * r.fraction_of_copy_bandwidth:>7.1f}%{tflops:>9}{peak:>9}"
-            f"  {speedups}{'  (' + r.note + ')' if r.note else ''}"
+            f"{head}{r.median_ms:>9.3f}{flag}{spread_text(r):>8}{r.repeats:>5}{r.gbps:>9.1f}{ceiling:>9}{percent:>7}"
+            f"{tflops:>9}{peak:>9}  {speedups}{'  (' + r.note + ')' if r.note else ''}"
         )
     return "\n".join(lines)
 
@@ -269,13 +394,25 @@ def write_json(results: list[Result], path: Path, device_label: str, bandwidth_g
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_bandwidth_gbps": bandwidth_gbps,
+        "timing": {
+            "method": "triton.testing.do_bench(return_mode='all'), L2 flushed per call"
+            if results and results[0].device == "cuda"
+            else f"torch.utils.benchmark blocked_autorange(min_run_time={CPU_MIN_RUN_S}) after 2 warm-up calls",
+            "statistic": "median of the repeats; spread = interquartile range (q1_ms..q3_ms)",
+            "rerun_when_spread_above": NOISY_SPREAD,
+            "reruns": RERUNS,
+            "ceiling": "the faster of a copy and a read-only sum over the case's byte count, measured in this run",
+        },
         "results": [dataclasses.asdict(r) for r in results],
     }
     path.write_text(json.dumps(payload, indent=2))
 
 
-def write_plot(results: list[Result], path: Path, device_label: str) -> bool:
-    """A bar chart of achieved GB/s per case and provider; False when matplotlib is not installed."""
+def write_plot(results: list[Result], path: Path, device_label: str, *, metric: str = "time") -> bool:
+    """The op's figure, False when matplotlib is not installed. Panels: time per case and provider (log scale,
+    error bars from the quartiles); speedup of each memops provider against each baseline (with the 1.0
+    line); and, for ``metric`` "bandwidth", the fraction of the bandwidth ceiling (with the 100% line), for
+    "flops", the achieved TFLOP/s."""
     try:
         import matplotlib
 
@@ -283,25 +420,62 @@ def write_plot(results: list[Result], path: Path, device_label: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    groups = list(dict.fromkeys((r.case, r.mode) for r in results))
-    providers = list(dict.fromkeys(r.provider for r in results))
-    by_key = {(r.case, r.mode, r.provider): r for r in results if r.gbps is not None}
-    fig, ax = plt.subplots(figsize=(min(14, 3 + 1.3 * len(groups)), 4.5))
-    width = 0.8 / len(providers)
-    for p_index, provider in enumerate(providers):
-        xs, ys = [], []
-        for g_index, (case, mode) in enumerate(groups):
-            r = by_key.get((case, mode, provider))
-            if r is not None:
-                xs.append(g_index + p_index * width)
-                ys.append(r.gbps)
-        ax.bar(xs, ys, width, label=provider)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels([f"{c}\n{m}" for c, m in groups], fontsize=8)
-    ax.set_ylabel("GB/s (minimum bytes moved / time)")
-    ax.set_title(f"{results[0].op} on {device_label}", fontsize=10)
-    ax.legend(fontsize=8)
+    timed = [r for r in results if r.median_ms is not None]
+    if not timed:
+        return False
+    groups = list(dict.fromkeys((r.case, r.mode) for r in timed))
+    labels = [f"{c}\n{m}" for c, m in groups]
+    providers = list(dict.fromkeys(r.provider for r in timed))
+    by_key = {(r.case, r.mode, r.provider): r for r in timed}
+    pairs = list(dict.fromkeys((r.provider, b) for r in timed for b in r.speedup_vs))
+    panels = ["time"] + (["speedup"] if pairs else []) + ([metric] if metric in ("bandwidth", "flops") else [])
+    width_in = min(16, 3 + 1.1 * len(groups))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.2 * len(panels)), squeeze=False)
+
+    def bars(ax, series, value, error=None):
+        width = 0.8 / max(len(series), 1)
+        for index, (label, key) in enumerate(series):
+            xs, ys, lo, hi = [], [], [], []
+            for g_index, group in enumerate(groups):
+                r = by_key.get((*group, key))
+                y = value(r, label) if r is not None else None
+                if y is not None:
+                    xs.append(g_index - 0.4 + width * (index + 0.5))
+                    ys.append(y)
+                    low, high = error(r) if error else (y, y)
+                    lo.append(y - low)
+                    hi.append(high - y)
+            if xs:
+                ax.bar(xs, ys, width, label=label, yerr=[lo, hi] if error else None, capsize=2)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.legend(fontsize=7, ncol=min(4, max(len(series), 1)))
+        ax.grid(axis="y", alpha=0.3)
+
+    for ax, panel in zip(axes[:, 0], panels):
+        if panel == "time":
+            bars(ax, [(p, p) for p in providers], lambda r, _: r.median_ms, lambda r: (r.q1_ms, r.q3_ms))
+            ax.set_yscale("log")
+            ax.set_ylabel("ms per call (log)\nmedian, IQR bars")
+        elif panel == "speedup":
+
+            def speedup(r, label):
+                return r.speedup_vs.get(label.split(" vs ")[1])
+
+            bars(ax, [(f"{ours} vs {base}", ours) for ours, base in pairs], speedup)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_ylabel("speedup (log)\nbaseline time / ours")
+        elif panel == "bandwidth":
+            bars(ax, [(p, p) for p in providers],
+                 lambda r, _: None if r.fraction_of_ceiling is None else 100 * r.fraction_of_ceiling)  # fmt: skip
+            ax.axhline(100.0, color="black", linewidth=0.8)
+            ax.set_ylabel("% of the bandwidth\nceiling (copy or read)")
+        else:
+            bars(ax, [(p, p) for p in providers], lambda r, _: r.tflops)
+            ax.set_ylabel("TFLOP/s")
+    axes[0, 0].set_title(f"{results[0].op} on {device_label}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -48,14 +48,16 @@ def _bench(args: argparse.Namespace) -> int:
     out_dir = _output_folder(args.out, "--out")
     label = benchmarking.device_name(device)
     bandwidth = benchmarking.copy_bandwidth_gbps(device)
+    ceiling = benchmarking.Ceiling(device)  # per-size ceilings, measured once for all ops
     for op in ops:
-        results = benchmarking.run_op(op, device=device, quick=args.quick, bandwidth_gbps=bandwidth)
+        results = benchmarking.run_op(op, device=device, quick=args.quick, bandwidth_gbps=bandwidth, ceiling=ceiling)
         print(benchmarking.format_table(results, label, bandwidth))
         json_path = out_dir / f"{op}.json"
         benchmarking.write_json(results, json_path, label, bandwidth)
         written = [str(json_path)]
         png_path = out_dir / f"{op}.png"
-        if benchmarking.write_plot(results, png_path, label):
+        metric = getattr(benchmarking.load(op), "METRIC", "time")
+        if benchmarking.write_plot(results, png_path, label, metric=metric):
             written.append(str(png_path))
         else:
             print("(matplotlib is not installed: no plot; pip install 'memops[bench]')", file=sys.stderr)
@@ -64,7 +66,9 @@ def _bench(args: argparse.Namespace) -> int:
         from memops.tools.report import render
 
         report = out_dir / "benchmarks.md"
-        report.write_text(render([out_dir / f"{op}.json" for op in ops], title=f"memops benchmarks ({label})"))
+        source = f"this `memops bench{' --quick' if args.quick else ''}` run ({label})"
+        paths = [out_dir / f"{op}.json" for op in ops]
+        report.write_text(render(paths, title=f"memops benchmarks ({label})", page_dir=out_dir, source=source))
         print(f"wrote {report}")
     return 0
 
@@ -83,9 +87,7 @@ def _report(args: argparse.Namespace) -> int:
         raise ValueError(f"--results {args.results!r}: no benchmark results (<op>.json or <device>/<op>.json) in it")
     out = Path(args.out)
     _output_folder(str(out.parent), "--out")
-    text = render(paths)
-    # Plot links relative to the report's folder.
-    out.write_text(text.replace(f"]({Path(args.results).as_posix()}", f"]({_relative(Path(args.results), out.parent)}"))
+    out.write_text(render(paths, page_dir=out.parent))
     print(f"wrote {out} from {len(paths)} result files")
     # The GPU compile check: the latest full sweep per Triton version, and the sweep before the fixes.
     from memops.tools import gpu_check
@@ -106,12 +108,6 @@ def _is_bench(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(payload, dict) and isinstance(payload.get("results"), list)
-
-
-def _relative(target: Path, start: Path) -> str:
-    import os
-
-    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
 
 
 def main(argv: list[str] | None = None) -> int:
