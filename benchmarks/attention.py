@@ -31,6 +31,8 @@ OP = "memory_attention"
 METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-composed", "memops-fused", "memops-reference")
 BASELINES = ("cat_sdpa", "flex_attention", "reference")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("cat_sdpa",)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -19,6 +19,8 @@ OP = "looped_attention"
 METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("unfused", "per_loop", "sdpa")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("unfused",)
 LOOPS = 4
 
 

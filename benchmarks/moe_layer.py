@@ -23,6 +23,8 @@ OP = "block_moe"
 METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("memops-token", "expert_loop", "grouped_mm")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("expert_loop",)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -15,7 +15,9 @@ from memops.tools.benchmarking import Case
 
 OP = "block_route"
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
-BASELINES = ("reference", "memops-token", "reference-token")
+BASELINES = ("reference", "torch_topk", "memops-token", "reference-token")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("torch_topk",)
 
 LLADA2 = dict(E=256, top_k=8, n_groups=8, topk_groups=4, routed_scaling=2.5, score_func="sigmoid", min_experts=16)
 MIXTRAL = dict(E=8, top_k=2, n_groups=1, topk_groups=1, routed_scaling=1.0, score_func="softmax", min_experts=2)
@@ -50,6 +52,33 @@ def _kwargs(p: dict, block_size):
     )
 
 
+def _torch_topk(logits, p: dict, block_size: int = 32):
+    """The routing as one writes it by hand: scores -> top-k votes -> block shares -> sort / cumsum coreset ->
+    masked (group-limited) top-k -> weights. torch.topk breaks ties as it likes; random logits have none."""
+    scores = torch.sigmoid(logits.float()) if p["score_func"] == "sigmoid" else torch.softmax(logits.float(), -1)
+    B, N, E = scores.shape
+    top_p = p.get("top_p", 0.6)
+    votes_value, votes_index = scores.topk(p["top_k"], dim=-1)
+    votes = torch.zeros_like(scores).scatter_(-1, votes_index, votes_value)
+    votes = votes.view(B, N // block_size, block_size, E).sum(2)
+    shares = votes / (votes.sum(-1, keepdim=True) + 1e-20)
+    sorted_shares, order = shares.sort(dim=-1, descending=True)
+    before = sorted_shares.cumsum(-1) - sorted_shares
+    keep = ((before <= top_p) & (sorted_shares > 0)) | (torch.arange(E, device=logits.device) < p["min_experts"])
+    coreset = torch.zeros_like(keep).scatter_(-1, order, keep)
+    routing = scores.masked_fill(~coreset.repeat_interleave(block_size, dim=1), float("-inf"))
+    if p["n_groups"] > 1:
+        grouped = routing.view(B, N, p["n_groups"], -1)
+        best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(p["topk_groups"], dim=-1).indices
+        kept = torch.zeros(B, N, p["n_groups"], dtype=torch.bool, device=logits.device).scatter_(-1, best_groups, True)
+        routing = routing.masked_fill(~kept.repeat_interleave(E // p["n_groups"], dim=-1), float("-inf"))
+    ids = routing.topk(p["top_k"], dim=-1).indices
+    weights = scores.gather(-1, ids)
+    if p["top_k"] > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids.int(), weights * p["routed_scaling"], coreset
+
+
 def providers(case: Case, device: str) -> dict:
     p = case.params
     ours = "memops" if device == "cuda" else "memops-reference"
@@ -57,6 +86,7 @@ def providers(case: Case, device: str) -> dict:
     if device == "cuda":
         out["memops-token"] = lambda logits: lambda: memops.block_route(logits, **_kwargs(p, None))
     out["reference"] = lambda logits: lambda: reference.block_route(logits, **_kwargs(p, 32))
+    out["torch_topk"] = lambda logits: lambda: _torch_topk(logits, p)
     out["reference-token"] = lambda logits: lambda: reference.block_route(logits, **_kwargs(p, None))
     return out
 

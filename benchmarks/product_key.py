@@ -18,6 +18,8 @@ OP = "weighted_gather"
 METRIC = "bandwidth"  # the plot's third panel: % of the bandwidth ceiling
 MEMOPS_PROVIDERS = ("memops", "memops-reference", "memops-unchecked", "memops-deterministic")
 BASELINES = ("embedding_bag", "gather_einsum")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("embedding_bag", "gather_einsum")
 
 
 def cases(device: str, quick: bool) -> list[Case]:

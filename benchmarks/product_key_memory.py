@@ -21,6 +21,8 @@ OP = "product_key_memory"
 METRIC = "bandwidth"  # the plot's third panel: % of the bandwidth ceiling
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("xlm", "xlm-compiled")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("xlm",)
 
 
 def xlm_search(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,8 @@ OP = "product_key_topk"
 METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("xlm", "xlm-compiled")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("xlm",)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -19,7 +19,9 @@ from memops.tools.benchmarking import Case, case_grid, random_source
 OP = "retention_attention"
 METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
-BASELINES = ("flex_attention", "sdpa_causal", "reference")
+BASELINES = ("flex_attention", "sdpa_causal", "sdpa_bias", "reference")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("sdpa_bias",)
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -71,6 +73,17 @@ def _sdpa_causal(tensors):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def _sdpa_bias(tensors):
+    # Written by hand: the decay as an additive float mask, (i - j) * log_beta[j] on and below the diagonal.
+    q, k, v, log_beta = tensors["q"], tensors["k"], tensors["v"], tensors["log_beta"]
+    N, group = q.shape[2], q.shape[1] // k.shape[1]
+    positions = torch.arange(N, device=q.device)
+    distance = (positions[:, None] - positions[None, :]).to(log_beta.dtype)
+    bias = (distance * log_beta[:, :, None, :]).masked_fill(distance < 0, float("-inf"))
+    bias = bias.repeat_interleave(group, dim=1).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=group != 1)
+
+
 def _flex(p):
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -96,4 +109,5 @@ def providers(case: Case, device: str) -> dict:
         out["flex_attention"] = _build(_flex(case.params), case.mode)
         out["reference"] = _build(_reference, case.mode)
     out["sdpa_causal"] = _build(_sdpa_causal, case.mode)
+    out["sdpa_bias"] = _build(_sdpa_bias, case.mode)
     return out

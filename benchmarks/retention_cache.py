@@ -22,6 +22,8 @@ OP = "retention_cache"
 METRIC = "bandwidth"  # the plot's third panel: % of the bandwidth ceiling
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("topk_gather", "full_cache")
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("topk_gather",)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -14,6 +14,8 @@ OP = "retention_capacity"
 METRIC = "flops"  # the plot's third panel: TFLOP/s
 MEMOPS_PROVIDERS = ("memops", "memops-reference")
 BASELINES = ("materialised",)
+# Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
+EQUIVALENT = ("materialised",)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

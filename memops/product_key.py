@@ -123,10 +123,20 @@ def weighted_gather(
     if backend == "reference":
         # Straight to the reference (autograd through embedding_bag): the custom op's dispatch would cost
         # ~45 us a call, a third of the whole op at small sizes. Under torch.compile the data-dependent range
-        # check cannot be traced; embedding_bag's own bounds check still raises there.
-        if check_indices and can_read_values(indices):
+        # check cannot be traced; embedding_bag's own bounds check still raises there. A table already in the
+        # accumulator's dtype goes straight to embedding_bag, whose own check runs as it reads: its error is
+        # turned into ours, and the success path pays no extra reduction (a 16-bit table is indexed by
+        # torch.unique's rows first, where -1 would wrap, so it is checked up front).
+        accumulator = torch.float64 if torch.float64 in (values.dtype, weights.dtype) else torch.float32
+        direct = values.dtype == accumulator and values.shape[1] > 0
+        if check_indices and can_read_values(indices) and not direct:
             _check_index_range(indices, values.shape[0])
-        out = reference.weighted_gather(values, indices, weights)
+        try:
+            out = reference.weighted_gather(values, indices, weights)
+        except RuntimeError:
+            if check_indices and can_read_values(indices):
+                _check_index_range(indices, values.shape[0])  # raises the IndexError naming the argument
+            raise
     else:
         out = _weighted_gather_op(values, indices, weights, check_indices)
     return out.reshape(out_shape)

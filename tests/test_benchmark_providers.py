@@ -28,3 +28,25 @@ def test_provider_runs(op, case, provider):
                 call()  # FlexAttention's backward is GPU-only; its forward ran in the fwd case
             return
         call()
+
+
+EQUIVALENT_JOBS = [
+    pytest.param(op, case, name, id=f"{op}-{case.name}-{case.mode}-{name}")
+    for op in benchmarking.BENCHMARKS
+    for case in benchmarking.load(op).cases("cpu", quick=True)
+    if case.mode in ("fwd", "evict")
+    for name in getattr(benchmarking.load(op), "EQUIVALENT", ())
+]
+
+
+@pytest.mark.parametrize("op, case, name", EQUIVALENT_JOBS)
+def test_cpu_ratio_formulations_compute_the_reference(op, case, name):
+    # benchmarks/cpu_ratio.py holds each reference to these formulations: they must be the same op.
+    from memops.benchmarks.cpu_ratio import REFERENCE, check_same_op, tensor_leaves
+
+    suite = benchmarking.load(op)
+    built = suite.providers(case, "cpu")
+    expected = built[REFERENCE](suite.make_inputs(case, "cpu", seed=0))()
+    check_same_op(op, name, expected, built[name](suite.make_inputs(case, "cpu", seed=0))())
+    with pytest.raises(AssertionError, match="does not compute"):  # the check can fail
+        check_same_op(op, name, expected, [leaf + 1 for leaf in tensor_leaves(expected)])

@@ -140,6 +140,31 @@ def test_routing_properties(N, E_log2, top_k, block_size, top_p, extra, seed):
     assert (ids[0].sort(-1).values.diff(dim=-1) > 0).all()
 
 
+@pytest.mark.parametrize("values", ["distinct", "ties", "all-equal", "neg-zero-and-inf", "nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_indices_equal_the_stable_sort(values, dtype):
+    # The fast path (topk) answers only when the k + 1 largest are distinct; every other row layout must
+    # still give the stable sort's indices (ties to the lower index).
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(3, 40, 64, generator=generator, dtype=dtype)  # above top_entries' small-row size
+    if values == "ties":
+        scores = (scores * 4).round() / 4
+    elif values == "all-equal":
+        scores = torch.full_like(scores, 0.5)
+    elif values == "neg-zero-and-inf":
+        scores[..., ::3] = -0.0
+        scores[..., 1::3] = 0.0
+        scores[0, 0] = float("-inf")
+    elif values == "nan":
+        scores[1, 2, 5] = float("nan")
+    for k in (1, 8, 63, 64):
+        for rows in (scores, scores[:1, :1]):  # the topk path, and the small-row path (one stable sort)
+            expected = torch.sort(rows, dim=-1, descending=True, stable=True)
+            top_values, top_ids = reference.moe.top_entries(rows, k)
+            assert torch.equal(top_ids, expected.indices[..., :k]), (values, k)
+            assert torch.equal(top_values, expected.values[..., :k]) or top_values.isnan().any()
+
+
 def test_unique_experts():
     ids = torch.tensor([[[0, 1], [1, 2], [5, 0], [5, 5]]], dtype=torch.int32)  # blocks of 2: {0,1,2}, {0,5}
     assert memops.unique_experts(ids, 2).tolist() == [[3, 2]]

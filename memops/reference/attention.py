@@ -83,11 +83,16 @@ def memory_attention(
 def nan_query_rows(out: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None, num_keys: int = 1) -> torch.Tensor:
     """out with NaN in the rows whose query has a NaN and sees at least one key: torch's CPU flash SDPA
     returns 0 for them (its row max is NaN), where the math, the kernels and the spec give NaN."""
+    if out.shape[-2] == 0 or out.shape[-1] == 0 or num_keys == 0:
+        return out
+    # The usual input has no NaN query: one sum over q shows it (a NaN anywhere makes it NaN; an inf - inf
+    # only sends us down the exact path), skipping the passes over q and the (B, H, N, Nk) mask. Eager only:
+    # a traced graph cannot branch on the data.
+    if not torch.compiler.is_compiling() and not bool(torch.isnan(q.sum())):
+        return out
     nan_rows = torch.isnan(q).any(-1, keepdim=True)
     if mask is not None:
         nan_rows = nan_rows & torch.isfinite(mask).any(-1, keepdim=True)
-    if out.shape[-2] == 0 or out.shape[-1] == 0 or num_keys == 0:
-        return out
     return out.masked_fill(nan_rows, float("nan"))
 
 

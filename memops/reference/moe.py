@@ -34,40 +34,66 @@ def router_scores(router_logits: torch.Tensor, score_func: str) -> torch.Tensor:
     return torch.sigmoid(logits) if score_func == "sigmoid" else torch.softmax(logits, dim=-1)
 
 
-def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of each row's k largest entries; ties go to the lower index (a stable sort)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
+def top_entries(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, int64 indices), each (..., k): every row's k largest entries of ``scores`` (..., E), largest
+    first; ties go to the lower index, as a stable descending sort gives them.
+
+    ``topk`` is a quarter of a full stable sort's cost but promises nothing about ties, so it answers only
+    when the k + 1 largest values of every row are distinct (then its indices are the only right ones);
+    otherwise, when tracing, and for small rows (where one sort beats topk plus the check), the stable sort does.
+    """
+    E = scores.shape[-1]
+    k = min(k, E)
+    if not torch.compiler.is_compiling() and scores.numel() > 1 << 12:
+        values, indices = scores.topk(min(k + 1, E), dim=-1)
+        # Strictly decreasing rows have no tie (and no NaN: NaN > x is False).
+        if bool(torch.gt(values[..., :-1], values[..., 1:]).all()):
+            return values[..., :k], indices[..., :k]
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of :func:`top_entries`."""
+    return top_entries(scores, k)[1]
+
+
+def _group_limited(scores: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
+    """scores with every expert outside the topk_groups best groups at -inf (group score: the sum of its two
+    largest entries; ties go to the lower group)."""
+    grouped = scores.unflatten(-1, (n_groups, -1))
+    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, top_indices(group_scores, topk_groups), True)
+    return grouped.masked_fill(~kept.unsqueeze(-1), float("-inf")).flatten(-2)
 
 
 def group_limited_topk(scores: torch.Tensor, k: int, n_groups: int, topk_groups: int) -> torch.Tensor:
     """(..., k) ids of the top-k of ``scores`` (..., E) among the experts of the topk_groups best groups
     (group score: the sum of its two largest entries), sorted by score; ties go to the lower index."""
     if n_groups > 1:
-        grouped = scores.unflatten(-1, (n_groups, -1))
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-        kept_groups = _topk_mask(group_scores, topk_groups)
-        scores = scores.masked_fill(~kept_groups.repeat_interleave(grouped.shape[-1], dim=-1), float("-inf"))
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        scores = _group_limited(scores, n_groups, topk_groups)
+    return top_indices(scores, k)
 
 
 def block_coreset(
-    routing: torch.Tensor, valid: torch.Tensor, *, block_size: int, top_k: int, top_p: float, min_experts: int,
+    routing: torch.Tensor, valid: torch.Tensor | None, *, block_size: int, top_k: int, top_p: float, min_experts: int,
     n_groups: int, topk_groups: int, vote: str = "plain",
 ) -> torch.Tensor:  # fmt: skip
     """(B, n_blocks, E) bool coreset of every block from the routing scores r (B, N, E); ``valid`` (B, N)
-    marks the tokens that vote, each with its plain top-k (``vote="plain"``, the official gate) or its
+    marks the tokens that vote (None: all do), each with its plain top-k (``vote="plain"``, the official gate) or its
     group-limited top-k (``vote="group_limited"``)."""
     B, N, E = routing.shape
-    ids = (
-        group_limited_topk(routing, top_k, n_groups, topk_groups)
-        if vote == "group_limited"
-        else group_limited_topk(routing, top_k, 1, 1)
-    )
-    masked = torch.zeros_like(routing).scatter_(-1, ids, routing.gather(-1, ids)) * valid.unsqueeze(-1)
+    voting = _group_limited(routing, n_groups, topk_groups) if vote == "group_limited" and n_groups > 1 else routing
+    picked, ids = top_entries(voting, top_k)
+    if voting is not routing:  # too few experts in the kept groups picks -inf entries: vote their real scores
+        picked = routing.gather(-1, ids)
+    masked = torch.zeros_like(routing).scatter_(-1, ids, picked)
+    if valid is not None:
+        masked = masked * valid.unsqueeze(-1)
     n_blocks = -(-N // block_size)
-    padded = F.pad(masked, (0, 0, 0, n_blocks * block_size - N))
-    votes = padded.view(B, n_blocks, block_size, E).sum(2)
+    if N % block_size:
+        masked = F.pad(masked, (0, 0, 0, n_blocks * block_size - N))
+    votes = masked.view(B, n_blocks, block_size, E).sum(2)
     shares = votes / (votes.sum(-1, keepdim=True) + 1e-20)
     sorted_shares, order = torch.sort(shares, dim=-1, descending=True, stable=True)
     before = sorted_shares.cumsum(-1) - sorted_shares  # exclusive cumulative sum
@@ -100,11 +126,15 @@ def block_route(
     routing = routing.detach()
     coreset = None
     if block_size is not None:
-        valid = torch.ones(routing.shape[:2], dtype=routing.dtype, device=routing.device)
         selection = dict(top_k=top_k, top_p=top_p, min_experts=min_experts, n_groups=n_groups, topk_groups=topk_groups)
-        coreset = block_coreset(routing, valid, block_size=block_size, vote=vote, **selection)
-        per_token = coreset.repeat_interleave(block_size, dim=1)[:, : routing.shape[1]]
-        routing = routing.masked_fill(~per_token, float("-inf"))
+        coreset = block_coreset(routing, None, block_size=block_size, vote=vote, **selection)
+        B, N, E = routing.shape
+        if N % block_size == 0:  # a view per block, the coreset broadcast over its tokens: no (B, N, E) mask
+            blocks = routing.view(B, N // block_size, block_size, E)
+            routing = blocks.masked_fill(~coreset.unsqueeze(2), float("-inf")).view(B, N, E)
+        else:
+            per_token = coreset.repeat_interleave(block_size, dim=1)[:, :N]
+            routing = routing.masked_fill(~per_token, float("-inf"))
     ids = group_limited_topk(routing, top_k, n_groups, topk_groups)
     weights = routing_weights(scores, ids, normalize=normalize, routed_scaling=routed_scaling)
     return ids.to(torch.int32), weights, coreset
