@@ -27,6 +27,8 @@ def cases(device: str, quick: bool) -> list[Case]:
     out = [
         Case("llada2-1blk", "fwd", dict(LLADA2, B=1, N=32), quick=True),
         Case("llada2-64blk", "fwd", dict(LLADA2, B=1, N=2048), quick=True),
+        # plain (ungrouped) sigmoid routing, 16 blocks: the CPU-ratio shape of issue 18
+        Case("sigmoid-16blk", "fwd", dict(LLADA2, n_groups=1, topk_groups=1, routed_scaling=1.0, B=2, N=256), True),
         Case("mixtral-64blk", "fwd", dict(MIXTRAL, B=1, N=2048)),
     ]
     if device == "cuda" and not quick:

@@ -172,3 +172,22 @@ def test_report_reads_what_bench_writes_and_refuses_an_empty_folder(tmp_path):
     )
     assert rendered.returncode == 0 and "from 1 result files" in rendered.stdout, rendered.stderr
     assert "### weighted_gather on cpu" in page.read_text()
+
+
+def test_compare_runs_reads_two_bench_folders(tmp_path):
+    def run(folder, median, q1, q3):
+        folder.mkdir()
+        result = benchmarking.Result(op="weighted_gather", case="small", mode="fwd", provider="memops", params={},
+                                     device="cpu", median_ms=median, q1_ms=q1, q3_ms=q3, gbps=1.0)  # fmt: skip
+        benchmarking.write_json([result], folder / "weighted_gather.json", "cpu", 10.0)
+
+    run(tmp_path / "a", 1.0, 0.95, 1.05)
+    run(tmp_path / "b", 1.02, 0.99, 1.06)  # overlapping quartiles: agree
+    run(tmp_path / "c", 1.5, 1.4, 1.6)  # disjoint: disagree
+    cli = [sys.executable, "-m", "memops.tools.cli", "compare"]
+    agree = subprocess.run([*cli, str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    assert agree.returncode == 0 and "1 of 1 medians agree" in agree.stdout and "+2.0%" in agree.stdout
+    differ = subprocess.run([*cli, str(tmp_path / "a"), str(tmp_path / "c")], capture_output=True, text=True)
+    assert differ.returncode == 0 and "0 of 1 medians agree" in differ.stdout and "| no |" in differ.stdout
+    missing = subprocess.run([*cli, str(tmp_path / "a"), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such folder" in missing.stderr and "Traceback" not in missing.stderr

@@ -385,7 +385,22 @@ def format_table(results: list[Result], device_label: str, bandwidth_gbps: float
     return "\n".join(lines)
 
 
-def write_json(results: list[Result], path: Path, device_label: str, bandwidth_gbps: float) -> None:
+def drift_warning(before_gbps: float, after_gbps: float) -> str | None:
+    """A warning when the DRAM copy bandwidth measured before and after an op's cases differs by more than
+    NOISY_SPREAD: the machine's speed changed under the run (a shared or throttling machine), so its times
+    compare with another run's only loosely; the ratios within the run still hold."""
+    change = after_gbps / before_gbps - 1
+    if abs(change) <= NOISY_SPREAD:
+        return None
+    return (
+        f"warning: the copy bandwidth moved {100 * change:+.0f}% during these cases ({before_gbps:,.0f} -> "
+        f"{after_gbps:,.0f} GB/s): not a quiet machine; compare speedups, not times, with other runs"
+    )
+
+
+def write_json(
+    results: list[Result], path: Path, device_label: str, bandwidth_gbps: float, *, bandwidth_after_gbps=None
+) -> None:
     import triton
 
     payload = {
@@ -394,6 +409,7 @@ def write_json(results: list[Result], path: Path, device_label: str, bandwidth_g
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_bandwidth_gbps": bandwidth_gbps,
+        "copy_bandwidth_after_gbps": bandwidth_after_gbps,  # measured again after the cases (None: not measured)
         "timing": {
             "method": "triton.testing.do_bench(return_mode='all'), L2 flushed per call"
             if results and results[0].device == "cuda"

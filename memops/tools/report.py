@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from memops.tools.benchmarking import spread_text
+from memops.tools.benchmarking import drift_warning, spread_text
 
 
 def _shape(params: dict) -> str:
@@ -45,6 +45,15 @@ def render_payload(payload: dict) -> list[str]:
             "bandwidth."
         ),
         "",
+    ]
+    after = payload.get("copy_bandwidth_after_gbps")
+    if after:
+        drift = drift_warning(payload["copy_bandwidth_gbps"], after)
+        lines += [
+            f"**{drift[len('warning: ') :]}.**" if drift else f"Copy bandwidth after the cases: {after:,.0f} GB/s.",
+            "",
+        ]
+    lines += [
         "| case | mode | provider | ms | IQR | N | GB/s | ceiling GB/s | % ceiling | TFLOP/s "
         "| speedup (baseline time / ours) | note |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
@@ -97,9 +106,15 @@ def render(
     ]
     for _, _, path, payload in payloads:
         lines += render_payload(payload)
+
         plot = Path(path).with_suffix(".png")
         if plot.exists():
             lines += [f"![{payload['results'][0]['op']}]({_relative(plot, page_dir)})", ""]
+    # benchmarks/cpu_ratio.py's table, where a results folder holds one
+    for table in sorted({Path(path).parent / "cpu_ratio.md" for _, _, path, _ in payloads}):
+        if table.exists():
+            lines += [f"### The CPU path against the best plain-PyTorch formulation ({table.parent.name})", ""]
+            lines += [table.read_text(), ""]
     return "\n".join(lines)
 
 
@@ -109,3 +124,36 @@ def _relative(target: Path, start: Path) -> str:
 
 def _folders(paths: list[Path], page_dir: Path) -> set[str]:
     return {f"`{_relative(Path(p).parent, page_dir)}/`" for p in paths}
+
+
+def compare_runs(first: Path, second: Path) -> tuple[list[str], int, int]:
+    """Two ``memops bench`` folders of the same cases: a markdown table of each case's medians and whether they
+    agree within their reported spread (the interquartile ranges overlap). Returns (lines, agreeing, compared)."""
+    lines = [
+        f"| op | case | mode | provider | {first.name} ms [q1, q3] | {second.name} ms [q1, q3] | difference | agree |",
+        "|---|---|---|---|---|---|---:|---|",
+    ]
+    agreeing = compared = 0
+    for path in sorted(first.glob("*.json")):
+        other = second / path.name
+        if not other.exists():
+            continue
+        rows = {}
+        for folder, file in ((0, path), (1, other)):
+            payload = json.loads(file.read_text())
+            for r in payload.get("results", []) if isinstance(payload, dict) else []:
+                if r.get("median_ms") is not None and r.get("q1_ms") is not None:
+                    rows.setdefault((r["op"], r["case"], r["mode"], r["provider"]), [None, None])[folder] = r
+        for key, (a, b) in rows.items():
+            if a is None or b is None:
+                continue
+            agree = a["q1_ms"] <= b["q3_ms"] and b["q1_ms"] <= a["q3_ms"]
+            compared += 1
+            agreeing += agree
+            difference = 100 * (b["median_ms"] - a["median_ms"]) / a["median_ms"]
+            lines.append(
+                f"| {' | '.join(key)} | {a['median_ms']:.3f} [{a['q1_ms']:.3f}, {a['q3_ms']:.3f}] | "
+                f"{b['median_ms']:.3f} [{b['q1_ms']:.3f}, {b['q3_ms']:.3f}] | {difference:+.1f}% | "
+                f"{'yes' if agree else 'no'} |"
+            )
+    return lines, agreeing, compared
