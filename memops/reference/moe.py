@@ -87,13 +87,17 @@ def block_coreset(
     picked, ids = top_entries(voting, top_k)
     if voting is not routing:  # too few experts in the kept groups picks -inf entries: vote their real scores
         picked = routing.gather(-1, ids)
-    masked = torch.zeros_like(routing).scatter_(-1, ids, picked)
     if valid is not None:
-        masked = masked * valid.unsqueeze(-1)
+        picked = picked * valid.unsqueeze(-1).to(picked.dtype)
     n_blocks = -(-N // block_size)
-    if N % block_size:
-        masked = F.pad(masked, (0, 0, 0, n_blocks * block_size - N))
-    votes = masked.view(B, n_blocks, block_size, E).sum(2)
+    if N % block_size:  # pad the last block with tokens that vote nothing
+        pad = n_blocks * block_size - N
+        picked, ids = F.pad(picked, (0, 0, 0, pad)), F.pad(ids, (0, 0, 0, pad))
+    # Each block's votes summed straight into (B, n_blocks, E): no (B, N, E) vote tensor.
+    k = ids.shape[-1]
+    votes = torch.zeros(B, n_blocks, E, dtype=routing.dtype, device=routing.device).scatter_add_(
+        -1, ids.reshape(B, n_blocks, block_size * k), picked.reshape(B, n_blocks, block_size * k)
+    )
     shares = votes / (votes.sum(-1, keepdim=True) + 1e-20)
     sorted_shares, order = torch.sort(shares, dim=-1, descending=True, stable=True)
     before = sorted_shares.cumsum(-1) - sorted_shares  # exclusive cumulative sum

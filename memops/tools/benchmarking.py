@@ -13,7 +13,8 @@ Every case is warmed up, then timed over many repeats, and reported as the media
 interquartile range), its min and max, and the repeat count. On CUDA the repeats are
 ``triton.testing.do_bench(return_mode="all")`` (one call each, L2 flushed before each, rotating among several
 input sets when one set fits in L2). On CPU they are ``torch.utils.benchmark.Timer.blocked_autorange`` blocks
-(each the mean of ``calls_per_repeat`` calls, all of torch's threads). A case whose spread exceeds
+(each the mean of ``calls_per_repeat`` calls, all of torch's threads), the providers of a case timed in turn
+over CPU_ROUNDS rounds so that a shared machine's slow spell falls on all of them alike. A case whose spread exceeds
 ``NOISY_SPREAD`` of its median is timed again, up to ``RERUNS`` times; the tightest timing is kept and one that
 stays noisy is flagged. Interpreter timings are never taken: the harness refuses to run with TRITON_INTERPRET=1.
 
@@ -55,7 +56,8 @@ BENCHMARKS = {
 L2_BYTES_GUESS = 64 << 20
 NOISY_SPREAD = 0.10  # IQR / median above which a case is timed again
 RERUNS = 2
-CPU_MIN_RUN_S = 0.4  # blocked_autorange's minimum measuring time per case
+CPU_MIN_RUN_S = 0.45  # blocked_autorange's minimum measuring time per provider and case, over all rounds
+CPU_ROUNDS = 3  # a CPU case's providers are timed in turn, this many rounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,21 +292,14 @@ def run_op(
         for provider, build in module.providers(case, device).items():
             jobs.append((case, provider, build))
     results: list[Result] = []
-    for n, (case, provider, build) in enumerate(jobs):
-        if progress:
-            _progress(n, len(jobs), f"{op} {case.name} {case.mode} {provider}")
+    timed = _timings(module, jobs, device, progress, op)
+    for case, provider, _ in jobs:
         identity = dict(op=op, case=case.name, mode=case.mode, provider=provider, params=case.params, device=device)
-        try:
-            fn = _rotating(
-                lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"), device
-            )
-            timing, noisy = measure_steady(fn, device)
-        except Exception as error:  # noqa: BLE001 - a provider without this dtype, mode or torch feature: record it, go on
-            results.append(Result(**identity, error=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"))
+        outcome = timed[(id(case), provider)]
+        if isinstance(outcome, str):
+            results.append(Result(**identity, error=outcome))
             continue
-        finally:
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        fn, timing, noisy = outcome
         peak = _peak_memory_mb(fn, device)
         moved = module.bytes_moved(case, case.mode)
         flops = module.flops(case, case.mode) if hasattr(module, "flops") else None
@@ -334,10 +329,79 @@ def run_op(
                 note=module.note(case, provider, device) if hasattr(module, "note") else None,
             )
         )
-    if progress:
-        _progress(len(jobs), len(jobs), f"{op} done")
     _fill_speedups(results, module.MEMOPS_PROVIDERS, module.BASELINES)
     return results
+
+
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+
+
+def _timings(module, jobs, device: str, progress: bool, op: str) -> dict:
+    """(id(case), provider) -> (fn, Timing, noisy) or an error string. On CUDA each provider is timed on its own
+    (one input set at a time: the large cases fill the GPU). On CPU a case's providers are timed in turn,
+    CPU_ROUNDS rounds of a CPU_MIN_RUN_S / CPU_ROUNDS window each, and their samples pooled: a shared
+    machine's slow spell then falls on every provider of the case, not on whichever ran during it."""
+    out: dict = {}
+    cases = list({id(case): case for case, _, _ in jobs}.values())  # Case holds a dict: not hashable
+    done = 0
+    for case in cases:
+        members = [(provider, build) for c, provider, build in jobs if c is case]
+        calls = {}
+        for provider, build in members:
+            if progress:
+                _progress(done, len(jobs), f"{op} {case.name} {case.mode} {provider}")
+            done += 1
+            try:
+                calls[provider] = _rotating(
+                    lambda seed, c=case: module.make_inputs(c, device, seed), build, module.bytes_moved(case, "fwd"),
+                    device,
+                )  # fmt: skip
+                if device == "cuda":
+                    timing, noisy = measure_steady(calls[provider], device)
+                    out[(id(case), provider)] = (calls.pop(provider), timing, noisy)
+            except Exception as error:  # noqa: BLE001 - a provider without this dtype, mode or torch feature
+                calls.pop(provider, None)
+                out[(id(case), provider)] = _error_text(error)
+            finally:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        if calls:
+            out.update({(id(case), name): value for name, value in _interleaved(calls, device).items()})
+    if progress:
+        _progress(len(jobs), len(jobs), f"{op} done")
+    return out
+
+
+def _interleaved(calls: dict, device: str) -> dict:
+    def one_pass(names):
+        samples = {name: [] for name in names}
+        blocks = {name: 1 for name in names}
+        failed = {}
+        for _ in range(CPU_ROUNDS):
+            for name in names:
+                if name in failed:
+                    continue
+                try:
+                    timing = measure(calls[name], device, min_run_s=CPU_MIN_RUN_S / CPU_ROUNDS)
+                except Exception as error:  # noqa: BLE001 - recorded, as in the CUDA path
+                    failed[name] = _error_text(error)
+                    continue
+                samples[name] += timing.samples
+                blocks[name] = timing.calls_per_repeat
+        timings = {n: Timing(tuple(samples[n]), blocks[n]) for n in names if n not in failed}
+        return timings, failed
+
+    timings, failed = one_pass(list(calls))
+    for _ in range(RERUNS):  # the noisy providers again, in turn; each keeps its tighter timing
+        noisy = [name for name, timing in timings.items() if timing.spread > NOISY_SPREAD]
+        if not noisy:
+            break
+        again, _ = one_pass(noisy)
+        for name, timing in again.items():
+            timings[name] = min(timings[name], timing, key=lambda t: t.spread)
+    out = {name: (calls[name], t, t.spread > NOISY_SPREAD) for name, t in timings.items()}
+    return {**out, **failed}
 
 
 def _fill_speedups(results: list[Result], ours: tuple[str, ...], baselines: tuple[str, ...]) -> None:
@@ -413,7 +477,8 @@ def write_json(
         "timing": {
             "method": "triton.testing.do_bench(return_mode='all'), L2 flushed per call"
             if results and results[0].device == "cuda"
-            else f"torch.utils.benchmark blocked_autorange(min_run_time={CPU_MIN_RUN_S}) after 2 warm-up calls",
+            else f"torch.utils.benchmark blocked_autorange after 2 warm-up calls; a case's providers in turn, "
+            f"{CPU_ROUNDS} rounds of min_run_time={CPU_MIN_RUN_S / CPU_ROUNDS:.2f} s each, samples pooled",
             "statistic": "median of the repeats; spread = interquartile range (q1_ms..q3_ms)",
             "rerun_when_spread_above": NOISY_SPREAD,
             "reruns": RERUNS,
@@ -434,6 +499,7 @@ def write_plot(results: list[Result], path: Path, device_label: str, *, metric: 
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     timed = [r for r in results if r.median_ms is not None]
@@ -445,7 +511,7 @@ def write_plot(results: list[Result], path: Path, device_label: str, *, metric: 
     by_key = {(r.case, r.mode, r.provider): r for r in timed}
     pairs = list(dict.fromkeys((r.provider, b) for r in timed for b in r.speedup_vs))
     panels = ["time"] + (["speedup"] if pairs else []) + ([metric] if metric in ("bandwidth", "flops") else [])
-    width_in = min(16, 3 + 1.1 * len(groups))
+    width_in = min(18, 6 + 1.1 * len(groups))  # room on the right for the legends
     fig, axes = plt.subplots(len(panels), 1, figsize=(width_in, 3.2 * len(panels)), squeeze=False)
 
     def bars(ax, series, value, error=None):
@@ -465,7 +531,7 @@ def write_plot(results: list[Result], path: Path, device_label: str, *, metric: 
                 ax.bar(xs, ys, width, label=label, yerr=[lo, hi] if error else None, capsize=2)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(labels, fontsize=7)
-        ax.legend(fontsize=7, ncol=min(4, max(len(series), 1)))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         ax.grid(axis="y", alpha=0.3)
 
     for ax, panel in zip(axes[:, 0], panels):
@@ -481,6 +547,9 @@ def write_plot(results: list[Result], path: Path, device_label: str, *, metric: 
             bars(ax, [(f"{ours} vs {base}", ours) for ours, base in pairs], speedup)
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3gx"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_ylabel("speedup (log)\nbaseline time / ours")
         elif panel == "bandwidth":
             bars(ax, [(p, p) for p in providers],
