@@ -4,7 +4,10 @@ Public ops run on backend "triton" (CUDA tensors, or CPU tensors under TRITON_IN
 "reference" (memops.reference); see :func:`backend` and the MEMOPS_BACKEND environment variable.
 """
 
-from memops import nn  # noqa: F401 (memops.nn, the modules)
+from memops import (
+    nn,  # noqa: F401 (memops.nn, the modules)
+    varlen,  # noqa: F401 (memops.varlen: padded <-> packed conversions)
+)
 from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
