@@ -194,11 +194,6 @@ def measure_steady(fn: Callable[[], object], device: str) -> tuple[Timing, bool]
     return best, best.spread > NOISY_SPREAD
 
 
-def time_ms(fn: Callable[[], object], device: str) -> float:
-    """Median milliseconds of one call of ``fn``."""
-    return measure(fn, device).median
-
-
 class Ceiling:
     """The bandwidth ceiling for moving a given number of bytes on this device: the faster of a copy
     (bytes/2 read, bytes/2 written) and a read-only sum over that many bytes, measured once per
