@@ -39,14 +39,43 @@ from memops.kernels._launch import dtype_class, launch_arch, record_launch
 
 
 @triton.jit
-def _query_program(H, group, N, BLOCK_M: tl.constexpr):
-    """This program's (query block, batch, head): ids, the kv head of its group, query offsets and mask."""
+def _varlen_rows(pid, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs):
+    """Packed sequences: the sequence of this program, its block within the sequence, and the sequence's
+    first query and key rows and lengths. The grid is an upper bound on the blocks (known from shapes alone,
+    so no host sync); a program past the last block gets lengths 0 and computes nothing."""
+    seq = tl.load(program_seq_ptr + pid)
+    valid = seq < num_seqs
+    seq = tl.minimum(seq, num_seqs - 1)
+    block = pid - tl.load(first_block_ptr + seq)
+    q_row0 = tl.load(cu_q_ptr + seq)
+    k_row0 = tl.load(cu_k_ptr + seq)
+    N = tl.where(valid, tl.load(cu_q_ptr + seq + 1) - q_row0, 0)
+    Nk = tl.where(valid, tl.load(cu_k_ptr + seq + 1) - k_row0, 0)
+    return seq.to(tl.int64), block, q_row0.to(tl.int64), k_row0.to(tl.int64), N, Nk, valid
+
+
+@triton.jit
+def _query_program(
+    H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """This program's query block: its index, batch (the sequence when packed), head and the kv head of its
+    group, the first query and key rows of its batch entry (0 unless packed), the query offsets and mask,
+    and the lengths N, Nk, M it sees (per sequence when packed)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    if VARLEN:  # grid (query-block programs over every sequence, H)
+        h = bh.to(tl.int64)
+        b, pid_m, q_row0, k_row0, N, Nk, valid = _varlen_rows(pid_m, program_seq_ptr, first_block_ptr, cu_q_ptr,
+                                                              cu_k_ptr, num_seqs)
+        M = tl.where(valid, M, 0)
+    else:  # grid (query blocks, B * H)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        q_row0 = b * 0
+        k_row0 = b * 0
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    return pid_m, bh.to(tl.int64), b, h, h // group, offs_m, offs_m < N
+    return pid_m, b, h, h // group, q_row0, k_row0, offs_m, offs_m < N, N, Nk, M
 
 
 @triton.jit
@@ -68,16 +97,19 @@ def _lse_log2(lse_ptrs, row_ok, ACC: tl.constexpr):
 
 @triton.jit
 def _backward_rows(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_m, offs_d, row_ok, N,
-    stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, ACC: tl.constexpr,
+    q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok,
+    stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, stride_lseb, stride_lseh, ACC: tl.constexpr,
 ):
-    """What the backward needs of a block of query rows: q, dout, the log2-domain lse and delta."""
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    """What the backward needs of a block of query rows: q, dout, the log2-domain lse and delta (lse and
+    delta share one layout: (B, H, N), or (H, total) when packed)."""
+    rows = q_row0 + offs_m
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse_log2 = _lse_log2(lse_ptr + bh * N + offs_m, row_ok, ACC)
-    delta = tl.load(delta_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
+    lse_rows = b * stride_lseb + h * stride_lseh + rows
+    lse_log2 = _lse_log2(lse_ptr + lse_rows, row_ok, ACC)
+    delta = tl.load(delta_ptr + lse_rows, mask=row_ok, other=0.0).to(ACC)
     return q, do, lse_log2, delta
 
 
@@ -244,15 +276,20 @@ def memory_attention_fwd_kernel(
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
     stride_decb, stride_dech, stride_ob, stride_oh, stride_on,
     stride_newb, stride_newh, stride_newn, stride_gb, stride_gh, stride_gn, stride_outb, stride_outh, stride_outn,
-    stride_docb, H, N, Nk, M, group, scale_log2, blend_start,
+    stride_docb, stride_lseb, stride_lseh, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    H, N, Nk, M, group, scale_log2, blend_start,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
-    DOCUMENTS: tl.constexpr,
+    DOCUMENTS: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
+    # Packed (VARLEN): b is the sequence, whose rows start at q_row0 / k_row0 of the packed tensors (their
+    # batch strides are 0), and N, Nk, M are that sequence's.
+    pid_m, b, h, g, q_row0, k_row0, offs_m, row_ok, N, Nk, M = _query_program(
+        H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BLOCK_M, VARLEN)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    rows = q_row0 + offs_m
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
@@ -281,13 +318,15 @@ def memory_attention_fwd_kernel(
         full_start = tl.where(none_whole, first, full_start)
         full_end = tl.where(none_whole, first, full_end)
     acc, m_i, l_i = _fwd_key_range(
-        acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
-        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, first, full_start,
+        acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh + k_row0 * stride_kn,
+        v_ptr + b * stride_vb + g * stride_vh + k_row0 * stride_vn,
+        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech + k_row0, Nk, first, full_start,
         full_end, end, offs_m, offs_d, Nk - N,
-        scale_log2, blend_start, k_new_ptr + b * stride_newb + g * stride_newh,
-        v_new_ptr + b * stride_newb + g * stride_newh,
-        gate_ptr + b * stride_gb + g * stride_gh, stride_newn, stride_gn,
-        k_out_ptr + b * stride_outb + g * stride_outh, v_out_ptr + b * stride_outb + g * stride_outh, stride_outn,
+        scale_log2, blend_start, k_new_ptr + b * stride_newb + g * stride_newh + k_row0 * stride_newn,
+        v_new_ptr + b * stride_newb + g * stride_newh + k_row0 * stride_newn,
+        gate_ptr + b * stride_gb + g * stride_gh + k_row0 * stride_gn, stride_newn, stride_gn,
+        k_out_ptr + b * stride_outb + g * stride_outh + k_row0 * stride_outn,
+        v_out_ptr + b * stride_outb + g * stride_outh + k_row0 * stride_outn, stride_outn,
         # The last query block sees every key (also when causal); the group's first head writes the rows.
         (pid_m == tl.cdiv(N, BLOCK_M) - 1) & (h % group == 0), query_doc_start,
         HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
@@ -298,9 +337,9 @@ def memory_attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), to_ln(m_i + tl.math.log2(tl.where(empty, 1.0, l_i))))
     # a +inf logit: the log-sum-exp is +inf (l_i is inf - inf = NaN there); out is NaN, as the reference's
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + bh * N + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(lse_ptr + b * stride_lseb + h * stride_lseh + rows, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -312,7 +351,12 @@ def memory_attention_delta_kernel(
 ):
     # delta[i] = dout[i] . out[i] - dlse[i]: the softmax backward's row term (a grad on lse adds p * dlse
     # to ds, the same as lowering delta by dlse). One read of O and dO, fp32 math, no fp32 copies.
-    pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, 1, N, BLOCK_M)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
     offs_d = tl.arange(0, HEAD_DIM)
     o = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(ACC)
@@ -353,15 +397,18 @@ def memory_attention_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
     stride_decb, stride_dech, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    stride_docb, H, N, Nk, M, group, scale, scale_log2,
+    stride_docb, stride_lseb, stride_lseh, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    H, N, Nk, M, group, scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_m, bh, b, h, g, offs_m, row_ok = _query_program(H, group, N, BLOCK_M)
+    pid_m, b, h, g, q_row0, k_row0, offs_m, row_ok, N, Nk, M = _query_program(
+        H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BLOCK_M, VARLEN)
     offs_d = tl.arange(0, HEAD_DIM)
-    q, do, lse_log2, delta = _backward_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_m, offs_d, row_ok, N,
-                                            stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, ACC)
+    q, do, lse_log2, delta = _backward_rows(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok, stride_qb, stride_qh, stride_qn,
+        stride_dob, stride_doh, stride_don, stride_lseb, stride_lseh, ACC)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
     if HAS_MEMORY:
         dq = _dq_key_range(
@@ -378,12 +425,14 @@ def memory_attention_dq_kernel(
         query_doc_start, first, _ = _query_documents(doc_start_ptr + b * stride_docb, pid_m, offs_m, row_ok, N, Nk,
                                                      BLOCK_M, BLOCK_N)
     dq = _dq_key_range(
-        dq, q, do, lse_log2, delta, k_ptr + b * stride_kb + g * stride_kh, v_ptr + b * stride_vb + g * stride_vh,
-        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech, Nk, first, end, offs_m,
+        dq, q, do, lse_log2, delta, k_ptr + b * stride_kb + g * stride_kh + k_row0 * stride_kn,
+        v_ptr + b * stride_vb + g * stride_vh + k_row0 * stride_vn, stride_kn, stride_vn, bias_ptr,
+        decay_ptr + b * stride_decb + g * stride_dech + k_row0, Nk, first, end, offs_m,
         offs_d, Nk - N, scale_log2, query_doc_start, HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL,
         BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOCUMENTS=DOCUMENTS,
     )
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+    rows = q_row0 + offs_m
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -395,17 +444,28 @@ def memory_attention_dkdv_kernel(
     stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
     stride_decb, stride_dech,
     stride_dob, stride_doh, stride_don, stride_dmb, stride_dmh, stride_dmn, stride_dkb, stride_dkh, stride_dkn,
-    stride_docb, H, Hkv, N, Nk, M, group, scale, scale_log2, memory_blocks,
+    stride_docb, stride_lseb, stride_lseh, stride_ddb, stride_ddh,
+    program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    H, Hkv, N, Nk, M, group, scale, scale_log2, memory_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, MEMORY_GRAD_ATOMIC: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # One program per (key block, batch, kv head): memory key blocks first, then sequence key blocks.
-    # It sums over the query heads of its group and over every query block that can see its keys.
+    # It sums over the query heads of its group and over every query block that can see its keys. Packed
+    # (VARLEN): grid (key-block programs over every sequence, Hkv), each sequence's memory blocks first.
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
-    b = (bg // Hkv).to(tl.int64)
-    g = (bg % Hkv).to(tl.int64)
+    if VARLEN:
+        g = bg.to(tl.int64)
+        b, pid_n, q_row0, k_row0, N, Nk, valid = _varlen_rows(pid_n, program_seq_ptr, first_block_ptr, cu_q_ptr,
+                                                              cu_k_ptr, num_seqs)
+        M = tl.where(valid, M, 0)
+    else:
+        b = (bg // Hkv).to(tl.int64)
+        g = (bg % Hkv).to(tl.int64)
+        q_row0 = b * 0
+        k_row0 = b * 0
     # Branch-free selection between the two key tables keeps every value one type for the compiler.
     is_memory = pid_n < memory_blocks
     key_start = tl.where(is_memory, pid_n, pid_n - memory_blocks) * BLOCK_N
@@ -415,11 +475,11 @@ def memory_attention_dkdv_kernel(
     key_rows = offs_n[:, None].to(tl.int64)
     k_ptrs = tl.where(
         is_memory, mem_k_ptr + b * stride_mkb + g * stride_mkh + key_rows * stride_mkn + offs_d[None, :],
-        k_ptr + b * stride_kb + g * stride_kh + key_rows * stride_kn + offs_d[None, :],
+        k_ptr + b * stride_kb + g * stride_kh + (k_row0 + key_rows) * stride_kn + offs_d[None, :],
     )
     v_ptrs = tl.where(
         is_memory, mem_v_ptr + b * stride_mvb + g * stride_mvh + key_rows * stride_mvn + offs_d[None, :],
-        v_ptr + b * stride_vb + g * stride_vh + key_rows * stride_vn + offs_d[None, :],
+        v_ptr + b * stride_vb + g * stride_vh + (k_row0 + key_rows) * stride_vn + offs_d[None, :],
     )
     k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
     v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
@@ -439,7 +499,7 @@ def memory_attention_dkdv_kernel(
                                     mask=offs_n < tl.where(is_memory, M, 0), other=0.0).to(ACC))
     decay_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
     if HAS_DECAY:  # sequence keys only (retention_attention has no memory)
-        decay_log2 = _finite_log_beta(tl.load(decay_ptr + b * stride_decb + g * stride_dech + offs_n,
+        decay_log2 = _finite_log_beta(tl.load(decay_ptr + b * stride_decb + g * stride_dech + k_row0 + offs_n,
                                               mask=offs_n < tl.where(is_memory, 0, Nk), other=0.0).to(ACC))
         decay_log2 = to_log2(decay_log2)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
@@ -448,13 +508,12 @@ def memory_attention_dkdv_kernel(
     ddecay = tl.zeros((BLOCK_N,), dtype=ACC)
     for head in range(0, group):
         h = g * group + head
-        bh = b * H + h
         for start_m in range(first_query, query_end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < N
             q, do, lse_log2, delta = _backward_rows(
-                q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, bh, offs_m, offs_d, row_ok, N,
-                stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, ACC)
+                q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok, stride_qb, stride_qh,
+                stride_qn, stride_dob, stride_doh, stride_don, stride_lseb, stride_lseh, ACC)
             # Transposed tiles (keys x queries), so the key-side sums are row sums.
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * scale_log2 + bias_log2[:, None]
             if HAS_DECAY:
@@ -488,12 +547,13 @@ def memory_attention_dkdv_kernel(
             tl.store(dbias_ptr + (b * Hkv + g) * M + offs_n, dbias, mask=in_range)
     else:
         # dk and dv are allocated alike (contiguous), so they share one set of strides.
-        tl.store(dk_ptr + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        seq_rows = k_row0 + offs_n  # (the packed rows of the block's keys)
+        tl.store(dk_ptr + b * stride_dkb + g * stride_dkh + seq_rows[:, None] * stride_dkn + offs_d[None, :],
                  dk.to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        tl.store(dv_ptr + b * stride_dkb + g * stride_dkh + seq_rows[:, None] * stride_dkn + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=mask)
         if HAS_DECAY:
-            tl.store(ddecay_ptr + (b * Hkv + g) * Nk + offs_n, ddecay, mask=in_range)
+            tl.store(ddecay_ptr + b * stride_ddb + g * stride_ddh + seq_rows, ddecay, mask=in_range)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -513,7 +573,8 @@ def memory_attention_dkdv_kernel(
 #             per thread, so only D=64 (and D=128 on sm_80) fit in registers.
 # path (forward): "memory" (memory tokens and/or a bias, or plain), "decay" (retention), "blend-row" /
 #             "blend-channel" (looped: the gate per row / per channel); (backward): "memory", "decay". Both:
-#             "documents" (retention over packed documents), the "decay" entry unless listed.
+#             "documents" (retention over packed documents), the "decay" entry unless listed; "varlen-<path>"
+#             (packed sequences, cu_seqlens), the <path> entry unless listed.
 _Config = tuple[int, int, int, int]
 FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = {
     (90, "16", 64): ({"*": (128, 64, 8, 3)}, "4 warps spill 32-40 B with a bias or decay; 8: 128-187 regs"),
@@ -582,7 +643,9 @@ DQ_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = 
 # dots have BLOCK_N rows, and the dK and dV accumulators (2 x BLOCK_N x D fp32) set the register budget.
 DKDV_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = {
     (90, "16", 64): ({"*": (32, 128, 8, 2)}, "152-187 regs; 64x64 at 4 warps reaches 255 with decay"),
-    (90, "16", 128): ({"*": (32, 64, 8, 2)}, "210-230 regs (GQA); 32x128 spills 32 B with decay, 4 warps 8-80 B"),
+    (90, "16", 128): ({"*": (32, 64, 8, 2), "varlen-decay": (32, 64, 8, 1)},
+                      "210-230 regs (GQA); 32x128 spills 32 B with decay, 4 warps 8-80 B; packed (varlen) with decay "
+                      "at 2 stages spills 32 B under Triton 3.6"),
     (90, "16", 256): ({"*": None}, "every tile tried (16-64 x 64, 4-8 warps, 1-2 stages) spills 200 B-1 KB"),
     (80, "16", 64): ({"*": (32, 128, 8, 1)}, "202-252 regs; 2 stages spill 16-24 B under Triton 3.6 with a bias or "
                      "decay, 32x64 and 64x64 8-144 B"),
@@ -616,6 +679,8 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages
 def _lookup(table, arch: int, dtype: torch.dtype, head_dim: int, path: str) -> _Config | None:
     key = (90 if arch >= 90 else 80, dtype_class(dtype), 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)
     by_path = table[key][0]
+    if path.startswith("varlen-") and path not in by_path:  # packed sequences: the padded path's tile unless listed
+        path = path[len("varlen-") :]
     if path == "documents" and path not in by_path:  # packed documents: the decay path's tile unless listed
         path = "decay"
     return by_path.get(path, by_path["*"])
@@ -687,9 +752,18 @@ def _strides3(t: torch.Tensor | None):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _row_strides(t: torch.Tensor, packed: bool):
+    """(batch, head, row) strides of the sequence tensors: (B, H, L, D), or packed (total, H, D) with batch
+    stride 0 (the kernels add each sequence's first row instead)."""
+    return (0, t.stride(1), t.stride(0)) if packed else (t.stride(0), t.stride(1), t.stride(2))
+
+
 def _decay_strides(log_beta: torch.Tensor | None):
-    """(batch, kv head) strides of a (B, Hkv, Nk) log_beta with unit last stride."""
-    return (0, 0) if log_beta is None else (log_beta.stride(0), log_beta.stride(1))
+    """(batch, kv head) strides of a (B, Hkv, Nk) log_beta, or of a packed (Hkv, total_k) one (batch 0); unit
+    last stride."""
+    if log_beta is None:
+        return 0, 0
+    return (0, log_beta.stride(0)) if log_beta.dim() == 2 else (log_beta.stride(0), log_beta.stride(1))
 
 
 def _bias_strides(bias: torch.Tensor | None):
@@ -704,9 +778,40 @@ def _document_strides(bounds: torch.Tensor | None) -> int:
     return 0 if bounds is None or bounds.shape[0] == 1 else bounds.stride(0)
 
 
+def _lse_strides(lse: torch.Tensor):
+    """(batch, head) strides of the (B, H, N) log-sum-exp, or of a packed (H, total) one (batch 0)."""
+    return (0, lse.stride(0)) if lse.dim() == 2 else (lse.stride(0), lse.stride(1))
+
+
+def varlen_programs(cu_seqlens: torch.Tensor, total: int, block: int, blocks_per_seq: int = 0):
+    """Programs over packed sequences: sequence s gets ``blocks_per_seq + cdiv(len_s, block)`` programs, in
+    order. Returns (program_seq (grid,) int32, first_block (S + 1,) int32, grid): program p belongs to the
+    sequence s with first_block[s] <= p < first_block[s + 1] (found on the device, so nothing is read back).
+    The grid is an upper bound known from shapes alone, ``(total + S (block - 1)) // block + S *
+    blocks_per_seq`` >= the programs needed; those past them see length 0 and return at once."""
+    num_seqs = cu_seqlens.shape[0] - 1
+    grid = (total + num_seqs * (block - 1)) // block + num_seqs * blocks_per_seq
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + block - 1) // block + blocks_per_seq
+    first_block = torch.zeros(num_seqs + 1, dtype=torch.int32, device=cu_seqlens.device)
+    first_block[1:] = torch.cumsum(counts, 0)
+    programs = torch.arange(grid, dtype=torch.int32, device=cu_seqlens.device)
+    program_seq = torch.searchsorted(first_block[1:], programs, right=True, out_int32=True)
+    return program_seq, first_block, grid
+
+
+def _packing_args(cu_seqlens, lse, num_queries: int, block: int):
+    """The query-block kernels' (program_seq, first_block, cu_q, cu_k, S) arguments and the grid's first
+    axis; padded (cu_seqlens None): placeholders and cdiv(N, block)."""
+    if cu_seqlens is None:
+        return (lse, lse, lse, lse, 0), triton.cdiv(num_queries, block)
+    cu_q, cu_k = cu_seqlens
+    program_seq, first_block, grid = varlen_programs(cu_q, num_queries, block)
+    return (program_seq, first_block, cu_q, cu_k, cu_q.shape[0] - 1), grid
+
+
 def memory_attention_fwd(
     q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, log_beta=None, blend=None,
-    doc_start=None, config: dict | None = None,
+    doc_start=None, cu_seqlens=None, config: dict | None = None,
 ):
     """out (B, H, N, D) in q.dtype and lse (B, H, N) fp32 (fp64 for fp64).
 
@@ -716,56 +821,75 @@ def memory_attention_fwd(
     g * k + (1 - g) * k_new (gate (B, Hkv, n, 1 or D)) and written to k_out, v_out (B, Hkv, Nk, D).
     doc_start (B|1, Nk) int32 contiguous, causal only, Nk > 0: each key's packed-document start; a query
     sees the sequence keys of its own document only. Every tensor has unit stride in its last dim.
+
+    Packed (varlen): cu_seqlens = (cu_q, cu_k), int32 (S + 1,) each, contiguous; q (total_q, H, D), k, v
+    (total_k, Hkv, D); memory and mem_bias with S in place of B; log_beta (Hkv, total_k); blend tensors
+    (total_k, Hkv, D | 1), every sequence's n equal to its key count. lse is then (H, total_q).
     """
-    B, H, N, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    packed = cu_seqlens is not None
+    if packed:
+        (_, H, D), (Hkv, Nk), B, N = q.shape, (k.shape[1], k.shape[0]), 1, q.shape[0]
+    else:
+        B, H, N, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
     acc, precision = accumulator(q), dot_precision(q)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((B, H, N), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((H, N) if packed else (B, H, N), dtype=lse_dtype, device=q.device)
     if B * H * N == 0:
         return out, lse
     path = fwd_path(decay=log_beta is not None, gate_per_channel=None if blend is None else blend[2].shape[-1] != 1)
-    cfg = config or attention_config(D, q.device, q.dtype, "documents" if doc_start is not None else path)
+    path = "documents" if doc_start is not None else path
+    cfg = config or attention_config(D, q.device, q.dtype, f"varlen-{path}" if packed else path)
     k_new, v_new, gate, k_out, v_out = blend if blend is not None else (k, v, k, k, v)
-    if doc_start is not None and not (causal and Nk > 0):
-        raise ValueError("memory_attention_fwd: doc_start needs causal attention over Nk > 0 keys")
+    if doc_start is not None and not (causal and Nk > 0 and not packed):
+        raise ValueError("memory_attention_fwd: doc_start needs causal attention over Nk > 0 keys, not packed")
+    packing, programs = _packing_args(cu_seqlens, lse, N, cfg["BLOCK_M"])
+    blend_start = 0 if packed or blend is None else Nk - k_new.shape[2]
     record_launch("memory_attention_fwd_kernel")
-    memory_attention_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), B * H)](
+    memory_attention_fwd_kernel[(programs, H if packed else B * H)](
         q, k, v, mem_k if M else k, mem_v if M else v, mem_bias if mem_bias is not None else q,
         log_beta if log_beta is not None else q, doc_start if doc_start is not None else lse, out, lse,
         k_new, v_new, gate, k_out, v_out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
-        *_decay_strides(log_beta), out.stride(0), out.stride(1), out.stride(2),
+        *_row_strides(q, packed), *_row_strides(k, packed), *_row_strides(v, packed),
+        *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
+        *_decay_strides(log_beta), *_row_strides(out, packed),
         # k_new and v_new share strides, as do k_out and v_out (the launchers allocate them alike)
-        k_new.stride(0), k_new.stride(1), k_new.stride(2), gate.stride(0), gate.stride(1), gate.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2), _document_strides(doc_start),
-        H, N, Nk, M, H // Hkv, scale * LOG2E, Nk - k_new.shape[2] if blend is not None else Nk,
+        *_row_strides(k_new, packed), *_row_strides(gate, packed), *_row_strides(k_out, packed),
+        _document_strides(doc_start), *_lse_strides(lse), *packing,
+        H, N, Nk, M, H // Hkv, scale * LOG2E, blend_start,
         HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
         ACC=acc, DOT_PRECISION=precision, BLEND=blend is not None,
         GATE_PER_CHANNEL=blend is not None and gate.shape[-1] != 1, DOCUMENTS=doc_start is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        VARLEN=packed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
 
 
 def memory_attention_bwd(
     grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, *, causal: bool, scale: float, deterministic: bool,
-    grad_lse: torch.Tensor | None = None, log_beta=None, doc_start=None, doc_end=None, config: dict | None = None,
+    grad_lse: torch.Tensor | None = None, log_beta=None, doc_start=None, doc_end=None, cu_seqlens=None,
+    config: dict | None = None,
 ):
     """(dq, dk, dv, dmem_k, dmem_v, dmem_bias, dlog_beta); dmem_* None without memory; dmem_bias is
     (B, Hkv, M) fp32 and the caller sums it down to mem_bias' shape; dlog_beta (B, Hkv, Nk) fp32 or None.
     Arguments as for :func:`memory_attention_fwd`, grad_out (B, H, N, D) with unit last stride, grad_lse
     (B, H, N) or None; packed documents give doc_start and doc_end (B|1, Nk) int32 (one past each key's
-    document end) together."""
-    B, H, N, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    document end) together. Packed (cu_seqlens): the layouts of :func:`memory_attention_fwd`, S in place of
+    B for the memory grads, dlog_beta (Hkv, total_k)."""
+    packed = cu_seqlens is not None
+    if packed:
+        (_, H, D), (Hkv, Nk), N = q.shape, (k.shape[1], k.shape[0]), q.shape[0]
+        B = cu_seqlens[0].shape[0] - 1  # the memory grads' batch: one per sequence
+    else:
+        B, H, N, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
     acc, precision = accumulator(q), dot_precision(q)
     path = "documents" if doc_start is not None else "decay" if log_beta is not None else "memory"
-    cfg = config or attention_bwd_config(D, q.device, q.dtype, path)
+    cfg = config or attention_bwd_config(D, q.device, q.dtype, f"varlen-{path}" if packed else path)
     # one config for both kernels, or {"dq": ..., "dkdv": ...}
     dq_cfg, dkdv_cfg = (cfg["dq"], cfg["dkdv"]) if "dq" in cfg else (cfg, cfg)
     delta = torch.empty_like(lse)
@@ -782,44 +906,57 @@ def memory_attention_bwd(
         buffer_dtype = lse.dtype if shared else mem_k.dtype
         dmem_k, dmem_v = (torch.empty((B, Hkv, M, D), dtype=buffer_dtype, device=q.device) for _ in range(2))
     dbias = torch.empty((B, Hkv, M), dtype=lse.dtype, device=q.device) if mem_bias is not None else None
-    ddecay = torch.empty((B, Hkv, Nk), dtype=lse.dtype, device=q.device) if log_beta is not None else None
-    if B * H * N > 0:
+    ddecay = torch.empty(log_beta.shape, dtype=lse.dtype, device=q.device) if log_beta is not None else None
+    if H * N > 0 and B > 0:
         common = (
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
-            *_decay_strides(log_beta), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            *_row_strides(q, packed), *_row_strides(k, packed), *_row_strides(v, packed),
+            *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
+            *_decay_strides(log_beta), *_row_strides(grad_out, packed),
         )
         mem_k_arg, mem_v_arg = (mem_k, mem_v) if M else (k, v)
         bias_arg = mem_bias if mem_bias is not None else q
         decay_arg = log_beta if log_beta is not None else q
+        # delta's rows: every (batch, head, query) row, packed ones as one batch of total rows
+        rows = (lambda t: t.transpose(0, 1).unsqueeze(0)) if packed else (lambda t: t)
+        row_out, row_grad = rows(out), rows(grad_out)
+        grad_lse_arg = grad_lse.contiguous() if grad_lse is not None else lse
         record_launch("memory_attention_delta_kernel")
-        memory_attention_delta_kernel[(triton.cdiv(N, 64), B * H)](
-            out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta,
-            out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        memory_attention_delta_kernel[(triton.cdiv(N, 64), (1 if packed else B) * H)](
+            row_out, row_grad, grad_lse_arg, delta,
+            row_out.stride(0), row_out.stride(1), row_out.stride(2),
+            row_grad.stride(0), row_grad.stride(1), row_grad.stride(2),
             H, N, HEAD_DIM=D, BLOCK_M=64, HAS_GRAD_LSE=grad_lse is not None, ACC=acc,
         )
         documents = doc_start is not None
+        packing, programs = _packing_args(cu_seqlens, lse, N, dq_cfg["BLOCK_M"])
         record_launch("memory_attention_dq_kernel")
-        memory_attention_dq_kernel[(triton.cdiv(N, dq_cfg["BLOCK_M"]), B * H)](
+        memory_attention_dq_kernel[(programs, H if packed else B * H)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_start if documents else delta, grad_out, lse,
-            delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2), _document_strides(doc_start),
-            H, N, Nk, M, H // Hkv, scale, scale * LOG2E,
+            delta, dq, *common, *_row_strides(dq, packed), _document_strides(doc_start), *_lse_strides(lse),
+            *packing, H, N, Nk, M, H // Hkv, scale, scale * LOG2E,
             HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"],
             HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
-            ACC=acc, DOT_PRECISION=precision, DOCUMENTS=documents,
+            ACC=acc, DOT_PRECISION=precision, DOCUMENTS=documents, VARLEN=packed,
             num_warps=dq_cfg["num_warps"], num_stages=dq_cfg["num_stages"],
         )
         memory_blocks = triton.cdiv(M, dkdv_cfg["BLOCK_N"])
+        if packed:  # key-block programs: each sequence's memory blocks, then its key blocks
+            cu_q, cu_k = cu_seqlens
+            program_seq, first_block, programs = varlen_programs(cu_k, Nk, dkdv_cfg["BLOCK_N"], memory_blocks)
+            packing = (program_seq, first_block, cu_q, cu_k, B)
+        else:
+            packing, programs = (lse, lse, lse, lse, 0), memory_blocks + triton.cdiv(Nk, dkdv_cfg["BLOCK_N"])
         record_launch("memory_attention_dkdv_kernel")
-        memory_attention_dkdv_kernel[(memory_blocks + triton.cdiv(Nk, dkdv_cfg["BLOCK_N"]), B * Hkv)](
+        memory_attention_dkdv_kernel[(programs, Hkv if packed else B * Hkv)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_end if documents else delta, grad_out, lse, delta,
             dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta,
             ddecay if ddecay is not None else delta, *common,
-            *_strides3(dmem_k), dk.stride(0), dk.stride(1), dk.stride(2), _document_strides(doc_end),
+            *_strides3(dmem_k), *_row_strides(dk, packed), _document_strides(doc_end), *_lse_strides(lse),
+            *_decay_strides(ddecay), *packing,
             H, Hkv, N, Nk, M, H // Hkv, scale, scale * LOG2E, memory_blocks,
             HEAD_DIM=D, BLOCK_M=dkdv_cfg["BLOCK_M"], BLOCK_N=dkdv_cfg["BLOCK_N"],
             HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
-            MEMORY_GRAD_ATOMIC=atomic, ACC=acc, DOCUMENTS=documents,
+            MEMORY_GRAD_ATOMIC=atomic, ACC=acc, DOCUMENTS=documents, VARLEN=packed,
             DOT_PRECISION=precision, num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"],
         )
     else:  # no query: every grad is zero

@@ -9,12 +9,12 @@ from memops import (
     varlen,  # noqa: F401 (memops.varlen: padded <-> packed conversions)
 )
 from memops._backend import BACKENDS, backend, get_backend
-from memops.attention import memory_attention
+from memops.attention import memory_attention, memory_attention_varlen
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
-from memops.looped import looped_attention, looped_kv_update
+from memops.looped import looped_attention, looped_attention_varlen, looped_kv_update
 from memops.moe import block_route, moe_ffn, unique_experts
 from memops.product_key import product_key_topk, weighted_gather
-from memops.retention import capacity_loss, retention_attention, retention_capacity
+from memops.retention import capacity_loss, retention_attention, retention_attention_varlen, retention_capacity
 
 __version__ = "0.1.0"
 
@@ -27,11 +27,14 @@ __all__ = [
     "capacity_loss",
     "get_backend",
     "looped_attention",
+    "looped_attention_varlen",
     "looped_kv_update",
     "memory_attention",
+    "memory_attention_varlen",
     "moe_ffn",
     "product_key_topk",
     "retention_attention",
+    "retention_attention_varlen",
     "retention_capacity",
     "unique_experts",
     "weighted_gather",

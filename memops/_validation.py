@@ -111,7 +111,9 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_attention"):
+def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_attention", *, batch=None):
+    """The attention family's tensor checks on padded (B, H, N, D) inputs; ``batch``: (name, size) of the
+    memory's batch dim when it is not q's (the packed ops' S, checked on views of their inputs)."""
     named = [("q", q), ("k", k), ("v", v), ("mem_k", mem_k), ("mem_v", mem_v), ("mem_bias", mem_bias)]
     for name, t in named:
         if (t is not None or name in ("q", "k", "v")) and not isinstance(t, torch.Tensor):
@@ -120,6 +122,7 @@ def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_at
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be 4-D (B, heads, length, D), got shape {_shape(t)}")
     B, H, N, D = q.shape
+    batch_name, mem_batch = batch if batch is not None else ("B", B)
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"{op}: k must be (B={B}, Hkv, Nk, D={D}), got {_shape(k)}")
     if v.shape != k.shape:
@@ -132,12 +135,14 @@ def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_at
     if mem_k is not None:
         if mem_k.dim() not in (3, 4):
             raise ValueError(
-                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), got {_shape(mem_k)}"
+                f"{op}: mem_k must be ({batch_name}={mem_batch}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
+                f"got {_shape(mem_k)}"
             )
-        expected = (B, Hkv) if mem_k.dim() == 4 else (Hkv,)
+        expected = (mem_batch, Hkv) if mem_k.dim() == 4 else (Hkv,)
         if tuple(mem_k.shape[:-2]) != expected or mem_k.shape[-1] != D:
             raise ValueError(
-                f"{op}: mem_k must be (B={B}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), got {_shape(mem_k)}"
+                f"{op}: mem_k must be ({batch_name}={mem_batch}, Hkv={Hkv}, M, D={D}) or shared (Hkv={Hkv}, M, D={D}), "
+                f"got {_shape(mem_k)}"
             )
         if mem_v.shape != mem_k.shape:
             raise ValueError(f"{op}: mem_v must have mem_k's shape {_shape(mem_k)}, got {_shape(mem_v)}")
@@ -145,10 +150,10 @@ def check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale, op="memory_at
         if mem_k is None:
             raise ValueError(f"{op}: mem_bias needs mem_k and mem_v")
         M = mem_k.shape[-2]
-        if _shape(mem_bias) not in ((M,), (Hkv, M), (B, Hkv, M)):
+        if _shape(mem_bias) not in ((M,), (Hkv, M), (mem_batch, Hkv, M)):
             raise ValueError(
-                f"{op}: mem_bias must be (M,), (Hkv, M) or (B, Hkv, M) = ({M},), ({Hkv}, {M}) or "
-                f"({B}, {Hkv}, {M}), got {_shape(mem_bias)}"
+                f"{op}: mem_bias must be (M,), (Hkv, M) or ({batch_name}, Hkv, M) = ({M},), ({Hkv}, {M}) or "
+                f"({mem_batch}, {Hkv}, {M}), got {_shape(mem_bias)}"
             )
         if not mem_bias.is_floating_point():
             raise TypeError(f"{op}: mem_bias must be floating point, got {mem_bias.dtype}")
@@ -170,3 +175,62 @@ def check_triton_head_dim(q: torch.Tensor, op: str) -> None:
             f"{op}: head dim D={q.shape[-1]} is not supported by the Triton kernels; "
             f"expected one of {TRITON_HEAD_DIMS} (backend 'reference' takes any)"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed (varlen) attention: FlashAttention's layout
+
+
+def _check_cu_seqlens(cu, name: str, total: int, max_seqlen, op: str, device) -> None:
+    """cu_seqlens: int32 (S + 1,) on q's device; its values (one host sync, skipped under torch.compile):
+    starting at 0, non-decreasing, ending at total, no length above max_seqlen."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{op}: {name} must be int32 (FlashAttention's layout), got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{op}: {name} must be (S + 1,) with S >= 1 sequences, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{op}: {name} is on {cu.device} but q is on {device}")
+    if not can_read_values(cu):
+        # Under torch.compile max_seqlen is not touched at all: reading a Python int there guards on its
+        # value, which would recompile for every new longest length (the kernels never need it).
+        return
+    max_name = "max_seqlen" + name[len("cu_seqlens") :]
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{op}: {max_name} must be an int, got {type(max_seqlen).__name__}")
+    lengths = cu[1:] - cu[:-1]
+    first, last, smallest, largest = torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]).tolist()
+    if first != 0 or last != total or smallest < 0:
+        shown = cu.tolist() if cu.numel() <= 16 else f"[{first}, ..., {last}]"
+        raise ValueError(f"{op}: {name} must start at 0, not decrease and end at total = {total}, got {shown}")
+    if largest > max_seqlen:
+        raise ValueError(f"{op}: {max_name}={max_seqlen} is smaller than a sequence of length {largest} in {name}")
+
+
+def check_varlen_inputs(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mem_k, mem_v, mem_bias, scale, op: str
+) -> int:
+    """The packed attention ops' checks: q (total_q, H, D), k, v (total_k, Hkv, D), the cu_seqlens and
+    max_seqlens, then the memory and bias (S in place of B) as :func:`check_attention_inputs` checks them.
+    Returns S."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            rows = "total_q, H" if name == "q" else "total_k, Hkv"
+            raise ValueError(f"{op}: {name} must be 3-D ({rows}, D) (FlashAttention's varlen layout), got {_shape(t)}")
+    if k.shape[2] != q.shape[2] or v.shape != k.shape:
+        raise ValueError(f"{op}: k and v must both be (total_k, Hkv, D={q.shape[2]}), got {_shape(k)} and {_shape(v)}")
+    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, op, q.device)
+    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, op, q.device)
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(
+            f"{op}: cu_seqlens_q and cu_seqlens_k must hold the same S + 1 = {num_seqs + 1} entries, "
+            f"got {cu_seqlens_k.shape[0]} for cu_seqlens_k"
+        )
+    # (1, heads, total, D) views: the padded checks then cover heads, head dim, dtypes and devices.
+    rows = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+    check_attention_inputs(*rows, mem_k, mem_v, mem_bias, scale, op=op, batch=("S", num_seqs))
+    return num_seqs

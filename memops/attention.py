@@ -23,7 +23,7 @@ from memops._registration import (
     lazy_kernels,
     unit_last_stride,
 )
-from memops._validation import check_attention_inputs, check_triton_head_dim
+from memops._validation import check_attention_inputs, check_triton_head_dim, check_varlen_inputs
 from memops.kernels._launch import record_launch
 from memops.reference.attention import bias_3d
 
@@ -323,4 +323,105 @@ def memory_attention(
     else:
         record_launch("memory_attention.fused")
         out, lse = _memory_attention_op(q, k, v, mem_k, mem_v, mem_bias, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed (varlen) batches: FlashAttention's layout, one fused kernel over every sequence's blocks.
+
+
+def varlen_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake of every packed attention forward: out like q (total_q, H, D), lse (H, total_q) fp32."""
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return dense(q).new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+
+
+def _packed_boundaries(cu_seqlens_q, cu_seqlens_k):
+    return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+
+
+def _memory_attention_varlen_fwd(q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
+    packed = _packed_boundaries(cu_seqlens_q, cu_seqlens_k)
+    return attention_kernels.memory_attention_fwd(*prepared, causal=causal, scale=scale, cu_seqlens=packed)
+
+
+def _memory_attention_varlen_bwd(
+    grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, out, lse, causal, scale,
+    deterministic,
+):  # fmt: skip
+    prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
+    dq, dk, dv, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
+        *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse,
+        cu_seqlens=_packed_boundaries(cu_seqlens_q, cu_seqlens_k),
+    )  # fmt: skip
+    return dq, dk, dv, dmem_k, dmem_v, _bias_grad_to_shape(dbias, mem_bias)
+
+
+_VARLEN_INPUTS = f"{ATTENTION_INPUTS}, Tensor cu_seqlens_q, Tensor cu_seqlens_k"
+_memory_attention_varlen_op = custom_op(
+    "memory_attention_varlen",
+    _memory_attention_varlen_fwd,
+    f"({_VARLEN_INPUTS}, bool causal, float scale) -> (Tensor out, Tensor lse)",
+    fake=varlen_outputs_like,
+    backward=backward_op(
+        "memory_attention_varlen_backward",
+        _memory_attention_varlen_bwd,
+        f"(Tensor grad_out, Tensor? grad_lse, {_VARLEN_INPUTS}, Tensor out, Tensor lse, bool causal, float scale, "
+        f"bool deterministic) -> ({ATTENTION_GRADS})",
+        grads=DIFFERENTIABLE,
+    ),
+)
+
+
+def memory_attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None, *,
+    causal: bool = False, scale: float | None = None, mem_bias: torch.Tensor | None = None,
+    return_lse: bool = False,
+):  # fmt: skip
+    """:func:`memory_attention` over a packed batch of S sequences, in FlashAttention's varlen layout.
+
+    Sequence s is rows ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` of q and ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]``
+    of k and v; it attends over [its memory ; its own keys] only. The call matches
+    ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=...,
+    softmax_scale=...)`` plus the memory arguments.
+
+    Args:
+        q: (total_q, H, D) fp16, bf16 or fp32; k, v: (total_k, Hkv, D), H a multiple of Hkv.
+        cu_seqlens_q, cu_seqlens_k: (S + 1,) int32, from 0, non-decreasing, ending at total_q / total_k.
+            A sequence may be empty (length 0).
+        max_seqlen_q, max_seqlen_k: Python ints >= every length (checked, with the boundaries, by one host
+            sync outside torch.compile). The kernels do not need them: their grid comes from the shapes.
+        mem_k, mem_v: per sequence (S, Hkv, M, D), or shared by every sequence (Hkv, M, D) (its grads are
+            summed over the sequences). Memory is visible to every query of its own sequence.
+        causal: bottom-right aligned within each sequence (query i of a sequence with n queries and nk keys
+            sees its keys j <= i + nk - n); memory rows stay visible.
+        scale: logit scale, default D ** -0.5.
+        mem_bias: additive logit bias per memory row, (M,), (Hkv, M) or (S, Hkv, M); differentiable.
+        return_lse: also return the log-sum-exp, (H, total_q) fp32, as FlashAttention lays it out.
+
+    Returns:
+        out (total_q, H, D) in q.dtype, or (out, lse). A query with no visible key gets zeros (lse -inf).
+
+    The Triton kernels map programs to (sequence, block) pairs: a program never computes rows of another
+    sequence, and the grid covers the blocks the sequences need (plus at most S), not S x the longest.
+    """
+    op = "memory_attention_varlen"
+    check_varlen_inputs(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mem_k, mem_v, mem_bias, scale, op
+    )
+    if mem_k is not None and mem_k.shape[-2] == 0:
+        mem_k = mem_v = mem_bias = None
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if resolve_attention_backend(q, "memory", k, v, mem_k, mem_v, mem_bias) == "reference":
+        return reference.memory_attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v,
+            causal=causal, scale=scale, mem_bias=mem_bias, return_lse=return_lse,
+        )  # fmt: skip
+    check_triton_head_dim(q, op)
+    mem_bias = bias_3d(mem_bias) if mem_bias is not None else None
+    record_launch("memory_attention.varlen")
+    out, lse = _memory_attention_varlen_op(q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, causal, scale)
     return (out, lse) if return_lse else out

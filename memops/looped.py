@@ -21,8 +21,16 @@ from memops._registration import (
     empty_like_dense,
     lazy_kernels,
 )
-from memops._validation import can_read_values, check_attention_inputs, check_float_tensor, check_triton_head_dim
+from memops._validation import (
+    can_read_values,
+    check_attention_inputs,
+    check_float_tensor,
+    check_triton_head_dim,
+    check_varlen_inputs,
+)
 from memops.attention import memory_attention as memops_attention
+from memops.attention import memory_attention_varlen as memops_attention_varlen
+from memops.kernels._launch import record_launch
 
 looped_kernels = lazy_kernels("looped")
 attention_kernels = lazy_kernels("attention")
@@ -280,4 +288,127 @@ def looped_attention(
         return reference.looped_attention(q, k_new, v_new, gate, k_cache, v_cache, causal=causal, scale=scale)
     check_triton_head_dim(q, op)
     out, _, k, v = _looped_attention_op(q, k_new, v_new, gate, k_cache, v_cache, causal, scale)
+    return out, k, v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# looped_attention_varlen: the training path over packed sequences (every loop recomputes every token)
+
+
+def _packed_rows(t: torch.Tensor) -> torch.Tensor:
+    """Packed (total, Hkv, D | 1) rows as the update kernels' contiguous (1, total, Hkv, D | 1): the blend is
+    per element, so any split of the rows into 'heads' and 'rows' gives the same result."""
+    return dense(t).unsqueeze(0)
+
+
+def _looped_attention_varlen_fwd(q, k_new, v_new, gate, k_cache, v_cache, cu_seqlens, causal, scale):
+    q, k_new, v_new, gate, k_cache, v_cache = contiguous(q, k_new, v_new, gate, k_cache, v_cache)
+    k_out, v_out = torch.empty_like(k_cache), torch.empty_like(v_cache)  # the kernel writes every row
+    packed = (cu_seqlens.contiguous(), cu_seqlens.contiguous())
+    options = dict(causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out), cu_seqlens=packed)
+    out, lse = attention_kernels.memory_attention_fwd(q, k_cache, v_cache, None, None, None, **options)
+    return out, lse, k_out, v_out
+
+
+def _looped_attention_varlen_fake(q, k_new, v_new, gate, k_cache, v_cache, cu_seqlens, causal, scale):
+    from memops.attention import varlen_outputs_like
+
+    return (*varlen_outputs_like(q), empty_like_dense(k_cache), empty_like_dense(v_cache))
+
+
+def _looped_attention_varlen_bwd(*args):
+    grad_out, grad_lse, grad_k_out, grad_v_out = args[:4]
+    q, k_new, v_new, gate, k_cache, v_cache = contiguous(*args[4:10])
+    cu_seqlens, out, lse, k_out, v_out, causal, scale = args[10:]
+    packed = (cu_seqlens.contiguous(), cu_seqlens.contiguous())
+    options = dict(causal=causal, scale=scale, deterministic=True, grad_lse=grad_lse, cu_seqlens=packed)
+    dq, d_k_out, d_v_out, *_ = attention_kernels.memory_attention_bwd(
+        dense(grad_out), q, dense(k_out), dense(v_out), None, None, None, out, lse, **options
+    )
+    if grad_k_out is not None:
+        d_k_out = d_k_out + grad_k_out
+    if grad_v_out is not None:
+        d_v_out = d_v_out + grad_v_out
+    rows = [_packed_rows(t) for t in (d_k_out, d_v_out, k_cache, v_cache, k_new, v_new, gate)]
+    grads = looped_kernels.looped_update_bwd(*rows, None, 0)
+    dk_cache, dv_cache, dk_new, dv_new, dgate = (g.squeeze(0) for g in grads)
+    return dq, dk_new, dv_new, dgate, dk_cache, dv_cache
+
+
+_looped_attention_varlen_op = custom_op(
+    "looped_attention_varlen",
+    _looped_attention_varlen_fwd,
+    f"({_LOOPED_INPUTS}, Tensor cu_seqlens, bool causal, float scale) -> "
+    "(Tensor out, Tensor lse, Tensor k_out, Tensor v_out)",
+    fake=_looped_attention_varlen_fake,
+    backward=backward_op(
+        "looped_attention_varlen_backward",
+        _looped_attention_varlen_bwd,
+        f"(Tensor grad_out, Tensor? grad_lse, Tensor? grad_k_out, Tensor? grad_v_out, {_LOOPED_INPUTS}, "
+        "Tensor cu_seqlens, Tensor out, Tensor lse, Tensor k_out, Tensor v_out, bool causal, float scale) -> "
+        "(Tensor dq, Tensor dk_new, Tensor dv_new, Tensor dgate, Tensor dk_cache, Tensor dv_cache)",
+        grads=("q", "k_new", "v_new", "gate", "k_cache", "v_cache"),
+    ),
+)
+
+
+def _check_packed_rows(k_new, v_new, gate, k_cache, v_cache, op: str) -> None:
+    named = [("k_new", k_new), ("v_new", v_new), ("gate", gate), ("k_cache", k_cache), ("v_cache", v_cache)]
+    for name, t in named:
+        if t is not None:
+            check_float_tensor(t, name, op, dims=3, layout="3-D (total, Hkv, D)", device_of=("k_new", k_new))
+    total, Hkv, D = k_new.shape
+    for name, t in (("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t is not None and t.shape != k_new.shape:
+            raise ValueError(f"{op}: {name} must have k_new's shape {tuple(k_new.shape)}, got {tuple(t.shape)}")
+        if t is not None and t.dtype != k_new.dtype:
+            raise TypeError(f"{op}: {name} must have k_new's dtype {k_new.dtype}, got {t.dtype}")
+    if tuple(gate.shape) not in ((total, Hkv, 1), (total, Hkv, D)):
+        raise ValueError(
+            f"{op}: gate must be (total, Hkv, 1) = {(total, Hkv, 1)} or (total, Hkv, D) = {(total, Hkv, D)}, "
+            f"got {tuple(gate.shape)}"
+        )
+
+
+def looped_attention_varlen(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, gate: torch.Tensor,
+    cu_seqlens: torch.Tensor, max_seqlen: int,
+    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None, *,
+    causal: bool = True, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`looped_attention`'s training path over a packed batch: each loop recomputes every token, so
+    every cache row is blended, ``K = g * K + (1 - g) * k_new`` (and V), then each sequence attends over its
+    own rows of the updated cache (FlashAttention's varlen layout; queries and keys share the boundaries).
+
+    Args:
+        q: (total, H, D) this loop's queries, one per packed token; H a multiple of Hkv.
+        k_new, v_new: (total, Hkv, D) this loop's keys/values; gate (total, Hkv, 1) or (total, Hkv, D).
+        cu_seqlens: (S + 1,) int32; max_seqlen: int >= every length (see :func:`memory_attention_varlen`).
+        k_cache, v_cache: (total, Hkv, D), the previous loop's, or None on the first loop (then the gate is
+            not used and k, v = k_new, v_new).
+        causal: within each sequence (default). scale: default D ** -0.5.
+
+    Returns:
+        (out (total, H, D), k, v), the caches new tensors; differentiable w.r.t. every tensor input, also
+        through the returned caches. The blend is fused into the attention pass, as in the padded op.
+    """
+    op = "looped_attention_varlen"
+    if (k_cache is None) != (v_cache is None):
+        raise ValueError(f"{op}: k_cache and v_cache must be given together")
+    check_varlen_inputs(q, k_new, v_new, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None, None, None, scale, op)
+    _check_packed_rows(k_new, v_new, gate, k_cache, v_cache, op)
+    if k_cache is None:
+        out = memops_attention_varlen(
+            q, k_new, v_new, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal, scale=scale
+        )
+        return out, k_new, v_new
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    path = "blend-channel" if gate.shape[-1] != 1 else "blend-row"
+    if resolve_attention_backend(q, path, k_new, v_new, gate, k_cache, v_cache) == "reference":
+        return reference.looped_attention_varlen(
+            q, k_new, v_new, gate, cu_seqlens, k_cache, v_cache, causal=causal, scale=scale
+        )
+    check_triton_head_dim(q, op)
+    record_launch("looped_attention.varlen")
+    out, _, k, v = _looped_attention_varlen_op(q, k_new, v_new, gate, k_cache, v_cache, cu_seqlens, causal, scale)
     return out, k, v

@@ -13,13 +13,16 @@ import torch
 from memops import reference
 from memops._backend import resolve_attention_backend, resolve_backend
 from memops._registration import attention_outputs_like, backward_op, custom_op, lazy_kernels, unit_last_stride
-from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim
+from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim, check_varlen_inputs
+from memops.kernels._launch import record_launch
 
 attention_kernels = lazy_kernels("attention")
 retention_kernels = lazy_kernels("retention")
 
 
-def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, check_values: bool) -> None:
+def validate_log_beta(
+    log_beta, shape: tuple, device: torch.device, op: str, *, check_values: bool, layout: str = "(B, Hkv, Nk)"
+) -> None:
     """log_beta must be a float tensor of ``shape`` on ``device``; with check_values, no entry > 0 (beta > 1
     would make old tokens weigh more, and the capacity sum overflow). One reduction and a host sync."""
     if not isinstance(log_beta, torch.Tensor):
@@ -27,7 +30,7 @@ def validate_log_beta(log_beta, shape: tuple, device: torch.device, op: str, *, 
     if not log_beta.is_floating_point():
         raise TypeError(f"{op}: log_beta must be floating point, got {log_beta.dtype}")
     if tuple(log_beta.shape) != tuple(shape):
-        raise ValueError(f"{op}: log_beta must be (B, Hkv, Nk) = {tuple(shape)}, got {tuple(log_beta.shape)}")
+        raise ValueError(f"{op}: log_beta must be {layout} = {tuple(shape)}, got {tuple(log_beta.shape)}")
     if log_beta.device != device:
         raise ValueError(f"{op}: log_beta is on {log_beta.device} but q is on {device}")
     if check_values and log_beta.numel() and can_read_values(log_beta):
@@ -129,6 +132,100 @@ def retention_attention(
     # with no sequence key there is nothing for a document to hide
     doc_start, doc_end = bounds[:2] if bounds is not None and k.shape[2] else (None, None)
     out, lse = _retention_attention_op(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# retention_attention_varlen: packed sequences in FlashAttention's layout
+
+
+def _retention_attention_varlen_fwd(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, scale):
+    q, k, v, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, mem_k, mem_v))
+    # the kernels read each kv head's decay as one row over the packed keys: (Hkv, total_k)
+    decay = log_beta.t().contiguous()
+    packed = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+    return attention_kernels.memory_attention_fwd(
+        q, k, v, mem_k, mem_v, None, causal=True, scale=scale, log_beta=decay, cu_seqlens=packed
+    )
+
+
+def _retention_attention_varlen_bwd(
+    grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, out, lse, scale, deterministic
+):
+    grad_out, q, k, v, mem_k, mem_v = (unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v))
+    packed = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+    options = dict(causal=True, scale=scale, deterministic=deterministic, grad_lse=grad_lse, cu_seqlens=packed)
+    dq, dk, dv, dmem_k, dmem_v, _, dlog_beta = attention_kernels.memory_attention_bwd(
+        grad_out, q, k, v, mem_k, mem_v, None, out, lse, log_beta=log_beta.t().contiguous(), **options
+    )
+    return dq, dk, dv, dlog_beta.t().to(log_beta.dtype), dmem_k, dmem_v
+
+
+_RETENTION_VARLEN_INPUTS = (
+    "Tensor q, Tensor k, Tensor v, Tensor log_beta, Tensor? mem_k, Tensor? mem_v, Tensor cu_seqlens_q, "
+    "Tensor cu_seqlens_k"
+)
+
+
+def _varlen_outputs_like(q, *_args):
+    from memops.attention import varlen_outputs_like
+
+    return varlen_outputs_like(q)
+
+
+_retention_attention_varlen_op = custom_op(
+    "retention_attention_varlen",
+    _retention_attention_varlen_fwd,
+    f"({_RETENTION_VARLEN_INPUTS}, float scale) -> (Tensor out, Tensor lse)",
+    fake=_varlen_outputs_like,
+    backward=backward_op(
+        "retention_attention_varlen_backward",
+        _retention_attention_varlen_bwd,
+        f"(Tensor grad_out, Tensor? grad_lse, {_RETENTION_VARLEN_INPUTS}, Tensor out, Tensor lse, float scale, "
+        "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dlog_beta, Tensor dmem_k, Tensor dmem_v)",
+        grads=("q", "k", "v", "log_beta", "mem_k", "mem_v"),
+    ),
+)
+
+
+def retention_attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+    mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
+    scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True,
+):  # fmt: skip
+    """:func:`retention_attention` over a packed batch of S sequences, in FlashAttention's varlen layout.
+
+    Within sequence s (n queries, nk keys): ``logit[i, j] = scale * q_i . k_j + (pos_i - j) * log_beta[j]``
+    for its keys j <= pos_i = i + nk - n, so decay distances count within the sequence; softmax; @ v.
+
+    Args:
+        q: (total_q, H, D); k, v: (total_k, Hkv, D), H a multiple of Hkv.
+        log_beta: (total_k, Hkv) float, each <= 0: each packed key's retention.
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: as in :func:`memory_attention_varlen`.
+        mem_k, mem_v: optional memory rows, per sequence (S, Hkv, M, D) or shared (Hkv, M, D): visible to
+            every query of the sequence, with no decay.
+        scale: logit scale, default D ** -0.5. return_lse: also return the (H, total_q) fp32 log-sum-exp.
+        check_log_beta: raise ValueError for a log_beta > 0 (one host sync; skipped under torch.compile).
+
+    Returns:
+        out (total_q, H, D) in q.dtype, or (out, lse); gradients flow to q, k, v, log_beta and the memory.
+    """
+    op = "retention_attention_varlen"
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mem_k, mem_v, None, scale, op)
+    if mem_k is not None and mem_k.shape[-2] == 0:
+        mem_k = mem_v = None
+    shape = (k.shape[0], k.shape[1])
+    validate_log_beta(log_beta, shape, q.device, op, check_values=check_log_beta, layout="(total_k, Hkv)")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if resolve_attention_backend(q, "decay", k, v, log_beta, mem_k, mem_v) == "reference":
+        return reference.retention_attention_varlen(
+            q, k, v, log_beta, cu_seqlens_q, cu_seqlens_k, mem_k=mem_k, mem_v=mem_v, scale=scale,
+            return_lse=return_lse,
+        )  # fmt: skip
+    check_triton_head_dim(q, op)
+    record_launch("retention_attention.varlen")
+    out, lse = _retention_attention_varlen_op(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, scale)
     return (out, lse) if return_lse else out
 
 

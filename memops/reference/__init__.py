@@ -26,9 +26,13 @@ from memops.reference.retention import (
     retention_capacity,
     retention_keep,
 )
+from memops.reference.varlen import looped_attention_varlen, memory_attention_varlen, retention_attention_varlen
 
 __all__ = [
     "memory_attention",
+    "memory_attention_varlen",
+    "retention_attention_varlen",
+    "looped_attention_varlen",
     "product_key_search_as_gather",
     "product_key_topk",
     "product_key_topk_backward",

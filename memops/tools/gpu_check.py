@@ -272,6 +272,28 @@ def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
         )
 
     yield "composed", composed
+    yield from _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset)
+
+
+def _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
+    """(path label, thunk) for the packed (VARLEN) variants: the case's batch as S = B packed sequences."""
+    from memops.kernels import attention as kernels
+
+    q, k = _meta(B * N, H, D, dtype=dt), _meta(B * Nk, Hkv, D, dtype=dt)
+    cu = _meta(B + 1, dtype=torch.int32)
+    paths = [("varlen shared-memory", _meta(Hkv, M, D, dtype=dt), None)]
+    if not subset:
+        paths.append(("varlen per-sequence-memory+bias", _meta(B, Hkv, M, D, dtype=dt), _meta(B, Hkv, M, dtype=dt)))
+    for label, mem, bias in paths:
+
+        def run(mem=mem, bias=bias):
+            if kernels.reference_instead(q, "memory", backward=True):
+                return
+            options = dict(causal=causal, scale=D**-0.5, cu_seqlens=(cu, cu))
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, **options)
+            kernels.memory_attention_bwd(q, q, k, k, mem, mem, bias, out, lse, deterministic=False, **options)
+
+        yield label, run
 
 
 def _cases_by_head_dim(module: str, subset: bool, subset_case: str):
@@ -296,12 +318,22 @@ def _retention_scenarios(dtype, subset):
 
     dt = _torch_dtype(dtype)
     for case, p, D in _cases_by_head_dim("retention", subset, "llm-4k"):
-        for documents in (False, True):  # packed documents (position_ids / cu_seqlens): the DOCUMENTS variants
+        # packed documents (position_ids / cu_seqlens): the DOCUMENTS variants; varlen: the VARLEN ones
+        for documents in (False, True, "varlen"):
 
             def run(p=p, D=D, documents=documents):
                 B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
                 q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, N, D, dtype=dt)
                 log_beta = _meta(B, Hkv, N, dtype=torch.float32)
+                if documents == "varlen":
+                    q, k = _meta(B * N, H, D, dtype=dt), _meta(B * N, Hkv, D, dtype=dt)
+                    log_beta, cu = _meta(Hkv, B * N, dtype=torch.float32), _meta(B + 1, dtype=torch.int32)
+                    if not attention.reference_instead(q, "decay", backward=True):
+                        options = dict(causal=True, scale=D**-0.5, log_beta=log_beta, cu_seqlens=(cu, cu))
+                        out, lse = attention.memory_attention_fwd(q, k, k, None, None, None, **options)
+                        attention.memory_attention_bwd(q, q, k, k, None, None, None, out, lse, deterministic=True,
+                                                       **options)  # fmt: skip
+                    return
                 bounds = _meta(B, N, dtype=torch.int32) if documents else None
                 if attention.reference_instead(q, "decay", backward=False):  # the ops run the reference
                     return
@@ -327,7 +359,8 @@ def _retention_scenarios(dtype, subset):
                         doc_end=bounds,
                     )
 
-            yield f"{case.name} D={D} decay{' documents' if documents else ''}", run
+            variant = {False: "", True: " documents", "varlen": " varlen"}[documents]
+            yield f"{case.name} D={D} decay{variant}", run
     if dtype in ("fp32", "bf16"):  # the capacity kernels read log_beta (any float) and compute in fp32
         for case in _cases("retention_capacity"):
             p = case.params
@@ -386,6 +419,20 @@ def _looped_scenarios(dtype, subset):
                 looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
 
             yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
+
+            def run_varlen(p=p, D=D, gate_width=gate_width):
+                # the packed training path: S = B sequences of Nk tokens, every cache row blended
+                B, H, Hkv, Nk = p["B"], p["H"], p["Hkv"], p["Nk"]
+                q, rows = _meta(B * Nk, H, D, dtype=dt), _meta(B * Nk, Hkv, D, dtype=dt)
+                gate, cu = _meta(B * Nk, Hkv, gate_width, dtype=dt), _meta(B + 1, dtype=torch.int32)
+                path = attention.fwd_path(gate_per_channel=gate_width != 1)
+                if not attention.reference_instead(q, path, backward=False):
+                    attention.memory_attention_fwd(
+                        q, rows, rows, None, None, None, causal=True, scale=D**-0.5,
+                        blend=(rows, rows, gate, rows, rows), cu_seqlens=(cu, cu),
+                    )  # fmt: skip
+
+            yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'} varlen", run_varlen
 
 
 def _moe_scenarios(dtype, subset):
@@ -460,8 +507,11 @@ def _describe(value) -> object:
     return str(value)
 
 
-def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = False, kernels=None) -> list[Variant]:
-    """Record every scenario under every (dtype, arch) and return the distinct compiles."""
+def collect(
+    families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = False, kernels=None, label=None
+) -> list[Variant]:
+    """Record every scenario under every (dtype, arch) and return the distinct compiles; ``label``: only the
+    scenarios whose label contains it (``"varlen"``: the packed variants)."""
     from memops._backend import configs_for_arch
 
     variants: dict[str, Variant] = {}
@@ -473,7 +523,9 @@ def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = 
                 continue
             for arch in arches:
                 with configs_for_arch(arch), _matmul_precision(dtype):
-                    for label, run in scenarios(dtype, subset):
+                    for name, run in scenarios(dtype, subset):
+                        if label and label not in name:
+                            continue
                         with recording() as launches:
                             run()
                         for launch in launches:
@@ -493,8 +545,8 @@ def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = 
                                 )
                             )
                             if key in variants:
-                                if label not in variants[key].labels:
-                                    variants[key].labels.append(label)
+                                if name not in variants[key].labels:
+                                    variants[key].labels.append(name)
                                 continue
                             config = {
                                 fn.arg_names[path[0]]: _describe(v)
@@ -502,7 +554,7 @@ def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = 
                                 if len(path) == 1 and fn.arg_names[path[0]].isupper()
                             }
                             config.update(num_warps=options.num_warps, num_stages=options.num_stages)
-                            variants[key] = Variant(family, fn.__name__, arch, dtype, [label], config, key, launch)
+                            variants[key] = Variant(family, fn.__name__, arch, dtype, [name], config, key, launch)
     out = list(variants.values())
     if subset:  # one variant per (kernel, dtype class, code path): the first of each
         seen, kept = set(), []
@@ -530,6 +582,8 @@ def collect(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = 
                                 "C_ROWS",
                                 "G_ROWS",
                                 "USE_",
+                                "VARLEN",
+                                "DOCUMENTS",
                             )
                         )
                     )
@@ -676,9 +730,9 @@ def problems(row: dict) -> list[str]:
 _WORKER_VARIANTS: list[Variant] = []
 
 
-def _worker_init(families, dtypes, arches, subset, kernels):
+def _worker_init(families, dtypes, arches, subset, kernels, label):
     os.environ.pop("TRITON_INTERPRET", None)
-    _WORKER_VARIANTS.extend(collect(families, dtypes, arches, subset, kernels))
+    _WORKER_VARIANTS.extend(collect(families, dtypes, arches, subset, kernels, label))
 
 
 def _worker_compile(index: int) -> dict:
@@ -686,7 +740,7 @@ def _worker_compile(index: int) -> dict:
 
 
 def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False, jobs: int | None = None,
-              progress=None, kernels=None) -> dict:  # fmt: skip
+              progress=None, kernels=None, label=None) -> dict:  # fmt: skip
     """Compile every variant (in ``jobs`` processes) and return the report: rows and a summary."""
     import triton
 
@@ -695,7 +749,7 @@ def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False,
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("memops gpu-check compiles for GPUs: run it without TRITON_INTERPRET=1")
     start = time.perf_counter()
-    variants = collect(families, dtypes, arches, subset, kernels)
+    variants = collect(families, dtypes, arches, subset, kernels, label)
     jobs = jobs or min(len(variants), os.cpu_count() or 1)
     rows = []
     if jobs <= 1:
@@ -707,7 +761,10 @@ def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False,
         # spawn, not fork: a forked torch process can deadlock on locks held by the parent's threads
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            jobs, mp_context=context, initializer=_worker_init, initargs=(families, dtypes, arches, subset, kernels)
+            jobs,
+            mp_context=context,
+            initializer=_worker_init,
+            initargs=(families, dtypes, arches, subset, kernels, label),
         ) as pool:
             for row in pool.map(_worker_compile, range(len(variants))):
                 rows.append(row)
@@ -885,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="only these families")
     parser.add_argument("--arch", action="append", type=int, choices=sorted(TARGETS), help="targets (default 90, 80)")
     parser.add_argument("--kernel", action="append", help="only these kernels (by name)")
+    parser.add_argument("--label", help="only the scenarios whose label contains this (e.g. varlen)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="write <out>/gpu-compile-triton<version>.json")
     args = parser.parse_args(argv)
@@ -902,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress, args.kernel)
+    report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress, args.kernel, args.label)
     print(
         f"triton {report['triton']}: {report['variants']} variants, {report['failing']} failing, {report['wall_s']} s"
     )
