@@ -22,7 +22,13 @@ import torch
 
 from memops._validation import check_int
 
-__all__ = ["unpad_input", "pad_input", "cu_seqlens_from_position_ids", "position_ids_from_cu_seqlens"]
+__all__ = [
+    "unpad_input",
+    "pad_input",
+    "cu_seqlens_from_position_ids",
+    "position_ids_from_cu_seqlens",
+    "packed_positions",
+]
 
 
 def _check_tensor(name: str, value, *, integer: bool | None = None) -> None:
@@ -114,7 +120,13 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     bounds = cu_seqlens.long()
     if int(bounds[0]) != 0 or bool((bounds[1:] < bounds[:-1]).any()):
         raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {bounds.tolist()[:16]}")
-    total = int(bounds[-1])
+    return packed_positions(cu_seqlens, int(bounds[-1]))
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64 positions within each sequence, like :func:`position_ids_from_cu_seqlens` but with
+    ``total`` (the packed rows, cu_seqlens[-1]) given, so nothing is read back: the modules' RoPE positions."""
+    bounds = cu_seqlens.long()
     index = torch.arange(total, device=cu_seqlens.device)
-    sequence = torch.searchsorted(bounds[1:], index, right=True)
+    sequence = torch.searchsorted(bounds[1:], index, right=True).clamp_(max=max(bounds.shape[0] - 2, 0))
     return index - bounds[sequence]

@@ -374,3 +374,110 @@ def test_bad_retention_and_looped_input():
         with pytest.raises(ValueError, match="k_cache must have k_new's shape"):
             memops.looped_attention_varlen(q, k, k, torch.rand(8, HKV, 1), cu, 5, k[:4], k[:4])
     assert not launches
+
+
+# --- modules -----------------------------------------------------------------------------------
+
+MODULE_LENGTHS = [7, 0, 33, 1]
+
+
+def _per_sequence(module_call, x, lengths):
+    """The padded module on each sequence alone (batch 1), its outputs packed back."""
+    outs, start = [], 0
+    for n in lengths:
+        if n:
+            outs.append(module_call(x[start : start + n][None], start, n)[0])
+        start += n
+    return torch.cat(outs)
+
+
+def test_memory_attention_module_packed_equals_per_sequence(device):
+    torch.manual_seed(9)
+    layer = memops.nn.MemoryAttention(
+        64, 4, num_kv_heads=2, causal=True, prefix_length=3, rotary=memops.nn.RotaryEmbedding(16)
+    ).to(device)
+    total = sum(MODULE_LENGTHS)
+    x = torch.randn(total, 64, device=device, requires_grad=True)
+    memory = torch.randn(len(MODULE_LENGTHS), 2, 64, device=device)
+    cu = cu_seqlens(MODULE_LENGTHS, device)
+    with memops.backend("triton"), count_launches() as launches:
+        packed_out = layer(x, memory, cu_seqlens=cu, max_seqlen=33)
+        packed_out.square().sum().backward()
+    assert launches["memory_attention.varlen"] == 1 and packed_out.shape == (total, 64)
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    s_of = {start: s for s, start in enumerate(cu[:-1].tolist())}
+    with memops.backend("reference"):  # RoPE positions restart at 0 in every sequence
+        expected = _per_sequence(lambda xs, start, n: layer(xs, memory[s_of[start]][None]), x.detach(), MODULE_LENGTHS)
+        expected.square().sum().backward()
+    assert relative_error(packed_out, expected) < 1e-5
+    for name, p in layer.named_parameters():
+        assert relative_error(grads[name], p.grad) < 1e-4, name
+
+
+def test_retention_and_looped_modules_packed_equal_per_sequence(device):
+    torch.manual_seed(10)
+    gate_net = memops.nn.RetentionGate(64, 2, hidden=8).to(device)
+    retention = memops.nn.RetentionAttention(64, 4, num_kv_heads=2, rotary=memops.nn.RotaryEmbedding(16)).to(device)
+    looped = memops.nn.LoopedAttention(64, 4, num_kv_heads=2, causal=True).to(device)
+    total = sum(MODULE_LENGTHS)
+    x = torch.randn(total, 64, device=device)
+    gate = torch.rand(total, 2, 1, device=device)
+    cu = cu_seqlens(MODULE_LENGTHS, device)
+    with memops.backend("triton"):
+        out_r = retention(x, gate_net(x), cu_seqlens=cu, max_seqlen=33)
+        first, shared = looped(x, gate, cu_seqlens=cu, max_seqlen=33)
+        second, _ = looped(first, gate, shared=shared, cu_seqlens=cu, max_seqlen=33)
+    with memops.backend("reference"):
+        expected_r = _per_sequence(lambda xs, start, n: retention(xs, gate_net(xs)), x, MODULE_LENGTHS)
+
+        def two_loops(xs, start, n):
+            g = gate[start : start + n].transpose(0, 1)[None]  # (1, Hkv, n, 1)
+            y, cache = looped(xs, g)
+            return looped(y, g, shared=cache)[0]
+
+        expected_loop = _per_sequence(two_loops, x, MODULE_LENGTHS)
+    assert relative_error(out_r, expected_r) < 1e-5
+    assert relative_error(second, expected_loop) < 1e-5
+
+
+def test_module_packed_bad_input():
+    layer = memops.nn.MemoryAttention(32, 4)
+    cu = cu_seqlens([3, 5])
+    with pytest.raises(ValueError, match="both cu_seqlens and max_seqlen"):
+        layer(torch.randn(8, 32), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="must have 2 dims"):
+        layer(torch.randn(1, 8, 32), cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match=r"memory must be \(S=2, M, d_model\)"):
+        layer(torch.randn(8, 32), torch.randn(3, 2, 32), cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match="no cache and no prefix"):
+        memops.nn.LoopedAttention(32, 4, prefix_length=2)(torch.randn(8, 32), torch.rand(8, 4, 1), cu_seqlens=cu,
+                                                          max_seqlen=5)  # fmt: skip
+
+
+def test_rotary_embedding_depends_on_relative_position_only():
+    rope = memops.nn.RotaryEmbedding(16)
+    q, k = torch.randn(1, 1, 1, 16).expand(1, 1, 6, 16), torch.randn(1, 1, 1, 16).expand(1, 1, 6, 16)
+    rq, rk = rope(q, k)  # the same vectors at positions 0..5
+    scores = rq[0, 0] @ rk[0, 0].T
+    assert torch.allclose(scores[1, 0], scores[5, 4], atol=1e-5) and torch.allclose(scores[0, 0], scores[3, 3])
+    assert not torch.allclose(scores[1, 0], scores[2, 0])  # it does rotate
+    shifted, _ = rope(q, k, position_ids=torch.arange(6)[None] + 2)
+    assert torch.allclose(shifted[0, 0, :4], rq[0, 0, 2:], atol=1e-6)
+
+
+def test_capacity_loss_takes_the_packed_gate_output(device):
+    """The capacity and loss of issue 12 take the same cu_seqlens: the gate's (Hkv, total) output of packed x."""
+    gate_net = memops.nn.RetentionGate(64, 2, hidden=8).to(device)
+    x = torch.randn(sum(MODULE_LENGTHS), 64, device=device)
+    log_beta, cu = gate_net(x), cu_seqlens(MODULE_LENGTHS, device)
+    with memops.backend("triton"):
+        packed = memops.retention_capacity(log_beta, cu_seqlens=cu)
+        loss = memops.capacity_loss(log_beta[None], 4.0, cu_seqlens=cu)
+    with memops.backend("reference"):
+        start, pieces = 0, []
+        for n in MODULE_LENGTHS:
+            pieces.append(memops.retention_capacity(log_beta[:, start : start + n]))
+            start += n
+        expected_loss = memops.capacity_loss(log_beta[None], 4.0, cu_seqlens=cu)
+    assert relative_error(packed, torch.cat(pieces, dim=1)) < 1e-5 and relative_error(loss, expected_loss) < 1e-5

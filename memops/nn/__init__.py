@@ -1,8 +1,16 @@
 """torch.nn.Modules built from memops ops."""
 
-from memops.nn.attention import LoopedAttention, MemoryAttention, RetentionAttention
+from memops.nn.attention import LoopedAttention, MemoryAttention, RetentionAttention, RotaryEmbedding
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
 from memops.nn.retention import RetentionGate
 
-__all__ = ["BlockMoE", "LoopedAttention", "MemoryAttention", "ProductKeyMemory", "RetentionAttention", "RetentionGate"]
+__all__ = [
+    "BlockMoE",
+    "LoopedAttention",
+    "MemoryAttention",
+    "ProductKeyMemory",
+    "RetentionAttention",
+    "RetentionGate",
+    "RotaryEmbedding",
+]

@@ -9,11 +9,45 @@ import torch
 from torch import nn
 
 from memops._validation import check_int, check_module_input
-from memops.attention import memory_attention
-from memops.looped import looped_attention
-from memops.retention import retention_attention
+from memops.attention import memory_attention, memory_attention_varlen
+from memops.looped import looped_attention, looped_attention_varlen
+from memops.retention import retention_attention, retention_attention_varlen
+from memops.varlen import packed_positions
 
-RotaryFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE, the rotate-half convention of Llama / GPT-NeoX) as a ``rotary=``
+    callback for the attention layers: ``rope(q, k, position_ids=None) -> (q, k)`` on (B, heads, N, head_dim)
+    tensors, positions ``position_ids`` (B | 1, N) or 0..N-1. It holds no state (nothing in a state_dict):
+    the angles are computed per call in fp32.
+
+    The layers call it with ``position_ids`` that restart at 0 for every sequence of a packed batch.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        check_int(head_dim, "head_dim", "RotaryEmbedding", low=2)
+        if head_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
+        self.head_dim, self.base = head_dim, float(base)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        first, second = x.float().chunk(2, dim=-1)
+        rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+        return rotated.to(x.dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None = None):
+        if q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim:
+            raise ValueError(f"RotaryEmbedding: q and k must have head_dim {self.head_dim} in their last dim")
+        if position_ids is None:
+            position_ids = torch.arange(q.shape[-2], device=q.device)[None]
+        half = self.head_dim // 2
+        inv_freq = self.base ** -(torch.arange(half, device=q.device, dtype=torch.float32) / half)
+        angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B | 1, N, half)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # broadcast over heads
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
 
 class MemoryAttention(nn.Module):
@@ -89,6 +123,29 @@ class MemoryAttention(nn.Module):
             q, k = self.rotary(q, k)
         return q, k, v
 
+    def _packed(self, x: torch.Tensor, cu_seqlens, max_seqlen) -> bool:
+        """Whether this call is packed (x (total, d_model) with cu_seqlens and max_seqlen), checked."""
+        name = type(self).__name__
+        if cu_seqlens is None and max_seqlen is None:
+            self._check_input(x)
+            return False
+        if cu_seqlens is None or max_seqlen is None:
+            raise ValueError(f"{name}: packed input needs both cu_seqlens and max_seqlen")
+        check_module_input(x, "x", name, width=self.q_proj.in_features, dims=(2,), like=self.q_proj.weight)
+        return True
+
+    def project_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor):
+        """Packed x (total, d_model) -> q (total, H, head_dim), k and v (total, Hkv, head_dim); rotary applied
+        with positions that restart at 0 for every sequence of ``cu_seqlens``."""
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.rotary is not None:
+            positions = packed_positions(cu_seqlens, x.shape[0])[None]
+            q4, k4 = self.rotary(q.transpose(0, 1)[None], k.transpose(0, 1)[None], position_ids=positions)
+            q, k = q4[0].transpose(0, 1), k4[0].transpose(0, 1)
+        return q, k, v
+
     def memory_rows(self, memory: torch.Tensor | None = None):
         """(mem_k, mem_v) over [prefix ; memory tokens]: (Hkv, P, head_dim) batch-shared for the prefix alone,
         (B, Hkv, P + M, head_dim) with memory (B, M, d_model), or (None, None) when the layer has neither."""
@@ -115,18 +172,33 @@ class MemoryAttention(nn.Module):
         memory: torch.Tensor | None = None,
         *,
         memory_bias: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """x (B, N, d_model); memory (B, M, d_model) or None; memory_bias (M_total,), (Hkv, M_total) or
-        (B, Hkv, M_total) over [prefix ; memory] rows. Returns (B, N, d_model)."""
-        self._check_input(x)
+        (B, Hkv, M_total) over [prefix ; memory] rows. Returns (B, N, d_model).
+
+        Packed: x (total, d_model) with ``cu_seqlens`` (S + 1,) int32 and ``max_seqlen`` (FlashAttention's
+        varlen layout, :func:`memops.memory_attention_varlen`); memory (S, M, d_model) per sequence, S in
+        place of B for memory_bias; rotary positions restart per sequence. Returns (total, d_model)."""
+        packed = self._packed(x, cu_seqlens, max_seqlen)
+        batch = cu_seqlens.shape[0] - 1 if packed else x.shape[0]
         if memory is not None:
             self._check_input(memory, "memory")
-            if memory.shape[0] != x.shape[0]:
+            if memory.shape[0] != batch:
                 raise ValueError(
-                    f"MemoryAttention: memory must be (B={x.shape[0]}, M, d_model), got {tuple(memory.shape)}"
+                    f"MemoryAttention: memory must be ({'S' if packed else 'B'}={batch}, M, d_model), got "
+                    f"{tuple(memory.shape)}"
                 )
-        q, k, v = self.project(x)
         mem_k, mem_v = self.memory_rows(memory)
+        if packed:
+            q, k, v = self.project_packed(x, cu_seqlens)
+            out = memory_attention_varlen(
+                q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mem_k, mem_v,
+                causal=self.causal, mem_bias=memory_bias,
+            )  # fmt: skip
+            return self.out_proj(out.flatten(1))
+        q, k, v = self.project(x)
         out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal, mem_bias=memory_bias)
         return self.output(out)
 
@@ -149,10 +221,30 @@ class RetentionAttention(MemoryAttention):
         self.decay = decay
 
     def forward(
-        self, x: torch.Tensor, log_beta: torch.Tensor, *, cache=None, layer_idx: int = 0, check_log_beta: bool = True
-    ) -> torch.Tensor:
-        """x (B, N, d_model), log_beta (B, Hkv, N) (from a :class:`memops.nn.RetentionGate`) -> (B, N, d_model)."""
-        self._check_input(x)
+        self, x: torch.Tensor, log_beta: torch.Tensor, *, cache=None, layer_idx: int = 0, check_log_beta: bool = True,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """x (B, N, d_model), log_beta (B, Hkv, N) (from a :class:`memops.nn.RetentionGate`) -> (B, N, d_model).
+
+        Packed (training): x (total, d_model), log_beta (Hkv, total) (what the gate gives for packed x),
+        ``cu_seqlens`` and ``max_seqlen`` as in :func:`memops.retention_attention_varlen`; no cache."""
+        if self._packed(x, cu_seqlens, max_seqlen):
+            if cache is not None:
+                raise ValueError("RetentionAttention: packed input (cu_seqlens) is for training; it takes no cache")
+            q, k, v = self.project_packed(x, cu_seqlens)
+            mem_k, mem_v = self.memory_rows()
+            if not isinstance(log_beta, torch.Tensor) or log_beta.dim() != 2:
+                raise ValueError("RetentionAttention: packed log_beta must be (Hkv, total), as RetentionGate gives")
+            if self.decay:
+                out = retention_attention_varlen(
+                    q, k, v, log_beta.t(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                    mem_k=mem_k, mem_v=mem_v, check_log_beta=check_log_beta,
+                )  # fmt: skip
+            else:
+                out = memory_attention_varlen(
+                    q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mem_k, mem_v, causal=True
+                )
+            return self.out_proj(out.flatten(1))
         q, k, v = self.project(x)
         mem_k, mem_v = self.memory_rows()
         if cache is not None:
@@ -176,10 +268,23 @@ class LoopedAttention(MemoryAttention):
     """
 
     def forward(
-        self, x: torch.Tensor, gate: torch.Tensor, *, shared=None, cache=None, layer_idx: int = 0, loop: int = 0
-    ):
-        """x (B, N, d_model), gate (B, Hkv, N, 1) or (B, Hkv, N, head_dim) in [0, 1]."""
-        self._check_input(x)
+        self, x: torch.Tensor, gate: torch.Tensor, *, shared=None, cache=None, layer_idx: int = 0, loop: int = 0,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+    ):  # fmt: skip
+        """x (B, N, d_model), gate (B, Hkv, N, 1) or (B, Hkv, N, head_dim) in [0, 1].
+
+        Packed (training): x (total, d_model), gate (total, Hkv, 1 | head_dim), ``shared`` the previous loop's
+        packed (k, v) (total, Hkv, head_dim), with ``cu_seqlens`` and ``max_seqlen``
+        (:func:`memops.looped_attention_varlen`); no cache, and no prefix."""
+        if self._packed(x, cu_seqlens, max_seqlen):
+            if cache is not None or self.prefix_k is not None:
+                raise ValueError("LoopedAttention: packed input (cu_seqlens) takes no cache and no prefix")
+            q, k, v = self.project_packed(x, cu_seqlens)
+            k_cache, v_cache = (None, None) if shared is None else shared
+            out, k_cache, v_cache = looped_attention_varlen(
+                q, k, v, gate, cu_seqlens, max_seqlen, k_cache, v_cache, causal=self.causal
+            )
+            return self.out_proj(out.flatten(1)), (k_cache, v_cache)
         q, k, v = self.project(x)
         mem_k, mem_v = self.memory_rows()
         if cache is not None:
