@@ -102,14 +102,14 @@ def _backward_rows(
 ):
     """What the backward needs of a block of query rows: q, dout, the log2-domain lse and delta (lse and
     delta share one layout: (B, H, N), or (H, total) when packed)."""
-    rows = q_row0 + offs_m
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_don + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    lse_rows = b * stride_lseb + h * stride_lseh + rows
-    lse_log2 = _lse_log2(lse_ptr + lse_rows, row_ok, ACC)
-    delta = tl.load(delta_ptr + lse_rows, mask=row_ok, other=0.0).to(ACC)
+    # (the packed row offset goes into the scalar base, so the per-row offsets stay int32 vectors)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + q_row0 * stride_qn + offs_m[:, None] * stride_qn
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + q_row0 * stride_don + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse_base = b * stride_lseb + h * stride_lseh + q_row0
+    lse_log2 = _lse_log2(lse_ptr + lse_base + offs_m, row_ok, ACC)
+    delta = tl.load(delta_ptr + lse_base + offs_m, mask=row_ok, other=0.0).to(ACC)
     return q, do, lse_log2, delta
 
 
@@ -288,9 +288,9 @@ def memory_attention_fwd_kernel(
     pid_m, b, h, g, q_row0, k_row0, offs_m, row_ok, N, Nk, M = _query_program(
         H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BLOCK_M, VARLEN)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = q_row0 + offs_m
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    # (packed row offsets go into the scalar bases: no int64 row vector lives across the key loop)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + q_row0 * stride_qn + offs_m[:, None] * stride_qn
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -337,9 +337,11 @@ def memory_attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), to_ln(m_i + tl.math.log2(tl.where(empty, 1.0, l_i))))
     # a +inf logit: the log-sum-exp is +inf (l_i is inf - inf = NaN there); out is NaN, as the reference's
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + b * stride_lseb + h * stride_lseh + rows, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
+    out_base = out_ptr + b * stride_ob + h * stride_oh + q_row0 * stride_on
+    tl.store(out_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse_base = lse_ptr + b * stride_lseb + h * stride_lseh + q_row0
+    tl.store(lse_base + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -431,8 +433,8 @@ def memory_attention_dq_kernel(
         offs_d, Nk - N, scale_log2, query_doc_start, HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL,
         BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOCUMENTS=DOCUMENTS,
     )
-    rows = q_row0 + offs_m
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn + offs_d[None, :],
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + q_row0 * stride_dqn + offs_m[:, None] * stride_dqn
+             + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -475,11 +477,11 @@ def memory_attention_dkdv_kernel(
     key_rows = offs_n[:, None].to(tl.int64)
     k_ptrs = tl.where(
         is_memory, mem_k_ptr + b * stride_mkb + g * stride_mkh + key_rows * stride_mkn + offs_d[None, :],
-        k_ptr + b * stride_kb + g * stride_kh + (k_row0 + key_rows) * stride_kn + offs_d[None, :],
+        k_ptr + b * stride_kb + g * stride_kh + k_row0 * stride_kn + key_rows * stride_kn + offs_d[None, :],
     )
     v_ptrs = tl.where(
         is_memory, mem_v_ptr + b * stride_mvb + g * stride_mvh + key_rows * stride_mvn + offs_d[None, :],
-        v_ptr + b * stride_vb + g * stride_vh + (k_row0 + key_rows) * stride_vn + offs_d[None, :],
+        v_ptr + b * stride_vb + g * stride_vh + k_row0 * stride_vn + key_rows * stride_vn + offs_d[None, :],
     )
     k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
     v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
@@ -547,13 +549,13 @@ def memory_attention_dkdv_kernel(
             tl.store(dbias_ptr + (b * Hkv + g) * M + offs_n, dbias, mask=in_range)
     else:
         # dk and dv are allocated alike (contiguous), so they share one set of strides.
-        seq_rows = k_row0 + offs_n  # (the packed rows of the block's keys)
-        tl.store(dk_ptr + b * stride_dkb + g * stride_dkh + seq_rows[:, None] * stride_dkn + offs_d[None, :],
+        row_base = b * stride_dkb + g * stride_dkh + k_row0 * stride_dkn
+        tl.store(dk_ptr + row_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  dk.to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + b * stride_dkb + g * stride_dkh + seq_rows[:, None] * stride_dkn + offs_d[None, :],
+        tl.store(dv_ptr + row_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=mask)
         if HAS_DECAY:
-            tl.store(ddecay_ptr + b * stride_ddb + g * stride_ddh + seq_rows, ddecay, mask=in_range)
+            tl.store(ddecay_ptr + b * stride_ddb + g * stride_ddh + k_row0 + offs_n, ddecay, mask=in_range)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -643,9 +645,7 @@ DQ_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = 
 # dots have BLOCK_N rows, and the dK and dV accumulators (2 x BLOCK_N x D fp32) set the register budget.
 DKDV_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = {
     (90, "16", 64): ({"*": (32, 128, 8, 2)}, "152-187 regs; 64x64 at 4 warps reaches 255 with decay"),
-    (90, "16", 128): ({"*": (32, 64, 8, 2), "varlen-decay": (32, 64, 8, 1)},
-                      "210-230 regs (GQA); 32x128 spills 32 B with decay, 4 warps 8-80 B; packed (varlen) with decay "
-                      "at 2 stages spills 32 B under Triton 3.6"),
+    (90, "16", 128): ({"*": (32, 64, 8, 2)}, "210-230 regs (GQA); 32x128 spills 32 B with decay, 4 warps 8-80 B"),
     (90, "16", 256): ({"*": None}, "every tile tried (16-64 x 64, 4-8 warps, 1-2 stages) spills 200 B-1 KB"),
     (80, "16", 64): ({"*": (32, 128, 8, 1)}, "202-252 regs; 2 stages spill 16-24 B under Triton 3.6 with a bias or "
                      "decay, 32x64 and 64x64 8-144 B"),
@@ -679,8 +679,15 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages
 def _lookup(table, arch: int, dtype: torch.dtype, head_dim: int, path: str) -> _Config | None:
     key = (90 if arch >= 90 else 80, dtype_class(dtype), 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256)
     by_path = table[key][0]
-    if path.startswith("varlen-") and path not in by_path:  # packed sequences: the padded path's tile unless listed
-        path = path[len("varlen-") :]
+    if path.startswith("varlen-") and path not in by_path:
+        # Packed sequences hold a few more registers (each program's lengths and row offsets are values, not
+        # arguments), and the padded tiles sit at the register limit: one pipeline stage less, or half the
+        # key block at one stage, unless the table lists the path.
+        config = _lookup(table, arch, dtype, head_dim, path[len("varlen-") :])
+        if config is None:
+            return None
+        block_m, block_n, warps, stages = config
+        return (block_m, block_n, warps, stages - 1) if stages > 1 else (block_m, max(block_n // 2, 16), warps, 1)
     if path == "documents" and path not in by_path:  # packed documents: the decay path's tile unless listed
         path = "decay"
     return by_path.get(path, by_path["*"])
@@ -733,7 +740,8 @@ def reference_instead(q: torch.Tensor, path: str, *, backward: bool) -> str | No
     if arch is None or q.dtype == torch.float64:
         return None
     # the backward tables know two paths: the looped blend's backward is plain memory attention
-    bwd_path = "decay" if path == "decay" else "memory"
+    packed = "varlen-" if path.startswith("varlen-") else ""
+    bwd_path = packed + ("decay" if path.removeprefix("varlen-") == "decay" else "memory")
     tables = [("forward", FWD_CONFIGS, path)]
     if backward:
         tables += [("dQ", DQ_CONFIGS, bwd_path), ("dK/dV", DKDV_CONFIGS, bwd_path)]

@@ -415,7 +415,7 @@ def memory_attention_varlen(
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = mem_bias = None
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if resolve_attention_backend(q, "memory", k, v, mem_k, mem_v, mem_bias) == "reference":
+    if resolve_attention_backend(q, "varlen-memory", k, v, mem_k, mem_v, mem_bias) == "reference":
         return reference.memory_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v,
             causal=causal, scale=scale, mem_bias=mem_bias, return_lse=return_lse,

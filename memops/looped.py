@@ -404,7 +404,7 @@ def looped_attention_varlen(
         return out, k_new, v_new
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     path = "blend-channel" if gate.shape[-1] != 1 else "blend-row"
-    if resolve_attention_backend(q, path, k_new, v_new, gate, k_cache, v_cache) == "reference":
+    if resolve_attention_backend(q, f"varlen-{path}", k_new, v_new, gate, k_cache, v_cache) == "reference":
         return reference.looped_attention_varlen(
             q, k_new, v_new, gate, cu_seqlens, k_cache, v_cache, causal=causal, scale=scale
         )

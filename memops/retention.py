@@ -218,7 +218,7 @@ def retention_attention_varlen(
     shape = (k.shape[0], k.shape[1])
     validate_log_beta(log_beta, shape, q.device, op, check_values=check_log_beta, layout="(total_k, Hkv)")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if resolve_attention_backend(q, "decay", k, v, log_beta, mem_k, mem_v) == "reference":
+    if resolve_attention_backend(q, "varlen-decay", k, v, log_beta, mem_k, mem_v) == "reference":
         return reference.retention_attention_varlen(
             q, k, v, log_beta, cu_seqlens_q, cu_seqlens_k, mem_k=mem_k, mem_v=mem_v, scale=scale,
             return_lse=return_lse,

@@ -481,3 +481,22 @@ def test_capacity_loss_takes_the_packed_gate_output(device):
             start += n
         expected_loss = memops.capacity_loss(log_beta[None], 4.0, cu_seqlens=cu)
     assert relative_error(packed, torch.cat(pieces, dim=1)) < 1e-5 and relative_error(loss, expected_loss) < 1e-5
+
+
+def test_flash_varlen_baseline_builds_the_same_op():
+    """benchmarks/varlen.py's FlashAttention-varlen baseline puts the memory rows in front of every sequence's
+    packed keys; bottom-right causal attention over those is memory attention (checked on the reference)."""
+    from memops.benchmarks import varlen as bench
+
+    generator = torch.Generator().manual_seed(11)
+    lengths = [5, 0, 12]
+    inputs = packed(lengths, lengths, generator, torch.float64, "cpu")
+    memory = memory_inputs("shared", 3, generator, torch.float64, "cpu", bias=False)
+    cu = cu_seqlens(lengths)
+    k, cu_k = bench._with_memory_rows(inputs["k"], memory["mem_k"], cu)
+    v, _ = bench._with_memory_rows(inputs["v"], memory["mem_v"], cu)
+    concatenated = memops.reference.memory_attention_varlen(inputs["q"], k, v, cu, cu_k, causal=True)
+    expected = memops.reference.memory_attention_varlen(
+        inputs["q"], inputs["k"], inputs["v"], cu, cu, memory["mem_k"], memory["mem_v"], causal=True
+    )
+    assert relative_error(concatenated, expected) < 1e-12

@@ -99,7 +99,8 @@ def _report(args: argparse.Namespace) -> int:
     # The GPU compile check: the latest full sweep per Triton version, and the sweep before the fixes.
     from memops.tools import gpu_check
 
-    sweeps = [json.loads(p.read_text()) for p in sweeps if not p.stem.endswith("-subset")]
+    loaded = [json.loads(p.read_text()) for p in sweeps if "-subset" not in p.stem]
+    sweeps = gpu_check.merge_labelled([r for r in loaded if not r.get("label")], [r for r in loaded if r.get("label")])
     before = [json.loads(p.read_text()) for p in sorted(Path(args.results).glob("gpu-compile/before-fixes-*.json"))]
     if sweeps:
         compile_out = Path(args.compile_out)

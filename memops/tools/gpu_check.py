@@ -287,7 +287,7 @@ def _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
     for label, mem, bias in paths:
 
         def run(mem=mem, bias=bias):
-            if kernels.reference_instead(q, "memory", backward=True):
+            if kernels.reference_instead(q, "varlen-memory", backward=True):
                 return
             options = dict(causal=causal, scale=D**-0.5, cu_seqlens=(cu, cu))
             out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, **options)
@@ -328,7 +328,7 @@ def _retention_scenarios(dtype, subset):
                 if documents == "varlen":
                     q, k = _meta(B * N, H, D, dtype=dt), _meta(B * N, Hkv, D, dtype=dt)
                     log_beta, cu = _meta(Hkv, B * N, dtype=torch.float32), _meta(B + 1, dtype=torch.int32)
-                    if not attention.reference_instead(q, "decay", backward=True):
+                    if not attention.reference_instead(q, "varlen-decay", backward=True):
                         options = dict(causal=True, scale=D**-0.5, log_beta=log_beta, cu_seqlens=(cu, cu))
                         out, lse = attention.memory_attention_fwd(q, k, k, None, None, None, **options)
                         attention.memory_attention_bwd(q, q, k, k, None, None, None, out, lse, deterministic=True,
@@ -426,7 +426,7 @@ def _looped_scenarios(dtype, subset):
                 q, rows = _meta(B * Nk, H, D, dtype=dt), _meta(B * Nk, Hkv, D, dtype=dt)
                 gate, cu = _meta(B * Nk, Hkv, gate_width, dtype=dt), _meta(B + 1, dtype=torch.int32)
                 path = attention.fwd_path(gate_per_channel=gate_width != 1)
-                if not attention.reference_instead(q, path, backward=False):
+                if not attention.reference_instead(q, f"varlen-{path}", backward=False):
                     attention.memory_attention_fwd(
                         q, rows, rows, None, None, None, causal=True, scale=D**-0.5,
                         blend=(rows, rows, gate, rows, rows), cu_seqlens=(cu, cu),
@@ -864,6 +864,23 @@ def _fallback_lines() -> list[str]:
     return lines
 
 
+def merge_labelled(sweeps: list[dict], labelled: list[dict]) -> list[dict]:
+    """Full sweeps with the rows of later label-filtered sweeps (``--label``, e.g. the varlen variants) of
+    the same Triton version added: those compile variants the full sweep did not have yet."""
+    by_version = {report["triton"]: report for report in sweeps}
+    for extra in labelled:
+        full = by_version.get(extra["triton"])
+        if full is None:
+            continue
+        full["rows"] = full["rows"] + extra["rows"]
+        full["variants"] += extra["variants"]
+        full["failing"] += extra["failing"]
+        full.setdefault("merged", []).append(
+            f"with {extra['variants']} '{extra['label']}' variants from a later sweep ({extra['failing']} failing)"
+        )
+    return sweeps
+
+
 def markdown(reports: list[dict], before: list[dict] | None = None) -> str:
     """docs/gpu-compile.md: the summary per kernel, then every failing variant with its reason; ``before``:
     reports of an earlier sweep, summarised after it for comparison."""
@@ -882,7 +899,9 @@ def markdown(reports: list[dict], before: list[dict] | None = None) -> str:
         lines.append(
             f"- Triton {report['triton']} (torch {report['torch']}), targets {', '.join(report['arches'])}: "
             f"{report['variants']} variants, {report['failing']} failing, {report['wall_s']} s"
-            f"{' (subset)' if report['subset'] else ''}."
+            f"{' (subset)' if report['subset'] else ''}"
+            + "".join(f"; {extra}" for extra in report.get("merged", []))
+            + "."
         )
     lines += [""] + _summary_lines(reports)
     # Failing variants, grouped by (triton, target, kernel, dtype, kind of problem), with one example each.
@@ -961,12 +980,14 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress, args.kernel, args.label)
+    report["label"] = args.label
     print(
         f"triton {report['triton']}: {report['variants']} variants, {report['failing']} failing, {report['wall_s']} s"
     )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = f"gpu-compile-triton{report['triton']}{'-subset' if args.subset else ''}.json"
+        suffix = ("-subset" if args.subset else "") + (f"-{args.label}" if args.label else "")
+        name = f"gpu-compile-triton{report['triton']}{suffix}.json"
         (args.out / name).write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 1 if report["failing"] else 0
 
