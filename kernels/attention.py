@@ -583,15 +583,18 @@ FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] =
     (90, "16", 128): ({"*": (128, 64, 8, 3), "blend-channel": (128, 64, 8, 2)},
                       "4 warps spill ~400 B; the per-channel gate at 3 stages needs 256 KiB (2 stages: 160 KiB)"),
     (90, "16", 256): ({"*": (128, 32, 8, 2), "memory": (128, 32, 8, 1), "blend-row": (128, 16, 8, 2),
-                       "blend-channel": (128, 16, 8, 2)},
+                       "blend-channel": (128, 16, 8, 2), "varlen-blend-channel": None},
                       "BLOCK_N 64 spills 48-112 B or passes 227 KiB; 128x32: 204-236 regs; with a bias and causal, "
                       "2 stages spill 8 B under Triton 3.9 (1 stage: 240-249 regs); the looped blend at 128x32 "
                       "spills 8 B under Triton 3.6 (128x16: 244 regs)"),
-    (80, "16", 64): ({"*": (128, 64, 8, 3), "blend-row": (64, 32, 4, 2), "blend-channel": (64, 32, 8, 2)},
+    (80, "16", 64): ({"*": (128, 64, 8, 3), "blend-row": (64, 32, 4, 2), "blend-channel": (64, 32, 8, 2),
+                      "varlen-blend-channel": None},
                      "the looped blend at 128 rows spills 400-660 B on sm_80, at 64x64 40-544 B"),
-    (80, "16", 128): ({"*": (128, 32, 8, 2), "blend-row": (64, 32, 4, 2), "blend-channel": (64, 32, 8, 2)},
+    (80, "16", 128): ({"*": (128, 32, 8, 2), "blend-row": (64, 32, 4, 2), "blend-channel": (64, 32, 8, 2),
+                       "varlen-blend-row": None},
                       "128x64 sits at 255 regs; the looped blend spills 30-9,500 B at 64 keys or 128 rows"),
-    (80, "16", 256): ({"*": (64, 32, 8, 1), "blend-row": (64, 16, 8, 1), "blend-channel": None},
+    (80, "16", 256): ({"*": (64, 32, 8, 1), "blend-row": (64, 16, 8, 1), "blend-channel": None,
+                       "varlen-blend-row": None},
                       "2 stages or 128 rows spill 8-24 B; the per-row blend spills 24-88 B at 64x32 (64x16: 255 "
                       "regs, no stack); the per-channel blend spills 32-740 B at every tile tried, down to 16x32"),
     (90, "tf32", 64): ({"*": (128, 64, 8, 2)}, "clean on every path (177-230 regs, <=160 KiB)"),
@@ -599,11 +602,12 @@ FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] =
     (90, "tf32", 256): ({"*": (128, 16, 8, 2), "blend-row": None, "blend-channel": None},
                         "64-row tiles spill 16 B-1 KB; the looped blend spills 16-744 B at every tile tried "
                         "(128x16 x2: 144 B under Triton 3.6) or, per channel, passes 227 KiB"),
-    (80, "tf32", 64): ({"*": (128, 32, 8, 3), "memory": (64, 32, 8, 3), "blend-channel": (32, 32, 4, 2)},
+    (80, "tf32", 64): ({"*": (128, 32, 8, 3), "memory": (64, 32, 8, 3), "blend-channel": (32, 32, 4, 2),
+                        "varlen-memory": (32, 32, 8, 2)},
                        "the per-channel blend spills 176-5,600 B at 4 warps or 128 rows; memory attention at 128 "
                        "rows spills 8 B under Triton 3.6"),
     (80, "tf32", 128): ({"*": (64, 32, 8, 2), "memory": (32, 32, 8, 2), "blend-row": (64, 16, 8, 2),
-                         "blend-channel": (64, 16, 8, 2)},
+                         "blend-channel": (64, 16, 8, 2), "varlen-blend-channel": None},
                         "4 warps sit at 255 regs; 128 rows spill with the looped blend; memory attention and the "
                         "blend at 64x32 spill 8 B under Triton 3.6 (32x32: 128 regs; blend 64x16: 236-250)"),
     (80, "tf32", 256): ({"*": (64, 32, 8, 1), "blend-row": None, "blend-channel": None},
@@ -611,7 +615,8 @@ FWD_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] =
     (90, "fp32", 64): ({"*": (64, 32, 8, 1)}, "FMA dots: 94-244 regs, no stack"),
     (90, "fp32", 128): ({"*": None}, "FMA dots spill 40-800 B at every tile down to 16x32"),
     (90, "fp32", 256): ({"*": None}, "FMA dots spill 2-8.7 KB at every tile tried"),
-    (80, "fp32", 64): ({"*": (64, 32, 8, 1), "memory": (32, 32, 8, 1)},
+    (80, "fp32", 64): ({"*": (64, 32, 8, 1), "memory": (32, 32, 8, 1), "varlen-blend-row": None,
+                        "varlen-blend-channel": None},
                        "FMA dots: 80-226 regs, no stack; memory attention at 64x32 spills 16 B under Triton 3.6 "
                        "(32x32: 74 regs)"),
     (80, "fp32", 128): ({"*": (32, 32, 8, 1)}, "FMA dots: 78-219 regs; 4 warps or 64 rows spill 500+ B"),
@@ -624,7 +629,9 @@ DQ_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = 
     (90, "16", 256): ({"*": (64, 32, 8, 2)}, "4 warps or BLOCK_N 64 spill 8-264 B; 32x32 was mma.sync"),
     (80, "16", 64): ({"*": (64, 64, 4, 2), "memory": (64, 32, 4, 2)},
                      "183-202 regs; memory attention at 64x64 spills 8 B under Triton 3.6 (64x32: 166-168 regs)"),
-    (80, "16", 128): ({"*": (64, 32, 4, 2)}, "64x64 sits at 255 regs, 128x64 spills 32 B"),
+    (80, "16", 128): ({"*": (64, 32, 4, 2), "varlen-memory": (64, 32, 8, 2), "varlen-decay": None},
+                      "64x64 sits at 255 regs, 128x64 spills 32 B; packed (varlen) memory attention at 4 warps spills "
+                      "24-64 B at 1 or 2 stages; with decay 8 warps too (8 B under Triton 3.6)"),
     (80, "16", 256): ({"*": (64, 32, 8, 2)}, "4 warps or 1 stage spill 1-4.7 KB"),
     (90, "tf32", 64): ({"*": (64, 64, 4, 2), "documents": (64, 32, 4, 2)},
                        "150-168 regs; with packed documents 64x64 spills 16 B under Triton 3.6 (64x32: 123-153 regs)"),
@@ -632,12 +639,14 @@ DQ_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] = 
                         "137-251 regs; 4 warps spill 40-56 B under Triton 3.6, BLOCK_N 64 48-80 B"),
     (90, "tf32", 256): ({"*": None}, "see DKDV_CONFIGS: the backward has no clean dK/dV config at D=256"),
     (80, "tf32", 64): ({"*": (64, 32, 8, 2)}, "4 warps spill 16 B with a bias"),
-    (80, "tf32", 128): ({"*": (64, 32, 8, 2)}, "4 warps sit at 255 regs"),
+    (80, "tf32", 128): ({"*": (64, 32, 8, 2), "varlen-memory": None, "varlen-decay": None},
+                        "4 warps sit at 255 regs; packed (varlen) spills 400+ B at 1 stage"),
     (80, "tf32", 256): ({"*": None}, "see DKDV_CONFIGS"),
     (90, "fp32", 64): ({"*": (32, 16, 4, 1)}, "FMA dots: 78-106 regs"),
     (90, "fp32", 128): ({"*": None}, "FMA dots spill 250-660 B at 32x32, 32x16 and 16x32"),
     (90, "fp32", 256): ({"*": None}, "FMA dots spill at D=128 already"),
-    (80, "fp32", 64): ({"*": (32, 16, 4, 1)}, "FMA dots: 72-80 regs"),
+    (80, "fp32", 64): ({"*": (32, 16, 4, 1), "varlen-memory": None},
+                       "FMA dots: 72-80 regs; packed (varlen) memory attention spills 8-16 B"),
     (80, "fp32", 128): ({"*": (32, 16, 4, 1)}, "FMA dots: 108-120 regs"),
     (80, "fp32", 256): ({"*": None}, "FMA dots spill at every tile tried"),
 }
@@ -661,8 +670,8 @@ DKDV_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] 
     (80, "tf32", 64): ({"*": (32, 32, 4, 2), "documents": (32, 32, 4, 1)},
                        "168-186 regs; 32x64 spills 32-80 B, 16x64 24 B under 3.6, 8 warps 430 B-1.2 KB; with packed "
                        "documents 2 stages spill 8 B under 3.9 (1 stage: 168 regs)"),
-    (80, "tf32", 128): ({"*": (32, 64, 8, 1)}, "248-255 regs; 2 stages spill 8-40 B under Triton 3.6, 4 warps "
-                        "64 B-1 KB"),
+    (80, "tf32", 128): ({"*": (32, 64, 8, 1), "varlen-memory": None}, "248-255 regs; 2 stages spill 8-40 B under "
+                        "Triton 3.6, 4 warps 64 B-1 KB; packed (varlen) at 32x32 spills"),
     (80, "tf32", 256): ({"*": None}, "as on sm_90"),
     (90, "fp32", 64): ({"*": (32, 16, 4, 1)}, "FMA dots: 90 regs; 16x32 spills 8 B under Triton 3.6, 32x32 "
                        "24-288 B"),

@@ -57,3 +57,20 @@ def test_grouped_gemm_configs_keep_the_layout_block():
         assert config[0] == 64 and why
     with configs_for_arch(90):
         assert moe.gemm_config(torch.device("meta"), torch.float32)["BLOCK_K"] == 16
+
+
+def test_varlen_paths_derive_from_the_padded_tiles():
+    """A packed (varlen) path takes the padded path's tile with one pipeline stage less (half the key block at
+    one stage) unless the table lists it; None there sends "auto" to the reference on that GPU."""
+    q16 = torch.empty(4, 2, 128, dtype=torch.bfloat16, device="meta")  # packed (total, H, D)
+    with configs_for_arch(90):
+        padded = attention.attention_config(128, q16.device, torch.bfloat16, "memory")
+        packed = attention.attention_config(128, q16.device, torch.bfloat16, "varlen-memory")
+        assert packed == dict(padded, num_stages=padded["num_stages"] - 1)
+        assert attention.reference_instead(q16, "varlen-memory", backward=True) is None
+        q256 = torch.empty(4, 2, 256, dtype=torch.bfloat16, device="meta")
+        assert attention.reference_instead(q256, "blend-channel", backward=False) is None
+        assert attention.reference_instead(q256, "varlen-blend-channel", backward=False)  # listed as None
+    with configs_for_arch(80):
+        assert attention.reference_instead(q16, "varlen-decay", backward=True)  # dQ listed as None
+        assert attention.reference_instead(q16, "varlen-memory", backward=True) is None
