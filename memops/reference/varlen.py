@@ -39,11 +39,20 @@ def _sequence_bias(mem_bias: torch.Tensor | None, s: int) -> torch.Tensor | None
     return mem_bias[s : s + 1] if mem_bias is not None and mem_bias.dim() == 3 and mem_bias.shape[0] > 1 else mem_bias
 
 
+def _collect(result, with_lse: bool, outs: list, lses: list) -> None:
+    """One sequence's (1, H, n, D) out (and (1, H, n) lse) as packed rows. The lse only when asked: the
+    padded reference computes it separately, and without it square causal attention takes SDPA's causal path."""
+    out, lse = result if with_lse else (result, None)
+    outs.append(out[0].transpose(0, 1))
+    if with_lse:
+        lses.append(lse[0])
+
+
 def _packed(q: torch.Tensor, outs: list, lses: list, lse_dtype: torch.dtype):
     """The per-sequence results back in packed rows: out (total_q, H, D) and lse (H, total_q)."""
     if not outs:  # no query at all: empty results, still attached to q's graph
         return q * 0, q.new_zeros((q.shape[1], 0), dtype=lse_dtype)
-    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+    return torch.cat(outs, dim=0), (torch.cat(lses, dim=1) if lses else None)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -62,13 +71,12 @@ def memory_attention_varlen(
     for s, (q0, q1, k0, k1) in enumerate(sequence_bounds(cu_seqlens_q, cu_seqlens_k)):
         if q1 == q0:
             continue
-        out, lse = memory_attention(
+        result = memory_attention(
             _heads_first(q[q0:q1]), _heads_first(k[k0:k1]), _heads_first(v[k0:k1]),
             _sequence_memory(mem_k, s), _sequence_memory(mem_v, s),
-            causal=causal, scale=scale, mem_bias=_sequence_bias(mem_bias, s), return_lse=True,
+            causal=causal, scale=scale, mem_bias=_sequence_bias(mem_bias, s), return_lse=return_lse,
         )  # fmt: skip
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
+        _collect(result, return_lse, outs, lses)
     out, lse = _packed(q, outs, lses, _lse_dtype(q))
     return (out, lse) if return_lse else out
 
@@ -86,13 +94,12 @@ def retention_attention_varlen(
     for s, (q0, q1, k0, k1) in enumerate(sequence_bounds(cu_seqlens_q, cu_seqlens_k)):
         if q1 == q0:
             continue
-        out, lse = retention_attention(
+        out = retention_attention(
             _heads_first(q[q0:q1]), _heads_first(k[k0:k1]), _heads_first(v[k0:k1]),
             log_beta[k0:k1].transpose(0, 1).unsqueeze(0),
-            mem_k=_sequence_memory(mem_k, s), mem_v=_sequence_memory(mem_v, s), scale=scale, return_lse=True,
+            mem_k=_sequence_memory(mem_k, s), mem_v=_sequence_memory(mem_v, s), scale=scale, return_lse=return_lse,
         )  # fmt: skip
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
+        _collect(out, return_lse, outs, lses)
     out, lse = _packed(q, outs, lses, _lse_dtype(q))
     return (out, lse) if return_lse else out
 
