@@ -78,6 +78,13 @@ def attention_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch
     return empty_like_dense(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
+def varlen_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake of every packed (varlen) attention forward: out like q (total_q, H, D), lse (H, total_q) fp32
+    (fp64 for fp64)."""
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return empty_like_dense(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The spec
 

@@ -22,6 +22,7 @@ from memops._registration import (
     dense,
     lazy_kernels,
     unit_last_stride,
+    varlen_outputs_like,
 )
 from memops._validation import check_attention_inputs, check_triton_head_dim, check_varlen_inputs
 from memops.kernels._launch import record_launch
@@ -328,12 +329,6 @@ def memory_attention(
 
 # ---------------------------------------------------------------------------------------------------------
 # Packed (varlen) batches: FlashAttention's layout, one fused kernel over every sequence's blocks.
-
-
-def varlen_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fake of every packed attention forward: out like q (total_q, H, D), lse (H, total_q) fp32."""
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return dense(q).new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
 
 def _packed_boundaries(cu_seqlens_q, cu_seqlens_k):

@@ -20,6 +20,7 @@ from memops._registration import (
     dense,
     empty_like_dense,
     lazy_kernels,
+    varlen_outputs_like,
 )
 from memops._validation import (
     can_read_values,
@@ -311,8 +312,6 @@ def _looped_attention_varlen_fwd(q, k_new, v_new, gate, k_cache, v_cache, cu_seq
 
 
 def _looped_attention_varlen_fake(q, k_new, v_new, gate, k_cache, v_cache, cu_seqlens, causal, scale):
-    from memops.attention import varlen_outputs_like
-
     return (*varlen_outputs_like(q), empty_like_dense(k_cache), empty_like_dense(v_cache))
 
 

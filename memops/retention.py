@@ -12,7 +12,14 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_attention_backend, resolve_backend
-from memops._registration import attention_outputs_like, backward_op, custom_op, lazy_kernels, unit_last_stride
+from memops._registration import (
+    attention_outputs_like,
+    backward_op,
+    custom_op,
+    lazy_kernels,
+    unit_last_stride,
+    varlen_outputs_like,
+)
 from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim, check_varlen_inputs
 from memops.kernels._launch import record_launch
 
@@ -167,17 +174,11 @@ _RETENTION_VARLEN_INPUTS = (
 )
 
 
-def _varlen_outputs_like(q, *_args):
-    from memops.attention import varlen_outputs_like
-
-    return varlen_outputs_like(q)
-
-
 _retention_attention_varlen_op = custom_op(
     "retention_attention_varlen",
     _retention_attention_varlen_fwd,
     f"({_RETENTION_VARLEN_INPUTS}, float scale) -> (Tensor out, Tensor lse)",
-    fake=_varlen_outputs_like,
+    fake=varlen_outputs_like,
     backward=backward_op(
         "retention_attention_varlen_backward",
         _retention_attention_varlen_bwd,
