@@ -1,6 +1,7 @@
 """The pure-PyTorch definition of every memops op. Each function here is the spec of the public op with
 the same name, and the implementation of backend ``"reference"``."""
 
+from memops.reference import engram  # noqa: F401 (memops.reference.engram: hash parameters, hash, lookup)
 from memops.reference.attention import memory_attention
 from memops.reference.looped import looped_attention, looped_blend, looped_kv_update, looped_kv_update_backward
 from memops.reference.moe import (

@@ -1,0 +1,174 @@
+"""Triton kernels for Engram's hashed n-gram memory: the n-gram hash and the fused hash + multi-head lookup.
+
+Hash (token ids x of a (B, L) batch, max order N, h heads per order, odd int64 multipliers m_k, primes
+p_{n,j}):
+
+    x_k[t]     = x[t - k] if t >= k else pad_id                        (left padding within each row)
+    mix_n[t]   = XOR_{k < n} (x_k[t] * m_k)            n = 2..N          (int64, two's-complement wrap)
+    id_{n,j}   = mix_n mod p_{n,j}                     (floor mod, in [0, p))     column c = (n - 2) h + j
+
+Lookup (a (rows, d) table holding every head's rows at offsets[c]):
+
+    out[t, c*d : (c+1)*d] = table[offsets[c] + id_c[t], :]
+
+The lookup kernel recomputes the hash of its head from the ids (N int64 loads per token, against d
+table elements it moves), so no id tensor is written or read back. Its table gradient is the weighted
+gather's values grad with one row per (token, head) and weight 1: the backward hashes once more into
+rows and hands them to ``memops.kernels.product_key.weighted_gather_bwd`` (atomic or sorted-segment).
+Triton's ``%`` on signed ints truncates toward zero; a negative remainder gets p added back, which gives
+NumPy's floor mod for the (positive) primes.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memops.kernels._launch import record_launch
+from memops.kernels.product_key import weighted_gather_bwd
+
+
+@triton.jit
+def _shifted_ids(ids_ptr, batch, pos, mask, stride_b, stride_l, pad_id, k: tl.constexpr):
+    # x_k at the tokens (batch, pos): the id k positions back in the same row, pad_id before the row starts.
+    back = pos - k
+    inside = mask & (back >= 0)
+    x = tl.load(ids_ptr + batch * stride_b + back * stride_l, mask=inside, other=0).to(tl.int64)
+    return tl.where(inside, x, pad_id)
+
+
+@triton.jit
+def _floor_mod(mix, prime):
+    r = mix % prime
+    return tl.where(r < 0, r + prime, r)
+
+
+@triton.jit
+def ngram_hash_kernel(
+    ids_ptr, multipliers_ptr, primes_ptr, offsets_ptr, out_ptr,
+    n_tokens, L, stride_b, stride_l, pad_id,
+    N_MAX: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+    ADD_OFFSETS: tl.constexpr,
+):
+    # One program per BLOCK_T tokens of the flattened (B, L) batch; it builds mix_n order by order and
+    # writes that order's h heads as one (BLOCK_T, h) tile of out (n_tokens, (N - 1) * h).
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < n_tokens
+    batch = offs_t // L
+    pos = offs_t - batch * L
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HEADS
+    mask = mask_t[:, None] & mask_h[None, :]
+    mix = _shifted_ids(ids_ptr, batch, pos, mask_t, stride_b, stride_l, pad_id, 0) * tl.load(multipliers_ptr)
+    for k in tl.static_range(1, N_MAX):
+        x_k = _shifted_ids(ids_ptr, batch, pos, mask_t, stride_b, stride_l, pad_id, k)
+        mix = mix ^ (x_k * tl.load(multipliers_ptr + k))
+        cols = (k - 1) * HEADS + offs_h
+        primes = tl.load(primes_ptr + cols, mask=mask_h, other=1)
+        hashed = _floor_mod(mix[:, None], primes[None, :])
+        if ADD_OFFSETS:
+            hashed += tl.load(offsets_ptr + cols, mask=mask_h, other=0)[None, :]
+        tl.store(out_ptr + offs_t[:, None] * ((N_MAX - 1) * HEADS) + cols[None, :], hashed, mask=mask)
+
+
+@triton.jit
+def engram_lookup_fwd_kernel(
+    ids_ptr, table_ptr, multipliers_ptr, primes_ptr, offsets_ptr, out_ptr,
+    n_tokens, L, D, stride_b, stride_l, stride_table, pad_id,
+    N_MAX: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (BLOCK_T tokens, hash head c). Head c is of order n = c // h + 2: it mixes the ids
+    # x_0..x_{n-1}; the loads of higher orders are masked off, so they move no memory.
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    order = head // HEADS  # n - 2
+    mask_t = offs_t < n_tokens
+    batch = offs_t // L
+    pos = offs_t - batch * L
+    mix = _shifted_ids(ids_ptr, batch, pos, mask_t, stride_b, stride_l, pad_id, 0) * tl.load(multipliers_ptr)
+    for k in tl.static_range(1, N_MAX):
+        used = (tl.zeros_like(pos) + order) >= k - 1  # block-shaped: a scalar bool mask trips the interpreter
+        x_k = _shifted_ids(ids_ptr, batch, pos, mask_t & used, stride_b, stride_l, pad_id, k)
+        mix = tl.where(used, mix ^ (x_k * tl.load(multipliers_ptr + k)), mix)
+    rows = tl.load(offsets_ptr + head) + _floor_mod(mix, tl.load(primes_ptr + head))
+    out_row = offs_t * ((N_MAX - 1) * HEADS * D) + head * D
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_t[:, None] & (offs_d < D)[None, :]
+        tile = tl.load(table_ptr + rows[:, None] * stride_table + offs_d[None, :], mask=mask, other=0)
+        tl.store(out_ptr + out_row[:, None] + offs_d[None, :], tile, mask=mask)
+
+
+def _hash_config(heads: int) -> dict:
+    return {"BLOCK_T": 128, "BLOCK_H": triton.next_power_of_2(heads), "num_warps": 4}
+
+
+def _lookup_config(D: int, element_size: int) -> dict:
+    # About 16 KiB of table rows in flight per program: a 64-wide bf16 head is 128 B a token.
+    block_d = min(triton.next_power_of_2(max(D, 1)), 256)
+    block_t = max(16, min(128, 16384 // (block_d * element_size)))
+    return {"BLOCK_T": block_t, "BLOCK_D": block_d, "num_warps": 4}
+
+
+def ngram_hash(
+    ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, pad_id: int,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, L) int ids (any strides) -> (B, L, (N - 1) * h) int64 hash ids, plus ``offsets`` per column
+    when given (the lookup's table rows). multipliers (N,), primes (N - 1, h), offsets ((N - 1) * h,): int64,
+    contiguous."""
+    B, L = ids.shape
+    orders, heads = primes.shape
+    out = torch.empty((B, L, orders * heads), dtype=torch.int64, device=ids.device)
+    n_tokens = B * L
+    if n_tokens == 0 or heads == 0:
+        return out
+    cfg = _hash_config(heads)
+    record_launch("ngram_hash_kernel")
+    ngram_hash_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
+        ids, multipliers, primes, offsets if offsets is not None else primes, out,
+        n_tokens, L, ids.stride(0), ids.stride(1), pad_id,
+        N_MAX=orders + 1, HEADS=heads, BLOCK_H=cfg["BLOCK_H"], BLOCK_T=cfg["BLOCK_T"],
+        ADD_OFFSETS=offsets is not None, num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def engram_lookup_fwd(
+    ids: torch.Tensor, table: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
+    offsets: torch.Tensor, pad_id: int, *, config: dict | None = None,
+) -> torch.Tensor:
+    """(B, L, (N - 1) * h * d) in table.dtype from ids (B, L), a (rows, d) table with unit column stride and
+    the hash parameters (int64, contiguous). ``config`` overrides the launch parameters (tuning)."""
+    B, L = ids.shape
+    orders, heads = primes.shape
+    D = table.shape[1]
+    out = torch.empty((B, L, orders * heads * D), dtype=table.dtype, device=table.device)
+    n_tokens = B * L
+    if out.numel() == 0:
+        return out
+    cfg = config or _lookup_config(D, table.element_size())
+    record_launch("engram_lookup_fwd_kernel")
+    engram_lookup_fwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]), orders * heads)](
+        ids, table, multipliers, primes, offsets, out,
+        n_tokens, L, D, ids.stride(0), ids.stride(1), table.stride(0), pad_id,
+        N_MAX=orders + 1, HEADS=heads, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def engram_lookup_bwd(
+    grad_out: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, multipliers: torch.Tensor,
+    primes: torch.Tensor, offsets: torch.Tensor, pad_id: int, *, deterministic: bool,
+) -> torch.Tensor:
+    """Dense (rows, d) table grad in table.dtype: grad_table[offsets[c] + id_c[t]] += grad_out[t, c*d:(c+1)*d].
+    ``deterministic``: the sorted segment reduction (no atomics, the same bits every run)."""
+    D = table.shape[1]
+    rows = ngram_hash(ids, multipliers, primes, pad_id, offsets).reshape(-1, 1)
+    ones = torch.ones(rows.shape, dtype=torch.float32, device=table.device)
+    grad_table, _ = weighted_gather_bwd(
+        grad_out.reshape(-1, D).contiguous(), table, rows, ones,
+        values_grad_algorithm="segment" if deterministic else "auto", weights_grad=False,
+    )
+    return grad_table

@@ -1,0 +1,180 @@
+"""Engram hashed n-gram memory ops: public functions and their torch.library registration.
+
+``ngram_hash`` -> ``memops::ngram_hash`` and ``engram_lookup`` -> ``memops::engram_lookup`` (custom ops) ->
+``memops.kernels.engram`` on backend "triton"; backend "reference" calls ``memops.reference.engram``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memops import reference
+from memops._backend import resolve_backend
+from memops._registration import backward_op, custom_op, lazy_kernels
+from memops._validation import can_read_values, check_int
+
+engram_kernels = lazy_kernels("engram")
+
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_hash_inputs(ids, multipliers, primes, pad_id, op: str, offsets=None) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"{op}: ids: expected an int32 or int64 tensor, got {_describe(ids)}")
+    if ids.dim() != 2:
+        raise ValueError(f"{op}: ids: expected (B, L), got shape {tuple(ids.shape)}")
+    if not isinstance(multipliers, torch.Tensor) or multipliers.dtype != torch.int64:
+        raise TypeError(f"{op}: multipliers: expected an int64 tensor, got {_describe(multipliers)}")
+    if multipliers.dim() != 1 or multipliers.shape[0] < 2:
+        raise ValueError(
+            f"{op}: multipliers: expected (N,) with N = max_ngram_size >= 2, got shape {tuple(multipliers.shape)}"
+        )
+    if not isinstance(primes, torch.Tensor) or primes.dtype != torch.int64:
+        raise TypeError(f"{op}: primes: expected an int64 tensor, got {_describe(primes)}")
+    orders = multipliers.shape[0] - 1
+    if primes.dim() != 2 or primes.shape[0] != orders:
+        raise ValueError(f"{op}: primes: expected ({orders}, n_head_per_ngram), got shape {tuple(primes.shape)}")
+    if offsets is not None:
+        if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64:
+            raise TypeError(f"{op}: offsets: expected an int64 tensor, got {_describe(offsets)}")
+        if offsets.shape != (primes.numel(),):
+            raise ValueError(
+                f"{op}: offsets: expected ({primes.numel()},), one per hash head, got {tuple(offsets.shape)}"
+            )
+    for name, t in (("multipliers", multipliers), ("primes", primes), ("offsets", offsets)):
+        if t is not None and t.device != ids.device:
+            raise ValueError(f"{op}: {name}: expected a tensor on {ids.device} (ids' device), got {t.device}")
+    check_int(pad_id, "pad_id", op)
+    if can_read_values(primes) and primes.numel() and int(primes.min()) < 1:
+        raise ValueError(f"{op}: primes: expected table sizes >= 1, got a minimum of {int(primes.min())}")
+
+
+def _describe(t) -> str:
+    return f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _ngram_hash_fwd(ids, multipliers, primes, pad_id):
+    return engram_kernels.ngram_hash(ids, multipliers.contiguous(), primes.contiguous(), pad_id)
+
+
+_ngram_hash_op = custom_op(
+    "ngram_hash",
+    _ngram_hash_fwd,
+    "(Tensor ids, Tensor multipliers, Tensor primes, int pad_id) -> Tensor hashes",
+    fake=lambda ids, multipliers, primes, pad_id: ids.new_empty((*ids.shape, primes.numel()), dtype=torch.int64),
+)
+
+
+def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    """Engram's multi-head n-gram hash, computed on the ids' device (no host round trip).
+
+    ``mix_n[t] = XOR_{k<n} x[t-k] * multipliers[k]`` (x left-padded with ``pad_id`` per row, int64 products
+    that wrap as NumPy's do) and ``out[b, t, (n-2)*h + j] = mix_n[t] mod primes[n-2, j]`` (floor mod), for
+    n = 2..N. Bit-identical to deepseek-ai/Engram's ``NgramHashMapping._get_ngram_hashes`` given its
+    parameters (:func:`memops.reference.engram.engram_hash_params`).
+
+    Args:
+        ids: (B, L) int32 or int64 token ids, already through the tokenizer compression lookup.
+        multipliers: (N,) int64, N = max_ngram_size.
+        primes: (N - 1, h) int64 table sizes, one per order and head.
+        pad_id: the id the sequence is left-padded with (the compressed pad token).
+
+    Returns:
+        (B, L, (N - 1) * h) int64, each column c in [0, primes.flatten()[c]).
+    """
+    _check_hash_inputs(ids, multipliers, primes, pad_id, "ngram_hash")
+    if resolve_backend(ids) == "reference":
+        return reference.engram.ngram_hash(ids, multipliers, primes, pad_id=pad_id)
+    return _ngram_hash_op(ids, multipliers, primes, int(pad_id))
+
+
+def _engram_lookup_fwd(ids, table, multipliers, primes, offsets, pad_id, sorted_grad):
+    table = table if table.stride(1) == 1 else table.contiguous()
+    return engram_kernels.engram_lookup_fwd(
+        ids, table, multipliers.contiguous(), primes.contiguous(), offsets.contiguous(), pad_id
+    )
+
+
+def _engram_lookup_bwd(grad_out, ids, table, multipliers, primes, offsets, pad_id, sorted_grad, deterministic):
+    table = table if table.stride(1) == 1 else table.contiguous()
+    return engram_kernels.engram_lookup_bwd(
+        grad_out.contiguous(),
+        ids,
+        table,
+        multipliers.contiguous(),
+        primes.contiguous(),
+        offsets.contiguous(),
+        pad_id,
+        deterministic=sorted_grad or deterministic,
+    )
+
+
+def _lookup_fake(ids, table, multipliers, primes, offsets, pad_id, sorted_grad):
+    return table.new_empty((*ids.shape, primes.numel() * table.shape[1]))
+
+
+_engram_lookup_op = custom_op(
+    "engram_lookup",
+    _engram_lookup_fwd,
+    "(Tensor ids, Tensor table, Tensor multipliers, Tensor primes, Tensor offsets, int pad_id, bool sorted_grad) "
+    "-> Tensor out",
+    fake=_lookup_fake,
+    backward=backward_op(
+        "engram_lookup_backward",
+        _engram_lookup_bwd,
+        "(Tensor grad_out, Tensor ids, Tensor table, Tensor multipliers, Tensor primes, Tensor offsets, int pad_id, "
+        "bool sorted_grad, bool deterministic) -> Tensor grad_table",
+        grads=("table",),
+    ),
+)
+
+
+def engram_lookup(
+    ids: torch.Tensor,
+    table: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    pad_id: int,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Engram's multi-head embedding read, hash and gather fused: ``out[b, t, c*d:(c+1)*d] =
+    table[offsets[c] + hash_c(ids)[b, t]]`` for every hash head c (see :func:`ngram_hash`), with no id
+    tensor materialised.
+
+    Args:
+        ids: (B, L) int32 or int64 compressed token ids.
+        table: (rows, d) fp32, fp16, bf16 or fp64: every head's rows (the demo's
+            ``multi_head_embedding.embedding.weight``). Any row stride.
+        multipliers: (N,) int64.
+        primes: (N - 1, h) int64 per-head table sizes.
+        offsets: ((N - 1) * h,) int64 first row of each head (:func:`memops.reference.engram.table_offsets`).
+        pad_id: the left-padding id.
+        deterministic: table grad by a sorted segment reduction (no atomics, bit-identical across runs);
+            also on under ``torch.use_deterministic_algorithms(True)``.
+
+    Returns:
+        (B, L, (N - 1) * h * d) in table.dtype. Backward gives ``table`` a dense (rows, d) grad that is
+        non-zero only on the rows read.
+
+    Raises IndexError when a head's rows, offsets[c] + [0, primes[c]), run past the table.
+    """
+    op = "engram_lookup"
+    _check_hash_inputs(ids, multipliers, primes, pad_id, op, offsets)
+    if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+        raise TypeError(f"{op}: table: expected a floating-point tensor, got {_describe(table)}")
+    if table.dim() != 2:
+        raise ValueError(f"{op}: table: expected (rows, d), got shape {tuple(table.shape)}")
+    if table.device != ids.device:
+        raise ValueError(f"{op}: table: expected a tensor on {ids.device} (ids' device), got {table.device}")
+    if can_read_values(offsets) and offsets.numel():
+        ends = offsets + primes.reshape(-1)
+        if int(offsets.min()) < 0 or int(ends.max()) > table.shape[0]:
+            raise IndexError(
+                f"{op}: offsets + primes: head rows span [{int(offsets.min())}, {int(ends.max())}), "
+                f"past the table's {table.shape[0]} rows"
+            )
+    if resolve_backend(table) == "reference":
+        return reference.engram.engram_lookup(ids, table, multipliers, primes, offsets, pad_id=pad_id)
+    return _engram_lookup_op(ids, table, multipliers, primes, offsets, int(pad_id), bool(deterministic))

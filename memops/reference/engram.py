@@ -1,0 +1,155 @@
+"""Reference for Engram's hashed n-gram memory (DeepSeek, "Conditional Memory via Scalable Lookup",
+deepseek-ai/Engram ``engram_demo_v1.py``): the per-layer hash parameters, the n-gram hash and the
+multi-head table lookup.
+
+Hash (token ids x (B, L), already compressed by the tokenizer lookup; max order N, h heads per order):
+
+    x_k[t] = x[t - k] for t >= k, else pad_id                        (left padding within each row)
+    mix_n[t] = XOR_{k < n} (x_k[t] * m_k)        n = 2..N             (int64, two's-complement wrap)
+    id_{n,j}[t] = mix_n[t] mod p_{n,j}           j = 0..h-1          (floor mod: 0 <= id < p)
+
+The ids are laid out order-major: column (n - 2) * h + j. The lookup reads
+``table[offsets[c] + id_c]`` for each column c and concatenates the rows: (B, L, (N - 1) * h * d).
+
+The multipliers and primes follow the demo's rule bit for bit, since that rule decides which row of a
+checkpoint's table an n-gram reads: see :func:`engram_hash_params`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The demo's per-layer seed stride: rng seed = seed + LAYER_SEED_STRIDE * layer_id.
+LAYER_SEED_STRIDE = 10007
+
+# Deterministic Miller-Rabin witnesses: correct for every n < 3.3e24, far past any table size.
+_WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def is_prime(n: int) -> bool:
+    """Exact primality of a Python int below 3.3e24 (deterministic Miller-Rabin)."""
+    if n < 2:
+        return False
+    for p in _WITNESSES:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in _WITNESSES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def next_prime(start: int, taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """The smallest prime > start that is not in ``taken`` (the demo's ``find_next_prime``)."""
+    candidate = start + 1
+    while not (is_prime(candidate) and candidate not in taken):
+        candidate += 1
+    return candidate
+
+
+def engram_hash_params(
+    layer_ids: Sequence[int],
+    vocab_sizes: Sequence[int],
+    *,
+    max_ngram_size: int,
+    n_head_per_ngram: int,
+    seed: int,
+    tokenizer_vocab_size: int,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each Engram layer's hash multipliers and table sizes, as the official demo derives them.
+
+    Args:
+        layer_ids: every layer that holds an Engram, in the model's order. The primes are distinct across
+            all of them and are drawn in this order, so a layer's table sizes depend on the layers before it.
+        vocab_sizes: (max_ngram_size - 1) minimum table sizes, one per order n = 2..max_ngram_size.
+        max_ngram_size: N, the largest n-gram order.
+        n_head_per_ngram: h, hash heads per order.
+        seed: the model's Engram seed.
+        tokenizer_vocab_size: the compressed tokenizer's vocabulary size; it bounds the multipliers so that
+            id * multiplier stays below 2**63 for ids in range.
+
+    Returns:
+        {layer_id: (multipliers (N,) int64, primes (N - 1, h) int64)}: multipliers are odd, from NumPy's
+        ``default_rng(seed + 10007 * layer_id).integers(0, max(1, (2**63 - 1) // V // 2), N) * 2 + 1``;
+        primes[n - 2, j] is the next unused prime after primes[n - 2, j - 1] (after vocab_sizes[n - 2] - 1
+        for j = 0).
+    """
+    if len(vocab_sizes) != max_ngram_size - 1:
+        raise ValueError(
+            f"vocab_sizes: expected {max_ngram_size - 1} sizes (orders 2..{max_ngram_size}), got {len(vocab_sizes)}"
+        )
+    if tokenizer_vocab_size < 1:
+        raise ValueError(f"tokenizer_vocab_size: expected >= 1, got {tokenizer_vocab_size}")
+    half_bound = max(1, (int(np.iinfo(np.int64).max) // int(tokenizer_vocab_size)) // 2)
+    taken: set[int] = set()
+    params = {}
+    for layer_id in layer_ids:
+        rng = np.random.default_rng(int(seed + LAYER_SEED_STRIDE * int(layer_id)))
+        multipliers = rng.integers(low=0, high=half_bound, size=(max_ngram_size,), dtype=np.int64) * 2 + 1
+        primes = []
+        for vocab_size in vocab_sizes:
+            start, order_primes = int(vocab_size) - 1, []
+            for _ in range(n_head_per_ngram):
+                start = next_prime(start, taken)
+                taken.add(start)
+                order_primes.append(start)
+            primes.append(order_primes)
+        params[int(layer_id)] = (torch.from_numpy(multipliers), torch.tensor(primes, dtype=torch.int64))
+    return params
+
+
+def table_offsets(primes: torch.Tensor) -> torch.Tensor:
+    """First table row of each hash head: the exclusive cumsum of the flattened (order-major) table sizes,
+    as the demo's ``MultiHeadEmbedding`` lays its heads out."""
+    sizes = primes.reshape(-1).to(torch.int64)
+    return torch.cumsum(sizes, 0) - sizes
+
+
+def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    """(B, L) int token ids -> (B, L, (N - 1) * h) int64 hash ids; N = len(multipliers), primes (N - 1, h).
+
+    int64 products wrap (two's complement), as NumPy's do in the demo; the mod is a floor mod, so ids of
+    negative mixes land in [0, p) too.
+    """
+    x = ids.to(torch.int64)
+    length = x.shape[-1]
+    orders, heads = primes.shape
+    multipliers = multipliers.to(device=x.device, dtype=torch.int64)
+    primes = primes.to(device=x.device, dtype=torch.int64)
+    # Left-pad once by N - 1 and take shifted views: x_k = padded[..., N-1-k : N-1-k+L].
+    padded = F.pad(x, (orders, 0), value=int(pad_id))
+    mix = x * multipliers[0]
+    out = []
+    for k in range(1, orders + 1):
+        mix = mix ^ (padded[..., orders - k : orders - k + length] * multipliers[k])
+        out.append(torch.remainder(mix.unsqueeze(-1), primes[k - 1]))
+    return torch.cat(out, dim=-1)
+
+
+def engram_lookup(
+    ids: torch.Tensor,
+    table: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    pad_id: int,
+) -> torch.Tensor:
+    """(B, L) ids -> (B, L, (N - 1) * h * d): row ``offsets[c] + hash_c`` of the (rows, d) table for each hash
+    head c, concatenated in head order. Differentiable in ``table`` (a dense grad, as F.embedding's)."""
+    rows = ngram_hash(ids, multipliers, primes, pad_id=pad_id) + offsets.to(device=ids.device, dtype=torch.int64)
+    return F.embedding(rows, table).flatten(-2)
