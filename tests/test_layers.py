@@ -37,7 +37,7 @@ def test_custom_ops_are_registered_through_the_helper():
 
 
 def test_op_families_do_not_import_each_other_for_checks():
-    families = ("attention", "retention", "looped", "product_key", "moe")
+    families = ("attention", "retention", "looped", "product_key", "moe", "engram")
     for family in families:
         others = {f"memops.{other}" for other in families if other != family}
         # looped attention's first loop and in-place path run memory attention itself: a call, not a check

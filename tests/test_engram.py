@@ -1,0 +1,266 @@
+"""Engram's n-gram hash and fused lookup: the hash parameters and hash bit-exact against a transcription of the
+official demo's NumPy rule (deepseek-ai/Engram engram_demo_v1.py), int64 wrap-around included; the Triton
+lookup (interpreter on CPU) against the float64 reference, the table gradient in both modes, bad inputs,
+opcheck and compile."""
+
+import numpy as np
+import pytest
+import torch
+
+import memops
+from memops import reference
+from memops.reference.engram import engram_hash_params, is_prime, next_prime, table_offsets
+from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches, relative_error
+
+# ---------------------------------------------------------------------------------------------------------
+# A transcription of the demo's NgramHashMapping (its sympy isprime replaced by trial division, which is
+# exact and fast at these sizes): the multipliers, the primes, and _get_ngram_hashes.
+
+
+def _demo_isprime(n):
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+def demo_hash_mapping(layer_ids, vocab_sizes, max_ngram_size, n_head, seed, tokenizer_vocab_size):
+    max_long = np.iinfo(np.int64).max
+    half_bound = max(1, int(max_long // tokenizer_vocab_size) // 2)
+    multipliers = {}
+    for layer_id in layer_ids:
+        g = np.random.default_rng(int(seed + 10007 * int(layer_id)))
+        r = g.integers(low=0, high=half_bound, size=(max_ngram_size,), dtype=np.int64)
+        multipliers[layer_id] = r * 2 + 1
+    seen, sizes = set(), {}
+    for layer_id in layer_ids:
+        per_layer = []
+        for ngram in range(2, max_ngram_size + 1):
+            start, heads = vocab_sizes[ngram - 2] - 1, []
+            for _ in range(n_head):
+                candidate = start + 1
+                while not (_demo_isprime(candidate) and candidate not in seen):
+                    candidate += 1
+                seen.add(candidate)
+                heads.append(candidate)
+                start = candidate
+            per_layer.append(heads)
+        sizes[layer_id] = per_layer
+    return multipliers, sizes
+
+
+def demo_ngram_hashes(input_ids, multipliers, sizes, max_ngram_size, n_head, pad_id):
+    x = np.asarray(input_ids, dtype=np.int64)
+    B, T = x.shape
+
+    def shift_k(k):
+        if k == 0:
+            return x
+        return np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad_id)[:, :T]
+
+    base_shifts = [shift_k(k) for k in range(max_ngram_size)]
+    all_hashes = []
+    for n in range(2, max_ngram_size + 1):
+        tokens = base_shifts[:n]
+        mix = tokens[0] * multipliers[0]
+        for k in range(1, n):
+            mix = np.bitwise_xor(mix, tokens[k] * multipliers[k])
+        for j in range(n_head):
+            all_hashes.append((mix % int(sizes[n - 2][j])).astype(np.int64, copy=False))
+    return np.stack(all_hashes, axis=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+CONFIGS = [
+    # (layer_ids, vocab_sizes, max_ngram_size, n_head, seed, tokenizer_vocab_size)
+    ((1, 15), (129280 * 5, 129280 * 5), 3, 8, 0, 128000),  # the demo's own config (a plausible compressed V)
+    ((0, 3, 7), (101, 211, 307), 4, 3, 42, 5000),
+    ((2,), (17, 19), 3, 2, 123456789, 1),  # V = 1: the largest multipliers, products wrap for ids >= 2
+]
+
+
+def make_params(layer_ids, vocab_sizes, n, h, seed, vocab):
+    return engram_hash_params(
+        layer_ids, vocab_sizes, max_ngram_size=n, n_head_per_ngram=h, seed=seed, tokenizer_vocab_size=vocab
+    )
+
+
+def test_prime_search():
+    assert [p for p in range(60) if is_prime(p)] == [p for p in range(60) if _demo_isprime(p)]
+    assert is_prime(2**61 - 1) and not is_prime(2**61 + 1) and not is_prime(3215031751)  # a strong pseudoprime
+    assert next_prime(13) == 17 and next_prime(12, {13}) == 17
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["demo", "4-gram", "wrap"])
+def test_hash_params_match_the_demo(config):
+    layer_ids, vocab_sizes, n, h, seed, vocab = config
+    params = make_params(*config)
+    multipliers, sizes = demo_hash_mapping(layer_ids, vocab_sizes, n, h, seed, vocab)
+    assert list(params) == list(layer_ids)
+    for layer_id in layer_ids:
+        m, primes = params[layer_id]
+        assert m.dtype == torch.int64 and primes.dtype == torch.int64
+        np.testing.assert_array_equal(m.numpy(), multipliers[layer_id])
+        np.testing.assert_array_equal(primes.numpy(), np.array(sizes[layer_id]))
+    all_primes = torch.cat([p.flatten() for _, p in params.values()])
+    assert all_primes.unique().numel() == all_primes.numel()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["demo", "4-gram", "wrap"])
+def test_ngram_hash_is_bit_exact(config, backend, device, poison_empty):
+    layer_ids, vocab_sizes, n, h, seed, vocab = config
+    params = make_params(*config)
+    multipliers, sizes = demo_hash_mapping(layer_ids, vocab_sizes, n, h, seed, vocab)
+    generator = np.random.default_rng(seed)
+    for layer_id in layer_ids:
+        # in-vocabulary ids, and ids far outside it (negative too), whose products wrap in int64
+        for low, high in ((0, max(vocab, 3)), (-(2**62), 2**62)):
+            ids = generator.integers(low, high, size=(3, 13), dtype=np.int64)
+            pad_id = int(generator.integers(0, max(vocab, 3)))
+            expected = demo_ngram_hashes(ids, multipliers[layer_id], sizes[layer_id], n, h, pad_id)
+            m, primes = params[layer_id]
+            with memops.backend(backend), count_launches() as launches:
+                got = memops.ngram_hash(
+                    torch.from_numpy(ids).to(device), m.to(device), primes.to(device), pad_id=pad_id
+                )
+            assert launches["ngram_hash_kernel"] == (backend == "triton")
+            assert got.dtype == torch.int64 and got.shape == (3, 13, (n - 1) * h)
+            np.testing.assert_array_equal(got.cpu().numpy(), expected)
+
+
+def test_the_wrap_case_really_wraps():
+    # The "wrap" config's products overflow int64: the test above covers wrap-around, not only small values.
+    m, _ = make_params(*CONFIGS[2])[2]
+    assert int(m.max()) > 2**61
+    with np.errstate(over="ignore"):
+        assert (np.int64(2**62) * m.numpy()).tolist() != [2**62 * int(v) for v in m]
+
+
+def lookup_case(device, *, dtype=torch.float32, B=2, L=9, d=8, seed=0, n=3, h=4):
+    m, primes = make_params((5,), tuple(23 + 7 * i for i in range(n - 1)), n, h, seed, 300)[5]
+    offsets = table_offsets(primes)
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.randn(int(primes.sum()), d, generator=generator).to(dtype)
+    ids = torch.randint(0, 300, (B, L), generator=generator)
+    return [t.to(device) for t in (ids, table, m, primes, offsets)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("sorted_grad", [False, True], ids=["atomic", "segment"])
+def test_lookup_matches_float64(dtype, sorted_grad, device, poison_empty):
+    ids, table, m, primes, offsets = lookup_case(device, dtype=dtype, L=11, d=24)
+    table = table.requires_grad_()
+    with memops.backend("triton"), count_launches() as launches:
+        out = memops.engram_lookup(ids, table, m, primes, offsets, pad_id=3, deterministic=sorted_grad)
+        grad_out = torch.randn_like(out)
+        (grad_table,) = torch.autograd.grad(out, table, grad_out)
+    assert launches["engram_lookup_fwd_kernel"] == 1 and launches["ngram_hash_kernel"] == 1
+    assert launches["values_grad_segment_kernel" if sorted_grad else "weighted_gather_bwd_kernel"] == 1
+    table64 = table.detach().double().requires_grad_()
+    ref = reference.engram.engram_lookup(ids, table64, m, primes, offsets, pad_id=3)
+    (ref_grad,) = torch.autograd.grad(ref, table64, grad_out.double())
+    assert out.dtype == dtype and out.shape == (2, 11, primes.numel() * 24)
+    assert torch.equal(out.double(), ref)  # a gather is a copy: exact in every dtype
+    assert grad_table.dtype == dtype
+    assert_close_to_reference(grad_table, ref_grad, dtype, name="grad_table")
+    assert torch.equal(grad_table[ref_grad == 0], torch.zeros_like(grad_table[ref_grad == 0]))
+
+
+def test_deterministic_grad_is_bit_identical(device):
+    ids, table, m, primes, offsets = lookup_case(device, B=4, L=16)
+    table = table.requires_grad_()
+    grad_out = None
+    grads = []
+    for _ in range(2):
+        with memops.backend("triton"):
+            out = memops.engram_lookup(ids, table, m, primes, offsets, pad_id=0, deterministic=True)
+            grad_out = torch.randn_like(out, generator=torch.Generator(device=device).manual_seed(1))
+            grads.append(torch.autograd.grad(out, table, grad_out)[0])
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_lookup_layouts_and_shapes(device):
+    # strided ids (a transposed view) and a column slice of a wider table (unit column stride, row stride 2d)
+    ids, table, m, primes, offsets = lookup_case(device, B=3, L=5, d=6)
+    wide = torch.randn(table.shape[0], 12, device=device)
+    ids_t = ids.t().contiguous().t()
+    with memops.backend("triton"):
+        out = memops.engram_lookup(ids_t, wide[:, 3:9], m, primes, offsets, pad_id=1)
+        empty = memops.engram_lookup(ids[:, :0], table, m, primes, offsets, pad_id=1)
+    ref = reference.engram.engram_lookup(ids, wide[:, 3:9], m, primes, offsets, pad_id=1)
+    assert torch.equal(out, ref)
+    assert empty.shape == (3, 0, primes.numel() * 6)
+
+
+def test_lookup_reference_equals_demo_embedding(device):
+    # The demo: MultiHeadEmbedding(hash ids + offsets) flattened over heads.
+    ids, table, m, primes, offsets = lookup_case(device)
+    hashes = torch.from_numpy(
+        demo_ngram_hashes(ids.cpu().numpy(), m.numpy(), primes.tolist(), 3, primes.shape[1], 7)
+    ).to(device)
+    demo = torch.nn.functional.embedding(hashes + offsets, table).flatten(start_dim=-2)
+    for backend in ("reference", "triton"):
+        with memops.backend(backend):
+            assert torch.equal(memops.engram_lookup(ids, table, m, primes, offsets, pad_id=7), demo)
+    assert relative_error(demo, demo) == 0
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(ids=lambda ids: ids.float()), TypeError, "ids: expected an int32 or int64"),
+        (dict(ids=lambda ids: ids[0]), ValueError, r"ids: expected \(B, L\)"),
+        (dict(multipliers=lambda m: m.int()), TypeError, "multipliers: expected an int64"),
+        (dict(multipliers=lambda m: m[:1]), ValueError, "multipliers: expected"),
+        (dict(primes=lambda p: p[:1]), ValueError, "primes: expected"),
+        (dict(primes=lambda p: p - p), ValueError, "primes: expected table sizes >= 1"),
+        (dict(offsets=lambda o: o[:-1]), ValueError, "offsets: expected"),
+        (dict(offsets=lambda o: o.int()), TypeError, "offsets: expected an int64"),
+        (dict(offsets=lambda o: o + 1), IndexError, "past the table"),
+        (dict(table=lambda t: t[:-1]), IndexError, "past the table"),
+        (dict(table=lambda t: t.long()), TypeError, "table: expected a floating-point"),
+        (dict(table=lambda t: t[0]), ValueError, r"table: expected \(rows, d\)"),
+        (dict(pad_id=lambda p: 1.5), TypeError, "pad_id must be an int"),
+    ],
+)
+def test_bad_lookup_input(change, error, match, device):
+    ids, table, m, primes, offsets = lookup_case(device)
+    args = dict(ids=ids, table=table, multipliers=m, primes=primes, offsets=offsets, pad_id=2)
+    for name, edit in change.items():
+        args[name] = edit(args[name])
+    with memops.backend("triton"), count_launches() as launches, pytest.raises(error, match=match):
+        memops.engram_lookup(
+            args["ids"], args["table"], args["multipliers"], args["primes"], args["offsets"], pad_id=args["pad_id"]
+        )
+    assert not launches
+
+
+def test_bad_hash_input(device):
+    ids, _, m, primes, _ = lookup_case(device)
+    with pytest.raises(ValueError, match="primes: expected"):
+        memops.ngram_hash(ids, m, primes.t().contiguous(), pad_id=0)
+    with pytest.raises(TypeError, match="pad_id must be an int"):
+        memops.ngram_hash(ids, m, primes, pad_id=None)
+
+
+def test_opcheck(device):
+    ids, table, m, primes, offsets = lookup_case(device, L=6)
+    torch.library.opcheck(torch.ops.memops.ngram_hash.default, (ids, m, primes, 2))
+    table = table.requires_grad_()
+    torch.library.opcheck(torch.ops.memops.engram_lookup.default, (ids, table, m, primes, offsets, 2, False))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph(backend, device):
+    ids, table, m, primes, offsets = lookup_case(device, L=6)
+
+    def loss(t):
+        return memops.engram_lookup(ids, t, m, primes, offsets, pad_id=2).sin().sum()
+
+    check_compiled_grads(loss, [table], backend=backend, device=device, kernel="engram_lookup_fwd_kernel")
