@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memops.kernels._common import accumulator, accumulator_torch_dtype
 from memops.kernels._launch import record_launch
 from memops.kernels.product_key import weighted_gather_bwd
 
@@ -172,3 +173,135 @@ def engram_lookup_bwd(
         values_grad_algorithm="segment" if deterministic else "auto", weights_grad=False,
     )
     return grad_table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The context gate. Per token row r and stream g (C channels; w_k, w_q (G, C); value (R, C)):
+#
+#     rk = rsqrt(mean(k^2) + eps),  rq = rsqrt(mean(q^2) + eps)
+#     s  = sum_c (k rk w_k)(q rq w_q) / sqrt(C),   a = sign(s) sqrt(max(|s|, 1e-6)),   gate = sigmoid(a)
+#     out[r, g, :] = gate * value[r, :]
+#
+# Backward (dout (R, G, C)): dvalue = sum_g gate_g dout_g; dgate = <dout_g, value>; ds = dgate gate (1 - gate)
+# / (2 sqrt|s|) where |s| > 1e-6, else 0; with u = ds / sqrt(C), the normed key's grad is u (q rq w_q), so
+#     dw_k += u (q rq w_q)(k rk)      dk = rk (w_k dnk) - k rk^3 / C * sum_c (w_k dnk k)
+# and the query's alike. The weight grads are per-program partial sums, reduced over programs afterwards.
+
+
+@triton.jit
+def _gate_of(k, q, wk, wq, C, eps, inv_sqrt_c):
+    rk = 1.0 / tl.sqrt(tl.sum(k * k, axis=1) / C + eps)
+    rq = 1.0 / tl.sqrt(tl.sum(q * q, axis=1) / C + eps)
+    score = tl.sum((k * wk[None, :]) * (q * wq[None, :]), axis=1) * (rk * rq * inv_sqrt_c)
+    magnitude = tl.sqrt(tl.maximum(tl.abs(score), 1e-6))
+    signed = tl.where(score > 0, magnitude, tl.where(score < 0, -magnitude, 0.0))
+    return rk, rq, score, tl.sigmoid(signed)
+
+
+@triton.jit
+def engram_gate_fwd_kernel(
+    key_ptr, query_ptr, wk_ptr, wq_ptr, value_ptr, out_ptr,
+    n_rows, G, C, eps, inv_sqrt_c,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    # One program per BLOCK_R token rows, all G streams: value's row is read once for the G outputs.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (rows < n_rows)[:, None] & mask_c[None, :]
+    v = tl.load(value_ptr + rows[:, None] * C + offs_c[None, :], mask=mask, other=0).to(ACC)
+    for g in range(G):
+        at = (rows[:, None] * G + g) * C + offs_c[None, :]
+        k = tl.load(key_ptr + at, mask=mask, other=0).to(ACC)
+        q = tl.load(query_ptr + at, mask=mask, other=0).to(ACC)
+        wk = tl.load(wk_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
+        wq = tl.load(wq_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
+        _, _, _, gate = _gate_of(k, q, wk, wq, C, eps, inv_sqrt_c)
+        tl.store(out_ptr + at, (gate[:, None] * v).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def engram_gate_bwd_kernel(
+    grad_out_ptr, key_ptr, query_ptr, wk_ptr, wq_ptr, value_ptr,
+    grad_key_ptr, grad_query_ptr, grad_value_ptr, grad_wk_partial_ptr, grad_wq_partial_ptr,
+    n_rows, G, C, eps, inv_sqrt_c,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (rows < n_rows)[:, None] & mask_c[None, :]
+    v = tl.load(value_ptr + rows[:, None] * C + offs_c[None, :], mask=mask, other=0).to(ACC)
+    dv = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    for g in range(G):
+        at = (rows[:, None] * G + g) * C + offs_c[None, :]
+        k = tl.load(key_ptr + at, mask=mask, other=0).to(ACC)
+        q = tl.load(query_ptr + at, mask=mask, other=0).to(ACC)
+        wk = tl.load(wk_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
+        wq = tl.load(wq_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
+        dout = tl.load(grad_out_ptr + at, mask=mask, other=0).to(ACC)
+        rk, rq, score, gate = _gate_of(k, q, wk, wq, C, eps, inv_sqrt_c)
+        dv += gate[:, None] * dout
+        dgate = tl.sum(dout * v, axis=1)
+        magnitude = tl.sqrt(tl.maximum(tl.abs(score), 1e-6))
+        dscore = tl.where(tl.abs(score) > 1e-6, dgate * gate * (1 - gate) * 0.5 / magnitude, 0.0) * inv_sqrt_c
+        k_hat = k * rk[:, None]
+        q_hat = q * rq[:, None]
+        dk_hat = dscore[:, None] * (q_hat * wq[None, :]) * wk[None, :]  # grad of k_hat (through w_k)
+        dq_hat = dscore[:, None] * (k_hat * wk[None, :]) * wq[None, :]
+        dk = rk[:, None] * (dk_hat - k_hat * (tl.sum(dk_hat * k_hat, axis=1) / C)[:, None])
+        dq = rq[:, None] * (dq_hat - q_hat * (tl.sum(dq_hat * q_hat, axis=1) / C)[:, None])
+        tl.store(grad_key_ptr + at, dk.to(grad_key_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_query_ptr + at, dq.to(grad_query_ptr.dtype.element_ty), mask=mask)
+        partial = (pid * G + g) * C + offs_c
+        tl.store(grad_wk_partial_ptr + partial, tl.sum(dscore[:, None] * (q_hat * wq[None, :]) * k_hat, axis=0),
+                 mask=mask_c)
+        tl.store(grad_wq_partial_ptr + partial, tl.sum(dscore[:, None] * (k_hat * wk[None, :]) * q_hat, axis=0),
+                 mask=mask_c)
+    tl.store(grad_value_ptr + rows[:, None] * C + offs_c[None, :], dv.to(grad_value_ptr.dtype.element_ty), mask=mask)
+
+
+def _gate_config(C: int) -> dict:
+    block_c = triton.next_power_of_2(max(C, 1))
+    # Up to 4096 elements of each (rows, C) operand per program; 1 row at C >= 4096.
+    return {"BLOCK_R": max(1, min(16, 4096 // block_c)), "BLOCK_C": block_c, "num_warps": 4 if block_c <= 2048 else 8}
+
+
+def engram_gate_fwd(key, query, w_k, w_q, value, eps: float) -> torch.Tensor:
+    """out (R, G, C) in value.dtype from contiguous key, query (R, G, C), w_k, w_q (G, C), value (R, C)."""
+    R, G, C = key.shape
+    out = torch.empty((R, G, C), dtype=value.dtype, device=value.device)
+    if out.numel() == 0:
+        return out
+    cfg = _gate_config(C)
+    record_launch("engram_gate_fwd_kernel")
+    engram_gate_fwd_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
+        key, query, w_k, w_q, value, out, R, G, C, eps, 1.0 / C**0.5,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], ACC=accumulator(key, query, value),
+        num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps: float):
+    """(grad_key, grad_query, grad_w_k, grad_w_q, grad_value), each in its input's dtype and shape."""
+    R, G, C = key.shape
+    cfg = _gate_config(C)
+    programs = triton.cdiv(R, cfg["BLOCK_R"])
+    acc_dtype = accumulator_torch_dtype(key, query, value)
+    grad_key, grad_query = torch.empty_like(key), torch.empty_like(query)
+    grad_value = torch.empty_like(value)
+    wk_partial = torch.empty((programs, G, C), dtype=acc_dtype, device=key.device)
+    wq_partial = torch.empty((programs, G, C), dtype=acc_dtype, device=key.device)
+    if R * G * C > 0:
+        record_launch("engram_gate_bwd_kernel")
+        engram_gate_bwd_kernel[(programs,)](
+            grad_out, key, query, w_k, w_q, value, grad_key, grad_query, grad_value, wk_partial, wq_partial,
+            R, G, C, eps, 1.0 / C**0.5,
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], ACC=accumulator(key, query, value),
+            num_warps=cfg["num_warps"],
+        )
+    elif R * C > 0:
+        grad_value.zero_()
+    return grad_key, grad_query, wk_partial.sum(0).to(w_k.dtype), wq_partial.sum(0).to(w_q.dtype), grad_value

@@ -10,7 +10,7 @@ from memops import (
 )
 from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention, memory_attention_varlen
-from memops.engram import engram_lookup, ngram_hash
+from memops.engram import engram_gate, engram_lookup, ngram_hash
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
 from memops.looped import looped_attention, looped_attention_varlen, looped_kv_update
 from memops.moe import block_route, moe_ffn, unique_experts
@@ -26,6 +26,7 @@ __all__ = [
     "backend",
     "block_route",
     "capacity_loss",
+    "engram_gate",
     "engram_lookup",
     "get_backend",
     "looped_attention",

@@ -178,3 +178,102 @@ def engram_lookup(
     if resolve_backend(table) == "reference":
         return reference.engram.engram_lookup(ids, table, multipliers, primes, offsets, pad_id=pad_id)
     return _engram_lookup_op(ids, table, multipliers, primes, offsets, int(pad_id), bool(deterministic))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Context gate
+
+
+def _engram_gate_fwd(key, query, w_k, w_q, value, eps):
+    return engram_kernels.engram_gate_fwd(*_gate_operands(key, query, w_k, w_q, value), eps)
+
+
+def _engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps):
+    R, G, C = key.reshape(-1, *key.shape[-2:]).shape
+    grads = engram_kernels.engram_gate_bwd(
+        grad_out.reshape(R, G, C).contiguous(), *_gate_operands(key, query, w_k, w_q, value), eps
+    )
+    grad_key, grad_query, grad_w_k, grad_w_q, grad_value = grads
+    return grad_key.view(key.shape), grad_query.view(query.shape), grad_w_k, grad_w_q, grad_value.view(value.shape)
+
+
+def _gate_operands(key, query, w_k, w_q, value):
+    G, C = key.shape[-2:]
+    return (
+        key.reshape(-1, G, C).contiguous(),
+        query.reshape(-1, G, C).contiguous(),
+        w_k.contiguous(),
+        w_q.contiguous(),
+        value.reshape(-1, C).contiguous(),
+    )
+
+
+_engram_gate_op = custom_op(
+    "engram_gate",
+    lambda key, query, w_k, w_q, value, eps: _engram_gate_fwd(key, query, w_k, w_q, value, eps).view(key.shape),
+    "(Tensor key, Tensor query, Tensor w_k, Tensor w_q, Tensor value, float eps) -> Tensor out",
+    fake=lambda key, query, w_k, w_q, value, eps: value.new_empty(key.shape),
+    backward=backward_op(
+        "engram_gate_backward",
+        _engram_gate_bwd,
+        "(Tensor grad_out, Tensor key, Tensor query, Tensor w_k, Tensor w_q, Tensor value, float eps) -> "
+        "(Tensor grad_key, Tensor grad_query, Tensor grad_w_k, Tensor grad_w_q, Tensor grad_value)",
+        grads=("key", "query", "w_k", "w_q", "value"),
+    ),
+)
+
+
+def _check_gate_inputs(key, query, w_k, w_q, value, eps, op: str = "engram_gate") -> float:
+    for name, t in (("key", key), ("query", query), ("w_k", w_k), ("w_q", w_q), ("value", value)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{op}: {name}: expected a floating-point tensor, got {_describe(t)}")
+        if t.device != key.device:
+            raise ValueError(f"{op}: {name}: expected a tensor on {key.device} (key's device), got {t.device}")
+    if key.dim() < 2:
+        raise ValueError(f"{op}: key: expected (..., G, C), got shape {tuple(key.shape)}")
+    G, C = key.shape[-2:]
+    if query.shape != key.shape:
+        raise ValueError(f"{op}: query: expected key's shape {tuple(key.shape)}, got {tuple(query.shape)}")
+    for name, w in (("w_k", w_k), ("w_q", w_q)):
+        if w.shape != (G, C):
+            raise ValueError(f"{op}: {name}: expected (G, C) = ({G}, {C}), got {tuple(w.shape)}")
+    if value.shape != (*key.shape[:-2], C):
+        raise ValueError(f"{op}: value: expected {(*key.shape[:-2], C)} (key without G), got {tuple(value.shape)}")
+    if eps is None:
+        return float(torch.finfo(key.dtype).eps)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: eps: expected None or a float >= 0, got {eps!r}")
+    return float(eps)
+
+
+def engram_gate(
+    key: torch.Tensor,
+    query: torch.Tensor,
+    w_k: torch.Tensor,
+    w_q: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Engram's context gate, fused per token row: the two RMSNorms, their dot, the signed square root, the
+    sigmoid and the scaling of the value, forward and backward in one kernel each.
+
+    ``out[..., g, :] = sigmoid(sign(s) sqrt(max(|s|, 1e-6))) * value`` with
+    ``s = <RMSNorm(key[..., g, :]) * w_k[g], RMSNorm(query[..., g, :]) * w_q[g]> / sqrt(C)``: the demo's
+    loop over ``key_projs``, ``norm1``, ``norm2`` and ``value_proj`` (whose matmuls stay cuBLAS's: pass their
+    outputs here).
+
+    Args:
+        key: (..., G, C) float, the G key projections of the Engram embedding (one matmul, viewed (..., G, C)).
+        query: (..., G, C) float, the hidden state's G hyper-connection streams.
+        w_k, w_q: (G, C) the RMSNorm weights (the demo's ``norm1.{g}.weight``, ``norm2.{g}.weight``).
+        value: (..., C) float, the value projection.
+        eps: the RMSNorm epsilon; None (nn.RMSNorm's default) is torch.finfo(key.dtype).eps.
+
+    Returns:
+        (..., G, C) in value.dtype; fp32 math (fp64 for fp64 inputs). Grads for every input.
+    """
+    eps = _check_gate_inputs(key, query, w_k, w_q, value, eps)
+    if resolve_backend(key) == "reference":
+        return reference.engram.engram_gate(key, query, w_k, w_q, value, eps=eps)
+    return _engram_gate_op(key, query, w_k, w_q, value, eps)

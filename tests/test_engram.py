@@ -264,3 +264,107 @@ def test_torch_compile_fullgraph(backend, device):
         return memops.engram_lookup(ids, t, m, primes, offsets, pad_id=2).sin().sum()
 
     check_compiled_grads(loss, [table], backend=backend, device=device, kernel="engram_lookup_fwd_kernel")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The context gate
+
+
+def demo_gate(embeddings_key, hidden_states, norm1, norm2, value):
+    """The demo's gate loop, with its key_projs outputs given (key (B, L, G, C)) and value_proj's output."""
+    gates = []
+    hidden_size = hidden_states.shape[-1]
+    for hc_idx in range(hidden_states.shape[2]):
+        normed_key = norm1[hc_idx](embeddings_key[:, :, hc_idx, :])
+        normed_query = norm2[hc_idx](hidden_states[:, :, hc_idx, :])
+        gate = (normed_key * normed_query).sum(dim=-1) / np.sqrt(hidden_size)
+        gate = gate.abs().clamp_min(1e-6).sqrt() * gate.sign()
+        gates.append(gate.sigmoid().unsqueeze(-1))
+    return torch.stack(gates, dim=2) * value.unsqueeze(2)
+
+
+def gate_case(device, dtype=torch.float32, B=2, L=5, G=3, C=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(B, L, G, C), (B, L, G, C), (G, C), (G, C), (B, L, C)]
+    tensors = [torch.randn(s, generator=generator) for s in shapes]
+    tensors[2] = tensors[2].abs() + 0.5
+    tensors[3] = tensors[3].abs() + 0.5
+    return [t.to(device=device, dtype=dtype) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_gate_matches_float64(dtype, device, poison_empty):
+    inputs = [t.requires_grad_() for t in gate_case(device, dtype)]
+    with memops.backend("triton"), count_launches() as launches:
+        out = memops.engram_gate(*inputs)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    assert launches["engram_gate_fwd_kernel"] == 1 and launches["engram_gate_bwd_kernel"] == 1
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref = reference.engram.engram_gate(*inputs64, eps=torch.finfo(dtype).eps)
+    ref_grads = torch.autograd.grad(ref, inputs64, grad_out.double())
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    assert_close_to_reference(out, ref, dtype)
+    for name, grad, ref_grad, t in zip(("key", "query", "w_k", "w_q", "value"), grads, ref_grads, inputs):
+        assert grad.dtype == t.dtype and grad.shape == t.shape
+        assert_close_to_reference(grad, ref_grad, dtype, name=f"grad_{name}", scale=3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gate_equals_the_demo(backend, device):
+    key, query, w_k, w_q, value = gate_case(device, C=32, G=4)
+    norm1 = torch.nn.ModuleList([torch.nn.RMSNorm(32) for _ in range(4)]).to(device)
+    norm2 = torch.nn.ModuleList([torch.nn.RMSNorm(32) for _ in range(4)]).to(device)
+    with torch.no_grad():
+        for g in range(4):
+            norm1[g].weight.copy_(w_k[g])
+            norm2[g].weight.copy_(w_q[g])
+    expected = demo_gate(key, query, norm1, norm2, value)
+    with memops.backend(backend):
+        got = memops.engram_gate(key, query, w_k, w_q, value)  # eps None: nn.RMSNorm's default
+    assert_close_to_reference(got, expected, torch.float32)
+
+
+def test_gate_near_zero_score_has_zero_score_grad(device):
+    # query orthogonal to the key in every stream: s = 0, gate = 0.5, and no gradient flows into key/query.
+    key, query, w_k, w_q, value = gate_case(device, G=1, C=4)
+    key = torch.tensor([1.0, 0.0, 0.0, 0.0], device=device).expand(2, 5, 1, 4).clone().requires_grad_()
+    query = torch.tensor([0.0, 1.0, 0.0, 0.0], device=device).expand(2, 5, 1, 4).clone().requires_grad_()
+    with memops.backend("triton"):
+        out = memops.engram_gate(key, query, w_k[:1], w_q[:1], value)
+        grad_key, grad_query = torch.autograd.grad(out.sum(), (key, query))
+    assert torch.allclose(out, 0.5 * value.unsqueeze(-2))
+    assert torch.equal(grad_key, torch.zeros_like(grad_key)) and torch.equal(grad_query, torch.zeros_like(grad_query))
+
+
+@pytest.mark.parametrize(
+    "index, edit, error, match",
+    [
+        (0, lambda t: t.long(), TypeError, "key: expected a floating-point"),
+        (1, lambda t: t[..., :-1], ValueError, "query: expected key's shape"),
+        (2, lambda t: t[:-1], ValueError, r"w_k: expected \(G, C\)"),
+        (3, lambda t: t.t(), ValueError, r"w_q: expected \(G, C\)"),
+        (4, lambda t: t[:1], ValueError, "value: expected"),
+    ],
+)
+def test_bad_gate_input(index, edit, error, match, device):
+    inputs = gate_case(device)
+    inputs[index] = edit(inputs[index])
+    with memops.backend("triton"), count_launches() as launches, pytest.raises(error, match=match):
+        memops.engram_gate(*inputs)
+    with pytest.raises(ValueError, match="eps: expected"):
+        memops.engram_gate(*gate_case(device), eps=-1.0)
+    assert not launches
+
+
+def test_gate_opcheck(device):
+    inputs = [t.requires_grad_() for t in gate_case(device, L=3)]
+    torch.library.opcheck(torch.ops.memops.engram_gate.default, (*inputs, 1e-6))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gate_compile(backend, device):
+    def loss(*tensors):
+        return memops.engram_gate(*tensors).sin().sum()
+
+    check_compiled_grads(loss, gate_case(device, L=3), backend=backend, device=device, kernel="engram_gate_fwd_kernel")

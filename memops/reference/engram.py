@@ -17,6 +17,7 @@ checkpoint's table an n-gram reads: see :func:`engram_hash_params`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -153,3 +154,31 @@ def engram_lookup(
     head c, concatenated in head order. Differentiable in ``table`` (a dense grad, as F.embedding's)."""
     rows = ngram_hash(ids, multipliers, primes, pad_id=pad_id) + offsets.to(device=ids.device, dtype=torch.int64)
     return F.embedding(rows, table).flatten(-2)
+
+
+# Below this |score| the demo clamps before the square root (its gradient there is zero).
+GATE_SCORE_FLOOR = 1e-6
+
+
+def engram_gate(
+    key: torch.Tensor,
+    query: torch.Tensor,
+    w_k: torch.Tensor,
+    w_q: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Engram's context gate: ``out[..., g, :] = sigmoid(sign(s) sqrt(max(|s|, 1e-6))) * value`` with
+    ``s = <RMSNorm(key[..., g, :]) * w_k[g], RMSNorm(query[..., g, :]) * w_q[g]> / sqrt(C)``.
+
+    key (..., G, C) (the G key projections of the embedding), query (..., G, C) (the hidden streams),
+    w_k / w_q (G, C) (the demo's norm1.{g} / norm2.{g} weights), value (..., C) (the value projection) ->
+    (..., G, C). eps None is nn.RMSNorm's default, torch.finfo(dtype).eps.
+    """
+    C = key.shape[-1]
+    normed_key = F.rms_norm(key, (C,), eps=eps) * w_k
+    normed_query = F.rms_norm(query, (C,), eps=eps) * w_q
+    score = (normed_key * normed_query).sum(-1, keepdim=True) / math.sqrt(C)
+    gate = torch.sigmoid(score.abs().clamp_min(GATE_SCORE_FLOOR).sqrt() * score.sign())
+    return gate * value.unsqueeze(-2)
