@@ -305,3 +305,176 @@ def engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps: float):
     elif R * C > 0:
         grad_value.zero_()
     return grad_key, grad_query, wk_partial.sum(0).to(w_k.dtype), wq_partial.sum(0).to(w_q.dtype), grad_value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The short convolution. x (B, L, G, C); per stream g an RMSNorm (weight nw[g], eps), then a depthwise
+# causal conv over time with K taps at dilation dil on each of the G*C channels, SiLU, and the residual:
+#
+#     xn[t]  = x[t] rsqrt(mean_c x[t]^2 + eps) nw[g]                   (per (b, t, g) row of C channels)
+#     y[t]   = sum_{j<K} w[:, K-1-j] xn[t - j dil]                     (xn = 0 before the row starts)
+#     out[t] = x[t] + silu(y[t])            (without the residual: silu(y); without activation: y)
+#
+# Backward, dy = dout silu'(y): dw[:, K-1-j] = sum_t dy[t] xn[t - j dil];  dxn[s] = sum_j w[:, K-1-j]
+# dy[s + j dil]; then the RMSNorm backward gives dx (plus dout for the residual) and dnw. Two kernels: the
+# first recomputes y and writes dy (fp32) with the conv-weight partials, the second reads dy at the K
+# later taps. A program reads its K shifted row tiles straight from memory (L2 serves the overlap).
+
+
+@triton.jit
+def _normed_rows(x_ptr, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC: tl.constexpr):
+    # xn at times t (a block; rows of this (b, g) before the start read as 0) and x itself.
+    inside = (t >= 0) & (t < L)
+    mask = inside[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + (row0 + t)[:, None] * GC + offs_c[None, :], mask=mask, other=0).to(ACC)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+    return x * rstd[:, None] * nw[None, :], x, rstd
+
+
+@triton.jit
+def short_conv_fwd_kernel(
+    x_ptr, w_ptr, nw_ptr, out_ptr,
+    L, C, GC, eps, dil, blocks_per_row,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr, RESIDUAL: tl.constexpr,
+):
+    # One program per (batch row b, BLOCK_T times, stream g): a (BLOCK_T, C) tile of channels g*C..g*C+C.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid // blocks_per_row
+    t = (pid % blocks_per_row) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row0 = b.to(tl.int64) * L
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    channels = g * C + offs_c
+    nw = tl.load(nw_ptr + channels, mask=mask_c, other=0).to(ACC)
+    xn, x_here, _ = _normed_rows(x_ptr + g * C, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC)
+    y = tl.load(w_ptr + channels * K + (K - 1), mask=mask_c, other=0).to(ACC)[None, :] * xn
+    for j in tl.static_range(1, K):
+        xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC)
+        tap = tl.load(w_ptr + channels * K + (K - 1 - j), mask=mask_c, other=0).to(ACC)
+        y += tap[None, :] * xn
+    if ACTIVATION:
+        y = y * tl.sigmoid(y)
+    if RESIDUAL:
+        y += x_here
+    mask = (t < L)[:, None] & mask_c[None, :]
+    tl.store(out_ptr + (row0 + t)[:, None] * GC + channels[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def short_conv_bwd_dy_kernel(
+    grad_out_ptr, x_ptr, w_ptr, nw_ptr, dy_ptr, dw_partial_ptr,
+    L, C, GC, eps, dil, blocks_per_row,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid // blocks_per_row
+    t = (pid % blocks_per_row) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row0 = b.to(tl.int64) * L
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    channels = g * C + offs_c
+    mask = (t < L)[:, None] & mask_c[None, :]
+    nw = tl.load(nw_ptr + channels, mask=mask_c, other=0).to(ACC)
+    dy = tl.load(grad_out_ptr + (row0 + t)[:, None] * GC + channels[None, :], mask=mask, other=0).to(ACC)
+    if ACTIVATION:
+        y = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+        for j in tl.static_range(K):
+            xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC)
+            tap = tl.load(w_ptr + channels * K + (K - 1 - j), mask=mask_c, other=0).to(ACC)
+            y += tap[None, :] * xn
+        sig = tl.sigmoid(y)
+        dy = dy * sig * (1 + y * (1 - sig))
+    tl.store(dy_ptr + (row0 + t)[:, None] * GC + channels[None, :], dy, mask=mask)
+    for j in tl.static_range(K):
+        xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC)
+        tl.store(dw_partial_ptr + (pid.to(tl.int64) * GC + channels) * K + (K - 1 - j), tl.sum(dy * xn, axis=0),
+                 mask=mask_c)
+
+
+@triton.jit
+def short_conv_bwd_dx_kernel(
+    grad_out_ptr, x_ptr, w_ptr, nw_ptr, dy_ptr, grad_x_ptr, dnw_partial_ptr,
+    L, C, GC, eps, dil, blocks_per_row,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid // blocks_per_row
+    t = (pid % blocks_per_row) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row0 = b.to(tl.int64) * L
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    channels = g * C + offs_c
+    mask = (t < L)[:, None] & mask_c[None, :]
+    dxn = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+    for j in tl.static_range(K):
+        later = t + j * dil
+        tap = tl.load(w_ptr + channels * K + (K - 1 - j), mask=mask_c, other=0).to(ACC)
+        dy = tl.load(dy_ptr + (row0 + later)[:, None] * GC + channels[None, :],
+                     mask=(later < L)[:, None] & mask_c[None, :], other=0)
+        dxn += tap[None, :] * dy
+    nw = tl.load(nw_ptr + channels, mask=mask_c, other=0).to(ACC)
+    _, x, rstd = _normed_rows(x_ptr + g * C, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC)
+    x_hat = x * rstd[:, None]
+    dx_hat = dxn * nw[None, :]
+    dx = rstd[:, None] * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / C)[:, None])
+    if RESIDUAL:
+        dx += tl.load(grad_out_ptr + (row0 + t)[:, None] * GC + channels[None, :], mask=mask, other=0).to(ACC)
+    tl.store(grad_x_ptr + (row0 + t)[:, None] * GC + channels[None, :], dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    tl.store(dnw_partial_ptr + pid.to(tl.int64) * GC + channels, tl.sum(dxn * x_hat, axis=0), mask=mask_c)
+
+
+def _conv_config(C: int, L: int) -> dict:
+    block_c = triton.next_power_of_2(max(C, 1))
+    block_t = max(1, min(16, 4096 // block_c, triton.next_power_of_2(max(L, 1))))
+    return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": 4 if block_c <= 2048 else 8}
+
+
+def _conv_launch(x, K, cfg, **flags):
+    B, L, G, C = x.shape
+    blocks = triton.cdiv(L, cfg["BLOCK_T"])
+    return (B * blocks, G), (L, C, G * C), blocks, dict(
+        K=K, BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"], **flags)
+
+
+def short_conv_fwd(x, weight, norm_weight, *, dilation: int, eps: float, activation: bool, residual: bool):
+    """out (B, L, G, C) in x.dtype from contiguous x (B, L, G, C), weight (G*C, K), norm_weight (G, C)."""
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    K = weight.shape[1]
+    cfg = _conv_config(x.shape[3], x.shape[1])
+    grid, (L, C, GC), blocks, meta = _conv_launch(x, K, cfg, ACTIVATION=activation, RESIDUAL=residual)
+    record_launch("short_conv_fwd_kernel")
+    short_conv_fwd_kernel[grid](x, weight, norm_weight, out, L, C, GC, eps, dilation, blocks,
+                                ACC=accumulator(x, weight), **meta)
+    return out
+
+
+def short_conv_bwd(grad_out, x, weight, norm_weight, *, dilation: int, eps: float, activation: bool,
+                   residual: bool):
+    """(grad_x, grad_weight (G*C, K), grad_norm_weight (G, C)), each in its input's dtype."""
+    B, L, G, C = x.shape
+    K = weight.shape[1]
+    cfg = _conv_config(C, L)
+    grid, _, blocks, meta = _conv_launch(x, K, cfg)
+    acc_dtype = accumulator_torch_dtype(x, weight)
+    programs = grid[0]
+    dy = torch.empty(x.shape, dtype=acc_dtype, device=x.device)
+    dw_partial = torch.empty((programs, G * C, K), dtype=acc_dtype, device=x.device)
+    dnw_partial = torch.empty((programs, G * C), dtype=acc_dtype, device=x.device)
+    grad_x = torch.empty_like(x)
+    if x.numel() > 0:
+        acc = accumulator(x, weight)
+        record_launch("short_conv_bwd_dy_kernel")
+        short_conv_bwd_dy_kernel[grid](grad_out, x, weight, norm_weight, dy, dw_partial, L, C, G * C, eps, dilation,
+                                       blocks, ACC=acc, ACTIVATION=activation, **meta)
+        record_launch("short_conv_bwd_dx_kernel")
+        short_conv_bwd_dx_kernel[grid](grad_out, x, weight, norm_weight, dy, grad_x, dnw_partial, L, C, G * C, eps,
+                                       dilation, blocks, ACC=acc, RESIDUAL=residual, **meta)
+    return (grad_x, dw_partial.sum(0).to(weight.dtype), dnw_partial.sum(0).view(G, C).to(norm_weight.dtype))

@@ -10,7 +10,7 @@ from memops import (
 )
 from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention, memory_attention_varlen
-from memops.engram import engram_gate, engram_lookup, ngram_hash
+from memops.engram import engram_gate, engram_lookup, ngram_hash, short_conv, short_conv_step
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
 from memops.looped import looped_attention, looped_attention_varlen, looped_kv_update
 from memops.moe import block_route, moe_ffn, unique_experts
@@ -40,6 +40,8 @@ __all__ = [
     "retention_attention",
     "retention_attention_varlen",
     "retention_capacity",
+    "short_conv",
+    "short_conv_step",
     "unique_experts",
     "weighted_gather",
     "__version__",

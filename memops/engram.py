@@ -277,3 +277,129 @@ def engram_gate(
     if resolve_backend(key) == "reference":
         return reference.engram.engram_gate(key, query, w_k, w_q, value, eps=eps)
     return _engram_gate_op(key, query, w_k, w_q, value, eps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Short convolution
+
+
+def _conv_weight(weight, x):
+    return weight.reshape(x.shape[2] * x.shape[3], weight.shape[-1]).contiguous()
+
+
+def _short_conv_fwd(x, weight, norm_weight, dilation, eps, activation, residual):
+    return engram_kernels.short_conv_fwd(
+        x.contiguous(), _conv_weight(weight, x), norm_weight.contiguous(),
+        dilation=dilation, eps=eps, activation=activation, residual=residual,
+    )  # fmt: skip
+
+
+def _short_conv_bwd(grad_out, x, weight, norm_weight, dilation, eps, activation, residual):
+    grad_x, grad_weight, grad_norm_weight = engram_kernels.short_conv_bwd(
+        grad_out.contiguous(), x.contiguous(), _conv_weight(weight, x), norm_weight.contiguous(),
+        dilation=dilation, eps=eps, activation=activation, residual=residual,
+    )  # fmt: skip
+    return grad_x, grad_weight.view(weight.shape), grad_norm_weight
+
+
+_short_conv_op = custom_op(
+    "short_conv",
+    _short_conv_fwd,
+    "(Tensor x, Tensor weight, Tensor norm_weight, int dilation, float eps, bool activation, bool residual) "
+    "-> Tensor out",
+    fake=lambda x, weight, norm_weight, dilation, eps, activation, residual: torch.empty_like(x),
+    backward=backward_op(
+        "short_conv_backward",
+        _short_conv_bwd,
+        "(Tensor grad_out, Tensor x, Tensor weight, Tensor norm_weight, int dilation, float eps, bool activation, "
+        "bool residual) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_norm_weight)",
+        grads=("x", "weight", "norm_weight"),
+    ),
+)
+
+
+def _check_conv_inputs(x, weight, norm_weight, dilation, eps, op: str, state=None) -> None:
+    for name, t in (("x", x), ("weight", weight), ("norm_weight", norm_weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{op}: {name}: expected a floating-point tensor, got {_describe(t)}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name}: expected a tensor on {x.device} (x's device), got {t.device}")
+    layout = "(B, G, C)" if state is not None else "(B, L, G, C)"
+    if x.dim() != len(layout.split(",")):
+        raise ValueError(f"{op}: x: expected {layout}, got shape {tuple(x.shape)}")
+    G, C = x.shape[-2:]
+    if weight.dim() not in (2, 3) or weight.shape[0] != G * C or (weight.dim() == 3 and weight.shape[1] != 1):
+        raise ValueError(
+            f"{op}: weight: expected (G*C, 1, K) or (G*C, K) with G*C = {G * C}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[-1] < 1:
+        raise ValueError(f"{op}: weight: expected K >= 1 taps, got {tuple(weight.shape)}")
+    if norm_weight.shape != (G, C):
+        raise ValueError(f"{op}: norm_weight: expected (G, C) = ({G}, {C}), got {tuple(norm_weight.shape)}")
+    check_int(dilation, "dilation", op, low=1)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: eps: expected a float >= 0, got {eps!r}")
+    if state is not None:
+        rows = (weight.shape[-1] - 1) * dilation
+        expected = (x.shape[0], rows, G, C)
+        if not isinstance(state, torch.Tensor) or state.shape != expected:
+            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise ValueError(f"{op}: state: expected (B, (K-1)*dilation, G, C) = {expected}, got {got}")
+
+
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    *,
+    dilation: int,
+    eps: float = 1e-5,
+    activation: bool = True,
+    residual: bool = True,
+) -> torch.Tensor:
+    """Engram's short convolution in one pass: per-stream RMSNorm, depthwise causal dilated conv over time,
+    SiLU and the residual add: ``out = x + silu(conv(RMSNorm(x)))``.
+
+    ``y[t] = sum_j weight[:, K-1-j] * xn[t - j*dilation]`` on each of the G*C channels, with xn zero before
+    the sequence starts (the demo's Conv1d with padding (K-1)*dilation, cropped to L).
+
+    Args:
+        x: (B, L, G, C) float: the gated value, G hyper-connection streams of C channels.
+        weight: (G*C, 1, K) (nn.Conv1d's depthwise weight, the demo's ``short_conv.conv.weight``) or (G*C, K).
+        norm_weight: (G, C): the per-stream RMSNorm weights (``short_conv.norms.{g}.weight``).
+        dilation: the conv dilation (the demo uses max_ngram_size).
+        eps: RMSNorm epsilon (the demo's ShortConv: 1e-5).
+        activation: apply SiLU. residual: add x.
+
+    Returns:
+        (B, L, G, C) in x.dtype (fp32 math). Grads for x, weight and norm_weight. For decoding one token at a
+        time see :func:`short_conv_step`.
+    """
+    _check_conv_inputs(x, weight, norm_weight, dilation, eps, "short_conv")
+    if resolve_backend(x) == "reference":
+        return reference.engram.short_conv(
+            x, weight, norm_weight, dilation=dilation, eps=eps, activation=activation, residual=residual
+        )
+    return _short_conv_op(x, weight, norm_weight, int(dilation), float(eps), bool(activation), bool(residual))
+
+
+def short_conv_step(
+    x: torch.Tensor,
+    state: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    *,
+    dilation: int,
+    eps: float = 1e-5,
+    activation: bool = True,
+    residual: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of :func:`short_conv`: x (B, G, C) the new token's rows; state (B, (K-1)*dilation,
+    G, C) the normed rows of the previous (K-1)*dilation tokens, oldest first (zeros at the start; a new
+    one: ``x.new_zeros(B, (K-1)*dilation, G, C)``). Returns (out (B, G, C), the next state), equal to the
+    last row of :func:`short_conv` over the whole sequence. A handful of elementwise ops on one row: plain
+    PyTorch on every backend."""
+    _check_conv_inputs(x, weight, norm_weight, dilation, eps, "short_conv_step", state=state)
+    return reference.engram.short_conv_step(
+        x, state, weight, norm_weight, dilation=dilation, eps=eps, activation=activation, residual=residual
+    )

@@ -368,3 +368,115 @@ def test_gate_compile(backend, device):
         return memops.engram_gate(*tensors).sin().sum()
 
     check_compiled_grads(loss, gate_case(device, L=3), backend=backend, device=device, kernel="engram_gate_fwd_kernel")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The short convolution
+
+
+class DemoShortConv(torch.nn.Module):
+    """The demo's ShortConv, transcribed (its forward returns silu(conv(norm(x))); the Engram layer adds x)."""
+
+    def __init__(self, hidden_size, kernel_size, dilation, hc_mult, norm_eps=1e-5):
+        super().__init__()
+        total = hidden_size * hc_mult
+        self.conv = torch.nn.Conv1d(
+            total, total, kernel_size, groups=total, bias=False, padding=(kernel_size - 1) * dilation, dilation=dilation
+        )
+        self.norms = torch.nn.ModuleList([torch.nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)])
+
+    def forward(self, x):
+        B, T, G, C = x.shape
+        x_norm = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(G)], dim=-1)
+        y = torch.nn.functional.silu(self.conv(x_norm.transpose(1, 2))[..., :T])
+        return y.transpose(1, 2).view(B, T, G, C).contiguous()
+
+
+def conv_case(device, dtype=torch.float32, B=2, L=13, G=3, C=24, K=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, G, C, generator=generator)
+    weight = torch.randn(G * C, 1, K, generator=generator) * 0.5
+    norm_weight = torch.rand(G, C, generator=generator) + 0.5
+    return [t.to(device=device, dtype=dtype) for t in (x, weight, norm_weight)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("activation, residual", [(True, True), (False, False), (True, False)])
+def test_short_conv_matches_float64(dtype, activation, residual, device, poison_empty):
+    inputs = [t.requires_grad_() for t in conv_case(device, dtype)]
+    options = dict(dilation=3, activation=activation, residual=residual)
+    with memops.backend("triton"), count_launches() as launches:
+        out = memops.short_conv(*inputs, **options)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    assert launches["short_conv_fwd_kernel"] == 1
+    assert launches["short_conv_bwd_dy_kernel"] == 1 and launches["short_conv_bwd_dx_kernel"] == 1
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref = reference.engram.short_conv(*inputs64, **options)
+    ref_grads = torch.autograd.grad(ref, inputs64, grad_out.double())
+    assert out.dtype == dtype
+    assert_close_to_reference(out, ref, dtype)
+    for name, grad, ref_grad, t in zip(("x", "weight", "norm_weight"), grads, ref_grads, inputs):
+        assert grad.dtype == t.dtype and grad.shape == t.shape
+        assert_close_to_reference(grad, ref_grad, dtype, name=f"grad_{name}", scale=3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("L, dilation", [(13, 3), (2, 3), (9, 1)])
+def test_short_conv_equals_the_demo(backend, L, dilation, device):
+    x, weight, norm_weight = conv_case(device, L=L)
+    demo = DemoShortConv(24, 4, dilation, 3).to(device)
+    with torch.no_grad():
+        demo.conv.weight.copy_(weight)
+        for g in range(3):
+            demo.norms[g].weight.copy_(norm_weight[g])
+    with memops.backend(backend):
+        got = memops.short_conv(x, weight, norm_weight, dilation=dilation)
+    assert_close_to_reference(got, x + demo(x), torch.float32)
+
+
+def test_short_conv_decode_equals_full(device):
+    x, weight, norm_weight = conv_case(device, L=11)
+    with memops.backend("triton"):
+        full = memops.short_conv(x, weight, norm_weight, dilation=3)
+    state = x.new_zeros(2, 3 * 3, 3, 24)
+    steps = []
+    for t in range(11):
+        out, state = memops.short_conv_step(x[:, t], state, weight, norm_weight, dilation=3)
+        steps.append(out)
+    assert_close_to_reference(torch.stack(steps, 1), full, torch.float32)
+    with pytest.raises(ValueError, match="state: expected"):
+        memops.short_conv_step(x[:, 0], state[:, 1:], weight, norm_weight, dilation=3)
+
+
+@pytest.mark.parametrize(
+    "index, edit, error, match",
+    [
+        (0, lambda t: t[0], ValueError, r"x: expected \(B, L, G, C\)"),
+        (0, lambda t: t.long(), TypeError, "x: expected a floating-point"),
+        (1, lambda t: t[:-1], ValueError, r"weight: expected \(G\*C, 1, K\)"),
+        (1, lambda t: t.expand(-1, 2, -1), ValueError, r"weight: expected \(G\*C, 1, K\)"),
+        (2, lambda t: t[:, :-1], ValueError, r"norm_weight: expected \(G, C\)"),
+    ],
+)
+def test_bad_short_conv_input(index, edit, error, match, device):
+    inputs = conv_case(device)
+    inputs[index] = edit(inputs[index])
+    with memops.backend("triton"), count_launches() as launches, pytest.raises(error, match=match):
+        memops.short_conv(*inputs, dilation=3)
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        memops.short_conv(*conv_case(device), dilation=0)
+    assert not launches
+
+
+def test_short_conv_opcheck(device):
+    inputs = [t.requires_grad_() for t in conv_case(device, L=5)]
+    torch.library.opcheck(torch.ops.memops.short_conv.default, (*inputs, 2, 1e-5, True, True))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_short_conv_compile(backend, device):
+    def loss(*tensors):
+        return memops.short_conv(*tensors, dilation=3).sin().sum()
+
+    check_compiled_grads(loss, conv_case(device, L=6), backend=backend, device=device, kernel="short_conv_fwd_kernel")

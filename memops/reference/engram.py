@@ -182,3 +182,60 @@ def engram_gate(
     score = (normed_key * normed_query).sum(-1, keepdim=True) / math.sqrt(C)
     gate = torch.sigmoid(score.abs().clamp_min(GATE_SCORE_FLOOR).sqrt() * score.sign())
     return gate * value.unsqueeze(-2)
+
+
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    *,
+    dilation: int,
+    eps: float = 1e-5,
+    activation: bool = True,
+    residual: bool = True,
+) -> torch.Tensor:
+    """Engram's ShortConv (plus the residual the Engram layer adds): per-stream RMSNorm, a depthwise causal
+    conv over time (K taps at ``dilation``), SiLU, and ``x +``.
+
+    x (B, L, G, C); weight (G*C, 1, K) or (G*C, K) (the demo's ``short_conv.conv.weight``); norm_weight
+    (G, C) (its ``short_conv.norms.{g}.weight``) -> (B, L, G, C).
+    """
+    B, L, G, C = x.shape
+    K = weight.shape[-1]
+    normed = F.rms_norm(x, (C,), eps=eps) * norm_weight
+    y = F.conv1d(
+        normed.reshape(B, L, G * C).transpose(1, 2),
+        weight.reshape(G * C, 1, K),
+        padding=(K - 1) * dilation,
+        dilation=dilation,
+        groups=G * C,
+    )[..., :L]
+    y = y.transpose(1, 2).reshape(B, L, G, C)
+    if activation:
+        y = F.silu(y)
+    return x + y if residual else y
+
+
+def short_conv_step(
+    x: torch.Tensor,
+    state: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    *,
+    dilation: int,
+    eps: float = 1e-5,
+    activation: bool = True,
+    residual: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of :func:`short_conv`: x (B, G, C), the new time step; state (B, (K-1)*dilation, G, C)
+    the *normed* rows of the last (K-1)*dilation steps, oldest first (zeros before the sequence starts).
+    Returns (out (B, G, C), the new state), equal to the last row of short_conv over the whole sequence."""
+    B, G, C = x.shape
+    K = weight.shape[-1]
+    normed = F.rms_norm(x, (C,), eps=eps) * norm_weight
+    window = torch.cat([state, normed.unsqueeze(1)], dim=1)  # (B, (K-1)*dil + 1, G, C)
+    taps = window[:, ::dilation]  # the K rows t - (K-1)dil, ..., t
+    y = (taps * weight.reshape(G, C, K).permute(2, 0, 1)).sum(1)
+    if activation:
+        y = F.silu(y)
+    return (x + y if residual else y), window[:, 1:]
