@@ -262,10 +262,23 @@ def engram_gate_bwd_kernel(
     tl.store(grad_value_ptr + rows[:, None] * C + offs_c[None, :], dv.to(grad_value_ptr.dtype.element_ty), mask=mask)
 
 
-def _gate_config(C: int) -> dict:
+def _row_tile(C: int, rows_cap: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_rows, BLOCK_C, num_warps) for a kernel holding whole C-channel rows. Forward: up to 4096
+    elements per operand over 4 warps (32 a thread). Backward keeps about twice as many operands live, so
+    2048 over 8 warps: the sm_80/sm_90 AOT check found 4096 over 4 spilling there (255 registers, 24-120 B
+    of stack) at C = 1024."""
     block_c = triton.next_power_of_2(max(C, 1))
-    # Up to 4096 elements of each (rows, C) operand per program; 1 row at C >= 4096.
-    return {"BLOCK_R": max(1, min(16, 4096 // block_c)), "BLOCK_C": block_c, "num_warps": 4 if block_c <= 2048 else 8}
+    elements, warps = (2048, 8) if backward else (4096, 4)
+    block_rows = max(1, min(rows_cap, elements // block_c))
+    per_thread = block_rows * block_c // (32 * warps)
+    while per_thread > 32 and warps < 16:  # C past 4096: one row, more warps
+        warps, per_thread = warps * 2, per_thread // 2
+    return block_rows, block_c, max(1, min(warps, block_rows * block_c // 32))
+
+
+def _gate_config(C: int, backward: bool = False) -> dict:
+    block_r, block_c, warps = _row_tile(C, 16, backward)
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": warps}
 
 
 def engram_gate_fwd(key, query, w_k, w_q, value, eps: float) -> torch.Tensor:
@@ -287,7 +300,7 @@ def engram_gate_fwd(key, query, w_k, w_q, value, eps: float) -> torch.Tensor:
 def engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps: float):
     """(grad_key, grad_query, grad_w_k, grad_w_q, grad_value), each in its input's dtype and shape."""
     R, G, C = key.shape
-    cfg = _gate_config(C)
+    cfg = _gate_config(C, backward=True)
     programs = triton.cdiv(R, cfg["BLOCK_R"])
     acc_dtype = accumulator_torch_dtype(key, query, value)
     grad_key, grad_query = torch.empty_like(key), torch.empty_like(query)
@@ -429,10 +442,9 @@ def short_conv_bwd_dx_kernel(
     tl.store(dnw_partial_ptr + pid.to(tl.int64) * GC + channels, tl.sum(dxn * x_hat, axis=0), mask=mask_c)
 
 
-def _conv_config(C: int, L: int) -> dict:
-    block_c = triton.next_power_of_2(max(C, 1))
-    block_t = max(1, min(16, 4096 // block_c, triton.next_power_of_2(max(L, 1))))
-    return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": 4 if block_c <= 2048 else 8}
+def _conv_config(C: int, L: int, backward: bool = False) -> dict:
+    block_t, block_c, warps = _row_tile(C, min(16, triton.next_power_of_2(max(L, 1))), backward)
+    return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": warps}
 
 
 def _conv_launch(x, K, cfg, **flags):
@@ -461,7 +473,7 @@ def short_conv_bwd(grad_out, x, weight, norm_weight, *, dilation: int, eps: floa
     """(grad_x, grad_weight (G*C, K), grad_norm_weight (G, C)), each in its input's dtype."""
     B, L, G, C = x.shape
     K = weight.shape[1]
-    cfg = _conv_config(C, L)
+    cfg = _conv_config(C, L, backward=True)
     grid, _, blocks, meta = _conv_launch(x, K, cfg)
     acc_dtype = accumulator_torch_dtype(x, weight)
     programs = grid[0]

@@ -475,6 +475,43 @@ def _moe_scenarios(dtype, subset):
         yield f"experts {case.name}", run
 
 
+def _engram_scenarios(dtype, subset):
+    from memops.kernels import engram
+    from memops.kernels.product_key import weighted_gather_bwd
+
+    dt = _torch_dtype(dtype)
+    # The demo's config (benchmarks to come): B*L = 8192 tokens, orders 2..3 with 8 heads of d = 64, a table of
+    # about 10.3 M rows, G = 4 streams of C = 1024, kernel 4 at dilation 3.
+    B, L, heads, d, rows, G, C, K = 4, 2048, 16, 64, 10_342_406, 4, 1024, 4
+
+    def lookup():
+        ids = _meta(B, L, dtype=torch.int64)
+        multipliers, primes = _meta(3, dtype=torch.int64), _meta(2, heads // 2, dtype=torch.int64)
+        offsets, table = _meta(heads, dtype=torch.int64), _meta(rows, d, dtype=dt)
+        engram.engram_lookup_fwd(ids, table, multipliers, primes, offsets, 2)
+        row_ids = engram.ngram_hash(ids, multipliers, primes, 2, offsets).reshape(-1, 1)
+        weighted_gather_bwd(
+            _meta(B * L * heads, d, dtype=dt), table, row_ids, _meta(B * L * heads, 1, dtype=torch.float32),
+            values_grad_algorithm="atomic", weights_grad=False,
+        )  # fmt: skip
+
+    def gate():
+        key, query, value = _meta(B * L, G, C, dtype=dt), _meta(B * L, G, C, dtype=dt), _meta(B * L, C, dtype=dt)
+        w_k, w_q = _meta(G, C, dtype=dt), _meta(G, C, dtype=dt)
+        engram.engram_gate_fwd(key, query, w_k, w_q, value, 1e-6)
+        engram.engram_gate_bwd(_meta(B * L, G, C, dtype=dt), key, query, w_k, w_q, value, 1e-6)
+
+    def conv():
+        x, weight, norm_weight = _meta(B, L, G, C, dtype=dt), _meta(G * C, K, dtype=dt), _meta(G, C, dtype=dt)
+        options = dict(dilation=3, eps=1e-5, activation=True, residual=True)
+        engram.short_conv_fwd(x, weight, norm_weight, **options)
+        engram.short_conv_bwd(_meta(B, L, G, C, dtype=dt), x, weight, norm_weight, **options)
+
+    yield "engram lookup demo", lookup
+    yield "engram gate demo", gate
+    yield "engram short-conv demo", conv
+
+
 FAMILIES = {
     "weighted_gather": _weighted_gather_scenarios,
     "product_key_search": _search_scenarios,
@@ -482,6 +519,7 @@ FAMILIES = {
     "retention": _retention_scenarios,
     "looped": _looped_scenarios,
     "moe": _moe_scenarios,
+    "engram": _engram_scenarios,
 }
 DTYPES = ("bf16", "fp16", "fp32", "tf32")
 
