@@ -480,3 +480,111 @@ def test_short_conv_compile(backend, device):
         return memops.short_conv(*tensors, dilation=3).sin().sum()
 
     check_compiled_grads(loss, conv_case(device, L=6), backend=backend, device=device, kernel="short_conv_fwd_kernel")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module: the demo's Engram transcribed (its hash on the host in NumPy, nn.Embedding, the gate loop and
+# ShortConv), the official names loading strictly, and decode against full recomputation.
+
+ENGRAM = dict(
+    layer_id=3, hidden_size=32, hc_mult=2, vocab_sizes=(61, 67), max_ngram_size=3, n_embed_per_ngram=16,
+    n_head_per_ngram=2, kernel_size=4, pad_id=2, seed=5, tokenizer_vocab_size=90,
+)  # fmt: skip
+
+
+class DemoEngram(torch.nn.Module):
+    def __init__(self, layer_ids, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.multipliers, sizes = demo_hash_mapping(
+            layer_ids, cfg["vocab_sizes"], cfg["max_ngram_size"], cfg["n_head_per_ngram"], cfg["seed"],
+            cfg["tokenizer_vocab_size"],
+        )  # fmt: skip
+        self.multipliers, self.sizes = self.multipliers[cfg["layer_id"]], sizes[cfg["layer_id"]]
+        flat = [x for y in self.sizes for x in y]
+        self.multi_head_embedding = torch.nn.Module()
+        self.multi_head_embedding.register_buffer("offsets", torch.tensor([0, *np.cumsum(flat)[:-1].tolist()]))
+        self.multi_head_embedding.embedding = torch.nn.Embedding(
+            sum(flat), cfg["n_embed_per_ngram"] // cfg["n_head_per_ngram"]
+        )
+        C, G = cfg["hidden_size"], cfg["hc_mult"]
+        self.short_conv = DemoShortConv(C, cfg["kernel_size"], cfg["max_ngram_size"], G)
+        hidden = (cfg["max_ngram_size"] - 1) * cfg["n_embed_per_ngram"]
+        self.value_proj = torch.nn.Linear(hidden, C)
+        self.key_projs = torch.nn.ModuleList([torch.nn.Linear(hidden, C) for _ in range(G)])
+        self.norm1 = torch.nn.ModuleList([torch.nn.RMSNorm(C) for _ in range(G)])
+        self.norm2 = torch.nn.ModuleList([torch.nn.RMSNorm(C) for _ in range(G)])
+
+    def forward(self, hidden_states, input_ids):
+        cfg = self.cfg
+        hashes = demo_ngram_hashes(
+            input_ids.cpu().numpy(), self.multipliers, self.sizes, cfg["max_ngram_size"], cfg["n_head_per_ngram"],
+            cfg["pad_id"],
+        )  # fmt: skip
+        hashed = torch.from_numpy(hashes).to(hidden_states.device) + self.multi_head_embedding.offsets
+        embeddings = self.multi_head_embedding.embedding(hashed).flatten(start_dim=-2)
+        key = torch.stack([proj(embeddings) for proj in self.key_projs], dim=2)
+        value = demo_gate(key, hidden_states, self.norm1, self.norm2, self.value_proj(embeddings))
+        return value + self.short_conv(value)
+
+
+def engram_pair(device, layer_ids=(1, 3)):
+    torch.manual_seed(0)
+    demo = DemoEngram(layer_ids, ENGRAM).to(device)
+    with torch.no_grad():
+        for p in demo.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == 32 else 0.0))
+    ours = memops.nn.Engram(**ENGRAM, layer_ids=layer_ids).to(device)
+    ours.load_state_dict(demo.state_dict(), strict=True)
+    return demo, ours
+
+
+def test_engram_state_dict_names_are_the_demos(device):
+    demo, ours = engram_pair(device)
+    assert list(ours.state_dict()) == list(demo.state_dict())
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in demo.state_dict().items()}
+    again = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3)).to(device)
+    again.load_state_dict(ours.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_engram_equals_the_demo(backend, device):
+    demo, ours = engram_pair(device)
+    hidden = torch.randn(2, 9, 2, 32, device=device)
+    ids = torch.randint(0, 90, (2, 9), device=device)
+    expected = demo(hidden, ids)
+    with memops.backend(backend), count_launches() as launches:
+        got = ours(hidden, ids)
+        got.sum().backward()
+    assert (launches["engram_lookup_fwd_kernel"] > 0) == (backend == "triton")
+    assert_close_to_reference(got, expected, torch.float32)
+    expected.sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), demo.parameters()):
+        assert_close_to_reference(p.grad, q.grad, torch.float32, name=name, scale=3)
+
+
+@pytest.mark.parametrize("prompt", [0, 1, 5])
+def test_engram_decode_equals_full(prompt, device):
+    _, ours = engram_pair(device)
+    hidden = torch.randn(2, 10, 2, 32, device=device)
+    ids = torch.randint(0, 90, (2, 10), device=device)
+    with memops.backend("triton"), torch.no_grad():
+        full = ours(hidden, ids)
+        state = ours.new_state(2)
+        parts = [ours(hidden[:, :prompt], ids[:, :prompt], state=state)] if prompt else []
+        for t in range(prompt, 10):
+            parts.append(ours(hidden[:, t : t + 1], ids[:, t : t + 1], state=state))
+    assert_close_to_reference(torch.cat(parts, dim=1), full, torch.float32)
+
+
+def test_engram_compression_lookup(device):
+    compression = torch.randperm(200)[:200] % 90
+    _, ours = engram_pair(device)
+    compressed = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3), compression=compression).to(device)
+    compressed.load_state_dict(ours.state_dict(), strict=True)
+    raw = torch.randint(0, 200, (1, 7), device=device)
+    hidden = torch.randn(1, 7, 2, 32, device=device)
+    assert compressed.pad_id == int(compression[2])
+    ours.pad_id = compressed.pad_id
+    assert torch.equal(compressed(hidden, raw), ours(hidden, compression.to(device)[raw]))

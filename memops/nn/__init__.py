@@ -1,12 +1,15 @@
 """torch.nn.Modules built from memops ops."""
 
 from memops.nn.attention import LoopedAttention, MemoryAttention, RetentionAttention, RotaryEmbedding
+from memops.nn.engram import Engram, EngramState
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
 from memops.nn.retention import RetentionGate
 
 __all__ = [
     "BlockMoE",
+    "Engram",
+    "EngramState",
     "LoopedAttention",
     "MemoryAttention",
     "ProductKeyMemory",

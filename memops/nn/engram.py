@@ -1,0 +1,202 @@
+"""Engram (DeepSeek, "Conditional Memory via Scalable Lookup"): a hashed n-gram embedding memory gated by the
+hidden state, as a drop-in for deepseek-ai/Engram's ``Engram`` module, with the same parameter names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memops
+from memops.reference.engram import engram_hash_params, table_offsets
+
+
+class MultiHeadEmbedding(nn.Module):
+    """The demo's ``MultiHeadEmbedding``: one table holding every hash head's rows at ``offsets``."""
+
+    def __init__(self, sizes: Sequence[int], dim: int) -> None:
+        super().__init__()
+        sizes = torch.tensor(list(sizes), dtype=torch.int64)
+        self.register_buffer("offsets", table_offsets(sizes))  # persistent, as in the official state_dict
+        self.embedding = nn.Embedding(int(sizes.sum()), dim)
+
+
+class ShortConv(nn.Module):
+    """The demo's ``ShortConv`` parameters: a depthwise Conv1d over G*C channels and G RMSNorms."""
+
+    def __init__(self, hidden_size: int, kernel_size: int, dilation: int, hc_mult: int, norm_eps: float = 1e-5):
+        super().__init__()
+        channels = hidden_size * hc_mult
+        self.dilation, self.norm_eps = dilation, norm_eps
+        self.conv = nn.Conv1d(
+            channels, channels, kernel_size, groups=channels, bias=False, padding=(kernel_size - 1) * dilation,
+            dilation=dilation,
+        )  # fmt: skip
+        self.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)])
+
+    def norm_weight(self) -> torch.Tensor:
+        return torch.stack([norm.weight for norm in self.norms])
+
+
+@dataclass
+class EngramState:
+    """Decode state of one Engram layer: the last max_ngram_size - 1 compressed ids (B, N - 1) and the normed
+    conv inputs of the last (K - 1) * dilation steps (B, (K-1)*dilation, G, C). A new sequence starts from
+    :meth:`Engram.new_state` (pad ids, zero rows), as the demo's left padding does."""
+
+    ids: torch.Tensor
+    conv: torch.Tensor
+    fresh: bool = True
+
+
+class Engram(nn.Module):
+    """Engram conditional memory for one layer: hash the last n tokens (n = 2..max_ngram_size) into
+    ``n_head_per_ngram`` tables each, read one row per head, gate the value projection by the hidden
+    state's G streams, and add a short causal conv.
+
+    ``forward(hidden_states (B, L, G, C), input_ids (B, L)) -> (B, L, G, C)``, equal to the demo's
+    ``Engram.forward`` on the same weights and ids (the layer's residual add is the caller's, as in the
+    demo's TransformerBlock). Parameter names and shapes are the demo's, so its state_dict loads with
+    ``strict=True``.
+
+    Args:
+        layer_id: this layer's index.
+        hidden_size: C. hc_mult: G, the hyper-connection streams.
+        vocab_sizes: the minimum table size per order (the demo's ``engram_vocab_size``).
+        max_ngram_size: N. n_embed_per_ngram: e (each head has e / h dims). n_head_per_ngram: h.
+        kernel_size: the short conv's taps (dilation is N).
+        pad_id: the tokenizer's pad id, *before* compression (compressed through ``compression`` when given).
+        seed: the hash seed.
+        tokenizer_vocab_size: the compressed vocabulary size (it bounds the hash multipliers).
+        layer_ids: every Engram layer of the model, in order (primes are distinct across them, so a layer's
+            table sizes depend on the layers before it); default ``(layer_id,)``.
+        compression: optional (vocab,) int64 lookup, raw token id -> compressed id (the demo's
+            CompressedTokenizer.lookup_table, which needs the tokenizer to build). Without it ids are used
+            as given.
+    """
+
+    def __init__(
+        self,
+        layer_id: int,
+        hidden_size: int,
+        hc_mult: int,
+        vocab_sizes: Sequence[int],
+        max_ngram_size: int,
+        n_embed_per_ngram: int,
+        n_head_per_ngram: int,
+        kernel_size: int,
+        pad_id: int,
+        seed: int,
+        tokenizer_vocab_size: int,
+        *,
+        layer_ids: Sequence[int] | None = None,
+        compression: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if n_embed_per_ngram % n_head_per_ngram:
+            raise ValueError(
+                f"Engram: n_embed_per_ngram ({n_embed_per_ngram}) must be a multiple of n_head_per_ngram "
+                f"({n_head_per_ngram})"
+            )
+        layer_ids = tuple(layer_ids) if layer_ids is not None else (layer_id,)
+        if layer_id not in layer_ids:
+            raise ValueError(f"Engram: layer_id {layer_id} is not in layer_ids {layer_ids}")
+        self.layer_id, self.hidden_size, self.hc_mult = layer_id, hidden_size, hc_mult
+        self.max_ngram_size, self.kernel_size = max_ngram_size, kernel_size
+        multipliers, primes = engram_hash_params(
+            layer_ids, vocab_sizes, max_ngram_size=max_ngram_size, n_head_per_ngram=n_head_per_ngram, seed=seed,
+            tokenizer_vocab_size=tokenizer_vocab_size,
+        )[layer_id]  # fmt: skip
+        # Hash parameters are derived, not learned: outside the state_dict, as in the demo.
+        self.register_buffer("multipliers", multipliers, persistent=False)
+        self.register_buffer("primes", primes, persistent=False)
+        if compression is not None:
+            compression = torch.as_tensor(compression, dtype=torch.int64)
+            self.register_buffer("compression", compression, persistent=False)
+            pad_id = int(compression[pad_id])
+        else:
+            self.compression = None
+        self.pad_id = int(pad_id)
+        self.multi_head_embedding = MultiHeadEmbedding(
+            primes.reshape(-1).tolist(), n_embed_per_ngram // n_head_per_ngram
+        )
+        self.short_conv = ShortConv(hidden_size, kernel_size, max_ngram_size, hc_mult)
+        engram_hidden = (max_ngram_size - 1) * n_embed_per_ngram
+        self.value_proj = nn.Linear(engram_hidden, hidden_size)
+        self.key_projs = nn.ModuleList([nn.Linear(engram_hidden, hidden_size) for _ in range(hc_mult)])
+        self.norm1 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
+        self.norm2 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
+
+    def compress(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Raw ids -> compressed ids through ``compression`` (negative ids pass through, as in the demo)."""
+        if self.compression is None:
+            return input_ids
+        return torch.where(input_ids >= 0, self.compression[input_ids.clamp_min(0)], input_ids)
+
+    def new_state(self, batch: int) -> EngramState:
+        """The decode state at the start of ``batch`` sequences."""
+        device = self.multi_head_embedding.embedding.weight.device
+        dtype = self.value_proj.weight.dtype
+        rows = (self.kernel_size - 1) * self.max_ngram_size
+        return EngramState(
+            ids=torch.full((batch, self.max_ngram_size - 1), self.pad_id, dtype=torch.int64, device=device),
+            conv=torch.zeros(batch, rows, self.hc_mult, self.hidden_size, dtype=dtype, device=device),
+        )
+
+    def embed(self, input_ids: torch.Tensor, *, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The multi-head embedding of compressed ids (B, L) -> (B, L, (N - 1) * e); ``context`` (B, N - 1)
+        the ids before them (default: the left padding)."""
+        ids = input_ids if context is None else torch.cat([context, input_ids], dim=1)
+        table = self.multi_head_embedding
+        out = memops.engram_lookup(ids, table.embedding.weight, self.multipliers, self.primes, table.offsets,
+                                   pad_id=self.pad_id)  # fmt: skip
+        return out if context is None else out[:, context.shape[1] :]
+
+    def forward(
+        self, hidden_states: torch.Tensor, input_ids: torch.Tensor, *, state: EngramState | None = None
+    ) -> torch.Tensor:
+        """hidden_states (B, L, G, C), input_ids (B, L) raw token ids -> (B, L, G, C).
+
+        ``state``: continue the sequences that ``state`` holds (prefill, then one token or a chunk at a time);
+        it is updated in place. The result equals the rows of a forward over the whole sequence."""
+        B, L, G, C = hidden_states.shape
+        ids = self.compress(input_ids)
+        embeddings = self.embed(ids, context=None if state is None or state.fresh else state.ids)
+        key = F.linear(
+            embeddings,
+            torch.cat([proj.weight for proj in self.key_projs]),
+            torch.cat([proj.bias for proj in self.key_projs]),
+        ).view(B, L, G, C)  # the G key projections as one matmul
+        value = self.value_proj(embeddings)
+        w_k = torch.stack([norm.weight for norm in self.norm1])
+        w_q = torch.stack([norm.weight for norm in self.norm2])
+        gated = memops.engram_gate(key, hidden_states, w_k, w_q, value, eps=self.norm1[0].eps)
+        conv = self.short_conv
+        options = dict(dilation=conv.dilation, eps=conv.norm_eps)
+        if state is None:
+            return memops.short_conv(gated, conv.conv.weight, conv.norm_weight(), **options)
+        if state.fresh:
+            out = memops.short_conv(gated, conv.conv.weight, conv.norm_weight(), **options)
+        else:
+            steps = []
+            rows = state.conv
+            for t in range(L):
+                step, rows = memops.short_conv_step(gated[:, t], rows, conv.conv.weight, conv.norm_weight(), **options)
+                steps.append(step)
+            out = torch.stack(steps, dim=1)
+        self._advance(state, ids, gated.detach())
+        return out
+
+    def _advance(self, state: EngramState, ids: torch.Tensor, gated: torch.Tensor) -> None:
+        conv = self.short_conv
+        history = ids if state.fresh else torch.cat([state.ids, ids], dim=1)
+        if history.shape[1] < state.ids.shape[1]:  # a prompt shorter than N - 1: keep the padding before it
+            history = torch.cat([state.ids, history], dim=1)
+        normed = F.rms_norm(gated, (gated.shape[-1],), eps=conv.norm_eps) * conv.norm_weight().detach()
+        rows = torch.cat([state.conv, normed.to(state.conv.dtype)], dim=1)
+        state.ids = history[:, -state.ids.shape[1] :]
+        state.conv = rows[:, -state.conv.shape[1] :]
+        state.fresh = False
