@@ -53,6 +53,7 @@ BENCHMARKS = {
     "looped_attention": "looped",
     "block_route": "moe_routing",
     "block_moe": "moe_layer",
+    "engram": "engram",
 }
 L2_BYTES_GUESS = 64 << 20
 NOISY_SPREAD = 0.10  # IQR / median above which a case is timed again
