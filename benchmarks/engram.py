@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops import reference
 from memops.tools.benchmarking import Case
 
 OP = "engram"
@@ -224,12 +223,3 @@ def bytes_moved(case: Case, mode: str) -> int:
     conv = 2 * rows * p["G"] * p["C"] * item
     moved = {"lookup": lookup, "gate": gate, "conv": conv, "layer": lookup + gate + conv}[p["part"]]
     return moved if mode == "fwd" else 3 * moved
-
-
-def _check_reference_equivalence() -> None:
-    """The ``torch`` formulations compute the reference's functions (used by the tests)."""
-    ids = torch.randint(0, 50, (2, 9))
-    m, primes = reference.engram.engram_hash_params((1,), (11, 13), max_ngram_size=3, n_head_per_ngram=2, seed=0,
-                                                    tokenizer_vocab_size=50)[1]  # fmt: skip
-    assert torch.equal(torch_hash(ids, m, primes, 2), reference.engram.ngram_hash(ids, m, primes, pad_id=2))
-    assert torch.equal(numpy_hash(ids, m, primes, 2), reference.engram.ngram_hash(ids, m, primes, pad_id=2))

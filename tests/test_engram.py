@@ -588,3 +588,37 @@ def test_engram_compression_lookup(device):
     assert compressed.pad_id == int(compression[2])
     ours.pad_id = compressed.pad_id
     assert torch.equal(compressed(hidden, raw), ours(hidden, compression.to(device)[raw]))
+
+
+def test_benchmark_hash_formulations_are_the_reference():
+    from memops.benchmarks import engram as bench
+
+    ids = torch.randint(0, 50, (2, 9))
+    m, primes = make_params((1,), (11, 13), 3, 2, 0, 50)[1]
+    expected = reference.engram.ngram_hash(ids, m, primes, pad_id=2)
+    assert torch.equal(bench.torch_hash(ids, m, primes, 2), expected)
+    assert torch.equal(bench.numpy_hash(ids, m, primes, 2), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_engram_layer_on_cuda_against_float64(dtype):
+    # 16-bit tables, projections and activations on a real GPU (the interpreter's bf16 math is not trusted):
+    # the whole layer and its grads against the same layer in float64 on the reference backend.
+    _, ours = engram_pair("cuda")
+    hidden = torch.randn(2, 64, 2, 32, device="cuda")
+    ids = torch.randint(0, 90, (2, 64), device="cuda")
+    low = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3)).to("cuda", dtype)
+    low.load_state_dict(ours.state_dict())
+    high = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3)).to("cuda", torch.float64)
+    high.load_state_dict(ours.state_dict())
+    with memops.backend("triton"), count_launches() as launches:
+        out = low(hidden.to(dtype), ids)
+        out.float().square().sum().backward()
+    assert launches["engram_lookup_fwd_kernel"] == 1 and launches["short_conv_bwd_dx_kernel"] == 1
+    with memops.backend("reference"):
+        ref = high(hidden.double(), ids)
+        ref.square().sum().backward()
+    assert_close_to_reference(out, ref, dtype)
+    for (name, p), q in zip(low.named_parameters(), high.parameters()):
+        assert_close_to_reference(p.grad, q.grad, dtype, name=name, scale=5)
