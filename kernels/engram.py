@@ -47,7 +47,7 @@ def _floor_mod(mix, prime):
 @triton.jit
 def ngram_hash_kernel(
     ids_ptr, multipliers_ptr, primes_ptr, offsets_ptr, out_ptr,
-    n_tokens, L, stride_b, stride_l, pad_id,
+    n_tokens, L_out, context, stride_b, stride_l, pad_id,
     N_MAX: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
     ADD_OFFSETS: tl.constexpr,
 ):
@@ -55,8 +55,8 @@ def ngram_hash_kernel(
     # writes that order's h heads as one (BLOCK_T, h) tile of out (n_tokens, (N - 1) * h).
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n_tokens
-    batch = offs_t // L
-    pos = offs_t - batch * L
+    batch = offs_t // L_out
+    pos = offs_t - batch * L_out + context  # output row t reads ids column context + t
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < HEADS
     mask = mask_t[:, None] & mask_h[None, :]
@@ -75,7 +75,7 @@ def ngram_hash_kernel(
 @triton.jit
 def engram_lookup_fwd_kernel(
     ids_ptr, table_ptr, multipliers_ptr, primes_ptr, offsets_ptr, out_ptr,
-    n_tokens, L, D, stride_b, stride_l, stride_table, pad_id,
+    n_tokens, L_out, context, D, stride_b, stride_l, stride_table, pad_id,
     N_MAX: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program per (BLOCK_T tokens, hash head c). Head c is of order n = c // h + 2: it mixes the ids
@@ -84,8 +84,8 @@ def engram_lookup_fwd_kernel(
     head = tl.program_id(1)
     order = head // HEADS  # n - 2
     mask_t = offs_t < n_tokens
-    batch = offs_t // L
-    pos = offs_t - batch * L
+    batch = offs_t // L_out
+    pos = offs_t - batch * L_out + context  # output row t reads ids column context + t
     mix = _shifted_ids(ids_ptr, batch, pos, mask_t, stride_b, stride_l, pad_id, 0) * tl.load(multipliers_ptr)
     for k in tl.static_range(1, N_MAX):
         used = (tl.zeros_like(pos) + order) >= k - 1  # block-shaped: a scalar bool mask trips the interpreter
@@ -113,12 +113,12 @@ def _lookup_config(D: int, element_size: int) -> dict:
 
 def ngram_hash(
     ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, pad_id: int,
-    offsets: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None, context: int = 0,
 ) -> torch.Tensor:
-    """(B, L) int ids (any strides) -> (B, L, (N - 1) * h) int64 hash ids, plus ``offsets`` per column
-    when given (the lookup's table rows). multipliers (N,), primes (N - 1, h), offsets ((N - 1) * h,): int64,
-    contiguous."""
-    B, L = ids.shape
+    """(B, L_ids) int ids (any strides) -> (B, L_ids - context, (N - 1) * h) int64 hash ids, plus ``offsets``
+    per column when given (the lookup's table rows); the first ``context`` ids only feed later hashes.
+    multipliers (N,), primes (N - 1, h), offsets ((N - 1) * h,): int64, contiguous."""
+    B, L = ids.shape[0], ids.shape[1] - context
     orders, heads = primes.shape
     out = torch.empty((B, L, orders * heads), dtype=torch.int64, device=ids.device)
     n_tokens = B * L
@@ -128,7 +128,7 @@ def ngram_hash(
     record_launch("ngram_hash_kernel")
     ngram_hash_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
         ids, multipliers, primes, offsets if offsets is not None else primes, out,
-        n_tokens, L, ids.stride(0), ids.stride(1), pad_id,
+        n_tokens, L, context, ids.stride(0), ids.stride(1), pad_id,
         N_MAX=orders + 1, HEADS=heads, BLOCK_H=cfg["BLOCK_H"], BLOCK_T=cfg["BLOCK_T"],
         ADD_OFFSETS=offsets is not None, num_warps=cfg["num_warps"],
     )
@@ -137,11 +137,11 @@ def ngram_hash(
 
 def engram_lookup_fwd(
     ids: torch.Tensor, table: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
-    offsets: torch.Tensor, pad_id: int, *, config: dict | None = None,
+    offsets: torch.Tensor, pad_id: int, context: int = 0, *, config: dict | None = None,
 ) -> torch.Tensor:
-    """(B, L, (N - 1) * h * d) in table.dtype from ids (B, L), a (rows, d) table with unit column stride and
-    the hash parameters (int64, contiguous). ``config`` overrides the launch parameters (tuning)."""
-    B, L = ids.shape
+    """(B, L, (N - 1) * h * d) in table.dtype from ids (B, context + L), a (rows, d) table with unit column
+    stride and the hash parameters (int64, contiguous). ``config`` overrides the launch parameters (tuning)."""
+    B, L = ids.shape[0], ids.shape[1] - context
     orders, heads = primes.shape
     D = table.shape[1]
     out = torch.empty((B, L, orders * heads * D), dtype=table.dtype, device=table.device)
@@ -152,7 +152,7 @@ def engram_lookup_fwd(
     record_launch("engram_lookup_fwd_kernel")
     engram_lookup_fwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]), orders * heads)](
         ids, table, multipliers, primes, offsets, out,
-        n_tokens, L, D, ids.stride(0), ids.stride(1), table.stride(0), pad_id,
+        n_tokens, L, context, D, ids.stride(0), ids.stride(1), table.stride(0), pad_id,
         N_MAX=orders + 1, HEADS=heads, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"],
     )
@@ -161,12 +161,12 @@ def engram_lookup_fwd(
 
 def engram_lookup_bwd(
     grad_out: torch.Tensor, ids: torch.Tensor, table: torch.Tensor, multipliers: torch.Tensor,
-    primes: torch.Tensor, offsets: torch.Tensor, pad_id: int, *, deterministic: bool,
+    primes: torch.Tensor, offsets: torch.Tensor, pad_id: int, context: int = 0, *, deterministic: bool,
 ) -> torch.Tensor:
     """Dense (rows, d) table grad in table.dtype: grad_table[offsets[c] + id_c[t]] += grad_out[t, c*d:(c+1)*d].
     ``deterministic``: the sorted segment reduction (no atomics, the same bits every run)."""
     D = table.shape[1]
-    rows = ngram_hash(ids, multipliers, primes, pad_id, offsets).reshape(-1, 1)
+    rows = ngram_hash(ids, multipliers, primes, pad_id, offsets, context).reshape(-1, 1)
     ones = torch.ones(rows.shape, dtype=torch.float32, device=table.device)
     grad_table, _ = weighted_gather_bwd(
         grad_out.reshape(-1, D).contiguous(), table, rows, ones,

@@ -88,14 +88,14 @@ def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tenso
     return _ngram_hash_op(ids, multipliers, primes, int(pad_id))
 
 
-def _engram_lookup_fwd(ids, table, multipliers, primes, offsets, pad_id, sorted_grad):
+def _engram_lookup_fwd(ids, table, multipliers, primes, offsets, pad_id, context, sorted_grad):
     table = table if table.stride(1) == 1 else table.contiguous()
     return engram_kernels.engram_lookup_fwd(
-        ids, table, multipliers.contiguous(), primes.contiguous(), offsets.contiguous(), pad_id
+        ids, table, multipliers.contiguous(), primes.contiguous(), offsets.contiguous(), pad_id, context
     )
 
 
-def _engram_lookup_bwd(grad_out, ids, table, multipliers, primes, offsets, pad_id, sorted_grad, deterministic):
+def _engram_lookup_bwd(grad_out, ids, table, multipliers, primes, offsets, pad_id, context, sorted_grad, deterministic):
     table = table if table.stride(1) == 1 else table.contiguous()
     return engram_kernels.engram_lookup_bwd(
         grad_out.contiguous(),
@@ -105,25 +105,27 @@ def _engram_lookup_bwd(grad_out, ids, table, multipliers, primes, offsets, pad_i
         primes.contiguous(),
         offsets.contiguous(),
         pad_id,
+        context,
         deterministic=sorted_grad or deterministic,
     )
 
 
-def _lookup_fake(ids, table, multipliers, primes, offsets, pad_id, sorted_grad):
-    return table.new_empty((*ids.shape, primes.numel() * table.shape[1]))
+def _lookup_fake(ids, table, multipliers, primes, offsets, pad_id, context, sorted_grad):
+    return table.new_empty((ids.shape[0], ids.shape[1] - context, primes.numel() * table.shape[1]))
 
 
 _engram_lookup_op = custom_op(
     "engram_lookup",
     _engram_lookup_fwd,
-    "(Tensor ids, Tensor table, Tensor multipliers, Tensor primes, Tensor offsets, int pad_id, bool sorted_grad) "
+    "(Tensor ids, Tensor table, Tensor multipliers, Tensor primes, Tensor offsets, int pad_id, int context, "
+    "bool sorted_grad) "
     "-> Tensor out",
     fake=_lookup_fake,
     backward=backward_op(
         "engram_lookup_backward",
         _engram_lookup_bwd,
         "(Tensor grad_out, Tensor ids, Tensor table, Tensor multipliers, Tensor primes, Tensor offsets, int pad_id, "
-        "bool sorted_grad, bool deterministic) -> Tensor grad_table",
+        "int context, bool sorted_grad, bool deterministic) -> Tensor grad_table",
         grads=("table",),
     ),
 )
@@ -137,6 +139,7 @@ def engram_lookup(
     offsets: torch.Tensor,
     *,
     pad_id: int,
+    context: int = 0,
     deterministic: bool = False,
 ) -> torch.Tensor:
     """Engram's multi-head embedding read, hash and gather fused: ``out[b, t, c*d:(c+1)*d] =
@@ -151,11 +154,13 @@ def engram_lookup(
         primes: (N - 1, h) int64 per-head table sizes.
         offsets: ((N - 1) * h,) int64 first row of each head (:func:`memops.reference.engram.table_offsets`).
         pad_id: the left-padding id.
+        context: the first ``context`` columns of ids are earlier tokens that only feed the hashes of the
+            later ones (decode: the last N - 1 ids, then the new token); no rows are read for them.
         deterministic: table grad by a sorted segment reduction (no atomics, bit-identical across runs);
             also on under ``torch.use_deterministic_algorithms(True)``.
 
     Returns:
-        (B, L, (N - 1) * h * d) in table.dtype. Backward gives ``table`` a dense (rows, d) grad that is
+        (B, L - context, (N - 1) * h * d) in table.dtype. Backward gives ``table`` a dense (rows, d) grad that is
         non-zero only on the rows read.
 
     Raises IndexError when a head's rows, offsets[c] + [0, primes[c]), run past the table.
@@ -175,9 +180,10 @@ def engram_lookup(
                 f"{op}: offsets + primes: head rows span [{int(offsets.min())}, {int(ends.max())}), "
                 f"past the table's {table.shape[0]} rows"
             )
+    check_int(context, "context", op, low=0, high=ids.shape[1] + 1)
     if resolve_backend(table) == "reference":
-        return reference.engram.engram_lookup(ids, table, multipliers, primes, offsets, pad_id=pad_id)
-    return _engram_lookup_op(ids, table, multipliers, primes, offsets, int(pad_id), bool(deterministic))
+        return reference.engram.engram_lookup(ids, table, multipliers, primes, offsets, pad_id=pad_id, context=context)
+    return _engram_lookup_op(ids, table, multipliers, primes, offsets, int(pad_id), int(context), bool(deterministic))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -253,7 +253,8 @@ def test_opcheck(device):
     ids, table, m, primes, offsets = lookup_case(device, L=6)
     torch.library.opcheck(torch.ops.memops.ngram_hash.default, (ids, m, primes, 2))
     table = table.requires_grad_()
-    torch.library.opcheck(torch.ops.memops.engram_lookup.default, (ids, table, m, primes, offsets, 2, False))
+    torch.library.opcheck(torch.ops.memops.engram_lookup.default, (ids, table, m, primes, offsets, 2, 0, False))
+    torch.library.opcheck(torch.ops.memops.engram_lookup.default, (ids, table, m, primes, offsets, 2, 2, True))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -622,3 +623,19 @@ def test_engram_layer_on_cuda_against_float64(dtype):
     assert_close_to_reference(out, ref, dtype)
     for (name, p), q in zip(low.named_parameters(), high.parameters()):
         assert_close_to_reference(p.grad, q.grad, dtype, name=name, scale=5)
+
+
+@pytest.mark.parametrize("context", [1, 2, 9])
+def test_lookup_with_context_reads_only_the_new_rows(context, device, poison_empty):
+    ids, table, m, primes, offsets = lookup_case(device, L=9)
+    table = table.requires_grad_()
+    full = reference.engram.engram_lookup(ids, table, m, primes, offsets, pad_id=3)
+    with memops.backend("triton"):
+        part = memops.engram_lookup(ids, table, m, primes, offsets, pad_id=3, context=context)
+        grad_out = torch.randn_like(part)
+        (grad,) = torch.autograd.grad(part, table, grad_out)
+    assert torch.equal(part, full[:, context:])
+    (expected,) = torch.autograd.grad(full[:, context:], table, grad_out)
+    assert_close_to_reference(grad, expected, torch.float32)
+    with pytest.raises(ValueError, match="context must be in"):
+        memops.engram_lookup(ids, table, m, primes, offsets, pad_id=3, context=10)

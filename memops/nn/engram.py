@@ -151,9 +151,9 @@ class Engram(nn.Module):
         the ids before them (default: the left padding)."""
         ids = input_ids if context is None else torch.cat([context, input_ids], dim=1)
         table = self.multi_head_embedding
-        out = memops.engram_lookup(ids, table.embedding.weight, self.multipliers, self.primes, table.offsets,
-                                   pad_id=self.pad_id)  # fmt: skip
-        return out if context is None else out[:, context.shape[1] :]
+        width = 0 if context is None else context.shape[1]  # one row per head per new token
+        return memops.engram_lookup(ids, table.embedding.weight, self.multipliers, self.primes, table.offsets,
+                                    pad_id=self.pad_id, context=width)  # fmt: skip
 
     def forward(
         self, hidden_states: torch.Tensor, input_ids: torch.Tensor, *, state: EngramState | None = None

@@ -149,10 +149,13 @@ def engram_lookup(
     offsets: torch.Tensor,
     *,
     pad_id: int,
+    context: int = 0,
 ) -> torch.Tensor:
-    """(B, L) ids -> (B, L, (N - 1) * h * d): row ``offsets[c] + hash_c`` of the (rows, d) table for each hash
-    head c, concatenated in head order. Differentiable in ``table`` (a dense grad, as F.embedding's)."""
-    rows = ngram_hash(ids, multipliers, primes, pad_id=pad_id) + offsets.to(device=ids.device, dtype=torch.int64)
+    """(B, context + L) ids -> (B, L, (N - 1) * h * d): row ``offsets[c] + hash_c`` of the (rows, d) table for
+    each hash head c, concatenated in head order; the first ``context`` ids only feed the later hashes.
+    Differentiable in ``table`` (a dense grad, as F.embedding's)."""
+    hashes = ngram_hash(ids, multipliers, primes, pad_id=pad_id)[:, context:]
+    rows = hashes + offsets.to(device=ids.device, dtype=torch.int64)
     return F.embedding(rows, table).flatten(-2)
 
 

@@ -489,6 +489,7 @@ def _engram_scenarios(dtype, subset):
         multipliers, primes = _meta(3, dtype=torch.int64), _meta(2, heads // 2, dtype=torch.int64)
         offsets, table = _meta(heads, dtype=torch.int64), _meta(rows, d, dtype=dt)
         engram.engram_lookup_fwd(ids, table, multipliers, primes, offsets, 2)
+        engram.engram_lookup_fwd(_meta(B, 3, dtype=torch.int64), table, multipliers, primes, offsets, 2, 2)  # decode
         row_ids = engram.ngram_hash(ids, multipliers, primes, 2, offsets).reshape(-1, 1)
         weighted_gather_bwd(
             _meta(B * L * heads, d, dtype=dt), table, row_ids, _meta(B * L * heads, 1, dtype=torch.float32),
