@@ -141,6 +141,7 @@ def engram_lookup(
     pad_id: int,
     context: int = 0,
     deterministic: bool = False,
+    sparse: bool = False,
 ) -> torch.Tensor:
     """Engram's multi-head embedding read, hash and gather fused: ``out[b, t, c*d:(c+1)*d] =
     table[offsets[c] + hash_c(ids)[b, t]]`` for every hash head c (see :func:`ngram_hash`), with no id
@@ -158,6 +159,9 @@ def engram_lookup(
             later ones (decode: the last N - 1 ids, then the new token); no rows are read for them.
         deterministic: table grad by a sorted segment reduction (no atomics, bit-identical across runs);
             also on under ``torch.use_deterministic_algorithms(True)``.
+        sparse: give ``table`` a ``torch.sparse_coo`` grad (one (d,) row per token and head, uncoalesced, as
+            ``nn.Embedding(sparse=True)``'s) for optimizers that take one (torch.optim.SparseAdam, SGD);
+            eager mode (an autograd.Function around the op).
 
     Returns:
         (B, L - context, (N - 1) * h * d) in table.dtype. Backward gives ``table`` a dense (rows, d) grad that is
@@ -181,9 +185,39 @@ def engram_lookup(
                 f"past the table's {table.shape[0]} rows"
             )
     check_int(context, "context", op, low=0, high=ids.shape[1] + 1)
+    if sparse:
+        return _SparseTableGrad.apply(table, ids, multipliers, primes, offsets, int(pad_id), int(context))
     if resolve_backend(table) == "reference":
         return reference.engram.engram_lookup(ids, table, multipliers, primes, offsets, pad_id=pad_id, context=context)
     return _engram_lookup_op(ids, table, multipliers, primes, offsets, int(pad_id), int(context), bool(deterministic))
+
+
+class _SparseTableGrad(torch.autograd.Function):
+    """engram_lookup with a sparse_coo table grad: the rows read (hashed again in backward) and the output
+    grad's (d,) slices, uncoalesced."""
+
+    @staticmethod
+    def forward(ctx, table, ids, multipliers, primes, offsets, pad_id, context):
+        ctx.save_for_backward(ids, multipliers, primes, offsets)
+        ctx.lookup = (pad_id, context, table.shape, resolve_backend(table))
+        args = (ids, table.detach(), multipliers, primes, offsets)
+        if ctx.lookup[3] == "reference":
+            return reference.engram.engram_lookup(*args, pad_id=pad_id, context=context)
+        return _engram_lookup_op(*args, pad_id, context, False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, multipliers, primes, offsets = ctx.saved_tensors
+        pad_id, context, shape, backend = ctx.lookup
+        if backend == "reference":
+            rows = reference.engram.ngram_hash(ids, multipliers, primes, pad_id=pad_id)[:, context:] + offsets
+        else:
+            rows = engram_kernels.ngram_hash(ids, multipliers.contiguous(), primes.contiguous(), pad_id,
+                                             offsets.contiguous(), context)  # fmt: skip
+        values = grad_out.reshape(-1, shape[1])
+        # rows are in range by construction (offsets + primes were checked against the table): no invariant pass
+        grad = torch.sparse_coo_tensor(rows.reshape(1, -1), values, shape, dtype=values.dtype, check_invariants=False)
+        return grad, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -639,3 +639,27 @@ def test_lookup_with_context_reads_only_the_new_rows(context, device, poison_emp
     assert_close_to_reference(grad, expected, torch.float32)
     with pytest.raises(ValueError, match="context must be in"):
         memops.engram_lookup(ids, table, m, primes, offsets, pad_id=3, context=10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sparse_table_grad(backend, device):
+    ids, table, m, primes, offsets = lookup_case(device, L=7)
+    dense_table = table.clone().requires_grad_()
+    sparse_table = table.clone().requires_grad_()
+    with memops.backend(backend), count_launches() as launches:
+        dense = memops.engram_lookup(ids, dense_table, m, primes, offsets, pad_id=1, context=1)
+        sparse = memops.engram_lookup(ids, sparse_table, m, primes, offsets, pad_id=1, context=1, sparse=True)
+        grad_out = torch.randn_like(dense)
+        dense.backward(grad_out)
+        sparse.backward(grad_out)
+    assert (launches["ngram_hash_kernel"] > 0) == (backend == "triton")
+    assert torch.equal(sparse, dense)
+    assert sparse_table.grad.is_sparse
+    assert sparse_table.grad._nnz() == ids.shape[0] * (ids.shape[1] - 1) * primes.numel()
+    assert_close_to_reference(sparse_table.grad.to_dense(), dense_table.grad, torch.float32)
+    optimizer = torch.optim.SparseAdam([sparse_table], lr=0.1)
+    before = sparse_table.detach().clone()
+    optimizer.step()
+    touched = dense_table.grad.abs().sum(1) > 0
+    assert not torch.equal(sparse_table[touched], before[touched])
+    assert torch.equal(sparse_table[~touched], before[~touched])
