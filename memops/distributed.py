@@ -8,6 +8,9 @@ expert-parallel block MoE, built from plain collectives with autograd.
 - :class:`ExpertParallelBlockMoE` gives each rank E / world_size experts. After block routing (replicated
   router), every (token, k) slot travels to the rank owning its expert (``all_to_all_single``), runs there
   through ``moe_ffn`` and travels back: 2 x k x d values per token each way, plus split sizes.
+- :class:`ShardedEngram` splits the hashed n-gram table by rows; every rank of a tensor-parallel group
+  reads the rows it owns for all tokens and one all-reduce sums the partial embeddings: (N - 1) x e values
+  per token forward, nothing backward.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memops.engram import ngram_hash
 from memops.moe import moe_ffn, unique_experts
+from memops.nn.engram import Engram
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
 from memops.product_key import weighted_gather
@@ -259,3 +264,88 @@ class ExpertParallelBlockMoE(BlockMoE):
         acc = torch.promote_types(x.dtype, torch.float32)
         y = (per_slot.view(B * N, k, d).to(acc) * weights.reshape(B * N, k, 1).to(acc)).sum(1).to(x.dtype)
         return self.add_shared_experts(y, flat).reshape(B, N, d)
+
+
+class _SumShards(torch.autograd.Function):
+    """All-reduce (sum) of per-rank partial outputs; the backward passes the (replicated) gradient through
+    unchanged, as Megatron's vocab-parallel embedding does: each rank's rows get their grad locally."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        out = partial.contiguous().clone()
+        _count("engram forward all_reduce", out)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ShardedEngram(Engram):
+    """An Engram whose hashed embedding table is split by rows over ``process_group`` (row parallelism).
+
+    Rank r holds rows [r * ceil(rows / W), (r + 1) * ceil(rows / W)) of
+    ``multi_head_embedding.embedding.weight`` (the last shard may be shorter). Every rank sees the same
+    tokens (a tensor-parallel group: activations replicated) and hashes them all; each reads the rows it
+    owns (zeros elsewhere, a weighted gather with 0/1 weights) and one all-reduce sums the partial
+    embeddings. Per token that moves (N - 1) * e values (the embedding width, 1024 for the demo) and no ids;
+    the backward needs no communication, since each rank's rows take their gradient from the replicated
+    output gradient. Chosen over an all-to-all of ids and rows (which a data-parallel layout would need):
+    no data-dependent split sizes, so no host sync and nothing that blocks CUDA graphs or compile, at the
+    cost of hashing every token on every rank (N int64 loads per token and head, cheap beside the rows).
+
+    All other parameters are replicated and must be identical on every rank (same seed, or DDP). The state
+    dict holds the local shard and its (rank, world_size); :func:`gather_engram_table` assembles the full
+    table for a single-process (official-layout) checkpoint.
+    """
+
+    def __init__(self, *args, process_group=None, **kwargs) -> None:
+        world, rank = _group_size_and_rank(process_group)
+        super().__init__(*args, **kwargs)
+        self.process_group, self.world_size, self.rank = process_group, world, rank
+        full = self.multi_head_embedding.embedding.weight.detach()
+        self.total_rows = full.shape[0]
+        per_rank = -(-self.total_rows // world)
+        self.row_start = min(rank * per_rank, self.total_rows)
+        row_end = min(self.row_start + per_rank, self.total_rows)
+        # Every rank draws the full table with the same seed and keeps its rows: sharded training starts from
+        # exactly the single-process initialisation.
+        local = full[self.row_start : row_end].clone()
+        self.multi_head_embedding.embedding = nn.Embedding.from_pretrained(local, freeze=False)
+
+    def get_extra_state(self):
+        return {"rank": self.rank, "world_size": self.world_size}
+
+    def set_extra_state(self, state) -> None:
+        if state["world_size"] != self.world_size or state["rank"] != self.rank:
+            raise ValueError(
+                f"ShardedEngram: checkpoint shard is rank {state['rank']} of {state['world_size']}, this module is "
+                f"rank {self.rank} of {self.world_size}; convert with memops.distributed.gather_engram_table"
+            )
+
+    def embed(self, input_ids: torch.Tensor, *, context: torch.Tensor | None = None) -> torch.Tensor:
+        ids = input_ids if context is None else torch.cat([context, input_ids], dim=1)
+        width = 0 if context is None else context.shape[1]
+        table = self.multi_head_embedding
+        rows = ngram_hash(ids, self.multipliers, self.primes, pad_id=self.pad_id)[:, width:] + table.offsets
+        local = table.embedding.weight
+        shifted = rows.reshape(-1, 1) - self.row_start
+        owned = (shifted >= 0) & (shifted < local.shape[0])
+        partial = weighted_gather(
+            local, shifted.clamp(0, max(local.shape[0] - 1, 0)), owned.to(local.dtype), check_indices=False
+        )
+        out = _SumShards.apply(partial, self.process_group)
+        return out.reshape(*rows.shape[:2], rows.shape[2] * local.shape[1])
+
+
+@torch.no_grad()
+def gather_engram_table(module: ShardedEngram) -> torch.Tensor:
+    """The full (rows, d) hashed embedding table on every rank (a collective: call it on every rank)."""
+    local = module.multi_head_embedding.embedding.weight.contiguous()
+    per_rank = -(-module.total_rows // module.world_size)
+    padded = local.new_zeros(per_rank, local.shape[1])
+    padded[: local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(module.world_size)]
+    dist.all_gather(pieces, padded, group=module.process_group)
+    return torch.cat(pieces)[: module.total_rows]

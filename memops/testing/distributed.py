@@ -196,10 +196,60 @@ def check_ddp_memory_lm(rank: int, world: int) -> dict:
     return {"losses": losses}
 
 
+def check_sharded_engram(rank: int, world: int) -> dict:
+    from memops import distributed as md
+    from memops.nn import Engram
+
+    # Three heads (orders 2..4, one head each) of odd prime sizes: an odd row count, so the last shard is shorter.
+    config = dict(
+        layer_id=1, hidden_size=16, hc_mult=2, vocab_sizes=(61, 67, 71), max_ngram_size=4, n_embed_per_ngram=8,
+        n_head_per_ngram=1, kernel_size=4, pad_id=2, seed=0, tokenizer_vocab_size=90,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    single = Engram(**config)
+    torch.manual_seed(0)
+    sharded = md.ShardedEngram(**config)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 7, 2, 16, generator=generator)
+    ids = torch.randint(0, 90, (2, 7), generator=generator)
+    results = {}
+    for name, module in (("single", single), ("sharded", sharded)):
+        leaf = hidden.clone().requires_grad_()
+        out = module(leaf, ids)
+        out.square().sum().backward()
+        results[name] = (out.detach(), leaf.grad, {n: p.grad for n, p in module.named_parameters()})
+    errors = {"out": _close(results["sharded"][0], results["single"][0]),
+              "dhidden": _close(results["sharded"][1], results["single"][1])}  # fmt: skip
+    start, rows = sharded.row_start, sharded.multi_head_embedding.embedding.weight.shape[0]
+    for name, grad in results["sharded"][2].items():
+        expected = results["single"][2][name]
+        if name == "multi_head_embedding.embedding.weight":
+            expected = expected[start : start + rows]
+            errors["table rows on this rank"] = rows
+        errors[name] = _close(grad, expected) if expected.abs().sum() > 0 else float((grad.abs().sum() == 0).item())
+    total = single.multi_head_embedding.embedding.weight.shape[0]
+    if total % world == 0:
+        raise AssertionError("the table's row count divides the world size: the uneven last shard is not tested")
+    # Communication: one all-reduce of the (tokens, (N - 1) * e) partial embeddings forward, nothing backward.
+    md.COMMUNICATED.clear()
+    sharded(hidden, ids).sum().backward()
+    errors["bytes forward"] = md.COMMUNICATED["engram forward all_reduce"]
+    if errors["bytes forward"] != 2 * 7 * 3 * 8 * 4 or len(md.COMMUNICATED) != 1:
+        raise AssertionError(f"communicated bytes {dict(md.COMMUNICATED)} differ from the model")
+    # Checkpoints: the full table gathers back to the single-process layout, which loads strictly.
+    full = md.gather_engram_table(sharded)
+    errors["gathered table"] = _close(full, single.multi_head_embedding.embedding.weight.detach())
+    state = {k: v for k, v in sharded.state_dict().items() if k != "_extra_state"}
+    state["multi_head_embedding.embedding.weight"] = full
+    Engram(**config).load_state_dict(state, strict=True)
+    return errors
+
+
 CHECKS = {
     "sharded_pkm": check_sharded_pkm,
     "expert_parallel_moe": check_expert_parallel_moe,
     "ddp_memory_lm": check_ddp_memory_lm,
+    "sharded_engram": check_sharded_engram,
 }
 
 
