@@ -144,3 +144,25 @@ def test_looped_mode():
 def test_loops_validation():
     with pytest.raises(ValueError, match="loops must be >= 1"):
         MemoryLMConfig(**{**TINY, "loops": 0}).validate()
+
+
+def test_engram_layers_train_and_generate_equal_full_recomputation():
+    model = tiny_model(engram_layers=(0,), moe_block_size=None, kv_budget=40, retention_in_attention=False)
+    engram = model.layers[0].engram
+    assert engram is not None and model.layers[1].engram is None
+    tokens = torch.randint(0, 17, (2, 12))
+    model.loss(tokens, tokens).backward()
+    assert engram.multi_head_embedding.embedding.weight.grad.ne(0).any()
+    assert engram.short_conv.conv.weight.grad.ne(0).any() and engram.key_projs[0].weight.grad.ne(0).any()
+    # Decoding carries each Engram layer's n-gram ids and conv rows: equal to greedy full recomputation.
+    prompt = torch.randint(0, 17, (2, 5))
+    generated, _ = model.generate(prompt, max_new_tokens=8)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, expected)
+    with pytest.raises(ValueError, match="engram_layers with loops > 1"):
+        MemoryLMConfig(**{**TINY, "engram_layers": (0,), "loops": 2}).validate()
+    with pytest.raises(ValueError, match="engram_layers entry 5"):
+        MemoryLMConfig(**{**TINY, "engram_layers": (5,)}).validate()

@@ -3,7 +3,8 @@
 Each layer: pre-norm attention over [learned memory prefix ; sequence] (``nn.RetentionAttention``, or
 ``nn.LoopedAttention`` with loops > 1: forms of ``nn.MemoryAttention``), then a
 pre-norm FFN that is a ``ProductKeyMemory`` in ``pkm_layers`` and a ``BlockMoE`` (dMoE block routing)
-elsewhere. Every layer also has a ``RetentionGate`` (TRIM-KV): in training the sequence keys decay by its
+elsewhere; layers in ``engram_layers`` first add an ``nn.Engram`` (hashed n-gram memory) to the residual.
+Every layer also has a ``RetentionGate`` (TRIM-KV): in training the sequence keys decay by its
 retention inside attention (``memops.retention_attention``; the memory prefix does not decay) and its
 capacity loss pulls it towards ``kv_budget``; ``generate`` attends without decay, as TRIM-KV inference does,
 and uses the gate to run a ``RetentionKVCache`` bounded by ``kv_budget + kv_buffer`` rows per layer and KV
@@ -25,7 +26,7 @@ from torch import nn
 
 from memops._validation import can_read_values, check_int
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
-from memops.nn import BlockMoE, LoopedAttention, ProductKeyMemory, RetentionAttention, RetentionGate
+from memops.nn import BlockMoE, Engram, LoopedAttention, ProductKeyMemory, RetentionAttention, RetentionGate
 from memops.retention import capacity_loss
 
 
@@ -57,6 +58,11 @@ class MemoryLMConfig:
     capacity_weight: float = 0.01  # weight of the capacity loss in loss()
     loops: int = 1  # > 1: a looped transformer (MELT), one shared KV cache per layer
     retention_in_attention: bool = True  # decay the sequence keys by retention inside training attention
+    engram_layers: tuple[int, ...] = ()  # layers with an Engram hashed n-gram memory before attention
+    engram_max_ngram: int = 3  # Engram's largest n-gram order (orders 2..this)
+    engram_heads: int = 2  # hash heads per order
+    engram_embed: int = 32  # embedding width per order (engram_heads divides it)
+    engram_table: int = 1031  # the minimum table size per order and head (the primes start here)
 
     def validate(self) -> None:
         def fail(message):
@@ -85,6 +91,13 @@ class MemoryLMConfig:
         for layer in self.pkm_layers:
             if not 0 <= layer < self.n_layers:
                 fail(f"pkm_layers entry {layer} is not a layer index in [0, {self.n_layers})")
+        for layer in self.engram_layers:
+            if not 0 <= layer < self.n_layers:
+                fail(f"engram_layers entry {layer} is not a layer index in [0, {self.n_layers})")
+        if self.engram_layers and self.loops > 1:
+            fail("engram_layers with loops > 1 is not supported (one Engram decode state per layer, not per loop)")
+        if self.engram_layers and (self.engram_max_ngram < 2 or self.engram_embed % max(self.engram_heads, 1)):
+            fail("engram_max_ngram must be >= 2 and engram_heads must divide engram_embed")
         for name in ("moe_experts", "moe_top_k", "moe_d_expert", "moe_min_experts", "retention_hidden"):
             if getattr(self, name) < 1:
                 fail(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -108,6 +121,16 @@ class MemoryLMLayer(nn.Module):
         self.retention = RetentionGate(c.d_model, c.n_kv_heads, hidden=c.retention_hidden)
         # MELT's gate: how much of the previous loop's key/value row each token keeps, per KV head
         self.loop_gate = nn.Linear(c.d_model, c.n_kv_heads) if c.loops > 1 else None
+        # Engram (DeepSeek): hashed n-gram memory added to the residual before attention, as the demo's
+        # TransformerBlock does; one hyper-connection stream (G = 1), the token ids hashed as they are.
+        self.engram = None
+        if index in c.engram_layers:
+            self.engram = Engram(
+                layer_id=index, hidden_size=c.d_model, hc_mult=1,
+                vocab_sizes=[c.engram_table] * (c.engram_max_ngram - 1),
+                max_ngram_size=c.engram_max_ngram, n_embed_per_ngram=c.engram_embed, n_head_per_ngram=c.engram_heads,
+                kernel_size=4, pad_id=0, seed=0, tokenizer_vocab_size=c.vocab_size, layer_ids=sorted(c.engram_layers),
+            )  # fmt: skip
         self.ffn_norm = nn.LayerNorm(c.d_model)
         if index in c.pkm_layers:
             self.ffn = ProductKeyMemory(
@@ -133,10 +156,13 @@ class MemoryLMLayer(nn.Module):
     def _loop_gate(self, h):
         return torch.sigmoid(self.loop_gate(h)).transpose(1, 2).unsqueeze(-1)  # (B, Hkv, N, 1)
 
-    def forward(self, x, cache=None, layer_idx: int = 0, loop: int = 0, shared=None):
+    def forward(self, x, cache=None, layer_idx: int = 0, loop: int = 0, shared=None, tokens=None, engram_state=None):
         """x (B, N, d) -> (x, log_beta (B, Hkv, N), shared). With a cache (generation) the new rows join it:
         a RetentionKVCache, or a SharedLoopKVCache in looped mode. ``shared`` carries the training-time
-        looped cache, [prefix ; sequence] keys and values of the previous loop (None on loop 0)."""
+        looped cache, [prefix ; sequence] keys and values of the previous loop (None on loop 0). ``tokens``
+        (B, N): the ids an Engram layer hashes; ``engram_state``: its decode state (generation)."""
+        if self.engram is not None:
+            x = x + self.engram(x.unsqueeze(2), tokens, state=engram_state).squeeze(2)
         h = self.attn_norm(x)
         log_beta = self.retention(h).float()
         if self.loop_gate is not None:
@@ -198,7 +224,7 @@ class MemoryLM(nn.Module):
         shared = [None] * len(self.layers)
         for loop in range(self.config.loops):
             for index, layer in enumerate(self.layers):
-                x, log_beta, shared[index] = layer(x, loop=loop, shared=shared[index])
+                x, log_beta, shared[index] = layer(x, loop=loop, shared=shared[index], tokens=tokens)
                 if loop == self.config.loops - 1:
                     log_betas.append(log_beta)
         logits = self.head(self.norm(x))
@@ -237,11 +263,13 @@ class MemoryLM(nn.Module):
         if prompt.shape[0] == 0:
             return prompt.new_empty((0, total)), cache
         tokens, step_input, start = prompt, prompt, 0
+        engram_states = [layer.engram.new_state(prompt.shape[0]) if layer.engram is not None else None
+                         for layer in self.layers]  # fmt: skip
         for _ in range(max_new_tokens):
             x = self._embed(step_input, start)
             for loop in range(self.config.loops):
                 for index, layer in enumerate(self.layers):
-                    x, _, _ = layer(x, cache, index, loop)
+                    x, _, _ = layer(x, cache, index, loop, tokens=step_input, engram_state=engram_states[index])
             next_token = self.head(self.norm(x[:, -1])).argmax(-1, keepdim=True)
             start += step_input.shape[1]
             tokens = torch.cat([tokens, next_token], dim=1)
