@@ -109,3 +109,25 @@ def test_replace_mlp_errors(llama):
     with pytest.raises(ValueError, match=r"layer 5 is not in \[0, 2\)"):
         replace_mlp(llama, [5], "pkm")
     assert constant_decay(-0.5)(0, torch.zeros(1, 2, 3, 4)).tolist() == [[[-0.5] * 3] * 2]
+
+
+def test_insert_engram_generates_like_full_recomputation(llama):
+    from memops.integrations.hf import insert_engram
+
+    (engram,) = insert_engram(llama, [1], vocab_sizes=[101, 103], n_embed_per_ngram=16, n_head_per_ngram=2)
+    assert "model.layers.1.engram.multi_head_embedding.embedding.weight" in llama.state_dict()
+    assert "model.layers.0.mlp.up_proj.weight" in llama.state_dict()  # the checkpoint's own names unchanged
+    prompt = torch.randint(1, 50, (2, 5))
+    with torch.no_grad():
+        plain_logits = llama(prompt, use_cache=False).logits
+        engram.value_proj.bias.add_(1.0)  # the Engram's output moves the logits
+        assert not torch.allclose(llama(prompt, use_cache=False).logits, plain_logits)
+    out = full_cache_output(llama, prompt, 6)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            step = llama(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, step], dim=1)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="n_head_per_ngram= is required"):
+        insert_engram(llama, [0], vocab_sizes=[101, 103], n_embed_per_ngram=16)

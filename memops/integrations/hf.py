@@ -7,6 +7,8 @@
 - :class:`SharedLoopCache`: a ``transformers.Cache`` backed by :class:`memops.SharedLoopKVCache`, for looped
   models whose layers call ``update`` once per loop; ``loop_fn`` says which loop a call is and gives its gate.
 - :func:`replace_mlp`: swap chosen MLPs of a Llama-family model for ProductKeyMemory or BlockMoE layers.
+- :func:`insert_engram`: add an Engram (hashed n-gram memory) before chosen decoder layers of a Llama-family
+  model, fed the model's input_ids, decoding with per-layer Engram state under ``generate``.
 
 The attention mask treats the rows a layer holds as the most recent past: every held row is visible to
 every new query, new rows are causal among themselves; positions (RoPE) keep counting every token seen.
@@ -24,7 +26,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError('memops.integrations.hf needs transformers: pip install "memops[hf]"') from error
 
 from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
-from memops.nn import BlockMoE, ProductKeyMemory
+from memops.nn import BlockMoE, Engram, ProductKeyMemory
 
 LogBetaFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -171,4 +173,79 @@ def replace_mlp(model, layer_indices, kind: str, **kwargs):
         module = module.to(device=reference.device, dtype=reference.dtype).train(old.training)
         layers[index].mlp = module
         created.append(module)
+    return created
+
+
+class _EngramInputs:
+    """What the Engram layers of one model share in a call: its input_ids, and the decode states of a
+    generation (created when a call starts an empty cache, continued while the cache grows)."""
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+        self.states: dict[int, object] | None = None
+
+
+def insert_engram(model, layer_indices, **engram_kwargs) -> list[Engram]:
+    """Add a ``memops.nn.Engram`` before each decoder layer in ``layer_indices`` of a Llama-family model: the
+    layer's input becomes ``hidden + engram(hidden, input_ids)`` (one hyper-connection stream), as the Engram
+    demo's TransformerBlock adds it before attention. The Engram is stored as ``model.model.layers[i].engram``
+    (the checkpoint's other names are unchanged); a forward pre-hook on the model hands it ``input_ids``.
+
+    Under ``model.generate`` (a cache that starts empty) each Engram keeps its decode state (the last n-1
+    ids and conv rows), so a step hashes only the new token; a call without a cache recomputes the whole
+    sequence. ``engram_kwargs`` go to Engram (defaults: hidden_size and tokenizer_vocab_size from the config,
+    hc_mult=1, layer_id=i, layer_ids=layer_indices, pad_id = the config's pad_token_id or 0,
+    max_ngram_size=3, kernel_size=4, seed=0); ``vocab_sizes``, ``n_embed_per_ngram`` and ``n_head_per_ngram``
+    are required. Returns the new modules. Inputs must come as ``input_ids`` (not inputs_embeds).
+    """
+    layers = _decoder_layers(model)
+    for required in ("vocab_sizes", "n_embed_per_ngram", "n_head_per_ngram"):
+        if required not in engram_kwargs:
+            raise ValueError(f"insert_engram: {required}= is required")
+    indices = list(layer_indices)
+    for index in indices:
+        if not 0 <= index < len(layers):
+            raise ValueError(f"insert_engram: layer {index} is not in [0, {len(layers)})")
+    config = model.config
+    defaults = dict(
+        hidden_size=config.hidden_size, hc_mult=1, max_ngram_size=3, kernel_size=4, seed=0,
+        pad_id=config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0,
+        tokenizer_vocab_size=config.vocab_size, layer_ids=sorted(indices),
+    )  # fmt: skip
+    inputs = _EngramInputs()
+
+    def capture(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise ValueError("insert_engram: the model was called without input_ids; Engram hashes token ids")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renamed it "cache"
+        inputs.ids = ids
+        if past is None:
+            inputs.states = None
+        elif past.get_seq_length() == 0 or inputs.states is None:
+            inputs.states = {}
+
+    if not getattr(model, "_memops_engram_hook", False):
+        model.register_forward_pre_hook(capture, with_kwargs=True)
+        model._memops_engram_hook = True
+    reference = next(model.parameters())
+    created = []
+    for index in indices:
+        engram = Engram(**{**defaults, "layer_id": index, **engram_kwargs}).to(reference.device, reference.dtype)
+        layers[index].engram = engram
+
+        def add(module, args, kwargs, engram=engram, index=index):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            state = None
+            if inputs.states is not None:
+                if index not in inputs.states:
+                    inputs.states[index] = engram.new_state(hidden.shape[0])
+                state = inputs.states[index]
+            hidden = hidden + engram(hidden.unsqueeze(2), inputs.ids, state=state).squeeze(2)
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": hidden}
+            return (hidden, *args[1:]), kwargs
+
+        layers[index].register_forward_pre_hook(add, with_kwargs=True)
+        created.append(engram)
     return created
