@@ -166,3 +166,16 @@ def test_engram_layers_train_and_generate_equal_full_recomputation():
         MemoryLMConfig(**{**TINY, "engram_layers": (0,), "loops": 2}).validate()
     with pytest.raises(ValueError, match="engram_layers entry 5"):
         MemoryLMConfig(**{**TINY, "engram_layers": (5,)}).validate()
+
+
+def test_ngram_demo_engram_helps():
+    # The 2-gram rule task: the Engram's hash of the last two tokens addresses the rule's context directly.
+    _, without = demo.train_ngram(60, engram=False)
+    _, with_engram = demo.train_ngram(60, engram=True)
+    assert with_engram > without + 0.1, (with_engram, without)
+
+
+def test_ngram_batch_follows_the_rule():
+    rule = torch.randint(0, demo.NGRAM_VOCAB, (demo.NGRAM_VOCAB, demo.NGRAM_VOCAB))
+    tokens, targets = demo.ngram_batch(3, rule, torch.Generator().manual_seed(0))
+    assert torch.equal(targets[:, 1:], rule[tokens[:, :-1], tokens[:, 1:]]) and (targets[:, 0] == -100).all()

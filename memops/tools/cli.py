@@ -150,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--steps", type=positive_int_type("--steps"), default=1500, help="training steps (default 1500)")
     demo.add_argument("--seed", type=int, default=0, help="the seed of the model, data and sampling (default 0)")
+    demo.add_argument(
+        "--task",
+        choices=("recall", "ngram"),
+        default="recall",
+        help="recall: associative recall (default); ngram: a 2-gram rule task trained with and without Engram "
+        "(200 steps unless --steps is given)",
+    )
     commands.add_parser(
         "gpu-check",
         add_help=False,
@@ -183,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-demo":
         from memops.tools import demo as demo_module
 
-        return demo_module.main(["--steps", str(args.steps), "--seed", str(args.seed)])
+        forwarded = ["--seed", str(args.seed), "--task", args.task]
+        if args.task == "recall" or any(a == "--steps" or a.startswith("--steps=") for a in argv):
+            forwarded += ["--steps", str(args.steps)]
+        return demo_module.main(forwarded)
     if args.command == "bench":
         try:
             return _bench(args)

@@ -3,6 +3,12 @@
 The task is generated on the fly (nothing to download): a sequence of key-value pairs, a separator, then
 one of the keys; the target is that key's value. Tokens: keys [0, n_keys), values [n_keys, n_keys +
 n_values), the separator n_keys + n_values. Loss is on the answer only; accuracy is exact recall.
+
+``--task ngram`` is where Engram's n-gram memory helps: sequences follow a fixed random rule, each token a
+function of the two before it (NGRAM_VOCAB**2 = 9216 contexts to memorise). The same MemoryLM is trained
+with and without an Engram in layer 0, whose hash of the last two tokens addresses exactly that context;
+the Engram model predicts the rule faster (measured 2026-12-02, 2-core CPU, seed 0: 100 steps, 79.9% of
+next tokens vs 55.6% without; 200 steps (the default, 17 s), 89.0% vs 80.3%).
 """
 
 from __future__ import annotations
@@ -78,6 +84,64 @@ def train(
     return model, history
 
 
+NGRAM_VOCAB, NGRAM_LENGTH = 96, 32
+
+
+def ngram_batch(batch: int, rule: torch.Tensor, generator: torch.Generator, length: int = NGRAM_LENGTH):
+    """(tokens (B, length), targets (B, length)): x[t] = rule[x[t-2], x[t-1]] after two random tokens; the
+    targets are the next tokens, -100 where the rule cannot be known yet (the first two)."""
+    vocab = rule.shape[0]
+    x = torch.empty(batch, length + 1, dtype=torch.int64)
+    x[:, :2] = torch.randint(0, vocab, (batch, 2), generator=generator)
+    for t in range(2, length + 1):
+        x[:, t] = rule[x[:, t - 2], x[:, t - 1]]
+    targets = x[:, 1:].clone()
+    targets[:, :1] = -100
+    return x[:, :-1], targets
+
+
+def ngram_config(engram: bool) -> MemoryLMConfig:
+    sizes = dict(vocab_size=NGRAM_VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_positions=64)
+    return MemoryLMConfig(
+        **sizes, prefix_length=0, pkm_layers=(), moe_block_size=None, kv_budget=64,
+        engram_layers=(0,) if engram else (), engram_table=2053, engram_heads=2, engram_embed=32,
+    )  # fmt: skip
+
+
+def train_ngram(steps: int, *, engram: bool, seed: int = 0, batch: int = 32, device: str = "cpu", lr: float = 3e-3):
+    """Train on the n-gram rule task; returns (model, next-token accuracy on 256 held-out sequences)."""
+    rule = torch.randint(0, NGRAM_VOCAB, (NGRAM_VOCAB, NGRAM_VOCAB), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    model = MemoryLM(ngram_config(engram)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        tokens, targets = ngram_batch(batch, rule, generator)
+        loss = model.loss(tokens.to(device), targets.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    tokens, targets = ngram_batch(256, rule, torch.Generator().manual_seed(seed + 99))
+    with torch.no_grad():
+        predicted = model(tokens.to(device)).argmax(-1).cpu()
+    known = targets != -100
+    return model, (predicted[known] == targets[known]).float().mean().item()
+
+
+def main_ngram(steps: int, seed: int, device: str) -> int:
+    print(
+        f"training MemoryLM on a 2-gram rule task ({NGRAM_VOCAB}**2 contexts), {steps} steps, with and without Engram"
+    )
+    results = {}
+    for engram in (False, True):
+        start = time.perf_counter()
+        _, results[engram] = train_ngram(steps, engram=engram, seed=seed, device=device)
+        label = "with an Engram in layer 0" if engram else "without Engram           "
+        print(f"  {label}: next-token accuracy {results[engram]:.1%} ({time.perf_counter() - start:.0f} s)")
+    print(f"Engram's n-gram table: {results[True] - results[False]:+.1%} at {steps} steps")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memops train-demo", description=__doc__.splitlines()[0])
     from memops.tools.cli import positive_int_type
@@ -86,8 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", type=positive_int_type("--steps"), default=1500, help="training steps (default 1500)"
     )
     parser.add_argument("--seed", type=int, default=0, help="the seed of the model, data and sampling (default 0)")
+    parser.add_argument(
+        "--task", choices=("recall", "ngram"), default="recall",
+        help="recall: associative recall (default); ngram: a 2-gram rule task, with and without Engram",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.task == "ngram":
+        given = any(a == "--steps" or a.startswith("--steps=") for a in (sys.argv[1:] if argv is None else argv))
+        return main_ngram(args.steps if given else 200, args.seed, device)
     print(
         f"training MemoryLM on associative recall ({device}; "
         f"{'Triton kernels' if device == 'cuda' else 'the PyTorch reference path'})"
