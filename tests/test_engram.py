@@ -663,3 +663,26 @@ def test_sparse_table_grad(backend, device):
     touched = dense_table.grad.abs().sum(1) > 0
     assert not torch.equal(sparse_table[touched], before[touched])
     assert torch.equal(sparse_table[~touched], before[~touched])
+
+
+def test_engram_layer_kernels_against_float64(device):
+    # The whole layer on the kernels (fp32) against the same weights in float64 on the reference: output and
+    # the grads of the table, the projections, the norms, the conv weight and the hidden states.
+    _, ours = engram_pair(device)
+    high = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3)).to(device, torch.float64)
+    high.load_state_dict(ours.state_dict())
+    hidden = torch.randn(2, 9, 2, 32, device=device)
+    ids = torch.randint(0, 90, (2, 9), device=device)
+    leaf, leaf64 = hidden.clone().requires_grad_(), hidden.double().requires_grad_()
+    grad_out = torch.randn(2, 9, 2, 32, device=device)
+    with memops.backend("triton"), count_launches() as launches:
+        out = ours(leaf, ids)
+        out.backward(grad_out)
+    assert launches["engram_gate_bwd_kernel"] == 1 and launches["short_conv_bwd_dy_kernel"] == 1
+    with memops.backend("reference"):
+        ref = high(leaf64, ids)
+        ref.backward(grad_out.double())
+    assert_close_to_reference(out, ref, torch.float32)
+    assert_close_to_reference(leaf.grad, leaf64.grad, torch.float32, name="grad hidden_states")
+    for (name, p), q in zip(ours.named_parameters(), high.parameters()):
+        assert_close_to_reference(p.grad, q.grad, torch.float32, name=f"grad {name}", scale=3)
