@@ -345,6 +345,20 @@ def _normed_rows(x_ptr, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC: tl.cons
 
 
 @triton.jit
+def _conv_tile(L, C, blocks_per_row, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The (batch row b, BLOCK_T times, stream g) tile of program (pid, g): its times t, the first flat row of
+    # b, its channels g*C + c and the masks. Shared by the forward and both backward kernels.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid // blocks_per_row
+    t = (pid % blocks_per_row) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (t < L)[:, None] & mask_c[None, :]
+    return pid, g, t, b.to(tl.int64) * L, offs_c, mask_c, g * C + offs_c, mask
+
+
+@triton.jit
 def short_conv_fwd_kernel(
     x_ptr, w_ptr, nw_ptr, out_ptr,
     L, C, GC, eps, dil, blocks_per_row,
@@ -352,14 +366,7 @@ def short_conv_fwd_kernel(
     ACTIVATION: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     # One program per (batch row b, BLOCK_T times, stream g): a (BLOCK_T, C) tile of channels g*C..g*C+C.
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    b = pid // blocks_per_row
-    t = (pid % blocks_per_row) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row0 = b.to(tl.int64) * L
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    channels = g * C + offs_c
+    _, g, t, row0, offs_c, mask_c, channels, mask = _conv_tile(L, C, blocks_per_row, BLOCK_T, BLOCK_C)
     nw = tl.load(nw_ptr + channels, mask=mask_c, other=0).to(ACC)
     xn, x_here, _ = _normed_rows(x_ptr + g * C, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC)
     y = tl.load(w_ptr + channels * K + (K - 1), mask=mask_c, other=0).to(ACC)[None, :] * xn
@@ -371,7 +378,6 @@ def short_conv_fwd_kernel(
         y = y * tl.sigmoid(y)
     if RESIDUAL:
         y += x_here
-    mask = (t < L)[:, None] & mask_c[None, :]
     tl.store(out_ptr + (row0 + t)[:, None] * GC + channels[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -382,15 +388,7 @@ def short_conv_bwd_dy_kernel(
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     ACTIVATION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    b = pid // blocks_per_row
-    t = (pid % blocks_per_row) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row0 = b.to(tl.int64) * L
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    channels = g * C + offs_c
-    mask = (t < L)[:, None] & mask_c[None, :]
+    pid, g, t, row0, offs_c, mask_c, channels, mask = _conv_tile(L, C, blocks_per_row, BLOCK_T, BLOCK_C)
     nw = tl.load(nw_ptr + channels, mask=mask_c, other=0).to(ACC)
     dy = tl.load(grad_out_ptr + (row0 + t)[:, None] * GC + channels[None, :], mask=mask, other=0).to(ACC)
     if ACTIVATION:
@@ -415,15 +413,7 @@ def short_conv_bwd_dx_kernel(
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
     RESIDUAL: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    b = pid // blocks_per_row
-    t = (pid % blocks_per_row) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row0 = b.to(tl.int64) * L
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    channels = g * C + offs_c
-    mask = (t < L)[:, None] & mask_c[None, :]
+    pid, g, t, row0, offs_c, mask_c, channels, mask = _conv_tile(L, C, blocks_per_row, BLOCK_T, BLOCK_C)
     dxn = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
     for j in tl.static_range(K):
         later = t + j * dil
