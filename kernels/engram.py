@@ -199,6 +199,18 @@ def _gate_of(k, q, wk, wq, C, eps, inv_sqrt_c):
 
 
 @triton.jit
+def _stream_operands(key_ptr, query_ptr, wk_ptr, wq_ptr, rows, g, G, C, offs_c, mask, mask_c, ACC: tl.constexpr):
+    # Stream g's key and query tiles (BLOCK_R, C) of the (R, G, C) operands, its two norm weights, and the
+    # tile's offsets (the output and grads share the layout).
+    at = (rows[:, None] * G + g) * C + offs_c[None, :]
+    k = tl.load(key_ptr + at, mask=mask, other=0).to(ACC)
+    q = tl.load(query_ptr + at, mask=mask, other=0).to(ACC)
+    wk = tl.load(wk_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
+    wq = tl.load(wq_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
+    return at, k, q, wk, wq
+
+
+@triton.jit
 def engram_gate_fwd_kernel(
     key_ptr, query_ptr, wk_ptr, wq_ptr, value_ptr, out_ptr,
     n_rows, G, C, eps, inv_sqrt_c,
@@ -211,11 +223,8 @@ def engram_gate_fwd_kernel(
     mask = (rows < n_rows)[:, None] & mask_c[None, :]
     v = tl.load(value_ptr + rows[:, None] * C + offs_c[None, :], mask=mask, other=0).to(ACC)
     for g in range(G):
-        at = (rows[:, None] * G + g) * C + offs_c[None, :]
-        k = tl.load(key_ptr + at, mask=mask, other=0).to(ACC)
-        q = tl.load(query_ptr + at, mask=mask, other=0).to(ACC)
-        wk = tl.load(wk_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
-        wq = tl.load(wq_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
+        at, k, q, wk, wq = _stream_operands(key_ptr, query_ptr, wk_ptr, wq_ptr, rows, g, G, C, offs_c, mask, mask_c,
+                                            ACC)
         _, _, _, gate = _gate_of(k, q, wk, wq, C, eps, inv_sqrt_c)
         tl.store(out_ptr + at, (gate[:, None] * v).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -235,11 +244,8 @@ def engram_gate_bwd_kernel(
     v = tl.load(value_ptr + rows[:, None] * C + offs_c[None, :], mask=mask, other=0).to(ACC)
     dv = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     for g in range(G):
-        at = (rows[:, None] * G + g) * C + offs_c[None, :]
-        k = tl.load(key_ptr + at, mask=mask, other=0).to(ACC)
-        q = tl.load(query_ptr + at, mask=mask, other=0).to(ACC)
-        wk = tl.load(wk_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
-        wq = tl.load(wq_ptr + g * C + offs_c, mask=mask_c, other=0).to(ACC)
+        at, k, q, wk, wq = _stream_operands(key_ptr, query_ptr, wk_ptr, wq_ptr, rows, g, G, C, offs_c, mask, mask_c,
+                                            ACC)
         dout = tl.load(grad_out_ptr + at, mask=mask, other=0).to(ACC)
         rk, rq, score, gate = _gate_of(k, q, wk, wq, C, eps, inv_sqrt_c)
         dv += gate[:, None] * dout

@@ -18,6 +18,15 @@ def tiny_model(**overrides):
     return MemoryLM(MemoryLMConfig(**{**TINY, **overrides})).eval()
 
 
+def greedy(model, prompt, new_tokens):
+    """Greedy decoding by full recomputation: the reference for the cached generate."""
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
 def test_forward_and_loss():
     model = tiny_model()
     tokens = torch.randint(0, 17, (2, 20))
@@ -48,10 +57,7 @@ def test_generate_with_a_cache_equals_full_recomputation():
     model = tiny_model(moe_block_size=None, kv_budget=40, retention_in_attention=False)
     prompt = torch.randint(0, 17, (2, 6))
     tokens, cache = model.generate(prompt, max_new_tokens=10)
-    expected = prompt
-    with torch.no_grad():
-        for _ in range(10):
-            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = greedy(model, prompt, 10)
     assert torch.equal(tokens, expected)
     assert cache.get_seq_length(0) == 15  # the last token is produced, never fed back
 
@@ -157,10 +163,7 @@ def test_engram_layers_train_and_generate_equal_full_recomputation():
     # Decoding carries each Engram layer's n-gram ids and conv rows: equal to greedy full recomputation.
     prompt = torch.randint(0, 17, (2, 5))
     generated, _ = model.generate(prompt, max_new_tokens=8)
-    expected = prompt
-    with torch.no_grad():
-        for _ in range(8):
-            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = greedy(model, prompt, 8)
     assert torch.equal(generated, expected)
     with pytest.raises(ValueError, match="engram_layers with loops > 1"):
         MemoryLMConfig(**{**TINY, "engram_layers": (0,), "loops": 2}).validate()

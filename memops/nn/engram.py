@@ -192,9 +192,7 @@ class Engram(nn.Module):
 
     def _advance(self, state: EngramState, ids: torch.Tensor, gated: torch.Tensor) -> None:
         conv = self.short_conv
-        history = ids if state.fresh else torch.cat([state.ids, ids], dim=1)
-        if history.shape[1] < state.ids.shape[1]:  # a prompt shorter than N - 1: keep the padding before it
-            history = torch.cat([state.ids, history], dim=1)
+        history = torch.cat([state.ids, ids], dim=1)  # a fresh state's ids are the left padding
         normed = F.rms_norm(gated, (gated.shape[-1],), eps=conv.norm_eps) * conv.norm_weight().detach()
         rows = torch.cat([state.conv, normed.to(state.conv.dtype)], dim=1)
         state.ids = history[:, -state.ids.shape[1] :]
