@@ -2,8 +2,14 @@
 TRITON_INTERPRET must be set before triton is first imported: here, before memops is imported."""
 
 import os
+import sys
 
 import torch
+
+# pytest-xdist's workers start with the working directory first on sys.path, where the repo's top-level
+# kernels/ folder would shadow PyPI's `kernels` package (transformers imports it). memops is installed, so the
+# working directory has nothing the tests need.
+sys.path[:] = [entry for entry in sys.path if entry not in ("", os.getcwd())]
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -24,6 +30,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not CUDA:
             item.add_marker(skip_cuda)
+        if "at_scale" in item.keywords:  # with --dist loadgroup: one worker, one at a time (the GPU's memory)
+            item.add_marker(pytest.mark.xdist_group("at_scale"))
 
 
 @pytest.fixture

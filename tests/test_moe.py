@@ -393,6 +393,7 @@ def test_bad_ffn_input(case, device):
 
 
 @pytest.mark.cuda
+@pytest.mark.at_scale
 def test_cuda_llada2_layer():
     # LLaDA2.0-mini MoE layer: d 2048, 256 experts of 512, top-8, 8 groups keep 4, scaling 2.5; 4 blocks.
     torch.manual_seed(0)

@@ -200,6 +200,7 @@ def test_bad_arguments(case):
 
 
 @pytest.mark.cuda
+@pytest.mark.at_scale
 def test_cuda_bf16_memory_layers_at_scale_layer():
     # Memory Layers at Scale geometry (1024^2 slots, key_dim 512, Memory+), fewer tokens.
     torch.manual_seed(0)

@@ -364,7 +364,9 @@ def test_triton_slot_limit_names_the_fix(device):
     "dtype, key_dim, n_keys",
     [
         (torch.bfloat16, 512, 1024),  # Memory Layers at Scale
-        (torch.float32, 256, 512),  # XLM
+        # XLM's geometry in 16-bit: fp32 searches run the reference under "auto" on CUDA (the FMA score dots
+        # spill), so forcing the kernel there would only compile a variant no user launches
+        (torch.bfloat16, 256, 512),
         (torch.float16, 256, 512),
     ],
 )

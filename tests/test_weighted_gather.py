@@ -349,6 +349,7 @@ def test_unchecked_indices_skip_the_range_check(device):
 
 
 @pytest.mark.cuda
+@pytest.mark.at_scale
 @pytest.mark.parametrize(
     "dtype, D", [(torch.float32, 1024), (torch.float16, 1024), (torch.bfloat16, 1024), (torch.bfloat16, 4096)]
 )

@@ -1,52 +1,187 @@
 #!/usr/bin/env bash
 # The GPU session's plans, each sized for one device call (at most 10 minutes; a lease is 15 minutes in all).
-# Usage on the GPU machine (run from the repo root; OUT is the folder that comes back, at most 8 files):
-#   bash benchmarks/gpu/run.sh            # plan "check": <= 9 minutes, 6 files
-#   bash benchmarks/gpu/run.sh tune       # plan "tune": the tuning sweeps (a second call)
-#   bash benchmarks/gpu/run.sh STEP...    # single steps: info tests sanitize bench tune-attention tune-gather tune-search
-# Plan "check", with a time limit per step so one slow step cannot eat the next one's share:
-#   info      30 s  device, versions, install (editable, no deps: the machine has no network)
-#   tests    240 s  every CUDA-marked test of every family, in parallel (pytest-xdist, one worker per core)
-#   sanitize 120 s  compute-sanitizer memcheck on one awkward case per kernel (benchmarks/gpu/sanitize.py)
-#   bench    120 s  every family's headline cases against its baselines (memops bench --quick on CUDA: the small
-#                   cases plus each family's CUDA headline shape)
-# Files in $OUT: device.txt cuda-tests.log sanitize.log bench.log and the bench JSON/markdown (bench/ is
-# tarred into one file so the count stays under 8).
-# Env: TRITON_CACHE_DIR: a Triton 3.6 cache compiled ahead of time for sm_90 (see docs/testing.md); the info step
-# counts its entries before and after, so the log says whether launches hit it.
+# Usage, from the repo root (OUT: the folder that comes back, at most 8 files of at most 16 MiB each):
+#   bash benchmarks/gpu/run.sh [check]   # plan "check", <= 9 minutes: info compile tests sanitize bench
+#   bash benchmarks/gpu/run.sh tune      # plan "tune", <= 9 minutes: the launch-table sweeps
+#   bash benchmarks/gpu/run.sh rehearse  # plan "check" on a CPU machine: the interpreter, small shapes, < 3 minutes
+#   bash benchmarks/gpu/run.sh STEP...   # single steps: info compile tests sanitize racecheck bench tune-attention
+#                                        #   tune-gather tune-search tune-moe tune-engram
+# Each step runs under `timeout -s INT` at its limit (SIGINT, so pytest and the bench print what they have; SIGKILL
+# 15 s later), prints its budget first (counts and estimates: python -m memops.tools.gpu_plan budget; the table is
+# in docs/testing.md, "The GPU run"), and records its exit status and seconds in device.txt. A failed install
+# stops the plan; any other failed step fails the plan (exit 1) after the remaining steps have run.
+# Files in $OUT after "check": device.txt (versions, budgets, step times, Triton cache hits and misses),
+# tests.log, sanitize.log, bench.log, headline.jsonl (a line per result as it is measured), headline.md and
+# extras.tar (the compile-ahead log, the tests' junit XML, the sanitized script's output, bench/<op>.json + png).
 set -uo pipefail
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+WORK=${MEMOPS_GPU_WORK:-$(mktemp -d /tmp/memops-gpu-run.XXXXXX)}
+mkdir -p "$OUT" "$WORK"
 plan=${*:-check}
 case $plan in
-  check) steps="info tests sanitize bench" ;;
-  tune) steps="info tune-attention tune-gather tune-search" ;;
+  check) steps="info compile tests sanitize bench" ;;
+  tune) steps="info tune-attention tune-gather tune-search tune-moe tune-engram" ;;
+  rehearse) steps="info compile tests sanitize bench" ;;
   *) steps=$plan ;;
 esac
-cache_entries() { find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.cubin' 2>/dev/null | wc -l; }
+known=" info compile tests sanitize racecheck bench tune-attention tune-gather tune-search tune-moe tune-engram "
 for step in $steps; do
-  echo "=== $step $(date +%T)" | tee -a "$OUT/device.txt"
-  case $step in
-    info)
-      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee -a "$OUT/device.txt"
-      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-      timeout 60 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -2
-      echo "triton cache ${TRITON_CACHE_DIR:-default}: $(cache_entries) cubins before" | tee -a "$OUT/device.txt" ;;
-    tests)
-      timeout 240 python3 -m pytest tests -m cuda -q -n "$(nproc)" -p no:cacheprovider 2>&1 | tail -40 > "$OUT/cuda-tests.log"
-      tail -3 "$OUT/cuda-tests.log" ;;
-    sanitize)
-      timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 benchmarks/gpu/sanitize.py 2>&1 | tail -8 > "$OUT/sanitize.log"
-      tail -3 "$OUT/sanitize.log" ;;
-    bench)
-      timeout 120 memops bench --quick --out "$OUT/bench" 2>&1 | grep -v "^\[" > "$OUT/bench.log"
-      tar -C "$OUT" -czf "$OUT/bench.tgz" bench && rm -rf "$OUT/bench"
-      tail -5 "$OUT/bench.log" ;;
-    tune-attention) timeout 200 python3 -m memops.benchmarks.tune_attention --out "$OUT" 2>&1 | tail -30 > "$OUT/tune-attention.log" ;;
-    tune-gather) timeout 150 python3 -m memops.benchmarks.tune_product_key --out "$OUT" 2>&1 | tail -30 > "$OUT/tune-gather.log" ;;
-    tune-search) timeout 150 python3 -m memops.benchmarks.tune_product_key_search --out "$OUT" 2>&1 | tail -30 > "$OUT/tune-search.log" ;;
-    *) echo "unknown step $step" ;;
-  esac
+  if [[ $known != *" $step "* ]]; then
+    echo "run.sh: unknown step or plan '$step'; plans: check tune rehearse; steps:$known" >&2
+    exit 2
+  fi
 done
-echo "triton cache: $(cache_entries) cubins after" | tee -a "$OUT/device.txt"
+REHEARSE=${MEMOPS_REHEARSE:-0}  # 1: single steps as the rehearsal runs them
+[[ $plan == rehearse ]] && REHEARSE=1
+python=${PYTHON:-python3}
+export OUT WORK REHEARSE python PYTHONUNBUFFERED=1
+# The compile-ahead step's `memops gpu-check` pins Triton's FP-fusion default; the variable is part of Triton's
+# cache key, so every step sets it too and its launches find what that step compiled.
+export TRITON_DEFAULT_FP_FUSION=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton-cache}
+# Triton's own file cache, counting each kernel lookup (hit or miss) into the step's log (not part of the key).
+export TRITON_CACHE_MANAGER=memops.tools.triton_cache:CountingCacheManager
+if ((REHEARSE)); then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+fi
+log() { echo "$*" | tee -a "$OUT/device.txt"; }
+extras() { (cd "$WORK" && tar -rf "$OUT/extras.tar" "$@" 2>/dev/null) || true; }
+limit() { "$python" -m memops.tools.gpu_plan budget --step "$1" --limit 2>/dev/null || echo 120; }
+failed=""
+
+run_step() {  # run_step NAME: the step's commands under its limit, with its time and status in device.txt
+  local step=$1 seconds start rc
+  seconds=$(limit "$step")
+  log "=== $step $(date +%T): $("$python" -m memops.tools.gpu_plan budget --step "$step" 2>&1 | tail -1)"
+  export MEMOPS_TRITON_CACHE_LOG="$WORK/cache-$step.log"
+  start=$(date +%s)
+  timeout -s INT -k 15 "$seconds" bash -c "step_$step"
+  rc=$?
+  log "--- $step: exit $rc in $(($(date +%s) - start)) s; $("$python" -m memops.tools.triton_cache "$MEMOPS_TRITON_CACHE_LOG" 2>/dev/null | sed 's/^[^:]*: //')"
+  [[ $rc -ne 0 ]] && failed="$failed $step"
+  return $rc
+}
+
+step_info() {
+  if ((!REHEARSE)); then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee -a "$OUT/device.txt"
+  else
+    log "no GPU: $(nproc) cores, $(uname -m) (a rehearsal)"
+  fi
+  "$python" -m pip install -q --no-build-isolation --no-deps -e . >"$WORK/install.log" 2>&1 \
+    || { log "install FAILED: $(tail -3 "$WORK/install.log" | tr '\n' ' ')"; return 1; }
+  "$python" -c "import torch, triton, memops; print('torch', torch.__version__, 'triton', triton.__version__, 'memops', memops.__version__, 'cores', __import__('os').cpu_count())" | tee -a "$OUT/device.txt"
+}
+
+step_compile() {
+  # The Triton variants of the headline cases, compiled for sm_90 on every core into TRITON_CACHE_DIR, then the
+  # sanitizer's cases run once each in parallel (their own launches: the same keys the sanitized run looks up).
+  # The tests compile their own variants on 16 xdist workers. The rehearsal counts the variants at the small
+  # shapes, compiles two kernels' for real, warms two sanitizer cases (interpreted: nothing to cache) and runs
+  # the compiled baselines' warm-up processes.
+  local jobs; jobs=$(nproc)
+  if ((REHEARSE)); then
+    env -u TRITON_INTERPRET "$python" -m memops.tools.gpu_check --count --headline --small 2>&1 | tee -a "$WORK/compile.log" || return 1
+    env -u TRITON_INTERPRET "$python" -m memops.tools.gpu_check --warm-cache --headline --small --jobs "$jobs" \
+      --kernel weighted_gather_fwd_kernel --kernel engram_gate_fwd_kernel 2>&1 | tee -a "$WORK/compile.log" || return 1
+    "$python" -m memops.benchmarks.gpu_sanitize --warm "$jobs" --case engram --case retention_cache >>"$WORK/compile.log" 2>&1 || return 1
+    # (the processes and calls of the warm-up, without inductor's CPU compiles: the bench step compiles them)
+    TORCHDYNAMO_DISABLE=1 "$python" -m memops.tools.cli bench --headline --rehearse --warm-compiled "$jobs" 2>&1 \
+      | grep -c "warm compiled" \
+      | sed 's/^/compiled baselines warmed: /'
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || return 1
+  else
+    "$python" -m memops.tools.gpu_check --warm-cache --headline --jobs "$jobs" 2>&1 | tee -a "$WORK/compile.log" || return 1
+    # side by side: the sanitizer's cases once each, and every torch.compile baseline once (inductor's caches)
+    "$python" -m memops.benchmarks.gpu_sanitize --warm 8 >"$WORK/compile-sanitizer.log" 2>&1 &
+    local sanitizer=$!
+    "$python" -m memops.tools.cli bench --headline --warm-compiled 8 >"$WORK/compile-baselines.log" 2>&1
+    local baselines=$?
+    wait "$sanitizer"; local rc=$?
+    cat "$WORK/compile-sanitizer.log" "$WORK/compile-baselines.log" >>"$WORK/compile.log"
+    grep -c "warm compiled" "$WORK/compile-baselines.log" | sed 's/^/compiled baselines warmed: /'
+    [[ $rc -eq 0 && $baselines -eq 0 ]] || return 1
+  fi
+  extras compile.log
+  tail -1 "$WORK/compile.log"
+}
+
+step_tests() {
+  # Every CUDA-marked test, one xdist worker per core; the at-scale tests share one xdist group, so they run one
+  # after another on one worker and the GPU's memory is never oversubscribed. Full output as it runs.
+  local timeout_flag=""
+  "$python" -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=100"
+  if ((REHEARSE)); then
+    "$python" -m pytest tests -m cuda --collect-only -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -1
+    grep -q "tests collected" "$OUT/tests.log" || return 1
+  else
+    "$python" -m pytest tests -m cuda -n "$(nproc)" --dist loadgroup $timeout_flag -p no:cacheprovider -rfE \
+      --junitxml "$WORK/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -3
+    local rc=${PIPESTATUS[0]}
+    extras tests.xml
+    return "$rc"
+  fi
+}
+
+step_sanitize() {
+  # memcheck over one awkward case per kernel (memops.benchmarks.gpu_sanitize fails when a kernel did not launch);
+  # without PyTorch's caching allocator, so an overrun lands outside any allocation where memcheck sees it.
+  if ((REHEARSE)); then
+    "$python" -m memops.benchmarks.gpu_sanitize --device cpu >"$WORK/sanitize-run.log" 2>&1
+    local rc=$?
+    { echo "rehearsal: no compute-sanitizer; the cases ran through the interpreter (exit $rc)"; tail -2 "$WORK/sanitize-run.log"; } >"$OUT/sanitize.log"
+  else
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 --log-file "$OUT/sanitize.log" \
+      "$python" -m memops.benchmarks.gpu_sanitize >"$WORK/sanitize-run.log" 2>&1
+    local rc=$?
+  fi
+  extras sanitize-run.log
+  tail -3 "$OUT/sanitize.log"
+  return "$rc"
+}
+
+step_racecheck() {
+  local cases; cases=$("$python" -c "from memops.benchmarks.gpu_sanitize import RACECHECK; print(' '.join('--case ' + c for c in RACECHECK))")
+  # shellcheck disable=SC2086
+  compute-sanitizer --tool racecheck --error-exitcode 1 --log-file "$OUT/racecheck.log" \
+    "$python" -m memops.benchmarks.gpu_sanitize $cases >"$WORK/racecheck-run.log" 2>&1
+}
+
+step_bench() {
+  # The headline list: ceilings, a warm-up pass, then the timed pass appending headline.jsonl case by case; it
+  # stops warming compiled baselines when its deadline nears. bench/ (per-op JSON and plots) goes into extras.tar.
+  local flags="" seconds; seconds=$(limit bench)
+  ((REHEARSE)) && flags="--rehearse"
+  # shellcheck disable=SC2086
+  "$python" -m memops.tools.cli bench --headline $flags --deadline $((seconds - 25)) --out "$OUT" 2>&1 | grep --line-buffered -v "^\[" >"$OUT/bench.log"
+  local rc=${PIPESTATUS[0]}
+  [[ -d $OUT/bench ]] && (cd "$OUT" && tar -rf extras.tar bench && rm -rf bench)
+  tail -2 "$OUT/bench.log"
+  return "$rc"
+}
+
+step_tune-attention() { "$python" -m memops.benchmarks.tune_attention --out "$WORK" 2>&1 | tee "$OUT/tune-attention.log" | tail -3; }
+step_tune-gather() { "$python" -m memops.benchmarks.tune_product_key --out "$WORK" 2>&1 | tee "$OUT/tune-gather.log" | tail -3; }
+step_tune-search() { "$python" -m memops.benchmarks.tune_product_key_search --out "$WORK" 2>&1 | tee "$OUT/tune-search.log" | tail -3; }
+step_tune-moe() { "$python" -m memops.benchmarks.tune_moe --out "$WORK" 2>&1 | tee "$OUT/tune-moe.log" | tail -3; }
+step_tune-engram() { "$python" -m memops.benchmarks.tune_engram --out "$WORK" 2>&1 | tee "$OUT/tune-engram.log" | tail -3; }
+
+export -f log extras limit step_info step_compile step_tests step_sanitize step_racecheck step_bench \
+  step_tune-attention step_tune-gather step_tune-search step_tune-moe step_tune-engram
+: >"$OUT/device.txt"
+log "plan: $plan ($steps) $(date -u +%FT%TZ); work folder $WORK; triton cache $TRITON_CACHE_DIR"
+for step in $steps; do
+  run_step "$step" || { [[ $step == info ]] && { log "plan stopped: the install failed"; exit 1; }; }
+done
+if [[ $plan == tune ]]; then  # the sweeps' chosen configs, as patch-ready tables, in one file
+  cat "$WORK"/tune-*.md >"$OUT/tune-tables.md" 2>/dev/null
+  (cd "$WORK" && tar -cf "$OUT/tune.tar" ./*.json 2>/dev/null) || true
+fi
+log "triton cache, whole run: $(cat "$WORK"/cache-*.log 2>/dev/null >"$WORK/cache-all.log"; "$python" -m memops.tools.triton_cache "$WORK/cache-all.log" | sed 's/^[^:]*: //')"
+if [[ $plan == check || $plan == rehearse ]]; then
+  "$python" -m memops.tools.gpu_plan check-outputs "$OUT" | tee -a "$OUT/device.txt"
+  [[ ${PIPESTATUS[0]} -ne 0 ]] && failed="$failed outputs"
+fi
+log "plan $plan: $([[ -n $failed ]] && echo "FAILED:$failed" || echo ok) ($(ls "$OUT" | wc -l) files in $OUT)"
+[[ -z $failed ]]

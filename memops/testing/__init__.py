@@ -13,6 +13,7 @@ __all__ = [
     "assert_close_to_reference",
     "check_compiled_grads",
     "TOLERANCES",
+    "kernel_names",
 ]
 
 # A MemoryLMConfig of every part at the smallest sizes (the model tests and the distributed checks).
@@ -31,6 +32,23 @@ TOLERANCES = {
     torch.bfloat16: 1e-2,
     "tf32": 3e-4,
 }
+
+
+def kernel_names() -> set[str]:
+    """Every Triton kernel memops launches: the ``*_kernel`` JIT functions of the ``memops.kernels`` modules (the
+    names launchers count with ``count_launches``)."""
+    import importlib
+    import pkgutil
+
+    import memops.kernels
+
+    names = set()
+    for info in pkgutil.iter_modules(memops.kernels.__path__):
+        module = importlib.import_module(f"memops.kernels.{info.name}")
+        for name, value in vars(module).items():
+            if name.endswith("_kernel") and hasattr(value, "fn") and hasattr(value, "arg_names"):
+                names.add(name)
+    return names
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -26,6 +26,7 @@ then not reported (None) and the case is flagged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import itertools
@@ -138,11 +139,6 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 @dataclasses.dataclass(frozen=True)
 class Timing:
     """Repeated timings of one call, in milliseconds per call."""
@@ -168,8 +164,24 @@ class Timing:
         return (q3 - q1) / self.median if self.median > 0 else 0.0
 
 
+_SINGLE_CALLS: list[bool] = []  # a rehearsal: measure() calls fn once (the times of a dry run mean nothing)
+
+
+@contextlib.contextmanager
+def _single_calls(active: bool):
+    _SINGLE_CALLS.append(active)
+    try:
+        yield
+    finally:
+        _SINGLE_CALLS.pop()
+
+
 def measure(fn: Callable[[], object], device: str, *, min_run_s: float = CPU_MIN_RUN_S) -> Timing:
     """Warm ``fn`` up, then time it over many repeats (see the module docstring)."""
+    if _SINGLE_CALLS and _SINGLE_CALLS[-1]:
+        start = time.perf_counter()
+        fn()
+        return Timing(((time.perf_counter() - start) * 1e3,))
     if device == "cuda":
         import triton.testing
 
@@ -235,15 +247,32 @@ def copy_bandwidth_gbps(device: str) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
+def input_bytes(inputs) -> int:
+    """The bytes of the tensors in an input set (nested dicts, tuples and lists; a module's parameters and
+    buffers)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.numel() * inputs.element_size()
+    if isinstance(inputs, torch.nn.Module):
+        return sum(input_bytes(t) for t in itertools.chain(inputs.parameters(), inputs.buffers()))
+    if isinstance(inputs, dict):
+        return sum(input_bytes(v) for v in inputs.values())
+    if isinstance(inputs, (tuple, list)):
+        return sum(input_bytes(v) for v in inputs)
+    return 0
+
+
 def _rotating(
     make: Callable[[int], object], build: Callable[[object], Callable[[], object]], set_bytes: int, device: str
 ):
     # When one input set fits in a GPU's L2, repeated calls would time the cache: cycle through enough
-    # sets. (On CPU the extra sets only add page faults and noise.)
+    # sets. (On CPU the extra sets only add page faults and noise.) A set is as large as the larger of the
+    # bytes the op moves and the tensors it is given (a 1 GB table read at a few rows is not in L2).
+    first = make(0)
+    set_bytes = max(set_bytes, input_bytes(first))
     sets = 1
     if device == "cuda" and set_bytes < 4 * L2_BYTES_GUESS:
         sets = max(1, min(8, -(-4 * L2_BYTES_GUESS // max(set_bytes, 1))))
-    calls = [build(make(seed)) for seed in range(sets)]
+    calls = [build(first)] + [build(make(seed)) for seed in range(1, sets)]
     if len(calls) == 1:
         return calls[0]
     cycle = itertools.cycle(calls)
@@ -274,22 +303,28 @@ def _progress(done: int, total: int, label: str) -> None:
 
 
 def run_op(
-    op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress: bool = True, ceiling: Ceiling | None = None
-) -> list[Result]:
+    op: str, *, device: str, quick: bool, bandwidth_gbps: float, progress: bool = True, ceiling: Ceiling | None = None,
+    cases: list[Case] | None = None, keep_provider: Callable[[str], bool] | None = None, rehearsal: bool = False,
+) -> list[Result]:  # fmt: skip
     """Time every case and provider of ``op``; ``bandwidth_gbps`` is the DRAM copy bandwidth the table header
-    quotes, ``ceiling`` the per-size bandwidth ceiling (one is made when not given)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    quotes, ``ceiling`` the per-size bandwidth ceiling (one is made when not given). ``cases`` replaces the
+    module's list and ``keep_provider`` filters the providers (the headline run). ``rehearsal``: the GPU's
+    providers on this (CPU) device, each call timed once, the interpreter allowed: a dry run of the GPU plan
+    whose times mean nothing."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and not rehearsal:
         raise RuntimeError("memops bench: TRITON_INTERPRET=1 is set; interpreter timings are not performance numbers")
     module = load(op)
     ceiling = ceiling or Ceiling(device)
     jobs = []
-    for case in module.cases(device, quick):
-        if case.cuda_only and device != "cuda":
+    for case in module.cases(device, quick) if cases is None else cases:
+        if case.cuda_only and device != "cuda" and not rehearsal:
             continue
-        for provider, build in module.providers(case, device).items():
-            jobs.append((case, provider, build))
+        for provider, build in module.providers(case, "cuda" if rehearsal else device).items():
+            if keep_provider is None or keep_provider(provider):
+                jobs.append((case, provider, build))
     results: list[Result] = []
-    timed = _timings(module, jobs, device, progress, op)
+    with _single_calls(rehearsal):
+        timed = _timings(module, jobs, device, progress, op)
     for case, provider, _ in jobs:
         identity = dict(op=op, case=case.name, mode=case.mode, provider=provider, params=case.params, device=device)
         outcome = timed[(id(case), provider)]
@@ -375,7 +410,7 @@ def _interleaved(calls: dict, device: str) -> dict:
         samples = {name: [] for name in names}
         blocks = {name: 1 for name in names}
         failed = {}
-        for _ in range(CPU_ROUNDS):
+        for _ in range(1 if _SINGLE_CALLS and _SINGLE_CALLS[-1] else CPU_ROUNDS):
             for name in names:
                 if name in failed:
                     continue

@@ -1,4 +1,5 @@
-"""``memops`` command line: ``memops bench [--op NAME] [--quick] [--out DIR]`` and ``memops train-demo [--steps N]``."""
+"""``memops`` command line: ``memops bench [--op NAME] [--quick | --headline [--rehearse]] [--out DIR]``,
+``memops train-demo [--steps N]``, ``memops report``, ``memops compare`` and ``memops gpu-check``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from memops.tools import benchmarking
+
+    if args.headline:
+        from memops.tools import gpu_plan
+
+        if args.op or args.quick:
+            raise ValueError("--headline runs the headline list: without --op and --quick")
+        if args.warm_compiled:
+            gpu_plan.warm_compiled(args.warm_compiled, rehearse=args.rehearse)
+            return 0
+        rows = gpu_plan.run_headline(
+            _output_folder(args.out, "--out"), rehearse=args.rehearse, deadline_s=args.deadline, progress=print
+        )
+        failed = [r for r in rows if r["error"] and not r["expected_error"] and r["error"] != gpu_plan.SKIPPED]
+        for row in failed:
+            print(f"error: {row['op']} {row['case']} {row['mode']} {row['provider']}: {row['error']}")
+        return 1 if failed else 0
+    if args.rehearse or args.deadline is not None or args.warm_compiled:
+        raise ValueError("--rehearse, --deadline and --warm-compiled go with --headline")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ops = [args.op] if args.op else list(benchmarking.BENCHMARKS)
@@ -130,6 +149,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument(
         "--out", default="bench-results", help="folder for <op>.json and <op>.png (default: bench-results)"
+    )
+    bench.add_argument(
+        "--headline",
+        action="store_true",
+        help="the headline list (memops.benchmarks.headline) at real size, warm-up then timed, ceilings measured; "
+        "writes headline.jsonl as it goes, then headline.md and bench/<op>.json",
+    )
+    bench.add_argument(
+        "--rehearse", action="store_true", help="with --headline: on CPU, small shapes, the kernels interpreted"
+    )
+    bench.add_argument(
+        "--deadline", type=float, default=None, metavar="S", help="with --headline: seconds the run may take"
+    )
+    bench.add_argument(
+        "--warm-compiled",
+        type=positive_int_type("--warm-compiled"),
+        metavar="N",
+        help="with --headline: only call each torch.compile baseline once, N processes at a time (fills the caches)",
     )
     report = commands.add_parser("report", help="render committed bench results into one markdown page")
     report.add_argument("--results", default="benchmarks/results", help="folder of <device>/<op>.json results")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -140,13 +141,39 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[dtype]
 
 
+# While set (:func:`headline_source`): benchmark module -> the cases of the headline list, which then replace
+# each module's CUDA cases as the scenarios' shapes.
+_CASE_SOURCE: list[dict] = []
+
+
+@contextlib.contextmanager
+def headline_source(*, small: bool = False) -> Iterator[None]:
+    """Scenarios record only the headline benchmark's cases (memops.benchmarks.headline), each at its own head
+    dim; ``small``: at the rehearsal's small parameters."""
+    from memops.tools.benchmarking import BENCHMARKS
+    from memops.tools.gpu_plan import headline_cases
+
+    source: dict[str, list] = {}
+    for entry, case in headline_cases(rehearse=small):
+        source.setdefault(BENCHMARKS[entry.op], []).append(case)
+    _CASE_SOURCE.append(source)
+    try:
+        yield
+    finally:
+        _CASE_SOURCE.pop()
+
+
 def _cases(module: str, subset: bool = False, keep=None) -> list:
-    """The CUDA benchmark cases of a benchmark module, one per distinct params (fwd and fwd+bwd share); with
-    ``subset``, only those ``keep(case)`` accepts."""
+    """The CUDA benchmark cases of a benchmark module (the headline ones under :func:`headline_source`), one per
+    distinct params (fwd and fwd+bwd share); with ``subset``, only those ``keep(case)`` accepts."""
     import importlib
 
     seen, out = set(), []
-    for case in importlib.import_module(f"memops.benchmarks.{module}").cases("cuda", False):
+    if _CASE_SOURCE:
+        cases = _CASE_SOURCE[-1].get(module, [])
+    else:
+        cases = importlib.import_module(f"memops.benchmarks.{module}").cases("cuda", False)
+    for case in cases:
         key = tuple(sorted(case.params.items()))
         if key not in seen and (not subset or keep is None or keep(case)):
             seen.add(key)
@@ -196,6 +223,39 @@ def _search_scenarios(dtype, subset):
             search_backward(_meta(T, heads, topk, dtype=torch.float32), queries, sub_keys, indices)
 
         yield case.name, run
+
+
+def _pkm_layer_scenarios(dtype, subset):
+    """nn.ProductKeyMemory's kernels at its benchmark shapes: the search over (heads, 2, n_keys, key_dim / 2)
+    sub-keys, then the weighted gather of heads x topk rows from the n_keys^2-row value table."""
+    from memops.kernels import product_key as kernels
+    from memops.product_key import search_backward
+
+    dt = _torch_dtype(dtype)
+    for case in _cases("product_key_memory", subset, keep=lambda case: case.name == "xlm"):
+        p = case.params
+
+        def run(p=p):
+            T, heads, key_dim, n_keys, topk, D = (
+                p["T"],
+                p["heads"],
+                p["key_dim"],
+                p["n_keys"],
+                p["topk"],
+                p["value_dim"],
+            )
+            queries, sub_keys = _meta(T, heads, key_dim, dtype=dt), _meta(heads, 2, n_keys, key_dim // 2, dtype=dt)
+            indices = torch.randint(0, n_keys * n_keys, (T, heads * topk), dtype=torch.int64)
+            if not kernels.search_reference_instead(queries):
+                kernels.product_key_search(queries, sub_keys, topk)
+                search_backward(_meta(T, heads, topk, dtype=torch.float32), queries, sub_keys,
+                                indices.view(T, heads, topk))  # fmt: skip
+            # the layer's weights are the search's fp32 softmax
+            values, weights = _meta(n_keys * n_keys, D, dtype=dt), _meta(T, heads * topk, dtype=torch.float32)
+            kernels.weighted_gather_fwd(values, indices, weights)
+            kernels.weighted_gather_bwd(_meta(T, D, dtype=dt), values, indices, weights, values_grad_algorithm="atomic")
+
+        yield f"layer {case.name}", run
 
 
 HEAD_DIMS = (64, 128, 256)
@@ -249,13 +309,13 @@ def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
             return
         none = k.narrow(2, 0, 0)
         out, lse = kernels.memory_attention_fwd(q, none, none, mem, mem, None, causal=False, scale=D**-0.5)
-        lse_merge(
-            out,
-            lse,
-            _meta(B, H, N, D, dtype=dt),
-            _meta(B, H, N, dtype=torch.float32),
-            empty_a_rows=max(N - Nk, 0) if causal else 0,
-        )
+        # The vendor's (out, lse) come first; their layout is the vendor's: contiguous, or with the heads
+        # innermost (torch's flash kernels allocate (B, N, H, ...) and return a transposed view).
+        for heads_inner in (False, True):
+            vendor_out = _meta(B, N, H, D, dtype=dt).transpose(1, 2) if heads_inner else _meta(B, H, N, D, dtype=dt)
+            vendor_lse = _meta(B, N, H, dtype=torch.float32).transpose(1, 2) if heads_inner else _meta(
+                B, H, N, dtype=torch.float32)  # fmt: skip
+            lse_merge(vendor_out, vendor_lse, out, lse, empty_a_rows=max(N - Nk, 0) if causal else 0)
         kernels.memory_attention_bwd(
             _meta(B, H, N, D, dtype=dt),
             q,
@@ -296,11 +356,51 @@ def _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
         yield label, run
 
 
+def _packed_scenarios(dt, subset):
+    """memory_attention_varlen at the varlen benchmark's packed cases (S sequences of the drawn lengths, shared
+    memory rows, causal), forward and backward."""
+    from memops.benchmarks.varlen import lengths
+    from memops.kernels import attention as kernels
+
+    for case in _cases("varlen", subset):
+        p = case.params
+        lens = lengths(p["S"], p["min_len"], p["max_len"], p["seed"])
+        total, S, H, Hkv, M, D = sum(lens), p["S"], p["H"], p["Hkv"], p["M"], p["D"]
+
+        def run(total=total, S=S, H=H, Hkv=Hkv, M=M, D=D):
+            q, k = _meta(total, H, D, dtype=dt), _meta(total, Hkv, D, dtype=dt)
+            mem = _meta(Hkv, M, D, dtype=dt) if M else None
+            if kernels.reference_instead(q, "varlen-memory", backward=True):
+                return
+            cu = _meta(S + 1, dtype=torch.int32)
+            options = dict(causal=True, scale=D**-0.5, cu_seqlens=(cu, cu))
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, None, **options)
+            kernels.memory_attention_bwd(q, q, k, k, mem, mem, None, out, lse, deterministic=False, **options)
+
+        yield f"{case.name} D={D} packed", run
+
+        longest = max(lens)
+
+        def padded(S=S, H=H, Hkv=Hkv, M=M, D=D, max_len=longest):
+            # the benchmark's memops-padded baseline: memory_attention over the right-padded batch, heads
+            # transposed out of the packed (S, max_len, heads, D) rows
+            q = _meta(S, max_len, H, D, dtype=dt).transpose(1, 2)
+            k = _meta(S, max_len, Hkv, D, dtype=dt).transpose(1, 2)
+            mem = _meta(Hkv, M, D, dtype=dt) if M else None
+            if kernels.reference_instead(q, "memory", backward=True):
+                return
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, None, causal=True, scale=D**-0.5)
+            kernels.memory_attention_bwd(q, q, k, k, mem, mem, None, out, lse, causal=True, scale=D**-0.5,
+                                         deterministic=False)  # fmt: skip
+
+        yield f"{case.name} D={D} padded", padded
+
+
 def _cases_by_head_dim(module: str, subset: bool, subset_case: str):
     """(case, params, head dim) of a benchmark module's CUDA cases at every head dim; the subset keeps one case
     at its own head dim."""
     for case in _cases(module, subset, keep=lambda case: case.name == subset_case):
-        for D in (case.params["D"],) if subset else HEAD_DIMS:
+        for D in (case.params["D"],) if subset or _CASE_SOURCE else HEAD_DIMS:
             yield case, case.params, D
 
 
@@ -311,6 +411,7 @@ def _memory_attention_scenarios(dtype, subset):
             p["B"], p["H"], p["Hkv"], p["N"], p["Nk"], p["M"], D, p["causal"], dt, subset
         ):
             yield f"{case.name} D={D} {path}", run
+    yield from _packed_scenarios(dt, subset)
 
 
 def _retention_scenarios(dtype, subset):
@@ -380,12 +481,24 @@ def _retention_scenarios(dtype, subset):
         p = case.params
 
         def run(p=p):
-            rows, L, D, budget = p["B"] * p["Hkv"], p["context"] + p["buffer"], p["D"], p["budget"]
-            log_beta, positions = _meta(rows, L, dtype=torch.float32), _meta(rows, L, dtype=torch.int64)
-            kept = retention.retention_select(log_beta, positions, L, L - 1, budget)
-            retention.cache_gather(_meta(rows, L, D, dtype=dt), kept, _meta(rows, budget, D, dtype=dt))
-            retention.cache_gather(log_beta[..., None], kept, _meta(rows, budget, 1, dtype=torch.float32))
-            retention.cache_gather(positions[..., None], kept, _meta(rows, budget, 1, dtype=torch.int64))
+            rows, D, budget, buffer = p["B"] * p["Hkv"], p["D"], p["budget"], p["buffer"]
+            # a prompt of `context` rows compacted at once, then the steady state: budget + buffer rows
+            for L in (p["context"], p["context"] + buffer, budget + buffer):
+                log_beta, positions = _meta(rows, L, dtype=torch.float32), _meta(rows, L, dtype=torch.int64)
+                kept = retention.retention_select(log_beta, positions, L, L - 1, budget)
+                # into the cache's storage: budget + buffer rows of room (memops.kv_cache.evict's flat views)
+                room = budget + buffer
+                retention.cache_gather(_meta(rows, L, D, dtype=dt), kept, _meta(rows, room, D, dtype=dt))
+                retention.cache_gather(log_beta[..., None], kept, _meta(rows, room, 1, dtype=torch.float32))
+                retention.cache_gather(positions[..., None], kept, _meta(rows, room, 1, dtype=torch.int64))
+            # decode: one query over the kept rows, a growing view of the (budget + buffer)-row storage
+            B, H, Hkv = p["B"], p["H"], p["Hkv"]
+            storage = _meta(B, Hkv, budget + buffer, D, dtype=dt)
+            for Nk in (budget, budget + 1):
+                if not attention.reference_instead(storage, "memory", backward=False):
+                    cache = storage.narrow(2, 0, Nk)
+                    attention.memory_attention_fwd(_meta(B, H, 1, D, dtype=dt), cache, cache, None, None, None,
+                                                   causal=False, scale=D**-0.5)  # fmt: skip
 
         yield f"cache {case.name}", run
 
@@ -400,23 +513,26 @@ def _looped_scenarios(dtype, subset):
             def run(p=p, D=D, gate_width=gate_width):
                 B, H, Hkv, n, Nk = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"]
                 q, cache = _meta(B, H, n, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
-                new, gate = _meta(B, Hkv, n, D, dtype=dt), _meta(B, Hkv, n, gate_width, dtype=dt)
-                if not attention.reference_instead(
-                    q, attention.fwd_path(gate_per_channel=gate_width != 1), backward=False
-                ):  # else the ops run the reference
-                    attention.memory_attention_fwd(
-                        q,
-                        cache,
-                        cache,
-                        None,
-                        None,
-                        None,
-                        causal=True,
-                        scale=D**-0.5,
-                        blend=(new, new, gate, cache, cache),
-                    )
-                looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
-                looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
+                new = _meta(B, Hkv, n, D, dtype=dt)
+                path = attention.fwd_path(gate_per_channel=gate_width != 1)
+                for gate_dtype in dict.fromkeys((dt, torch.float32)):  # gates come in any float dtype
+                    gate = _meta(B, Hkv, n, gate_width, dtype=gate_dtype)
+                    if n == 1:  # decode (memops.looped_attention inplace=True): the update, then plain attention
+                        looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
+                        if not attention.reference_instead(q, "memory", backward=False):
+                            attention.memory_attention_fwd(q, cache, cache, None, None, None, causal=False,
+                                                           scale=D**-0.5)  # fmt: skip
+                        continue
+                    if not attention.reference_instead(q, path, backward=False):  # else the ops run the reference
+                        out, lse = attention.memory_attention_fwd(
+                            q, cache, cache, None, None, None, causal=True, scale=D**-0.5,
+                            blend=(new, new, gate, cache, cache),
+                        )  # fmt: skip
+                        if not attention.reference_instead(q, path, backward=True):  # looped_attention's backward
+                            attention.memory_attention_bwd(q, q, cache, cache, None, None, None, out, lse, causal=True,
+                                                           scale=D**-0.5, deterministic=True)  # fmt: skip
+                    looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
+                    looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
 
             yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
 
@@ -444,10 +560,11 @@ def _moe_scenarios(dtype, subset):
 
         def run(p=p):
             logits = _meta(p["B"], p["N"], p["E"], dtype=torch.float32)
-            for block_size in (32, None):  # block routing, and token routing
+            # block routing and token routing, with and without DeepSeek's expert bias
+            for block_size, bias in itertools.product((32, None), (_meta(p["E"], dtype=torch.float32), None)):
                 moe.block_route(
                     logits,
-                    _meta(p["E"], dtype=torch.float32),
+                    bias,
                     block_size=block_size,
                     top_k=p["top_k"],
                     top_p=0.9,
@@ -478,15 +595,31 @@ def _moe_scenarios(dtype, subset):
 def _engram_scenarios(dtype, subset):
     from memops.kernels import engram
     from memops.kernels.product_key import weighted_gather_bwd
+    from memops.reference.engram import engram_hash_params
 
     dt = _torch_dtype(dtype)
-    # The demo's config (benchmarks to come): B*L = 8192 tokens, orders 2..3 with 8 heads of d = 64, a table of
-    # about 10.3 M rows, G = 4 streams of C = 1024, kernel 4 at dilation 3.
-    B, L, heads, d, rows, G, C, K = 4, 2048, 16, 64, 10_342_406, 4, 1024, 4
+    # The benchmark's engram cases (the demo's config: B*L = 8192 tokens, orders 2..3 with 8 heads of d = 64, a
+    # table of about 10.3 M rows, G = 4 streams of C = 1024), kernel 4 at dilation 3; the table's rows are the
+    # module's own (the sum of its heads' primes).
+    engram_cases = _cases("engram")
+    if not engram_cases:
+        return
+    p = engram_cases[0].params
+    _, primes = engram_hash_params(
+        (1,),
+        [p["vocab"]] * (p["N"] - 1),
+        max_ngram_size=p["N"],
+        n_head_per_ngram=p["h"],
+        seed=0,
+        tokenizer_vocab_size=128000,
+    )[1]  # fmt: skip  (memops.benchmarks.engram's module: layer 1, seed 0)
+    rows = int(primes.sum())
+    B, L, heads, d, G, C, K = p["B"], p["L"], (p["N"] - 1) * p["h"], p["e"] // p["h"], p["G"], p["C"], 4
 
     def lookup():
         ids = _meta(B, L, dtype=torch.int64)
-        multipliers, primes = _meta(3, dtype=torch.int64), _meta(2, heads // 2, dtype=torch.int64)
+        multipliers = _meta(p["N"], dtype=torch.int64)
+        primes = _meta(p["N"] - 1, p["h"], dtype=torch.int64)
         offsets, table = _meta(heads, dtype=torch.int64), _meta(rows, d, dtype=dt)
         engram.engram_lookup_fwd(ids, table, multipliers, primes, offsets, 2)
         engram.engram_lookup_fwd(_meta(B, 3, dtype=torch.int64), table, multipliers, primes, offsets, 2, 2)  # decode
@@ -515,7 +648,9 @@ def _engram_scenarios(dtype, subset):
 
 FAMILIES = {
     "weighted_gather": _weighted_gather_scenarios,
-    "product_key_search": _search_scenarios,
+    "product_key_search": lambda dtype, subset: itertools.chain(
+        _search_scenarios(dtype, subset), _pkm_layer_scenarios(dtype, subset)
+    ),
     "memory_attention": _memory_attention_scenarios,
     "retention": _retention_scenarios,
     "looped": _looped_scenarios,
@@ -547,10 +682,15 @@ def _describe(value) -> object:
 
 
 def collect(
-    families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = False, kernels=None, label=None
-) -> list[Variant]:
+    families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset: bool = False, kernels=None, label=None,
+    headline: bool = False, small: bool = False,
+) -> list[Variant]:  # fmt: skip
     """Record every scenario under every (dtype, arch) and return the distinct compiles; ``label``: only the
-    scenarios whose label contains it (``"varlen"``: the packed variants)."""
+    scenarios whose label contains it (``"varlen"``: the packed variants); ``headline``: only the headline
+    benchmark's cases, in their own dtype (bf16), at their ``small`` rehearsal parameters if asked."""
+    if headline:
+        with headline_source(small=small):
+            return collect(families, ("bf16",), arches, subset, kernels, label)
     from memops._backend import configs_for_arch
 
     variants: dict[str, Variant] = {}
@@ -694,8 +834,10 @@ def _occupancy(registers: int, shared: int, num_warps: int, target: dict) -> int
     return max(0, min(by_regs, by_smem, by_threads, target["max_blocks"]))
 
 
-def compile_variant(variant: Variant) -> dict:
-    """Compile one variant for its target; its figures, or the exact error."""
+def compile_variant(variant: Variant, analyze: bool = True) -> dict:
+    """Compile one variant for its target; its figures (``analyze``: registers, spills, dots, shared memory),
+    or the exact error. The compile goes through Triton's cache (``TRITON_CACHE_DIR``), where a launch of the
+    same specialisation on that target finds it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
@@ -719,6 +861,9 @@ def compile_variant(variant: Variant) -> dict:
             target=GPUTarget("cuda", variant.arch, 32),
             options=options.__dict__,
         )
+        if not analyze:  # compile ahead: the cache entry is the point
+            row.update(ok=True, problems=[], compile_s=round(time.perf_counter() - start, 2))
+            return row
         resources = _resources(compiled.asm["cubin"])
         dots = _dot_lowering(compiled.asm["ttgir"])
         shared = int(compiled.metadata.shared)
@@ -769,18 +914,24 @@ def problems(row: dict) -> list[str]:
 _WORKER_VARIANTS: list[Variant] = []
 
 
-def _worker_init(families, dtypes, arches, subset, kernels, label):
+_WORKER_ANALYZE: list[bool] = [True]
+
+
+def _worker_init(families, dtypes, arches, subset, kernels, label, headline=False, small=False, analyze=True):
     os.environ.pop("TRITON_INTERPRET", None)
-    _WORKER_VARIANTS.extend(collect(families, dtypes, arches, subset, kernels, label))
+    _WORKER_ANALYZE[0] = analyze
+    _WORKER_VARIANTS.extend(collect(families, dtypes, arches, subset, kernels, label, headline, small))
 
 
 def _worker_compile(index: int) -> dict:
-    return compile_variant(_WORKER_VARIANTS[index])
+    return compile_variant(_WORKER_VARIANTS[index], _WORKER_ANALYZE[0])
 
 
 def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False, jobs: int | None = None,
-              progress=None, kernels=None, label=None) -> dict:  # fmt: skip
-    """Compile every variant (in ``jobs`` processes) and return the report: rows and a summary."""
+              progress=None, kernels=None, label=None, headline=False, small=False, analyze=True) -> dict:  # fmt: skip
+    """Compile every variant (in ``jobs`` processes) and return the report: rows and a summary. ``headline`` /
+    ``small``: the headline benchmark's variants (:func:`collect`); ``analyze=False`` only compiles (the
+    compile-ahead step of the GPU run, which fills the Triton cache its launches read)."""
     import triton
 
     # Triton 3.9 warns that its FP-fusion default will change; pin today's default (fusion on, as 3.6 does).
@@ -788,12 +939,12 @@ def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False,
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("memops gpu-check compiles for GPUs: run it without TRITON_INTERPRET=1")
     start = time.perf_counter()
-    variants = collect(families, dtypes, arches, subset, kernels, label)
+    variants = collect(families, dtypes, arches, subset, kernels, label, headline, small)
     jobs = jobs or min(len(variants), os.cpu_count() or 1)
     rows = []
     if jobs <= 1:
         for variant in variants:
-            rows.append(compile_variant(variant))
+            rows.append(compile_variant(variant, analyze))
             if progress:
                 progress(rows[-1])
     else:
@@ -803,7 +954,7 @@ def run_check(families=None, dtypes=DTYPES, arches=DEFAULT_ARCHES, subset=False,
             jobs,
             mp_context=context,
             initializer=_worker_init,
-            initargs=(families, dtypes, arches, subset, kernels, label),
+            initargs=(families, dtypes, arches, subset, kernels, label, headline, small, analyze),
         ) as pool:
             for row in pool.map(_worker_compile, range(len(variants))):
                 rows.append(row)
@@ -1003,8 +1154,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", help="only the scenarios whose label contains this (e.g. varlen)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="write <out>/gpu-compile-triton<version>.json")
+    parser.add_argument(
+        "--headline", action="store_true", help="only the headline benchmark's variants (bf16, its cases' shapes)"
+    )
+    parser.add_argument("--small", action="store_true", help="with --headline: at the rehearsal's small shapes")
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="compile only, into TRITON_CACHE_DIR (no analysis, nothing judged): the GPU run's compile-ahead step",
+    )
+    parser.add_argument("--count", action="store_true", help="record and count the variants; compile nothing")
     args = parser.parse_args(argv)
-    arches = tuple(args.arch or ((90,) if args.subset else DEFAULT_ARCHES))
+    arches = tuple(args.arch or ((90,) if args.subset or args.headline else DEFAULT_ARCHES))
+    if args.small and not args.headline:
+        parser.error("--small goes with --headline")
+    if args.count:
+        os.environ.pop("TRITON_INTERPRET", None)
+        variants = collect(args.family, DTYPES, arches, args.subset, args.kernel, args.label, args.headline, args.small)
+        kernels = sorted({v.kernel for v in variants})
+        print(f"{len(variants)} variants of {len(kernels)} kernels: {', '.join(kernels)}")
+        return 0
+    if args.warm_cache:
+        start = time.perf_counter()
+        report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, None, args.kernel, args.label,
+                           args.headline, args.small, analyze=False)  # fmt: skip
+        for row in report["rows"]:
+            if not row["ok"]:
+                print(f"{row['arch']} {row['kernel']} {row['config']}: {row['error']}")
+        compiled = sum(row["ok"] for row in report["rows"])
+        print(
+            f"compile ahead: {compiled} of {report['variants']} variants compiled into "
+            f"{os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')} in {time.perf_counter() - start:.1f} s "
+            f"(triton {report['triton']}, {', '.join(report['arches'])})"
+        )
+        return 0 if compiled == report["variants"] else 1
 
     def progress(row):
         status = "ok" if not row["problems"] else "FAIL " + "; ".join(row["problems"])
@@ -1018,7 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress, args.kernel, args.label)
+    report = run_check(args.family, DTYPES, arches, args.subset, args.jobs, progress, args.kernel, args.label,
+                       args.headline, args.small)  # fmt: skip
     report["label"] = args.label
     print(
         f"triton {report['triton']}: {report['variants']} variants, {report['failing']} failing, {report['wall_s']} s"

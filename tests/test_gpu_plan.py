@@ -1,0 +1,179 @@
+"""The GPU run's plan (benchmarks/gpu/run.sh, memops.tools.gpu_plan): its lists match the code, its compile-ahead
+step compiles what the runtime launches, its budget table is current, and what it leaves in $OUT comes back.
+The whole rehearsal (`run.sh rehearse`) runs in .ci/run beside the suite."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memops.tools import gpu_plan, triton_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_without_interpreter(code: str, timeout: int = 600) -> dict:
+    """Run ``code`` (which prints one JSON line last) in a process where Triton compiles for GPUs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_headline_list_covers_every_family_and_names_real_cases():
+    from memops.tools.gpu_check import FAMILIES
+
+    entries = gpu_plan.headlines()
+    assert set(FAMILIES) <= {entry.family for entry in entries}, set(FAMILIES) - {e.family for e in entries}
+    for rehearse in (False, True):
+        for entry, case in gpu_plan.headline_cases(rehearse=rehearse):  # raises for a case that does not exist
+            names = gpu_plan.headline_providers(entry, case)  # raises for a baseline that does not exist
+            assert any(name.startswith("memops") for name in names), (entry, case)
+            assert entry.metric in ("bandwidth", "flops", "time") and entry.goal
+
+
+def test_a_headline_naming_a_missing_case_or_baseline_is_caught(monkeypatch):
+    import dataclasses
+
+    entry = gpu_plan.headlines()[0]
+    monkeypatch.setattr(gpu_plan, "headlines", lambda: (dataclasses.replace(entry, case="no-such-case"),))
+    with pytest.raises(LookupError, match="no such case"):
+        gpu_plan.headline_cases(rehearse=False)
+    monkeypatch.setattr(
+        gpu_plan,
+        "headlines",
+        lambda: (
+            dataclasses.replace(
+                entry,
+                baselines=("no-such"),
+            ),
+        ),
+    )
+    entry_case = gpu_plan.headline_cases(rehearse=False)[0]
+    with pytest.raises(LookupError, match="no provider"):
+        gpu_plan.headline_providers(*entry_case)
+
+
+def test_sanitizer_run_fails_when_a_kernel_did_not_launch(monkeypatch, capsys):
+    # The full list launching all 26 kernels is checked by the rehearsal; here: the check can fail.
+    from memops.benchmarks import gpu_sanitize
+
+    monkeypatch.setattr(gpu_sanitize, "CASES", [case for case in gpu_sanitize.CASES if case[0] == "retention_cache"])
+    assert gpu_sanitize.main(["--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "no case launches" in out and "engram_gate_fwd_kernel" in out
+    assert "retention_select_kernel" not in out.split("no case launches")[1]
+
+
+def test_compile_ahead_plans_every_launch_of_the_headline_cases():
+    # Recorded through the public ops at sm_90's launch configs (small shapes): every specialisation the memops
+    # providers launch is one `memops gpu-check --headline` compiles. (It found, among others, the product-key
+    # layer's fp32 gather weights, the looped backward and the retention cache's decode attention missing.)
+    result = run_without_interpreter(
+        "import json; from memops.tools.gpu_plan import key_mismatches; n, p = key_mismatches(); "
+        "print(json.dumps(dict(checked=n, problems=p)))"
+    )
+    assert result["checked"] > 100
+    assert result["problems"] == []
+
+
+KERNELS = [
+    "weighted_gather_fwd_kernel",
+    "weighted_gather_bwd_kernel",
+    "engram_gate_fwd_kernel",
+    "short_conv_fwd_kernel",
+]
+
+
+@pytest.mark.parametrize("runtime_fp_fusion, hits", [("1", True), ("0", False)])
+def test_runtime_launch_hits_the_compile_ahead_cache(tmp_path, runtime_fp_fusion, hits):
+    # The compile-ahead step's compiles (triton.compile into TRITON_CACHE_DIR) are found by Triton's runtime
+    # path (JITFunction.run with an sm_90 target): the same cache key. Changing a cache-invalidating variable
+    # in between (TRITON_DEFAULT_FP_FUSION, which memops gpu-check pins) makes every lookup miss: the check can
+    # fail, and run.sh exports the variable for every step.
+    code = (
+        "import json; from pathlib import Path; from memops.tools.gpu_plan import cache_check; "
+        f"r = cache_check({KERNELS!r}, Path({str(tmp_path / 'cache')!r}), Path({str(tmp_path / 'log')!r}), "
+        f"runtime_env={{'TRITON_DEFAULT_FP_FUSION': {runtime_fp_fusion!r}}}); print(json.dumps(r))"
+    )
+    result = run_without_interpreter(code)
+    assert result["compiled"] == result["variants"] > 0
+    if hits:
+        assert result["hits"] >= result["variants"] and result["misses"] == 0, result
+    else:
+        assert result["hits"] == 0 and result["misses"] > 0, result
+
+
+def test_committed_budget_is_current_and_fits_the_call():
+    rows = run_without_interpreter(
+        "import json; from memops.tools.gpu_plan import budget_rows; print(json.dumps(budget_rows()))"
+    )
+    assert rows == json.loads(gpu_plan.BUDGET_FILE.read_text()), (
+        "regenerate: python -m memops.tools.gpu_plan budget --write benchmarks/gpu/budget.json"
+    )
+    # 9 minutes of limits in a call of at most 10: a minute spare; each step expected inside its limit
+    assert sum(row["limit_s"] for row in rows) <= gpu_plan.PLAN_SECONDS == 9 * 60
+    assert all(row["estimate_s"] <= row["limit_s"] for row in rows)
+    assert gpu_plan.budget_markdown(rows) in (ROOT / "docs" / "testing.md").read_text()
+
+
+def test_check_outputs(tmp_path):
+    for name in gpu_plan.CHECK_FILES:
+        (tmp_path / name).write_text("x")
+    assert gpu_plan.check_outputs(tmp_path) == []
+    (tmp_path / "headline.md").unlink()
+    assert gpu_plan.check_outputs(tmp_path) == ["missing headline.md"]
+    (tmp_path / "headline.md").write_text("x")
+    with open(tmp_path / "big.bin", "wb") as f:
+        f.truncate(gpu_plan.MAX_FILE_BYTES + 1)
+    (tmp_path / "bench").mkdir()
+    problems = gpu_plan.check_outputs(tmp_path)
+    assert any("9 entries" in p for p in problems)
+    assert any(p.startswith("big.bin") for p in problems) and "bench is not a plain file" in problems
+
+
+def test_unknown_step_is_refused_before_anything_runs(tmp_path):
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "rehearsee"],
+        capture_output=True, text=True, env=dict(os.environ, OUT=str(tmp_path)),
+    )  # fmt: skip
+    assert done.returncode == 2 and "unknown step or plan 'rehearsee'" in done.stderr
+    assert not (tmp_path / "device.txt").exists()
+
+
+def test_cache_log_summary(tmp_path):
+    log = tmp_path / "log"
+    log.write_text("hit weighted_gather_fwd_kernel\nmiss weighted_gather_fwd_kernel\nmiss triton_poi_fused_0\nhit x\n")
+    counts = triton_cache.summarize(log, {"weighted_gather_fwd_kernel"})
+    assert counts["memops"] == {"hit": 1, "miss": 1} and counts["other"] == {"hit": 1, "miss": 1}
+    assert "missed: weighted_gather_fwd_kernel x1" in triton_cache.summary_line(log, {"weighted_gather_fwd_kernel"})
+
+
+def test_headline_jsonl_keeps_what_a_killed_run_wrote(tmp_path):
+    path = tmp_path / "headline.jsonl"
+    path.write_text(
+        json.dumps(dict(kind="run", device="d", ceilings={})) + "\n"
+        + json.dumps(dict(kind="result", op="weighted_gather", case="c")) + "\n"
+        + '{"kind": "result", "op": "cut sh'
+    )  # fmt: skip
+    header, rows = gpu_plan.read_jsonl(path)
+    assert header["device"] == "d" and [r["case"] for r in rows] == ["c"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--headline", "--op", "engram"], "without --op and --quick"),
+        (["--rehearse"], "go with --headline"),
+        (["--warm-compiled", "2"], "go with --headline"),
+    ],
+)
+def test_bench_headline_options(argv, message, capsys):
+    from memops.tools.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", *argv])
+    assert message in capsys.readouterr().err
