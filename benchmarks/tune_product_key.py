@@ -4,7 +4,7 @@
 
 For each shape it times every config of the forward, the weights-grad (+ atomic values-grad) kernel and
 the deterministic segment kernel with do_bench, prints the fastest few against the launchers' default
-config, and writes all timings to DIR/tune_weighted_gather.json.
+config, and writes all timings to DIR/tune_weighted_gather.json and the fastest as DIR/tune-gather.md.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 
 from memops.kernels import product_key as kernels
+from memops.tools.tuning import sweep, time_ms, write_table
 
 SHAPES = [
     # A hot row: a tenth of all picks land on row 0 (52K entries in one segment).
@@ -28,10 +28,6 @@ SHAPES = [
     dict(T=4096, K=128, S=1 << 20, D=1024, dtype=torch.float32),
     dict(T=256, K=32, S=1 << 16, D=256, dtype=torch.float32),
 ]
-
-
-def _ms(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
 def _inputs(shape):
@@ -55,21 +51,6 @@ def _configs(D, keys, *choices):
     return [dict(zip(keys, combo)) for combo in sorted(unique)]
 
 
-def _sweep(name, configs, run, default):
-    rows = []
-    for cfg in configs:
-        try:
-            rows.append((_ms(lambda: run(cfg)), cfg))
-        except Exception as error:  # a config the compiler rejects (too many registers, shared memory)
-            print(f"  {name} {cfg}: {type(error).__name__}")
-    rows.sort(key=lambda r: r[0])
-    default_ms = _ms(lambda: run(default))
-    print(f"  {name:<14} default {default} {default_ms:.3f} ms")
-    for ms, cfg in rows[:3]:
-        print(f"  {'':<14} best    {cfg} {ms:.3f} ms ({default_ms / ms:.2f}x vs default)")
-    return {"default": default, "default_ms": default_ms, "all": [{"ms": ms, "config": cfg} for ms, cfg in rows]}
-
-
 def _tune_shape(shape: dict) -> dict:
     """Sweep one shape's configs (its tensors are freed on return)."""
     values, indices, weights, grad_out = _inputs(shape)
@@ -80,7 +61,7 @@ def _tune_shape(shape: dict) -> dict:
 
     keys = ("BLOCK_K", "BLOCK_D", "num_warps")
     fwd_configs = _configs(D, keys, (4, 8, 16, 32), (512, 1024, 2048), (4, 8))
-    entry["fwd"] = _sweep(
+    entry["fwd"] = sweep(
         "fwd",
         fwd_configs,
         lambda cfg: kernels.weighted_gather_fwd(values, indices, weights, config=cfg),
@@ -91,7 +72,7 @@ def _tune_shape(shape: dict) -> dict:
 
     bwd_configs = _configs(D, keys, (8, 16, 32), (64, 128, 256), (4, 8))
     for algorithm, label in (("atomic", "wgrad+atomic"), ("segment", "wgrad-only")):
-        entry[label] = _sweep(
+        entry[label] = sweep(
             label,
             bwd_configs,
             lambda cfg, a=algorithm: kernels.weighted_gather_bwd(
@@ -106,7 +87,7 @@ def _tune_shape(shape: dict) -> dict:
             kernels.gather_bwd_config(K, D),
         )
     segment_configs = _configs(D, ("BLOCK_N", "BLOCK_D", "num_warps"), (1, 2, 4), (512, 1024, 2048), (2, 4, 8))
-    entry["segment"] = _sweep(
+    entry["segment"] = sweep(
         "segment",
         segment_configs,
         lambda cfg: kernels.weighted_gather_bwd(
@@ -122,7 +103,7 @@ def _tune_shape(shape: dict) -> dict:
     )
     # The whole backward (weights grad + values grad, buffers and casts included) by algorithm.
     for algorithm in ("atomic", "segment"):
-        entry[f"full_bwd_{algorithm}_ms"] = _ms(
+        entry[f"full_bwd_{algorithm}_ms"] = time_ms(
             lambda a=algorithm: kernels.weighted_gather_bwd(grad_out, values, indices, weights, values_grad_algorithm=a)
         )
         print(f"  full backward  {algorithm:<8} {entry[f'full_bwd_{algorithm}_ms']:.3f} ms")
@@ -141,6 +122,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune_weighted_gather.json").write_text(json.dumps(report, indent=1))
+    rows = []
+    for entry in report["shapes"]:
+        shape = entry["shape"]
+        key = f"T={shape['T']} K={shape['K']} D={shape['D']} {shape['dtype']}"
+        rows += [(f"{key} {part}", entry[part]) for part in ("fwd", "wgrad+atomic", "wgrad-only", "segment")]
+    write_table(out, "gather", "gather_config / gather_bwd_config / segment_config (kernels/product_key.py)", rows)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 For the XLM and Memory Layers at Scale shapes it times every (BLOCK_T, BLOCK_N, num_warps) config with
 do_bench, prints the fastest few against `search_config`'s default, and writes all timings to
-DIR/tune_product_key_search.json.
+DIR/tune_product_key_search.json and the fastest as DIR/tune-search.md.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import triton
 
-from memops.benchmarks.tune_product_key import _sweep
 from memops.kernels import product_key as kernels
+from memops.tools.tuning import sweep, write_table
 
 SHAPES = [
     dict(T=8192, heads=4, key_dim=512, n_keys=1024, topk=32, dtype=torch.bfloat16),  # Memory Layers at Scale
@@ -44,7 +44,7 @@ def main() -> None:
             if n >= k_pad
         ]
         entry = {"shape": {k: str(v) for k, v in shape.items()}}
-        entry["search"] = _sweep(
+        entry["search"] = sweep(
             "search",
             configs,
             lambda cfg: kernels.product_key_search(queries, sub_keys, shape["topk"], config=cfg),
@@ -59,6 +59,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune_product_key_search.json").write_text(json.dumps(report, indent=1))
+    rows = [(f"T={e['shape']['T']} key_dim={e['shape']['key_dim']} n_keys={e['shape']['n_keys']}", e["search"])
+            for e in report["shapes"]]  # fmt: skip
+    write_table(out, "search", "search_config (kernels/product_key.py)", rows)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,24 @@ def test_bench_headline_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(["bench", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_tune_plan_fits_the_call_and_its_sweeps_exist():
+    import importlib
+
+    assert gpu_plan.STEP_LIMITS["info"] + sum(gpu_plan.TUNE_LIMITS.values()) <= gpu_plan.PLAN_SECONDS
+    script = (ROOT / "benchmarks" / "gpu" / "run.sh").read_text()
+    for step in gpu_plan.TUNE_LIMITS:
+        module = script.split(f"step_{step}() {{")[1].split("memops.benchmarks.")[1].split()[0]
+        assert callable(importlib.import_module(f"memops.benchmarks.{module}").main), step
+
+
+def test_tune_table_is_patch_ready(tmp_path):
+    from memops.tools.tuning import write_table
+
+    faster = {"default": {"BLOCK": 64}, "default_ms": 2.0, "all": [{"ms": 1.0, "config": {"BLOCK": 128}}]}
+    same = {"default": {"BLOCK": 64}, "default_ms": 1.01, "all": [{"ms": 1.0, "config": {"BLOCK": 32}}]}
+    text = write_table(tmp_path, "x", "X_CONFIGS", [("(90, '16') fwd", faster), ("(90, '16') bwd", same)]).read_text()
+    assert "(90, '16') fwd: {'BLOCK': 128},  # 1.000 ms vs 2.000 ms default" in text
+    assert "{'BLOCK': 32}," not in text  # within 3%: not proposed
+    assert "| (90, '16') fwd | {'BLOCK': 64} | 2.000 | {'BLOCK': 128} | 1.000 | 2.00x |" in text

@@ -39,6 +39,8 @@ MAX_FILE_BYTES = 16 << 20
 PLAN_SECONDS = 9 * 60  # plan "check" must fit in one device call of 10 minutes, with a minute spare
 # Each step's time limit in run.sh (SIGINT at the limit, SIGKILL 15 s later): they sum to at most PLAN_SECONDS.
 STEP_LIMITS = dict(info=30, compile=90, tests=110, sanitize=75, bench=230)
+# Plan "tune": the sweeps' limits (info 30 s first), also summing to at most PLAN_SECONDS.
+TUNE_LIMITS = {"tune-attention": 160, "tune-gather": 100, "tune-search": 80, "tune-moe": 90, "tune-engram": 60}
 # The files plan "check" leaves in $OUT (the rehearsal checks them): bench.tar holds the per-op JSON and plots,
 # the compile-ahead log, the tests' junit XML and the sanitized script's own output.
 CHECK_FILES = ("device.txt", "tests.log", "sanitize.log", "bench.log", "headline.jsonl", "headline.md", "extras.tar")
@@ -666,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "budget":
         if args.step:
             if args.limit:
-                print(STEP_LIMITS.get(args.step, 120))
+                print({**STEP_LIMITS, **TUNE_LIMITS}.get(args.step, 120))
                 return 0
             rows = json.loads(BUDGET_FILE.read_text()) if BUDGET_FILE.exists() else []
             row = next((r for r in rows if r["step"] == args.step), None)
