@@ -35,26 +35,21 @@ def test_headline_list_covers_every_family_and_names_real_cases():
             assert entry.metric in ("bandwidth", "flops", "time") and entry.goal
 
 
-def test_a_headline_naming_a_missing_case_or_baseline_is_caught(monkeypatch):
+def test_a_headline_naming_a_missing_case_baseline_or_family_is_caught(monkeypatch):
     import dataclasses
 
-    entry = gpu_plan.headlines()[0]
-    monkeypatch.setattr(gpu_plan, "headlines", lambda: (dataclasses.replace(entry, case="no-such-case"),))
+    entry, *rest = gpu_plan.headlines()
+    others = tuple(e for e in rest if e.family != entry.family)
+    monkeypatch.setattr(gpu_plan, "headlines", lambda: (dataclasses.replace(entry, case="no-such-case"), *rest))
     with pytest.raises(LookupError, match="no such case"):
         gpu_plan.headline_cases(rehearse=False)
-    monkeypatch.setattr(
-        gpu_plan,
-        "headlines",
-        lambda: (
-            dataclasses.replace(
-                entry,
-                baselines=("no-such"),
-            ),
-        ),
-    )
-    entry_case = gpu_plan.headline_cases(rehearse=False)[0]
+    bad_baseline = (dataclasses.replace(entry, baselines=("no-such",)), *rest)
+    monkeypatch.setattr(gpu_plan, "headlines", lambda: bad_baseline)
     with pytest.raises(LookupError, match="no provider"):
-        gpu_plan.headline_providers(*entry_case)
+        gpu_plan.headline_providers(*gpu_plan.headline_cases(rehearse=False)[0])
+    monkeypatch.setattr(gpu_plan, "headlines", lambda: others)  # a family of the compile check without an entry
+    with pytest.raises(LookupError, match=f"no headline entry for the family \\['{entry.family}'\\]"):
+        gpu_plan.headline_cases(rehearse=False)
 
 
 def test_sanitizer_run_fails_when_a_kernel_did_not_launch(monkeypatch, capsys):

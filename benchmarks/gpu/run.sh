@@ -82,17 +82,16 @@ step_compile() {
   # the compiled baselines' warm-up processes.
   local jobs; jobs=$(nproc)
   if ((REHEARSE)); then
-    env -u TRITON_INTERPRET "$python" -m memops.tools.gpu_check --count --headline --small 2>&1 | tee -a "$WORK/compile.log" || return 1
+    env -u TRITON_INTERPRET "$python" -m memops.tools.gpu_check --count --headline --small >>"$WORK/compile.log" 2>&1 \
+      || return 1
     env -u TRITON_INTERPRET "$python" -m memops.tools.gpu_check --warm-cache --headline --small --jobs "$jobs" \
-      --kernel weighted_gather_fwd_kernel --kernel engram_gate_fwd_kernel 2>&1 | tee -a "$WORK/compile.log" || return 1
+      --kernel weighted_gather_fwd_kernel --kernel engram_gate_fwd_kernel >>"$WORK/compile.log" 2>&1 || return 1
     "$python" -m memops.benchmarks.gpu_sanitize --warm "$jobs" --case engram --case retention_cache >>"$WORK/compile.log" 2>&1 || return 1
     # (the processes and calls of the warm-up, without inductor's CPU compiles: the bench step compiles them)
-    TORCHDYNAMO_DISABLE=1 "$python" -m memops.tools.cli bench --headline --rehearse --warm-compiled "$jobs" 2>&1 \
-      | grep -c "warm compiled" \
-      | sed 's/^/compiled baselines warmed: /'
-    [[ ${PIPESTATUS[0]} -eq 0 ]] || return 1
+    TORCHDYNAMO_DISABLE=1 "$python" -m memops.tools.cli bench --headline --rehearse --warm-compiled "$jobs" \
+      >>"$WORK/compile.log" 2>&1 || return 1
   else
-    "$python" -m memops.tools.gpu_check --warm-cache --headline --jobs "$jobs" 2>&1 | tee -a "$WORK/compile.log" || return 1
+    "$python" -m memops.tools.gpu_check --warm-cache --headline --jobs "$jobs" >>"$WORK/compile.log" 2>&1 || return 1
     # side by side: the sanitizer's cases once each, and every torch.compile baseline once (inductor's caches)
     "$python" -m memops.benchmarks.gpu_sanitize --warm 8 >"$WORK/compile-sanitizer.log" 2>&1 &
     local sanitizer=$!
@@ -100,26 +99,30 @@ step_compile() {
     local baselines=$?
     wait "$sanitizer"; local rc=$?
     cat "$WORK/compile-sanitizer.log" "$WORK/compile-baselines.log" >>"$WORK/compile.log"
-    grep -c "warm compiled" "$WORK/compile-baselines.log" | sed 's/^/compiled baselines warmed: /'
     [[ $rc -eq 0 && $baselines -eq 0 ]] || return 1
   fi
   extras compile.log
-  tail -1 "$WORK/compile.log"
+  grep -E "^compile ahead|variants of|warm: [0-9]+ cases" "$WORK/compile.log"
+  echo "compiled baselines warmed: $(grep -c "warm compiled" "$WORK/compile.log")"
 }
 
 step_tests() {
   # Every CUDA-marked test, one xdist worker per core; the at-scale tests share one xdist group, so they run one
-  # after another on one worker and the GPU's memory is never oversubscribed. Full output as it runs.
+  # after another on one worker and the GPU's memory is never oversubscribed. Full output to the file as it runs
+  # (no pipe: the step's SIGINT reaches the whole process group, and pytest must still print its summary).
   local timeout_flag=""
   "$python" -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=100"
   if ((REHEARSE)); then
-    "$python" -m pytest tests -m cuda --collect-only -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -1
+    "$python" -m pytest tests -m cuda --collect-only -q -n 0 >"$OUT/tests.log" 2>&1
+    tail -1 "$OUT/tests.log"
     grep -q "tests collected" "$OUT/tests.log" || return 1
   else
+    # shellcheck disable=SC2086
     "$python" -m pytest tests -m cuda -n "$(nproc)" --dist loadgroup $timeout_flag -p no:cacheprovider -rfE \
-      --junitxml "$WORK/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -3
-    local rc=${PIPESTATUS[0]}
+      --junitxml "$WORK/tests.xml" >"$OUT/tests.log" 2>&1
+    local rc=$?
     extras tests.xml
+    tail -3 "$OUT/tests.log"
     return "$rc"
   fi
 }
@@ -154,18 +157,18 @@ step_bench() {
   local flags="" seconds; seconds=$(limit bench)
   ((REHEARSE)) && flags="--rehearse"
   # shellcheck disable=SC2086
-  "$python" -m memops.tools.cli bench --headline $flags --deadline $((seconds - 25)) --out "$OUT" 2>&1 | grep --line-buffered -v "^\[" >"$OUT/bench.log"
-  local rc=${PIPESTATUS[0]}
+  "$python" -m memops.tools.cli bench --headline $flags --deadline $((seconds - 25)) --out "$OUT" >"$OUT/bench.log" 2>&1
+  local rc=$?
   [[ -d $OUT/bench ]] && (cd "$OUT" && tar -rf extras.tar bench && rm -rf bench)
   tail -2 "$OUT/bench.log"
   return "$rc"
 }
 
-step_tune-attention() { "$python" -m memops.benchmarks.tune_attention --out "$WORK" 2>&1 | tee "$OUT/tune-attention.log" | tail -3; }
-step_tune-gather() { "$python" -m memops.benchmarks.tune_product_key --out "$WORK" 2>&1 | tee "$OUT/tune-gather.log" | tail -3; }
-step_tune-search() { "$python" -m memops.benchmarks.tune_product_key_search --out "$WORK" 2>&1 | tee "$OUT/tune-search.log" | tail -3; }
-step_tune-moe() { "$python" -m memops.benchmarks.tune_moe --out "$WORK" 2>&1 | tee "$OUT/tune-moe.log" | tail -3; }
-step_tune-engram() { "$python" -m memops.benchmarks.tune_engram --out "$WORK" 2>&1 | tee "$OUT/tune-engram.log" | tail -3; }
+step_tune-attention() { "$python" -m memops.benchmarks.tune_attention --out "$WORK" >"$OUT/tune-attention.log" 2>&1; }
+step_tune-gather() { "$python" -m memops.benchmarks.tune_product_key --out "$WORK" >"$OUT/tune-gather.log" 2>&1; }
+step_tune-search() { "$python" -m memops.benchmarks.tune_product_key_search --out "$WORK" >"$OUT/tune-search.log" 2>&1; }
+step_tune-moe() { "$python" -m memops.benchmarks.tune_moe --out "$WORK" >"$OUT/tune-moe.log" 2>&1; }
+step_tune-engram() { "$python" -m memops.benchmarks.tune_engram --out "$WORK" >"$OUT/tune-engram.log" 2>&1; }
 
 export -f log extras limit step_info step_compile step_tests step_sanitize step_racecheck step_bench \
   step_tune-attention step_tune-gather step_tune-search step_tune-moe step_tune-engram

@@ -54,7 +54,14 @@ def headlines():
 
 def headline_cases(*, rehearse: bool) -> list[tuple[object, benchmarking.Case]]:
     """(headline, case) for every headline entry and mode, the case taken from its benchmark module's CUDA
-    list; ``rehearse``: with the entry's small parameters. A missing case raises LookupError."""
+    list; ``rehearse``: with the entry's small parameters. A missing case, or a family of the compile check
+    (``memops.tools.gpu_check.FAMILIES``) without an entry, raises LookupError."""
+    from memops.tools.gpu_check import FAMILIES
+
+    missing = sorted(set(FAMILIES) - {entry.family for entry in headlines()})
+    if missing:
+        raise LookupError(f"no headline entry for the famil{'ies' if len(missing) > 1 else 'y'} {missing}: add "
+                          "its real-size cases and goal to memops/benchmarks/headline.py")  # fmt: skip
     out = []
     for entry in headlines():
         cases = benchmarking.load(entry.op).cases("cuda", False)
@@ -458,18 +465,22 @@ def budget_rows(*, sweep_dir: Path | None = None, tests: tuple[int, int] | None 
 
 
 def count_cuda_tests() -> tuple[int, int]:
-    """(CUDA-marked tests, at-scale ones) by pytest collection of tests/ (in a subprocess)."""
+    """(CUDA-marked tests, at-scale ones) by one pytest collection of tests/ (in a subprocess)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
-    counts = []
-    for marker in ("cuda", "cuda and at_scale"):
-        text = subprocess.run(
-            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", marker, "-p", "no:cacheprovider",
-             str(root / "tests")], capture_output=True, text=True, cwd=root,
-        ).stdout  # fmt: skip
-        counts.append(sum(1 for line in text.splitlines() if "::" in line))
-    return counts[0], counts[1]
+    code = (
+        "import sys, pytest\n"
+        "class Count:\n"
+        "    def pytest_collection_finish(self, session):\n"
+        "        marks = [{m.name for m in item.iter_markers()} for item in session.items]\n"
+        "        print('COUNTS', sum('cuda' in m for m in marks), sum({'cuda', 'at_scale'} <= m for m in marks))\n"
+        "pytest.main(['--collect-only', '-q', '-n', '0', sys.argv[1]], plugins=[Count()])\n"
+    )
+    text = subprocess.run([sys.executable, "-c", code, str(root / "tests")], capture_output=True, text=True,
+                          cwd=root).stdout  # fmt: skip
+    line = next(line for line in text.splitlines() if line.startswith("COUNTS"))
+    return int(line.split()[1]), int(line.split()[2])
 
 
 def budget_markdown(rows: list[dict]) -> str:
