@@ -1,6 +1,6 @@
 """Sweep the launch parameters of the memory-attention kernels on a CUDA device (a tuning aid, not a test).
 
-    python -m memops.benchmarks.tune_attention [--out DIR]
+    python -m memops.benchmarks.tune_attention [--out DIR] [--compile-only I/N]
 
 Times the forward and the backward (dQ and dK/dV kernels share one config) at the DiT-Mem shape with N
 halved and prefix tuning at 2K, bf16; prints the fastest configs against the launchers' defaults and writes
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from memops.kernels import attention as kernels
-from memops.tools.tuning import sweep, write_table
+from memops.tools import tuning
+from memops.tools.tuning import sweep
 
 SHAPES = [
     dict(B=1, H=12, Hkv=12, N=16384, M=1000, D=128, causal=False),
@@ -27,9 +28,22 @@ SHAPES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench-results")
+    tuning.add_arguments(parser)
     args = parser.parse_args()
+    compile_only = tuning.configure(args)
     report, rows = [], []
+    try:
+        _sweep_shapes(report, rows)
+    finally:  # what was swept, also when the plan's limit interrupts the sweep
+        if not compile_only:
+            out_dir = Path(args.out)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "tune_attention.json").write_text(json.dumps(report, indent=1))
+            tuning.write_table(out_dir, "attention", "FWD_CONFIGS / DQ_CONFIGS / DKDV_CONFIGS (kernels/attention.py), "
+                               "path memory", rows)  # fmt: skip
+
+
+def _sweep_shapes(report: list, rows: list) -> None:
     for shape in SHAPES:
         B, H, Hkv, N, M, D, causal = (shape[k] for k in ("B", "H", "Hkv", "N", "M", "D", "causal"))
         q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
@@ -68,11 +82,6 @@ def main() -> None:
         key = f"(90, '16', {D}) {'causal' if causal else 'full'} M={M}"
         rows += [(f"{key} fwd", entry["fwd"]), (f"{key} dq+dkdv", entry["bwd"])]
         report.append(entry)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tune_attention.json").write_text(json.dumps(report, indent=1))
-    write_table(out_dir, "attention", "FWD_CONFIGS / DQ_CONFIGS / DKDV_CONFIGS (kernels/attention.py), path memory",
-                rows)  # fmt: skip
 
 
 if __name__ == "__main__":

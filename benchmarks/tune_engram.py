@@ -1,6 +1,6 @@
 """Sweep the Engram lookup kernel's launch parameters on a CUDA device (a tuning aid, not a test).
 
-    python -m memops.benchmarks.tune_engram [--out DIR]
+    python -m memops.benchmarks.tune_engram [--out DIR] [--compile-only I/N]
 
 At the Engram demo's config (8192 tokens, orders 2..3 with 8 heads of d = 64 each, a table of about 10.3 M rows,
 bf16) it times the fused hash + gather (``engram_lookup_fwd``) for each (BLOCK_T, num_warps) against
@@ -21,16 +21,29 @@ import triton
 
 from memops.kernels import engram as kernels
 from memops.reference.engram import engram_hash_params
-from memops.tools.tuning import sweep, time_ms, write_table
+from memops.tools import tuning
+from memops.tools.tuning import sweep, time_ms
 
 SHAPES = [dict(B=4, L=2048, N=3, h=8, d=64, vocab=129280 * 5, dtype=torch.bfloat16)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench-results")
+    tuning.add_arguments(parser)
     args = parser.parse_args()
+    compile_only = tuning.configure(args)
     report, rows = [], []
+    try:
+        _sweep_shapes(report, rows)
+    finally:  # what was swept, also when the plan's limit interrupts the sweep
+        if not compile_only:
+            out_dir = Path(args.out)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "tune_engram.json").write_text(json.dumps(report, indent=1))
+            tuning.write_table(out_dir, "engram", "_lookup_config (kernels/engram.py)", rows)
+
+
+def _sweep_shapes(report: list, rows: list) -> None:
     for shape in SHAPES:
         print(shape)
         B, L, N, h, d = (shape[k] for k in ("B", "L", "N", "h", "d"))
@@ -61,10 +74,6 @@ def main() -> None:
             print(f"  lookup: {gbps:.0f} GB/s at the fastest config, {100 * gbps / copy_gbps:.0f}% of a copy")
         rows.append((f"d={d} {shape['dtype']}", entry["lookup"]))
         report.append(entry)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tune_engram.json").write_text(json.dumps(report, indent=1))
-    write_table(out_dir, "engram", "_lookup_config (kernels/engram.py)", rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sweep the grouped expert GEMMs' tiles on a CUDA device (a tuning aid, not a test).
 
-    python -m memops.benchmarks.tune_moe [--out DIR]
+    python -m memops.benchmarks.tune_moe [--out DIR] [--compile-only I/N]
 
 At the LLaDA2.0-mini layer (2048 tokens, d 2048, 256 experts of 512, top-8, bf16) it times the forward (the
 SwiGLU gate/up GEMM and the down GEMM) and the backward (two weight-grad and two data-grad GEMMs) for each
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from memops.kernels import moe as kernels
-from memops.tools.tuning import sweep, write_table
+from memops.tools import tuning
+from memops.tools.tuning import sweep
 
 SHAPES = [dict(T=2048, d=2048, inter=512, E=256, top_k=8, dtype=torch.bfloat16)]
 
@@ -35,9 +36,18 @@ def _with_config(config: dict, fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench-results")
+    tuning.add_arguments(parser)
     args = parser.parse_args()
+    compile_only = tuning.configure(args)
     report, rows = [], []
+    try:
+        _sweep_shapes(report, rows)
+    finally:  # what was swept, also when the plan's limit interrupts the sweep
+        if not compile_only:
+            _write(Path(args.out), report, rows)
+
+
+def _sweep_shapes(report: list, rows: list) -> None:
     for shape in SHAPES:
         T, d, inter, E, top_k, dtype = (shape[k] for k in ("T", "d", "inter", "E", "top_k", "dtype"))
         print(shape)
@@ -72,11 +82,13 @@ def main() -> None:
             print(f"  fwd: {flops / entry['fwd']['all'][0]['ms'] / 1e9:.0f} TFLOP/s at the fastest config")
         rows += [("(90, '16') fwd", entry["fwd"]), ("(90, '16') bwd", entry["bwd"])]
         report.append(entry)
-    out_dir = Path(args.out)
+
+
+def _write(out_dir: Path, report: list, rows: list) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tune_moe.json").write_text(json.dumps(report, indent=1))
-    write_table(out_dir, "moe", "GEMM_CONFIGS (kernels/moe.py): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)",
-                rows)  # fmt: skip
+    tuning.write_table(out_dir, "moe", "GEMM_CONFIGS (kernels/moe.py): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, "
+                       "num_stages)", rows)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sweep the launch parameters of the weighted_gather kernels on a CUDA device (a tuning aid, not a test).
 
-    python -m memops.benchmarks.tune_product_key [--out DIR] [--quick]
+    python -m memops.benchmarks.tune_product_key [--out DIR] [--quick] [--compile-only I/N]
 
 For each shape it times every config of the forward, the weights-grad (+ atomic values-grad) kernel and
 the deterministic segment kernel with do_bench, prints the fastest few against the launchers' default
@@ -18,7 +18,8 @@ import torch
 import triton
 
 from memops.kernels import product_key as kernels
-from memops.tools.tuning import sweep, time_ms, write_table
+from memops.tools import tuning
+from memops.tools.tuning import sweep, time_ms
 
 SHAPES = [
     # A hot row: a tenth of all picks land on row 0 (52K entries in one segment).
@@ -67,8 +68,9 @@ def _tune_shape(shape: dict) -> dict:
         lambda cfg: kernels.weighted_gather_fwd(values, indices, weights, config=cfg),
         kernels.gather_config(K, D, item),
     )
-    fwd_best = entry["fwd"]["all"][0]["ms"]
-    entry["fwd_gbps"] = (T * K * D + T * D) * item / (fwd_best * 1e-3) / 1e9
+    if entry["fwd"]["all"]:
+        fwd_best = entry["fwd"]["all"][0]["ms"]
+        entry["fwd_gbps"] = (T * K * D + T * D) * item / (fwd_best * 1e-3) / 1e9
 
     bwd_configs = _configs(D, keys, (8, 16, 32), (64, 128, 256), (4, 8))
     for algorithm, label in (("atomic", "wgrad+atomic"), ("segment", "wgrad-only")):
@@ -112,14 +114,21 @@ def _tune_shape(shape: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench-results")
+    tuning.add_arguments(parser)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    compile_only = tuning.configure(args)
     report = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": []}
-    for shape in SHAPES[:2] if args.quick else SHAPES:
-        report["shapes"].append(_tune_shape(shape))
-        torch.cuda.empty_cache()
-    out = Path(args.out)
+    try:
+        for shape in SHAPES[:2] if args.quick else SHAPES:
+            report["shapes"].append(_tune_shape(shape))
+            torch.cuda.empty_cache()
+    finally:  # what was swept, also when the plan's limit interrupts the sweep
+        if not compile_only:
+            _write(Path(args.out), report)
+
+
+def _write(out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune_weighted_gather.json").write_text(json.dumps(report, indent=1))
     rows = []
@@ -127,7 +136,8 @@ def main() -> None:
         shape = entry["shape"]
         key = f"T={shape['T']} K={shape['K']} D={shape['D']} {shape['dtype']}"
         rows += [(f"{key} {part}", entry[part]) for part in ("fwd", "wgrad+atomic", "wgrad-only", "segment")]
-    write_table(out, "gather", "gather_config / gather_bwd_config / segment_config (kernels/product_key.py)", rows)
+    tuning.write_table(out, "gather", "gather_config / gather_bwd_config / segment_config (kernels/product_key.py)",
+                       rows)  # fmt: skip
 
 
 if __name__ == "__main__":

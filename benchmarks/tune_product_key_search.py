@@ -1,6 +1,6 @@
 """Sweep the launch parameters of the product-key search kernel on a CUDA device (a tuning aid, not a test).
 
-    python -m memops.benchmarks.tune_product_key_search [--out DIR]
+    python -m memops.benchmarks.tune_product_key_search [--out DIR] [--compile-only I/N]
 
 For the XLM and Memory Layers at Scale shapes it times every (BLOCK_T, BLOCK_N, num_warps) config with
 do_bench, prints the fastest few against `search_config`'s default, and writes all timings to
@@ -18,7 +18,8 @@ import torch
 import triton
 
 from memops.kernels import product_key as kernels
-from memops.tools.tuning import sweep, write_table
+from memops.tools import tuning
+from memops.tools.tuning import sweep
 
 SHAPES = [
     dict(T=8192, heads=4, key_dim=512, n_keys=1024, topk=32, dtype=torch.bfloat16),  # Memory Layers at Scale
@@ -28,9 +29,18 @@ SHAPES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench-results")
+    tuning.add_arguments(parser)
     args = parser.parse_args()
+    compile_only = tuning.configure(args)
     report = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": []}
+    try:
+        _sweep_shapes(report)
+    finally:  # what was swept, also when the plan's limit interrupts the sweep
+        if not compile_only:
+            _write(Path(args.out), report)
+
+
+def _sweep_shapes(report: dict) -> None:
     for shape in SHAPES:
         print(shape)
         queries = torch.randn(shape["T"], shape["heads"], shape["key_dim"], device="cuda", dtype=shape["dtype"])
@@ -40,7 +50,7 @@ def main() -> None:
         k_pad = max(2, triton.next_power_of_2(shape["topk"]))
         configs = [
             dict(BLOCK_T=t, BLOCK_N=n, num_warps=w)
-            for t, n, w in itertools.product((16, 32, 64), (64, 128, 256), (4, 8))
+            for t, n, w in itertools.product((16, 32, 64), (64, 128), (4, 8))
             if n >= k_pad
         ]
         entry = {"shape": {k: str(v) for k, v in shape.items()}}
@@ -56,12 +66,14 @@ def main() -> None:
         )
         print(f"  best: {entry['best_tflops']:.1f} TFLOP/s of half-score matmuls")
         report["shapes"].append(entry)
-    out = Path(args.out)
+
+
+def _write(out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune_product_key_search.json").write_text(json.dumps(report, indent=1))
     rows = [(f"T={e['shape']['T']} key_dim={e['shape']['key_dim']} n_keys={e['shape']['n_keys']}", e["search"])
             for e in report["shapes"]]  # fmt: skip
-    write_table(out, "search", "search_config (kernels/product_key.py)", rows)
+    tuning.write_table(out, "search", "search_config (kernels/product_key.py)", rows)
 
 
 if __name__ == "__main__":

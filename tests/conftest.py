@@ -30,8 +30,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not CUDA:
             item.add_marker(skip_cuda)
-        if "at_scale" in item.keywords:  # with --dist loadgroup: one worker, one at a time (the GPU's memory)
-            item.add_marker(pytest.mark.xdist_group("at_scale"))
 
 
 @pytest.fixture

@@ -89,9 +89,11 @@ def test_runtime_launch_hits_the_compile_ahead_cache(tmp_path, runtime_fp_fusion
     # path (JITFunction.run with an sm_90 target): the same cache key. Changing a cache-invalidating variable
     # in between (TRITON_DEFAULT_FP_FUSION, which memops gpu-check pins) makes every lookup miss: the check can
     # fail, and run.sh exports the variable for every step.
+    kernels = KERNELS if hits else KERNELS[:2]  # (every lookup missing is shown on fewer compiles)
+    cache, log = str(tmp_path / "cache"), str(tmp_path / "log")
     code = (
         "import json; from pathlib import Path; from memops.tools.gpu_plan import cache_check; "
-        f"r = cache_check({KERNELS!r}, Path({str(tmp_path / 'cache')!r}), Path({str(tmp_path / 'log')!r}), "
+        f"r = cache_check({kernels!r}, Path({cache!r}), Path({log!r}), "
         f"runtime_env={{'TRITON_DEFAULT_FP_FUSION': {runtime_fp_fusion!r}}}); print(json.dumps(r))"
     )
     result = run_without_interpreter(code)
@@ -106,7 +108,9 @@ def test_committed_budget_is_current_and_fits_the_call():
     rows = run_without_interpreter(
         "import json; from memops.tools.gpu_plan import budget_rows; print(json.dumps(budget_rows()))"
     )
-    assert rows == json.loads(gpu_plan.BUDGET_FILE.read_text()), (
+    committed = json.loads(gpu_plan.BUDGET_FILE.read_text())
+    assert committed["limits"] == {**gpu_plan.STEP_LIMITS, **gpu_plan.TUNE_LIMITS}
+    assert rows == committed["check"], (
         "regenerate: python -m memops.tools.gpu_plan budget --write benchmarks/gpu/budget.json"
     )
     # 9 minutes of limits in a call of at most 10: a minute spare; each step expected inside its limit
@@ -126,7 +130,7 @@ def test_check_outputs(tmp_path):
         f.truncate(gpu_plan.MAX_FILE_BYTES + 1)
     (tmp_path / "bench").mkdir()
     problems = gpu_plan.check_outputs(tmp_path)
-    assert any("9 entries" in p for p in problems)
+    assert any(f"{len(gpu_plan.CHECK_FILES) + 2} entries" in p for p in problems)
     assert any(p.startswith("big.bin") for p in problems) and "bench is not a plain file" in problems
 
 
@@ -180,7 +184,7 @@ def test_tune_plan_fits_the_call_and_its_sweeps_exist():
     assert gpu_plan.STEP_LIMITS["info"] + sum(gpu_plan.TUNE_LIMITS.values()) <= gpu_plan.PLAN_SECONDS
     script = (ROOT / "benchmarks" / "gpu" / "run.sh").read_text()
     for step in gpu_plan.TUNE_LIMITS:
-        module = script.split(f"step_{step}() {{")[1].split("memops.benchmarks.")[1].split()[0]
+        module = script.split(f"step_{step}() {{ tune_sweep ")[1].split()[0]
         assert callable(importlib.import_module(f"memops.benchmarks.{module}").main), step
 
 

@@ -229,13 +229,13 @@ class Ceiling:
     def _measure_copy(self, nbytes: int) -> float:
         src = torch.randn(max(nbytes // 8, 1), device=self.device)
         dst = torch.empty_like(src)
-        ms = measure(lambda: dst.copy_(src), self.device, min_run_s=0.1).median
+        ms = measure(lambda: dst.copy_(src), self.device, min_run_s=min(0.1, CPU_MIN_RUN_S)).median
         return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
     def _measure_read(self, nbytes: int) -> float:
         src = torch.randn(max(nbytes // 4, 1), device=self.device)
         out = torch.empty((), device=self.device)
-        ms = measure(lambda: torch.sum(src, dim=0, out=out), self.device, min_run_s=0.1).median
+        ms = measure(lambda: torch.sum(src, dim=0, out=out), self.device, min_run_s=min(0.1, CPU_MIN_RUN_S)).median
         return src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -245,7 +245,7 @@ def copy_bandwidth_gbps(device: str) -> float:
     numel = (1 << 28) if device == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    ms = measure(lambda: dst.copy_(src), device, min_run_s=0.2).median
+    ms = measure(lambda: dst.copy_(src), device, min_run_s=min(0.2, CPU_MIN_RUN_S)).median
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 

@@ -38,12 +38,15 @@ MAX_FILES = 8  # what comes back from the device call
 MAX_FILE_BYTES = 16 << 20
 PLAN_SECONDS = 9 * 60  # plan "check" must fit in one device call of 10 minutes, with a minute spare
 # Each step's time limit in run.sh (SIGINT at the limit, SIGKILL 15 s later): they sum to at most PLAN_SECONDS.
-STEP_LIMITS = dict(info=30, compile=90, tests=110, sanitize=75, bench=230)
+STEP_LIMITS = dict(info=25, compile=90, tests=100, sanitize=75, bench=240)
 # Plan "tune": the sweeps' limits (info 30 s first), also summing to at most PLAN_SECONDS.
-TUNE_LIMITS = {"tune-attention": 160, "tune-gather": 100, "tune-search": 80, "tune-moe": 90, "tune-engram": 60}
+TUNE_LIMITS = {"tune-attention": 150, "tune-gather": 90, "tune-search": 100, "tune-moe": 90, "tune-engram": 50}
 # The files plan "check" leaves in $OUT (the rehearsal checks them): bench.tar holds the per-op JSON and plots,
 # the compile-ahead log, the tests' junit XML and the sanitized script's own output.
-CHECK_FILES = ("device.txt", "tests.log", "sanitize.log", "bench.log", "headline.jsonl", "headline.md", "extras.tar")
+CHECK_FILES = (
+    "device.txt", "tests.log", "tests-at-scale.log", "sanitize.log", "bench.log", "headline.jsonl", "headline.md",
+    "extras.tar",
+)  # fmt: skip
 
 
 def headlines():
@@ -211,6 +214,42 @@ def _expected_error(text: str | None, rehearse: bool) -> bool:
 SKIPPED = "skipped: the step's time budget ran out"
 
 
+def _timed_case(entry, case, notes, jsonl, ceilings, ceiling, device, rehearse, left, progress, counter) -> list[dict]:
+    """Time one headline case's providers (those with time left), append their rows to headline.jsonl at once."""
+    key = (entry.op, case.name, case.mode)
+    keep = {n for n in headline_providers(entry, case) if notes[key].get(n) != SKIPPED}
+    if left() < len(keep) * TIMED_JOB_SECONDS:
+        keep = set()
+    progress(f"timed {counter}: {key}, {len(keep)} providers")
+    results = benchmarking.run_op(
+        entry.op, device=device, quick=False, bandwidth_gbps=ceilings["copy_gbps"], progress=False,
+        ceiling=ceiling, cases=[case], keep_provider=keep.__contains__, rehearsal=rehearse,
+    )  # fmt: skip
+    results += [
+        benchmarking.Result(op=entry.op, case=case.name, mode=case.mode, provider=n, params=case.params,
+                            device=device, error=SKIPPED)
+        for n in headline_providers(entry, case) if n not in keep
+    ]  # fmt: skip
+    rows = []
+    with jsonl.open("a") as f:
+        for result in results:
+            row = dataclasses.asdict(result)
+            bound, fraction = ceiling_of(row, entry.metric, ceilings)
+            warm = notes[key].get(result.provider)
+            if warm and row["error"] is None and not warm.startswith("ran unfused"):
+                row["error"] = warm
+            elif warm and warm != SKIPPED:
+                row["note"] = "; ".join(filter(None, [row.get("note"), warm]))
+            row.update(
+                kind="result", family=entry.family, metric=entry.metric, goal=entry.goal,
+                baselines=list(entry.baselines), bound=bound, fraction_of_bound=fraction,
+                expected_error=_expected_error(row["error"], rehearse),
+            )  # fmt: skip
+            rows.append(row)
+            f.write(json.dumps(row, default=str) + "\n")
+    return rows
+
+
 def run_headline(
     out_dir: Path, *, rehearse: bool = False, deadline_s: float | None = None, reserve_s: float = 60.0, progress=print
 ) -> list[dict]:
@@ -247,58 +286,37 @@ def run_headline(
         return math.inf if deadline_s is None else deadline_s - (time.perf_counter() - start)
 
     backend = memops.backend("triton" if rehearse else "auto")  # the rehearsal runs the kernels (interpreter)
-    with backend:
-        # Warm-up: every provider but the compiled baselines first, then those while the budget allows (a
-        # compiled baseline left out for time is reported as such, not killed half-way).
-        notes = {(entry.op, case.name, case.mode): {} for entry, case in jobs}
-        for compiled in (False, True):
+    rows: list[dict] = []
+    compiled_seconds: list[float] = []
+    try:
+        with backend:
+            # Warm-up: every provider but the compiled baselines first, then those while the budget allows (a
+            # compiled baseline left out for time is reported as such, not killed half-way); their cost is
+            # what the earlier ones took, at least COMPILED_BASELINE_SECONDS.
+            notes = {(entry.op, case.name, case.mode): {} for entry, case in jobs}
+            for compiled in (False, True):
+                for index, (entry, case) in enumerate(jobs):
+                    names = [n for n in headline_providers(entry, case) if compiled_provider(n) == compiled]
+                    key = (entry.op, case.name, case.mode)
+                    each = max([COMPILED_BASELINE_SECONDS, *compiled_seconds[-4:]])
+                    if compiled and left() < len(names) * each + reserve_s:
+                        notes[key].update({n: SKIPPED for n in names})
+                        continue
+                    if names:
+                        progress(f"warm-up {'compiled ' if compiled else ''}{index + 1}/{len(jobs)}: {key}")
+                        began = time.perf_counter()
+                        notes[key].update(_warm_up(entry, case, names, device))
+                        if compiled:
+                            compiled_seconds.append((time.perf_counter() - began) / len(names))
+            progress(f"warm-up done in {time.perf_counter() - start:.0f} s")
+            ceiling = benchmarking.Ceiling(device)
             for index, (entry, case) in enumerate(jobs):
-                names = [n for n in headline_providers(entry, case) if compiled_provider(n) == compiled]
-                key = (entry.op, case.name, case.mode)
-                if compiled and left() < len(names) * COMPILED_BASELINE_SECONDS + reserve_s:
-                    notes[key].update({n: SKIPPED for n in names})
-                    continue
-                if names:
-                    progress(f"warm-up {'compiled ' if compiled else ''}{index + 1}/{len(jobs)}: {key}")
-                    notes[key].update(_warm_up(entry, case, names, device))
-        progress(f"warm-up done in {time.perf_counter() - start:.0f} s")
-        rows = []
-        ceiling = benchmarking.Ceiling(device)
-        for index, (entry, case) in enumerate(jobs):
-            key = (entry.op, case.name, case.mode)
-            keep = {n for n in headline_providers(entry, case) if notes[key].get(n) != SKIPPED}
-            if left() < len(keep) * TIMED_JOB_SECONDS:
-                keep = set()
-            progress(f"timed {index + 1}/{len(jobs)}: {key}, {len(keep)} providers")
-            results = benchmarking.run_op(
-                entry.op, device=device, quick=False, bandwidth_gbps=ceilings["copy_gbps"], progress=False,
-                ceiling=ceiling, cases=[case], keep_provider=keep.__contains__, rehearsal=rehearse,
-            )  # fmt: skip
-            skipped = [n for n in headline_providers(entry, case) if n not in keep]
-            results += [
-                benchmarking.Result(op=entry.op, case=case.name, mode=case.mode, provider=n, params=case.params,
-                                    device=device, error=SKIPPED)
-                for n in skipped
-            ]  # fmt: skip
-            with jsonl.open("a") as f:
-                for result in results:
-                    row = dataclasses.asdict(result)
-                    bound, fraction = ceiling_of(row, entry.metric, ceilings)
-                    warm = notes[key].get(result.provider)
-                    if warm and row["error"] is None and not warm.startswith("ran unfused"):
-                        row["error"] = warm
-                    elif warm and warm != SKIPPED:
-                        row["note"] = "; ".join(filter(None, [row.get("note"), warm]))
-                    row.update(
-                        kind="result", family=entry.family, metric=entry.metric, goal=entry.goal,
-                        baselines=list(entry.baselines), bound=bound, fraction_of_bound=fraction,
-                        expected_error=_expected_error(row["error"], rehearse),
-                    )  # fmt: skip
-                    rows.append(row)
-                    f.write(json.dumps(row, default=str) + "\n")
+                rows += _timed_case(entry, case, notes, jsonl, ceilings, ceiling, device, rehearse, left, progress,
+                                    f"{index + 1}/{len(jobs)}")  # fmt: skip
+    finally:  # a SIGINT at the step's limit still leaves the table and files of every case done
+        (out_dir / "headline.md").write_text(headline_markdown(header, rows))
+        write_op_files(header, rows, out_dir / "bench")
     progress(f"headline run done in {time.perf_counter() - start:.0f} s")
-    (out_dir / "headline.md").write_text(headline_markdown(header, rows))
-    write_op_files(header, rows, out_dir / "bench")
     return rows
 
 
@@ -445,9 +463,9 @@ def budget_rows(*, sweep_dir: Path | None = None, tests: tuple[int, int] | None 
         ),
         row(
             "tests",
-            f"CUDA-marked tests on {GPU_CORES} workers; the at-scale ones serially in one group",
-            f"{n_tests} tests, {n_at_scale} at scale",
-            max(n_tests * TEST_SECONDS / GPU_CORES, n_at_scale * AT_SCALE_TEST_SECONDS) + 20,
+            f"CUDA-marked tests on {GPU_CORES - 1} xdist workers; beside them the at-scale ones, one at a time",
+            f"{n_tests} tests, {n_at_scale} of them at scale",
+            max((n_tests - n_at_scale) * TEST_SECONDS / (GPU_CORES - 1), n_at_scale * AT_SCALE_TEST_SECONDS) + 20,
         ),
         row(
             "sanitize",
@@ -669,28 +687,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memops.tools.gpu_plan", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     budget = commands.add_parser("budget", help="plan check's budget table (markdown), computed from the counts")
-    budget.add_argument("--write", type=Path, help="also write the rows as JSON (benchmarks/gpu/budget.json)")
-    budget.add_argument("--step", help="one step's line, from the committed benchmarks/gpu/budget.json (fast)")
-    budget.add_argument("--limit", action="store_true", help="with --step: its limit in seconds only")
+    budget.add_argument(
+        "--write", type=Path, help="also write it, with every step's limit, as JSON (benchmarks/gpu/budget.json)"
+    )
     check = commands.add_parser("check-outputs", help="fail when $OUT misses a file, has too many or too large")
     check.add_argument("out", type=Path)
     check.add_argument("--expect", nargs="*", default=list(CHECK_FILES))
     args = parser.parse_args(argv)
     if args.command == "budget":
-        if args.step:
-            if args.limit:
-                print({**STEP_LIMITS, **TUNE_LIMITS}.get(args.step, 120))
-                return 0
-            rows = json.loads(BUDGET_FILE.read_text()) if BUDGET_FILE.exists() else []
-            row = next((r for r in rows if r["step"] == args.step), None)
-            if row is None:
-                print(f"budget {args.step}: not in the budget table; limit {STEP_LIMITS.get(args.step, 120)} s")
-            else:
-                print(f"budget {row['step']}: {row['count']}; estimate {row['estimate_s']} s, limit {row['limit_s']} s")
-            return 0
         rows = budget_rows()
         if args.write:
-            args.write.write_text(json.dumps(rows, indent=1) + "\n")
+            plan = dict(check=rows, limits={**STEP_LIMITS, **TUNE_LIMITS})
+            args.write.write_text(json.dumps(plan, indent=1) + "\n")
         print(budget_markdown(rows), end="")
         return 0
     problems = check_outputs(args.out, args.expect)

@@ -1,6 +1,11 @@
 """What the launch-table sweeps share (``python -m memops.benchmarks.tune_*``, run by ``benchmarks/gpu/run.sh tune``):
 timing one config, sweeping a list of configs against the launcher's default, and writing the chosen configs as
 a patch-ready table beside the raw timings.
+
+Compiling a config costs seconds (the product-key search, tens of seconds) and timing it a fraction of one, so
+plan "tune" first runs each sweep as N processes with ``--compile-only I/N``: process I launches every N-th
+config once, which compiles it into Triton's cache, and times nothing; then one process times every config,
+its launches found in the cache.
 """
 
 from __future__ import annotations
@@ -17,9 +22,37 @@ def time_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
+_SHARD: list[tuple[int, int]] = []  # (I, N) under --compile-only I/N
+
+
+def add_arguments(parser) -> None:
+    """The sweeps' shared options: ``--out DIR`` and ``--compile-only I/N``."""
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument(
+        "--compile-only", metavar="I/N", help="launch every N-th config once, from the I-th (compiles), time nothing"
+    )
+
+
+def configure(args) -> bool:
+    """Apply the parsed options; True when this process only compiles (write nothing)."""
+    if args.compile_only:
+        index, count = (int(part) for part in args.compile_only.split("/"))
+        _SHARD.append((index, count))
+    return bool(_SHARD)
+
+
 def sweep(name: str, configs: list[dict], run: Callable[[dict], object], default: dict) -> dict:
     """Time ``run(config)`` for every config and the default: {"default", "default_ms", "all": fastest first}. A
-    config the compiler rejects (registers, shared memory) is reported and skipped."""
+    config the compiler rejects (registers, shared memory) is reported and skipped. Under ``--compile-only I/N``:
+    launch this process's share once each and time nothing."""
+    if _SHARD:
+        index, count = _SHARD[0]
+        for config in ([default] if index == 0 else []) + configs[index::count]:
+            try:
+                run(config)
+            except Exception as error:  # noqa: BLE001 - reported again by the timing process
+                print(f"  {name} {config}: {type(error).__name__}")
+        return {"default": default, "default_ms": float("nan"), "all": []}
     rows = []
     for config in configs:
         try:
