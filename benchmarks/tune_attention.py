@@ -9,10 +9,7 @@ DIR/tune_attention.json and the patch-ready DIR/tune-attention.md.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-from pathlib import Path
 
 import torch
 
@@ -27,23 +24,12 @@ SHAPES = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    tuning.add_arguments(parser)
-    args = parser.parse_args()
-    compile_only = tuning.configure(args)
-    report, rows = [], []
-    try:
-        _sweep_shapes(report, rows)
-    finally:  # what was swept, also when the plan's limit interrupts the sweep
-        if not compile_only:
-            out_dir = Path(args.out)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "tune_attention.json").write_text(json.dumps(report, indent=1))
-            tuning.write_table(out_dir, "attention", "FWD_CONFIGS / DQ_CONFIGS / DKDV_CONFIGS (kernels/attention.py), "
-                               "path memory", rows)  # fmt: skip
+    tuning.run_sweeps(
+        "attention", "FWD_CONFIGS / DQ_CONFIGS / DKDV_CONFIGS (kernels/attention.py), path memory", _sweep_shapes
+    )
 
 
-def _sweep_shapes(report: list, rows: list) -> None:
+def _sweep_shapes(args, report: dict) -> None:
     for shape in SHAPES:
         B, H, Hkv, N, M, D, causal = (shape[k] for k in ("B", "H", "Hkv", "N", "M", "D", "causal"))
         q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
@@ -80,8 +66,8 @@ def _sweep_shapes(report: list, rows: list) -> None:
             if entry[name]["all"]:
                 print(f"  {name}: {work / entry[name]['all'][0]['ms'] / 1e9:.0f} TFLOP/s at the fastest config")
         key = f"(90, '16', {D}) {'causal' if causal else 'full'} M={M}"
-        rows += [(f"{key} fwd", entry["fwd"]), (f"{key} dq+dkdv", entry["bwd"])]
-        report.append(entry)
+        report["rows"] += [(f"{key} fwd", entry["fwd"]), (f"{key} dq+dkdv", entry["bwd"])]
+        report["shapes"].append(entry)
 
 
 if __name__ == "__main__":

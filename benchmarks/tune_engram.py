@@ -11,10 +11,7 @@ from C (``_row_tile``), not from a sweep.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-from pathlib import Path
 
 import torch
 import triton
@@ -28,22 +25,10 @@ SHAPES = [dict(B=4, L=2048, N=3, h=8, d=64, vocab=129280 * 5, dtype=torch.bfloat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    tuning.add_arguments(parser)
-    args = parser.parse_args()
-    compile_only = tuning.configure(args)
-    report, rows = [], []
-    try:
-        _sweep_shapes(report, rows)
-    finally:  # what was swept, also when the plan's limit interrupts the sweep
-        if not compile_only:
-            out_dir = Path(args.out)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "tune_engram.json").write_text(json.dumps(report, indent=1))
-            tuning.write_table(out_dir, "engram", "_lookup_config (kernels/engram.py)", rows)
+    tuning.run_sweeps("engram", "_lookup_config (kernels/engram.py)", _sweep_shapes)
 
 
-def _sweep_shapes(report: list, rows: list) -> None:
+def _sweep_shapes(args, report: dict) -> None:
     for shape in SHAPES:
         print(shape)
         B, L, N, h, d = (shape[k] for k in ("B", "L", "N", "h", "d"))
@@ -72,8 +57,8 @@ def _sweep_shapes(report: list, rows: list) -> None:
         if entry["lookup"]["all"]:
             gbps = moved / (entry["lookup"]["all"][0]["ms"] * 1e-3) / 1e9
             print(f"  lookup: {gbps:.0f} GB/s at the fastest config, {100 * gbps / copy_gbps:.0f}% of a copy")
-        rows.append((f"d={d} {shape['dtype']}", entry["lookup"]))
-        report.append(entry)
+        report["rows"].append((f"d={d} {shape['dtype']}", entry["lookup"]))
+        report["shapes"].append(entry)
 
 
 if __name__ == "__main__":

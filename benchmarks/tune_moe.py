@@ -10,10 +10,7 @@ entry, and writes DIR/tune_moe.json and the patch-ready DIR/tune-moe.md.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-from pathlib import Path
 
 import torch
 
@@ -35,19 +32,12 @@ def _with_config(config: dict, fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    tuning.add_arguments(parser)
-    args = parser.parse_args()
-    compile_only = tuning.configure(args)
-    report, rows = [], []
-    try:
-        _sweep_shapes(report, rows)
-    finally:  # what was swept, also when the plan's limit interrupts the sweep
-        if not compile_only:
-            _write(Path(args.out), report, rows)
+    tuning.run_sweeps(
+        "moe", "GEMM_CONFIGS (kernels/moe.py): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)", _sweep_shapes
+    )
 
 
-def _sweep_shapes(report: list, rows: list) -> None:
+def _sweep_shapes(args, report: dict) -> None:
     for shape in SHAPES:
         T, d, inter, E, top_k, dtype = (shape[k] for k in ("T", "d", "inter", "E", "top_k", "dtype"))
         print(shape)
@@ -80,15 +70,8 @@ def _sweep_shapes(report: list, rows: list) -> None:
         flops = 2.0 * T * top_k * d * 3 * inter  # gate, up and down GEMMs over every routed slot
         if entry["fwd"]["all"]:
             print(f"  fwd: {flops / entry['fwd']['all'][0]['ms'] / 1e9:.0f} TFLOP/s at the fastest config")
-        rows += [("(90, '16') fwd", entry["fwd"]), ("(90, '16') bwd", entry["bwd"])]
-        report.append(entry)
-
-
-def _write(out_dir: Path, report: list, rows: list) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tune_moe.json").write_text(json.dumps(report, indent=1))
-    tuning.write_table(out_dir, "moe", "GEMM_CONFIGS (kernels/moe.py): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, "
-                       "num_stages)", rows)  # fmt: skip
+        report["rows"] += [("(90, '16') fwd", entry["fwd"]), ("(90, '16') bwd", entry["bwd"])]
+        report["shapes"].append(entry)
 
 
 if __name__ == "__main__":

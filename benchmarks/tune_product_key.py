@@ -4,15 +4,12 @@
 
 For each shape it times every config of the forward, the weights-grad (+ atomic values-grad) kernel and
 the deterministic segment kernel with do_bench, prints the fastest few against the launchers' default
-config, and writes all timings to DIR/tune_weighted_gather.json and the fastest as DIR/tune-gather.md.
+config, and writes all timings to DIR/tune_gather.json and the fastest as DIR/tune-gather.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-from pathlib import Path
 
 import torch
 import triton
@@ -113,31 +110,18 @@ def _tune_shape(shape: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    tuning.add_arguments(parser)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    compile_only = tuning.configure(args)
-    report = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": []}
-    try:
-        for shape in SHAPES[:2] if args.quick else SHAPES:
-            report["shapes"].append(_tune_shape(shape))
-            torch.cuda.empty_cache()
-    finally:  # what was swept, also when the plan's limit interrupts the sweep
-        if not compile_only:
-            _write(Path(args.out), report)
+    tuning.run_sweeps(
+        "gather", "gather_config / gather_bwd_config / segment_config (kernels/product_key.py)", _sweep_shapes
+    )
 
 
-def _write(out: Path, report: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tune_weighted_gather.json").write_text(json.dumps(report, indent=1))
-    rows = []
-    for entry in report["shapes"]:
-        shape = entry["shape"]
+def _sweep_shapes(args, report: dict) -> None:
+    for shape in SHAPES[:2] if args.quick else SHAPES:
+        entry = _tune_shape(shape)
+        report["shapes"].append(entry)
         key = f"T={shape['T']} K={shape['K']} D={shape['D']} {shape['dtype']}"
-        rows += [(f"{key} {part}", entry[part]) for part in ("fwd", "wgrad+atomic", "wgrad-only", "segment")]
-    tuning.write_table(out, "gather", "gather_config / gather_bwd_config / segment_config (kernels/product_key.py)",
-                       rows)  # fmt: skip
+        report["rows"] += [(f"{key} {part}", entry[part]) for part in ("fwd", "wgrad+atomic", "wgrad-only", "segment")]
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

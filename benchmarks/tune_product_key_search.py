@@ -4,15 +4,12 @@
 
 For the XLM and Memory Layers at Scale shapes it times every (BLOCK_T, BLOCK_N, num_warps) config with
 do_bench, prints the fastest few against `search_config`'s default, and writes all timings to
-DIR/tune_product_key_search.json and the fastest as DIR/tune-search.md.
+DIR/tune_search.json and the fastest as DIR/tune-search.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-from pathlib import Path
 
 import torch
 import triton
@@ -28,19 +25,10 @@ SHAPES = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    tuning.add_arguments(parser)
-    args = parser.parse_args()
-    compile_only = tuning.configure(args)
-    report = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "shapes": []}
-    try:
-        _sweep_shapes(report)
-    finally:  # what was swept, also when the plan's limit interrupts the sweep
-        if not compile_only:
-            _write(Path(args.out), report)
+    tuning.run_sweeps("search", "search_config (kernels/product_key.py)", _sweep_shapes)
 
 
-def _sweep_shapes(report: dict) -> None:
+def _sweep_shapes(args, report: dict) -> None:
     for shape in SHAPES:
         print(shape)
         queries = torch.randn(shape["T"], shape["heads"], shape["key_dim"], device="cuda", dtype=shape["dtype"])
@@ -66,14 +54,8 @@ def _sweep_shapes(report: dict) -> None:
         )
         print(f"  best: {entry['best_tflops']:.1f} TFLOP/s of half-score matmuls")
         report["shapes"].append(entry)
-
-
-def _write(out: Path, report: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tune_product_key_search.json").write_text(json.dumps(report, indent=1))
-    rows = [(f"T={e['shape']['T']} key_dim={e['shape']['key_dim']} n_keys={e['shape']['n_keys']}", e["search"])
-            for e in report["shapes"]]  # fmt: skip
-    tuning.write_table(out, "search", "search_config (kernels/product_key.py)", rows)
+        key = f"T={shape['T']} key_dim={shape['key_dim']} n_keys={shape['n_keys']}"
+        report["rows"].append((key, entry["search"]))
 
 
 if __name__ == "__main__":

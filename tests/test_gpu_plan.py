@@ -197,3 +197,32 @@ def test_tune_table_is_patch_ready(tmp_path):
     assert "(90, '16') fwd: {'BLOCK': 128},  # 1.000 ms vs 2.000 ms default" in text
     assert "{'BLOCK': 32}," not in text  # within 3%: not proposed
     assert "| (90, '16') fwd | {'BLOCK': 64} | 2.000 | {'BLOCK': 128} | 1.000 | 2.00x |" in text
+
+
+@pytest.mark.parametrize("compile_only", [None, "1/3"])
+def test_sweeps_shard_their_compiles_and_write_what_they_timed(tmp_path, monkeypatch, compile_only):
+    from memops.tools import tuning
+
+    configs = [{"BLOCK": b} for b in (16, 32, 64, 128, 256)]
+    launched = []
+
+    def run(config):
+        launched.append(config["BLOCK"])
+
+    def sweep_shapes(args, report):
+        result = tuning.sweep("k", configs, run, {"BLOCK": 64})
+        report["shapes"].append({"k": result})
+        report["rows"].append(("(90, '16')", result))
+
+    monkeypatch.setattr(tuning, "time_ms", lambda fn: fn() or 1.0 + 0.001 * launched[-1])
+    monkeypatch.setattr(tuning, "_SHARD", [])
+    argv = ["tune", "--out", str(tmp_path)] + (["--compile-only", compile_only] if compile_only else [])
+    monkeypatch.setattr(sys, "argv", argv)
+    tuning.run_sweeps("k", "K_CONFIGS", sweep_shapes)
+    if compile_only:  # every third config from the second, once each, and nothing written
+        assert launched == [32, 256] and not list(tmp_path.iterdir())
+    else:
+        assert sorted(set(launched)) == [16, 32, 64, 128, 256]
+        timings = json.loads((tmp_path / "tune_k.json").read_text())
+        assert [r["config"]["BLOCK"] for r in timings["shapes"][0]["k"]["all"]] == [16, 32, 64, 128, 256]
+        assert "(90, '16'): {'BLOCK': 16}," in (tmp_path / "tune-k.md").read_text()

@@ -10,6 +10,8 @@ its launches found in the cache.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,20 +27,36 @@ def time_ms(fn: Callable[[], object]) -> float:
 _SHARD: list[tuple[int, int]] = []  # (I, N) under --compile-only I/N
 
 
-def add_arguments(parser) -> None:
-    """The sweeps' shared options: ``--out DIR`` and ``--compile-only I/N``."""
+def run_sweeps(name: str, where: str, sweep_shapes: Callable[[argparse.Namespace, dict], None]) -> None:
+    """A sweep module's main. Options: ``--out DIR``, ``--quick`` (the first two shapes, where a module has more)
+    and ``--compile-only I/N``. ``sweep_shapes(args, report)`` appends each shape's timings to
+    ``report["shapes"]`` and its (table key, :func:`sweep` result) pairs to ``report["rows"]``; then, unless
+    the process only compiles, ``<out>/tune_<name>.json`` and the patch-ready ``<out>/tune-<name>.md`` (see
+    :func:`write_table` and ``where``) are written, also when the sweep is interrupted."""
+    import torch
+    import triton
+
+    parser = argparse.ArgumentParser(prog=f"python -m memops.benchmarks.tune_*: {name}")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--quick", action="store_true", help="the first two shapes only")
     parser.add_argument(
         "--compile-only", metavar="I/N", help="launch every N-th config once, from the I-th (compiles), time nothing"
     )
-
-
-def configure(args) -> bool:
-    """Apply the parsed options; True when this process only compiles (write nothing)."""
+    args = parser.parse_args()
     if args.compile_only:
         index, count = (int(part) for part in args.compile_only.split("/"))
         _SHARD.append((index, count))
-    return bool(_SHARD)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    report = {"device": device, "triton": triton.__version__, "shapes": [], "rows": []}
+    try:
+        sweep_shapes(args, report)
+    finally:  # what was swept, also when the plan's limit interrupts the sweep
+        if not _SHARD:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            timings = {key: value for key, value in report.items() if key != "rows"}
+            (out / f"tune_{name}.json").write_text(json.dumps(timings, indent=1, default=str))
+            write_table(out, name, where, report["rows"])
 
 
 def sweep(name: str, configs: list[dict], run: Callable[[dict], object], default: dict) -> dict:
