@@ -180,6 +180,7 @@ def engram_lookup_bwd(
 #
 #     rk = rsqrt(mean(k^2) + eps),  rq = rsqrt(mean(q^2) + eps)
 #     s  = sum_c (k rk w_k)(q rq w_q) / sqrt(C),   a = sign(s) sqrt(max(|s|, 1e-6)),   gate = sigmoid(a)
+#     (a NaN s gives a NaN a, gate and grads, as torch's clamp_min and sign propagate it)
 #     out[r, g, :] = gate * value[r, :]
 #
 # Backward (dout (R, G, C)): dvalue = sum_g gate_g dout_g; dgate = <dout_g, value>; ds = dgate gate (1 - gate)
@@ -195,7 +196,9 @@ def _gate_of(k, q, wk, wq, C, eps, inv_sqrt_c):
     score = tl.sum((k * wk[None, :]) * (q * wq[None, :]), axis=1) * (rk * rq * inv_sqrt_c)
     magnitude = tl.sqrt(tl.maximum(tl.abs(score), 1e-6))
     signed = tl.where(score > 0, magnitude, tl.where(score < 0, -magnitude, 0.0))
-    return rk, rq, score, tl.sigmoid(signed)
+    # + score * 0: a NaN score (a NaN or inf input, or a zero row at eps = 0) stays NaN, as torch's clamp and
+    # sign keep it (0 for every finite score; a select here cost the backward registers)
+    return rk, rq, score, tl.sigmoid(signed + score * 0.0)
 
 
 @triton.jit
@@ -252,6 +255,7 @@ def engram_gate_bwd_kernel(
         dgate = tl.sum(dout * v, axis=1)
         magnitude = tl.sqrt(tl.maximum(tl.abs(score), 1e-6))
         dscore = tl.where(tl.abs(score) > 1e-6, dgate * gate * (1 - gate) * 0.5 / magnitude, 0.0) * inv_sqrt_c
+        dscore += score * 0.0  # a NaN score reaches the grads, as in autograd
         k_hat = k * rk[:, None]
         q_hat = q * rq[:, None]
         dk_hat = dscore[:, None] * (q_hat * wq[None, :]) * wk[None, :]  # grad of k_hat (through w_k)
@@ -331,7 +335,7 @@ def engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps: float):
 # causal conv over time with K taps at dilation dil on each of the G*C channels, SiLU, and the residual:
 #
 #     xn[t]  = x[t] rsqrt(mean_c x[t]^2 + eps) nw[g]                   (per (b, t, g) row of C channels)
-#     y[t]   = sum_{j<K} w[:, K-1-j] xn[t - j dil]                     (xn = 0 before the row starts)
+#     y[t]   = sum_{j<K} w[:, K-1-j] xn[t - j dil]                     (xn = 0 before the row starts, eps 0 too)
 #     out[t] = x[t] + silu(y[t])            (without the residual: silu(y); without activation: y)
 #
 # Backward, dy = dout silu'(y): dw[:, K-1-j] = sum_t dy[t] xn[t - j dil];  dxn[s] = sum_j w[:, K-1-j]
@@ -341,12 +345,18 @@ def engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps: float):
 
 
 @triton.jit
-def _normed_rows(x_ptr, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC: tl.constexpr):
-    # xn at times t (a block; rows of this (b, g) before the start read as 0) and x itself.
+def _normed_rows(x_ptr, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC: tl.constexpr, PADDING: tl.constexpr):
+    # xn at times t (a block; rows of this (b, g) before the start read as 0) and x itself. PADDING: t may
+    # reach before the start, where the rows are the conv's zero padding: x = 0 there, and their rsqrt is of
+    # 1, not of 0 + eps (0 * inf = NaN at eps = 0). (Without PADDING, the dx kernel: t >= 0, and the extra
+    # term cost it a spill.)
     inside = (t >= 0) & (t < L)
     mask = inside[:, None] & mask_c[None, :]
     x = tl.load(x_ptr + (row0 + t)[:, None] * GC + offs_c[None, :], mask=mask, other=0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+    if PADDING:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps + (1 - inside.to(ACC)))
+    else:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
     return x * rstd[:, None] * nw[None, :], x, rstd
 
 
@@ -374,10 +384,10 @@ def short_conv_fwd_kernel(
     # One program per (batch row b, BLOCK_T times, stream g): a (BLOCK_T, C) tile of channels g*C..g*C+C.
     _, g, t, row0, offs_c, mask_c, channels, mask = _conv_tile(L, C, blocks_per_row, BLOCK_T, BLOCK_C)
     nw = tl.load(nw_ptr + channels, mask=mask_c, other=0).to(ACC)
-    xn, x_here, _ = _normed_rows(x_ptr + g * C, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC)
+    xn, x_here, _ = _normed_rows(x_ptr + g * C, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC, False)
     y = tl.load(w_ptr + channels * K + (K - 1), mask=mask_c, other=0).to(ACC)[None, :] * xn
     for j in tl.static_range(1, K):
-        xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC)
+        xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC, True)
         tap = tl.load(w_ptr + channels * K + (K - 1 - j), mask=mask_c, other=0).to(ACC)
         y += tap[None, :] * xn
     if ACTIVATION:
@@ -400,14 +410,14 @@ def short_conv_bwd_dy_kernel(
     if ACTIVATION:
         y = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
         for j in tl.static_range(K):
-            xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC)
+            xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC, True)
             tap = tl.load(w_ptr + channels * K + (K - 1 - j), mask=mask_c, other=0).to(ACC)
             y += tap[None, :] * xn
         sig = tl.sigmoid(y)
         dy = dy * sig * (1 + y * (1 - sig))
     tl.store(dy_ptr + (row0 + t)[:, None] * GC + channels[None, :], dy, mask=mask)
     for j in tl.static_range(K):
-        xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC)
+        xn, _, _ = _normed_rows(x_ptr + g * C, nw, row0, t - j * dil, L, offs_c, mask_c, C, GC, eps, ACC, True)
         tl.store(dw_partial_ptr + (pid.to(tl.int64) * GC + channels) * K + (K - 1 - j), tl.sum(dy * xn, axis=0),
                  mask=mask_c)
 
@@ -428,7 +438,7 @@ def short_conv_bwd_dx_kernel(
                      mask=(later < L)[:, None] & mask_c[None, :], other=0)
         dxn += tap[None, :] * dy
     nw = tl.load(nw_ptr + channels, mask=mask_c, other=0).to(ACC)
-    _, x, rstd = _normed_rows(x_ptr + g * C, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC)
+    _, x, rstd = _normed_rows(x_ptr + g * C, nw, row0, t, L, offs_c, mask_c, C, GC, eps, ACC, False)
     x_hat = x * rstd[:, None]
     dx_hat = dxn * nw[None, :]
     dx = rstd[:, None] * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / C)[:, None])

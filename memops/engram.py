@@ -44,7 +44,7 @@ def _check_hash_inputs(ids, multipliers, primes, pad_id, op: str, offsets=None) 
     for name, t in (("multipliers", multipliers), ("primes", primes), ("offsets", offsets)):
         if t is not None and t.device != ids.device:
             raise ValueError(f"{op}: {name}: expected a tensor on {ids.device} (ids' device), got {t.device}")
-    check_int(pad_id, "pad_id", op)
+    check_int(pad_id, "pad_id", op, low=-(2**63), high=2**63)  # an int64, as the ids
     if can_read_values(primes) and primes.numel() and int(primes.min()) < 1:
         raise ValueError(f"{op}: primes: expected table sizes >= 1, got a minimum of {int(primes.min())}")
 
@@ -229,7 +229,8 @@ def _engram_gate_fwd(key, query, w_k, w_q, value, eps):
 
 
 def _engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps):
-    R, G, C = key.reshape(-1, *key.shape[-2:]).shape
+    G, C = key.shape[-2:]
+    R = key.shape[:-2].numel()
     grads = engram_kernels.engram_gate_bwd(
         grad_out.reshape(R, G, C).contiguous(), *_gate_operands(key, query, w_k, w_q, value), eps
     )
@@ -239,12 +240,13 @@ def _engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps):
 
 def _gate_operands(key, query, w_k, w_q, value):
     G, C = key.shape[-2:]
+    R = key.shape[:-2].numel()  # (not -1: a reshape cannot infer it when G or C is 0)
     return (
-        key.reshape(-1, G, C).contiguous(),
-        query.reshape(-1, G, C).contiguous(),
+        key.reshape(R, G, C).contiguous(),
+        query.reshape(R, G, C).contiguous(),
         w_k.contiguous(),
         w_q.contiguous(),
-        value.reshape(-1, C).contiguous(),
+        value.reshape(R, C).contiguous(),
     )
 
 
@@ -263,12 +265,32 @@ _engram_gate_op = custom_op(
 )
 
 
-def _check_gate_inputs(key, query, w_k, w_q, value, eps, op: str = "engram_gate") -> float:
-    for name, t in (("key", key), ("query", query), ("w_k", w_k), ("w_q", w_q), ("value", value)):
+def _check_float_operands(op: str, named: tuple) -> None:
+    """Floating-point tensors of one dtype on one device, the first's (TypeError / ValueError naming the one
+    that differs): the kernels read them all in one dtype, and torch's reference ops refuse a mix."""
+    first_name, first = named[0]
+    for name, t in named:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{op}: {name}: expected a floating-point tensor, got {_describe(t)}")
-        if t.device != key.device:
-            raise ValueError(f"{op}: {name}: expected a tensor on {key.device} (key's device), got {t.device}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {name}: expected {first_name}'s dtype {first.dtype}, got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name}: expected a tensor on {first.device} ({first_name}'s device), got {t.device}"
+            )
+
+
+def _check_eps(eps, op: str) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"{op}: eps: expected a finite float >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_gate_inputs(key, query, w_k, w_q, value, eps, op: str = "engram_gate") -> float:
+    if isinstance(key, torch.Tensor) and key.is_floating_point():
+        _check_float_operands(op, (("key", key), ("query", query), ("w_k", w_k), ("w_q", w_q), ("value", value)))
+    else:
+        raise TypeError(f"{op}: key: expected a floating-point tensor, got {_describe(key)}")
     if key.dim() < 2:
         raise ValueError(f"{op}: key: expected (..., G, C), got shape {tuple(key.shape)}")
     G, C = key.shape[-2:]
@@ -281,9 +303,7 @@ def _check_gate_inputs(key, query, w_k, w_q, value, eps, op: str = "engram_gate"
         raise ValueError(f"{op}: value: expected {(*key.shape[:-2], C)} (key without G), got {tuple(value.shape)}")
     if eps is None:
         return float(torch.finfo(key.dtype).eps)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{op}: eps: expected None or a float >= 0, got {eps!r}")
-    return float(eps)
+    return _check_eps(eps, op)
 
 
 def engram_gate(
@@ -359,12 +379,18 @@ _short_conv_op = custom_op(
 
 
 def _check_conv_inputs(x, weight, norm_weight, dilation, eps, op: str, state=None) -> None:
-    for name, t in (("x", x), ("weight", weight), ("norm_weight", norm_weight)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{op}: {name}: expected a floating-point tensor, got {_describe(t)}")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name}: expected a tensor on {x.device} (x's device), got {t.device}")
-    layout = "(B, G, C)" if state is not None else "(B, L, G, C)"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: x: expected a floating-point tensor, got {_describe(x)}")
+    named = (("x", x), ("weight", weight), ("norm_weight", norm_weight))
+    if op == "short_conv_step":
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(
+                f"{op}: state: expected a (B, (K-1)*dilation, G, C) tensor (a new one: x.new_zeros(B, (K-1)*dilation, "
+                f"G, C)), got {_describe(state)}"
+            )
+        named += (("state", state),)
+    _check_float_operands(op, named)
+    layout = "(B, G, C)" if op == "short_conv_step" else "(B, L, G, C)"
     if x.dim() != len(layout.split(",")):
         raise ValueError(f"{op}: x: expected {layout}, got shape {tuple(x.shape)}")
     G, C = x.shape[-2:]
@@ -377,14 +403,11 @@ def _check_conv_inputs(x, weight, norm_weight, dilation, eps, op: str, state=Non
     if norm_weight.shape != (G, C):
         raise ValueError(f"{op}: norm_weight: expected (G, C) = ({G}, {C}), got {tuple(norm_weight.shape)}")
     check_int(dilation, "dilation", op, low=1)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{op}: eps: expected a float >= 0, got {eps!r}")
-    if state is not None:
-        rows = (weight.shape[-1] - 1) * dilation
-        expected = (x.shape[0], rows, G, C)
-        if not isinstance(state, torch.Tensor) or state.shape != expected:
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(f"{op}: state: expected (B, (K-1)*dilation, G, C) = {expected}, got {got}")
+    _check_eps(eps, op)
+    if op == "short_conv_step":
+        expected = (x.shape[0], (weight.shape[-1] - 1) * dilation, G, C)
+        if state.shape != expected:
+            raise ValueError(f"{op}: state: expected (B, (K-1)*dilation, G, C) = {expected}, got {tuple(state.shape)}")
 
 
 def short_conv(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import memops
+from memops._validation import can_read_values, check_int, check_module_input
 from memops.reference.engram import engram_hash_params, table_offsets
 
 
@@ -96,6 +97,14 @@ class Engram(nn.Module):
         compression: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        for name, value, low in (
+            ("hidden_size", hidden_size, 1), ("hc_mult", hc_mult, 1), ("max_ngram_size", max_ngram_size, 2),
+            ("n_embed_per_ngram", n_embed_per_ngram, 1), ("n_head_per_ngram", n_head_per_ngram, 1),
+            ("kernel_size", kernel_size, 1), ("tokenizer_vocab_size", tokenizer_vocab_size, 1),
+        ):  # fmt: skip
+            check_int(value, name, "Engram", low=low)
+        for name, value in (("layer_id", layer_id), ("pad_id", pad_id), ("seed", seed)):
+            check_int(value, name, "Engram")
         if n_embed_per_ngram % n_head_per_ngram:
             raise ValueError(
                 f"Engram: n_embed_per_ngram ({n_embed_per_ngram}) must be a multiple of n_head_per_ngram "
@@ -120,6 +129,7 @@ class Engram(nn.Module):
         else:
             self.compression = None
         self.pad_id = int(pad_id)
+        self.tokenizer_vocab_size = int(tokenizer_vocab_size)
         self.multi_head_embedding = MultiHeadEmbedding(
             primes.reshape(-1).tolist(), n_embed_per_ngram // n_head_per_ngram
         )
@@ -162,6 +172,7 @@ class Engram(nn.Module):
 
         ``state``: continue the sequences that ``state`` holds (prefill, then one token or a chunk at a time);
         it is updated in place. The result equals the rows of a forward over the whole sequence."""
+        self._check_inputs(hidden_states, input_ids, state)
         B, L, G, C = hidden_states.shape
         ids = self.compress(input_ids)
         embeddings = self.embed(ids, context=None if state is None or state.fresh else state.ids)
@@ -189,6 +200,40 @@ class Engram(nn.Module):
             out = torch.stack(steps, dim=1)
         self._advance(state, ids, gated.detach())
         return out
+
+    def _check_inputs(self, hidden_states, input_ids, state) -> None:
+        """Clear errors before any kernel runs: the hidden states' layout and dtype, the ids' shape, dtype and
+        range (raw ids index the compression table, or are the compressed ids themselves), the state's."""
+        op = "Engram"
+        check_module_input(hidden_states, "hidden_states", op, width=self.hidden_size, dims=(4,),
+                           like=self.value_proj.weight)  # fmt: skip
+        B, L, G = hidden_states.shape[:3]
+        if G != self.hc_mult:
+            raise ValueError(
+                f"{op}: hidden_states must be (B, L, G={self.hc_mult}, C), got {tuple(hidden_states.shape)}"
+            )
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"{op}: input_ids must be an int32 or int64 tensor, got {got}")
+        if input_ids.shape != (B, L):
+            raise ValueError(f"{op}: input_ids must be (B, L) = {(B, L)}, got {tuple(input_ids.shape)}")
+        if input_ids.device != hidden_states.device:
+            raise ValueError(f"{op}: input_ids is on {input_ids.device} but hidden_states is on {hidden_states.device}")
+        vocab = self.compression.numel() if self.compression is not None else self.tokenizer_vocab_size
+        if can_read_values(input_ids) and input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise IndexError(f"{op}: input_ids must lie in [0, {vocab}), got values in [{low}, {high}]")
+        if state is not None:
+            if not isinstance(state, EngramState):
+                raise TypeError(f"{op}: state must be an EngramState (Engram.new_state), got {type(state).__name__}")
+            rows = (self.kernel_size - 1) * self.max_ngram_size
+            if state.ids.shape != (B, self.max_ngram_size - 1) or state.conv.shape != (B, rows, G, self.hidden_size):
+                raise ValueError(
+                    f"{op}: state is for ids {tuple(state.ids.shape)} and conv rows {tuple(state.conv.shape)}; this "
+                    f"call needs {(B, self.max_ngram_size - 1)} and {(B, rows, G, self.hidden_size)} "
+                    f"(Engram.new_state({B}))"
+                )
 
     def _advance(self, state: EngramState, ids: torch.Tensor, gated: torch.Tensor) -> None:
         conv = self.short_conv

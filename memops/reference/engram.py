@@ -131,8 +131,9 @@ def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tenso
     orders, heads = primes.shape
     multipliers = multipliers.to(device=x.device, dtype=torch.int64)
     primes = primes.to(device=x.device, dtype=torch.int64)
-    # Left-pad once by N - 1 and take shifted views: x_k = padded[..., N-1-k : N-1-k+L].
-    padded = F.pad(x, (orders, 0), value=int(pad_id))
+    # Left-pad once by N - 1 and take shifted views: x_k = padded[..., N-1-k : N-1-k+L]. (torch.cat of an
+    # int64 fill, not F.pad: F.pad's fill value goes through a float, which rounds pad ids past 2^53.)
+    padded = torch.cat([x.new_full((*x.shape[:-1], orders), int(pad_id)), x], dim=-1)
     mix = x * multipliers[0]
     out = []
     for k in range(1, orders + 1):
@@ -182,13 +183,18 @@ def engram_gate(
     C = key.shape[-1]
     if eps is None:
         eps = torch.finfo(key.dtype).eps
+    out_dtype = value.dtype
+    # fp32 math for 16-bit inputs (fp64 stays fp64), as the kernels compute: a 16-bit mean of squares and dot
+    # lose the score (fp16 gradients were off by up to 84% at C = 64).
+    compute = torch.float64 if key.dtype == torch.float64 else torch.float32
+    key, query, w_k, w_q, value = (t.to(compute) for t in (key, query, w_k, w_q, value))
     # <k rk w_k, q rq w_q> = rk rq <k q, w_k w_q>: one product pass and one dot instead of two normed copies
     # (1.3x faster on CPU than normalising key and query first).
     rk = torch.rsqrt(key.square().mean(-1) + eps)
     rq = torch.rsqrt(query.square().mean(-1) + eps)
     score = torch.linalg.vecdot(key * query, w_k * w_q) * (rk * rq / math.sqrt(C))
     gate = torch.sigmoid(score.abs().clamp_min(GATE_SCORE_FLOOR).sqrt() * score.sign())
-    return gate.unsqueeze(-1) * value.unsqueeze(-2)
+    return (gate.unsqueeze(-1) * value.unsqueeze(-2)).to(out_dtype)
 
 
 def short_conv(
@@ -208,11 +214,15 @@ def short_conv(
     (G, C) (its ``short_conv.norms.{g}.weight``) -> (B, L, G, C).
     """
     B, L, G, C = x.shape
-    K = weight.shape[-1]
+    if x.numel() == 0:  # conv1d takes no empty time axis: an empty result that still has every input's grad
+        return x * 0 + 0 * (weight.sum() + norm_weight.sum())
+    # Only the taps that reach back into the sequence matter: j * dilation < L. (The rest would only read the
+    # zero padding, and padding by (K - 1) * dilation rows would allocate them: a huge dilation, terabytes.)
+    K = min(weight.shape[-1], (L - 1) // dilation + 1)
     normed = F.rms_norm(x, (C,), eps=eps) * norm_weight
     y = F.conv1d(
         normed.reshape(B, L, G * C).transpose(1, 2),
-        weight.reshape(G * C, 1, K),
+        weight.reshape(G * C, 1, weight.shape[-1])[..., -K:],
         padding=(K - 1) * dilation,
         dilation=dilation,
         groups=G * C,

@@ -593,18 +593,26 @@ def _moe_scenarios(dtype, subset):
 
 
 def _engram_scenarios(dtype, subset):
-    from memops.kernels import engram
-    from memops.kernels.product_key import weighted_gather_bwd
-    from memops.reference.engram import engram_hash_params
-
     dt = _torch_dtype(dtype)
     # The benchmark's engram cases (the demo's config: B*L = 8192 tokens, orders 2..3 with 8 heads of d = 64, a
     # table of about 10.3 M rows, G = 4 streams of C = 1024), kernel 4 at dilation 3; the table's rows are the
     # module's own (the sum of its heads' primes).
-    engram_cases = _cases("engram")
-    if not engram_cases:
-        return
-    p = engram_cases[0].params
+    # Each distinct shape of the engram cases: the CUDA ones (the demo's config) in a sweep, the headline's in
+    # a headline run.
+    shapes = {}
+    for case in _cases("engram"):
+        if case.cuda_only or _CASE_SOURCE:
+            shape = {k: v for k, v in case.params.items() if k != "part"}
+            shapes.setdefault(tuple(sorted(shape.items())), shape)
+    for p in shapes.values():
+        yield from _engram_shape_scenarios(p, dt)
+
+
+def _engram_shape_scenarios(p, dt):
+    from memops.kernels import engram
+    from memops.kernels.product_key import weighted_gather_bwd
+    from memops.reference.engram import engram_hash_params
+
     _, primes = engram_hash_params(
         (1,),
         [p["vocab"]] * (p["N"] - 1),
@@ -641,9 +649,10 @@ def _engram_scenarios(dtype, subset):
         engram.short_conv_fwd(x, weight, norm_weight, **options)
         engram.short_conv_bwd(_meta(B, L, G, C, dtype=dt), x, weight, norm_weight, **options)
 
-    yield "engram lookup demo", lookup
-    yield "engram gate demo", gate
-    yield "engram short-conv demo", conv
+    shape = f"B={B} L={L} G={G} C={C}"
+    yield f"engram lookup {shape}", lookup
+    yield f"engram gate {shape}", gate
+    yield f"engram short-conv {shape}", conv
 
 
 FAMILIES = {
