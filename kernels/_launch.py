@@ -37,7 +37,8 @@ def count_launches() -> Iterator[Counter]:
     try:
         yield counter
     finally:
-        _active.remove(counter)
+        # by identity: Counters compare by content, so remove() could drop an equal outer counter instead
+        _active[:] = [active for active in _active if active is not counter]
 
 
 def dtype_class(dtype: torch.dtype) -> str:

@@ -9,10 +9,12 @@ scaled logits:
     out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
 
 A part that saw no key has weight 0 whatever its out and lse hold: its lse may be -inf, +inf (FlashAttention
-2 marks empty rows so) or a placeholder (torch's CPU flash op writes 0), so the launcher also names the rows
-where part a saw no key (the first ``empty_a_rows`` rows: causal attention with more queries than keys). A row
-where neither part saw a key gets out 0 and lse -inf, as the fused kernel gives. Computed in fp32 (fp64 for
-fp64 inputs); out is written in out_a's dtype.
+2 marks empty rows so) or a placeholder (torch's CPU flash op writes 0), so the launcher names the rows where
+part a saw no key (the first ``empty_a_rows`` rows: causal attention with more queries than keys). A row where
+neither part saw a key gets out 0 and lse -inf, as the fused kernel gives. A part that did see keys passes on
+what the fused kernel would give: an lse of NaN (a NaN logit) makes the row's out and lse NaN, an lse of +inf
+(an inf logit) makes its out NaN and its lse +inf. Computed in fp32 (fp64 for fp64 inputs); out is written
+in out_a's dtype.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from memops.kernels._launch import launch_arch, record_launch
 
 @triton.jit
 def _part_weight_log(lse, empty):
-    # a part with no key: -inf, so its weight exp(lse - m) is exactly 0
-    return tl.where(empty | (lse == float("inf")), float("-inf"), lse)
+    # the log-weight the merge uses: -inf for a part with no key (its weight exp(lse - m) is exactly 0) and for
+    # a NaN or +inf lse, which the row's flags below carry instead
+    return tl.where(empty | (lse != lse) | (lse == float("inf")), float("-inf"), lse)
 
 
 @triton.jit
@@ -49,7 +52,10 @@ def lse_merge_kernel(
                     other=float("-inf")).to(ACC)
     lse_b = tl.load(lse_b_ptr + b * stride_lbb + h * stride_lbh + offs_n * stride_lbn, mask=row_ok,
                     other=float("-inf")).to(ACC)
-    lse_a = _part_weight_log(lse_a, offs_n < empty_a_rows)
+    empty_a = offs_n < empty_a_rows
+    nan_row = ((lse_a != lse_a) & ~empty_a) | (lse_b != lse_b)
+    inf_row = ((lse_a == float("inf")) & ~empty_a) | (lse_b == float("inf"))
+    lse_a = _part_weight_log(lse_a, empty_a)
     lse_b = _part_weight_log(lse_b, offs_n < 0)
     m = tl.maximum(lse_a, lse_b)
     m = tl.where(m == float("-inf"), 0.0, m)  # both parts empty: keep exp() away from -inf - -inf
@@ -62,12 +68,15 @@ def lse_merge_kernel(
                     mask=tile_ok, other=0.0).to(ACC)
     out_b = tl.load(out_b_ptr + b * stride_bb + h * stride_bh + offs_n[:, None] * stride_bn + offs_d[None, :],
                     mask=tile_ok, other=0.0).to(ACC)
-    # where() rather than a product: an empty part's out may be NaN, and 0 * NaN is NaN
-    merged = tl.where((w_a > 0)[:, None], out_a * (w_a * inv)[:, None], 0.0)
+    # where() rather than a product: an empty part's out may be NaN, and 0 * NaN is NaN. A NaN or +inf row
+    # gets NaN through its per-row factor (a 1-D select; a select over the tile cost ~20 registers).
+    bad = nan_row | inf_row
+    merged = tl.where((bad | (w_a > 0))[:, None], out_a * tl.where(bad, float("nan"), w_a * inv)[:, None], 0.0)
     merged += tl.where((w_b > 0)[:, None], out_b * (w_b * inv)[:, None], 0.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_n[:, None] * stride_on + offs_d[None, :],
              merged.to(out_ptr.dtype.element_ty), mask=tile_ok)
     lse = tl.where(has_key, m + tl.log(tl.where(has_key, total, 1.0)), float("-inf"))
+    lse = tl.where(nan_row, float("nan"), tl.where(inf_row, float("inf"), lse))
     tl.store(lse_ptr + bh.to(tl.int64) * N + offs_n, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
 
 

@@ -181,7 +181,7 @@ def check_triton_head_dim(q: torch.Tensor, op: str) -> None:
 # Packed (varlen) attention: FlashAttention's layout
 
 
-def _check_cu_seqlens(cu, name: str, total: int, max_seqlen, op: str, device) -> None:
+def check_cu_seqlens(cu, name: str, total: int, max_seqlen, op: str, device) -> None:
     """cu_seqlens: int32 (S + 1,) on q's device; its values (one host sync, skipped under torch.compile):
     starting at 0, non-decreasing, ending at total, no length above max_seqlen."""
     if not isinstance(cu, torch.Tensor):
@@ -209,11 +209,12 @@ def _check_cu_seqlens(cu, name: str, total: int, max_seqlen, op: str, device) ->
 
 
 def check_varlen_inputs(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mem_k, mem_v, mem_bias, scale, op: str
-) -> int:
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mem_k, mem_v, mem_bias, scale, op: str,
+    *, shared: bool = False,
+) -> int:  # fmt: skip
     """The packed attention ops' checks: q (total_q, H, D), k, v (total_k, Hkv, D), the cu_seqlens and
     max_seqlens, then the memory and bias (S in place of B) as :func:`check_attention_inputs` checks them.
-    Returns S."""
+    ``shared``: the op takes one ``cu_seqlens`` and ``max_seqlen`` for both (errors name those). Returns S."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -222,8 +223,13 @@ def check_varlen_inputs(
             raise ValueError(f"{op}: {name} must be 3-D ({rows}, D) (FlashAttention's varlen layout), got {_shape(t)}")
     if k.shape[2] != q.shape[2] or v.shape != k.shape:
         raise ValueError(f"{op}: k and v must both be (total_k, Hkv, D={q.shape[2]}), got {_shape(k)} and {_shape(v)}")
-    _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, op, q.device)
-    _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, op, q.device)
+    if shared:  # one set of boundaries for queries and keys (the looped ops): named as the op names it
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"{op}: k and q must hold the same total rows, got {k.shape[0]} and {q.shape[0]}")
+        check_cu_seqlens(cu_seqlens_q, "cu_seqlens", q.shape[0], max_seqlen_q, op, q.device)
+    else:
+        check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, op, q.device)
+        check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, op, q.device)
     num_seqs = cu_seqlens_q.shape[0] - 1
     if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
         raise ValueError(

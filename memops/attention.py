@@ -122,6 +122,14 @@ def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     else:  # the vendor op alone; its rows without a key get out 0 and lse -inf, as the fused kernel gives
         never = q.new_full(lse_s.shape, float("-inf"), dtype=lse_s.dtype)
         out, lse = lse_merge_kernels.lse_merge(out_s, lse_s, out_s, never, empty_a_rows=empty_rows)
+    if sequence == "cpu_flash":
+        # torch's CPU flash op returns 0 (and a finite lse) for a query row holding a NaN; the math, the fused
+        # kernel and the reference give NaN (with memory rows, their part already carries it)
+        nan_rows = torch.isnan(q).any(-1)
+        if empty_rows:
+            nan_rows[..., :empty_rows] &= M > 0
+        out = out.masked_fill(nan_rows.unsqueeze(-1), float("nan"))
+        lse = lse.masked_fill(nan_rows, float("nan"))
     return out, lse, state[0], state[1]
 
 
@@ -232,7 +240,9 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"memory_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
 
 
-def attention_impl(q: torch.Tensor, num_keys: int, *, causal: bool, impl: str = "auto") -> tuple[str, str | None]:
+def attention_impl(
+    q: torch.Tensor, num_keys: int, *, causal: bool, impl: str = "auto", scale: float = 1.0
+) -> tuple[str, str | None]:
     """Which implementation runs memory attention on the Triton backend: ``("composed", sequence op)`` or
     ``("fused", None)``.
 
@@ -246,13 +256,15 @@ def attention_impl(q: torch.Tensor, num_keys: int, *, causal: bool, impl: str = 
     a vendor op fits (``memops._sdpa``)       cuDNN on sm_90, else flash, else efficient attention
     ========================================  =====================================================
 
-    ``impl="composed"`` forces it (ValueError when no vendor op fits), ``impl="fused"`` the single kernel.
+    ``impl="composed"`` forces it (ValueError when no vendor op fits), ``impl="fused"`` the single kernel. A
+    scale that is not a positive finite number runs the fused kernel whatever ``impl`` says: the vendor ops
+    assume one (torch's causal flash paths give NaN at scale <= 0), the fused kernel takes any.
     """
     from memops import _sdpa
     from memops._backend import launch_arch
 
     _check_impl(impl)
-    if impl == "fused":
+    if impl == "fused" or not 0 < scale < float("inf"):
         return "fused", None
     sequence = _sdpa.sequence_backend(q, num_keys, causal=causal, arch=launch_arch(q.device))
     if impl == "composed":
@@ -316,7 +328,7 @@ def memory_attention(
             q, k, v, mem_k, mem_v, causal=causal, scale=scale, mem_bias=mem_bias, return_lse=return_lse
         )
     check_triton_head_dim(q, "memory_attention")
-    chosen, sequence = attention_impl(q, k.shape[2], causal=causal, impl=impl)
+    chosen, sequence = attention_impl(q, k.shape[2], causal=causal, impl=impl, scale=scale)
     mem_bias = bias_3d(mem_bias) if mem_bias is not None else None
     if chosen == "composed":
         record_launch(f"memory_attention.composed.{sequence}")

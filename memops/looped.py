@@ -122,6 +122,12 @@ _looped_kv_update_op = custom_op(
 
 def update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, backend) -> None:
     """The gated update written into the caches themselves (inference)."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if any(stride == 0 and size > 1 for stride, size in zip(cache.stride(), cache.shape)):
+            raise ValueError(
+                f"looped_kv_update: inplace=True writes into {name}, but it is an expanded view (several elements "
+                "share one memory location); pass a materialised cache (.contiguous()) or inplace=False"
+            )
     if backend == "triton" and k_cache.is_contiguous() and v_cache.is_contiguous():
         k_new, v_new, gate = contiguous(k_new, v_new, gate)
         looped_kernels.looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, k_cache, v_cache)
@@ -394,7 +400,9 @@ def looped_attention_varlen(
     op = "looped_attention_varlen"
     if (k_cache is None) != (v_cache is None):
         raise ValueError(f"{op}: k_cache and v_cache must be given together")
-    check_varlen_inputs(q, k_new, v_new, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None, None, None, scale, op)
+    check_varlen_inputs(
+        q, k_new, v_new, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None, None, None, scale, op, shared=True
+    )
     _check_packed_rows(k_new, v_new, gate, k_cache, v_cache, op)
     if k_cache is None:
         out = memops_attention_varlen(

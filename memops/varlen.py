@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from memops._validation import check_int
+from memops._validation import can_read_values, check_int
 
 __all__ = [
     "unpad_input",
@@ -84,8 +84,11 @@ def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, se
             f"indices must be (total,) with total = hidden_states.shape[0] = "
             f"{hidden_states.shape[0] if hidden_states.dim() else None}, got {tuple(indices.shape)}"
         )
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= batch * seqlen):
-        raise IndexError(f"indices must lie in [0, batch * seqlen) = [0, {batch * seqlen})")
+    if indices.numel() and can_read_values(indices):
+        if int(indices.min()) < 0 or int(indices.max()) >= batch * seqlen:
+            raise IndexError(f"indices must lie in [0, batch * seqlen) = [0, {batch * seqlen})")
+        if indices.unique().numel() != indices.numel():  # two rows to one position: one would be lost
+            raise ValueError("indices must be distinct: each packed row goes to its own position")
     out = hidden_states.new_zeros(batch * seqlen, *hidden_states.shape[1:])
     out = out.index_copy(0, indices.long(), hidden_states)
     return out.unflatten(0, (batch, seqlen))

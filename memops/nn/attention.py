@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from memops._validation import check_int, check_module_input
+from memops._validation import check_cu_seqlens, check_int, check_module_input
 from memops.attention import memory_attention, memory_attention_varlen
 from memops.looped import looped_attention, looped_attention_varlen
 from memops.retention import retention_attention, retention_attention_varlen
@@ -132,6 +132,7 @@ class MemoryAttention(nn.Module):
         if cu_seqlens is None or max_seqlen is None:
             raise ValueError(f"{name}: packed input needs both cu_seqlens and max_seqlen")
         check_module_input(x, "x", name, width=self.q_proj.in_features, dims=(2,), like=self.q_proj.weight)
+        check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[0], max_seqlen, name, x.device)  # in the module's names
         return True
 
     def project_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor):

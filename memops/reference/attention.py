@@ -67,9 +67,10 @@ def memory_attention(
         vals = torch.cat([_expand_memory(mem_v, B), v], dim=2)
     else:
         keys, vals = k, v
-    if causal and not M and N == Nk and not return_lse:
+    if causal and not M and N == Nk and not return_lse and 0 < scale < float("inf"):
         # Square causal attention: bottom-right and top-left alignment agree, and SDPA's own causal path
-        # skips building the (N, Nk) mask.
+        # skips building the (N, Nk) mask. (Only at a positive finite scale: torch's CPU causal path gives NaN
+        # rows at scale <= 0.)
         out = F.scaled_dot_product_attention(q, keys, vals, is_causal=True, scale=scale, enable_gqa=H != Hkv)
         return nan_query_rows(out, q, None)
     mask = _logit_mask(q, Hkv, Nk, M, causal, mem_bias)
@@ -86,14 +87,23 @@ def nan_query_rows(out: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None
     if out.shape[-2] == 0 or out.shape[-1] == 0 or num_keys == 0:
         return out
     # The usual input has no NaN query: one sum over q shows it (a NaN anywhere makes it NaN; an inf - inf
-    # only sends us down the exact path), skipping the passes over q and the (B, H, N, Nk) mask. Eager only:
-    # a traced graph cannot branch on the data.
-    if not torch.compiler.is_compiling() and not bool(torch.isnan(q.sum())):
+    # only sends us down the exact path), skipping the passes over q and the (B, H, N, Nk) mask. Eager, real
+    # tensors only: a traced graph cannot branch on the data, and meta or fake tensors have none.
+    if _has_values(q) and not bool(torch.isnan(q.sum())):
         return out
     nan_rows = torch.isnan(q).any(-1, keepdim=True)
     if mask is not None:
         nan_rows = nan_rows & torch.isfinite(mask).any(-1, keepdim=True)
     return out.masked_fill(nan_rows, float("nan"))
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """Whether t's data may be read on the host: not under torch.compile, not a meta or fake tensor."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
 
 
 def attention_lse(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -105,7 +115,8 @@ def attention_lse(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None
     keys_per_head = keys.repeat_interleave(H // Hkv, dim=1) if H != Hkv else keys
     logits = torch.einsum("bhnd,bhkd->bhnk", q.to(acc), keys_per_head.to(acc)) * scale
     if mask is not None:
-        logits = logits + mask.to(acc)
+        # a masked logit is -inf whatever the scaled product (at scale inf, inf + -inf would be NaN)
+        logits = torch.where(torch.isneginf(mask), float("-inf"), logits + mask.to(acc))
     # A query with no visible key has lse -inf; keep its logsumexp backward from computing 0 * NaN.
     empty = torch.isneginf(logits).all(dim=-1, keepdim=True)
     lse = torch.logsumexp(logits.masked_fill(empty, 0.0), dim=-1)
