@@ -143,3 +143,43 @@ def test_22_reference_in_place_update_into_an_expanded_cache():
         with pytest.raises(ValueError, match="k_cache"):
             memops.looped_kv_update(cache, cache.clone(), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8),
                                     torch.rand(1, 2, 1, 1), rows=slice(-1, None), inplace=True)  # fmt: skip
+
+
+def packed_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    cu_q = torch.tensor([0, 4, 4, 9], dtype=torch.int32)  # an empty sequence in the middle
+    cu_k = torch.tensor([0, 6, 7, 12], dtype=torch.int32)
+    q = torch.randn(9, 4, 16, generator=g, dtype=dtype)
+    k, v = (torch.randn(12, 2, 16, generator=g, dtype=dtype) for _ in range(2))
+    log_beta = -torch.rand(12, 2, generator=g, dtype=dtype)
+    mem = torch.randn(3, 2, 3, 16, generator=g, dtype=dtype)  # per sequence
+    return q, k, v, log_beta, mem, cu_q, cu_k
+
+
+def packed_calls(q, k, v, log_beta, mem, cu_q, cu_k):
+    return {
+        "memory_attention_varlen": lambda: memops.memory_attention_varlen(
+            q, k, v, cu_q, cu_k, 5, 6, mem, mem, causal=True, return_lse=True),
+        "retention_attention_varlen": lambda: memops.retention_attention_varlen(
+            q, k, v, log_beta, cu_q, cu_k, 5, 6, return_lse=True),
+        "looped_attention_varlen": lambda: memops.looped_attention_varlen(
+            q, k[:9], v[:9], torch.sigmoid(log_beta[:9, :, None]), cu_q, 5, k[:9], v[:9]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("op", ["memory_attention_varlen", "retention_attention_varlen", "looped_attention_varlen"])
+def test_15_reference_varlen_ops_trace_on_meta_tensors(op):
+    inputs = [t.to("meta") for t in packed_inputs()]
+    with memops.backend("reference"):
+        result = packed_calls(*inputs)[op]()
+    assert all(t.device.type == "meta" for t in result) and result[0].shape == (9, 4, 16)
+
+
+@pytest.mark.parametrize("op", ["memory_attention_varlen", "retention_attention_varlen", "looped_attention_varlen"])
+def test_19_reference_varlen_ops_compile_fullgraph_and_agree_with_eager(op):
+    inputs = packed_inputs(torch.float64)
+    with memops.backend("reference"):
+        eager = packed_calls(*inputs)[op]()
+        compiled = torch.compile(lambda *t: packed_calls(*t)[op](), fullgraph=True, backend="aot_eager")(*inputs)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)

@@ -7,16 +7,75 @@ of ``memops.reference`` run on each sequence alone (batch 1), its rows put back 
 (H, total_q). Memory is per sequence (S, Hkv, M, D) or shared (Hkv, M, D); mem_bias has S in place of B.
 
 The boundaries are read to the host once (the loop runs over them), which is what the CPU path pays anyway;
-the Triton kernels never read them back.
+the Triton kernels never read them back. Where they cannot be read (meta and fake tensors, torch.compile's
+tracing), the same ops are one attention over every packed row with a block-diagonal mask
+(:func:`_masked_packed`): O(total^2) memory, equal results, no data-dependent branch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from memops.reference.attention import memory_attention
+from memops.reference.attention import _has_values, attention_lse, bias_3d, memory_attention, nan_query_rows
 from memops.reference.looped import looped_blend
 from memops.reference.retention import retention_attention
+
+
+def _masked_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v, mem_bias, *, causal, scale, log_beta,
+                   return_lse):  # fmt: skip
+    """Every sequence at once: one attention of all packed queries over [memory ; all packed keys], masked to
+    each query's own sequence (bottom-right causal within it with ``causal``), plus each sequence's memory
+    rows (no mask, no decay) and, with ``log_beta`` (total_k, Hkv), the decay (pos_i - j) * log_beta[j] with
+    positions counted within the sequence. No value of the boundaries is read on the host."""
+    total_q, H, D = q.shape
+    total_k, Hkv = k.shape[0], k.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    seq_q = torch.searchsorted(cu_seqlens_q[1:].long(), torch.arange(total_q, device=q.device), right=True)
+    seq_k = torch.searchsorted(cu_seqlens_k[1:].long(), torch.arange(total_k, device=q.device), right=True)
+    a = torch.arange(total_q, device=q.device) - cu_seqlens_q.long()[seq_q]  # the query's index in its sequence
+    b = torch.arange(total_k, device=q.device) - cu_seqlens_k.long()[seq_k]
+    shift = (cu_seqlens_k.long().diff() - cu_seqlens_q.long().diff())[seq_q]  # nk - nq of the query's sequence
+    visible = seq_q[:, None] == seq_k[None, :]
+    if causal or log_beta is not None:
+        visible = visible & (b[None, :] <= (a + shift)[:, None])
+    mask = torch.zeros(visible.shape, dtype=acc, device=q.device).masked_fill(~visible, float("-inf"))[None, None]
+    if log_beta is not None:  # (pos_i - j) * log_beta[j] per kv head, repeated over its query heads
+        distance = ((a + shift)[:, None] - b[None, :]).clamp_min(0).to(acc)
+        decay = distance[None] * log_beta.to(acc).t()[:, None, :]  # (Hkv, total_q, total_k)
+        mask = mask + decay.repeat_interleave(H // Hkv, dim=0)[None]
+    keys, values = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if mem_k is not None and mem_k.shape[-2]:
+        M = mem_k.shape[-2]
+        if mem_k.dim() == 4:  # per sequence: S x M rows, each visible to its sequence's queries
+            S = mem_k.shape[0]
+            mem_keys = mem_k.transpose(0, 1).reshape(Hkv, S * M, D)[None]
+            mem_values = mem_v.transpose(0, 1).reshape(Hkv, S * M, D)[None]
+            owner = torch.arange(S, device=q.device).repeat_interleave(M)
+            memory = torch.zeros(total_q, S * M, dtype=acc, device=q.device).masked_fill(
+                seq_q[:, None] != owner[None, :], float("-inf"))[None, None]  # fmt: skip
+        else:
+            mem_keys, mem_values = mem_k[None], mem_v[None]
+            memory = torch.zeros(1, 1, total_q, M, dtype=acc, device=q.device)
+        if mem_bias is not None:  # (S|1, Hkv|1, M) -> per query row and head
+            bias = bias_3d(mem_bias).to(acc)
+            bias = bias[seq_q] if bias.shape[0] > 1 else bias.expand(total_q, -1, -1)  # (total_q, Hkv|1, M)
+            bias = bias.repeat_interleave(H // Hkv, dim=1) if bias.shape[1] > 1 else bias
+            bias = bias.permute(1, 0, 2)[None]  # (1, H|1, total_q, M)
+            if mem_k.dim() == 4:
+                bias = bias.repeat(1, 1, 1, mem_k.shape[0])  # one copy per sequence's block (masked elsewhere)
+            memory = memory + bias
+        keys, values = torch.cat([mem_keys, keys], 2), torch.cat([mem_values, values], 2)
+        mask = torch.cat([memory.expand(-1, mask.shape[1], -1, -1), mask.expand(-1, memory.shape[1], -1, -1)]
+                         if memory.shape[1] == mask.shape[1] else
+                         [memory.expand(1, H, -1, -1), mask.expand(1, H, -1, -1)], -1)  # fmt: skip
+    qh = q.transpose(0, 1)[None]
+    out = F.scaled_dot_product_attention(qh.to(acc), keys.to(acc), values.to(acc), attn_mask=mask, scale=scale,
+                                         enable_gqa=H != Hkv)  # fmt: skip
+    out = nan_query_rows(out, qh, mask, keys.shape[2]).to(q.dtype)[0].transpose(0, 1)
+    if not return_lse:
+        return out
+    return out, attention_lse(qh, keys, mask, scale)[0]
 
 
 def sequence_bounds(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -67,6 +126,9 @@ def memory_attention_varlen(
 ):  # fmt: skip
     """``memops.memory_attention_varlen``: :func:`memops.reference.memory_attention` on each sequence."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not _has_values(cu_seqlens_q):
+        return _masked_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v, mem_bias, causal=causal,
+                              scale=scale, log_beta=None, return_lse=return_lse)  # fmt: skip
     outs, lses = [], []
     for s, (q0, q1, k0, k1) in enumerate(sequence_bounds(cu_seqlens_q, cu_seqlens_k)):
         if q1 == q0:
@@ -90,6 +152,9 @@ def retention_attention_varlen(
     """``memops.retention_attention_varlen``: :func:`memops.reference.retention_attention` on each sequence;
     log_beta (total_k, Hkv), so decay distances count within a sequence."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not _has_values(cu_seqlens_q):
+        return _masked_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v, None, causal=True, scale=scale,
+                              log_beta=log_beta, return_lse=return_lse)  # fmt: skip
     outs, lses = [], []
     for s, (q0, q1, k0, k1) in enumerate(sequence_bounds(cu_seqlens_q, cu_seqlens_k)):
         if q1 == q0:
