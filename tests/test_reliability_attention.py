@@ -183,3 +183,17 @@ def test_19_reference_varlen_ops_compile_fullgraph_and_agree_with_eager(op):
         compiled = torch.compile(lambda *t: packed_calls(*t)[op](), fullgraph=True, backend="aot_eager")(*inputs)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("module", ["MemoryAttention", "RetentionAttention"])
+def test_20_packed_modules_name_their_own_cu_seqlens(module):
+    x = torch.randn(7, 32)
+    if module == "MemoryAttention":
+        layer, extra = memops.nn.MemoryAttention(32, 4, causal=True), ()
+    else:
+        layer, extra = memops.nn.RetentionAttention(32, 4), (-torch.rand(4, 7),)
+    with pytest.raises(ValueError, match=f"{module}: cu_seqlens must start at 0") as error:
+        layer(x, *extra, cu_seqlens=torch.tensor([0, 3, 9], dtype=torch.int32), max_seqlen=6)
+    assert "cu_seqlens_q" not in str(error.value)
+    with pytest.raises(ValueError, match=f"{module}: max_seqlen=2 is smaller"):
+        layer(x, *extra, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=2)
