@@ -124,10 +124,10 @@ def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
         out, lse = lse_merge_kernels.lse_merge(out_s, lse_s, out_s, never, empty_a_rows=empty_rows)
     if sequence == "cpu_flash":
         # torch's CPU flash op returns 0 (and a finite lse) for a query row holding a NaN; the math, the fused
-        # kernel and the reference give NaN (with memory rows, their part already carries it)
+        # kernel and the reference give NaN. Rows before empty_rows see no sequence key: their NaN comes from
+        # the memory part (or, without memory, they see no key at all: out 0, lse -inf).
         nan_rows = torch.isnan(q).any(-1)
-        if empty_rows:
-            nan_rows[..., :empty_rows] &= M > 0
+        nan_rows[..., :empty_rows] = False
         out = out.masked_fill(nan_rows.unsqueeze(-1), float("nan"))
         lse = lse.masked_fill(nan_rows, float("nan"))
     return out, lse, state[0], state[1]

@@ -66,9 +66,8 @@ def _masked_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v, mem_bias, 
                 bias = bias.repeat(1, 1, 1, mem_k.shape[0])  # one copy per sequence's block (masked elsewhere)
             memory = memory + bias
         keys, values = torch.cat([mem_keys, keys], 2), torch.cat([mem_values, values], 2)
-        mask = torch.cat([memory.expand(-1, mask.shape[1], -1, -1), mask.expand(-1, memory.shape[1], -1, -1)]
-                         if memory.shape[1] == mask.shape[1] else
-                         [memory.expand(1, H, -1, -1), mask.expand(1, H, -1, -1)], -1)  # fmt: skip
+        heads = max(memory.shape[1], mask.shape[1])  # 1 or H each
+        mask = torch.cat([memory.expand(1, heads, -1, -1), mask.expand(1, heads, -1, -1)], -1)
     qh = q.transpose(0, 1)[None]
     out = F.scaled_dot_product_attention(qh.to(acc), keys.to(acc), values.to(acc), attn_mask=mask, scale=scale,
                                          enable_gqa=H != Hkv)  # fmt: skip

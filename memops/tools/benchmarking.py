@@ -223,16 +223,16 @@ class Ceiling:
         # Rounded down: a smaller buffer is at least as fast, so the ceiling errs high, never low.
         bucket = max(1 << 16, 1 << (max(int(nbytes), 1).bit_length() - 1))
         if bucket not in self._gbps:
-            self._gbps[bucket] = max(self._measure_copy(bucket), self._measure_read(bucket))
+            self._gbps[bucket] = max(self.copy_gbps(bucket), self.read_gbps(bucket))
         return self._gbps[bucket]
 
-    def _measure_copy(self, nbytes: int) -> float:
+    def copy_gbps(self, nbytes: int) -> float:
         src = torch.randn(max(nbytes // 8, 1), device=self.device)
         dst = torch.empty_like(src)
         ms = measure(lambda: dst.copy_(src), self.device, min_run_s=min(0.1, CPU_MIN_RUN_S)).median
         return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
-    def _measure_read(self, nbytes: int) -> float:
+    def read_gbps(self, nbytes: int) -> float:
         src = torch.randn(max(nbytes // 4, 1), device=self.device)
         out = torch.empty((), device=self.device)
         ms = measure(lambda: torch.sum(src, dim=0, out=out), self.device, min_run_s=min(0.1, CPU_MIN_RUN_S)).median

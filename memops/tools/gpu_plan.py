@@ -22,6 +22,7 @@ file, a file too large or too many files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -102,13 +103,9 @@ def headline_providers(entry, case) -> list[str]:
 # Ceilings
 
 
-def measure_ceilings(device: str, *, rehearse: bool) -> dict:
+def measure_ceilings(device: str) -> dict:
     """The run's ceilings: DRAM copy and read bandwidth (GB/s) and the bf16 and tf32 matmul rates (TFLOP/s)."""
-    numel = (1 << 28) if device == "cuda" else (1 << 20)
-    source = torch.randn(numel, device=device)
-    out = torch.empty((), device=device)
-    read_ms = benchmarking.measure(lambda: torch.sum(source, dim=0, out=out), device, min_run_s=0.1).median
-    source = None  # free it before the matmuls
+    read_gbps = benchmarking.Ceiling(device).read_gbps((1 << 30) if device == "cuda" else (1 << 22))
     n = 8192 if device == "cuda" else 256
     rates = {}
     for name, dtype, precision in (("bf16", torch.bfloat16, "highest"), ("tf32", torch.float32, "high")):
@@ -123,7 +120,7 @@ def measure_ceilings(device: str, *, rehearse: bool) -> dict:
         del a, b
     return dict(
         copy_gbps=benchmarking.copy_bandwidth_gbps(device),
-        read_gbps=numel * 4 / (read_ms * 1e-3) / 1e9,
+        read_gbps=read_gbps,
         matmul_bf16_tflops=rates["bf16"],
         matmul_tf32_tflops=rates["tf32"],
         matmul_n=n,
@@ -214,10 +211,11 @@ def _expected_error(text: str | None, rehearse: bool) -> bool:
 SKIPPED = "skipped: the step's time budget ran out"
 
 
-def _timed_case(entry, case, notes, jsonl, ceilings, ceiling, device, rehearse, left, progress, counter) -> list[dict]:
-    """Time one headline case's providers (those with time left), append their rows to headline.jsonl at once."""
+def _timed_case(entry, case, names, notes, jsonl, ceilings, ceiling, device, rehearse, left, progress, counter):
+    """Time the providers ``names`` of one headline case (those with time left), append their rows to
+    headline.jsonl at once; returns the rows."""
     key = (entry.op, case.name, case.mode)
-    keep = {n for n in headline_providers(entry, case) if notes[key].get(n) != SKIPPED}
+    keep = {n for n in names if notes[key].get(n) != SKIPPED}
     if left() < len(keep) * TIMED_JOB_SECONDS:
         keep = set()
     progress(f"timed {counter}: {key}, {len(keep)} providers")
@@ -228,7 +226,7 @@ def _timed_case(entry, case, notes, jsonl, ceilings, ceiling, device, rehearse, 
     results += [
         benchmarking.Result(op=entry.op, case=case.name, mode=case.mode, provider=n, params=case.params,
                             device=device, error=SKIPPED)
-        for n in headline_providers(entry, case) if n not in keep
+        for n in names if n not in keep
     ]  # fmt: skip
     rows = []
     with jsonl.open("a") as f:
@@ -269,7 +267,7 @@ def run_headline(
     jobs = headline_cases(rehearse=rehearse)
     label = benchmarking.device_name(device) + (" (rehearsal: interpreter, small shapes)" if rehearse else "")
     start = time.perf_counter()
-    ceilings = measure_ceilings(device, rehearse=rehearse)
+    ceilings = measure_ceilings(device)
     progress(
         f"ceilings: copy {ceilings['copy_gbps']:,.0f} GB/s, read {ceilings['read_gbps']:,.0f} GB/s, matmul "
         f"bf16 {ceilings['matmul_bf16_tflops']:.1f} / tf32 {ceilings['matmul_tf32_tflops']:.1f} TFLOP/s"
@@ -294,9 +292,11 @@ def run_headline(
             # compiled baseline left out for time is reported as such, not killed half-way); their cost is
             # what the earlier ones took, at least COMPILED_BASELINE_SECONDS.
             notes = {(entry.op, case.name, case.mode): {} for entry, case in jobs}
+            # once per case: building a case's providers is not free (FlexAttention's block masks)
+            providers_of = [headline_providers(entry, case) for entry, case in jobs]
             for compiled in (False, True):
                 for index, (entry, case) in enumerate(jobs):
-                    names = [n for n in headline_providers(entry, case) if compiled_provider(n) == compiled]
+                    names = [n for n in providers_of[index] if compiled_provider(n) == compiled]
                     key = (entry.op, case.name, case.mode)
                     each = max([COMPILED_BASELINE_SECONDS, *compiled_seconds[-4:]])
                     if compiled and left() < len(names) * each + reserve_s:
@@ -311,8 +311,8 @@ def run_headline(
             progress(f"warm-up done in {time.perf_counter() - start:.0f} s")
             ceiling = benchmarking.Ceiling(device)
             for index, (entry, case) in enumerate(jobs):
-                rows += _timed_case(entry, case, notes, jsonl, ceilings, ceiling, device, rehearse, left, progress,
-                                    f"{index + 1}/{len(jobs)}")  # fmt: skip
+                rows += _timed_case(entry, case, providers_of[index], notes, jsonl, ceilings, ceiling, device,
+                                    rehearse, left, progress, f"{index + 1}/{len(jobs)}")  # fmt: skip
     finally:  # a SIGINT at the step's limit still leaves the table and files of every case done
         (out_dir / "headline.md").write_text(headline_markdown(header, rows))
         write_op_files(header, rows, out_dir / "bench")
@@ -547,6 +547,31 @@ class _CpuAsSm90Driver:
         return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def _memops_providers_on_cpu(*, small: bool):
+    """(entry, case, name, call) for every memops-built provider of the headline cases, with the public ops
+    taking CPU tensors on the triton backend at sm_90's launch configs: whatever a call launches goes through
+    ``JITFunction.run``, which the caller replaces (recording, or compile-only)."""
+    import memops
+    from memops import _backend
+
+    def calls():
+        for entry, case in headline_cases(rehearse=small):
+            module = benchmarking.load(entry.op)
+            for name in headline_providers(entry, case):
+                if name.startswith("memops"):  # memops' providers, and baselines built on memops ops
+                    yield entry, case, name, lambda m=module, c=case, n=name: m.providers(c, "cuda")[n](
+                        m.make_inputs(c, "cpu", 0))()  # fmt: skip
+
+    interpreter_enabled = _backend.interpreter_enabled
+    _backend.interpreter_enabled = lambda: True  # CPU tensors pass the backend's device check
+    try:
+        with memops.backend("triton"), _backend.configs_for_arch(90):
+            yield calls()
+    finally:
+        _backend.interpreter_enabled = interpreter_enabled
+
+
 def cache_check(
     kernels: list[str] | None, cache_dir: Path, log: Path, *, jobs: int = 1, runtime_env: dict | None = None
 ) -> dict:
@@ -562,8 +587,6 @@ def cache_check(
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    import memops
-    from memops import _backend
     from memops.tools import gpu_check, triton_cache
 
     os.environ.update(
@@ -582,28 +605,21 @@ def cache_check(
     JITFunction.run = compile_only
     previous_driver = driver._active  # None without a GPU: reset_active() would look for one and fail
     driver.set_active(_CpuAsSm90Driver())
-    interpreter_enabled = _backend.interpreter_enabled
-    _backend.interpreter_enabled = lambda: True  # CPU tensors on the triton backend (no kernel runs)
+    families = {row["family"] for row in report["rows"]}
     ran = []
     try:
-        with memops.backend("triton"), _backend.configs_for_arch(90):
-            for entry, case in headline_cases(rehearse=True):
-                families = {v.family for v in gpu_check.collect(
-                    [entry.family], ("bf16",), (90,), kernels=kernels, headline=True, small=True)}  # fmt: skip
-                if not families:
+        with _memops_providers_on_cpu(small=True) as calls:
+            for entry, case, name, call in calls:
+                if entry.family not in families:
                     continue
-                module = benchmarking.load(entry.op)
-                for name in headline_providers(entry, case):
-                    if name in module.MEMOPS_PROVIDERS:
-                        try:
-                            module.providers(case, "cuda")[name](module.make_inputs(case, "cpu", 0))()
-                            ran.append(f"{entry.op} {case.name} {case.mode} {name}")
-                        except Exception as error:  # noqa: BLE001 - outputs are never written: a later step may fail
-                            ran.append(f"{entry.op} {case.name} {case.mode} {name}: {type(error).__name__}")
+                try:
+                    call()
+                    ran.append(f"{entry.op} {case.name} {case.mode} {name}")
+                except Exception as error:  # noqa: BLE001 - outputs are never written: a later step may fail
+                    ran.append(f"{entry.op} {case.name} {case.mode} {name}: {type(error).__name__}")
     finally:
         JITFunction.run = original_run
         driver.set_active(previous_driver)
-        _backend.interpreter_enabled = interpreter_enabled
     counts = triton_cache.summarize(log, set(kernels) if kernels else None)
     return dict(compiled=compiled, variants=report["variants"], hits=counts["memops"]["hit"],
                 misses=counts["memops"]["miss"], missed=dict(counts["missed"]), ran=ran)  # fmt: skip
@@ -639,44 +655,33 @@ def key_mismatches(*, small: bool = True) -> tuple[int, list[str]]:
     variants ``memops gpu-check --headline`` compiles. Returns (launches checked, one line per launch whose
     specialisation the step does not compile, with the fields that differ from the nearest variant).
     Needs a process without TRITON_INTERPRET."""
-    import memops
-    from memops import _backend
     from memops.tools import gpu_check
 
     planned = {_launch_key(v.launch): v.labels for v in gpu_check.collect(arches=(90,), headline=True, small=small)}
-    interpreter_enabled = _backend.interpreter_enabled
-    _backend.interpreter_enabled = lambda: True  # CPU tensors on the triton backend: launches are only recorded
     checked, problems = 0, []
-    try:
-        with memops.backend("triton"), _backend.configs_for_arch(90):
-            for entry, case in headline_cases(rehearse=small):
-                module = benchmarking.load(entry.op)
-                for name in headline_providers(entry, case):
-                    if not name.startswith("memops"):  # memops' providers, and baselines built on memops ops
-                        continue
-                    with gpu_check.recording() as launches:
-                        try:
-                            module.providers(case, "cuda")[name](module.make_inputs(case, "cpu", 0))()
-                        except Exception:  # noqa: BLE001, S110 - kernels never write their outputs here
-                            pass
-                    for launch in launches:
-                        key = _launch_key(launch)
-                        if key[0] in UNCHECKABLE:
-                            continue
-                        checked += 1
-                        if key in planned:
-                            continue
-                        same = [k for k in planned if k[0] == key[0]]
-                        nearest = min(same, key=lambda k: sum(a != b for a, b in zip(k, key)), default=None)
-                        fields = ["signature", "constexprs", "attributes", "num_warps", "num_stages"]
-                        differ = [
-                            f"{field} planned {sorted(set(a) - set(b)) if isinstance(a, tuple) else a} launched "
-                            f"{sorted(set(b) - set(a)) if isinstance(b, tuple) else b}"
-                            for field, a, b in zip(fields, nearest[1:], key[1:]) if a != b
-                        ] if nearest else ["no variant of this kernel planned"]  # fmt: skip
-                        problems.append(f"{entry.op} {case.name} {case.mode} {name}: {key[0]}: {'; '.join(differ)}")
-    finally:
-        _backend.interpreter_enabled = interpreter_enabled
+    with _memops_providers_on_cpu(small=small) as calls:
+        for entry, case, name, call in calls:
+            with gpu_check.recording() as launches:
+                try:
+                    call()
+                except Exception:  # noqa: BLE001, S110 - kernels never write their outputs here
+                    pass
+            for launch in launches:
+                key = _launch_key(launch)
+                if key[0] in UNCHECKABLE:
+                    continue
+                checked += 1
+                if key in planned:
+                    continue
+                same = [k for k in planned if k[0] == key[0]]
+                nearest = min(same, key=lambda k: sum(a != b for a, b in zip(k, key)), default=None)
+                fields = ["signature", "constexprs", "attributes", "num_warps", "num_stages"]
+                differ = [
+                    f"{field} planned {sorted(set(a) - set(b)) if isinstance(a, tuple) else a} launched "
+                    f"{sorted(set(b) - set(a)) if isinstance(b, tuple) else b}"
+                    for field, a, b in zip(fields, nearest[1:], key[1:]) if a != b
+                ] if nearest else ["no variant of this kernel planned"]  # fmt: skip
+                problems.append(f"{entry.op} {case.name} {case.mode} {name}: {key[0]}: {'; '.join(differ)}")
     return checked, problems
 
 
