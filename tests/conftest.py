@@ -18,7 +18,8 @@ if not CUDA:
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-# CI: 12 examples per property with a fixed seed (derandomized), so a run is reproducible and its time is
+# CI: 12 examples per property of the per-op test files (the fuzz modules draw at least 100 per op and
+# backend in every profile) with a fixed seed (derandomized), so a run is reproducible and its time is
 # bounded; ``--hypothesis-profile memops-long`` draws 300 per property, randomly, for local fuzzing.
 settings.register_profile("memops", max_examples=12, deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("memops-long", max_examples=300, deadline=None, derandomize=False, print_blob=True)

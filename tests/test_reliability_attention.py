@@ -68,8 +68,8 @@ def test_01_02_causal_attention_at_a_non_positive_scale(backend, impl, scale, M)
 def test_03_paths_agree_on_nan_and_inf(where, causal, M):
     # The rows with a NaN output and the rows with a non-finite lse are the same on the three paths (the
     # composed path's lse for an infinite logit is the vendor op's: NaN on torch's CPU flash op, +inf on the
-    # fused kernel; its output is NaN on every path). Nk = 8 > N: every causal row sees several keys (torch's
-    # CPU flash op returns 0 for a row whose only logit is NaN, a quirk of that vendor op, not of the merge).
+    # fused kernel; its output is NaN on every path). Nk = 8 > N: every causal row sees several keys (the
+    # rows with one key or none are the next test's).
     if M == 0 and "mem_k" in where:
         pytest.skip("no memory rows to poison")
     results = {}
@@ -83,6 +83,32 @@ def test_03_paths_agree_on_nan_and_inf(where, causal, M):
     for impl in ("fused", "composed"):
         assert torch.equal(results[impl][0], nan_rows), (impl, results[impl][0], nan_rows)
         assert torch.equal(results[impl][1], bad_lse), (impl, results[impl][1], bad_lse)
+
+
+@pytest.mark.parametrize("poisoned", ["k", "q"])
+def test_03_a_row_with_one_nan_key_is_nan_and_a_row_with_no_key_is_zero(poisoned):
+    # Causal, N = 3 > Nk = 2, no memory: row 0 sees no key, row 1 only key 0, row 2 keys 0 and 1. torch's
+    # SDPA gave 0 for row 1 with a NaN in key 0 (CPU flash op), and NaN for row 0 with a NaN query (every
+    # row, of every head, over zero keys); the spec and the kernels give NaN and 0. The packed ops likewise.
+    q, k, v, _, _ = attention_inputs(M=0, N=3, Nk=2)
+    if poisoned == "k":
+        k[0, 0, 0, 3] = math.nan
+        expected = torch.tensor([[False, True, True], [False, False, False]])
+    else:
+        q[0, 0, :, 3] = math.nan
+        expected = torch.tensor([[False, True, True], [False, False, False]])
+    zero_key = k[:, :, :0]
+    for backend, impl in PATHS:
+        with memops.backend(backend):
+            out = memops.memory_attention(q, k, v, causal=True, impl=impl)[0]
+            keyless = memops.memory_attention(q, zero_key, zero_key, impl="auto" if impl == "composed" else impl)
+            cu_q, cu_k = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32)
+            rows = (t[0].transpose(0, 1) for t in (q, k, v))
+            packed = memops.memory_attention_varlen(*rows, cu_q, cu_k, 3, 2, causal=True).transpose(0, 1)
+        for result in (out, packed):
+            assert torch.equal(result.isnan().any(-1), expected), (backend, impl, result)
+            assert (result[:, 0] == 0).all(), (backend, impl, "row 0 sees no key")
+        assert (keyless == 0).all(), (backend, impl, "no key at all")
 
 
 @pytest.mark.parametrize("backend, impl", PATHS)

@@ -67,33 +67,66 @@ def memory_attention(
         vals = torch.cat([_expand_memory(mem_v, B), v], dim=2)
     else:
         keys, vals = k, v
-    if causal and not M and N == Nk and not return_lse and 0 < scale < float("inf"):
+    if causal and not M and N == Nk and not return_lse and 0 < scale < float("inf") and _finite(q, keys):
         # Square causal attention: bottom-right and top-left alignment agree, and SDPA's own causal path
         # skips building the (N, Nk) mask. (Only at a positive finite scale: torch's CPU causal path gives NaN
         # rows at scale <= 0.)
         out = F.scaled_dot_product_attention(q, keys, vals, is_causal=True, scale=scale, enable_gqa=H != Hkv)
         return nan_query_rows(out, q, None)
     mask = _logit_mask(q, Hkv, Nk, M, causal, mem_bias)
-    out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
-    out = nan_query_rows(out, q, mask, keys.shape[2])
+    out = masked_attention(q, keys, vals, mask, scale)
     if not return_lse:
         return out
     return out, attention_lse(q, keys, mask, scale)
 
 
+def masked_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(scale * q @ keys^T + mask) @ values, keys and values (B, Hkv, L, ·) shared by groups of query
+    heads, in q's dtype; a row with no visible key gets 0. SDPA computes it, except when q or the keys hold
+    NaN or inf: SDPA then departs from the math (torch's CPU flash op returns 0 for a row whose only visible
+    logit is NaN or whose query is NaN, and NaN in every row over zero keys once any query is NaN), so the
+    logits are formed and normalised here, as the kernels do. Traced graphs (no data to branch on) take SDPA
+    and put NaN in the rows of NaN queries."""
+    H, Hkv = q.shape[1], keys.shape[1]
+    if not _has_values(q):
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+        return nan_query_rows(out, q, mask, keys.shape[2])
+    if _finite(q, keys):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+    logits = attention_logits(q, keys, mask, scale)
+    empty = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    weights = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    values = values.repeat_interleave(H // Hkv, dim=1) if H != Hkv else values
+    return (weights @ values.to(weights.dtype)).to(q.dtype)
+
+
+def _finite(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """True unless q or keys hold NaN or inf (one sum each; an overflow only takes the exact path). Traced
+    graphs and meta or fake tensors have no data to read: True there, so they take SDPA."""
+    if not _has_values(q):
+        return True
+    return bool(torch.isfinite(q.sum())) and bool(torch.isfinite(keys.sum()))
+
+
 def nan_query_rows(out: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None, num_keys: int = 1) -> torch.Tensor:
-    """out with NaN in the rows whose query has a NaN and sees at least one key: torch's CPU flash SDPA
-    returns 0 for them (its row max is NaN), where the math, the kernels and the spec give NaN."""
+    """out with NaN in the rows whose query has a NaN and sees at least one key, and 0 in the rows that see no
+    key: torch's CPU flash SDPA returns 0 for the first (its row max is NaN) and the math path NaN for the
+    second when the query is not finite (NaN or inf + -inf masked), where the spec and the kernels give
+    NaN and 0."""
     if out.shape[-2] == 0 or out.shape[-1] == 0 or num_keys == 0:
         return out
-    # The usual input has no NaN query: one sum over q shows it (a NaN anywhere makes it NaN; an inf - inf
-    # only sends us down the exact path), skipping the passes over q and the (B, H, N, Nk) mask. Eager, real
-    # tensors only: a traced graph cannot branch on the data, and meta or fake tensors have none.
-    if _has_values(q) and not bool(torch.isnan(q.sum())):
+    # The usual input has a finite query: one sum over q shows it (a NaN or inf anywhere makes it non-finite;
+    # an overflow only sends us down the exact path), skipping the passes over q and the (B, H, N, Nk) mask.
+    # Eager, real tensors only: a traced graph cannot branch on the data, and meta or fake tensors have none.
+    if _has_values(q) and bool(torch.isfinite(q.sum())):
         return out
     nan_rows = torch.isnan(q).any(-1, keepdim=True)
     if mask is not None:
-        nan_rows = nan_rows & torch.isfinite(mask).any(-1, keepdim=True)
+        sees_a_key = torch.isfinite(mask).any(-1, keepdim=True)
+        out = out.masked_fill(~sees_a_key, 0.0)
+        nan_rows = nan_rows & sees_a_key
     return out.masked_fill(nan_rows, float("nan"))
 
 
@@ -106,10 +139,9 @@ def _has_values(t: torch.Tensor) -> bool:
     return not is_fake(t)
 
 
-def attention_lse(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """log-sum-exp over keys of ``scale * q @ keys^T + mask`` (B, H, N), fp32 (fp64 for fp64); keys
-    (B, Hkv, L, D) are shared by groups of H // Hkv query heads. -inf for a row with no visible key.
-    SDPA does not return it, so the reference recomputes the logits (the reference may materialise them)."""
+def attention_logits(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``scale * q @ keys^T + mask`` (B, H, N, L) in fp32 (fp64 for fp64), keys (B, Hkv, L, D) shared by
+    groups of H // Hkv query heads; a masked logit is -inf."""
     H, Hkv = q.shape[1], keys.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
     keys_per_head = keys.repeat_interleave(H // Hkv, dim=1) if H != Hkv else keys
@@ -117,6 +149,14 @@ def attention_lse(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None
     if mask is not None:
         # a masked logit is -inf whatever the scaled product (at scale inf, inf + -inf would be NaN)
         logits = torch.where(torch.isneginf(mask), float("-inf"), logits + mask.to(acc))
+    return logits
+
+
+def attention_lse(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """log-sum-exp over keys of ``scale * q @ keys^T + mask`` (B, H, N), fp32 (fp64 for fp64); keys
+    (B, Hkv, L, D) are shared by groups of H // Hkv query heads. -inf for a row with no visible key.
+    SDPA does not return it, so the reference recomputes the logits (the reference may materialise them)."""
+    logits = attention_logits(q, keys, mask, scale)
     # A query with no visible key has lse -inf; keep its logsumexp backward from computing 0 * NaN.
     empty = torch.isneginf(logits).all(dim=-1, keepdim=True)
     lse = torch.logsumexp(logits.masked_fill(empty, 0.0), dim=-1)

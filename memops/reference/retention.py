@@ -19,9 +19,8 @@ and compared with M x (their number), the positions scaled by the same factor.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from memops.reference.attention import _expand_memory, attention_lse, nan_query_rows
+from memops.reference.attention import _expand_memory, attention_lse, masked_attention
 
 
 def _distances(num_queries: int, num_keys: int, device) -> torch.Tensor:
@@ -122,11 +121,8 @@ def retention_attention(
         mask = torch.cat(
             [mask.new_zeros(*mask.shape[:3], mem_k.shape[-2]).expand(B, H, -1, -1), mask.expand(B, H, -1, -1)], -1
         )
-    # A row with no visible key (N > Nk, no memory) would be all -inf; SDPA gives it zeros, which is the spec.
-    out = F.scaled_dot_product_attention(
-        q.to(acc), keys.to(acc), values.to(acc), attn_mask=mask, scale=scale, enable_gqa=H != k.shape[1]
-    )
-    out = nan_query_rows(out, q, mask).to(q.dtype)
+    # A row with no visible key (N > Nk, no memory) is all -inf: it gets zeros, which is the spec.
+    out = masked_attention(q.to(acc), keys.to(acc), values.to(acc), mask, scale).to(q.dtype)
     if not return_lse:
         return out
     return out, attention_lse(q, keys, mask, scale)

@@ -15,9 +15,8 @@ tracing), the same ops are one attention over every packed row with a block-diag
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from memops.reference.attention import _has_values, attention_lse, bias_3d, memory_attention, nan_query_rows
+from memops.reference.attention import _has_values, attention_lse, bias_3d, masked_attention, memory_attention
 from memops.reference.looped import looped_blend
 from memops.reference.retention import retention_attention
 
@@ -69,9 +68,7 @@ def _masked_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v, mem_bias, 
         heads = max(memory.shape[1], mask.shape[1])  # 1 or H each
         mask = torch.cat([memory.expand(1, heads, -1, -1), mask.expand(1, heads, -1, -1)], -1)
     qh = q.transpose(0, 1)[None]
-    out = F.scaled_dot_product_attention(qh.to(acc), keys.to(acc), values.to(acc), attn_mask=mask, scale=scale,
-                                         enable_gqa=H != Hkv)  # fmt: skip
-    out = nan_query_rows(out, qh, mask, keys.shape[2]).to(q.dtype)[0].transpose(0, 1)
+    out = masked_attention(qh.to(acc), keys.to(acc), values.to(acc), mask, scale).to(q.dtype)[0].transpose(0, 1)
     if not return_lse:
         return out
     return out, attention_lse(qh, keys, mask, scale)[0]
