@@ -2,8 +2,9 @@
 precision that every launcher makes the same way.
 
 - ``to_log2`` and ``to_ln`` convert between natural-log and base-2 units: the kernels keep logits and
-  log-sum-exps in base 2 (``exp2(to_log2(x)) == exp(x)``), the fast form on GPUs. They are jit functions, not
-  module-level constexprs (STYLE.md), and their literals take the operand's dtype, so fp64 stays exact.
+  log-sum-exps in base 2 (``exp2(to_log2(x)) == exp(x)``), the fast form on GPUs. They are jit functions,
+  not module-level constexprs (Triton releases differ in how jit code may read module-level globals), and
+  their literals take the operand's dtype, so fp64 stays exact.
 - fp64 inputs keep fp64 math, so fp64 gradcheck runs on the Triton path; everything else accumulates in fp32.
 - fp32 dots follow torch's matmul setting: full fp32 ("ieee") by default, tf32 after
   ``torch.set_float32_matmul_precision("high")``. 16-bit dots accumulate in fp32.

@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 # The kernel layer owns its launch plumbing; re-exported here for the ops and tests that pin an architecture.
-from memops.kernels._launch import configs_for_arch, dtype_class, launch_arch  # noqa: F401
+from memops.kernels._launch import configs_for_arch, launch_arch  # noqa: F401
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -80,11 +80,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(tensor: torch.Tensor) -> str:
-    """The concrete backend (``"triton"`` or ``"reference"``) for an op whose main input is ``tensor``."""
+def resolve_backend(tensor: torch.Tensor, *, reference_instead: Callable[[], bool] | None = None) -> str:
+    """The concrete backend (``"triton"`` or ``"reference"``) for an op whose main input is ``tensor``.
+
+    ``reference_instead``: the op family's own policy, asked only when "auto" would launch the kernels; True
+    runs the reference instead (the kernels have no clean launch config for these inputs on this GPU, for
+    example). An explicit backend "triton" always launches the kernels."""
     name = get_backend()
     if name == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "reference"
+        if not (tensor.is_cuda and triton_available()):
+            return "reference"
+        return "reference" if reference_instead is not None and reference_instead() else "triton"
     if name == "triton":
         if not triton_available():
             raise RuntimeError(
@@ -96,20 +102,4 @@ def resolve_backend(tensor: torch.Tensor) -> str:
                 f"memops backend 'triton' needs CUDA tensors (got device {tensor.device}); "
                 "set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU"
             )
-    return name
-
-
-def resolve_attention_backend(q: torch.Tensor, path: str, *tensors: torch.Tensor | None) -> str:
-    """:func:`resolve_backend` for the attention family (memory, retention, looped attention), where "auto"
-    also runs the reference when the kernels have no clean launch config for q's GPU, dtype, head dim and
-    ``path`` (``memops.kernels.attention.reference_instead``: fp32 with ieee dots at D >= 128, for
-    example). An explicit backend "triton" always launches the kernels. ``tensors``: the differentiable
-    inputs, whose requires_grad says whether the backward kernels are needed too."""
-    name = resolve_backend(q)
-    if name == "triton" and get_backend() == "auto":
-        from memops.kernels.attention import reference_instead
-
-        backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *tensors))
-        if reference_instead(q, path, backward=backward):
-            return "reference"
     return name

@@ -5,9 +5,9 @@ Every custom op in memops is the Triton path of its public function; the public 
 ``memops.reference`` directly for backend "reference" (differentiable by autograd), so no custom op takes a
 ``backend`` argument. An op family's file then reads::
 
-    attention_kernels = lazy_kernels("attention")
-
     def _fwd(q, k, v, ..., causal, scale):
+        from memops.kernels import attention as attention_kernels   # where it launches: triton stays optional
+
         return attention_kernels.memory_attention_fwd(...)
 
     def _bwd(grad_out, grad_lse, q, k, v, ..., out, lse, causal, scale, deterministic):
@@ -31,23 +31,10 @@ back to autograd as None, as does the grad of any input that needs none.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
 import torch
-
-
-class lazy_kernels:  # noqa: N801 (reads as a module at its use sites)
-    """``memops.kernels.<name>``, imported on first attribute access, so ``import memops`` works where triton
-    does not import. Module level: ``attention_kernels = lazy_kernels("attention")``."""
-
-    def __init__(self, name: str) -> None:
-        self._name = f"memops.kernels.{name}"
-
-    def __getattr__(self, attr: str):
-        return getattr(importlib.import_module(self._name), attr)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Layout guards for kernel inputs

@@ -13,14 +13,13 @@ from __future__ import annotations
 import torch
 
 from memops import reference
-from memops._backend import resolve_attention_backend
+from memops._backend import resolve_backend
 from memops._registration import (
     attention_outputs_like,
     backward_op,
     call_with,
     custom_op,
     dense,
-    lazy_kernels,
     unit_last_stride,
     varlen_outputs_like,
 )
@@ -28,8 +27,21 @@ from memops._validation import check_attention_inputs, check_triton_head_dim, ch
 from memops.kernels._launch import record_launch
 from memops.reference.attention import bias_3d
 
-attention_kernels = lazy_kernels("attention")
-lse_merge_kernels = lazy_kernels("lse_merge")
+
+def attention_backend(q: torch.Tensor, path: str, *differentiable: torch.Tensor | None) -> str:
+    """:func:`memops._backend.resolve_backend` with the attention family's policy (memory, retention and looped
+    attention): under "auto" the reference runs where the kernels have no clean launch config for q's GPU,
+    dtype, head dim and ``path`` (``memops.kernels.attention.reference_instead``: fp32 with ieee dots at
+    D >= 128, for example). ``differentiable``: the inputs whose requires_grad says whether the backward
+    kernels are needed too."""
+
+    def reference_instead() -> bool:
+        from memops.kernels import attention as attention_kernels
+
+        backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *differentiable))
+        return attention_kernels.reference_instead(q, path, backward=backward)
+
+    return resolve_backend(q, reference_instead=reference_instead)
 
 
 def _bias_grad_to_shape(dbias: torch.Tensor | None, mem_bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,11 +58,15 @@ def _two_states(state: list, q: torch.Tensor) -> list:
 
 
 def _memory_attention_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale):
+    from memops.kernels import attention as attention_kernels
+
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     return attention_kernels.memory_attention_fwd(*prepared, causal=causal, scale=scale)
 
 
 def _memory_attention_bwd(grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_bias, out, lse, causal, scale, deterministic):
+    from memops.kernels import attention as attention_kernels
+
     prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
     dq, dk, dv, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
         *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse
@@ -104,6 +120,8 @@ def _as_query_heads(t, B, H, N):
 
 def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     from memops import _sdpa
+    from memops.kernels import attention as attention_kernels
+    from memops.kernels import lse_merge as lse_merge_kernels
 
     B, H, N, D = q.shape
     Nk = k.shape[2]
@@ -151,6 +169,7 @@ def _composed_bwd(
     grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b, causal, scale, sequence, deterministic
 ):
     from memops import _sdpa
+    from memops.kernels import attention as attention_kernels
 
     B, H, N, D = q.shape
     Hkv = k.shape[1]
@@ -322,7 +341,7 @@ def memory_attention(
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = mem_bias = None
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    backend = resolve_attention_backend(q, "memory", k, v, mem_k, mem_v, mem_bias)
+    backend = attention_backend(q, "memory", k, v, mem_k, mem_v, mem_bias)
     if backend == "reference":
         return reference.memory_attention(
             q, k, v, mem_k, mem_v, causal=causal, scale=scale, mem_bias=mem_bias, return_lse=return_lse
@@ -348,6 +367,8 @@ def _packed_boundaries(cu_seqlens_q, cu_seqlens_k):
 
 
 def _memory_attention_varlen_fwd(q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, causal, scale):
+    from memops.kernels import attention as attention_kernels
+
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     packed = _packed_boundaries(cu_seqlens_q, cu_seqlens_k)
     return attention_kernels.memory_attention_fwd(*prepared, causal=causal, scale=scale, cu_seqlens=packed)
@@ -357,6 +378,8 @@ def _memory_attention_varlen_bwd(
     grad_out, grad_lse, q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, out, lse, causal, scale,
     deterministic,
 ):  # fmt: skip
+    from memops.kernels import attention as attention_kernels
+
     prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
     dq, dk, dv, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
         *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse,
@@ -422,7 +445,7 @@ def memory_attention_varlen(
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = mem_bias = None
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if resolve_attention_backend(q, "varlen-memory", k, v, mem_k, mem_v, mem_bias) == "reference":
+    if attention_backend(q, "varlen-memory", k, v, mem_k, mem_v, mem_bias) == "reference":
         return reference.memory_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v,
             causal=causal, scale=scale, mem_bias=mem_bias, return_lse=return_lse,

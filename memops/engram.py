@@ -10,10 +10,19 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
-from memops._registration import backward_op, custom_op, lazy_kernels
+from memops._registration import backward_op, custom_op
 from memops._validation import can_read_values, check_int
+from memops.reference.engram import engram_hash_params, table_offsets  # the spec's helpers, public here too
 
-engram_kernels = lazy_kernels("engram")
+__all__ = [
+    "engram_gate",
+    "engram_hash_params",
+    "engram_lookup",
+    "ngram_hash",
+    "short_conv",
+    "short_conv_step",
+    "table_offsets",
+]
 
 _ID_DTYPES = (torch.int32, torch.int64)
 
@@ -54,6 +63,8 @@ def _describe(t) -> str:
 
 
 def _ngram_hash_fwd(ids, multipliers, primes, pad_id):
+    from memops.kernels import engram as engram_kernels
+
     return engram_kernels.ngram_hash(ids, multipliers.contiguous(), primes.contiguous(), pad_id)
 
 
@@ -89,6 +100,8 @@ def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tenso
 
 
 def _engram_lookup_fwd(ids, table, multipliers, primes, offsets, pad_id, context, sorted_grad):
+    from memops.kernels import engram as engram_kernels
+
     table = table if table.stride(1) == 1 else table.contiguous()
     return engram_kernels.engram_lookup_fwd(
         ids, table, multipliers.contiguous(), primes.contiguous(), offsets.contiguous(), pad_id, context
@@ -96,6 +109,8 @@ def _engram_lookup_fwd(ids, table, multipliers, primes, offsets, pad_id, context
 
 
 def _engram_lookup_bwd(grad_out, ids, table, multipliers, primes, offsets, pad_id, context, sorted_grad, deterministic):
+    from memops.kernels import engram as engram_kernels
+
     table = table if table.stride(1) == 1 else table.contiguous()
     return engram_kernels.engram_lookup_bwd(
         grad_out.contiguous(),
@@ -212,6 +227,8 @@ class _SparseTableGrad(torch.autograd.Function):
         if backend == "reference":
             rows = reference.engram.ngram_hash(ids, multipliers, primes, pad_id=pad_id)[:, context:] + offsets
         else:
+            from memops.kernels import engram as engram_kernels
+
             rows = engram_kernels.ngram_hash(ids, multipliers.contiguous(), primes.contiguous(), pad_id,
                                              offsets.contiguous(), context)  # fmt: skip
         values = grad_out.reshape(-1, shape[1])
@@ -225,10 +242,14 @@ class _SparseTableGrad(torch.autograd.Function):
 
 
 def _engram_gate_fwd(key, query, w_k, w_q, value, eps):
+    from memops.kernels import engram as engram_kernels
+
     return engram_kernels.engram_gate_fwd(*_gate_operands(key, query, w_k, w_q, value), eps)
 
 
 def _engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps):
+    from memops.kernels import engram as engram_kernels
+
     G, C = key.shape[-2:]
     R = key.shape[:-2].numel()
     grads = engram_kernels.engram_gate_bwd(
@@ -348,6 +369,8 @@ def _conv_weight(weight, x):
 
 
 def _short_conv_fwd(x, weight, norm_weight, dilation, eps, activation, residual):
+    from memops.kernels import engram as engram_kernels
+
     return engram_kernels.short_conv_fwd(
         x.contiguous(), _conv_weight(weight, x), norm_weight.contiguous(),
         dilation=dilation, eps=eps, activation=activation, residual=residual,
@@ -355,6 +378,8 @@ def _short_conv_fwd(x, weight, norm_weight, dilation, eps, activation, residual)
 
 
 def _short_conv_bwd(grad_out, x, weight, norm_weight, dilation, eps, activation, residual):
+    from memops.kernels import engram as engram_kernels
+
     grad_x, grad_weight, grad_norm_weight = engram_kernels.short_conv_bwd(
         grad_out.contiguous(), x.contiguous(), _conv_weight(weight, x), norm_weight.contiguous(),
         dilation=dilation, eps=eps, activation=activation, residual=residual,

@@ -8,10 +8,7 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
-from memops._registration import lazy_kernels
 from memops._validation import check_bool, check_int, check_layer_idx, writable
-
-retention_kernels = lazy_kernels("retention")
 
 
 @dataclasses.dataclass
@@ -272,7 +269,8 @@ def evict(
         out[0][:, :, :budget] = keys.gather(2, index)
         out[1][:, :, :budget] = values.gather(2, index)
         return out
-    kernels = retention_kernels
+    from memops.kernels import retention as retention_kernels
+
     rows = B * Hkv
 
     def flat(t: torch.Tensor) -> torch.Tensor:
@@ -282,9 +280,10 @@ def evict(
             t = t.contiguous()
         return t.as_strided((rows, t.stride(1) // width, width), (t.stride(1), width, 1))
 
-    kept = kernels.retention_select(flat(log_beta)[..., 0], flat(positions)[..., 0], L, newest_position, budget)
+    flat_log_beta, flat_positions = flat(log_beta)[..., 0], flat(positions)[..., 0]
+    kept = retention_kernels.retention_select(flat_log_beta, flat_positions, L, newest_position, budget)
     for source, target in zip((keys, values, log_beta, positions), out):
-        kernels.cache_gather(flat(source), kept, flat(target))
+        retention_kernels.cache_gather(flat(source), kept, flat(target))
     return out
 
 

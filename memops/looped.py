@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from memops import reference
-from memops._backend import resolve_attention_backend, resolve_backend
+from memops._backend import resolve_backend
 from memops._registration import (
     attention_outputs_like,
     backward_op,
@@ -19,7 +19,6 @@ from memops._registration import (
     custom_op,
     dense,
     empty_like_dense,
-    lazy_kernels,
     varlen_outputs_like,
 )
 from memops._validation import (
@@ -29,12 +28,10 @@ from memops._validation import (
     check_triton_head_dim,
     check_varlen_inputs,
 )
+from memops.attention import attention_backend
 from memops.attention import memory_attention as memops_attention
 from memops.attention import memory_attention_varlen as memops_attention_varlen
 from memops.kernels._launch import record_launch
-
-looped_kernels = lazy_kernels("looped")
-attention_kernels = lazy_kernels("attention")
 
 
 def _rows_spec(rows, num_cache_rows: int, num_new: int, device) -> tuple[torch.Tensor | None, int]:
@@ -92,6 +89,8 @@ def _rows_for_reference(rows_index: torch.Tensor | None, row_offset: int, n: int
 
 
 def _looped_kv_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset):
+    from memops.kernels import looped as looped_kernels
+
     k_cache, v_cache, k_new, v_new, gate = contiguous(k_cache, v_cache, k_new, v_new, gate)
     # Rows not updated are copied by the clone; the kernel then overwrites the updated ones.
     k_out, v_out = k_cache.clone(), v_cache.clone()
@@ -100,6 +99,8 @@ def _looped_kv_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_
 
 
 def _looped_kv_update_bwd(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset):
+    from memops.kernels import looped as looped_kernels
+
     tensors = contiguous(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate)
     return looped_kernels.looped_update_bwd(*tensors, rows_index, row_offset)
 
@@ -129,6 +130,8 @@ def update_in_place(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset
                 "share one memory location); pass a materialised cache (.contiguous()) or inplace=False"
             )
     if backend == "triton" and k_cache.is_contiguous() and v_cache.is_contiguous():
+        from memops.kernels import looped as looped_kernels
+
         k_new, v_new, gate = contiguous(k_new, v_new, gate)
         looped_kernels.looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows_index, row_offset, k_cache, v_cache)
         return
@@ -178,6 +181,8 @@ def looped_kv_update(
 
 
 def _looped_attention_fwd(q, k_new, v_new, gate, k_cache, v_cache, causal, scale):
+    from memops.kernels import attention as attention_kernels
+
     q, k_new, v_new, gate, k_cache, v_cache = contiguous(q, k_new, v_new, gate, k_cache, v_cache)
     Nk, n = k_cache.shape[2], k_new.shape[2]
     # The kernel writes the n blended rows; rows before them are copied here (none in training, where n = Nk).
@@ -195,6 +200,9 @@ def _looped_attention_fake(q, k_new, v_new, gate, k_cache, v_cache, causal, scal
 
 
 def _looped_attention_bwd(*args):
+    from memops.kernels import attention as attention_kernels
+    from memops.kernels import looped as looped_kernels
+
     grad_out, grad_lse, grad_k_out, grad_v_out, causal, scale = args[:4] + args[-2:]
     q, k_new, v_new, gate, k_cache, v_cache, out, lse, k_out, v_out = contiguous(*args[4:-2])
     grad_out = dense(grad_out)
@@ -283,7 +291,7 @@ def looped_attention(
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     backend = resolve_backend(q)
     if backend == "triton" and not inplace:  # the in-place path runs plain memory attention on the cache
-        backend = resolve_attention_backend(
+        backend = attention_backend(
             q, "blend-channel" if gate.shape[-1] != 1 else "blend-row", k_new, v_new, gate, k_cache, v_cache
         )
     if inplace:
@@ -309,6 +317,8 @@ def _packed_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _looped_attention_varlen_fwd(q, k_new, v_new, gate, k_cache, v_cache, cu_seqlens, causal, scale):
+    from memops.kernels import attention as attention_kernels
+
     q, k_new, v_new, gate, k_cache, v_cache = contiguous(q, k_new, v_new, gate, k_cache, v_cache)
     k_out, v_out = torch.empty_like(k_cache), torch.empty_like(v_cache)  # the kernel writes every row
     packed = (cu_seqlens.contiguous(), cu_seqlens.contiguous())
@@ -322,6 +332,9 @@ def _looped_attention_varlen_fake(q, k_new, v_new, gate, k_cache, v_cache, cu_se
 
 
 def _looped_attention_varlen_bwd(*args):
+    from memops.kernels import attention as attention_kernels
+    from memops.kernels import looped as looped_kernels
+
     grad_out, grad_lse, grad_k_out, grad_v_out = args[:4]
     q, k_new, v_new, gate, k_cache, v_cache = contiguous(*args[4:10])
     cu_seqlens, out, lse, k_out, v_out, causal, scale = args[10:]
@@ -411,7 +424,7 @@ def looped_attention_varlen(
         return out, k_new, v_new
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     path = "blend-channel" if gate.shape[-1] != 1 else "blend-row"
-    if resolve_attention_backend(q, f"varlen-{path}", k_new, v_new, gate, k_cache, v_cache) == "reference":
+    if attention_backend(q, f"varlen-{path}", k_new, v_new, gate, k_cache, v_cache) == "reference":
         return reference.looped_attention_varlen(
             q, k_new, v_new, gate, cu_seqlens, k_cache, v_cache, causal=causal, scale=scale
         )

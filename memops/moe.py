@@ -11,13 +11,10 @@ import torch
 
 from memops import reference
 from memops._backend import resolve_backend
-from memops._registration import backward_op, contiguous, custom_op, lazy_kernels
+from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values, check_bool, check_float_tensor, check_int, check_number
 
 SCORE_FUNCS = ("sigmoid", "softmax")
-
-
-moe_kernels = lazy_kernels("moe")
 
 
 def _is_int(value) -> bool:
@@ -78,6 +75,8 @@ _ROUTE_OPTIONS = (
 
 
 def _block_route_fwd(router_logits, expert_bias, *options):
+    from memops.kernels import moe as moe_kernels
+
     router_logits, expert_bias = contiguous(router_logits, expert_bias)
     kwargs = dict(zip(_ROUTE_OPTIONS, options))
     kwargs["block_size"] = kwargs["block_size"] or None  # 0 in the schema: token-level routing
@@ -258,12 +257,16 @@ def _check_ffn_args(x, w_gate_up, w_down, topk_ids, topk_weights, activation, ch
 
 
 def _moe_experts_fwd(x, w_gate_up, w_down, topk_ids):
+    from memops.kernels import moe as moe_kernels
+
     x, w_gate_up, w_down, topk_ids = contiguous(x, w_gate_up, w_down, topk_ids)
     slots, _ = moe_kernels.moe_experts_fwd(x, w_gate_up, w_down, topk_ids, save_preact=False)
     return slots.view(x.shape[0], topk_ids.shape[1], x.shape[1])
 
 
 def _moe_experts_bwd(grad_slots, x, w_gate_up, w_down, topk_ids):
+    from memops.kernels import moe as moe_kernels
+
     x, w_gate_up, w_down, topk_ids = contiguous(x, w_gate_up, w_down, topk_ids)
     # The gate/up GEMM runs again for its pre-activations rather than keeping (slots, 2I) fp32 from the
     # forward (activation recomputation: one more GEMM, far less memory held between the passes).

@@ -11,14 +11,11 @@ import math
 import torch
 
 from memops import reference
-from memops._backend import get_backend, resolve_backend
-from memops._registration import backward_op, contiguous, custom_op, lazy_kernels
+from memops._backend import resolve_backend
+from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-product_key_kernels = lazy_kernels("product_key")
 
 
 def _check_weighted_gather_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
@@ -65,12 +62,16 @@ def _triton_table(values: torch.Tensor) -> torch.Tensor:
 
 
 def _weighted_gather_fwd(values, indices, weights, check_indices):
+    from memops.kernels import product_key as product_key_kernels
+
     if check_indices:
         _check_index_range(indices, values.shape[0])
     return product_key_kernels.weighted_gather_fwd(_triton_table(values), *contiguous(indices, weights))
 
 
 def _weighted_gather_bwd(grad_out, values, indices, weights, deterministic, values_grad, weights_grad):
+    from memops.kernels import product_key as product_key_kernels
+
     grad_out, indices, weights = contiguous(grad_out, indices, weights)
     options = dict(values_grad=values_grad, weights_grad=weights_grad)
     options["values_grad_algorithm"] = "segment" if deterministic else "auto"
@@ -193,6 +194,8 @@ def search_backward(
     Dk // 2)) in the inputs' dtype, None where not asked. The layout rewrite is
     :func:`memops.reference.product_key_search_as_gather`; ``deterministic`` selects the sorted-segment values
     grad for the sub-keys, bit-identical across runs."""
+    from memops.kernels import product_key as product_key_kernels
+
     table, rows, weights, bags = reference.product_key_search_as_gather(queries, sub_keys, indices, grad_scores)
     grad_queries = grad_keys = None
     if queries_grad:
@@ -206,6 +209,8 @@ def search_backward(
 
 
 def _product_key_topk_fwd(queries, sub_keys, topk):
+    from memops.kernels import product_key as product_key_kernels
+
     queries, sub_keys = contiguous(queries, sub_keys)
     scores, indices = product_key_kernels.product_key_search(queries, sub_keys, topk)
     if queries.dtype == torch.float64:
@@ -242,6 +247,13 @@ _product_key_topk_op = custom_op(
 )
 
 
+def _search_reference_instead(queries: torch.Tensor) -> bool:
+    """The search's policy under "auto": fp32 queries on CUDA run the reference (the kernel spills at fp32)."""
+    from memops.kernels import product_key as product_key_kernels
+
+    return product_key_kernels.search_reference_instead(queries)
+
+
 def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Product-key search (Lample et al. 2019): per token and memory head, the ``topk`` largest of the
     n_keys**2 slot scores ``q1 . C1[i1] + q2 . C2[i2]``, found from the top-k of each half.
@@ -263,9 +275,7 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
     Under ``torch.use_deterministic_algorithms(True)`` the sub-key gradient is bit-identical across runs.
     """
     _check_product_key_topk_inputs(queries, sub_keys, topk)
-    backend = resolve_backend(queries)
-    if backend == "triton" and get_backend() == "auto" and product_key_kernels.search_reference_instead(queries):
-        backend = "reference"
+    backend = resolve_backend(queries, reference_instead=lambda: _search_reference_instead(queries))
     heads, key_dim = queries.shape[-2], queries.shape[-1]
     out_shape = (*queries.shape[:-1], topk)
     flat = queries.reshape(math.prod(queries.shape[:-2]), heads, key_dim)

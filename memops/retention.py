@@ -11,20 +11,17 @@ from __future__ import annotations
 import torch
 
 from memops import reference
-from memops._backend import resolve_attention_backend, resolve_backend
+from memops._backend import resolve_backend
 from memops._registration import (
     attention_outputs_like,
     backward_op,
     custom_op,
-    lazy_kernels,
     unit_last_stride,
     varlen_outputs_like,
 )
 from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim, check_varlen_inputs
+from memops.attention import attention_backend
 from memops.kernels._launch import record_launch
-
-attention_kernels = lazy_kernels("attention")
-retention_kernels = lazy_kernels("retention")
 
 
 def validate_log_beta(
@@ -52,6 +49,8 @@ def validate_log_beta(
 
 
 def _retention_attention_fwd(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale):
+    from memops.kernels import attention as attention_kernels
+
     q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, log_beta, mem_k, mem_v))
     return attention_kernels.memory_attention_fwd(
         q, k, v, mem_k, mem_v, None, causal=True, scale=scale, log_beta=log_beta, doc_start=doc_start
@@ -61,6 +60,8 @@ def _retention_attention_fwd(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end
 def _retention_attention_bwd(
     grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, out, lse, scale, deterministic
 ):
+    from memops.kernels import attention as attention_kernels
+
     grad_out, q, k, v, log_beta, mem_k, mem_v = (
         unit_last_stride(t) for t in (grad_out, q, k, v, log_beta, mem_k, mem_v)
     )
@@ -131,7 +132,7 @@ def retention_attention(
     validate_log_beta(log_beta, (k.shape[0], k.shape[1], k.shape[2]), q.device, op, check_values=check_log_beta)
     bounds = documents(op, k.shape[2], k.shape[0], position_ids, cu_seqlens, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if resolve_attention_backend(q, "decay", k, v, log_beta, mem_k, mem_v) == "reference":
+    if attention_backend(q, "decay", k, v, log_beta, mem_k, mem_v) == "reference":
         packed = dict(position_ids=position_ids, cu_seqlens=cu_seqlens)
         memory = dict(mem_k=mem_k, mem_v=mem_v)
         return reference.retention_attention(q, k, v, log_beta, **memory, scale=scale, return_lse=return_lse, **packed)
@@ -147,6 +148,8 @@ def retention_attention(
 
 
 def _retention_attention_varlen_fwd(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, scale):
+    from memops.kernels import attention as attention_kernels
+
     q, k, v, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, mem_k, mem_v))
     # the kernels read each kv head's decay as one row over the packed keys: (Hkv, total_k)
     decay = log_beta.t().contiguous()
@@ -159,6 +162,8 @@ def _retention_attention_varlen_fwd(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_
 def _retention_attention_varlen_bwd(
     grad_out, grad_lse, q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, out, lse, scale, deterministic
 ):
+    from memops.kernels import attention as attention_kernels
+
     grad_out, q, k, v, mem_k, mem_v = (unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v))
     packed = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
     options = dict(causal=True, scale=scale, deterministic=deterministic, grad_lse=grad_lse, cu_seqlens=packed)
@@ -219,7 +224,7 @@ def retention_attention_varlen(
     shape = (k.shape[0], k.shape[1])
     validate_log_beta(log_beta, shape, q.device, op, check_values=check_log_beta, layout="(total_k, Hkv)")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if resolve_attention_backend(q, "varlen-decay", k, v, log_beta, mem_k, mem_v) == "reference":
+    if attention_backend(q, "varlen-decay", k, v, log_beta, mem_k, mem_v) == "reference":
         return reference.retention_attention_varlen(
             q, k, v, log_beta, cu_seqlens_q, cu_seqlens_k, mem_k=mem_k, mem_v=mem_v, scale=scale,
             return_lse=return_lse,
@@ -275,10 +280,14 @@ def documents(op: str, num_positions: int, batch: int | None, position_ids, cu_s
 
 
 def _retention_capacity_fwd(log_beta, starts, ends):
+    from memops.kernels import retention as retention_kernels
+
     return retention_kernels.retention_capacity_fwd(log_beta.contiguous(), starts)
 
 
 def _retention_capacity_bwd(grad_capacity, log_beta, ends):
+    from memops.kernels import retention as retention_kernels
+
     return retention_kernels.retention_capacity_bwd(grad_capacity.contiguous(), log_beta.contiguous(), ends)
 
 

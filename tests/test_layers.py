@@ -1,5 +1,8 @@
-"""The package's layering holds: kernels/ imports nothing of memops but memops.kernels, custom ops are
-registered only through memops._registration, and no op imports another op family's module for its checks."""
+"""The package's layering holds: kernels/ imports nothing of memops but memops.kernels; the plumbing
+(_backend, _registration, _validation) knows no op family; memops.nn builds on the public ops and
+_validation only; op files name their kernel modules in imports (no module named by a string); custom ops
+are registered only through memops._registration; and no op imports another op family's module for its
+checks."""
 
 import ast
 from pathlib import Path
@@ -14,7 +17,12 @@ def imported_modules(path: Path) -> set[str]:
             modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             modules.add(node.module)
+            # ``from memops.kernels import attention``: the name may be a module itself
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
     return modules
+
+
+FAMILIES = ("attention", "lse_merge", "retention", "kv_cache", "looped", "product_key", "moe", "engram", "varlen")
 
 
 def test_kernels_import_nothing_above_them():
@@ -41,5 +49,35 @@ def test_op_families_do_not_import_each_other_for_checks():
     for family in families:
         others = {f"memops.{other}" for other in families if other != family}
         # looped attention's first loop and in-place path run memory attention itself: a call, not a check
-        allowed = {"memops.attention"} if family == "looped" else set()
+        # retention attention runs on the attention kernels and under their launch policy (attention_backend)
+        allowed = {"memops.attention"} if family in ("looped", "retention") else set()
         assert not (imported_modules(ROOT / "memops" / f"{family}.py") & (others - allowed)), family
+
+
+def test_plumbing_knows_no_family():
+    for name in ("_backend", "_registration", "_validation"):
+        imported = imported_modules(ROOT / "memops" / f"{name}.py")
+        family_modules = {f"memops.{f}" for f in FAMILIES} | {f"memops.kernels.{f}" for f in FAMILIES}
+        assert not imported & family_modules, (name, sorted(imported & family_modules))
+        assert not any(m.startswith("memops.reference") for m in imported), name
+
+
+def test_nn_builds_on_public_ops_and_validation_only():
+    public_ops = {f"memops.{f}" for f in FAMILIES}
+    for path in sorted((ROOT / "memops" / "nn").glob("*.py")):
+        for module in imported_modules(path):
+            if not module.startswith("memops"):
+                continue
+            op_module = module.rsplit(".", 1)[0] if module.rsplit(".", 1)[0] in public_ops else module
+            allowed = op_module in public_ops or module.startswith(("memops._validation", "memops.nn"))
+            assert allowed, f"{path.name} imports {module}"
+
+
+def test_kernel_modules_are_named_in_imports():
+    # no importlib / __import__ / string-named kernel module: a reader, an IDE and grep follow every call
+    for path in sorted((ROOT / "memops").rglob("*.py")):
+        text = path.read_text()
+        assert "lazy_kernels" not in text, path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not node.value.startswith("memops.kernels."), f"{path}: {node.value!r}"

@@ -82,9 +82,18 @@ step_info() {
   else
     log "no GPU: $(nproc) cores, $(uname -m) (a rehearsal)"
   fi
-  "$python" -m pip install -q --no-build-isolation --no-deps --no-index --disable-pip-version-check -e . \
-    >"$WORK/install.log" 2>&1 \
-    || { log "install FAILED: $(tail -3 "$WORK/install.log" | tr '\n' ' ')"; return 1; }
+  # The image's own setuptools builds the package (no network). One older than 77 does not read the SPDX
+  # license string: retry once with the older table form, in this copy of the tree only.
+  install() {
+    "$python" -m pip install -q --no-build-isolation --no-deps --no-index --disable-pip-version-check -e . \
+      >>"$WORK/install.log" 2>&1
+  }
+  install || {
+    log "install failed ($(tail -1 "$WORK/install.log")); retrying with the pre-SPDX license table"
+    sed -i -e 's/^license = "Apache-2.0".*/license = { text = "Apache-2.0" }/' \
+      -e 's/^requires = \["setuptools>=77"\]/requires = ["setuptools>=64"]/' pyproject.toml
+    install
+  } || { log "install FAILED: $(tail -3 "$WORK/install.log" | tr '\n' ' ')"; return 1; }
   "$python" -c "import torch, triton, memops; print('torch', torch.__version__, 'triton', triton.__version__, 'memops', memops.__version__, 'cores', __import__('os').cpu_count())" | tee -a "$OUT/device.txt"
 }
 

@@ -10,9 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import memops
 from memops._validation import can_read_values, check_int, check_module_input
-from memops.reference.engram import engram_hash_params, table_offsets
+from memops.engram import (
+    engram_gate,
+    engram_hash_params,
+    engram_lookup,
+    short_conv,
+    short_conv_step,
+    table_offsets,
+)
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -162,7 +168,7 @@ class Engram(nn.Module):
         ids = input_ids if context is None else torch.cat([context, input_ids], dim=1)
         table = self.multi_head_embedding
         width = 0 if context is None else context.shape[1]  # one row per head per new token
-        return memops.engram_lookup(ids, table.embedding.weight, self.multipliers, self.primes, table.offsets,
+        return engram_lookup(ids, table.embedding.weight, self.multipliers, self.primes, table.offsets,
                                     pad_id=self.pad_id, context=width)  # fmt: skip
 
     def forward(
@@ -184,18 +190,18 @@ class Engram(nn.Module):
         value = self.value_proj(embeddings)
         w_k = torch.stack([norm.weight for norm in self.norm1])
         w_q = torch.stack([norm.weight for norm in self.norm2])
-        gated = memops.engram_gate(key, hidden_states, w_k, w_q, value, eps=self.norm1[0].eps)
+        gated = engram_gate(key, hidden_states, w_k, w_q, value, eps=self.norm1[0].eps)
         conv = self.short_conv
         options = dict(dilation=conv.dilation, eps=conv.norm_eps)
         if state is None:
-            return memops.short_conv(gated, conv.conv.weight, conv.norm_weight(), **options)
+            return short_conv(gated, conv.conv.weight, conv.norm_weight(), **options)
         if state.fresh:
-            out = memops.short_conv(gated, conv.conv.weight, conv.norm_weight(), **options)
+            out = short_conv(gated, conv.conv.weight, conv.norm_weight(), **options)
         else:
             steps = []
             rows = state.conv
             for t in range(L):
-                step, rows = memops.short_conv_step(gated[:, t], rows, conv.conv.weight, conv.norm_weight(), **options)
+                step, rows = short_conv_step(gated[:, t], rows, conv.conv.weight, conv.norm_weight(), **options)
                 steps.append(step)
             out = torch.stack(steps, dim=1)
         self._advance(state, ids, gated.detach())

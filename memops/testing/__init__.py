@@ -37,14 +37,18 @@ TOLERANCES = {
 def kernel_names() -> set[str]:
     """Every Triton kernel memops launches: the ``*_kernel`` JIT functions of the ``memops.kernels`` modules (the
     names launchers count with ``count_launches``)."""
-    import importlib
     import pkgutil
 
     import memops.kernels
+    from memops.kernels import attention, engram, looped, lse_merge, moe, product_key, retention, topk
 
+    modules = (attention, engram, looped, lse_merge, moe, product_key, retention, topk)
+    on_disk = {info.name for info in pkgutil.iter_modules(memops.kernels.__path__) if not info.name.startswith("_")}
+    unlisted = on_disk - {module.__name__.rsplit(".", 1)[1] for module in modules}
+    if unlisted:  # a new kernel module must be listed above, or its kernels would go unchecked
+        raise RuntimeError(f"memops.testing.kernel_names: kernel modules not listed: {sorted(unlisted)}")
     names = set()
-    for info in pkgutil.iter_modules(memops.kernels.__path__):
-        module = importlib.import_module(f"memops.kernels.{info.name}")
+    for module in modules:
         for name, value in vars(module).items():
             if name.endswith("_kernel") and hasattr(value, "fn") and hasattr(value, "arg_names"):
                 names.add(name)

@@ -1,4 +1,4 @@
-"""The benchmark harness behind ``memops bench`` and ``pytest benchmarks/``.
+"""The benchmark harness behind ``memops bench`` and ``pytest tests/benchmark_timings.py``.
 
 A benchmark module (``memops.benchmarks.<family>``, from the repo's ``benchmarks/`` folder, one per op
 family; ``BENCHMARKS`` maps each op to its module) defines, for one op:

@@ -1,4 +1,6 @@
-"""pytest-benchmark view of the benchmark modules: ``pytest benchmarks/ --benchmark-only``.
+"""pytest-benchmark view of the benchmark modules: ``pytest tests/benchmark_timings.py -n 0 --benchmark-only``
+(not collected by the suite: its name does not start with ``test_``; ``-n 0`` because pytest-benchmark does not
+time under xdist).
 
 The quick cases of this device, every provider, every op. `memops bench` gives the same timings as a table
 with GB/s, TFLOP/s, the fraction of copy bandwidth, and the speedups against the baselines."""
