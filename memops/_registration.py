@@ -23,7 +23,8 @@ behind it stay short.
 
 The backward op's parameters are wired **by name**: ``grad_<output>`` is the grad of that forward output, a
 forward input's or output's name is its saved value, ``deterministic`` is
-``torch.are_deterministic_algorithms_enabled()`` and ``<input>_grad`` is ``ctx.needs_input_grad`` of that
+``torch.are_deterministic_algorithms_enabled()`` (or'ed with the op's own ``deterministic`` input where it
+has one: one name, one idea) and ``<input>_grad`` is ``ctx.needs_input_grad`` of that
 input. It returns one grad per name in ``grads``: a custom op returns tensors only, so a None travels as an
 empty placeholder (of the input's dtype, or of the first input's where the input itself is None) and comes
 back to autograd as None, as does the grad of any input that needs none.
@@ -57,19 +58,6 @@ def contiguous(*tensors: torch.Tensor | None) -> tuple:
 
 def empty_like_dense(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
-def attention_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fake of every attention forward: out like q, and the (B, H, N) lse in fp32 (fp64 for fp64)."""
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return empty_like_dense(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
-
-
-def varlen_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fake of every packed (varlen) attention forward: out like q (total_q, H, D), lse (H, total_q) fp32
-    (fp64 for fp64)."""
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return empty_like_dense(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,15 +149,15 @@ def custom_op(
         for p in spec.params:
             if p.startswith("grad_") and p[5:] in outputs:
                 sources[p] = ("grad", outputs.index(p[5:]))
+            elif p == "deterministic":  # the op's own flag where it takes one, or'ed with the global switch
+                sources[p] = ("deterministic", p if p in names else None)
             elif p in names or p in outputs:
                 sources[p] = ("saved", p)
-            elif p == "deterministic":
-                sources[p] = ("deterministic", None)
             elif p.endswith("_grad") and p[:-5] in names:
                 sources[p] = ("needs_grad", names.index(p[:-5]))
             else:
                 raise TypeError(f"custom_op {name}: backward parameter {p!r} names no output grad, input or output")
-        save = [source for kind, source in sources.values() if kind == "saved"]
+        save = [source for kind, source in sources.values() if kind in ("saved", "deterministic") and source]
         backward_op_def = backward
     elif grads is None:
         raise TypeError(f"custom_op {name}: a backward function needs grads=")
@@ -203,7 +191,7 @@ def custom_op(
                 elif kind == "saved":
                     args.append(saved[source])
                 elif kind == "deterministic":
-                    args.append(deterministic)
+                    args.append(deterministic or (source is not None and bool(saved[source])))
                 else:
                     args.append(ctx.needs_input_grad[source])
             results = backward_op_def(*args)

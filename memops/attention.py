@@ -15,17 +15,29 @@ import torch
 from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import (
-    attention_outputs_like,
     backward_op,
     call_with,
     custom_op,
     dense,
+    empty_like_dense,
     unit_last_stride,
-    varlen_outputs_like,
 )
 from memops._validation import check_attention_inputs, check_triton_head_dim, check_varlen_inputs
 from memops.kernels._launch import record_launch
 from memops.reference.attention import bias_3d
+
+
+def attention_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake of every attention forward: out like q, and the (B, H, N) lse in fp32 (fp64 for fp64)."""
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return empty_like_dense(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+def varlen_outputs_like(q: torch.Tensor, *_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake of every packed (varlen) attention forward: out like q (total_q, H, D), lse (H, total_q) fp32
+    (fp64 for fp64)."""
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return empty_like_dense(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
 
 def attention_backend(q: torch.Tensor, path: str, *differentiable: torch.Tensor | None) -> str:

@@ -99,7 +99,7 @@ def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tenso
     return _ngram_hash_op(ids, multipliers, primes, int(pad_id))
 
 
-def _engram_lookup_fwd(ids, table, multipliers, primes, offsets, pad_id, context, sorted_grad):
+def _engram_lookup_fwd(ids, table, multipliers, primes, offsets, pad_id, context, deterministic):
     from memops.kernels import engram as engram_kernels
 
     table = table if table.stride(1) == 1 else table.contiguous()
@@ -108,7 +108,7 @@ def _engram_lookup_fwd(ids, table, multipliers, primes, offsets, pad_id, context
     )
 
 
-def _engram_lookup_bwd(grad_out, ids, table, multipliers, primes, offsets, pad_id, context, sorted_grad, deterministic):
+def _engram_lookup_bwd(grad_out, ids, table, multipliers, primes, offsets, pad_id, context, deterministic):
     from memops.kernels import engram as engram_kernels
 
     table = table if table.stride(1) == 1 else table.contiguous()
@@ -121,11 +121,11 @@ def _engram_lookup_bwd(grad_out, ids, table, multipliers, primes, offsets, pad_i
         offsets.contiguous(),
         pad_id,
         context,
-        deterministic=sorted_grad or deterministic,
+        deterministic=deterministic,
     )
 
 
-def _lookup_fake(ids, table, multipliers, primes, offsets, pad_id, context, sorted_grad):
+def _lookup_fake(ids, table, multipliers, primes, offsets, pad_id, context, deterministic):
     return table.new_empty((ids.shape[0], ids.shape[1] - context, primes.numel() * table.shape[1]))
 
 
@@ -133,14 +133,13 @@ _engram_lookup_op = custom_op(
     "engram_lookup",
     _engram_lookup_fwd,
     "(Tensor ids, Tensor table, Tensor multipliers, Tensor primes, Tensor offsets, int pad_id, int context, "
-    "bool sorted_grad) "
-    "-> Tensor out",
+    "bool deterministic) -> Tensor out",
     fake=_lookup_fake,
     backward=backward_op(
         "engram_lookup_backward",
         _engram_lookup_bwd,
         "(Tensor grad_out, Tensor ids, Tensor table, Tensor multipliers, Tensor primes, Tensor offsets, int pad_id, "
-        "int context, bool sorted_grad, bool deterministic) -> Tensor grad_table",
+        "int context, bool deterministic) -> Tensor grad_table",
         grads=("table",),
     ),
 )
@@ -173,7 +172,8 @@ def engram_lookup(
         context: the first ``context`` columns of ids are earlier tokens that only feed the hashes of the
             later ones (decode: the last N - 1 ids, then the new token); no rows are read for them.
         deterministic: table grad by a sorted segment reduction (no atomics, bit-identical across runs);
-            also on under ``torch.use_deterministic_algorithms(True)``.
+            also on under ``torch.use_deterministic_algorithms(True)``. With ``sparse=True`` the grad is the
+            rows read and their output grads as they are (no reduction): bit-identical either way.
         sparse: give ``table`` a ``torch.sparse_coo`` grad (one (d,) row per token and head, uncoalesced, as
             ``nn.Embedding(sparse=True)``'s) for optimizers that take one (torch.optim.SparseAdam, SGD);
             eager mode (an autograd.Function around the op).

@@ -13,13 +13,11 @@ import torch
 from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import (
-    attention_outputs_like,
     backward_op,
     contiguous,
     custom_op,
     dense,
     empty_like_dense,
-    varlen_outputs_like,
 )
 from memops._validation import (
     can_read_values,
@@ -28,7 +26,7 @@ from memops._validation import (
     check_triton_head_dim,
     check_varlen_inputs,
 )
-from memops.attention import attention_backend
+from memops.attention import attention_backend, attention_outputs_like, varlen_outputs_like
 from memops.attention import memory_attention as memops_attention
 from memops.attention import memory_attention_varlen as memops_attention_varlen
 from memops.kernels._launch import record_launch

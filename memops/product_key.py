@@ -13,7 +13,7 @@ import torch
 from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op
-from memops._validation import can_read_values
+from memops._validation import can_read_values, check_bool
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -61,7 +61,7 @@ def _triton_table(values: torch.Tensor) -> torch.Tensor:
     return values if values.stride(1) == 1 else values.contiguous()
 
 
-def _weighted_gather_fwd(values, indices, weights, check_indices):
+def _weighted_gather_fwd(values, indices, weights, check_indices, deterministic):
     from memops.kernels import product_key as product_key_kernels
 
     if check_indices:
@@ -81,8 +81,8 @@ def _weighted_gather_bwd(grad_out, values, indices, weights, deterministic, valu
 _weighted_gather_op = custom_op(
     "weighted_gather",
     _weighted_gather_fwd,
-    "(Tensor values, Tensor indices, Tensor weights, bool check_indices) -> Tensor out",
-    fake=lambda values, indices, weights, check_indices: values.new_empty((indices.shape[0], values.shape[1])),
+    "(Tensor values, Tensor indices, Tensor weights, bool check_indices, bool deterministic) -> Tensor out",
+    fake=lambda values, indices, weights, *_: values.new_empty((indices.shape[0], values.shape[1])),
     backward=backward_op(
         "weighted_gather_backward",
         _weighted_gather_bwd,
@@ -94,7 +94,12 @@ _weighted_gather_op = custom_op(
 
 
 def weighted_gather(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *, check_indices: bool = True
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    check_indices: bool = True,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Weighted sum of gathered table rows: ``out[..., :] = sum_k weights[..., k] * values[indices[..., k], :]``.
 
@@ -108,15 +113,18 @@ def weighted_gather(
         check_indices: raise IndexError for an index outside [0, S) (one min/max reduction and a host
             sync per call). With False, an out-of-range index reads out of bounds on the Triton path.
             Under torch.compile the reference path leaves the check to embedding_bag.
+        deterministic: the values grad by a sorted segment reduction with no atomics, bit-identical across
+            runs; also on under ``torch.use_deterministic_algorithms(True)`` (FlashAttention's and
+            engram_lookup's flag of the same name).
 
     Returns:
         (..., D) tensor in values.dtype, accumulated in fp32 (fp64 for fp64 inputs).
 
     Backward gives grads to ``values`` (dense (S, D), non-zero only on the gathered rows) and ``weights``.
-    Under ``torch.use_deterministic_algorithms(True)`` the values grad comes from a sorted segment
-    reduction with no atomics, bit-identical across runs.
     """
     _check_weighted_gather_inputs(values, indices, weights)
+    check_bool(check_indices, "check_indices", "weighted_gather")
+    check_bool(deterministic, "deterministic", "weighted_gather")
     backend = resolve_backend(values)
     out_shape = (*indices.shape[:-1], values.shape[1])
     flat_shape = (math.prod(indices.shape[:-1]), indices.shape[-1])
@@ -139,7 +147,7 @@ def weighted_gather(
                 _check_index_range(indices, values.shape[0])  # raises the IndexError naming the argument
             raise
     else:
-        out = _weighted_gather_op(values, indices, weights, check_indices)
+        out = _weighted_gather_op(values, indices, weights, bool(check_indices), bool(deterministic))
     return out.reshape(out_shape)
 
 
@@ -208,7 +216,7 @@ def search_backward(
     return grad_queries, grad_keys
 
 
-def _product_key_topk_fwd(queries, sub_keys, topk):
+def _product_key_topk_fwd(queries, sub_keys, topk, deterministic):
     from memops.kernels import product_key as product_key_kernels
 
     queries, sub_keys = contiguous(queries, sub_keys)
@@ -220,7 +228,7 @@ def _product_key_topk_fwd(queries, sub_keys, topk):
     return scores, indices
 
 
-def _product_key_topk_fake(queries, sub_keys, topk):
+def _product_key_topk_fake(queries, sub_keys, topk, deterministic):
     shape = (*queries.shape[:-1], topk)
     score_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
     return queries.new_empty(shape, dtype=score_dtype), queries.new_empty(shape, dtype=torch.int64)
@@ -235,7 +243,7 @@ def _product_key_topk_bwd(grad_scores, queries, sub_keys, indices, deterministic
 _product_key_topk_op = custom_op(
     "product_key_topk",
     _product_key_topk_fwd,
-    "(Tensor queries, Tensor sub_keys, int topk) -> (Tensor scores, Tensor indices)",
+    "(Tensor queries, Tensor sub_keys, int topk, bool deterministic) -> (Tensor scores, Tensor indices)",
     fake=_product_key_topk_fake,
     backward=backward_op(
         "product_key_topk_backward",
@@ -254,7 +262,9 @@ def _search_reference_instead(queries: torch.Tensor) -> bool:
     return product_key_kernels.search_reference_instead(queries)
 
 
-def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def product_key_topk(
+    queries: torch.Tensor, sub_keys: torch.Tensor, topk: int, *, deterministic: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Product-key search (Lample et al. 2019): per token and memory head, the ``topk`` largest of the
     n_keys**2 slot scores ``q1 . C1[i1] + q2 . C2[i2]``, found from the top-k of each half.
 
@@ -272,9 +282,11 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
     not. fp32 dots use TF32 after ``torch.set_float32_matmul_precision("high")``. fp32 on CUDA runs the
     reference search under the "auto" backend (the kernel spills at fp32; see docs/testing.md). On the Triton path,
     selection ranks in fp32 (fp64 scores are then recomputed exactly), and n_keys**2 must be below 2**31.
-    Under ``torch.use_deterministic_algorithms(True)`` the sub-key gradient is bit-identical across runs.
+    With ``deterministic=True``, or under ``torch.use_deterministic_algorithms(True)``, the sub-key gradient is
+    bit-identical across runs (a sorted segment reduction instead of atomics).
     """
     _check_product_key_topk_inputs(queries, sub_keys, topk)
+    check_bool(deterministic, "deterministic", "product_key_topk")
     backend = resolve_backend(queries, reference_instead=lambda: _search_reference_instead(queries))
     heads, key_dim = queries.shape[-2], queries.shape[-1]
     out_shape = (*queries.shape[:-1], topk)
@@ -288,5 +300,5 @@ def product_key_topk(queries: torch.Tensor, sub_keys: torch.Tensor, topk: int) -
                 f"product_key_topk: the Triton kernel needs n_keys**2 < 2**31, got n_keys={n_keys}; "
                 "use backend 'reference'"
             )
-        scores, indices = _product_key_topk_op(flat, sub_keys, topk)
+        scores, indices = _product_key_topk_op(flat, sub_keys, topk, bool(deterministic))
     return scores.reshape(out_shape), indices.reshape(out_shape)

@@ -13,14 +13,12 @@ import torch
 from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import (
-    attention_outputs_like,
     backward_op,
     custom_op,
     unit_last_stride,
-    varlen_outputs_like,
 )
 from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim, check_varlen_inputs
-from memops.attention import attention_backend
+from memops.attention import attention_backend, attention_outputs_like, varlen_outputs_like
 from memops.kernels._launch import record_launch
 
 

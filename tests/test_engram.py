@@ -152,16 +152,16 @@ def lookup_case(device, *, dtype=torch.float32, B=2, L=9, d=8, seed=0, n=3, h=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("sorted_grad", [False, True], ids=["atomic", "segment"])
-def test_lookup_matches_float64(dtype, sorted_grad, device, poison_empty):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "segment"])
+def test_lookup_matches_float64(dtype, deterministic, device, poison_empty):
     ids, table, m, primes, offsets = lookup_case(device, dtype=dtype, L=11, d=24)
     table = table.requires_grad_()
     with memops.backend("triton"), count_launches() as launches:
-        out = memops.engram_lookup(ids, table, m, primes, offsets, pad_id=3, deterministic=sorted_grad)
+        out = memops.engram_lookup(ids, table, m, primes, offsets, pad_id=3, deterministic=deterministic)
         grad_out = torch.randn_like(out)
         (grad_table,) = torch.autograd.grad(out, table, grad_out)
     assert launches["engram_lookup_fwd_kernel"] == 1 and launches["ngram_hash_kernel"] == 1
-    assert launches["values_grad_segment_kernel" if sorted_grad else "weighted_gather_bwd_kernel"] == 1
+    assert launches["values_grad_segment_kernel" if deterministic else "weighted_gather_bwd_kernel"] == 1
     table64 = table.detach().double().requires_grad_()
     ref = reference.engram.engram_lookup(ids, table64, m, primes, offsets, pad_id=3)
     (ref_grad,) = torch.autograd.grad(ref, table64, grad_out.double())

@@ -216,6 +216,17 @@ def test_deterministic_sub_key_grad_is_bit_identical(monkeypatch, device):
     assert torch.equal(runs[0][3], runs[1][3])
 
 
+def test_deterministic_flag_without_the_global_switch(monkeypatch, device):
+    monkeypatch.setattr(kernels, "pick_values_grad_algorithm", lambda values, indices: "atomic")
+    assert not torch.are_deterministic_algorithms_enabled()
+    queries, sub_keys = make_inputs(16, 1, 16, 4, torch.float32, device)
+    sub_keys.requires_grad_()
+    for deterministic in (False, True):
+        with memops.backend("triton"), count_launches() as launches:
+            memops.product_key_topk(queries, sub_keys, 3, deterministic=deterministic)[0].sum().backward()
+        assert launches["values_grad_segment_kernel"] == int(deterministic), (deterministic, dict(launches))
+
+
 def test_only_the_needed_grad_is_computed(device):
     queries, sub_keys = make_inputs(8, 1, 16, 6, torch.float32, device)
     queries.requires_grad_()
@@ -240,7 +251,7 @@ def test_opcheck(device):
     queries, sub_keys = make_inputs(6, 2, 16, 7, torch.float32, device)
     queries.requires_grad_(), sub_keys.requires_grad_()
     # the custom op is the Triton path (backend "reference" calls memops.reference directly)
-    torch.library.opcheck(torch.ops.memops.product_key_topk.default, (queries, sub_keys, 3))
+    torch.library.opcheck(torch.ops.memops.product_key_topk.default, (queries, sub_keys, 3, False))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

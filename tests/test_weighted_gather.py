@@ -210,7 +210,7 @@ def test_opcheck(device):
     values, indices, weights = make_inputs(5, 3, 12, 16, torch.float32, device)
     values.requires_grad_(), weights.requires_grad_()
     # the custom op is the Triton path (backend "reference" calls memops.reference directly)
-    torch.library.opcheck(torch.ops.memops.weighted_gather.default, (values, indices, weights, True))
+    torch.library.opcheck(torch.ops.memops.weighted_gather.default, (values, indices, weights, True, False))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -388,3 +388,23 @@ def test_auto_values_grad_algorithm(dtype, hot_row, expected, monkeypatch, devic
     if hot_row:
         indices[:, 0] = 5
     check_against_float64(values, indices, weights, dtype=dtype, values_grad_path=expected)
+
+
+@pytest.mark.usefixtures("poison_empty")
+def test_deterministic_flag_takes_the_segment_kernel_without_the_global_switch(monkeypatch, device):
+    # deterministic=True means what it means in engram_lookup and FlashAttention: the sorted segment values
+    # grad, whatever torch.use_deterministic_algorithms says (off here) and the picker would choose.
+    monkeypatch.setattr(kernels, "pick_values_grad_algorithm", lambda values, indices: "atomic")
+    assert not torch.are_deterministic_algorithms_enabled()
+    values, indices, weights = make_inputs(16, 8, 6, 32, torch.float32, device)
+    values.requires_grad_(True)
+    grads = []
+    for deterministic in (False, True):
+        with memops.backend("triton"), count_launches() as launches:
+            memops.weighted_gather(values, indices, weights, deterministic=deterministic).sum().backward()
+        grads.append(values.grad)
+        values.grad = None
+        assert launches["values_grad_segment_kernel"] == int(deterministic), (deterministic, dict(launches))
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        memops.weighted_gather(values, indices, weights, deterministic="yes")
