@@ -1,4 +1,5 @@
-"""Triton kernels for Engram's hashed n-gram memory: the n-gram hash and the fused hash + multi-head lookup.
+"""Triton kernels for Engram's hashed n-gram memory: the n-gram hash, the fused hash + multi-head lookup, the
+context gate and the short convolution.
 
 Hash (token ids x of a (B, L) batch, max order N, h heads per order, odd int64 multipliers m_k, primes
 p_{n,j}):
@@ -17,6 +18,30 @@ gather's values grad with one row per (token, head) and weight 1: the backward h
 rows and hands them to ``memops.kernels.product_key.weighted_gather_bwd`` (atomic or sorted-segment).
 Triton's ``%`` on signed ints truncates toward zero; a negative remainder gets p added back, which gives
 NumPy's floor mod for the (positive) primes.
+
+Context gate. Per token row r and stream g (C channels; w_k, w_q (G, C); value (R, C)):
+
+    rk = rsqrt(mean(k^2) + eps),  rq = rsqrt(mean(q^2) + eps)
+    s  = sum_c (k rk w_k)(q rq w_q) / sqrt(C),   a = sign(s) sqrt(max(|s|, 1e-6)),   gate = sigmoid(a)
+    (a NaN s gives a NaN a, gate and grads, as torch's clamp_min and sign propagate it)
+    out[r, g, :] = gate * value[r, :]
+
+Backward (dout (R, G, C)): dvalue = sum_g gate_g dout_g; dgate = <dout_g, value>; ds = dgate gate (1 - gate)
+/ (2 sqrt|s|) where |s| > 1e-6, else 0; with u = ds / sqrt(C), the normed key's grad is u (q rq w_q), so
+    dw_k += u (q rq w_q)(k rk)      dk = rk (w_k dnk) - k rk^3 / C * sum_c (w_k dnk k)
+and the query's alike. The weight grads are per-program partial sums, reduced over programs afterwards.
+
+Short convolution. x (B, L, G, C); per stream g an RMSNorm (weight nw[g], eps), then a depthwise
+causal conv over time with K taps at dilation dil on each of the G*C channels, SiLU, and the residual:
+
+    xn[t]  = x[t] rsqrt(mean_c x[t]^2 + eps) nw[g]                   (per (b, t, g) row of C channels)
+    y[t]   = sum_{j<K} w[:, K-1-j] xn[t - j dil]                     (xn = 0 before the row starts, eps 0 too)
+    out[t] = x[t] + silu(y[t])            (without the residual: silu(y); without activation: y)
+
+Backward, dy = dout silu'(y): dw[:, K-1-j] = sum_t dy[t] xn[t - j dil];  dxn[s] = sum_j w[:, K-1-j]
+dy[s + j dil]; then the RMSNorm backward gives dx (plus dout for the residual) and dnw. Two kernels: the
+first recomputes y and writes dy (fp32) with the conv-weight partials, the second reads dy at the K
+later taps. A program reads its K shifted row tiles straight from memory (L2 serves the overlap).
 """
 from __future__ import annotations
 
@@ -176,17 +201,7 @@ def engram_lookup_bwd(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The context gate. Per token row r and stream g (C channels; w_k, w_q (G, C); value (R, C)):
-#
-#     rk = rsqrt(mean(k^2) + eps),  rq = rsqrt(mean(q^2) + eps)
-#     s  = sum_c (k rk w_k)(q rq w_q) / sqrt(C),   a = sign(s) sqrt(max(|s|, 1e-6)),   gate = sigmoid(a)
-#     (a NaN s gives a NaN a, gate and grads, as torch's clamp_min and sign propagate it)
-#     out[r, g, :] = gate * value[r, :]
-#
-# Backward (dout (R, G, C)): dvalue = sum_g gate_g dout_g; dgate = <dout_g, value>; ds = dgate gate (1 - gate)
-# / (2 sqrt|s|) where |s| > 1e-6, else 0; with u = ds / sqrt(C), the normed key's grad is u (q rq w_q), so
-#     dw_k += u (q rq w_q)(k rk)      dk = rk (w_k dnk) - k rk^3 / C * sum_c (w_k dnk k)
-# and the query's alike. The weight grads are per-program partial sums, reduced over programs afterwards.
+# The context gate (its math: the module docstring)
 
 
 @triton.jit
@@ -331,17 +346,7 @@ def engram_gate_bwd(grad_out, key, query, w_k, w_q, value, eps: float):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The short convolution. x (B, L, G, C); per stream g an RMSNorm (weight nw[g], eps), then a depthwise
-# causal conv over time with K taps at dilation dil on each of the G*C channels, SiLU, and the residual:
-#
-#     xn[t]  = x[t] rsqrt(mean_c x[t]^2 + eps) nw[g]                   (per (b, t, g) row of C channels)
-#     y[t]   = sum_{j<K} w[:, K-1-j] xn[t - j dil]                     (xn = 0 before the row starts, eps 0 too)
-#     out[t] = x[t] + silu(y[t])            (without the residual: silu(y); without activation: y)
-#
-# Backward, dy = dout silu'(y): dw[:, K-1-j] = sum_t dy[t] xn[t - j dil];  dxn[s] = sum_j w[:, K-1-j]
-# dy[s + j dil]; then the RMSNorm backward gives dx (plus dout for the residual) and dnw. Two kernels: the
-# first recomputes y and writes dy (fp32) with the conv-weight partials, the second reads dy at the K
-# later taps. A program reads its K shifted row tiles straight from memory (L2 serves the overlap).
+# The short convolution (its math: the module docstring)
 
 
 @triton.jit
@@ -453,11 +458,16 @@ def _conv_config(C: int, L: int, backward: bool = False) -> dict:
     return {"BLOCK_T": block_t, "BLOCK_C": block_c, "num_warps": warps}
 
 
-def _conv_launch(x, K, cfg, **flags):
-    B, L, G, C = x.shape
+def _conv_grid(x: torch.Tensor, cfg: dict) -> tuple[tuple[int, int], int]:
+    """The launch grid (one program per (b, block of BLOCK_T times), stream g) and the time blocks per row."""
+    B, L, G, _ = x.shape
     blocks = triton.cdiv(L, cfg["BLOCK_T"])
-    return (B * blocks, G), (L, C, G * C), blocks, dict(
-        K=K, BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"], **flags)
+    return (B * blocks, G), blocks
+
+
+def _conv_meta(K: int, cfg: dict, **flags) -> dict:
+    """The constexprs and num_warps every short-conv kernel takes."""
+    return dict(K=K, BLOCK_T=cfg["BLOCK_T"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"], **flags)
 
 
 def short_conv_fwd(x, weight, norm_weight, *, dilation: int, eps: float, activation: bool, residual: bool):
@@ -465,11 +475,12 @@ def short_conv_fwd(x, weight, norm_weight, *, dilation: int, eps: float, activat
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    K = weight.shape[1]
-    cfg = _conv_config(x.shape[3], x.shape[1])
-    grid, (L, C, GC), blocks, meta = _conv_launch(x, K, cfg, ACTIVATION=activation, RESIDUAL=residual)
+    _, L, G, C = x.shape
+    cfg = _conv_config(C, L)
+    grid, blocks = _conv_grid(x, cfg)
+    meta = _conv_meta(weight.shape[1], cfg, ACTIVATION=activation, RESIDUAL=residual)
     record_launch("short_conv_fwd_kernel")
-    short_conv_fwd_kernel[grid](x, weight, norm_weight, out, L, C, GC, eps, dilation, blocks,
+    short_conv_fwd_kernel[grid](x, weight, norm_weight, out, L, C, G * C, eps, dilation, blocks,
                                 ACC=accumulator(x, weight), **meta)
     return out
 
@@ -480,7 +491,8 @@ def short_conv_bwd(grad_out, x, weight, norm_weight, *, dilation: int, eps: floa
     B, L, G, C = x.shape
     K = weight.shape[1]
     cfg = _conv_config(C, L, backward=True)
-    grid, _, blocks, meta = _conv_launch(x, K, cfg)
+    grid, blocks = _conv_grid(x, cfg)
+    meta = _conv_meta(K, cfg)
     acc_dtype = accumulator_torch_dtype(x, weight)
     programs = grid[0]
     dy = torch.empty(x.shape, dtype=acc_dtype, device=x.device)

@@ -8,23 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (argparse turns the ValueError into a clear usage error)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-def positive_int_type(name: str):
-    def parse(text: str) -> int:
-        try:
-            return positive_int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
-
-    return parse
+from memops.tools.arguments import add_demo_arguments, positive_int_type
 
 
 def _output_folder(path: str, option: str) -> Path:
@@ -185,15 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "train-demo",
         help="train a small MemoryLM on associative recall, then generate (44 s on a 2-core CPU, 2026-12-02)",
     )
-    demo.add_argument("--steps", type=positive_int_type("--steps"), default=1500, help="training steps (default 1500)")
-    demo.add_argument("--seed", type=int, default=0, help="the seed of the model, data and sampling (default 0)")
-    demo.add_argument(
-        "--task",
-        choices=("recall", "ngram"),
-        default="recall",
-        help="recall: associative recall (default); ngram: a 2-gram rule task trained with and without Engram "
-        "(200 steps unless --steps is given)",
-    )
+    add_demo_arguments(demo)
     commands.add_parser(
         "gpu-check",
         add_help=False,

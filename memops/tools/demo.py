@@ -20,6 +20,7 @@ import time
 import torch
 
 from memops.models import MemoryLM, MemoryLMConfig
+from memops.tools.arguments import add_demo_arguments
 
 
 def recall_batch(batch: int, pairs: int, n_keys: int, n_values: int, generator: torch.Generator):
@@ -144,16 +145,7 @@ def main_ngram(steps: int, seed: int, device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memops train-demo", description=__doc__.splitlines()[0])
-    from memops.tools.cli import positive_int_type
-
-    parser.add_argument(
-        "--steps", type=positive_int_type("--steps"), default=1500, help="training steps (default 1500)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="the seed of the model, data and sampling (default 0)")
-    parser.add_argument(
-        "--task", choices=("recall", "ngram"), default="recall",
-        help="recall: associative recall (default); ngram: a 2-gram rule task, with and without Engram",
-    )  # fmt: skip
+    add_demo_arguments(parser)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.task == "ngram":
