@@ -1,7 +1,7 @@
 """TRIM-KV cache benchmarks: the eviction step and the per-layer decode step of a memory-bounded cache.
 
 - ``evict``: one compaction of a layer holding budget + buffer rows to the top-``budget`` rows
-  (memops.kv_cache.evict: Triton select + gather on CUDA) against ``topk_gather`` (torch.topk on the
+  (memops.retention_cache.evict: Triton select + gather on CUDA) against ``topk_gather`` (torch.topk on the
   scores, torch.sort of the kept indices, torch.gather of K, V, log_beta and positions).
 - ``decode``: one decode step of one layer at a long context: append the new token, attend, evict when
   due (every ``buffer`` steps; the timing loop amortises it as decoding does), with ``RetentionKVCache``
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.kv_cache import evict
+from memops.retention_cache import evict
 from memops.tools.benchmarking import Case
 
 OP = "retention_cache"

@@ -172,7 +172,7 @@ SMALL_PROBLEM = 1 << 16
 
 
 def pick_values_grad_algorithm(values: torch.Tensor, indices: torch.Tensor) -> str:
-    """The values-grad kernel for values_grad_algorithm="auto", from H100 measurements (docs/weighted_gather.md).
+    """The values-grad kernel for values_grad_algorithm="auto", from H100 measurements (docs/product_key_gather.md).
 
     fp32/fp64 tables: atomics write the grad in place (T=4096 K=128 D=1024: 4.0 ms vs 3.7 ms segment,
     and 0.04 vs 0.26 ms at T=256 K=32). 16-bit tables: atomics need a dense fp32 buffer, zeroed then

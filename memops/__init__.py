@@ -11,11 +11,12 @@ from memops import (
 from memops._backend import BACKENDS, backend, get_backend
 from memops.attention import memory_attention, memory_attention_varlen
 from memops.engram import engram_gate, engram_lookup, ngram_hash, short_conv, short_conv_step
-from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
 from memops.looped import looped_attention, looped_attention_varlen, looped_kv_update
+from memops.looped_cache import SharedLoopKVCache
 from memops.moe import block_route, moe_ffn, unique_experts
 from memops.product_key import product_key_topk, weighted_gather
 from memops.retention import capacity_loss, retention_attention, retention_attention_varlen, retention_capacity
+from memops.retention_cache import RetentionKVCache
 
 __version__ = "0.1.0"
 

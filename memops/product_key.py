@@ -44,7 +44,7 @@ def _check_weighted_gather_inputs(values: torch.Tensor, indices: torch.Tensor, w
 
 def _check_index_range(indices: torch.Tensor, num_rows: int) -> None:
     # One min/max reduction and one host sync per call (H100: about 0.1 ms at T=4096, K=128; see
-    # docs/weighted_gather.md); `check_indices=False` skips it.
+    # docs/product_key_gather.md); `check_indices=False` skips it.
     if indices.numel() == 0:
         return
     low, high = torch.stack(torch.aminmax(indices)).tolist()

@@ -25,8 +25,9 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError('memops.integrations.hf needs transformers: pip install "memops[hf]"') from error
 
-from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
+from memops.looped_cache import SharedLoopKVCache
 from memops.nn import BlockMoE, Engram, ProductKeyMemory
+from memops.retention_cache import RetentionKVCache
 
 LogBetaFn = Callable[[int, torch.Tensor], torch.Tensor]
 

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from memops._validation import can_read_values, check_int
-from memops.kv_cache import RetentionKVCache, SharedLoopKVCache
+from memops.looped_cache import SharedLoopKVCache
 from memops.nn import BlockMoE, Engram, LoopedAttention, ProductKeyMemory, RetentionAttention, RetentionGate
 from memops.retention import capacity_loss
+from memops.retention_cache import RetentionKVCache
 
 
 @dataclasses.dataclass

@@ -1,10 +1,11 @@
 """torch.nn.Modules built from memops ops."""
 
-from memops.nn.attention import LoopedAttention, MemoryAttention, RetentionAttention, RotaryEmbedding
+from memops.nn.attention import MemoryAttention, RotaryEmbedding
 from memops.nn.engram import Engram, EngramState
+from memops.nn.looped import LoopedAttention
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
-from memops.nn.retention import RetentionGate
+from memops.nn.retention import RetentionAttention, RetentionGate
 
 __all__ = [
     "BlockMoE",

@@ -1,5 +1,7 @@
-"""Attention layers: MemoryAttention (a drop-in self-attention layer that also attends to memory tokens or a
-learned prefix), and its retention-decay (TRIM-KV) and looped-cache (MELT) forms."""
+"""Attention layers: MemoryAttention, a drop-in self-attention layer that also attends to memory tokens or a
+learned prefix, and the rotary embedding it applies. Its retention-decay (TRIM-KV) form is
+:class:`memops.nn.RetentionAttention` (memops/nn/retention.py), its looped-cache (MELT) form
+:class:`memops.nn.LoopedAttention` (memops/nn/looped.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,6 @@ from torch import nn
 
 from memops._validation import check_cu_seqlens, check_int, check_module_input
 from memops.attention import memory_attention, memory_attention_varlen
-from memops.looped import looped_attention, looped_attention_varlen
-from memops.retention import retention_attention, retention_attention_varlen
 from memops.varlen import packed_positions
 
 RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -202,101 +202,3 @@ class MemoryAttention(nn.Module):
         q, k, v = self.project(x)
         out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal, mem_bias=memory_bias)
         return self.output(out)
-
-
-class RetentionAttention(MemoryAttention):
-    """Causal self-attention with TRIM-KV's retention decay (:func:`memops.retention_attention`) over
-    [prefix ; sequence], and its bounded-cache decode form.
-
-    The layer of :class:`MemoryAttention` (same arguments and state-dict keys; ``causal`` must stay True).
-    ``forward(x, log_beta)`` in training decays every sequence key by its retention (``decay=False``: plain
-    causal attention, with the gate trained by the capacity loss alone). With ``cache=`` (a
-    :class:`memops.RetentionKVCache`) the new rows join the cache at ``layer_idx`` and attention runs over
-    [prefix ; cache] without decay, as TRIM-KV inference does. The prefix is never evicted.
-    """
-
-    def __init__(self, d_model: int, num_heads: int, *, decay: bool = True, **kwargs) -> None:
-        if not kwargs.setdefault("causal", True):
-            raise ValueError("RetentionAttention: retention attention is causal; causal=False is not supported")
-        super().__init__(d_model, num_heads, **kwargs)
-        self.decay = decay
-
-    def forward(
-        self, x: torch.Tensor, log_beta: torch.Tensor, *, cache=None, layer_idx: int = 0, check_log_beta: bool = True,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-    ) -> torch.Tensor:  # fmt: skip
-        """x (B, N, d_model), log_beta (B, Hkv, N) (from a :class:`memops.nn.RetentionGate`) -> (B, N, d_model).
-
-        Packed (training): x (total, d_model), log_beta (Hkv, total) (what the gate gives for packed x),
-        ``cu_seqlens`` and ``max_seqlen`` as in :func:`memops.retention_attention_varlen`; no cache."""
-        if self._packed(x, cu_seqlens, max_seqlen):
-            if cache is not None:
-                raise ValueError("RetentionAttention: packed input (cu_seqlens) is for training; it takes no cache")
-            q, k, v = self.project_packed(x, cu_seqlens)
-            mem_k, mem_v = self.memory_rows()
-            if not isinstance(log_beta, torch.Tensor) or log_beta.dim() != 2:
-                raise ValueError("RetentionAttention: packed log_beta must be (Hkv, total), as RetentionGate gives")
-            if self.decay:
-                out = retention_attention_varlen(
-                    q, k, v, log_beta.t(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                    mem_k=mem_k, mem_v=mem_v, check_log_beta=check_log_beta,
-                )  # fmt: skip
-            else:
-                out = memory_attention_varlen(
-                    q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mem_k, mem_v, causal=True
-                )
-            return self.out_proj(out.flatten(1))
-        q, k, v = self.project(x)
-        mem_k, mem_v = self.memory_rows()
-        if cache is not None:
-            k, v = cache.update(k, v, layer_idx, log_beta.detach())
-            out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal)
-        elif self.decay:
-            out = retention_attention(q, k, v, log_beta, mem_k=mem_k, mem_v=mem_v, check_log_beta=check_log_beta)
-        else:
-            out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal)
-        return self.output(out)
-
-
-class LoopedAttention(MemoryAttention):
-    """One loop of a MELT layer: the loop's keys and values blend into the layer's shared KV cache with a gate,
-    then attention runs over it (:func:`memops.looped_attention`). Same arguments and state-dict keys as
-    :class:`MemoryAttention`; the prefix rows lead the cache and are never blended.
-
-    ``forward(x, gate, shared=None)`` -> (out (B, N, d_model), shared): ``shared`` is the (k, v) cache the
-    previous loop returned (None on loop 0, where the cache is [prefix ; k] itself). With ``cache=`` (a
-    :class:`memops.SharedLoopKVCache`, decoding) the rows go to ``cache.update(k, v, layer_idx, loop, gate)``.
-    """
-
-    def forward(
-        self, x: torch.Tensor, gate: torch.Tensor, *, shared=None, cache=None, layer_idx: int = 0, loop: int = 0,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-    ):  # fmt: skip
-        """x (B, N, d_model), gate (B, Hkv, N, 1) or (B, Hkv, N, head_dim) in [0, 1].
-
-        Packed (training): x (total, d_model), gate (total, Hkv, 1 | head_dim), ``shared`` the previous loop's
-        packed (k, v) (total, Hkv, head_dim), with ``cu_seqlens`` and ``max_seqlen``
-        (:func:`memops.looped_attention_varlen`); no cache, and no prefix."""
-        if self._packed(x, cu_seqlens, max_seqlen):
-            if cache is not None or self.prefix_k is not None:
-                raise ValueError("LoopedAttention: packed input (cu_seqlens) takes no cache and no prefix")
-            q, k, v = self.project_packed(x, cu_seqlens)
-            k_cache, v_cache = (None, None) if shared is None else shared
-            out, k_cache, v_cache = looped_attention_varlen(
-                q, k, v, gate, cu_seqlens, max_seqlen, k_cache, v_cache, causal=self.causal
-            )
-            return self.out_proj(out.flatten(1)), (k_cache, v_cache)
-        q, k, v = self.project(x)
-        mem_k, mem_v = self.memory_rows()
-        if cache is not None:
-            k, v = cache.update(k, v, layer_idx, loop, gate)
-            return self.output(memory_attention(q, k, v, mem_k, mem_v, causal=self.causal)), None
-        if shared is None:  # loop 0: [prefix ; k] with gate 0 is [prefix ; k] itself
-            batch = x.shape[0]
-            k_cache = torch.cat([mem_k.expand(batch, -1, -1, -1), k], 2) if mem_k is not None else k
-            v_cache = torch.cat([mem_v.expand(batch, -1, -1, -1), v], 2) if mem_v is not None else v
-            gate = torch.zeros_like(gate)
-        else:
-            k_cache, v_cache = shared
-        out, k_cache, v_cache = looped_attention(q, k, v, gate, k_cache, v_cache, causal=self.causal)
-        return self.output(out), (k_cache, v_cache)

@@ -1,4 +1,5 @@
-"""RetentionGate: TRIM-KV's per-token retention gate."""
+"""TRIM-KV's layers: RetentionGate, the per-token retention gate, and RetentionAttention, the attention layer
+with retention decay and its bounded-cache decode form."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memops._validation import check_module_input
+from memops.attention import memory_attention, memory_attention_varlen
+from memops.nn.attention import MemoryAttention
+from memops.retention import retention_attention, retention_attention_varlen
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -79,3 +83,57 @@ class RetentionGate(nn.Module):
         if x.dim() < 2:
             raise ValueError(f"RetentionGate: x must be (..., N, d_model), got shape {tuple(x.shape)}")
         return F.logsigmoid(self.down(self.act(self.up(x)))).transpose(-1, -2)
+
+
+class RetentionAttention(MemoryAttention):
+    """Causal self-attention with TRIM-KV's retention decay (:func:`memops.retention_attention`) over
+    [prefix ; sequence], and its bounded-cache decode form.
+
+    The layer of :class:`MemoryAttention` (same arguments and state-dict keys; ``causal`` must stay True).
+    ``forward(x, log_beta)`` in training decays every sequence key by its retention (``decay=False``: plain
+    causal attention, with the gate trained by the capacity loss alone). With ``cache=`` (a
+    :class:`memops.RetentionKVCache`) the new rows join the cache at ``layer_idx`` and attention runs over
+    [prefix ; cache] without decay, as TRIM-KV inference does. The prefix is never evicted.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, decay: bool = True, **kwargs) -> None:
+        if not kwargs.setdefault("causal", True):
+            raise ValueError("RetentionAttention: retention attention is causal; causal=False is not supported")
+        super().__init__(d_model, num_heads, **kwargs)
+        self.decay = decay
+
+    def forward(
+        self, x: torch.Tensor, log_beta: torch.Tensor, *, cache=None, layer_idx: int = 0, check_log_beta: bool = True,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """x (B, N, d_model), log_beta (B, Hkv, N) (from a :class:`memops.nn.RetentionGate`) -> (B, N, d_model).
+
+        Packed (training): x (total, d_model), log_beta (Hkv, total) (what the gate gives for packed x),
+        ``cu_seqlens`` and ``max_seqlen`` as in :func:`memops.retention_attention_varlen`; no cache."""
+        if self._packed(x, cu_seqlens, max_seqlen):
+            if cache is not None:
+                raise ValueError("RetentionAttention: packed input (cu_seqlens) is for training; it takes no cache")
+            q, k, v = self.project_packed(x, cu_seqlens)
+            mem_k, mem_v = self.memory_rows()
+            if not isinstance(log_beta, torch.Tensor) or log_beta.dim() != 2:
+                raise ValueError("RetentionAttention: packed log_beta must be (Hkv, total), as RetentionGate gives")
+            if self.decay:
+                out = retention_attention_varlen(
+                    q, k, v, log_beta.t(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                    mem_k=mem_k, mem_v=mem_v, check_log_beta=check_log_beta,
+                )  # fmt: skip
+            else:
+                out = memory_attention_varlen(
+                    q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mem_k, mem_v, causal=True
+                )
+            return self.out_proj(out.flatten(1))
+        q, k, v = self.project(x)
+        mem_k, mem_v = self.memory_rows()
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx, log_beta.detach())
+            out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal)
+        elif self.decay:
+            out = retention_attention(q, k, v, log_beta, mem_k=mem_k, mem_v=mem_v, check_log_beta=check_log_beta)
+        else:
+            out = memory_attention(q, k, v, mem_k, mem_v, causal=self.causal)
+        return self.output(out)

@@ -6,9 +6,9 @@ import inspect
 
 import memops
 import memops.distributed
-import memops.kv_cache
 import memops.models
 import memops.nn
+import memops.retention_cache
 
 SECTIONS = [
     (
@@ -22,7 +22,7 @@ SECTIONS = [
     ),
     ("Backends", memops, ["backend", "get_backend"]),
     ("Caches", memops, ["RetentionKVCache", "SharedLoopKVCache"]),
-    ("Cache primitives", memops.kv_cache, ["evict"]),
+    ("Cache primitives", memops.retention_cache, ["evict"]),
     ("Modules (memops.nn)", memops.nn, list(memops.nn.__all__)),
     ("Models (memops.models)", memops.models, list(memops.models.__all__)),
     (

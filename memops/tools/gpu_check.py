@@ -486,7 +486,7 @@ def _retention_scenarios(dtype, subset):
             for L in (p["context"], p["context"] + buffer, budget + buffer):
                 log_beta, positions = _meta(rows, L, dtype=torch.float32), _meta(rows, L, dtype=torch.int64)
                 kept = retention.retention_select(log_beta, positions, L, L - 1, budget)
-                # into the cache's storage: budget + buffer rows of room (memops.kv_cache.evict's flat views)
+                # into the cache's storage: budget + buffer rows of room (memops.retention_cache.evict's flat views)
                 room = budget + buffer
                 retention.cache_gather(_meta(rows, L, D, dtype=dt), kept, _meta(rows, room, D, dtype=dt))
                 retention.cache_gather(log_beta[..., None], kept, _meta(rows, room, 1, dtype=torch.float32))
