@@ -310,7 +310,7 @@ def routing_cases(draw):
     E = draw(st.sampled_from([4, 8, 16]))
     block_size = draw(st.sampled_from([None, 1, 4, 7]))
     # one interpreted program per block: blocks of one token only over short sequences (time, not coverage)
-    B, N = draw(st.integers(1, 2)), draw(st.integers(0, 8 if block_size == 1 else 23))
+    B, N = draw(st.integers(1, 2)), draw(st.integers(0, 5 if block_size == 1 else 17))
     n_groups = draw(st.sampled_from([g for g in (1, 2, 4, 8) if E % g == 0]))
     topk_groups = draw(st.integers(1, n_groups))
     top_k = draw(st.integers(1, min(E, topk_groups * (E // n_groups), 4)))
