@@ -10,6 +10,8 @@ import torch
 # kernels/ folder would shadow PyPI's `kernels` package (transformers imports it). memops is installed, so the
 # working directory has nothing the tests need.
 sys.path[:] = [entry for entry in sys.path if entry not in ("", os.getcwd())]
+# The tests' own helper modules (engram_demo.py: the official demo's transcription) import by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 CUDA = torch.cuda.is_available()
 if not CUDA:

@@ -1,80 +1,17 @@
-"""Engram's n-gram hash and fused lookup: the hash parameters and hash bit-exact against a transcription of the
-official demo's NumPy rule (deepseek-ai/Engram engram_demo_v1.py), int64 wrap-around included; the Triton
-lookup (interpreter on CPU) against the float64 reference, the table gradient in both modes, bad inputs,
-opcheck and compile."""
+"""Engram's ops (the layer is tests/test_nn_engram.py). The n-gram hash and fused lookup: the hash parameters
+and hash bit-exact against a transcription of the official demo's NumPy rule (tests/engram_demo.py), int64
+wrap-around included; the Triton lookup (interpreter on CPU) against the float64 reference, the table
+gradient in both modes, bad inputs, opcheck and compile; the gate and the short conv likewise."""
 
 import numpy as np
 import pytest
 import torch
+from engram_demo import DemoShortConv, demo_gate, demo_hash_mapping, demo_isprime, demo_ngram_hashes
 
 import memops
 from memops import reference
 from memops.reference.engram import engram_hash_params, is_prime, next_prime, table_offsets
 from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches, relative_error
-
-# ---------------------------------------------------------------------------------------------------------
-# A transcription of the demo's NgramHashMapping (its sympy isprime replaced by trial division, which is
-# exact and fast at these sizes): the multipliers, the primes, and _get_ngram_hashes.
-
-
-def _demo_isprime(n):
-    if n < 2:
-        return False
-    i = 2
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 1
-    return True
-
-
-def demo_hash_mapping(layer_ids, vocab_sizes, max_ngram_size, n_head, seed, tokenizer_vocab_size):
-    max_long = np.iinfo(np.int64).max
-    half_bound = max(1, int(max_long // tokenizer_vocab_size) // 2)
-    multipliers = {}
-    for layer_id in layer_ids:
-        g = np.random.default_rng(int(seed + 10007 * int(layer_id)))
-        r = g.integers(low=0, high=half_bound, size=(max_ngram_size,), dtype=np.int64)
-        multipliers[layer_id] = r * 2 + 1
-    seen, sizes = set(), {}
-    for layer_id in layer_ids:
-        per_layer = []
-        for ngram in range(2, max_ngram_size + 1):
-            start, heads = vocab_sizes[ngram - 2] - 1, []
-            for _ in range(n_head):
-                candidate = start + 1
-                while not (_demo_isprime(candidate) and candidate not in seen):
-                    candidate += 1
-                seen.add(candidate)
-                heads.append(candidate)
-                start = candidate
-            per_layer.append(heads)
-        sizes[layer_id] = per_layer
-    return multipliers, sizes
-
-
-def demo_ngram_hashes(input_ids, multipliers, sizes, max_ngram_size, n_head, pad_id):
-    x = np.asarray(input_ids, dtype=np.int64)
-    B, T = x.shape
-
-    def shift_k(k):
-        if k == 0:
-            return x
-        return np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad_id)[:, :T]
-
-    base_shifts = [shift_k(k) for k in range(max_ngram_size)]
-    all_hashes = []
-    for n in range(2, max_ngram_size + 1):
-        tokens = base_shifts[:n]
-        mix = tokens[0] * multipliers[0]
-        for k in range(1, n):
-            mix = np.bitwise_xor(mix, tokens[k] * multipliers[k])
-        for j in range(n_head):
-            all_hashes.append((mix % int(sizes[n - 2][j])).astype(np.int64, copy=False))
-    return np.stack(all_hashes, axis=2)
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 CONFIGS = [
     # (layer_ids, vocab_sizes, max_ngram_size, n_head, seed, tokenizer_vocab_size)
@@ -91,7 +28,7 @@ def make_params(layer_ids, vocab_sizes, n, h, seed, vocab):
 
 
 def test_prime_search():
-    assert [p for p in range(60) if is_prime(p)] == [p for p in range(60) if _demo_isprime(p)]
+    assert [p for p in range(60) if is_prime(p)] == [p for p in range(60) if demo_isprime(p)]
     assert is_prime(2**61 - 1) and not is_prime(2**61 + 1) and not is_prime(3215031751)  # a strong pseudoprime
     assert next_prime(13) == 17 and next_prime(12, {13}) == 17
 
@@ -271,19 +208,6 @@ def test_torch_compile_fullgraph(backend, device):
 # The context gate
 
 
-def demo_gate(embeddings_key, hidden_states, norm1, norm2, value):
-    """The demo's gate loop, with its key_projs outputs given (key (B, L, G, C)) and value_proj's output."""
-    gates = []
-    hidden_size = hidden_states.shape[-1]
-    for hc_idx in range(hidden_states.shape[2]):
-        normed_key = norm1[hc_idx](embeddings_key[:, :, hc_idx, :])
-        normed_query = norm2[hc_idx](hidden_states[:, :, hc_idx, :])
-        gate = (normed_key * normed_query).sum(dim=-1) / np.sqrt(hidden_size)
-        gate = gate.abs().clamp_min(1e-6).sqrt() * gate.sign()
-        gates.append(gate.sigmoid().unsqueeze(-1))
-    return torch.stack(gates, dim=2) * value.unsqueeze(2)
-
-
 def gate_case(device, dtype=torch.float32, B=2, L=5, G=3, C=40, seed=0):
     generator = torch.Generator().manual_seed(seed)
     shapes = [(B, L, G, C), (B, L, G, C), (G, C), (G, C), (B, L, C)]
@@ -373,24 +297,6 @@ def test_gate_compile(backend, device):
 
 # ---------------------------------------------------------------------------------------------------------
 # The short convolution
-
-
-class DemoShortConv(torch.nn.Module):
-    """The demo's ShortConv, transcribed (its forward returns silu(conv(norm(x))); the Engram layer adds x)."""
-
-    def __init__(self, hidden_size, kernel_size, dilation, hc_mult, norm_eps=1e-5):
-        super().__init__()
-        total = hidden_size * hc_mult
-        self.conv = torch.nn.Conv1d(
-            total, total, kernel_size, groups=total, bias=False, padding=(kernel_size - 1) * dilation, dilation=dilation
-        )
-        self.norms = torch.nn.ModuleList([torch.nn.RMSNorm(hidden_size, eps=norm_eps) for _ in range(hc_mult)])
-
-    def forward(self, x):
-        B, T, G, C = x.shape
-        x_norm = torch.cat([self.norms[i](x[:, :, i, :]) for i in range(G)], dim=-1)
-        y = torch.nn.functional.silu(self.conv(x_norm.transpose(1, 2))[..., :T])
-        return y.transpose(1, 2).view(B, T, G, C).contiguous()
 
 
 def conv_case(device, dtype=torch.float32, B=2, L=13, G=3, C=24, K=4, seed=0):
@@ -487,109 +393,6 @@ def test_short_conv_compile(backend, device):
 # The module: the demo's Engram transcribed (its hash on the host in NumPy, nn.Embedding, the gate loop and
 # ShortConv), the official names loading strictly, and decode against full recomputation.
 
-ENGRAM = dict(
-    layer_id=3, hidden_size=32, hc_mult=2, vocab_sizes=(61, 67), max_ngram_size=3, n_embed_per_ngram=16,
-    n_head_per_ngram=2, kernel_size=4, pad_id=2, seed=5, tokenizer_vocab_size=90,
-)  # fmt: skip
-
-
-class DemoEngram(torch.nn.Module):
-    def __init__(self, layer_ids, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.multipliers, sizes = demo_hash_mapping(
-            layer_ids, cfg["vocab_sizes"], cfg["max_ngram_size"], cfg["n_head_per_ngram"], cfg["seed"],
-            cfg["tokenizer_vocab_size"],
-        )  # fmt: skip
-        self.multipliers, self.sizes = self.multipliers[cfg["layer_id"]], sizes[cfg["layer_id"]]
-        flat = [x for y in self.sizes for x in y]
-        self.multi_head_embedding = torch.nn.Module()
-        self.multi_head_embedding.register_buffer("offsets", torch.tensor([0, *np.cumsum(flat)[:-1].tolist()]))
-        self.multi_head_embedding.embedding = torch.nn.Embedding(
-            sum(flat), cfg["n_embed_per_ngram"] // cfg["n_head_per_ngram"]
-        )
-        C, G = cfg["hidden_size"], cfg["hc_mult"]
-        self.short_conv = DemoShortConv(C, cfg["kernel_size"], cfg["max_ngram_size"], G)
-        hidden = (cfg["max_ngram_size"] - 1) * cfg["n_embed_per_ngram"]
-        self.value_proj = torch.nn.Linear(hidden, C)
-        self.key_projs = torch.nn.ModuleList([torch.nn.Linear(hidden, C) for _ in range(G)])
-        self.norm1 = torch.nn.ModuleList([torch.nn.RMSNorm(C) for _ in range(G)])
-        self.norm2 = torch.nn.ModuleList([torch.nn.RMSNorm(C) for _ in range(G)])
-
-    def forward(self, hidden_states, input_ids):
-        cfg = self.cfg
-        hashes = demo_ngram_hashes(
-            input_ids.cpu().numpy(), self.multipliers, self.sizes, cfg["max_ngram_size"], cfg["n_head_per_ngram"],
-            cfg["pad_id"],
-        )  # fmt: skip
-        hashed = torch.from_numpy(hashes).to(hidden_states.device) + self.multi_head_embedding.offsets
-        embeddings = self.multi_head_embedding.embedding(hashed).flatten(start_dim=-2)
-        key = torch.stack([proj(embeddings) for proj in self.key_projs], dim=2)
-        value = demo_gate(key, hidden_states, self.norm1, self.norm2, self.value_proj(embeddings))
-        return value + self.short_conv(value)
-
-
-def engram_pair(device, layer_ids=(1, 3)):
-    torch.manual_seed(0)
-    demo = DemoEngram(layer_ids, ENGRAM).to(device)
-    with torch.no_grad():
-        for p in demo.parameters():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == 32 else 0.0))
-    ours = memops.nn.Engram(**ENGRAM, layer_ids=layer_ids).to(device)
-    ours.load_state_dict(demo.state_dict(), strict=True)
-    return demo, ours
-
-
-def test_engram_state_dict_names_are_the_demos(device):
-    demo, ours = engram_pair(device)
-    assert list(ours.state_dict()) == list(demo.state_dict())
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in demo.state_dict().items()}
-    again = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3)).to(device)
-    again.load_state_dict(ours.state_dict(), strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
-
-
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_engram_equals_the_demo(backend, device):
-    demo, ours = engram_pair(device)
-    hidden = torch.randn(2, 9, 2, 32, device=device)
-    ids = torch.randint(0, 90, (2, 9), device=device)
-    expected = demo(hidden, ids)
-    with memops.backend(backend), count_launches() as launches:
-        got = ours(hidden, ids)
-        got.sum().backward()
-    assert (launches["engram_lookup_fwd_kernel"] > 0) == (backend == "triton")
-    assert_close_to_reference(got, expected, torch.float32)
-    expected.sum().backward()
-    for (name, p), q in zip(ours.named_parameters(), demo.parameters()):
-        assert_close_to_reference(p.grad, q.grad, torch.float32, name=name, scale=3)
-
-
-@pytest.mark.parametrize("prompt", [0, 1, 5])
-def test_engram_decode_equals_full(prompt, device):
-    _, ours = engram_pair(device)
-    hidden = torch.randn(2, 10, 2, 32, device=device)
-    ids = torch.randint(0, 90, (2, 10), device=device)
-    with memops.backend("triton"), torch.no_grad():
-        full = ours(hidden, ids)
-        state = ours.new_state(2)
-        parts = [ours(hidden[:, :prompt], ids[:, :prompt], state=state)] if prompt else []
-        for t in range(prompt, 10):
-            parts.append(ours(hidden[:, t : t + 1], ids[:, t : t + 1], state=state))
-    assert_close_to_reference(torch.cat(parts, dim=1), full, torch.float32)
-
-
-def test_engram_compression_lookup(device):
-    compression = torch.randperm(200)[:200] % 90
-    _, ours = engram_pair(device)
-    compressed = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3), compression=compression).to(device)
-    compressed.load_state_dict(ours.state_dict(), strict=True)
-    raw = torch.randint(0, 200, (1, 7), device=device)
-    hidden = torch.randn(1, 7, 2, 32, device=device)
-    assert compressed.pad_id == int(compression[2])
-    ours.pad_id = compressed.pad_id
-    assert torch.equal(compressed(hidden, raw), ours(hidden, compression.to(device)[raw]))
-
 
 def test_benchmark_hash_formulations_are_the_reference():
     from memops.benchmarks import engram as bench
@@ -599,30 +402,6 @@ def test_benchmark_hash_formulations_are_the_reference():
     expected = reference.engram.ngram_hash(ids, m, primes, pad_id=2)
     assert torch.equal(bench.torch_hash(ids, m, primes, 2), expected)
     assert torch.equal(bench.numpy_hash(ids, m, primes, 2), expected)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_engram_layer_on_cuda_against_float64(dtype):
-    # 16-bit tables, projections and activations on a real GPU (the interpreter's bf16 math is not trusted):
-    # the whole layer and its grads against the same layer in float64 on the reference backend.
-    _, ours = engram_pair("cuda")
-    hidden = torch.randn(2, 64, 2, 32, device="cuda")
-    ids = torch.randint(0, 90, (2, 64), device="cuda")
-    low = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3)).to("cuda", dtype)
-    low.load_state_dict(ours.state_dict())
-    high = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3)).to("cuda", torch.float64)
-    high.load_state_dict(ours.state_dict())
-    with memops.backend("triton"), count_launches() as launches:
-        out = low(hidden.to(dtype), ids)
-        out.float().square().sum().backward()
-    assert launches["engram_lookup_fwd_kernel"] == 1 and launches["short_conv_bwd_dx_kernel"] == 1
-    with memops.backend("reference"):
-        ref = high(hidden.double(), ids)
-        ref.square().sum().backward()
-    assert_close_to_reference(out, ref, dtype)
-    for (name, p), q in zip(low.named_parameters(), high.parameters()):
-        assert_close_to_reference(p.grad, q.grad, dtype, name=name, scale=5)
 
 
 @pytest.mark.parametrize("context", [1, 2, 9])
@@ -663,26 +442,3 @@ def test_sparse_table_grad(backend, device):
     touched = dense_table.grad.abs().sum(1) > 0
     assert not torch.equal(sparse_table[touched], before[touched])
     assert torch.equal(sparse_table[~touched], before[~touched])
-
-
-def test_engram_layer_kernels_against_float64(device):
-    # The whole layer on the kernels (fp32) against the same weights in float64 on the reference: output and
-    # the grads of the table, the projections, the norms, the conv weight and the hidden states.
-    _, ours = engram_pair(device)
-    high = memops.nn.Engram(**ENGRAM, layer_ids=(1, 3)).to(device, torch.float64)
-    high.load_state_dict(ours.state_dict())
-    hidden = torch.randn(2, 9, 2, 32, device=device)
-    ids = torch.randint(0, 90, (2, 9), device=device)
-    leaf, leaf64 = hidden.clone().requires_grad_(), hidden.double().requires_grad_()
-    grad_out = torch.randn(2, 9, 2, 32, device=device)
-    with memops.backend("triton"), count_launches() as launches:
-        out = ours(leaf, ids)
-        out.backward(grad_out)
-    assert launches["engram_gate_bwd_kernel"] == 1 and launches["short_conv_bwd_dy_kernel"] == 1
-    with memops.backend("reference"):
-        ref = high(leaf64, ids)
-        ref.backward(grad_out.double())
-    assert_close_to_reference(out, ref, torch.float32)
-    assert_close_to_reference(leaf.grad, leaf64.grad, torch.float32, name="grad hidden_states")
-    for (name, p), q in zip(ours.named_parameters(), high.parameters()):
-        assert_close_to_reference(p.grad, q.grad, torch.float32, name=f"grad {name}", scale=3)
