@@ -3,8 +3,8 @@
 ``memory_attention`` on backend "triton" runs one of two implementations (``attention_impl`` decides):
 - fused: ``memops::memory_attention`` -> ``memops.kernels.attention``, one kernel over [memory ; sequence];
 - composed: ``memops::memory_attention_composed`` -> torch's fused attention over the sequence
-  (``memops._sdpa``), memops' kernel over the memory rows, merged by log-sum-exp
-  (``memops.kernels.lse_merge``); its backward hands each part the merged out and lse.
+  (``memops._attention_sdpa``), memops' kernel over the memory rows, merged by log-sum-exp
+  (``memops.kernels.attention_lse_merge``); its backward hands each part the merged out and lse.
 Backend "reference" calls ``memops.reference.attention`` directly (SDPA, differentiable by autograd).
 """
 
@@ -107,8 +107,8 @@ _memory_attention_op = custom_op(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The composed path: the sequence part on torch's fused attention (memops._sdpa), the memory part on memops'
-# kernel over the memory rows alone, merged by their log-sum-exps (memops.kernels.lse_merge).
+# The composed path: the sequence part on torch's fused attention (memops._attention_sdpa), the memory part on memops'
+# kernel over the memory rows alone, merged by their log-sum-exps (memops.kernels.attention_lse_merge).
 
 
 def _gqa_for_vendor(q, k, v, causal):
@@ -131,15 +131,15 @@ def _as_query_heads(t, B, H, N):
 
 
 def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
-    from memops import _sdpa
+    from memops import _attention_sdpa
     from memops.kernels import attention as attention_kernels
-    from memops.kernels import lse_merge as lse_merge_kernels
+    from memops.kernels import attention_lse_merge as lse_merge_kernels
 
     B, H, N, D = q.shape
     Nk = k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
     qs, ks, vs, _ = _gqa_for_vendor(q, k, v, causal)
-    out_s, lse_s, state = _sdpa.sequence_fwd(sequence, qs, ks, vs, causal=causal, scale=scale)
+    out_s, lse_s, state = _attention_sdpa.sequence_fwd(sequence, qs, ks, vs, causal=causal, scale=scale)
     out_s, lse_s = _as_query_heads(out_s, B, H, N), _as_query_heads(lse_s, B, H, N)
     state = _two_states(state, q)
     empty_rows = min(max(N - Nk, 0), N) if causal else 0
@@ -169,18 +169,18 @@ def _memory_attention_composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scal
 
 
 def _memory_attention_composed_fake(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
-    from memops import _sdpa
+    from memops import _attention_sdpa
 
     # The vendor op's own fake (meta) kernel gives its state tensors' shapes on this torch version.
     qs, ks, vs, _ = _gqa_for_vendor(q, k, v, causal)
-    state = _two_states(_sdpa.sequence_fwd(sequence, qs, ks, vs, causal=causal, scale=scale)[2], q)
+    state = _two_states(_attention_sdpa.sequence_fwd(sequence, qs, ks, vs, causal=causal, scale=scale)[2], q)
     return (*attention_outputs_like(q), torch.empty_like(state[0]), torch.empty_like(state[1]))
 
 
 def _composed_bwd(
     grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, state_a, state_b, causal, scale, sequence, deterministic
 ):
-    from memops import _sdpa
+    from memops import _attention_sdpa
     from memops.kernels import attention as attention_kernels
 
     B, H, N, D = q.shape
@@ -211,7 +211,7 @@ def _composed_bwd(
     qs, ks, vs, expanded = _gqa_for_vendor(q, k, v, causal)
     fold = (lambda t: t.reshape(qs.shape[0], qs.shape[1], qs.shape[2], *t.shape[3:])) if qs is not q else None
     go, o, l_seq = (grad_out, out, lse_seq) if fold is None else (fold(grad_out), fold(out), fold(lse_seq))
-    dq_s, dk, dv = _sdpa.sequence_bwd(
+    dq_s, dk, dv = _attention_sdpa.sequence_bwd(
         sequence, go, qs, ks, vs, o, l_seq, [state_a, state_b], causal=causal, scale=scale
     )
     dq_s = _as_query_heads(dq_s, B, H, N)
@@ -284,20 +284,20 @@ def attention_impl(
     ========================================  =====================================================
     q is a CUDA tensor                        the interpreter (CPU tensors) is for testing kernels
     N >= 64 and Nk >= 256, and q not empty    below that one fused launch beats three
-    a vendor op fits (``memops._sdpa``)       cuDNN on sm_90, else flash, else efficient attention
+    a vendor op fits (``memops._attention_sdpa``)       cuDNN on sm_90, else flash, else efficient attention
     ========================================  =====================================================
 
     ``impl="composed"`` forces it (ValueError when no vendor op fits), ``impl="fused"`` the single kernel. A
     scale that is not a positive finite number runs the fused kernel whatever ``impl`` says: the vendor ops
     assume one (torch's causal flash paths give NaN at scale <= 0), the fused kernel takes any.
     """
-    from memops import _sdpa
+    from memops import _attention_sdpa
     from memops._backend import launch_arch
 
     _check_impl(impl)
     if impl == "fused" or not 0 < scale < float("inf"):
         return "fused", None
-    sequence = _sdpa.sequence_backend(q, num_keys, causal=causal, arch=launch_arch(q.device))
+    sequence = _attention_sdpa.sequence_backend(q, num_keys, causal=causal, arch=launch_arch(q.device))
     if impl == "composed":
         if sequence is None or num_keys == 0 or q.numel() == 0:
             raise ValueError(

@@ -484,9 +484,9 @@ def test_capacity_loss_takes_the_packed_gate_output(device):
 
 
 def test_flash_varlen_baseline_builds_the_same_op():
-    """benchmarks/varlen.py's FlashAttention-varlen baseline puts the memory rows in front of every sequence's
+    """benchmarks/attention_varlen.py's FlashAttention-varlen baseline puts the memory rows in front of every sequence's
     packed keys; bottom-right causal attention over those is memory attention (checked on the reference)."""
-    from memops.benchmarks import varlen as bench
+    from memops.benchmarks import attention_varlen as bench
 
     generator = torch.Generator().manual_seed(11)
     lengths = [5, 0, 12]

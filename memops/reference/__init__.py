@@ -3,6 +3,11 @@ the same name, and the implementation of backend ``"reference"``."""
 
 from memops.reference import engram  # noqa: F401 (memops.reference.engram: hash parameters, hash, lookup)
 from memops.reference.attention import memory_attention
+from memops.reference.attention_varlen import (
+    looped_attention_varlen,
+    memory_attention_varlen,
+    retention_attention_varlen,
+)
 from memops.reference.looped import looped_attention, looped_blend, looped_kv_update, looped_kv_update_backward
 from memops.reference.moe import (
     block_route,
@@ -27,7 +32,6 @@ from memops.reference.retention import (
     retention_capacity,
     retention_keep,
 )
-from memops.reference.varlen import looped_attention_varlen, memory_attention_varlen, retention_attention_varlen
 
 __all__ = [
     "memory_attention",

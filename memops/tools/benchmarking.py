@@ -47,7 +47,7 @@ BENCHMARKS = {
     "product_key_topk": "product_key_search",
     "product_key_memory": "product_key_memory",
     "memory_attention": "attention",
-    "memory_attention_varlen": "varlen",
+    "memory_attention_varlen": "attention_varlen",
     "retention_attention": "retention",
     "retention_capacity": "retention_capacity",
     "retention_cache": "retention_cache",

@@ -303,7 +303,7 @@ def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
     def composed(mem=paths[0][1]):
         # memops' part of the composed path (memops.attention._composed_fwd/_bwd): the kernels over the memory
         # rows alone (no sequence keys, so never causal) and the LSE merge; the vendor op is not Triton's.
-        from memops.kernels.lse_merge import lse_merge
+        from memops.kernels.attention_lse_merge import lse_merge
 
         if kernels.reference_instead(q, "memory", backward=True):
             return
@@ -359,10 +359,10 @@ def _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
 def _packed_scenarios(dt, subset):
     """memory_attention_varlen at the varlen benchmark's packed cases (S sequences of the drawn lengths, shared
     memory rows, causal), forward and backward."""
-    from memops.benchmarks.varlen import lengths
+    from memops.benchmarks.attention_varlen import lengths
     from memops.kernels import attention as kernels
 
-    for case in _cases("varlen", subset):
+    for case in _cases("attention_varlen", subset):
         p = case.params
         lens = lengths(p["S"], p["min_len"], p["max_len"], p["seed"])
         total, S, H, Hkv, M, D = sum(lens), p["S"], p["H"], p["Hkv"], p["M"], p["D"]
