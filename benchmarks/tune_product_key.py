@@ -96,7 +96,7 @@ def _tune_shape(shape: dict) -> dict:
             weights,
             values_grad_algorithm="segment",
             weights_grad=False,
-            segment=cfg,
+            segment_kernel_config=cfg,
         ),
         kernels.segment_config(D),
     )

@@ -818,19 +818,18 @@ def varlen_programs(cu_seqlens: torch.Tensor, total: int, block: int, blocks_per
     return program_seq, first_block, grid
 
 
-def _packing_args(cu_seqlens, lse, num_queries: int, block: int):
+def _packing_args(cu_seqlens_q, cu_seqlens_k, lse, num_queries: int, block: int):
     """The query-block kernels' (program_seq, first_block, cu_q, cu_k, S) arguments and the grid's first
-    axis; padded (cu_seqlens None): placeholders and cdiv(N, block)."""
-    if cu_seqlens is None:
+    axis; padded (cu_seqlens_q None): placeholders and cdiv(N, block)."""
+    if cu_seqlens_q is None:
         return (lse, lse, lse, lse, 0), triton.cdiv(num_queries, block)
-    cu_q, cu_k = cu_seqlens
-    program_seq, first_block, grid = varlen_programs(cu_q, num_queries, block)
-    return (program_seq, first_block, cu_q, cu_k, cu_q.shape[0] - 1), grid
+    program_seq, first_block, grid = varlen_programs(cu_seqlens_q, num_queries, block)
+    return (program_seq, first_block, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1), grid
 
 
 def memory_attention_fwd(
     q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, log_beta=None, blend=None,
-    doc_start=None, cu_seqlens=None, config: dict | None = None,
+    doc_start=None, cu_seqlens_q=None, cu_seqlens_k=None, config: dict | None = None,
 ):
     """out (B, H, N, D) in q.dtype and lse (B, H, N) fp32 (fp64 for fp64).
 
@@ -841,11 +840,11 @@ def memory_attention_fwd(
     doc_start (B|1, Nk) int32 contiguous, causal only, Nk > 0: each key's packed-document start; a query
     sees the sequence keys of its own document only. Every tensor has unit stride in its last dim.
 
-    Packed (varlen): cu_seqlens = (cu_q, cu_k), int32 (S + 1,) each, contiguous; q (total_q, H, D), k, v
+    Packed (varlen): cu_seqlens_q, cu_seqlens_k, int32 (S + 1,) each, contiguous; q (total_q, H, D), k, v
     (total_k, Hkv, D); memory and mem_bias with S in place of B; log_beta (Hkv, total_k); blend tensors
     (total_k, Hkv, D | 1), every sequence's n equal to its key count. lse is then (H, total_q).
     """
-    packed = cu_seqlens is not None
+    packed = cu_seqlens_q is not None
     if packed:
         (_, H, D), (Hkv, Nk), B, N = q.shape, (k.shape[1], k.shape[0]), 1, q.shape[0]
     else:
@@ -864,7 +863,7 @@ def memory_attention_fwd(
     k_new, v_new, gate, k_out, v_out = blend if blend is not None else (k, v, k, k, v)
     if doc_start is not None and not (causal and Nk > 0 and not packed):
         raise ValueError("memory_attention_fwd: doc_start needs causal attention over Nk > 0 keys, not packed")
-    packing, programs = _packing_args(cu_seqlens, lse, N, cfg["BLOCK_M"])
+    packing, programs = _packing_args(cu_seqlens_q, cu_seqlens_k, lse, N, cfg["BLOCK_M"])
     blend_start = 0 if packed or blend is None else Nk - k_new.shape[2]
     record_launch("memory_attention_fwd_kernel")
     memory_attention_fwd_kernel[(programs, H if packed else B * H)](
@@ -889,19 +888,19 @@ def memory_attention_fwd(
 
 def memory_attention_bwd(
     grad_out, q, k, v, mem_k, mem_v, mem_bias, out, lse, *, causal: bool, scale: float, deterministic: bool,
-    grad_lse: torch.Tensor | None = None, log_beta=None, doc_start=None, doc_end=None, cu_seqlens=None,
-    config: dict | None = None,
+    grad_lse: torch.Tensor | None = None, log_beta=None, doc_start=None, doc_end=None, cu_seqlens_q=None,
+    cu_seqlens_k=None, config: dict | None = None,
 ):
     """(dq, dk, dv, dmem_k, dmem_v, dmem_bias, dlog_beta); dmem_* None without memory; dmem_bias is
     (B, Hkv, M) fp32 and the caller sums it down to mem_bias' shape; dlog_beta (B, Hkv, Nk) fp32 or None.
     Arguments as for :func:`memory_attention_fwd`, grad_out (B, H, N, D) with unit last stride, grad_lse
     (B, H, N) or None; packed documents give doc_start and doc_end (B|1, Nk) int32 (one past each key's
-    document end) together. Packed (cu_seqlens): the layouts of :func:`memory_attention_fwd`, S in place of
-    B for the memory grads, dlog_beta (Hkv, total_k)."""
-    packed = cu_seqlens is not None
+    document end) together. Packed (cu_seqlens_q, cu_seqlens_k): the layouts of :func:`memory_attention_fwd`,
+    S in place of B for the memory grads, dlog_beta (Hkv, total_k)."""
+    packed = cu_seqlens_q is not None
     if packed:
         (_, H, D), (Hkv, Nk), N = q.shape, (k.shape[1], k.shape[0]), q.shape[0]
-        B = cu_seqlens[0].shape[0] - 1  # the memory grads' batch: one per sequence
+        B = cu_seqlens_q.shape[0] - 1  # the memory grads' batch: one per sequence
     else:
         B, H, N, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
@@ -947,7 +946,7 @@ def memory_attention_bwd(
             H, N, HEAD_DIM=D, BLOCK_M=64, HAS_GRAD_LSE=grad_lse is not None, ACC=acc,
         )
         documents = doc_start is not None
-        packing, programs = _packing_args(cu_seqlens, lse, N, dq_cfg["BLOCK_M"])
+        packing, programs = _packing_args(cu_seqlens_q, cu_seqlens_k, lse, N, dq_cfg["BLOCK_M"])
         record_launch("memory_attention_dq_kernel")
         memory_attention_dq_kernel[(programs, H if packed else B * H)](
             q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_start if documents else delta, grad_out, lse,
@@ -960,9 +959,8 @@ def memory_attention_bwd(
         )
         memory_blocks = triton.cdiv(M, dkdv_cfg["BLOCK_N"])
         if packed:  # key-block programs: each sequence's memory blocks, then its key blocks
-            cu_q, cu_k = cu_seqlens
-            program_seq, first_block, programs = varlen_programs(cu_k, Nk, dkdv_cfg["BLOCK_N"], memory_blocks)
-            packing = (program_seq, first_block, cu_q, cu_k, B)
+            program_seq, first_block, programs = varlen_programs(cu_seqlens_k, Nk, dkdv_cfg["BLOCK_N"], memory_blocks)
+            packing = (program_seq, first_block, cu_seqlens_q, cu_seqlens_k, B)
         else:
             packing, programs = (lse, lse, lse, lse, 0), memory_blocks + triton.cdiv(Nk, dkdv_cfg["BLOCK_N"])
         record_launch("memory_attention_dkdv_kernel")

@@ -241,7 +241,7 @@ def _segment_values_grad(grad_out, weights, sorted_positions, segment_rows, segm
 def weighted_gather_bwd(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *,
     values_grad_algorithm: str = "auto", values_grad: bool = True, weights_grad: bool = True,
-    config: dict | None = None, segment: dict | None = None,
+    config: dict | None = None, segment_kernel_config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(grad_values (S, D) in values.dtype, grad_weights (T, K) in weights.dtype); None where not asked.
 
@@ -249,7 +249,8 @@ def weighted_gather_bwd(
     ``values_grad_algorithm``: "segment" (sorted segment reduction: deterministic, each row written once
     straight into values.dtype), "atomic" (atomic adds into a dense fp32 buffer, then a cast), or "auto":
     :func:`pick_values_grad_algorithm`, and atomics after all when one row was chosen more than
-    LONG_SEGMENT times, where a segment's serial loop would dominate.
+    LONG_SEGMENT times, where a segment's serial loop would dominate. ``config`` and ``segment_kernel_config``
+    override the launch parameters of the gather-grad and the segment kernels (tuning).
     """
     if values_grad_algorithm not in ("auto", "atomic", "segment"):
         raise ValueError(
@@ -287,7 +288,8 @@ def weighted_gather_bwd(
                 WEIGHTS_GRAD=weights_grad, ATOMIC_VALUES_GRAD=atomic, num_warps=cfg["num_warps"],
             )
         if values_grad and not atomic:
-            _segment_values_grad(grad_out, weights, *segments, grad_values, K, D, acc, segment or segment_config(D))
+            segment_launch = segment_kernel_config or segment_config(D)
+            _segment_values_grad(grad_out, weights, *segments, grad_values, K, D, acc, segment_launch)
     elif weights_grad:
         grad_weights.zero_()
     if grad_values is not None:

@@ -374,8 +374,8 @@ def memory_attention(
 # Packed (varlen) batches: FlashAttention's layout, one fused kernel over every sequence's blocks.
 
 
-def _packed_boundaries(cu_seqlens_q, cu_seqlens_k):
-    return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+def _packed_boundaries(cu_seqlens_q, cu_seqlens_k) -> dict:
+    return dict(cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
 
 
 def _memory_attention_varlen_fwd(q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, causal, scale):
@@ -383,7 +383,7 @@ def _memory_attention_varlen_fwd(q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, 
 
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     packed = _packed_boundaries(cu_seqlens_q, cu_seqlens_k)
-    return attention_kernels.memory_attention_fwd(*prepared, causal=causal, scale=scale, cu_seqlens=packed)
+    return attention_kernels.memory_attention_fwd(*prepared, causal=causal, scale=scale, **packed)
 
 
 def _memory_attention_varlen_bwd(
@@ -395,7 +395,7 @@ def _memory_attention_varlen_bwd(
     prepared = [unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v, mem_bias)]
     dq, dk, dv, dmem_k, dmem_v, dbias, _ = attention_kernels.memory_attention_bwd(
         *prepared, out, lse, causal=causal, scale=scale, deterministic=deterministic, grad_lse=grad_lse,
-        cu_seqlens=_packed_boundaries(cu_seqlens_q, cu_seqlens_k),
+        **_packed_boundaries(cu_seqlens_q, cu_seqlens_k),
     )  # fmt: skip
     return dq, dk, dv, dmem_k, dmem_v, _bias_grad_to_shape(dbias, mem_bias)
 

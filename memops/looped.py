@@ -319,8 +319,8 @@ def _looped_attention_varlen_fwd(q, k_new, v_new, gate, k_cache, v_cache, cu_seq
 
     q, k_new, v_new, gate, k_cache, v_cache = contiguous(q, k_new, v_new, gate, k_cache, v_cache)
     k_out, v_out = torch.empty_like(k_cache), torch.empty_like(v_cache)  # the kernel writes every row
-    packed = (cu_seqlens.contiguous(), cu_seqlens.contiguous())
-    options = dict(causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out), cu_seqlens=packed)
+    packed = dict(cu_seqlens_q=cu_seqlens.contiguous(), cu_seqlens_k=cu_seqlens.contiguous())
+    options = dict(causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out), **packed)
     out, lse = attention_kernels.memory_attention_fwd(q, k_cache, v_cache, None, None, None, **options)
     return out, lse, k_out, v_out
 
@@ -336,8 +336,8 @@ def _looped_attention_varlen_bwd(*args):
     grad_out, grad_lse, grad_k_out, grad_v_out = args[:4]
     q, k_new, v_new, gate, k_cache, v_cache = contiguous(*args[4:10])
     cu_seqlens, out, lse, k_out, v_out, causal, scale = args[10:]
-    packed = (cu_seqlens.contiguous(), cu_seqlens.contiguous())
-    options = dict(causal=causal, scale=scale, deterministic=True, grad_lse=grad_lse, cu_seqlens=packed)
+    packed = dict(cu_seqlens_q=cu_seqlens.contiguous(), cu_seqlens_k=cu_seqlens.contiguous())
+    options = dict(causal=causal, scale=scale, deterministic=True, grad_lse=grad_lse, **packed)
     dq, d_k_out, d_v_out, *_ = attention_kernels.memory_attention_bwd(
         dense(grad_out), q, dense(k_out), dense(v_out), None, None, None, out, lse, **options
     )

@@ -151,9 +151,9 @@ def _retention_attention_varlen_fwd(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_
     q, k, v, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, mem_k, mem_v))
     # the kernels read each kv head's decay as one row over the packed keys: (Hkv, total_k)
     decay = log_beta.t().contiguous()
-    packed = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+    packed = dict(cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
     return attention_kernels.memory_attention_fwd(
-        q, k, v, mem_k, mem_v, None, causal=True, scale=scale, log_beta=decay, cu_seqlens=packed
+        q, k, v, mem_k, mem_v, None, causal=True, scale=scale, log_beta=decay, **packed
     )
 
 
@@ -163,8 +163,8 @@ def _retention_attention_varlen_bwd(
     from memops.kernels import attention as attention_kernels
 
     grad_out, q, k, v, mem_k, mem_v = (unit_last_stride(t) for t in (grad_out, q, k, v, mem_k, mem_v))
-    packed = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
-    options = dict(causal=True, scale=scale, deterministic=deterministic, grad_lse=grad_lse, cu_seqlens=packed)
+    packed = dict(cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
+    options = dict(causal=True, scale=scale, deterministic=deterministic, grad_lse=grad_lse, **packed)
     dq, dk, dv, dmem_k, dmem_v, _, dlog_beta = attention_kernels.memory_attention_bwd(
         grad_out, q, k, v, mem_k, mem_v, None, out, lse, log_beta=log_beta.t().contiguous(), **options
     )

@@ -349,7 +349,7 @@ def _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
         def run(mem=mem, bias=bias):
             if kernels.reference_instead(q, "varlen-memory", backward=True):
                 return
-            options = dict(causal=causal, scale=D**-0.5, cu_seqlens=(cu, cu))
+            options = dict(causal=causal, scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
             out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, **options)
             kernels.memory_attention_bwd(q, q, k, k, mem, mem, bias, out, lse, deterministic=False, **options)
 
@@ -373,7 +373,7 @@ def _packed_scenarios(dt, subset):
             if kernels.reference_instead(q, "varlen-memory", backward=True):
                 return
             cu = _meta(S + 1, dtype=torch.int32)
-            options = dict(causal=True, scale=D**-0.5, cu_seqlens=(cu, cu))
+            options = dict(causal=True, scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
             out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, None, **options)
             kernels.memory_attention_bwd(q, q, k, k, mem, mem, None, out, lse, deterministic=False, **options)
 
@@ -430,7 +430,7 @@ def _retention_scenarios(dtype, subset):
                     q, k = _meta(B * N, H, D, dtype=dt), _meta(B * N, Hkv, D, dtype=dt)
                     log_beta, cu = _meta(Hkv, B * N, dtype=torch.float32), _meta(B + 1, dtype=torch.int32)
                     if not attention.reference_instead(q, "varlen-decay", backward=True):
-                        options = dict(causal=True, scale=D**-0.5, log_beta=log_beta, cu_seqlens=(cu, cu))
+                        options = dict(causal=True, scale=D**-0.5, log_beta=log_beta, cu_seqlens_q=cu, cu_seqlens_k=cu)
                         out, lse = attention.memory_attention_fwd(q, k, k, None, None, None, **options)
                         attention.memory_attention_bwd(q, q, k, k, None, None, None, out, lse, deterministic=True,
                                                        **options)  # fmt: skip
@@ -545,7 +545,7 @@ def _looped_scenarios(dtype, subset):
                 if not attention.reference_instead(q, f"varlen-{path}", backward=False):
                     attention.memory_attention_fwd(
                         q, rows, rows, None, None, None, causal=True, scale=D**-0.5,
-                        blend=(rows, rows, gate, rows, rows), cu_seqlens=(cu, cu),
+                        blend=(rows, rows, gate, rows, rows), cu_seqlens_q=cu, cu_seqlens_k=cu,
                     )  # fmt: skip
 
             yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'} varlen", run_varlen
