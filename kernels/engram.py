@@ -74,10 +74,10 @@ def ngram_hash_kernel(
     ids_ptr, multipliers_ptr, primes_ptr, offsets_ptr, out_ptr,
     n_tokens, L_out, context, stride_b, stride_l, pad_id,
     N_MAX: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-    ADD_OFFSETS: tl.constexpr,
 ):
     # One program per BLOCK_T tokens of the flattened (B, L) batch; it builds mix_n order by order and
-    # writes that order's h heads as one (BLOCK_T, h) tile of out (n_tokens, (N - 1) * h).
+    # writes that order's h heads as one (BLOCK_T, h) tile of out (n_tokens, (N - 1) * h). offsets_ptr None:
+    # the bare hash ids; else each head's table offset added (the lookup's rows).
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < n_tokens
     batch = offs_t // L_out
@@ -92,7 +92,7 @@ def ngram_hash_kernel(
         cols = (k - 1) * HEADS + offs_h
         primes = tl.load(primes_ptr + cols, mask=mask_h, other=1)
         hashed = _floor_mod(mix[:, None], primes[None, :])
-        if ADD_OFFSETS:
+        if offsets_ptr is not None:
             hashed += tl.load(offsets_ptr + cols, mask=mask_h, other=0)[None, :]
         tl.store(out_ptr + offs_t[:, None] * ((N_MAX - 1) * HEADS) + cols[None, :], hashed, mask=mask)
 
@@ -152,10 +152,10 @@ def ngram_hash(
     cfg = _hash_config(heads)
     record_launch("ngram_hash_kernel")
     ngram_hash_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]),)](
-        ids, multipliers, primes, offsets if offsets is not None else primes, out,
+        ids, multipliers, primes, offsets, out,
         n_tokens, L, context, ids.stride(0), ids.stride(1), pad_id,
         N_MAX=orders + 1, HEADS=heads, BLOCK_H=cfg["BLOCK_H"], BLOCK_T=cfg["BLOCK_T"],
-        ADD_OFFSETS=offsets is not None, num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"],
     )
     return out
 

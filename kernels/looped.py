@@ -21,14 +21,14 @@ from memops.kernels._launch import record_launch
 
 
 @triton.jit
-def _updated_rows(rows_ptr, row_offset, num_updates, n, Nk, BLOCK_R: tl.constexpr, USE_ROWS_INDEX: tl.constexpr):
+def _updated_rows(rows_ptr, row_offset, num_updates, n, Nk, BLOCK_R: tl.constexpr):
     """Flattened update ids r = (b * Hkv + h) * n + i of this program, their mask, the cache row offsets
     (b * Hkv + h) * Nk + c and the new-row offsets r."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = r < num_updates
     head = r // n
     i = r % n
-    if USE_ROWS_INDEX:
+    if rows_ptr is not None:  # the rows given; else rows row_offset + i
         c = tl.load(rows_ptr + i, mask=mask, other=0).to(tl.int64)
     else:
         c = row_offset + i
@@ -38,12 +38,12 @@ def _updated_rows(rows_ptr, row_offset, num_updates, n, Nk, BLOCK_R: tl.constexp
 @triton.jit
 def _update_tile(
     gate_ptr, rows_ptr, num_updates, n, Nk, row_offset,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_ROWS_INDEX: tl.constexpr,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
 ):
     """This program's block of updated rows: ids r, row and element masks, cache and new-row element offsets
     (contiguous (.., D) rows), and the gate, (BLOCK_R, BLOCK_D) per channel or (BLOCK_R, 1) per row."""
-    r, mask_r, cache_row = _updated_rows(rows_ptr, row_offset, num_updates, n, Nk, BLOCK_R, USE_ROWS_INDEX)
+    r, mask_r, cache_row = _updated_rows(rows_ptr, row_offset, num_updates, n, Nk, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask = mask_r[:, None] & (offs_d[None, :] < D)
     cache_offsets = cache_row[:, None] * D + offs_d[None, :]
@@ -60,10 +60,10 @@ def looped_update_fwd_kernel(
     k_cache_ptr, v_cache_ptr, k_new_ptr, v_new_ptr, gate_ptr, rows_ptr, k_out_ptr, v_out_ptr,
     num_updates, n, Nk, row_offset,
     D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_ROWS_INDEX: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
+    GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
 ):
     r, mask_r, mask, cache_offsets, new_offsets, g = _update_tile(
-        gate_ptr, rows_ptr, num_updates, n, Nk, row_offset, D, BLOCK_R, BLOCK_D, USE_ROWS_INDEX, GATE_PER_CHANNEL, ACC)
+        gate_ptr, rows_ptr, num_updates, n, Nk, row_offset, D, BLOCK_R, BLOCK_D, GATE_PER_CHANNEL, ACC)
     _blend(k_cache_ptr, k_new_ptr, k_out_ptr, cache_offsets, new_offsets, g, mask, ACC)
     _blend(v_cache_ptr, v_new_ptr, v_out_ptr, cache_offsets, new_offsets, g, mask, ACC)
 
@@ -81,11 +81,11 @@ def looped_update_bwd_kernel(
     grad_k_cache_ptr, grad_v_cache_ptr, grad_k_new_ptr, grad_v_new_ptr, grad_gate_ptr,
     num_updates, n, Nk, row_offset,
     D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_ROWS_INDEX: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
+    GATE_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per block of updated rows with the whole head dim, so a per-row gate's grad sums over D here.
     r, mask_r, mask, cache_offsets, new_offsets, g = _update_tile(
-        gate_ptr, rows_ptr, num_updates, n, Nk, row_offset, D, BLOCK_R, BLOCK_D, USE_ROWS_INDEX, GATE_PER_CHANNEL, ACC)
+        gate_ptr, rows_ptr, num_updates, n, Nk, row_offset, D, BLOCK_R, BLOCK_D, GATE_PER_CHANNEL, ACC)
     grad_g = _blend_grad(k_cache_ptr, k_new_ptr, grad_k_ptr, grad_k_cache_ptr, grad_k_new_ptr, cache_offsets,
                          new_offsets, g, mask, ACC)
     grad_g += _blend_grad(v_cache_ptr, v_new_ptr, grad_v_ptr, grad_v_cache_ptr, grad_v_new_ptr, cache_offsets,
@@ -126,9 +126,9 @@ def looped_update_fwd(k_cache, v_cache, k_new, v_new, gate, rows, row_offset, k_
     grid, block_r, block_d = _launch_shape(num_updates, D)
     record_launch("looped_update_fwd_kernel")
     looped_update_fwd_kernel[grid](
-        k_cache, v_cache, k_new, v_new, gate, rows if rows is not None else gate, k_out, v_out,
+        k_cache, v_cache, k_new, v_new, gate, rows, k_out, v_out,
         num_updates, n, Nk, row_offset, D=D, BLOCK_R=block_r, BLOCK_D=block_d,
-        USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache),
+        GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache),
         num_warps=4,
     )
 
@@ -147,11 +147,11 @@ def looped_update_bwd(grad_k, grad_v, k_cache, v_cache, k_new, v_new, gate, rows
         grid, block_r, block_d = _launch_shape(num_updates, D)
         record_launch("looped_update_bwd_kernel")
         looped_update_bwd_kernel[grid](
-            k_cache, v_cache, k_new, v_new, gate, rows if rows is not None else gate, grad_k, grad_v,
+            k_cache, v_cache, k_new, v_new, gate, rows, grad_k, grad_v,
             grad_k_cache, grad_v_cache, grad_k_new, grad_v_new, grad_gate,
             num_updates, n, Nk, row_offset, D=D, BLOCK_R=block_r, BLOCK_D=block_d,
             # 8 warps: at 4 the ten (BLOCK_R, BLOCK_D) fp32 tiles of K and V sat at 255 registers and spilled
-            USE_ROWS_INDEX=rows is not None, GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache),
+            GATE_PER_CHANNEL=gate.shape[-1] != 1 or D == 1, ACC=accumulator(k_cache),
             num_warps=8,
         )
     return grad_k_cache, grad_v_cache, grad_k_new, grad_v_new, grad_gate

@@ -9,8 +9,8 @@ One program per (batch row, block of BLOCK_SIZE tokens) computes, for the block'
     ids = (group-limited) top-k of r restricted to C;   w = s[ids] / (Σ s[ids] + 1e-20) * scaling
 
 Top-k selections use int64 entries (score, inverted index) and the bitonic network of memops.kernels.topk,
-so ties go to the lower expert index, as in the reference's stable sorts. VOTE False skips the coreset
-(token-level routing).
+so ties go to the lower expert index, as in the reference's stable sorts. Without a coreset (coreset_ptr
+None) the vote is skipped (token-level routing); without bias_ptr no expert bias is added.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def block_route_kernel(
     N, n_blocks, top_p, min_experts, routed_scaling,
     E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     T_LOG2: tl.constexpr, E_LOG2: tl.constexpr, K_LOG2: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, VOTE: tl.constexpr, NORMALIZE: tl.constexpr,
+    SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
     GROUP_SIZE: tl.constexpr, N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
     GROUP_LIMITED_VOTE: tl.constexpr,
 ):
@@ -106,9 +106,9 @@ def block_route_kernel(
     else:
         scores = 1.0 / (1.0 + tl.exp(-logits))
     routing = scores
-    if HAS_BIAS:
+    if bias_ptr is not None:
         routing += tl.load(bias_ptr + offs_e, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
-    if VOTE:
+    if coreset_ptr is not None:
         # The vote: each token's plain top-k over all experts (the official gate), or its group-limited one
         if GROUP_LIMITED_VOTE:
             mask, _ = _routing_top(routing, valid, offs_e, TOP_K, T_LOG2, E_LOG2, K_LOG2, GROUP_SIZE, N_GROUPS,
@@ -169,11 +169,11 @@ def block_route(
         return ids, weights, coreset.bool() if vote else None
     record_launch("block_route_kernel")
     block_route_kernel[(n_blocks, B)](
-        router_logits, expert_bias if expert_bias is not None else router_logits, ids, weights,
-        coreset if vote else ids, N, n_blocks, float(top_p), int(min_experts), float(routed_scaling),
+        router_logits, expert_bias, ids, weights, coreset,
+        N, n_blocks, float(top_p), int(min_experts), float(routed_scaling),
         E=E, TOP_K=top_k, BLOCK_SIZE=tokens_per_program, T_LOG2=_log2_ceil(tokens_per_program),
-        E_LOG2=_log2_ceil(E), K_LOG2=_log2_ceil(top_k), SOFTMAX=softmax, HAS_BIAS=expert_bias is not None,
-        VOTE=vote, NORMALIZE=normalize, GROUP_SIZE=E // n_groups, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups,
+        E_LOG2=_log2_ceil(E), K_LOG2=_log2_ceil(top_k), SOFTMAX=softmax,
+        NORMALIZE=normalize, GROUP_SIZE=E // n_groups, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups,
         G_PAD=triton.next_power_of_2(n_groups), GROUP_LIMITED_VOTE=group_limited_vote and n_groups > 1,
         # The (tokens, experts) packed-entry sorts set the register budget: at 4 warps E = 256 spilled 1-3 KB.
         num_warps=8 if E > 64 else 4,
@@ -204,7 +204,7 @@ def _gather_rows(slot, positions, top_k, MODE: tl.constexpr):
 def grouped_gemm_kernel(
     a_ptr, w_ptr, c_ptr, preact_ptr, sorted_slot_ptr, block_expert_ptr,
     K_in, N_out, top_k, stride_am, stride_we, stride_wn, stride_wk, stride_cm, stride_pm,
-    A_ROWS: tl.constexpr, C_ROWS: tl.constexpr, SWIGLU: tl.constexpr, SAVE_PREACT: tl.constexpr,
+    A_ROWS: tl.constexpr, C_ROWS: tl.constexpr, SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -237,7 +237,7 @@ def grouped_gemm_kernel(
             acc_up += tl.dot(a, w_up, input_precision=DOT_PRECISION)
     mask = row_ok[:, None] & n_ok[None, :]
     if SWIGLU:
-        if SAVE_PREACT:
+        if preact_ptr is not None:
             pre = preact_ptr + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :]
             tl.store(pre, acc.to(preact_ptr.dtype.element_ty), mask=mask)
             tl.store(pre + N_out, acc_up.to(preact_ptr.dtype.element_ty), mask=mask)
@@ -370,10 +370,10 @@ def grouped_gemm(a, w, out, layout, *, k_in, n_out, top_k, w_strides, a_rows, c_
     cfg = config or gemm_config(a.device, a.dtype)
     record_launch("grouped_gemm_kernel")
     grouped_gemm_kernel[(block_expert.numel(), triton.cdiv(n_out, cfg["BLOCK_N"]))](
-        a, w, out, preact if preact is not None else out, sorted_slot, block_expert,
+        a, w, out, preact, sorted_slot, block_expert,
         k_in, n_out, top_k, a.stride(0), w.stride(0), w_strides[0], w_strides[1], out.stride(0),
         preact.stride(0) if preact is not None else 0,
-        A_ROWS=a_rows, C_ROWS=c_rows, SWIGLU=swiglu, SAVE_PREACT=preact is not None,
+        A_ROWS=a_rows, C_ROWS=c_rows, SWIGLU=swiglu,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precision(a),
         ACC=accumulator(a), num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
     )

@@ -533,6 +533,10 @@ def _looped_scenarios(dtype, subset):
                                                            scale=D**-0.5, deterministic=True)  # fmt: skip
                     looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
                     looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
+                    if not _CASE_SOURCE:  # looped_kv_update with its rows given: no headline case launches it
+                        rows = torch.empty(n, dtype=torch.int64, device="meta")
+                        looped.looped_update_fwd(cache, cache, new, new, gate, rows, 0, cache, cache)
+                        looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, rows, 0)
 
             yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
 
@@ -631,6 +635,8 @@ def _engram_shape_scenarios(p, dt):
         offsets, table = _meta(heads, dtype=torch.int64), _meta(rows, d, dtype=dt)
         engram.engram_lookup_fwd(ids, table, multipliers, primes, offsets, 2)
         engram.engram_lookup_fwd(_meta(B, 3, dtype=torch.int64), table, multipliers, primes, offsets, 2, 2)  # decode
+        if not _CASE_SOURCE:  # the public hash (bare ids, no offsets): no headline case launches it
+            engram.ngram_hash(ids, multipliers, primes, 2)
         row_ids = engram.ngram_hash(ids, multipliers, primes, 2, offsets).reshape(-1, 1)
         weighted_gather_bwd(
             _meta(B * L * heads, d, dtype=dt), table, row_ids, _meta(B * L * heads, 1, dtype=torch.float32),
