@@ -62,10 +62,11 @@ def weighted_gather_bwd_kernel(
     grad_out_ptr, values_ptr, indices_ptr, weights_ptr, grad_values_ptr, grad_weights_ptr,
     K, D, stride_values,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-    WEIGHTS_GRAD: tl.constexpr, ATOMIC_VALUES_GRAD: tl.constexpr,
 ):
     # One program per (token, K-slice). It walks D once: each step reads one slice of dout[t] and, for
     # the weights grad, the same slice of the selected rows; the atomic values grad reuses that dout slice.
+    # grad_weights_ptr None: no weights grad; grad_values_ptr None: no atomic values grad (none, or the
+    # segment kernel's).
     token = tl.program_id(0).to(tl.int64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -77,13 +78,13 @@ def weighted_gather_bwd_kernel(
         mask_d = offs_d < D
         mask = mask_k[:, None] & mask_d[None, :]
         g = tl.load(grad_out_ptr + token * D + offs_d, mask=mask_d, other=0).to(ACC)
-        if WEIGHTS_GRAD:
+        if grad_weights_ptr is not None:
             tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0).to(ACC)
             dw += tl.sum(tile * g[None, :], axis=1)
-        if ATOMIC_VALUES_GRAD:
+        if grad_values_ptr is not None:
             # grad_values is dense, contiguous and in ACC precision (fp32 or fp64).
             tl.atomic_add(grad_values_ptr + rows[:, None] * D + offs_d[None, :], w[:, None] * g[None, :], mask=mask)
-    if WEIGHTS_GRAD:
+    if grad_weights_ptr is not None:
         tl.store(grad_weights_ptr + token * K + offs_k, dw.to(grad_weights_ptr.dtype.element_ty), mask=mask_k)
 
 
@@ -280,12 +281,9 @@ def weighted_gather_bwd(
             cfg = config or gather_bwd_config(K, D)
             record_launch("weighted_gather_bwd_kernel")
             weighted_gather_bwd_kernel[(T, triton.cdiv(K, cfg["BLOCK_K"]))](
-                grad_out, values, indices, weights,
-                grad_values if atomic else grad_out,  # placeholder pointers are never dereferenced
-                grad_weights if weights_grad else grad_out,
+                grad_out, values, indices, weights, grad_values if atomic else None, grad_weights,
                 K, D, values.stride(0),
-                BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=acc,
-                WEIGHTS_GRAD=weights_grad, ATOMIC_VALUES_GRAD=atomic, num_warps=cfg["num_warps"],
+                BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=acc, num_warps=cfg["num_warps"],
             )
         if values_grad and not atomic:
             segment_launch = segment_kernel_config or segment_config(D)

@@ -31,7 +31,7 @@ from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_en
 @triton.jit(do_not_specialize=["N", "rows_per_batch"])
 def retention_capacity_fwd_kernel(
     log_beta_ptr, capacity_ptr, starts_ptr, N, rows_per_batch, stride_starts,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr, DOCUMENTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per (sequence, block of t); it walks the j blocks up to the block's last t. With packed
     # documents it starts at the block's first document (starts[t] is non-decreasing in t), not at 0.
@@ -42,7 +42,7 @@ def retention_capacity_fwd_kernel(
     total = tl.zeros((BLOCK_T,), dtype=ACC)
     end = tl.minimum((pid_t + 1) * BLOCK_T, N)
     first = 0
-    if DOCUMENTS:
+    if starts_ptr is not None:  # packed documents
         starts_row = starts_ptr + sequence // rows_per_batch * stride_starts
         t_start = tl.load(starts_row + offs_t, mask=offs_t < N, other=N)
         first = tl.load(starts_row + pid_t * BLOCK_T) // BLOCK_J * BLOCK_J
@@ -51,7 +51,7 @@ def retention_capacity_fwd_kernel(
         log_beta = _finite_log_beta(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
         distance = (offs_t[:, None] - offs_j[None, :]).to(ACC)
         visible = (offs_j[None, :] <= offs_t[:, None]) & (offs_j[None, :] < N)
-        if DOCUMENTS:
+        if starts_ptr is not None:
             visible = visible & (offs_j[None, :] >= t_start[:, None])
         # Masked before the exp: (t - j) < 0 with a very negative log_beta would overflow.
         total += tl.sum(tl.exp(tl.where(visible, distance * log_beta[None, :], float("-inf"))), axis=1)
@@ -61,7 +61,7 @@ def retention_capacity_fwd_kernel(
 @triton.jit(do_not_specialize=["N", "rows_per_batch"])
 def retention_capacity_bwd_kernel(
     log_beta_ptr, grad_capacity_ptr, grad_log_beta_ptr, ends_ptr, N, rows_per_batch, stride_ends,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr, DOCUMENTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per (sequence, block of j); it walks the t blocks from the block's first j on, up to the
     # end of the block's last document when documents are packed.
@@ -73,7 +73,7 @@ def retention_capacity_bwd_kernel(
     total = tl.zeros((BLOCK_J,), dtype=ACC)
     first = pid_j * BLOCK_J // BLOCK_T * BLOCK_T
     last = N
-    if DOCUMENTS:
+    if ends_ptr is not None:  # packed documents
         ends_row = ends_ptr + sequence // rows_per_batch * stride_ends
         j_end = tl.load(ends_row + offs_j, mask=offs_j < N, other=0)
         last = tl.load(ends_row + tl.minimum((pid_j + 1) * BLOCK_J, N) - 1)
@@ -82,7 +82,7 @@ def retention_capacity_bwd_kernel(
         grad = tl.load(grad_capacity_ptr + row + offs_t, mask=offs_t < N, other=0.0).to(ACC)
         distance = (offs_t[None, :] - offs_j[:, None]).to(ACC)                  # (j, t)
         visible = (offs_j[:, None] <= offs_t[None, :]) & (offs_t[None, :] < N)
-        if DOCUMENTS:
+        if ends_ptr is not None:
             visible = visible & (offs_t[None, :] < j_end[:, None])
         decay = tl.exp(tl.where(visible, distance * log_beta[:, None], float("-inf")))
         total += tl.sum(tl.where(visible, grad[None, :] * distance * decay, 0.0), axis=1)
@@ -99,12 +99,12 @@ def capacity_config(device: torch.device) -> dict:
 
 def _capacity_launch(log_beta: torch.Tensor, bounds: torch.Tensor | None, config: dict | None):
     """(N, rows, config, bounds pointer, rows per batch row, batch stride) for a capacity kernel over a
-    contiguous log_beta (..., N); bounds is a (B|1, N) int32 starts/ends tensor, or None (placeholders)."""
+    contiguous log_beta (..., N); bounds is a (B|1, N) int32 starts/ends tensor, or None (no documents)."""
     N = log_beta.shape[-1]
     rows = log_beta.numel() // max(N, 1)
     cfg = config or capacity_config(log_beta.device)
     if bounds is None:
-        return N, rows, cfg, log_beta, 1, 0
+        return N, rows, cfg, None, 1, 0
     batch = bounds.shape[0]
     return N, rows, cfg, bounds, max(rows // batch, 1), bounds.stride(0) if batch > 1 else 0
 
@@ -120,7 +120,7 @@ def retention_capacity_fwd(log_beta: torch.Tensor, starts: torch.Tensor | None =
     record_launch("retention_capacity_fwd_kernel")
     retention_capacity_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_T"]), rows)](
         log_beta, capacity, pointer, N, rows_per_batch, stride,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=accumulator(log_beta), DOCUMENTS=starts is not None,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=accumulator(log_beta),
         num_warps=cfg["num_warps"],
     )
     return capacity
@@ -137,7 +137,7 @@ def retention_capacity_bwd(grad_capacity: torch.Tensor, log_beta: torch.Tensor, 
     record_launch("retention_capacity_bwd_kernel")
     retention_capacity_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_J"]), rows)](
         log_beta, grad_capacity, grad_log_beta, pointer, N, rows_per_batch, stride,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=accumulator(log_beta), DOCUMENTS=ends is not None,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_J=cfg["BLOCK_J"], ACC=accumulator(log_beta),
         num_warps=cfg["num_warps"],
     )
     return grad_log_beta
