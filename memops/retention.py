@@ -75,6 +75,9 @@ def _retention_attention_bwd(
 _RETENTION_INPUTS = (
     "Tensor q, Tensor k, Tensor v, Tensor log_beta, Tensor? mem_k, Tensor? mem_v, Tensor? doc_start, Tensor? doc_end"
 )
+# the differentiable inputs of both retention-attention ops (padded, packed) and their backward ops' grads
+_RETENTION_DIFFERENTIABLE = ("q", "k", "v", "log_beta", "mem_k", "mem_v")
+_RETENTION_GRADS = "Tensor dq, Tensor dk, Tensor dv, Tensor dlog_beta, Tensor dmem_k, Tensor dmem_v"
 _retention_attention_op = custom_op(
     "retention_attention",
     _retention_attention_fwd,
@@ -84,8 +87,8 @@ _retention_attention_op = custom_op(
         "retention_attention_backward",
         _retention_attention_bwd,
         f"(Tensor grad_out, Tensor? grad_lse, {_RETENTION_INPUTS}, Tensor out, Tensor lse, float scale, "
-        "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dlog_beta, Tensor dmem_k, Tensor dmem_v)",
-        grads=("q", "k", "v", "log_beta", "mem_k", "mem_v"),
+        f"bool deterministic) -> ({_RETENTION_GRADS})",
+        grads=_RETENTION_DIFFERENTIABLE,
     ),
 )
 
@@ -186,8 +189,8 @@ _retention_attention_varlen_op = custom_op(
         "retention_attention_varlen_backward",
         _retention_attention_varlen_bwd,
         f"(Tensor grad_out, Tensor? grad_lse, {_RETENTION_VARLEN_INPUTS}, Tensor out, Tensor lse, float scale, "
-        "bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dlog_beta, Tensor dmem_k, Tensor dmem_v)",
-        grads=("q", "k", "v", "log_beta", "mem_k", "mem_v"),
+        f"bool deterministic) -> ({_RETENTION_GRADS})",
+        grads=_RETENTION_DIFFERENTIABLE,
     ),
 )
 
