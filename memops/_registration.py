@@ -196,7 +196,9 @@ def custom_op(
                     args.append(ctx.needs_input_grad[source])
             results = backward_op_def(*args)
         else:
-            results = backward(SimpleNamespace(deterministic=deterministic, **saved), *output_grads)
+            # the global switch, or'ed with the op's own deterministic input where it has one
+            saved["deterministic"] = deterministic or bool(saved.get("deterministic", False))
+            results = backward(SimpleNamespace(**saved), *output_grads)
         results = results if isinstance(results, tuple) else (results,)
         by_name = dict(zip(grads, results))
         return tuple(

@@ -22,7 +22,7 @@ from memops._registration import (
     empty_like_dense,
     unit_last_stride,
 )
-from memops._validation import check_attention_inputs, check_triton_head_dim, check_varlen_inputs
+from memops._validation import check_attention_inputs, check_bool, check_triton_head_dim, check_varlen_inputs
 from memops.kernels._launch import record_launch
 from memops.reference.attention import bias_3d
 
@@ -69,7 +69,7 @@ def _two_states(state: list, q: torch.Tensor) -> list:
     return state + [q.new_zeros(1) for _ in range(2 - len(state))]
 
 
-def _memory_attention_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale):
+def _memory_attention_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, deterministic):
     from memops.kernels import attention as attention_kernels
 
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
@@ -100,7 +100,7 @@ _memory_attention_backward_op = backward_op(
 _memory_attention_op = custom_op(
     "memory_attention",
     _memory_attention_fwd,
-    f"({ATTENTION_INPUTS}, bool causal, float scale) -> (Tensor out, Tensor lse)",
+    f"({ATTENTION_INPUTS}, bool causal, float scale, bool deterministic) -> (Tensor out, Tensor lse)",
     fake=attention_outputs_like,
     backward=_memory_attention_backward_op,
 )
@@ -163,12 +163,12 @@ def _composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
     return out, lse, state[0], state[1]
 
 
-def _memory_attention_composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
+def _memory_attention_composed_fwd(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence, deterministic):
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
     return _composed_fwd(*prepared, causal, scale, sequence)
 
 
-def _memory_attention_composed_fake(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence):
+def _memory_attention_composed_fake(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence, deterministic):
     from memops import _attention_sdpa
 
     # The vendor op's own fake (meta) kernel gives its state tensors' shapes on this torch version.
@@ -250,7 +250,7 @@ def _composed_backward(saved, grad_out, grad_lse, *_):
 _memory_attention_composed_op = custom_op(
     "memory_attention_composed",
     _memory_attention_composed_fwd,
-    f"({ATTENTION_INPUTS}, bool causal, float scale, str sequence) -> "
+    f"({ATTENTION_INPUTS}, bool causal, float scale, str sequence, bool deterministic) -> "
     "(Tensor out, Tensor lse, Tensor state_a, Tensor state_b)",
     fake=_memory_attention_composed_fake,
     backward=_composed_backward,
@@ -321,7 +321,7 @@ def memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None, *,
     causal: bool = False, scale: float | None = None, mem_bias: torch.Tensor | None = None,
-    return_lse: bool = False, impl: str = "auto",
+    return_lse: bool = False, impl: str = "auto", deterministic: bool = False,
 ):  # fmt: skip
     """Attention over [memory ; sequence] keys without materialising the concatenation.
 
@@ -342,6 +342,10 @@ def memory_attention(
             over the memory, merged by log-sum-exp), ``"fused"`` (one memops kernel over both) or ``"auto"``
             (see :func:`attention_impl`). ``memops.testing.count_launches`` records the choice as
             ``"memory_attention.composed.<op>"`` or ``"memory_attention.fused"``.
+        deterministic: a batch-shared memory's grads summed over the batch in a fixed order instead of with
+            atomics, so they are bit-identical across runs; also on under
+            ``torch.use_deterministic_algorithms(True)`` (FlashAttention's flag). Every other grad is
+            computed without atomics either way.
 
     Returns:
         out (B, H, N, D) in q.dtype, or (out, lse).
@@ -350,6 +354,7 @@ def memory_attention(
     """
     check_attention_inputs(q, k, v, mem_k, mem_v, mem_bias, scale)
     _check_impl(impl)
+    check_bool(deterministic, "deterministic", "memory_attention")
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = mem_bias = None
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
@@ -363,10 +368,12 @@ def memory_attention(
     mem_bias = bias_3d(mem_bias) if mem_bias is not None else None
     if chosen == "composed":
         record_launch(f"memory_attention.composed.{sequence}")
-        out, lse, _, _ = _memory_attention_composed_op(q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence)
+        out, lse, _, _ = _memory_attention_composed_op(
+            q, k, v, mem_k, mem_v, mem_bias, causal, scale, sequence, deterministic
+        )
     else:
         record_launch("memory_attention.fused")
-        out, lse = _memory_attention_op(q, k, v, mem_k, mem_v, mem_bias, causal, scale)
+        out, lse = _memory_attention_op(q, k, v, mem_k, mem_v, mem_bias, causal, scale, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -378,7 +385,9 @@ def _packed_boundaries(cu_seqlens_q, cu_seqlens_k) -> dict:
     return dict(cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
 
 
-def _memory_attention_varlen_fwd(q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, causal, scale):
+def _memory_attention_varlen_fwd(
+    q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, causal, scale, deterministic
+):
     from memops.kernels import attention as attention_kernels
 
     prepared = [unit_last_stride(t) for t in (q, k, v, mem_k, mem_v, mem_bias)]
@@ -404,7 +413,7 @@ _VARLEN_INPUTS = f"{ATTENTION_INPUTS}, Tensor cu_seqlens_q, Tensor cu_seqlens_k"
 _memory_attention_varlen_op = custom_op(
     "memory_attention_varlen",
     _memory_attention_varlen_fwd,
-    f"({_VARLEN_INPUTS}, bool causal, float scale) -> (Tensor out, Tensor lse)",
+    f"({_VARLEN_INPUTS}, bool causal, float scale, bool deterministic) -> (Tensor out, Tensor lse)",
     fake=varlen_outputs_like,
     backward=backward_op(
         "memory_attention_varlen_backward",
@@ -421,7 +430,7 @@ def memory_attention_varlen(
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
     mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None, *,
     causal: bool = False, scale: float | None = None, mem_bias: torch.Tensor | None = None,
-    return_lse: bool = False,
+    return_lse: bool = False, deterministic: bool = False,
 ):  # fmt: skip
     """:func:`memory_attention` over a packed batch of S sequences, in FlashAttention's varlen layout.
 
@@ -443,6 +452,10 @@ def memory_attention_varlen(
         scale: logit scale, default D ** -0.5.
         mem_bias: additive logit bias per memory row, (M,), (Hkv, M) or (S, Hkv, M); differentiable.
         return_lse: also return the log-sum-exp, (H, total_q) fp32, as FlashAttention lays it out.
+        deterministic: a batch-shared memory's grads summed over the batch in a fixed order instead of with
+            atomics, so they are bit-identical across runs; also on under
+            ``torch.use_deterministic_algorithms(True)`` (FlashAttention's flag). Every other grad is
+            computed without atomics either way.
 
     Returns:
         out (total_q, H, D) in q.dtype, or (out, lse). A query with no visible key gets zeros (lse -inf).
@@ -454,6 +467,7 @@ def memory_attention_varlen(
     check_varlen_inputs(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mem_k, mem_v, mem_bias, scale, op
     )
+    check_bool(deterministic, "deterministic", op)
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = mem_bias = None
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
@@ -465,5 +479,7 @@ def memory_attention_varlen(
     check_triton_head_dim(q, op)
     mem_bias = bias_3d(mem_bias) if mem_bias is not None else None
     record_launch("memory_attention.varlen")
-    out, lse = _memory_attention_varlen_op(q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    out, lse = _memory_attention_varlen_op(
+        q, k, v, mem_k, mem_v, mem_bias, cu_seqlens_q, cu_seqlens_k, causal, scale, deterministic
+    )
     return (out, lse) if return_lse else out

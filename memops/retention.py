@@ -17,7 +17,13 @@ from memops._registration import (
     custom_op,
     unit_last_stride,
 )
-from memops._validation import can_read_values, check_attention_inputs, check_triton_head_dim, check_varlen_inputs
+from memops._validation import (
+    can_read_values,
+    check_attention_inputs,
+    check_bool,
+    check_triton_head_dim,
+    check_varlen_inputs,
+)
 from memops.attention import attention_backend, attention_outputs_like, varlen_outputs_like
 from memops.kernels._launch import record_launch
 
@@ -46,7 +52,7 @@ def validate_log_beta(
 # retention_attention
 
 
-def _retention_attention_fwd(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale):
+def _retention_attention_fwd(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale, deterministic):
     from memops.kernels import attention as attention_kernels
 
     q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, log_beta, mem_k, mem_v))
@@ -81,7 +87,7 @@ _RETENTION_GRADS = "Tensor dq, Tensor dk, Tensor dv, Tensor dlog_beta, Tensor dm
 _retention_attention_op = custom_op(
     "retention_attention",
     _retention_attention_fwd,
-    f"({_RETENTION_INPUTS}, float scale) -> (Tensor out, Tensor lse)",
+    f"({_RETENTION_INPUTS}, float scale, bool deterministic) -> (Tensor out, Tensor lse)",
     fake=attention_outputs_like,
     backward=backward_op(
         "retention_attention_backward",
@@ -97,7 +103,7 @@ def retention_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor, *,
     mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
     scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True,
-    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, deterministic: bool = False,
 ):  # fmt: skip
     """Causal attention with TRIM-KV's learned retention decay (training-time attention).
 
@@ -119,6 +125,8 @@ def retention_attention(
             a document starts wherever the position does not advance by 1). cu_seqlens: (S + 1,) int32/int64,
             FlashAttention's boundaries, shared by every batch row. A query (at key index pos_i) sees only
             its own document's keys; the kernels skip the key and query blocks outside it.
+        deterministic: a batch-shared memory's grads summed in a fixed order instead of with atomics
+            (bit-identical across runs); also on under ``torch.use_deterministic_algorithms(True)``.
 
     Returns:
         out (B, H, N, D) in q.dtype, or (out, lse). A query with no visible key (N > Nk) gets zeros.
@@ -128,6 +136,7 @@ def retention_attention(
     """
     op = "retention_attention"
     check_attention_inputs(q, k, v, mem_k, mem_v, None, scale, op=op)
+    check_bool(deterministic, "deterministic", op)
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = None
     validate_log_beta(log_beta, (k.shape[0], k.shape[1], k.shape[2]), q.device, op, check_values=check_log_beta)
@@ -140,7 +149,7 @@ def retention_attention(
     check_triton_head_dim(q, op)
     # with no sequence key there is nothing for a document to hide
     doc_start, doc_end = bounds[:2] if bounds is not None and k.shape[2] else (None, None)
-    out, lse = _retention_attention_op(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale)
+    out, lse = _retention_attention_op(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end, scale, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -148,7 +157,7 @@ def retention_attention(
 # retention_attention_varlen: packed sequences in FlashAttention's layout
 
 
-def _retention_attention_varlen_fwd(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, scale):
+def _retention_attention_varlen_fwd(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, scale, deterministic):
     from memops.kernels import attention as attention_kernels
 
     q, k, v, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, mem_k, mem_v))
@@ -183,7 +192,7 @@ _RETENTION_VARLEN_INPUTS = (
 _retention_attention_varlen_op = custom_op(
     "retention_attention_varlen",
     _retention_attention_varlen_fwd,
-    f"({_RETENTION_VARLEN_INPUTS}, float scale) -> (Tensor out, Tensor lse)",
+    f"({_RETENTION_VARLEN_INPUTS}, float scale, bool deterministic) -> (Tensor out, Tensor lse)",
     fake=varlen_outputs_like,
     backward=backward_op(
         "retention_attention_varlen_backward",
@@ -199,7 +208,7 @@ def retention_attention_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_beta: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
     mem_k: torch.Tensor | None = None, mem_v: torch.Tensor | None = None,
-    scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True,
+    scale: float | None = None, return_lse: bool = False, check_log_beta: bool = True, deterministic: bool = False,
 ):  # fmt: skip
     """:func:`retention_attention` over a packed batch of S sequences, in FlashAttention's varlen layout.
 
@@ -214,12 +223,15 @@ def retention_attention_varlen(
             every query of the sequence, with no decay.
         scale: logit scale, default D ** -0.5. return_lse: also return the (H, total_q) fp32 log-sum-exp.
         check_log_beta: raise ValueError for a log_beta > 0 (one host sync; skipped under torch.compile).
+        deterministic: a batch-shared memory's grads summed in a fixed order instead of with atomics
+            (bit-identical across runs); also on under ``torch.use_deterministic_algorithms(True)``.
 
     Returns:
         out (total_q, H, D) in q.dtype, or (out, lse); gradients flow to q, k, v, log_beta and the memory.
     """
     op = "retention_attention_varlen"
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mem_k, mem_v, None, scale, op)
+    check_bool(deterministic, "deterministic", op)
     if mem_k is not None and mem_k.shape[-2] == 0:
         mem_k = mem_v = None
     shape = (k.shape[0], k.shape[1])
@@ -232,7 +244,9 @@ def retention_attention_varlen(
         )  # fmt: skip
     check_triton_head_dim(q, op)
     record_launch("retention_attention.varlen")
-    out, lse = _retention_attention_varlen_op(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, scale)
+    out, lse = _retention_attention_varlen_op(
+        q, k, v, log_beta, mem_k, mem_v, cu_seqlens_q, cu_seqlens_k, scale, deterministic
+    )
     return (out, lse) if return_lse else out
 
 

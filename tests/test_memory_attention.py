@@ -311,7 +311,8 @@ def test_fp64_gradcheck_on_triton_path(impl, with_lse, device):
 
 def test_opcheck(device):
     inputs = make_inputs(1, 2, 1, 9, 9, 4, 16, torch.float32, device, memory="shared", bias_shape=(1, 1, 4))
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["mem_k"], inputs["mem_v"], inputs["mem_bias"], True, 0.25)
+    tensors = (inputs["q"], inputs["k"], inputs["v"], inputs["mem_k"], inputs["mem_v"], inputs["mem_bias"])
+    args = (*tensors, True, 0.25, False)
     for t in args[:6]:
         t.requires_grad_()
     torch.library.opcheck(torch.ops.memops.memory_attention.default, args)
@@ -326,7 +327,7 @@ def attention_tensors(inputs):
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_composed(causal):
     inputs = make_inputs(1, 4, 2, 9, 7, 4, 16, torch.float32, "cpu", memory="shared", bias_shape=(1, 1, 4))
-    args = (*attention_tensors(inputs), causal, 0.25, "cpu_flash")
+    args = (*attention_tensors(inputs), causal, 0.25, "cpu_flash", False)
     for t in args[:6]:
         t.requires_grad_()
     torch.library.opcheck(torch.ops.memops.memory_attention_composed.default, args)
@@ -339,7 +340,7 @@ def test_opcheck_composed_cuda():
     from memops.attention import attention_impl
 
     _, sequence = attention_impl(inputs["q"], 96, causal=True, impl="composed")
-    args = (*attention_tensors(inputs), True, 0.125, sequence)
+    args = (*attention_tensors(inputs), True, 0.125, sequence, False)
     for t in args[:6]:
         t.requires_grad_()
     torch.library.opcheck(torch.ops.memops.memory_attention_composed.default, args)
@@ -480,3 +481,44 @@ def test_non_contiguous_inputs(impl, device):
     inputs = {"q": heads(N, H), "k": heads(N, 2), "v": heads(N, 2), "mem_k": heads(M, 2), "mem_v": heads(M, 2)}
     assert not any(t.is_contiguous() for t in inputs.values())
     check_against_float64(inputs, causal=True, dtype=torch.float32, impl=impl, lse_grad=impl == "fused")
+
+
+@pytest.mark.parametrize("op", ["fused", "composed", "varlen", "retention", "retention_varlen"])
+def test_deterministic_flag_reaches_the_backward_kernels(op, monkeypatch, device):
+    # deterministic=True, with torch.use_deterministic_algorithms off, sends the backward of a batch-shared
+    # memory down the fixed-order path, on every attention op that takes memory; False leaves it to the switch.
+    from memops.kernels import attention as kernels
+
+    seen = []
+    original = kernels.memory_attention_bwd
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "memory_attention_bwd", recording)
+    assert not torch.are_deterministic_algorithms_enabled()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 80, 16, generator=g).to(device).requires_grad_() for _ in range(3))
+    mem_k, mem_v = (torch.randn(2, 3, 16, generator=g).to(device).requires_grad_() for _ in range(2))  # shared
+    log_beta = (-torch.rand(2, 2, 80, generator=g)).to(device)
+    cu = torch.tensor([0, 80, 160], dtype=torch.int32, device=device)
+    packed = [t.detach().transpose(1, 2).reshape(160, 2, 16).requires_grad_() for t in (q, k, v)]
+    for deterministic in (False, True):
+        with memops.backend("triton"):
+            if op in ("fused", "composed"):
+                out = memops.memory_attention(q, k, v, mem_k, mem_v, causal=True, impl=op, deterministic=deterministic)
+            elif op == "varlen":
+                out = memops.memory_attention_varlen(*packed, cu, cu, 80, 80, mem_k, mem_v, causal=True,
+                                                     deterministic=deterministic)  # fmt: skip
+            elif op == "retention":
+                out = memops.retention_attention(q, k, v, log_beta, mem_k=mem_k, mem_v=mem_v,
+                                                 deterministic=deterministic)  # fmt: skip
+            else:
+                flat_beta = log_beta.transpose(1, 2).reshape(160, 2)
+                out = memops.retention_attention_varlen(*packed, flat_beta, cu, cu, 80, 80, mem_k=mem_k, mem_v=mem_v,
+                                                        deterministic=deterministic)  # fmt: skip
+            out.sum().backward()
+    assert seen == [False, True], seen
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        memops.memory_attention(q, k, v, deterministic=1)

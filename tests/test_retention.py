@@ -138,9 +138,9 @@ def test_retention_attention_gradcheck_fp64(device):
 def test_retention_attention_opcheck(device):
     inputs = make_attention_inputs(1, 2, 1, 9, 9, 16, torch.float32, device)
     args = [inputs[name].requires_grad_() for name in ("q", "k", "v", "log_beta")]
-    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, None, None, None, None, 0.25))
+    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, None, None, None, None, 0.25, False))
     starts, ends, _ = memops.retention.documents("test", 9, 1, None, torch.tensor([0, 4, 9], device=device), device)
-    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, None, None, starts, ends, 0.25))
+    torch.library.opcheck(torch.ops.memops.retention_attention.default, (*args, None, None, starts, ends, 0.25, False))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

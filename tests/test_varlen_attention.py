@@ -247,10 +247,11 @@ def test_opcheck(device):
     inputs, memory, cu_q, cu_k = _opcheck_inputs(device)
     q, k, v = (t.requires_grad_() for t in inputs.values())
     mem = [memory[name].requires_grad_() for name in ("mem_k", "mem_v", "mem_bias")]
-    torch.library.opcheck(torch.ops.memops.memory_attention_varlen.default, (q, k, v, *mem, cu_q, cu_k, True, 0.25))
+    op = torch.ops.memops.memory_attention_varlen.default
+    torch.library.opcheck(op, (q, k, v, *mem, cu_q, cu_k, True, 0.25, False))
     log_beta = (-torch.rand(k.shape[0], HKV, device=device)).requires_grad_()
     torch.library.opcheck(
-        torch.ops.memops.retention_attention_varlen.default, (q, k, v, log_beta, None, None, cu_q, cu_k, 0.25)
+        torch.ops.memops.retention_attention_varlen.default, (q, k, v, log_beta, None, None, cu_q, cu_k, 0.25, False)
     )
     rows = [torch.randn(14, HKV, D, device=device, requires_grad=True) for _ in range(4)]
     gate = torch.rand(14, HKV, 1, device=device).requires_grad_()
