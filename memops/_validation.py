@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from memops._tensors import can_read_values  # noqa: F401 (the ops import it from here with the checks)
+
 
 def check_float_tensor(t, name: str, op: str, *, dims: int, layout: str, device_of=None) -> None:
     """A floating-point torch.Tensor (TypeError otherwise) of ``dims`` dims (ValueError, naming ``layout``, e.g.
@@ -58,16 +60,6 @@ def check_layer_idx(layer_idx, op: str, n_layers: int | None = None) -> int:
         expected = ">= 0" if n_layers is None else f"in [0, {n_layers})"
         raise IndexError(f"{op}: layer_idx must be {expected}, got {layer_idx}")
     return layer_idx
-
-
-def can_read_values(t: torch.Tensor) -> bool:
-    """Whether a value check (a reduction and a host sync) may look at t's data: not while torch.compile or
-    FakeTensor tracing runs, and not for meta tensors, which have no data (those skip the check)."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not is_fake(t)
 
 
 def writable(buffer: torch.Tensor) -> torch.Tensor:

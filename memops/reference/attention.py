@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memops._tensors import can_read_values
+
 
 def _expand_memory(mem: torch.Tensor, batch: int) -> torch.Tensor:
     # A batch-shared (Hkv, M, D) memory becomes a (B, Hkv, M, D) view; no copy until the concatenation.
@@ -72,7 +74,7 @@ def memory_attention(
         # skips building the (N, Nk) mask. (Only at a positive finite scale: torch's CPU causal path gives NaN
         # rows at scale <= 0.)
         out = F.scaled_dot_product_attention(q, keys, vals, is_causal=True, scale=scale, enable_gqa=H != Hkv)
-        return nan_query_rows(out, q, None)
+        return out if can_read_values(q) else nan_query_rows(out, q, None)  # (eager: q is finite here)
     mask = _logit_mask(q, Hkv, Nk, M, causal, mem_bias)
     out = masked_attention(q, keys, vals, mask, scale)
     if not return_lse:
@@ -90,7 +92,7 @@ def masked_attention(
     logits are formed and normalised here, as the kernels do. Traced graphs (no data to branch on) take SDPA
     and put NaN in the rows of NaN queries."""
     H, Hkv = q.shape[1], keys.shape[1]
-    if not _has_values(q):
+    if not can_read_values(q):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
         return nan_query_rows(out, q, mask, keys.shape[2])
     if _finite(q, keys):
@@ -105,22 +107,17 @@ def masked_attention(
 def _finite(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """True unless q or keys hold NaN or inf (one sum each; an overflow only takes the exact path). Traced
     graphs and meta or fake tensors have no data to read: True there, so they take SDPA."""
-    if not _has_values(q):
+    if not can_read_values(q):
         return True
-    return bool(torch.isfinite(q.sum())) and bool(torch.isfinite(keys.sum()))
+    return bool(torch.isfinite(q.sum() + keys.sum()))  # one host sync (inf + -inf is NaN: still caught)
 
 
 def nan_query_rows(out: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None, num_keys: int = 1) -> torch.Tensor:
-    """out with NaN in the rows whose query has a NaN and sees at least one key, and 0 in the rows that see no
-    key: torch's CPU flash SDPA returns 0 for the first (its row max is NaN) and the math path NaN for the
-    second when the query is not finite (NaN or inf + -inf masked), where the spec and the kernels give
-    NaN and 0."""
+    """SDPA's out in a traced graph (no data to branch on, so :func:`masked_attention`'s exact path is out of
+    reach), with NaN in the rows whose query has a NaN and sees at least one key, and 0 in the rows that see
+    no key: torch's CPU flash SDPA returns 0 for the first (its row max is NaN) and the math path NaN for the
+    second when the query is not finite, where the spec and the kernels give NaN and 0."""
     if out.shape[-2] == 0 or out.shape[-1] == 0 or num_keys == 0:
-        return out
-    # The usual input has a finite query: one sum over q shows it (a NaN or inf anywhere makes it non-finite;
-    # an overflow only sends us down the exact path), skipping the passes over q and the (B, H, N, Nk) mask.
-    # Eager, real tensors only: a traced graph cannot branch on the data, and meta or fake tensors have none.
-    if _has_values(q) and bool(torch.isfinite(q.sum())):
         return out
     nan_rows = torch.isnan(q).any(-1, keepdim=True)
     if mask is not None:
@@ -128,15 +125,6 @@ def nan_query_rows(out: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None
         out = out.masked_fill(~sees_a_key, 0.0)
         nan_rows = nan_rows & sees_a_key
     return out.masked_fill(nan_rows, float("nan"))
-
-
-def _has_values(t: torch.Tensor) -> bool:
-    """Whether t's data may be read on the host: not under torch.compile, not a meta or fake tensor."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not is_fake(t)
 
 
 def attention_logits(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:

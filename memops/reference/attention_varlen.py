@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from memops.reference.attention import _has_values, attention_lse, bias_3d, masked_attention, memory_attention
+from memops._tensors import can_read_values
+from memops.reference.attention import attention_lse, bias_3d, masked_attention, memory_attention
 from memops.reference.looped import looped_blend
 from memops.reference.retention import retention_attention
 
@@ -122,7 +123,7 @@ def memory_attention_varlen(
 ):  # fmt: skip
     """``memops.memory_attention_varlen``: :func:`memops.reference.memory_attention` on each sequence."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not _has_values(cu_seqlens_q):
+    if not can_read_values(cu_seqlens_q):
         return _masked_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v, mem_bias, causal=causal,
                               scale=scale, log_beta=None, return_lse=return_lse)  # fmt: skip
     outs, lses = [], []
@@ -148,7 +149,7 @@ def retention_attention_varlen(
     """``memops.retention_attention_varlen``: :func:`memops.reference.retention_attention` on each sequence;
     log_beta (total_k, Hkv), so decay distances count within a sequence."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not _has_values(cu_seqlens_q):
+    if not can_read_values(cu_seqlens_q):
         return _masked_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, mem_k, mem_v, None, causal=True, scale=scale,
                               log_beta=log_beta, return_lse=return_lse)  # fmt: skip
     outs, lses = [], []
