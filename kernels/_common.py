@@ -31,6 +31,14 @@ def to_ln(x):
     return x * 0.6931471805599453
 
 
+@triton.jit
+def finite_log_beta(log_beta):
+    """A retention log_beta (<= 0) with -inf (beta = 0) as -1e30: a key's own position then decays by
+    0 * -1e30 = 0 (beta**0 = 1, where 0 * -inf is NaN) and any later one by exp(<= -1e30) = 0. NaN stays NaN.
+    Apply it to the (BLOCK_N,) vector, not the tile."""
+    return tl.where(log_beta == float("-inf"), -1e30, log_beta)
+
+
 def accumulator(*tensors: torch.Tensor):
     """tl.float64 when any input is fp64, else tl.float32."""
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32

@@ -1,22 +1,36 @@
 """Triton kernels for memory-token attention: flash attention over [memory ; sequence] keys, read from their
-own pointers, so the concatenation is never materialised.
+own pointers, so the concatenation is never materialised; and the same loop with retention decay (TRIM-KV)
+and with the looped cache blend (MELT). The kernels:
+
+- memory_attention_fwd_kernel: attention over [memory ; sequence] (memops.memory_attention, its packed
+  form, and plain attention when there is no memory);
+- retention_attention_fwd_kernel: causal attention with retention decay, optional memory and packed
+  documents (memops.retention_attention);
+- looped_attention_fwd_kernel: attention over a cache whose last rows are blended as they stream
+  (memops.looped_attention);
+- memory_attention_delta_kernel, memory_attention_dq_kernel, memory_attention_dkdv_kernel: the backward of
+  all three (the looped blend's backward is plain attention over the blended cache, then kernels/looped.py).
+
+The forward kernels share one flash loop made of @triton.jit helpers; each takes only its own inputs, and an
+absent input (no memory, no bias, padded rather than packed) is None, which compiles its code out.
 
 Math (one batch b, query head h, its kv head g = h // (H / Hkv); logits in the log2 domain internally):
 
     s[i, j]  = scale * q[i] . key[j] + bias[j]        key = [mem_k ; k], bias = [mem_bias ; 0]
     s[i, j]  = -inf for a sequence key j > i + Nk - N  (causal, bottom-right aligned)
     lse[i]   = log sum_j exp(s[i, j]);  p = exp(s - lse);  out[i] = sum_j p[i, j] value[j]
-    backward (delta[i] = dout[i] . out[i]):
+    backward (delta[i] = dout[i] . out[i] - dlse[i], the delta kernel):
     dp = dout value^T;  ds = p * (dp - delta);  dq = scale ds key;  dkey = scale ds^T q;
     dvalue = p^T dout;  dbias[j] = sum_i ds[i, j]
 
-Retention decay (TRIM-KV, used by memops.retention_attention): with a per-sequence-key log_beta[j] <= 0 the
-sequence logits also get (pos_i - j) * log_beta[j], pos_i = i + Nk - N, computed on the fly (no N x Nk
-bias tensor); its grad is dlog_beta[j] = sum_i (pos_i - j) ds[i, j], summed over the group's query heads.
+Retention decay (TRIM-KV): with a per-sequence-key log_beta[j] <= 0 the sequence logits also get
+(pos_i - j) * log_beta[j], pos_i = i + Nk - N, computed on the fly (no N x Nk bias tensor); its grad is
+dlog_beta[j] = sum_i (pos_i - j) ds[i, j], summed over the group's query heads. Packed documents: a query
+sees only the sequence keys of its own document.
 
-Looped blend (MELT, used by memops.looped_attention): sequence keys j >= blend_start are read as
-g * cache[j] + (1 - g) * new[j - blend_start] (K and V alike, g per row or per channel) while they stream,
-and one program per key row (the last query block of the group's first head) writes the blended rows out.
+Looped blend (MELT): sequence keys j >= blend_start are read as g * cache[j] + (1 - g) * new[j - blend_start]
+(K and V alike, g per row or per channel) while they stream, and one program per key row (the last query
+block of the group's first head) writes the blended rows out.
 
 The forward streams each key table in two loops: blocks every query of the program sees whole (in range and,
 when causal, at or below the first query's diagonal) run without bounds or causal masks, and only the
@@ -34,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memops.kernels._common import LOG2E, accumulator, dot_precision, to_ln, to_log2
+from memops.kernels._common import LOG2E, accumulator, dot_precision, finite_log_beta, to_ln, to_log2
 from memops.kernels._launch import dtype_class, launch_arch, record_launch
 
 
@@ -56,15 +70,14 @@ def _varlen_rows(pid, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_
 
 @triton.jit
 def _query_program(
-    H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
-    BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+    H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BLOCK_M: tl.constexpr,
 ):
-    """This program's query block: its index, batch (the sequence when packed), head and the kv head of its
-    group, the first query and key rows of its batch entry (0 unless packed), the query offsets and mask,
-    and the lengths N, Nk, M it sees (per sequence when packed)."""
+    """This program's query block: its index, batch (the sequence when packed: cu_q_ptr given), head and the
+    kv head of its group, the first query and key rows of its batch entry (0 unless packed), the query
+    offsets and mask, and the lengths N, Nk, M it sees (per sequence when packed)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    if VARLEN:  # grid (query-block programs over every sequence, H)
+    if cu_q_ptr is not None:  # packed: grid (query-block programs over every sequence, H)
         h = bh.to(tl.int64)
         b, pid_m, q_row0, k_row0, N, Nk, valid = _varlen_rows(pid_m, program_seq_ptr, first_block_ptr, cu_q_ptr,
                                                               cu_k_ptr, num_seqs)
@@ -97,58 +110,50 @@ def _lse_log2(lse_ptrs, row_ok, ACC: tl.constexpr):
 
 @triton.jit
 def _backward_rows(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok,
-    stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, stride_lseb, stride_lseh, ACC: tl.constexpr,
+    q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok, q_strides, do_strides, lse_strides,
+    ACC: tl.constexpr,
 ):
     """What the backward needs of a block of query rows: q, dout, the log2-domain lse and delta (lse and
     delta share one layout: (B, H, N), or (H, total) when packed)."""
     # (the packed row offset goes into the scalar base, so the per-row offsets stay int32 vectors)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + q_row0 * stride_qn + offs_m[:, None] * stride_qn
+    q = tl.load(q_ptr + b * q_strides[0] + h * q_strides[1] + q_row0 * q_strides[2] + offs_m[:, None] * q_strides[2]
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + q_row0 * stride_don + offs_m[:, None] * stride_don
-                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse_base = b * stride_lseb + h * stride_lseh + q_row0
+    do = tl.load(do_ptr + b * do_strides[0] + h * do_strides[1] + q_row0 * do_strides[2]
+                 + offs_m[:, None] * do_strides[2] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse_base = b * lse_strides[0] + h * lse_strides[1] + q_row0
     lse_log2 = _lse_log2(lse_ptr + lse_base + offs_m, row_ok, ACC)
     delta = tl.load(delta_ptr + lse_base + offs_m, mask=row_ok, other=0.0).to(ACC)
     return q, do, lse_log2, delta
 
 
 @triton.jit
-def _finite_log_beta(log_beta):
-    """log_beta with -inf (beta = 0) as -1e30: a key's own position then decays by 0 * -1e30 = 0 (beta**0 = 1,
-    where 0 * -inf is NaN) and any later one by exp(<= -1e30) = 0. NaN stays NaN. On the (BLOCK_N,) vector,
-    not the tile."""
-    return tl.where(log_beta == float("-inf"), -1e30, log_beta)
-
-
-@triton.jit
 def _masked_logits(
     q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2, query_doc_start,
-    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True, DOCUMENTS: tl.constexpr = False,
+    CAUSAL: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True,
 ):
     """log2-domain logits of a query block against a key block (k_t: D x BLOCK_N), -inf where not visible.
-    MASKED=False: a block every query of the block sees whole (in range, below the causal diagonal, inside
-    every query's document), so nothing is masked. DOCUMENTS: keys before a query's document start
-    (query_doc_start, per query row) are hidden."""
+    bias_base / decay_base: the block's key bias / retention log_beta row, or None. MASKED=False: a block
+    every query of the block sees whole (in range, below the causal diagonal, inside every query's document),
+    so nothing is masked. query_doc_start (per query row) or None: with packed documents, keys before a
+    query's document start are hidden."""
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION).to(ACC) * scale_log2
-    if HAS_BIAS:
+    if bias_base is not None:
         if MASKED:
             s += to_log2(tl.load(bias_base + offs_n, mask=in_range, other=0.0).to(ACC))[None, :]
         else:
             s += to_log2(tl.load(bias_base + offs_n).to(ACC))[None, :]
-    if HAS_DECAY:
+    if decay_base is not None:
         if MASKED:
             log_beta = tl.load(decay_base + offs_n, mask=in_range, other=0.0).to(ACC)
         else:
             log_beta = tl.load(decay_base + offs_n).to(ACC)
         distance = (offs_m[:, None] + causal_shift - offs_n[None, :]).to(ACC)
-        s += distance * to_log2(_finite_log_beta(log_beta))[None, :]
+        s += distance * to_log2(finite_log_beta(log_beta))[None, :]
     if MASKED:
         visible = in_range[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-        if DOCUMENTS:
+        if query_doc_start is not None:
             visible = visible & (offs_n[None, :] >= query_doc_start[:, None])
         s = tl.where(visible, s, float("-inf"))
     return s
@@ -182,14 +187,14 @@ def _blend_keys(
 @triton.jit
 def _fwd_block(
     acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, offs_m, offs_d,
-    causal_shift, scale_log2,
+    causal_shift, scale_log2, query_doc_start,
     blend_start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn, k_out_base, v_out_base, stride_outn,
-    is_writer, query_doc_start,
-    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr,
-    DOCUMENTS: tl.constexpr,
+    is_writer,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    # One online-softmax step over the key block at ``start``, in the log2 domain.
+    # One online-softmax step over the key block at ``start``, in the log2 domain. k_new_base None: no looped
+    # blend; else k_new and v_new share the row stride stride_newn, k_out and v_out stride_outn.
     offs_n = start + tl.arange(0, BLOCK_N)
     in_range = offs_n < num_keys
     if MASKED:
@@ -198,7 +203,7 @@ def _fwd_block(
     else:
         k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
-    if BLEND:
+    if k_new_base is not None:
         k_t, v, fresh = _blend_keys(k_t, v, offs_n, in_range, offs_d, blend_start, k_new_base, v_new_base,
                                     gate_base, stride_newn, stride_gn, acc.dtype, GATE_PER_CHANNEL)
         # (an int product, not &: the interpreter turns bool block & bool scalar into int32)
@@ -206,8 +211,7 @@ def _fwd_block(
         tl.store(k_out_base + offs_n[None, :] * stride_outn + offs_d[:, None], k_t, mask=written[None, :])
         tl.store(v_out_base + offs_n[:, None] * stride_outn + offs_d[None, :], v, mask=written[:, None])
     s = _masked_logits(q, k_t, bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
-                       query_doc_start, HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=acc.dtype,
-                       DOT_PRECISION=DOT_PRECISION, MASKED=MASKED, DOCUMENTS=DOCUMENTS)
+                       query_doc_start, CAUSAL=CAUSAL, ACC=acc.dtype, DOT_PRECISION=DOT_PRECISION, MASKED=MASKED)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     if MASKED:
         # A row with nothing visible yet keeps max -inf; subtracting 0 instead avoids inf - inf = NaN.
@@ -224,16 +228,15 @@ def _fwd_block(
 @triton.jit
 def _fwd_key_range(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, first, full_start,
-    full_end, end, offs_m, offs_d, causal_shift, scale_log2,
+    full_end, end, offs_m, offs_d, causal_shift, scale_log2, query_doc_start,
     blend_start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn, k_out_base, v_out_base, stride_outn,
-    is_writer, query_doc_start,
-    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr, DOCUMENTS: tl.constexpr,
+    is_writer,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
 ):
     # Online softmax over keys [first, end) of one key table (memory or sequence). Blocks in
     # [full_start, full_end) (multiples of BLOCK_N) are seen whole by every query of the block: no bounds,
     # causal or document masks there; only the edge blocks around them pay for masks. Without documents
-    # first = full_start = 0.
+    # (query_doc_start None) first = full_start = 0.
     # Three runs of blocks, unrolled at compile time: [first, full_start) (documents only: between the first
     # query's document start and the full blocks), [full_start, full_end) mask-free, [full_end, end).
     for part in tl.static_range(3):
@@ -243,15 +246,15 @@ def _fwd_key_range(
             lo, hi = full_start, full_end
         else:
             lo, hi = full_end, end
-        if part != 0 or DOCUMENTS:
+        if part != 0 or query_doc_start is not None:
             for start in range(lo, hi, BLOCK_N):
                 acc, m_i, l_i = _fwd_block(
                     acc, m_i, l_i, q, start, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys,
-                    offs_m, offs_d, causal_shift, scale_log2, blend_start, k_new_base, v_new_base, gate_base,
-                    stride_newn, stride_gn, k_out_base, v_out_base, stride_outn, is_writer, query_doc_start,
-                    HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N,
-                    DOT_PRECISION=DOT_PRECISION, BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL,
-                    MASKED=part != 1, DOCUMENTS=DOCUMENTS)
+                    offs_m,
+                    offs_d, causal_shift, scale_log2, query_doc_start, blend_start, k_new_base, v_new_base,
+                    gate_base, stride_newn, stride_gn, k_out_base, v_out_base, stride_outn, is_writer,
+                    CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, GATE_PER_CHANNEL=GATE_PER_CHANNEL,
+                    MASKED=part != 1)
     return acc, m_i, l_i
 
 
@@ -268,80 +271,189 @@ def _query_documents(doc_start_base, pid_m, offs_m, row_ok, N, Nk, BLOCK_M: tl.c
     return row_start, first_row // BLOCK_N * BLOCK_N, tl.cdiv(last_row, BLOCK_N) * BLOCK_N
 
 
-@triton.jit(do_not_specialize=["N", "Nk", "M"])
-def memory_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, doc_start_ptr, out_ptr, lse_ptr,
-    k_new_ptr, v_new_ptr, gate_ptr, k_out_ptr, v_out_ptr,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
-    stride_decb, stride_dech, stride_ob, stride_oh, stride_on,
-    stride_newb, stride_newh, stride_newn, stride_gb, stride_gh, stride_gn, stride_outb, stride_outh, stride_outn,
-    stride_docb, stride_lseb, stride_lseh, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
-    H, N, Nk, M, group, scale_log2, blend_start,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLEND: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
-    DOCUMENTS: tl.constexpr, VARLEN: tl.constexpr,
+# The three forward kernels (memory, retention, looped) are one flash-attention loop assembled from the
+# helpers below: _fwd_start (the program's queries and the empty softmax state), _fwd_memory_keys (the memory
+# table, if any), _fwd_sequence_keys (the sequence keys, with retention decay, packed documents or the looped
+# blend when given) and _fwd_store. Each kernel takes only its own family's inputs; an absent one is None, and
+# the helpers compile its code out. Packed sequences (varlen): cu_q_ptr and cu_k_ptr given, b is then the
+# sequence, whose rows start at q_row0 / k_row0 of the packed tensors (their batch strides are 0), and the
+# lengths are that sequence's.
+
+
+@triton.jit
+def _fwd_start(
+    q_ptr, q_strides, H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
 ):
-    # Packed (VARLEN): b is the sequence, whose rows start at q_row0 / k_row0 of the packed tensors (their
-    # batch strides are 0), and N, Nk, M are that sequence's.
+    """The program's query block (see _query_program), its q tile, and the empty online-softmax state."""
     pid_m, b, h, g, q_row0, k_row0, offs_m, row_ok, N, Nk, M = _query_program(
-        H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BLOCK_M, VARLEN)
+        H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     # (packed row offsets go into the scalar bases: no int64 row vector lives across the key loop)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + q_row0 * stride_qn + offs_m[:, None] * stride_qn
+    q = tl.load(q_ptr + b * q_strides[0] + h * q_strides[1] + q_row0 * q_strides[2] + offs_m[:, None] * q_strides[2]
                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
-    if HAS_MEMORY:
-        acc, m_i, l_i = _fwd_key_range(
-            acc, m_i, l_i, q, mem_k_ptr + b * stride_mkb + g * stride_mkh, mem_v_ptr + b * stride_mvb + g * stride_mvh,
-            stride_mkn, stride_mvn, bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M,
-            0, 0, M // BLOCK_N * BLOCK_N, M, offs_m, offs_d, 0,
-            scale_log2, 0, k_new_ptr, v_new_ptr, gate_ptr, 0, 0, k_out_ptr, v_out_ptr, 0, False, offs_m,
-            HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            BLEND=False, GATE_PER_CHANNEL=False, DOCUMENTS=False,
-        )
+    return pid_m, b, h, g, q_row0, k_row0, offs_m, offs_d, row_ok, N, Nk, M, q, acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_memory_keys(
+    acc, m_i, l_i, q, mem_k_base, mem_v_base, stride_mkn, stride_mvn, bias_base, M, offs_m, offs_d, scale_log2,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The M memory keys (every query sees all of them: no causal mask), with their bias (or None)."""
+    return _fwd_key_range(
+        acc, m_i, l_i, q, mem_k_base, mem_v_base, stride_mkn, stride_mvn, bias_base, None, M, 0, 0,
+        M // BLOCK_N * BLOCK_N, M,
+        offs_m, offs_d, 0, scale_log2, None, 0, None, None, None, 0, 0, None, None, 0, False,
+        CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, GATE_PER_CHANNEL=False,
+    )
+
+
+@triton.jit
+def _fwd_sequence_keys(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, decay_base, doc_start_base, pid_m, offs_m, offs_d, row_ok,
+    N, Nk,
+    scale_log2, blend_start, k_new_base, v_new_base, gate_base, stride_newn, stride_gn, k_out_base, v_out_base,
+    stride_outn, is_writer,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATE_PER_CHANNEL: tl.constexpr,
+):
+    """The Nk sequence keys (bottom-right aligned causal mask when CAUSAL); decay_base: retention log_beta
+    row or None; doc_start_base: packed documents' starts (causal) or None; k_new_base ... is_writer: the
+    looped blend (k_new_base None: none)."""
     end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
     full_end = Nk // BLOCK_N * BLOCK_N
     if CAUSAL:  # the block's first query sees keys up to pid_m * BLOCK_M + Nk - N: so do all its queries
         full_end = tl.minimum(full_end, tl.maximum(pid_m * BLOCK_M + Nk - N + 1, 0) // BLOCK_N * BLOCK_N)
     first = 0
     full_start = 0
-    query_doc_start = offs_m
-    if DOCUMENTS:  # causal only: keys [first, full_start) and past full_end are masked
-        query_doc_start, first, full_start = _query_documents(doc_start_ptr + b * stride_docb, pid_m, offs_m, row_ok,
-                                                              N, Nk, BLOCK_M, BLOCK_N)
+    query_doc_start = None
+    if doc_start_base is not None:  # causal only: keys [first, full_start) and past full_end are masked
+        query_doc_start, first, full_start = _query_documents(doc_start_base, pid_m, offs_m, row_ok, N, Nk, BLOCK_M,
+                                                              BLOCK_N)
         # no block seen whole by every row: all blocks from first on are masked
         none_whole = full_start >= full_end
         full_start = tl.where(none_whole, first, full_start)
         full_end = tl.where(none_whole, first, full_end)
-    acc, m_i, l_i = _fwd_key_range(
-        acc, m_i, l_i, q, k_ptr + b * stride_kb + g * stride_kh + k_row0 * stride_kn,
-        v_ptr + b * stride_vb + g * stride_vh + k_row0 * stride_vn,
-        stride_kn, stride_vn, bias_ptr, decay_ptr + b * stride_decb + g * stride_dech + k_row0, Nk, first, full_start,
-        full_end, end, offs_m, offs_d, Nk - N,
-        scale_log2, blend_start, k_new_ptr + b * stride_newb + g * stride_newh + k_row0 * stride_newn,
-        v_new_ptr + b * stride_newb + g * stride_newh + k_row0 * stride_newn,
-        gate_ptr + b * stride_gb + g * stride_gh + k_row0 * stride_gn, stride_newn, stride_gn,
-        k_out_ptr + b * stride_outb + g * stride_outh + k_row0 * stride_outn,
-        v_out_ptr + b * stride_outb + g * stride_outh + k_row0 * stride_outn, stride_outn,
-        # The last query block sees every key (also when causal); the group's first head writes the rows.
-        (pid_m == tl.cdiv(N, BLOCK_M) - 1) & (h % group == 0), query_doc_start,
-        HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-        BLEND=BLEND, GATE_PER_CHANNEL=GATE_PER_CHANNEL, DOCUMENTS=DOCUMENTS,
+    return _fwd_key_range(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, None, decay_base, Nk, first, full_start, full_end, end,
+        offs_m,
+        offs_d, Nk - N, scale_log2, query_doc_start, blend_start, k_new_base, v_new_base, gate_base, stride_newn,
+        stride_gn, k_out_base, v_out_base, stride_outn, is_writer,
+        CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, GATE_PER_CHANNEL=GATE_PER_CHANNEL,
     )
+
+
+@triton.jit
+def _fwd_store(acc, m_i, l_i, out_ptr, out_strides, lse_ptr, lse_strides, b, h, q_row0, offs_m, offs_d, row_ok):
+    """out = acc / l (strides (batch, head, row)) and lse (strides (batch, head)), for the rows of the block."""
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), to_ln(m_i + tl.math.log2(tl.where(empty, 1.0, l_i))))
     # a +inf logit: the log-sum-exp is +inf (l_i is inf - inf = NaN there); out is NaN, as the reference's
     lse = tl.where(m_i == float("inf"), float("inf"), lse)
-    out_base = out_ptr + b * stride_ob + h * stride_oh + q_row0 * stride_on
-    tl.store(out_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+    out_base = out_ptr + b * out_strides[0] + h * out_strides[1] + q_row0 * out_strides[2]
+    tl.store(out_base + offs_m[:, None] * out_strides[2] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    lse_base = lse_ptr + b * stride_lseb + h * stride_lseh + q_row0
+    lse_base = lse_ptr + b * lse_strides[0] + h * lse_strides[1] + q_row0
     tl.store(lse_base + offs_m, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
+
+
+# Each kernel takes a tensor's strides as one tuple: (batch, head, row) for the (B, H, L, D) tensors (batch 0
+# when packed or batch-shared), (batch, head) for lse and mem_bias.
+
+
+@triton.jit(do_not_specialize=["N", "Nk", "M"])
+def memory_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, out_ptr, lse_ptr,
+    q_strides, k_strides, v_strides, mem_k_strides, mem_v_strides, bias_strides, out_strides, lse_strides,
+    program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    H, N, Nk, M, group, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Attention over [memory ; sequence]: mem_k / mem_v None = plain attention; bias_ptr None = no bias.
+    pid_m, b, h, g, q_row0, k_row0, offs_m, offs_d, row_ok, n_q, n_k, n_mem, q, acc, m_i, l_i = _fwd_start(
+        q_ptr, q_strides, H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+        HEAD_DIM, BLOCK_M, ACC)
+    if mem_k_ptr is not None:
+        bias_base = None
+        if bias_ptr is not None:
+            bias_base = bias_ptr + b * bias_strides[0] + g * bias_strides[1]
+        acc, m_i, l_i = _fwd_memory_keys(
+            acc, m_i, l_i, q, mem_k_ptr + b * mem_k_strides[0] + g * mem_k_strides[1],
+            mem_v_ptr + b * mem_v_strides[0] + g * mem_v_strides[1], mem_k_strides[2], mem_v_strides[2], bias_base,
+            n_mem, offs_m, offs_d, scale_log2, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_sequence_keys(
+        acc, m_i, l_i, q, k_ptr + b * k_strides[0] + g * k_strides[1] + k_row0 * k_strides[2],
+        v_ptr + b * v_strides[0] + g * v_strides[1] + k_row0 * v_strides[2], k_strides[2], v_strides[2], None, None,
+        pid_m, offs_m, offs_d, row_ok, n_q, n_k, scale_log2, 0, None, None, None, 0, 0, None, None, 0, False,
+        CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
+    _fwd_store(acc, m_i, l_i, out_ptr, out_strides, lse_ptr, lse_strides, b, h, q_row0, offs_m, offs_d, row_ok)
+
+
+@triton.jit(do_not_specialize=["N", "Nk", "M"])
+def retention_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, log_beta_ptr, doc_start_ptr, out_ptr, lse_ptr,
+    q_strides, k_strides, v_strides, mem_k_strides, mem_v_strides, log_beta_strides, doc_start_stride, out_strides,
+    lse_strides, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    H, N, Nk, M, group, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # TRIM-KV: causal attention whose sequence logits decay by (pos_i - j) * log_beta[j] (log_beta strides
+    # (batch, kv head), unit along keys); mem_k / mem_v None = no memory; doc_start_ptr None = no packed
+    # documents, else (B|1, Nk) with batch stride doc_start_stride.
+    pid_m, b, h, g, q_row0, k_row0, offs_m, offs_d, row_ok, n_q, n_k, n_mem, q, acc, m_i, l_i = _fwd_start(
+        q_ptr, q_strides, H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+        HEAD_DIM, BLOCK_M, ACC)
+    if mem_k_ptr is not None:
+        acc, m_i, l_i = _fwd_memory_keys(
+            acc, m_i, l_i, q, mem_k_ptr + b * mem_k_strides[0] + g * mem_k_strides[1],
+            mem_v_ptr + b * mem_v_strides[0] + g * mem_v_strides[1], mem_k_strides[2], mem_v_strides[2], None, n_mem,
+            offs_m, offs_d, scale_log2, BLOCK_N, DOT_PRECISION)
+    doc_start_base = None
+    if doc_start_ptr is not None:
+        doc_start_base = doc_start_ptr + b * doc_start_stride
+    acc, m_i, l_i = _fwd_sequence_keys(
+        acc, m_i, l_i, q, k_ptr + b * k_strides[0] + g * k_strides[1] + k_row0 * k_strides[2],
+        v_ptr + b * v_strides[0] + g * v_strides[1] + k_row0 * v_strides[2], k_strides[2], v_strides[2],
+        log_beta_ptr + b * log_beta_strides[0] + g * log_beta_strides[1] + k_row0, doc_start_base, pid_m, offs_m,
+        offs_d, row_ok, n_q, n_k, scale_log2, 0, None, None, None, 0, 0, None, None, 0, False,
+        True, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
+    _fwd_store(acc, m_i, l_i, out_ptr, out_strides, lse_ptr, lse_strides, b, h, q_row0, offs_m, offs_d, row_ok)
+
+
+@triton.jit(do_not_specialize=["N", "Nk"])
+def looped_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, k_new_ptr, v_new_ptr, gate_ptr, k_out_ptr, v_out_ptr, out_ptr, lse_ptr,
+    q_strides, k_strides, v_strides, new_strides, gate_strides, kv_out_strides, out_strides, lse_strides,
+    program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    H, N, Nk, group, scale_log2, blend_start,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, GATE_PER_CHANNEL: tl.constexpr,
+):
+    # MELT: attention over the cache whose rows j >= blend_start are read as g * cache + (1 - g) * new, and
+    # written to k_out / v_out. k_new and v_new share new_strides, k_out and v_out kv_out_strides (the
+    # launchers allocate them alike).
+    pid_m, b, h, g, q_row0, k_row0, offs_m, offs_d, row_ok, n_q, n_k, _, q, acc, m_i, l_i = _fwd_start(
+        q_ptr, q_strides, H, group, N, Nk, 0, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+        HEAD_DIM, BLOCK_M, ACC)
+    new_row = b * new_strides[0] + g * new_strides[1] + k_row0 * new_strides[2]
+    out_row = b * kv_out_strides[0] + g * kv_out_strides[1] + k_row0 * kv_out_strides[2]
+    # The last query block sees every key (also when causal); the group's first head writes the rows.
+    is_writer = (pid_m == tl.cdiv(n_q, BLOCK_M) - 1) & (h % group == 0)
+    acc, m_i, l_i = _fwd_sequence_keys(
+        acc, m_i, l_i, q, k_ptr + b * k_strides[0] + g * k_strides[1] + k_row0 * k_strides[2],
+        v_ptr + b * v_strides[0] + g * v_strides[1] + k_row0 * v_strides[2], k_strides[2], v_strides[2], None, None,
+        pid_m, offs_m, offs_d, row_ok, n_q, n_k, scale_log2, blend_start, k_new_ptr + new_row, v_new_ptr + new_row,
+        gate_ptr + b * gate_strides[0] + g * gate_strides[1] + k_row0 * gate_strides[2], new_strides[2],
+        gate_strides[2], k_out_ptr + out_row, v_out_ptr + out_row, kv_out_strides[2], is_writer,
+        CAUSAL, BLOCK_M, BLOCK_N, DOT_PRECISION, GATE_PER_CHANNEL)
+    _fwd_store(acc, m_i, l_i, out_ptr, out_strides, lse_ptr, lse_strides, b, h, q_row0, offs_m, offs_d, row_ok)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -349,10 +461,11 @@ def memory_attention_delta_kernel(
     out_ptr, do_ptr, grad_lse_ptr, delta_ptr,
     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
     H, N,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, ACC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr,
 ):
     # delta[i] = dout[i] . out[i] - dlse[i]: the softmax backward's row term (a grad on lse adds p * dlse
-    # to ds, the same as lowering delta by dlse). One read of O and dO, fp32 math, no fp32 copies.
+    # to ds, the same as lowering delta by dlse; grad_lse_ptr None: no grad on lse). One read of O and dO,
+    # fp32 math, no fp32 copies.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -365,7 +478,7 @@ def memory_attention_delta_kernel(
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0).to(ACC)
     delta = tl.sum(o * do, axis=1)
-    if HAS_GRAD_LSE:
+    if grad_lse_ptr is not None:
         delta -= tl.load(grad_lse_ptr + bh * N + offs_m, mask=row_ok, other=0.0).to(ACC)
     tl.store(delta_ptr + bh * N + offs_m, delta, mask=row_ok)
 
@@ -374,8 +487,7 @@ def memory_attention_delta_kernel(
 def _dq_key_range(
     dq, q, do, lse_log2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, decay_base, num_keys, first, end,
     offs_m, offs_d, causal_shift, scale_log2, query_doc_start,
-    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start in range(first, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -383,8 +495,7 @@ def _dq_key_range(
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0)
         v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], mask=in_range[None, :], other=0.0)
         s = _masked_logits(q, tl.trans(k), bias_base, decay_base, offs_n, in_range, offs_m, causal_shift, scale_log2,
-                           query_doc_start, HAS_BIAS=HAS_BIAS, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL, ACC=dq.dtype,
-                           DOT_PRECISION=DOT_PRECISION, DOCUMENTS=DOCUMENTS)
+                           query_doc_start, CAUSAL=CAUSAL, ACC=dq.dtype, DOT_PRECISION=DOT_PRECISION)
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION).to(dq.dtype)
         ds = p * (dp - delta[:, None])
@@ -395,70 +506,84 @@ def _dq_key_range(
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_dq_kernel(
     q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, doc_start_ptr, do_ptr, lse_ptr, delta_ptr,
-    dq_ptr,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
-    stride_decb, stride_dech, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    stride_docb, stride_lseb, stride_lseh, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
+    dq_ptr, q_strides, k_strides, v_strides, mem_k_strides, mem_v_strides, bias_strides, decay_strides, do_strides,
+    dq_strides, doc_stride, lse_strides, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
     H, N, Nk, M, group, scale, scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # dQ of every attention path: mem_k / mem_v, bias_ptr, decay_ptr (retention log_beta), doc_start_ptr
+    # (packed documents) and cu_q_ptr / cu_k_ptr (packed sequences) are None when absent.
     pid_m, b, h, g, q_row0, k_row0, offs_m, row_ok, N, Nk, M = _query_program(
-        H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BLOCK_M, VARLEN)
+        H, group, N, Nk, M, program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q, do, lse_log2, delta = _backward_rows(
-        q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok, stride_qb, stride_qh, stride_qn,
-        stride_dob, stride_doh, stride_don, stride_lseb, stride_lseh, ACC)
+        q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok, q_strides, do_strides,
+        lse_strides, ACC)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=ACC)
-    if HAS_MEMORY:
+    if mem_k_ptr is not None:
+        bias_base = None
+        if bias_ptr is not None:
+            bias_base = bias_ptr + b * bias_strides[0] + g * bias_strides[1]
         dq = _dq_key_range(
-            dq, q, do, lse_log2, delta, mem_k_ptr + b * stride_mkb + g * stride_mkh,
-            mem_v_ptr + b * stride_mvb + g * stride_mvh, stride_mkn, stride_mvn,
-            bias_ptr + b * stride_biasb + g * stride_biash, decay_ptr, M, 0, M, offs_m, offs_d, 0, scale_log2, offs_m,
-            HAS_BIAS=HAS_BIAS, HAS_DECAY=False, CAUSAL=False, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
-            DOCUMENTS=False,
+            dq, q, do, lse_log2, delta, mem_k_ptr + b * mem_k_strides[0] + g * mem_k_strides[1],
+            mem_v_ptr + b * mem_v_strides[0] + g * mem_v_strides[1], mem_k_strides[2], mem_v_strides[2], bias_base,
+            None, M, 0, M, offs_m, offs_d, 0, scale_log2, None, CAUSAL=False, BLOCK_N=BLOCK_N,
+            DOT_PRECISION=DOT_PRECISION,
         )
     end = _causal_key_end(pid_m, N, Nk, BLOCK_M, CAUSAL)
     first = 0
-    query_doc_start = offs_m
-    if DOCUMENTS:  # keys before the first row's document start are seen by no row
-        query_doc_start, first, _ = _query_documents(doc_start_ptr + b * stride_docb, pid_m, offs_m, row_ok, N, Nk,
+    query_doc_start = None
+    if doc_start_ptr is not None:  # keys before the first row's document start are seen by no row
+        query_doc_start, first, _ = _query_documents(doc_start_ptr + b * doc_stride, pid_m, offs_m, row_ok, N, Nk,
                                                      BLOCK_M, BLOCK_N)
+    decay_base = None
+    if decay_ptr is not None:
+        decay_base = decay_ptr + b * decay_strides[0] + g * decay_strides[1] + k_row0
     dq = _dq_key_range(
-        dq, q, do, lse_log2, delta, k_ptr + b * stride_kb + g * stride_kh + k_row0 * stride_kn,
-        v_ptr + b * stride_vb + g * stride_vh + k_row0 * stride_vn, stride_kn, stride_vn, bias_ptr,
-        decay_ptr + b * stride_decb + g * stride_dech + k_row0, Nk, first, end, offs_m,
-        offs_d, Nk - N, scale_log2, query_doc_start, HAS_BIAS=False, HAS_DECAY=HAS_DECAY, CAUSAL=CAUSAL,
-        BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION, DOCUMENTS=DOCUMENTS,
+        dq, q, do, lse_log2, delta, k_ptr + b * k_strides[0] + g * k_strides[1] + k_row0 * k_strides[2],
+        v_ptr + b * v_strides[0] + g * v_strides[1] + k_row0 * v_strides[2], k_strides[2], v_strides[2], None,
+        decay_base, Nk, first, end, offs_m, offs_d, Nk - N, scale_log2, query_doc_start,
+        CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, DOT_PRECISION=DOT_PRECISION,
     )
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + q_row0 * stride_dqn + offs_m[:, None] * stride_dqn
+    tl.store(dq_ptr + b * dq_strides[0] + h * dq_strides[1] + q_row0 * dq_strides[2] + offs_m[:, None] * dq_strides[2]
              + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _store_key_grads(dk, dv, ddecay, dk_ptr, dv_ptr, ddecay_ptr, b, g, k_row0, offs_n, offs_d, in_range, dk_strides,
+                     ddecay_strides):
+    """A sequence key block's dk, dv (and dlog_beta unless ddecay_ptr is None). dk and dv are allocated alike
+    (contiguous), so they share one set of strides."""
+    row_base = b * dk_strides[0] + g * dk_strides[1] + k_row0 * dk_strides[2]
+    mask = in_range[:, None]
+    tl.store(dk_ptr + row_base + offs_n[:, None] * dk_strides[2] + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(dv_ptr + row_base + offs_n[:, None] * dk_strides[2] + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=mask)
+    if ddecay_ptr is not None:
+        tl.store(ddecay_ptr + b * ddecay_strides[0] + g * ddecay_strides[1] + k_row0 + offs_n, ddecay, mask=in_range)
 
 
 @triton.jit(do_not_specialize=["N", "Nk", "M"])
 def memory_attention_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, decay_ptr, doc_end_ptr, do_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dmem_k_ptr, dmem_v_ptr, dbias_ptr, ddecay_ptr,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mkb, stride_mkh, stride_mkn, stride_mvb, stride_mvh, stride_mvn, stride_biasb, stride_biash,
-    stride_decb, stride_dech,
-    stride_dob, stride_doh, stride_don, stride_dmb, stride_dmh, stride_dmn, stride_dkb, stride_dkh, stride_dkn,
-    stride_docb, stride_lseb, stride_lseh, stride_ddb, stride_ddh,
+    q_strides, k_strides, v_strides, mem_k_strides, mem_v_strides, bias_strides, decay_strides, do_strides,
+    dmem_strides, dk_strides, doc_stride, lse_strides, ddecay_strides,
     program_seq_ptr, first_block_ptr, cu_q_ptr, cu_k_ptr, num_seqs,
     H, Hkv, N, Nk, M, group, scale, scale_log2, memory_blocks,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_DECAY: tl.constexpr, CAUSAL: tl.constexpr, MEMORY_GRAD_ATOMIC: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, DOCUMENTS: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    MEMORY_GRAD_ATOMIC: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program per (key block, batch, kv head): memory key blocks first, then sequence key blocks.
     # It sums over the query heads of its group and over every query block that can see its keys. Packed
-    # (VARLEN): grid (key-block programs over every sequence, Hkv), each sequence's memory blocks first.
+    # (cu_q_ptr given): grid (key-block programs over every sequence, Hkv), each sequence's memory blocks
+    # first. Absent inputs (memory and its grads, bias and dbias, decay and ddecay, doc_end) are None.
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
-    if VARLEN:
+    if cu_q_ptr is not None:
         g = bg.to(tl.int64)
         b, pid_n, q_row0, k_row0, N, Nk, valid = _varlen_rows(pid_n, program_seq_ptr, first_block_ptr, cu_q_ptr,
                                                               cu_k_ptr, num_seqs)
@@ -475,14 +600,15 @@ def memory_attention_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     in_range = offs_n < tl.where(is_memory, M, Nk)
     key_rows = offs_n[:, None].to(tl.int64)
-    k_ptrs = tl.where(
-        is_memory, mem_k_ptr + b * stride_mkb + g * stride_mkh + key_rows * stride_mkn + offs_d[None, :],
-        k_ptr + b * stride_kb + g * stride_kh + k_row0 * stride_kn + key_rows * stride_kn + offs_d[None, :],
-    )
-    v_ptrs = tl.where(
-        is_memory, mem_v_ptr + b * stride_mvb + g * stride_mvh + key_rows * stride_mvn + offs_d[None, :],
-        v_ptr + b * stride_vb + g * stride_vh + k_row0 * stride_vn + key_rows * stride_vn + offs_d[None, :],
-    )
+    k_ptrs = (k_ptr + b * k_strides[0] + g * k_strides[1] + k_row0 * k_strides[2] + key_rows * k_strides[2]
+              + offs_d[None, :])
+    v_ptrs = (v_ptr + b * v_strides[0] + g * v_strides[1] + k_row0 * v_strides[2] + key_rows * v_strides[2]
+              + offs_d[None, :])
+    if mem_k_ptr is not None:
+        k_ptrs = tl.where(is_memory, mem_k_ptr + b * mem_k_strides[0] + g * mem_k_strides[1]
+                          + key_rows * mem_k_strides[2] + offs_d[None, :], k_ptrs)
+        v_ptrs = tl.where(is_memory, mem_v_ptr + b * mem_v_strides[0] + g * mem_v_strides[1]
+                          + key_rows * mem_v_strides[2] + offs_d[None, :], v_ptrs)
     k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
     v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
     first_query = 0
@@ -490,19 +616,19 @@ def memory_attention_dkdv_kernel(
         first_query = tl.where(is_memory, 0, tl.maximum(key_start - (Nk - N), 0) // BLOCK_M * BLOCK_M)
     query_end = N
     key_doc_end = offs_n
-    if DOCUMENTS:  # (causal) queries past the end of the block's last document see none of its keys
-        doc_end_base = doc_end_ptr + b * stride_docb
+    if doc_end_ptr is not None:  # (causal) queries past the end of the block's last document see none of its keys
+        doc_end_base = doc_end_ptr + b * doc_stride
         key_doc_end = tl.load(doc_end_base + offs_n, mask=offs_n < tl.where(is_memory, 0, Nk), other=0)
         last_end = tl.load(doc_end_base + tl.maximum(tl.minimum(key_start + BLOCK_N, Nk) - 1, 0))
         query_end = tl.where(is_memory, N, tl.minimum(tl.maximum(last_end - (Nk - N), 0), N))
     bias_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
-    if HAS_BIAS:
-        bias_log2 = to_log2(tl.load(bias_ptr + b * stride_biasb + g * stride_biash + offs_n,
+    if bias_ptr is not None:
+        bias_log2 = to_log2(tl.load(bias_ptr + b * bias_strides[0] + g * bias_strides[1] + offs_n,
                                     mask=offs_n < tl.where(is_memory, M, 0), other=0.0).to(ACC))
     decay_log2 = tl.zeros((BLOCK_N,), dtype=ACC)
-    if HAS_DECAY:  # sequence keys only (retention_attention has no memory)
-        decay_log2 = _finite_log_beta(tl.load(decay_ptr + b * stride_decb + g * stride_dech + k_row0 + offs_n,
-                                              mask=offs_n < tl.where(is_memory, 0, Nk), other=0.0).to(ACC))
+    if decay_ptr is not None:  # sequence keys only
+        decay_log2 = finite_log_beta(tl.load(decay_ptr + b * decay_strides[0] + g * decay_strides[1] + k_row0 + offs_n,
+                                             mask=offs_n < tl.where(is_memory, 0, Nk), other=0.0).to(ACC))
         decay_log2 = to_log2(decay_log2)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=ACC)
@@ -514,17 +640,17 @@ def memory_attention_dkdv_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < N
             q, do, lse_log2, delta = _backward_rows(
-                q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok, stride_qb, stride_qh,
-                stride_qn, stride_dob, stride_doh, stride_don, stride_lseb, stride_lseh, ACC)
+                q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, q_row0, offs_m, offs_d, row_ok, q_strides, do_strides,
+                lse_strides, ACC)
             # Transposed tiles (keys x queries), so the key-side sums are row sums.
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION).to(ACC) * scale_log2 + bias_log2[:, None]
-            if HAS_DECAY:
+            if decay_ptr is not None:
                 distance_t = (offs_m[None, :] + (Nk - N) - offs_n[:, None]).to(ACC)
                 s_t += distance_t * decay_log2[:, None]
             visible = in_range[:, None] & row_ok[None, :]
             if CAUSAL:  # memory keys are visible to every query
                 visible = visible & ((offs_n[:, None] <= offs_m[None, :] + (Nk - N)) | is_memory)
-            if DOCUMENTS:  # a query sees the key only inside the key's document
+            if doc_end_ptr is not None:  # a query sees the key only inside the key's document
                 visible = visible & ((offs_m[None, :] + (Nk - N) < key_doc_end[:, None]) | is_memory)
             p_t = tl.where(visible, tl.math.exp2(s_t - lse_log2[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION).to(ACC)
@@ -532,30 +658,30 @@ def memory_attention_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION).to(ACC)
             dbias += tl.sum(ds_t, axis=1)
-            if HAS_DECAY:
+            if decay_ptr is not None:
                 ddecay += tl.sum(ds_t * distance_t, axis=1)
     dk = dk * scale
     mask = in_range[:, None]
-    if is_memory:
-        dk_out = dmem_k_ptr + b * stride_dmb + g * stride_dmh + offs_n[:, None] * stride_dmn + offs_d[None, :]
-        dv_out = dmem_v_ptr + b * stride_dmb + g * stride_dmh + offs_n[:, None] * stride_dmn + offs_d[None, :]
-        if MEMORY_GRAD_ATOMIC:
-            tl.atomic_add(dk_out, dk, mask=mask)
-            tl.atomic_add(dv_out, dv, mask=mask)
+    if dmem_k_ptr is not None:
+        if is_memory:
+            dk_out = (dmem_k_ptr + b * dmem_strides[0] + g * dmem_strides[1] + offs_n[:, None] * dmem_strides[2]
+                      + offs_d[None, :])
+            dv_out = (dmem_v_ptr + b * dmem_strides[0] + g * dmem_strides[1] + offs_n[:, None] * dmem_strides[2]
+                      + offs_d[None, :])
+            if MEMORY_GRAD_ATOMIC:
+                tl.atomic_add(dk_out, dk, mask=mask)
+                tl.atomic_add(dv_out, dv, mask=mask)
+            else:
+                tl.store(dk_out, dk.to(dmem_k_ptr.dtype.element_ty), mask=mask)
+                tl.store(dv_out, dv.to(dmem_v_ptr.dtype.element_ty), mask=mask)
+            if dbias_ptr is not None:
+                tl.store(dbias_ptr + (b * Hkv + g) * M + offs_n, dbias, mask=in_range)
         else:
-            tl.store(dk_out, dk.to(dmem_k_ptr.dtype.element_ty), mask=mask)
-            tl.store(dv_out, dv.to(dmem_v_ptr.dtype.element_ty), mask=mask)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + (b * Hkv + g) * M + offs_n, dbias, mask=in_range)
+            _store_key_grads(dk, dv, ddecay, dk_ptr, dv_ptr, ddecay_ptr, b, g, k_row0, offs_n, offs_d, in_range,
+                             dk_strides, ddecay_strides)
     else:
-        # dk and dv are allocated alike (contiguous), so they share one set of strides.
-        row_base = b * stride_dkb + g * stride_dkh + k_row0 * stride_dkn
-        tl.store(dk_ptr + row_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                 dk.to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + row_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                 dv.to(dv_ptr.dtype.element_ty), mask=mask)
-        if HAS_DECAY:
-            tl.store(ddecay_ptr + b * stride_ddb + g * stride_ddh + k_row0 + offs_n, ddecay, mask=in_range)
+        _store_key_grads(dk, dv, ddecay, dk_ptr, dv_ptr, ddecay_ptr, b, g, k_row0, offs_n, offs_d, in_range,
+                         dk_strides, ddecay_strides)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -818,70 +944,130 @@ def varlen_programs(cu_seqlens: torch.Tensor, total: int, block: int, blocks_per
     return program_seq, first_block, grid
 
 
-def _packing_args(cu_seqlens_q, cu_seqlens_k, lse, num_queries: int, block: int):
-    """The query-block kernels' (program_seq, first_block, cu_q, cu_k, S) arguments and the grid's first
-    axis; padded (cu_seqlens_q None): placeholders and cdiv(N, block)."""
+def _packing_args(cu_seqlens_q, cu_seqlens_k, num_queries: int, block: int):
+    """The query-block kernels' (program_seq, first_block, cu_q, cu_k, S) arguments and the grid's first axis;
+    padded (cu_seqlens_q None): Nones, 0 and cdiv(N, block)."""
     if cu_seqlens_q is None:
-        return (lse, lse, lse, lse, 0), triton.cdiv(num_queries, block)
+        return (None, None, None, None, 0), triton.cdiv(num_queries, block)
     program_seq, first_block, grid = varlen_programs(cu_seqlens_q, num_queries, block)
     return (program_seq, first_block, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1), grid
 
 
-def memory_attention_fwd(
-    q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, log_beta=None, blend=None,
-    doc_start=None, cu_seqlens_q=None, cu_seqlens_k=None, config: dict | None = None,
-):
-    """out (B, H, N, D) in q.dtype and lse (B, H, N) fp32 (fp64 for fp64).
-
-    q (B, H, N, D); k, v (B, Hkv, Nk, D); mem_k, mem_v (B, Hkv, M, D), (Hkv, M, D) or None;
-    mem_bias (B|1, Hkv|1, M) or None; log_beta (B, Hkv, Nk) retention decay of the sequence keys, or None;
-    blend (k_new, v_new, gate, k_out, v_out) or None: the last n = k_new.shape[2] rows of k, v are read as
-    g * k + (1 - g) * k_new (gate (B, Hkv, n, 1 or D)) and written to k_out, v_out (B, Hkv, Nk, D).
-    doc_start (B|1, Nk) int32 contiguous, causal only, Nk > 0: each key's packed-document start; a query
-    sees the sequence keys of its own document only. Every tensor has unit stride in its last dim.
-
-    Packed (varlen): cu_seqlens_q, cu_seqlens_k, int32 (S + 1,) each, contiguous; q (total_q, H, D), k, v
-    (total_k, Hkv, D); memory and mem_bias with S in place of B; log_beta (Hkv, total_k); blend tensors
-    (total_k, Hkv, D | 1), every sequence's n equal to its key count. lse is then (H, total_q).
-    """
-    packed = cu_seqlens_q is not None
+def _fwd_outputs(q, k, packed: bool):
+    """((B, H, N, D), (Hkv, Nk), out, lse) of a forward launch: out contiguous in q.dtype, lse (B, H, N), or
+    packed (H, total_q), fp32 (fp64 for fp64). The kernels derive both outputs' strides from these shapes.
+    Packed: B = 1, N = total_q, Nk = total_k."""
     if packed:
         (_, H, D), (Hkv, Nk), B, N = q.shape, (k.shape[1], k.shape[0]), 1, q.shape[0]
     else:
         B, H, N, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
-    M = 0 if mem_k is None else mem_k.shape[-2]
-    acc, precision = accumulator(q), dot_precision(q)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((H, N) if packed else (B, H, N), dtype=lse_dtype, device=q.device)
+    return (B, H, N, D), (Hkv, Nk), out, lse
+
+
+def _fwd_launch_options(q, path: str, packed: bool, config: dict | None) -> dict:
+    """The constexprs and launch options every forward kernel takes (HEAD_DIM, tiles, ACC, DOT_PRECISION)."""
+    cfg = config or attention_config(q.shape[-1], q.device, q.dtype, f"varlen-{path}" if packed else path)
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ACC=accumulator(q),
+                DOT_PRECISION=dot_precision(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def memory_attention_fwd(
+    q, k, v, mem_k, mem_v, mem_bias, *, causal: bool, scale: float, cu_seqlens_q=None, cu_seqlens_k=None,
+    config: dict | None = None,
+):
+    """out (B, H, N, D) in q.dtype and lse (B, H, N) fp32 (fp64 for fp64) of attention over [memory ;
+    sequence] (:func:`memory_attention_fwd_kernel`).
+
+    q (B, H, N, D); k, v (B, Hkv, Nk, D); mem_k, mem_v (B, Hkv, M, D), (Hkv, M, D) or None; mem_bias
+    (B|1, Hkv|1, M) or None. Every tensor has unit stride in its last dim.
+
+    Packed (varlen): cu_seqlens_q, cu_seqlens_k, int32 (S + 1,) each, contiguous; q (total_q, H, D), k, v
+    (total_k, Hkv, D); memory and mem_bias with S in place of B. lse is then (H, total_q).
+    """
+    packed = cu_seqlens_q is not None
+    (B, H, N, D), (Hkv, Nk), out, lse = _fwd_outputs(q, k, packed)
     if B * H * N == 0:
         return out, lse
-    path = fwd_path(decay=log_beta is not None, gate_per_channel=None if blend is None else blend[2].shape[-1] != 1)
-    path = "documents" if doc_start is not None else path
-    cfg = config or attention_config(D, q.device, q.dtype, f"varlen-{path}" if packed else path)
-    k_new, v_new, gate, k_out, v_out = blend if blend is not None else (k, v, k, k, v)
-    if doc_start is not None and not (causal and Nk > 0 and not packed):
-        raise ValueError("memory_attention_fwd: doc_start needs causal attention over Nk > 0 keys, not packed")
-    packing, programs = _packing_args(cu_seqlens_q, cu_seqlens_k, lse, N, cfg["BLOCK_M"])
-    blend_start = 0 if packed or blend is None else Nk - k_new.shape[2]
+    M = 0 if mem_k is None else mem_k.shape[-2]
+    if M == 0:
+        mem_k = mem_v = mem_bias = None
+    options = _fwd_launch_options(q, "memory", packed, config)
+    packing, programs = _packing_args(cu_seqlens_q, cu_seqlens_k, N, options["BLOCK_M"])
     record_launch("memory_attention_fwd_kernel")
     memory_attention_fwd_kernel[(programs, H if packed else B * H)](
-        q, k, v, mem_k if M else k, mem_v if M else v, mem_bias if mem_bias is not None else q,
-        log_beta if log_beta is not None else q, doc_start if doc_start is not None else lse, out, lse,
-        k_new, v_new, gate, k_out, v_out,
-        *_row_strides(q, packed), *_row_strides(k, packed), *_row_strides(v, packed),
-        *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
-        *_decay_strides(log_beta), *_row_strides(out, packed),
-        # k_new and v_new share strides, as do k_out and v_out (the launchers allocate them alike)
-        *_row_strides(k_new, packed), *_row_strides(gate, packed), *_row_strides(k_out, packed),
-        _document_strides(doc_start), *_lse_strides(lse), *packing,
-        H, N, Nk, M, H // Hkv, scale * LOG2E, blend_start,
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
-        ACC=acc, DOT_PRECISION=precision, BLEND=blend is not None,
-        GATE_PER_CHANNEL=blend is not None and gate.shape[-1] != 1, DOCUMENTS=doc_start is not None,
-        VARLEN=packed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q, k, v, mem_k, mem_v, mem_bias, out, lse,
+        _row_strides(q, packed), _row_strides(k, packed), _row_strides(v, packed), _strides3(mem_k),
+        _strides3(mem_v), _bias_strides(mem_bias), _row_strides(out, packed), _lse_strides(lse), *packing,
+        H, N, Nk, M, H // Hkv, scale * LOG2E, CAUSAL=causal, **options,
+    )
+    return out, lse
+
+
+def retention_attention_fwd(
+    q, k, v, log_beta, mem_k, mem_v, *, scale: float, doc_start=None, cu_seqlens_q=None, cu_seqlens_k=None,
+    config: dict | None = None,
+):
+    """out and lse (as :func:`memory_attention_fwd`) of causal attention whose sequence logits decay by
+    (pos_i - j) * log_beta[j] (:func:`retention_attention_fwd_kernel`).
+
+    log_beta (B, Hkv, Nk), or packed (Hkv, total_k), unit last stride; mem_k, mem_v as for
+    :func:`memory_attention_fwd` or None. doc_start (B|1, Nk) int32 contiguous, Nk > 0, not packed: each
+    key's packed-document start; a query sees the sequence keys of its own document only.
+    """
+    packed = cu_seqlens_q is not None
+    (B, H, N, D), (Hkv, Nk), out, lse = _fwd_outputs(q, k, packed)
+    if B * H * N == 0:
+        return out, lse
+    if doc_start is not None and not (Nk > 0 and not packed):
+        raise ValueError("retention_attention_fwd: doc_start needs Nk > 0 keys, not packed")
+    M = 0 if mem_k is None else mem_k.shape[-2]
+    if M == 0:
+        mem_k = mem_v = None
+    options = _fwd_launch_options(q, "documents" if doc_start is not None else "decay", packed, config)
+    packing, programs = _packing_args(cu_seqlens_q, cu_seqlens_k, N, options["BLOCK_M"])
+    record_launch("retention_attention_fwd_kernel")
+    retention_attention_fwd_kernel[(programs, H if packed else B * H)](
+        q, k, v, mem_k, mem_v, log_beta, doc_start, out, lse,
+        _row_strides(q, packed), _row_strides(k, packed), _row_strides(v, packed), _strides3(mem_k),
+        _strides3(mem_v), _decay_strides(log_beta), _document_strides(doc_start), _row_strides(out, packed),
+        _lse_strides(lse), *packing, H, N, Nk, M, H // Hkv, scale * LOG2E, **options,
+    )
+    return out, lse
+
+
+def looped_attention_fwd(
+    q, k, v, k_new, v_new, gate, k_out, v_out, *, causal: bool, scale: float, cu_seqlens_q=None,
+    cu_seqlens_k=None, config: dict | None = None,
+):
+    """out and lse (as :func:`memory_attention_fwd`) of attention over the cache k, v whose last
+    n = k_new.shape[2] rows are read as g * cache + (1 - g) * new, and written to k_out, v_out
+    (:func:`looped_attention_fwd_kernel`).
+
+    k, v (B, Hkv, Nk, D); k_out, v_out alike, sharing strides; k_new, v_new (B, Hkv, n, D), sharing strides;
+    gate (B, Hkv, n, 1 or D). Packed: (total_k, Hkv, D | 1) for all of them, every sequence's n equal to its
+    key count.
+    """
+    packed = cu_seqlens_q is not None
+    (B, H, N, D), (Hkv, Nk), out, lse = _fwd_outputs(q, k, packed)
+    if B * H * N == 0:
+        return out, lse
+    if k_new.stride() != v_new.stride() or k_out.stride() != v_out.stride():
+        raise ValueError("looped_attention_fwd: k_new and v_new, and k_out and v_out, must share strides")
+    gate_per_channel = gate.shape[-1] != 1
+    options = _fwd_launch_options(q, fwd_path(gate_per_channel=gate_per_channel), packed, config)
+    packing, programs = _packing_args(cu_seqlens_q, cu_seqlens_k, N, options["BLOCK_M"])
+    blend_start = 0 if packed else Nk - k_new.shape[2]
+    record_launch("looped_attention_fwd_kernel")
+    looped_attention_fwd_kernel[(programs, H if packed else B * H)](
+        q, k, v, k_new, v_new, gate, k_out, v_out, out, lse,
+        _row_strides(q, packed), _row_strides(k, packed), _row_strides(v, packed), _row_strides(k_new, packed),
+        _row_strides(gate, packed), _row_strides(k_out, packed), _row_strides(out, packed), _lse_strides(lse),
+        *packing, H, N, Nk, H // Hkv, scale * LOG2E, blend_start,
+        CAUSAL=causal, GATE_PER_CHANNEL=gate_per_channel, **options,
     )
     return out, lse
 
@@ -891,12 +1077,14 @@ def memory_attention_bwd(
     grad_lse: torch.Tensor | None = None, log_beta=None, doc_start=None, doc_end=None, cu_seqlens_q=None,
     cu_seqlens_k=None, config: dict | None = None,
 ):
-    """(dq, dk, dv, dmem_k, dmem_v, dmem_bias, dlog_beta); dmem_* None without memory; dmem_bias is
-    (B, Hkv, M) fp32 and the caller sums it down to mem_bias' shape; dlog_beta (B, Hkv, Nk) fp32 or None.
-    Arguments as for :func:`memory_attention_fwd`, grad_out (B, H, N, D) with unit last stride, grad_lse
-    (B, H, N) or None; packed documents give doc_start and doc_end (B|1, Nk) int32 (one past each key's
-    document end) together. Packed (cu_seqlens_q, cu_seqlens_k): the layouts of :func:`memory_attention_fwd`,
-    S in place of B for the memory grads, dlog_beta (Hkv, total_k)."""
+    """(dq, dk, dv, dmem_k, dmem_v, dmem_bias, dlog_beta), the backward of all three forwards (the looped
+    blend's backward is plain attention over the blended cache, then the blend's own kernel); dmem_* None
+    without memory; dmem_bias is (B, Hkv, M) fp32 and the caller sums it down to mem_bias' shape; dlog_beta
+    (B, Hkv, Nk) fp32 or None. Arguments as for :func:`memory_attention_fwd` and
+    :func:`retention_attention_fwd`, grad_out (B, H, N, D) with unit last stride, grad_lse (B, H, N) or None;
+    packed documents give doc_start and doc_end (B|1, Nk) int32 (one past each key's document end) together.
+    Packed (cu_seqlens_q, cu_seqlens_k): the layouts of :func:`memory_attention_fwd`, S in place of B for the
+    memory grads, dlog_beta (Hkv, total_k)."""
     packed = cu_seqlens_q is not None
     if packed:
         (_, H, D), (Hkv, Nk), N = q.shape, (k.shape[1], k.shape[0]), q.shape[0]
@@ -905,6 +1093,9 @@ def memory_attention_bwd(
         B, H, N, D = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
     M = 0 if mem_k is None else mem_k.shape[-2]
+    if not M:
+        mem_k = mem_v = None
+    bias = mem_bias if M else None
     acc, precision = accumulator(q), dot_precision(q)
     path = "documents" if doc_start is not None else "decay" if log_beta is not None else "memory"
     cfg = config or attention_bwd_config(D, q.device, q.dtype, f"varlen-{path}" if packed else path)
@@ -927,54 +1118,44 @@ def memory_attention_bwd(
     ddecay = torch.empty(log_beta.shape, dtype=lse.dtype, device=q.device) if log_beta is not None else None
     if H * N > 0 and B > 0:
         common = (
-            *_row_strides(q, packed), *_row_strides(k, packed), *_row_strides(v, packed),
-            *_strides3(mem_k), *_strides3(mem_v), *_bias_strides(mem_bias),
-            *_decay_strides(log_beta), *_row_strides(grad_out, packed),
+            _row_strides(q, packed), _row_strides(k, packed), _row_strides(v, packed), _strides3(mem_k),
+            _strides3(mem_v), _bias_strides(bias), _decay_strides(log_beta), _row_strides(grad_out, packed),
         )
-        mem_k_arg, mem_v_arg = (mem_k, mem_v) if M else (k, v)
-        bias_arg = mem_bias if mem_bias is not None else q
-        decay_arg = log_beta if log_beta is not None else q
         # delta's rows: every (batch, head, query) row, packed ones as one batch of total rows
         rows = (lambda t: t.transpose(0, 1).unsqueeze(0)) if packed else (lambda t: t)
         row_out, row_grad = rows(out), rows(grad_out)
-        grad_lse_arg = grad_lse.contiguous() if grad_lse is not None else lse
         record_launch("memory_attention_delta_kernel")
         memory_attention_delta_kernel[(triton.cdiv(N, 64), (1 if packed else B) * H)](
-            row_out, row_grad, grad_lse_arg, delta,
+            row_out, row_grad, None if grad_lse is None else grad_lse.contiguous(), delta,
             row_out.stride(0), row_out.stride(1), row_out.stride(2),
             row_grad.stride(0), row_grad.stride(1), row_grad.stride(2),
-            H, N, HEAD_DIM=D, BLOCK_M=64, HAS_GRAD_LSE=grad_lse is not None, ACC=acc,
+            H, N, HEAD_DIM=D, BLOCK_M=64, ACC=acc,
         )
-        documents = doc_start is not None
-        packing, programs = _packing_args(cu_seqlens_q, cu_seqlens_k, lse, N, dq_cfg["BLOCK_M"])
+        packing, programs = _packing_args(cu_seqlens_q, cu_seqlens_k, N, dq_cfg["BLOCK_M"])
         record_launch("memory_attention_dq_kernel")
         memory_attention_dq_kernel[(programs, H if packed else B * H)](
-            q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_start if documents else delta, grad_out, lse,
-            delta, dq, *common, *_row_strides(dq, packed), _document_strides(doc_start), *_lse_strides(lse),
+            q, k, v, mem_k, mem_v, bias, log_beta, doc_start, grad_out, lse, delta, dq,
+            *common, _row_strides(dq, packed), _document_strides(doc_start), _lse_strides(lse),
             *packing, H, N, Nk, M, H // Hkv, scale, scale * LOG2E,
-            HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"],
-            HAS_MEMORY=M > 0, HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
-            ACC=acc, DOT_PRECISION=precision, DOCUMENTS=documents, VARLEN=packed,
-            num_warps=dq_cfg["num_warps"], num_stages=dq_cfg["num_stages"],
+            HEAD_DIM=D, BLOCK_M=dq_cfg["BLOCK_M"], BLOCK_N=dq_cfg["BLOCK_N"], CAUSAL=causal, ACC=acc,
+            DOT_PRECISION=precision, num_warps=dq_cfg["num_warps"], num_stages=dq_cfg["num_stages"],
         )
         memory_blocks = triton.cdiv(M, dkdv_cfg["BLOCK_N"])
         if packed:  # key-block programs: each sequence's memory blocks, then its key blocks
             program_seq, first_block, programs = varlen_programs(cu_seqlens_k, Nk, dkdv_cfg["BLOCK_N"], memory_blocks)
             packing = (program_seq, first_block, cu_seqlens_q, cu_seqlens_k, B)
         else:
-            packing, programs = (lse, lse, lse, lse, 0), memory_blocks + triton.cdiv(Nk, dkdv_cfg["BLOCK_N"])
+            packing, programs = (None, None, None, None, 0), memory_blocks + triton.cdiv(Nk, dkdv_cfg["BLOCK_N"])
         record_launch("memory_attention_dkdv_kernel")
         memory_attention_dkdv_kernel[(programs, Hkv if packed else B * Hkv)](
-            q, k, v, mem_k_arg, mem_v_arg, bias_arg, decay_arg, doc_end if documents else delta, grad_out, lse, delta,
-            dk, dv, dmem_k if M else dk, dmem_v if M else dv, dbias if dbias is not None else delta,
-            ddecay if ddecay is not None else delta, *common,
-            *_strides3(dmem_k), *_row_strides(dk, packed), _document_strides(doc_end), *_lse_strides(lse),
-            *_decay_strides(ddecay), *packing,
+            q, k, v, mem_k, mem_v, bias, log_beta, doc_end, grad_out, lse, delta,
+            dk, dv, dmem_k, dmem_v, None if bias is None else dbias, ddecay, *common,
+            _strides3(dmem_k), _row_strides(dk, packed), _document_strides(doc_end), _lse_strides(lse),
+            _decay_strides(ddecay), *packing,
             H, Hkv, N, Nk, M, H // Hkv, scale, scale * LOG2E, memory_blocks,
-            HEAD_DIM=D, BLOCK_M=dkdv_cfg["BLOCK_M"], BLOCK_N=dkdv_cfg["BLOCK_N"],
-            HAS_BIAS=mem_bias is not None, HAS_DECAY=log_beta is not None, CAUSAL=causal,
-            MEMORY_GRAD_ATOMIC=atomic, ACC=acc, DOCUMENTS=documents, VARLEN=packed,
-            DOT_PRECISION=precision, num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"],
+            HEAD_DIM=D, BLOCK_M=dkdv_cfg["BLOCK_M"], BLOCK_N=dkdv_cfg["BLOCK_N"], CAUSAL=causal,
+            MEMORY_GRAD_ATOMIC=atomic, ACC=acc, DOT_PRECISION=precision,
+            num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"],
         )
     else:  # no query: every grad is zero
         for t in (dq, dk, dv, dmem_k, dmem_v, dbias, ddecay):

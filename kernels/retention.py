@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memops.kernels._common import accumulator, accumulator_torch_dtype
+from memops.kernels._common import accumulator, accumulator_torch_dtype, finite_log_beta
 from memops.kernels._launch import launch_arch, record_launch
-from memops.kernels.attention import _finite_log_beta
 from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_entries
 
 
@@ -48,7 +47,7 @@ def retention_capacity_fwd_kernel(
         first = tl.load(starts_row + pid_t * BLOCK_T) // BLOCK_J * BLOCK_J
     for start in range(first, end, BLOCK_J):
         offs_j = start + tl.arange(0, BLOCK_J)
-        log_beta = _finite_log_beta(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
+        log_beta = finite_log_beta(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
         distance = (offs_t[:, None] - offs_j[None, :]).to(ACC)
         visible = (offs_j[None, :] <= offs_t[:, None]) & (offs_j[None, :] < N)
         if starts_ptr is not None:
@@ -69,7 +68,7 @@ def retention_capacity_bwd_kernel(
     sequence = tl.program_id(1).to(tl.int64)
     row = sequence * N
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    log_beta = _finite_log_beta(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
+    log_beta = finite_log_beta(tl.load(log_beta_ptr + row + offs_j, mask=offs_j < N, other=0.0).to(ACC))
     total = tl.zeros((BLOCK_J,), dtype=ACC)
     first = pid_j * BLOCK_J // BLOCK_T * BLOCK_T
     last = N

@@ -188,8 +188,9 @@ def _looped_attention_fwd(q, k_new, v_new, gate, k_cache, v_cache, causal, scale
     if n < Nk:
         k_out[:, :, : Nk - n] = k_cache[:, :, : Nk - n]
         v_out[:, :, : Nk - n] = v_cache[:, :, : Nk - n]
-    options = dict(causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out))
-    out, lse = attention_kernels.memory_attention_fwd(q, k_cache, v_cache, None, None, None, **options)
+    out, lse = attention_kernels.looped_attention_fwd(
+        q, k_cache, v_cache, k_new, v_new, gate, k_out, v_out, causal=causal, scale=scale
+    )
     return out, lse, k_out, v_out
 
 
@@ -320,8 +321,9 @@ def _looped_attention_varlen_fwd(q, k_new, v_new, gate, k_cache, v_cache, cu_seq
     q, k_new, v_new, gate, k_cache, v_cache = contiguous(q, k_new, v_new, gate, k_cache, v_cache)
     k_out, v_out = torch.empty_like(k_cache), torch.empty_like(v_cache)  # the kernel writes every row
     packed = dict(cu_seqlens_q=cu_seqlens.contiguous(), cu_seqlens_k=cu_seqlens.contiguous())
-    options = dict(causal=causal, scale=scale, blend=(k_new, v_new, gate, k_out, v_out), **packed)
-    out, lse = attention_kernels.memory_attention_fwd(q, k_cache, v_cache, None, None, None, **options)
+    out, lse = attention_kernels.looped_attention_fwd(
+        q, k_cache, v_cache, k_new, v_new, gate, k_out, v_out, causal=causal, scale=scale, **packed
+    )
     return out, lse, k_out, v_out
 
 

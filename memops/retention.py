@@ -56,9 +56,7 @@ def _retention_attention_fwd(q, k, v, log_beta, mem_k, mem_v, doc_start, doc_end
     from memops.kernels import attention as attention_kernels
 
     q, k, v, log_beta, mem_k, mem_v = (unit_last_stride(t) for t in (q, k, v, log_beta, mem_k, mem_v))
-    return attention_kernels.memory_attention_fwd(
-        q, k, v, mem_k, mem_v, None, causal=True, scale=scale, log_beta=log_beta, doc_start=doc_start
-    )
+    return attention_kernels.retention_attention_fwd(q, k, v, log_beta, mem_k, mem_v, scale=scale, doc_start=doc_start)
 
 
 def _retention_attention_bwd(
@@ -164,9 +162,7 @@ def _retention_attention_varlen_fwd(q, k, v, log_beta, mem_k, mem_v, cu_seqlens_
     # the kernels read each kv head's decay as one row over the packed keys: (Hkv, total_k)
     decay = log_beta.t().contiguous()
     packed = dict(cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous())
-    return attention_kernels.memory_attention_fwd(
-        q, k, v, mem_k, mem_v, None, causal=True, scale=scale, log_beta=decay, **packed
-    )
+    return attention_kernels.retention_attention_fwd(q, k, v, decay, mem_k, mem_v, scale=scale, **packed)
 
 
 def _retention_attention_varlen_bwd(

@@ -220,5 +220,5 @@ def test_varlen_ops_agree_across_backends(lengths, M, causal, seed, op, where, k
                 log_beta = -0.3 * randn(seed + 4, tk, 1).abs()
                 outs.append(memops.retention_attention_varlen(q, k, v, log_beta, cu_q, cu_k, max_q, max_k,
                                                               mem_k=mem, mem_v=mem))  # fmt: skip
-        assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton" and tq > 0)
+        assert (launches[f"{op}_attention_fwd_kernel"] > 0) == (backend == "triton" and tq > 0)
     agree(f"{op}_attention_varlen", outs[0], outs[1].double())

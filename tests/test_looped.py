@@ -137,7 +137,7 @@ def check_looped_attention(inputs, causal, dtype):
     grads = [torch.randn_like(q), torch.randn_like(inputs[4]), torch.randn_like(inputs[5])]
     with memops.backend("triton"), count_launches() as launches:
         outputs, input_grads = with_grads(lambda *a: memops.looped_attention(*a, causal=causal), inputs, grads)
-    assert launches["memory_attention_fwd_kernel"] == 1 and launches["looped_update_fwd_kernel"] == 0
+    assert launches["looped_attention_fwd_kernel"] == 1 and launches["looped_update_fwd_kernel"] == 0
     assert launches["memory_attention_dkdv_kernel"] == 1 and launches["looped_update_bwd_kernel"] == 1
     ref_outputs, ref_grads = with_grads(
         lambda *a: reference.looped_attention(*a, causal=causal),
@@ -259,7 +259,7 @@ def test_looped_attention_compile(backend, device):
         out, k, v = memops.looped_attention(*tensors)
         return out.square().sum() + k.sum() + v.sum()
 
-    check_compiled_grads(loss, inputs, backend=backend, device=device, kernel="memory_attention_fwd_kernel")
+    check_compiled_grads(loss, inputs, backend=backend, device=device, kernel="looped_attention_fwd_kernel")
 
 
 def test_nan_gate_propagates(device):

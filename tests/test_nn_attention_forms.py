@@ -52,7 +52,7 @@ def test_retention_attention_layer_matches_its_ops(backend):
     with memops.backend(backend), count_launches() as launches:
         out = layer(x, log_beta)
         got = grads(layer, x, out)
-    assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton")
+    assert (launches["retention_attention_fwd_kernel"] > 0) == (backend == "triton")
     q, k, v = heads(layer, x)
     expected = merged(
         layer, reference.retention_attention(q, k, v, log_beta, mem_k=layer.prefix_k, mem_v=layer.prefix_v)
@@ -99,7 +99,7 @@ def test_looped_attention_layer_matches_its_ops(backend):
         first, shared = layer(x0, gate)
         second, shared = layer(first, gate, shared=shared)
         got = grads(layer, x0, second)
-    assert (launches["memory_attention_fwd_kernel"] > 0) == (backend == "triton")
+    assert (launches["looped_attention_fwd_kernel"] > 0) == (backend == "triton")
     assert shared[0].shape == (2, 2, 2 + 7, 16)
 
     def by_hand(x, k_cache=None, v_cache=None):

@@ -13,7 +13,7 @@ from memops import reference
 from memops.testing import assert_close_to_reference, check_compiled_grads, count_launches
 
 ATTENTION_KERNELS = (
-    "memory_attention_fwd_kernel",
+    "retention_attention_fwd_kernel",
     "memory_attention_delta_kernel",
     "memory_attention_dq_kernel",
     "memory_attention_dkdv_kernel",
@@ -153,7 +153,7 @@ def test_retention_attention_compile(backend, device):
         return memops.retention_attention(q, k, v, lb, check_log_beta=False).square().sum()
 
     check_compiled_grads(
-        loss, list(inputs.values()), backend=backend, device=device, kernel="memory_attention_fwd_kernel"
+        loss, list(inputs.values()), backend=backend, device=device, kernel="retention_attention_fwd_kernel"
     )
 
 

@@ -430,17 +430,15 @@ def _retention_scenarios(dtype, subset):
                     q, k = _meta(B * N, H, D, dtype=dt), _meta(B * N, Hkv, D, dtype=dt)
                     log_beta, cu = _meta(Hkv, B * N, dtype=torch.float32), _meta(B + 1, dtype=torch.int32)
                     if not attention.reference_instead(q, "varlen-decay", backward=True):
-                        options = dict(causal=True, scale=D**-0.5, log_beta=log_beta, cu_seqlens_q=cu, cu_seqlens_k=cu)
-                        out, lse = attention.memory_attention_fwd(q, k, k, None, None, None, **options)
-                        attention.memory_attention_bwd(q, q, k, k, None, None, None, out, lse, deterministic=True,
-                                                       **options)  # fmt: skip
+                        packed = dict(scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
+                        out, lse = attention.retention_attention_fwd(q, k, k, log_beta, None, None, **packed)
+                        attention.memory_attention_bwd(q, q, k, k, None, None, None, out, lse, causal=True,
+                                                       deterministic=True, log_beta=log_beta, **packed)  # fmt: skip
                     return
                 bounds = _meta(B, N, dtype=torch.int32) if documents else None
                 if attention.reference_instead(q, "decay", backward=False):  # the ops run the reference
                     return
-                attention.memory_attention_fwd(
-                    q, k, k, None, None, None, causal=True, scale=D**-0.5, log_beta=log_beta, doc_start=bounds
-                )
+                attention.retention_attention_fwd(q, k, k, log_beta, None, None, scale=D**-0.5, doc_start=bounds)
                 if not attention.reference_instead(q, "decay", backward=True):
                     attention.memory_attention_bwd(
                         q,
@@ -524,10 +522,9 @@ def _looped_scenarios(dtype, subset):
                                                            scale=D**-0.5)  # fmt: skip
                         continue
                     if not attention.reference_instead(q, path, backward=False):  # else the ops run the reference
-                        out, lse = attention.memory_attention_fwd(
-                            q, cache, cache, None, None, None, causal=True, scale=D**-0.5,
-                            blend=(new, new, gate, cache, cache),
-                        )  # fmt: skip
+                        out, lse = attention.looped_attention_fwd(
+                            q, cache, cache, new, new, gate, cache, cache, causal=True, scale=D**-0.5
+                        )
                         if not attention.reference_instead(q, path, backward=True):  # looped_attention's backward
                             attention.memory_attention_bwd(q, q, cache, cache, None, None, None, out, lse, causal=True,
                                                            scale=D**-0.5, deterministic=True)  # fmt: skip
@@ -547,10 +544,10 @@ def _looped_scenarios(dtype, subset):
                 gate, cu = _meta(B * Nk, Hkv, gate_width, dtype=dt), _meta(B + 1, dtype=torch.int32)
                 path = attention.fwd_path(gate_per_channel=gate_width != 1)
                 if not attention.reference_instead(q, f"varlen-{path}", backward=False):
-                    attention.memory_attention_fwd(
-                        q, rows, rows, None, None, None, causal=True, scale=D**-0.5,
-                        blend=(rows, rows, gate, rows, rows), cu_seqlens_q=cu, cu_seqlens_k=cu,
-                    )  # fmt: skip
+                    attention.looped_attention_fwd(
+                        q, rows, rows, rows, rows, gate, rows, rows, causal=True, scale=D**-0.5, cu_seqlens_q=cu,
+                        cu_seqlens_k=cu,
+                    )
 
             yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'} varlen", run_varlen
 
@@ -747,6 +744,11 @@ def collect(
                                 for path, v in constexprs.items()
                                 if len(path) == 1 and fn.arg_names[path[0]].isupper()
                             }
+                            # absent inputs (None pointers) pick a code path as the flags do
+                            absent = [fn.arg_names[path[0]] for path, v in constexprs.items()
+                                      if len(path) == 1 and v is None]  # fmt: skip
+                            if absent:
+                                config["absent"] = ",".join(absent)
                             config.update(num_warps=options.num_warps, num_stages=options.num_stages)
                             variants[key] = Variant(family, fn.__name__, arch, dtype, [name], config, key, launch)
     out = list(variants.values())
@@ -757,7 +759,8 @@ def collect(
                 sorted(
                     (k, v.config[k])
                     for k in v.config
-                    if k.isupper()
+                    if k == "absent"
+                    or k.isupper()
                     and (
                         k.startswith(
                             (
