@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import memops
 from memops import reference
 from memops.testing import count_launches
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "memory_attention"
@@ -225,3 +226,126 @@ def note(case: Case, provider: str, device: str) -> str | None:
         if marker in names:
             return f"SDPA backend: {backend}"
     return "SDPA backend: math"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
+    """(path label, thunk) for memory attention's forward and backward kernels at one shape."""
+    from memops.kernels import attention as kernels
+
+    q, k = scenarios.meta(B, H, N, D, dtype=dt), scenarios.meta(B, Hkv, Nk, D, dtype=dt)
+    paths = [("shared-memory", scenarios.meta(Hkv, M, D, dtype=dt), None, False)]
+    if not subset:
+        paths += [
+            (
+                "per-sample-memory+bias",
+                scenarios.meta(B, Hkv, M, D, dtype=dt),
+                scenarios.meta(B, Hkv, M, dtype=dt),
+                False,
+            ),
+            ("shared-memory deterministic", scenarios.meta(Hkv, M, D, dtype=dt), None, True),
+        ]
+    for label, mem, bias, deterministic in paths:
+
+        def run(mem=mem, bias=bias, deterministic=deterministic):
+            # Where the launch tables have no clean config the ops' "auto" backend runs the reference, so
+            # nothing is launched to check (the report lists those table entries).
+            if kernels.reference_instead(q, "memory", backward=False):
+                return
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, causal=causal, scale=D**-0.5)
+            if kernels.reference_instead(q, "memory", backward=True):
+                return
+            kernels.memory_attention_bwd(
+                scenarios.meta(B, H, N, D, dtype=dt),
+                q,
+                k,
+                k,
+                mem,
+                mem,
+                bias,
+                scenarios.meta(B, H, N, D, dtype=dt),
+                scenarios.meta(B, H, N, dtype=torch.float32),
+                causal=causal,
+                scale=D**-0.5,
+                deterministic=deterministic,
+                grad_lse=scenarios.meta(B, H, N, dtype=torch.float32),
+            )
+
+        yield label, run
+
+    def composed(mem=paths[0][1]):
+        # memops' part of the composed path (memops.attention._composed_fwd/_bwd): the kernels over the memory
+        # rows alone (no sequence keys, so never causal) and the LSE merge; the vendor op is not Triton's.
+        from memops.kernels.attention_lse_merge import lse_merge
+
+        if kernels.reference_instead(q, "memory", backward=True):
+            return
+        none = k.narrow(2, 0, 0)
+        out, lse = kernels.memory_attention_fwd(q, none, none, mem, mem, None, causal=False, scale=D**-0.5)
+        # The vendor's (out, lse) come first; their layout is the vendor's: contiguous, or with the heads
+        # innermost (torch's flash kernels allocate (B, N, H, ...) and return a transposed view).
+        for heads_inner in (False, True):
+            vendor_out = (
+                scenarios.meta(B, N, H, D, dtype=dt).transpose(1, 2)
+                if heads_inner
+                else scenarios.meta(B, H, N, D, dtype=dt)
+            )
+            vendor_lse = (scenarios.meta(B, N, H, dtype=torch.float32).transpose(1, 2) if heads_inner
+                          else scenarios.meta(B, H, N, dtype=torch.float32))  # fmt: skip
+            lse_merge(vendor_out, vendor_lse, out, lse, empty_a_rows=max(N - Nk, 0) if causal else 0)
+        kernels.memory_attention_bwd(
+            scenarios.meta(B, H, N, D, dtype=dt),
+            q,
+            none,
+            none,
+            mem,
+            mem,
+            None,
+            out,
+            lse,
+            causal=False,
+            scale=D**-0.5,
+            deterministic=False,
+        )
+
+    yield "composed", composed
+    yield from _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset)
+
+
+def _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
+    """(path label, thunk) for the packed (VARLEN) variants: the case's batch as S = B packed sequences."""
+    from memops.kernels import attention as kernels
+
+    q, k = scenarios.meta(B * N, H, D, dtype=dt), scenarios.meta(B * Nk, Hkv, D, dtype=dt)
+    cu = scenarios.meta(B + 1, dtype=torch.int32)
+    paths = [("varlen shared-memory", scenarios.meta(Hkv, M, D, dtype=dt), None)]
+    if not subset:
+        paths.append(
+            (
+                "varlen per-sequence-memory+bias",
+                scenarios.meta(B, Hkv, M, D, dtype=dt),
+                scenarios.meta(B, Hkv, M, dtype=dt),
+            )
+        )
+    for label, mem, bias in paths:
+
+        def run(mem=mem, bias=bias):
+            if kernels.reference_instead(q, "varlen-memory", backward=True):
+                return
+            options = dict(causal=causal, scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, **options)
+            kernels.memory_attention_bwd(q, q, k, k, mem, mem, bias, out, lse, deterministic=False, **options)
+
+        yield label, run
+
+
+def compile_scenarios(dtype, subset):
+    dt = scenarios.torch_dtype(dtype)
+    for case, p, D in scenarios.cases_by_head_dim("attention", subset, "dit-mem"):
+        for path, run in _attention_paths(
+            p["B"], p["H"], p["Hkv"], p["N"], p["Nk"], p["M"], D, p["causal"], dt, subset
+        ):
+            yield f"{case.name} D={D} {path}", run

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "memory_attention_varlen"
@@ -225,3 +226,47 @@ def note(case: Case, provider: str, device: str) -> str | None:
     lens = _lengths(case.params)
     padded = len(lens) * max(lens)
     return f"padding: {padded - sum(lens)} of {padded} rows ({(padded - sum(lens)) / padded:.0%})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    """memory_attention_varlen at the varlen benchmark's packed cases (S sequences of the drawn lengths, shared
+    memory rows, causal), forward and backward, and the memops-padded baseline."""
+    from memops.kernels import attention as kernels
+
+    dt = scenarios.torch_dtype(dtype)
+    for case in scenarios.cases("attention_varlen", subset):
+        p = case.params
+        lens = lengths(p["S"], p["min_len"], p["max_len"], p["seed"])
+        total, S, H, Hkv, M, D = sum(lens), p["S"], p["H"], p["Hkv"], p["M"], p["D"]
+
+        def run(total=total, S=S, H=H, Hkv=Hkv, M=M, D=D):
+            q, k = scenarios.meta(total, H, D, dtype=dt), scenarios.meta(total, Hkv, D, dtype=dt)
+            mem = scenarios.meta(Hkv, M, D, dtype=dt) if M else None
+            if kernels.reference_instead(q, "varlen-memory", backward=True):
+                return
+            cu = scenarios.meta(S + 1, dtype=torch.int32)
+            options = dict(causal=True, scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, None, **options)
+            kernels.memory_attention_bwd(q, q, k, k, mem, mem, None, out, lse, deterministic=False, **options)
+
+        yield f"{case.name} D={D} packed", run
+
+        longest = max(lens)
+
+        def padded(S=S, H=H, Hkv=Hkv, M=M, D=D, max_len=longest):
+            # the benchmark's memops-padded baseline: memory_attention over the right-padded batch, heads
+            # transposed out of the packed (S, max_len, heads, D) rows
+            q = scenarios.meta(S, max_len, H, D, dtype=dt).transpose(1, 2)
+            k = scenarios.meta(S, max_len, Hkv, D, dtype=dt).transpose(1, 2)
+            mem = scenarios.meta(Hkv, M, D, dtype=dt) if M else None
+            if kernels.reference_instead(q, "memory", backward=True):
+                return
+            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, None, causal=True, scale=D**-0.5)
+            kernels.memory_attention_bwd(q, q, k, k, mem, mem, None, out, lse, causal=True, scale=D**-0.5,
+                                         deterministic=False)  # fmt: skip
+
+        yield f"{case.name} D={D} padded", padded

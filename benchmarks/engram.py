@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case
 
 OP = "engram"
@@ -223,3 +224,82 @@ def bytes_moved(case: Case, mode: str) -> int:
     conv = 2 * rows * p["G"] * p["C"] * item
     moved = {"lookup": lookup, "gate": gate, "conv": conv, "layer": lookup + gate + conv}[p["part"]]
     return moved if mode == "fwd" else 3 * moved
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    dt = scenarios.torch_dtype(dtype)
+    # The benchmark's engram cases (the demo's config: B*L = 8192 tokens, orders 2..3 with 8 heads of d = 64, a
+    # table of about 10.3 M rows, G = 4 streams of C = 1024), kernel 4 at dilation 3; the table's rows are the
+    # module's own (the sum of its heads' primes).
+    # Each distinct shape of the engram cases: the CUDA ones (the demo's config) in a sweep, the headline's in
+    # a headline run.
+    shapes = {}
+    for case in scenarios.cases("engram"):
+        if case.cuda_only or scenarios.headline_run():
+            shape = {k: v for k, v in case.params.items() if k != "part"}
+            shapes.setdefault(tuple(sorted(shape.items())), shape)
+    for p in shapes.values():
+        yield from _engram_shape_scenarios(p, dt)
+
+
+def _engram_shape_scenarios(p, dt):
+    from memops.kernels import engram
+    from memops.kernels.product_key import weighted_gather_bwd
+    from memops.reference.engram import engram_hash_params
+
+    _, primes = engram_hash_params(
+        (1,),
+        [p["vocab"]] * (p["N"] - 1),
+        max_ngram_size=p["N"],
+        n_head_per_ngram=p["h"],
+        seed=0,
+        tokenizer_vocab_size=128000,
+    )[1]  # fmt: skip  (memops.benchmarks.engram's module: layer 1, seed 0)
+    rows = int(primes.sum())
+    B, L, heads, d, G, C, K = p["B"], p["L"], (p["N"] - 1) * p["h"], p["e"] // p["h"], p["G"], p["C"], 4
+
+    def lookup():
+        ids = scenarios.meta(B, L, dtype=torch.int64)
+        multipliers = scenarios.meta(p["N"], dtype=torch.int64)
+        primes = scenarios.meta(p["N"] - 1, p["h"], dtype=torch.int64)
+        offsets, table = scenarios.meta(heads, dtype=torch.int64), scenarios.meta(rows, d, dtype=dt)
+        engram.engram_lookup_fwd(ids, table, multipliers, primes, offsets, 2)
+        engram.engram_lookup_fwd(
+            scenarios.meta(B, 3, dtype=torch.int64), table, multipliers, primes, offsets, 2, 2
+        )  # decode
+        if not scenarios.headline_run():  # the public hash (bare ids, no offsets): no headline case launches it
+            engram.ngram_hash(ids, multipliers, primes, 2)
+        row_ids = engram.ngram_hash(ids, multipliers, primes, 2, offsets).reshape(-1, 1)
+        weighted_gather_bwd(
+            scenarios.meta(B * L * heads, d, dtype=dt), table, row_ids,
+            scenarios.meta(B * L * heads, 1, dtype=torch.float32), values_grad_algorithm="atomic", weights_grad=False,
+        )  # fmt: skip
+
+    def gate():
+        key, query, value = (
+            scenarios.meta(B * L, G, C, dtype=dt),
+            scenarios.meta(B * L, G, C, dtype=dt),
+            scenarios.meta(B * L, C, dtype=dt),
+        )
+        w_k, w_q = scenarios.meta(G, C, dtype=dt), scenarios.meta(G, C, dtype=dt)
+        engram.engram_gate_fwd(key, query, w_k, w_q, value, 1e-6)
+        engram.engram_gate_bwd(scenarios.meta(B * L, G, C, dtype=dt), key, query, w_k, w_q, value, 1e-6)
+
+    def conv():
+        x, weight, norm_weight = (
+            scenarios.meta(B, L, G, C, dtype=dt),
+            scenarios.meta(G * C, K, dtype=dt),
+            scenarios.meta(G, C, dtype=dt),
+        )
+        options = dict(dilation=3, eps=1e-5, activation=True, residual=True)
+        engram.short_conv_fwd(x, weight, norm_weight, **options)
+        engram.short_conv_bwd(scenarios.meta(B, L, G, C, dtype=dt), x, weight, norm_weight, **options)
+
+    shape = f"B={B} L={L} G={G} C={C}"
+    yield f"engram lookup {shape}", lookup
+    yield f"engram gate {shape}", gate
+    yield f"engram short-conv {shape}", conv

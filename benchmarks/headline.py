@@ -8,7 +8,7 @@ variants these cases launch ahead of the run. The goals are stated, not claimed:
 whether each one was met.
 
 Each entry names an op of ``memops.tools.benchmarking.BENCHMARKS``, a case of that benchmark module's CUDA
-list (``cases("cuda", quick=False)``) and its modes, the family of ``memops.tools.gpu_check.FAMILIES`` whose
+list (``cases("cuda", quick=False)``) and its modes, the gpu-check family (``memops.benchmarks.MODULES``) whose
 kernels it exercises, the baselines its goal compares with, the metric that bounds it ("bandwidth": GB/s
 against the measured copy bandwidth; "flops": TFLOP/s against the measured matmul rate of its dtype;
 "time": ratios only) and ``small``, the parameters the rehearsal overrides.
@@ -21,7 +21,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Headline:
-    family: str  # a key of memops.tools.gpu_check.FAMILIES
+    family: str  # a gpu-check family of memops.benchmarks.MODULES
     op: str  # a key of memops.tools.benchmarking.BENCHMARKS
     case: str  # a case name of the op's benchmark module (its CUDA list)
     modes: tuple[str, ...]

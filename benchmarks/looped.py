@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case, random_source
 
 OP = "looped_attention"
@@ -155,3 +156,70 @@ def flops(case: Case, mode: str) -> float:
     visible = p["n"] * (p["Nk"] - p["n"]) + p["n"] * (p["n"] + 1) / 2 if p["n"] > 1 else p["Nk"]
     forward = 4.0 * p["B"] * p["H"] * p["D"] * visible
     return forward * (3.5 if mode == "fwd+bwd" else 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    from memops.kernels import attention, looped
+
+    dt = scenarios.torch_dtype(dtype)
+    for case, p, D in scenarios.cases_by_head_dim("looped", subset, "ouro-4k"):
+        for gate_width in (1, D):
+
+            def run(p=p, D=D, gate_width=gate_width):
+                B, H, Hkv, n, Nk = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"]
+                q, cache = scenarios.meta(B, H, n, D, dtype=dt), scenarios.meta(B, Hkv, Nk, D, dtype=dt)
+                new = scenarios.meta(B, Hkv, n, D, dtype=dt)
+                path = attention.fwd_path(gate_per_channel=gate_width != 1)
+                for gate_dtype in dict.fromkeys((dt, torch.float32)):  # gates come in any float dtype
+                    gate = scenarios.meta(B, Hkv, n, gate_width, dtype=gate_dtype)
+                    if n == 1:  # decode (memops.looped_attention inplace=True): the update, then plain attention
+                        looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
+                        if not attention.reference_instead(q, "memory", backward=False):
+                            attention.memory_attention_fwd(q, cache, cache, None, None, None, causal=False,
+                                                           scale=D**-0.5)  # fmt: skip
+                        continue
+                    if not attention.reference_instead(q, path, backward=False):  # else the ops run the reference
+                        out, lse = attention.looped_attention_fwd(
+                            q, cache, cache, new, new, gate, cache, cache, causal=True, scale=D**-0.5
+                        )
+                        if not attention.reference_instead(q, path, backward=True):  # looped_attention's backward
+                            attention.memory_attention_bwd(q, q, cache, cache, None, None, None, out, lse, causal=True,
+                                                           scale=D**-0.5, deterministic=True)  # fmt: skip
+                    looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
+                    looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
+                    if (
+                        not scenarios.headline_run()
+                    ):  # looped_kv_update with its rows given: no headline case launches it
+                        rows = torch.empty(n, dtype=torch.int64, device="meta")
+                        looped.looped_update_fwd(cache, cache, new, new, gate, rows, 0, cache, cache)
+                        looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, rows, 0)
+
+            yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
+
+            def run_varlen(p=p, D=D, gate_width=gate_width):
+                # the packed training path: S = B sequences of Nk tokens, every cache row blended
+                B, H, Hkv, Nk = p["B"], p["H"], p["Hkv"], p["Nk"]
+                q, rows = scenarios.meta(B * Nk, H, D, dtype=dt), scenarios.meta(B * Nk, Hkv, D, dtype=dt)
+                gate, cu = scenarios.meta(B * Nk, Hkv, gate_width, dtype=dt), scenarios.meta(B + 1, dtype=torch.int32)
+                path = attention.fwd_path(gate_per_channel=gate_width != 1)
+                if not attention.reference_instead(q, f"varlen-{path}", backward=False):
+                    attention.looped_attention_fwd(
+                        q,
+                        rows,
+                        rows,
+                        rows,
+                        rows,
+                        gate,
+                        rows,
+                        rows,
+                        causal=True,
+                        scale=D**-0.5,
+                        cu_seqlens_q=cu,
+                        cu_seqlens_k=cu,
+                    )
+
+            yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'} varlen", run_varlen

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import memops
 from memops import reference
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case
 
 OP = "block_moe"
@@ -153,3 +154,30 @@ def flops(case: Case, mode: str) -> float:
     p = case.params
     forward = 2.0 * p["T"] * p["top_k"] * 3 * p["inter"] * p["d"]
     return forward if mode == "fwd" else 3 * forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    from memops.kernels import moe
+
+    dt = scenarios.torch_dtype(dtype)
+    for case in scenarios.cases("moe_layer", subset, keep=lambda case: case.name == "llada2-64blk"):
+        p = case.params
+
+        def run(p=p):
+            T, d, inter, E, top_k = p["T"], p["d"], p["inter"], p["E"], p["top_k"]
+            x, w_gate_up, w_down = (
+                scenarios.meta(T, d, dtype=dt),
+                scenarios.meta(E, 2 * inter, d, dtype=dt),
+                scenarios.meta(E, d, inter, dtype=dt),
+            )
+            ids = scenarios.meta(T, top_k, dtype=torch.int32)
+            moe.moe_experts_fwd(x, w_gate_up, w_down, ids, save_preact=False)  # the forward op
+            # the backward op: the gate/up GEMM again for its pre-activations, then the grads
+            _, (layout, h, preact) = moe.moe_experts_fwd(x, w_gate_up, w_down, ids, save_preact=True, down=False)
+            moe.moe_experts_bwd(scenarios.meta(T * top_k, d, dtype=dt), x, w_gate_up, w_down, ids, layout, h, preact)
+
+        yield f"experts {case.name}", run

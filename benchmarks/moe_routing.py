@@ -7,10 +7,13 @@ PyTorch ops) and ``reference-token``. The note gives the mean unique experts per
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 import memops
 from memops import reference
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case
 
 OP = "block_route"
@@ -103,3 +106,34 @@ def note(case: Case, provider: str, device: str) -> str | None:
 def bytes_moved(case: Case, mode: str) -> int:
     p = case.params
     return p["B"] * p["N"] * (p["E"] * 4 + p["top_k"] * 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    from memops.kernels import moe
+
+    for case in scenarios.cases("moe_routing", subset, keep=lambda case: case.name.startswith("llada2")):
+        p = case.params
+
+        def run(p=p):
+            logits = scenarios.meta(p["B"], p["N"], p["E"], dtype=torch.float32)
+            # block routing and token routing, with and without DeepSeek's expert bias
+            for block_size, bias in itertools.product((32, None), (scenarios.meta(p["E"], dtype=torch.float32), None)):
+                moe.block_route(
+                    logits,
+                    bias,
+                    block_size=block_size,
+                    top_k=p["top_k"],
+                    top_p=0.9,
+                    min_experts=p["min_experts"],
+                    softmax=p["score_func"] == "softmax",
+                    n_groups=p["n_groups"],
+                    topk_groups=p["topk_groups"],
+                    routed_scaling=p["routed_scaling"],
+                    normalize=True,
+                )
+
+        yield f"route {case.name}", run

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case, case_grid
 
 OP = "weighted_gather"
@@ -110,3 +111,28 @@ def bytes_moved(case: Case, mode: str) -> int:
         return forward
     # backward: read dout, re-read the selected rows (weights grad), write the dense values grad.
     return forward + T * D * item + T * K * D * item + S * D * item + T * K * item
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    from memops.kernels import product_key as kernels
+
+    dt = scenarios.torch_dtype(dtype)
+    for case in scenarios.cases("product_key", subset, keep=lambda case: case.params["D"] == 1024):
+        p = case.params
+
+        def run(p=p):
+            T, K, S, D = p["T"], p["K"], p["S"], p["D"]
+            values, weights = scenarios.meta(S, D, dtype=dt), scenarios.meta(T, K, dtype=dt)
+            # Indices on CPU: the sorted-segment values grad reads them on the host.
+            indices = torch.randint(0, S, (T, K), dtype=torch.int64)
+            kernels.weighted_gather_fwd(values, indices, weights)
+            for algorithm in ("atomic", "segment"):
+                kernels.weighted_gather_bwd(
+                    scenarios.meta(T, D, dtype=dt), values, indices, weights, values_grad_algorithm=algorithm
+                )
+
+        yield case.name, run

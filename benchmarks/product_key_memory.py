@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case, case_grid
 
 OP = "product_key_memory"
@@ -178,3 +179,48 @@ def flops(case: Case, mode: str) -> float:
         projections += 2 * 2.0 * p["T"] * p["dim"] * p["value_dim"]
     forward = search + projections
     return forward if mode == "fwd" else 3 * forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    """nn.ProductKeyMemory's kernels at its benchmark shapes: the search over (heads, 2, n_keys, key_dim / 2)
+    sub-keys, then the weighted gather of heads x topk rows from the n_keys^2-row value table."""
+    from memops.kernels import product_key as kernels
+    from memops.product_key import search_backward
+
+    dt = scenarios.torch_dtype(dtype)
+    for case in scenarios.cases("product_key_memory", subset, keep=lambda case: case.name == "xlm"):
+        p = case.params
+
+        def run(p=p):
+            T, heads, key_dim, n_keys, topk, D = (
+                p["T"],
+                p["heads"],
+                p["key_dim"],
+                p["n_keys"],
+                p["topk"],
+                p["value_dim"],
+            )
+            queries, sub_keys = (
+                scenarios.meta(T, heads, key_dim, dtype=dt),
+                scenarios.meta(heads, 2, n_keys, key_dim // 2, dtype=dt),
+            )
+            indices = torch.randint(0, n_keys * n_keys, (T, heads * topk), dtype=torch.int64)
+            if not kernels.search_reference_instead(queries):
+                kernels.product_key_search(queries, sub_keys, topk)
+                search_backward(scenarios.meta(T, heads, topk, dtype=torch.float32), queries, sub_keys,
+                                indices.view(T, heads, topk))  # fmt: skip
+            # the layer's weights are the search's fp32 softmax
+            values, weights = (
+                scenarios.meta(n_keys * n_keys, D, dtype=dt),
+                scenarios.meta(T, heads * topk, dtype=torch.float32),
+            )
+            kernels.weighted_gather_fwd(values, indices, weights)
+            kernels.weighted_gather_bwd(
+                scenarios.meta(T, D, dtype=dt), values, indices, weights, values_grad_algorithm="atomic"
+            )
+
+        yield f"layer {case.name}", run

@@ -12,6 +12,7 @@ import torch
 
 import memops
 from memops.benchmarks.product_key_memory import xlm_search
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "product_key_topk"
@@ -83,3 +84,30 @@ def flops(case: Case, mode: str) -> float:
     forward = 2.0 * p["T"] * p["heads"] * p["n_keys"] * p["key_dim"]
     # The backward touches only the k selected sub-key rows per half: tiny next to the search.
     return forward if mode == "fwd" else forward + 8.0 * p["T"] * p["heads"] * p["topk"] * p["key_dim"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    from memops.kernels import product_key as kernels
+    from memops.product_key import search_backward
+
+    dt = scenarios.torch_dtype(dtype)
+    for case in scenarios.cases("product_key_search", subset, keep=lambda case: case.params["key_dim"] == 512):
+        p = case.params
+
+        def run(p=p):
+            T, heads, key_dim, n_keys, topk = p["T"], p["heads"], p["key_dim"], p["n_keys"], p["topk"]
+            queries, sub_keys = (
+                scenarios.meta(T, heads, key_dim, dtype=dt),
+                scenarios.meta(heads, 2, n_keys, key_dim // 2, dtype=dt),
+            )
+            if kernels.search_reference_instead(queries):  # the op's "auto" backend runs the reference here
+                return
+            kernels.product_key_search(queries, sub_keys, topk)
+            indices = torch.randint(0, n_keys * n_keys, (T, heads, topk), dtype=torch.int64)
+            search_backward(scenarios.meta(T, heads, topk, dtype=torch.float32), queries, sub_keys, indices)
+
+        yield case.name, run

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import memops
 from memops import reference
 from memops.benchmarks.attention import _build, _compiled_flex
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case, case_grid, random_source
 
 OP = "retention_attention"
@@ -111,3 +112,58 @@ def providers(case: Case, device: str) -> dict:
     out["sdpa_causal"] = _build(_sdpa_causal, case.mode)
     out["sdpa_bias"] = _build(_sdpa_bias, case.mode)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    from memops.kernels import attention
+
+    dt = scenarios.torch_dtype(dtype)
+    for case, p, D in scenarios.cases_by_head_dim("retention", subset, "llm-4k"):
+        # packed documents (position_ids / cu_seqlens): the DOCUMENTS variants; varlen: the VARLEN ones
+        for documents in (False, True, "varlen"):
+
+            def run(p=p, D=D, documents=documents):
+                B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
+                q, k = scenarios.meta(B, H, N, D, dtype=dt), scenarios.meta(B, Hkv, N, D, dtype=dt)
+                log_beta = scenarios.meta(B, Hkv, N, dtype=torch.float32)
+                if documents == "varlen":
+                    q, k = scenarios.meta(B * N, H, D, dtype=dt), scenarios.meta(B * N, Hkv, D, dtype=dt)
+                    log_beta, cu = (
+                        scenarios.meta(Hkv, B * N, dtype=torch.float32),
+                        scenarios.meta(B + 1, dtype=torch.int32),
+                    )
+                    if not attention.reference_instead(q, "varlen-decay", backward=True):
+                        packed = dict(scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
+                        out, lse = attention.retention_attention_fwd(q, k, k, log_beta, None, None, **packed)
+                        attention.memory_attention_bwd(q, q, k, k, None, None, None, out, lse, causal=True,
+                                                       deterministic=True, log_beta=log_beta, **packed)  # fmt: skip
+                    return
+                bounds = scenarios.meta(B, N, dtype=torch.int32) if documents else None
+                if attention.reference_instead(q, "decay", backward=False):  # the ops run the reference
+                    return
+                attention.retention_attention_fwd(q, k, k, log_beta, None, None, scale=D**-0.5, doc_start=bounds)
+                if not attention.reference_instead(q, "decay", backward=True):
+                    attention.memory_attention_bwd(
+                        q,
+                        q,
+                        k,
+                        k,
+                        None,
+                        None,
+                        None,
+                        q,
+                        scenarios.meta(B, H, N, dtype=torch.float32),
+                        causal=True,
+                        scale=D**-0.5,
+                        deterministic=True,
+                        log_beta=log_beta,
+                        doc_start=bounds,
+                        doc_end=bounds,
+                    )
+
+            variant = {False: "", True: " documents", "varlen": " varlen"}[documents]
+            yield f"{case.name} D={D} decay{variant}", run

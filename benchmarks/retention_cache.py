@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import memops
 from memops.retention_cache import evict
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case
 
 OP = "retention_cache"
@@ -141,3 +142,42 @@ def bytes_moved(case: Case, mode: str) -> int:
     if mode == "evict":  # read the scores, read and write the kept rows
         return heads * ((p["budget"] + p["buffer"]) * 12 + 2 * p["budget"] * row)
     return heads * p["budget"] * row  # the bounded cache's decode reads about budget rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    from memops.kernels import attention, retention
+
+    dt = scenarios.torch_dtype(dtype)
+    for case in scenarios.cases("retention_cache"):
+        p = case.params
+
+        def run(p=p):
+            rows, D, budget, buffer = p["B"] * p["Hkv"], p["D"], p["budget"], p["buffer"]
+            # a prompt of `context` rows compacted at once, then the steady state: budget + buffer rows
+            for L in (p["context"], p["context"] + buffer, budget + buffer):
+                log_beta, positions = (
+                    scenarios.meta(rows, L, dtype=torch.float32),
+                    scenarios.meta(rows, L, dtype=torch.int64),
+                )
+                kept = retention.retention_select(log_beta, positions, L, L - 1, budget)
+                # into the cache's storage: budget + buffer rows of room (memops.retention_cache.evict's flat views)
+                room = budget + buffer
+                retention.cache_gather(
+                    scenarios.meta(rows, L, D, dtype=dt), kept, scenarios.meta(rows, room, D, dtype=dt)
+                )
+                retention.cache_gather(log_beta[..., None], kept, scenarios.meta(rows, room, 1, dtype=torch.float32))
+                retention.cache_gather(positions[..., None], kept, scenarios.meta(rows, room, 1, dtype=torch.int64))
+            # decode: one query over the kept rows, a growing view of the (budget + buffer)-row storage
+            B, H, Hkv = p["B"], p["H"], p["Hkv"]
+            storage = scenarios.meta(B, Hkv, budget + buffer, D, dtype=dt)
+            for Nk in (budget, budget + 1):
+                if not attention.reference_instead(storage, "memory", backward=False):
+                    cache = storage.narrow(2, 0, Nk)
+                    attention.memory_attention_fwd(scenarios.meta(B, H, 1, D, dtype=dt), cache, cache, None, None, None,
+                                                   causal=False, scale=D**-0.5)  # fmt: skip
+
+        yield f"cache {case.name}", run

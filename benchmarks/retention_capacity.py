@@ -8,6 +8,7 @@ import torch
 
 import memops
 from memops import reference
+from memops.tools import compile_scenarios as scenarios
 from memops.tools.benchmarking import Case
 
 OP = "retention_capacity"
@@ -75,3 +76,28 @@ def flops(case: Case, mode: str) -> float:
     p = case.params
     forward = 3.0 * p["B"] * p["Hkv"] * p["N"] * (p["N"] + 1) / 2
     return forward if mode == "fwd" else 3 * forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compile scenarios: what `memops gpu-check` compiles for this module (memops/tools/compile_scenarios.py)
+
+
+def compile_scenarios(dtype, subset):
+    from memops.kernels import retention
+
+    dt = scenarios.torch_dtype(dtype)
+    if dtype in ("fp32", "bf16"):  # the capacity kernels read log_beta (any float) and compute in fp32
+        for case in scenarios.cases("retention_capacity"):
+            p = case.params
+
+            for documents in (False, True):
+
+                def run(p=p, documents=documents):
+                    log_beta = scenarios.meta(p["B"], p["Hkv"], p["N"], dtype=dt)
+                    bounds = scenarios.meta(p["B"], p["N"], dtype=torch.int32) if documents else None
+                    retention.retention_capacity_fwd(log_beta, bounds)
+                    retention.retention_capacity_bwd(
+                        scenarios.meta(p["B"], p["Hkv"], p["N"], dtype=torch.float32), log_beta, bounds
+                    )
+
+                yield f"capacity {case.name}{' documents' if documents else ''}", run

@@ -54,3 +54,27 @@ def test_cpu_ratio_formulations_compute_the_reference(op, case, name):
     check_same_op(op, name, expected, built[name](suite.make_inputs(case, "cpu", seed=0))())
     with pytest.raises(AssertionError, match="does not compute"):  # the check can fail
         check_same_op(op, name, expected, [leaf + 1 for leaf in tensor_leaves(expected)])
+
+
+def test_one_list_of_benchmark_modules():
+    """memops/benchmarks/__init__.py's MODULES is the one list: every benchmark module (a file there with
+    ``cases``) is in it, under its own OP, with its compile scenarios; BENCHMARKS and gpu-check's FAMILIES
+    are derived from it."""
+    import importlib
+    import pathlib
+
+    from memops.benchmarks import MODULES
+    from memops.tools import gpu_check
+
+    folder = pathlib.Path(importlib.import_module("memops.benchmarks").__file__).parent
+    with_cases = {
+        path.stem
+        for path in folder.glob("*.py")
+        if "\ndef cases(" in path.read_text() and not path.stem.startswith("_")
+    }
+    assert with_cases == set(MODULES)
+    for module, (op, family) in MODULES.items():
+        loaded = importlib.import_module(f"memops.benchmarks.{module}")
+        assert loaded.OP == op and callable(loaded.compile_scenarios), module
+        assert benchmarking.BENCHMARKS[op] == module and family in gpu_check.FAMILIES
+    assert len(benchmarking.BENCHMARKS) == len(MODULES)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from memops.tools import gpu_plan, triton_cache
+from memops.tools import benchmarking, gpu_plan, triton_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,10 @@ def run_without_interpreter(code: str, timeout: int = 600) -> dict:
 def test_headline_list_covers_every_family_and_names_real_cases():
     from memops.tools.gpu_check import FAMILIES
 
-    entries = gpu_plan.headlines()
+    entries = benchmarking.headlines()
     assert set(FAMILIES) <= {entry.family for entry in entries}, set(FAMILIES) - {e.family for e in entries}
     for rehearse in (False, True):
-        for entry, case in gpu_plan.headline_cases(rehearse=rehearse):  # raises for a case that does not exist
+        for entry, case in benchmarking.headline_cases(rehearse=rehearse):  # raises for a case that does not exist
             names = gpu_plan.headline_providers(entry, case)  # raises for a baseline that does not exist
             assert any(name.startswith("memops") for name in names), (entry, case)
             assert entry.metric in ("bandwidth", "flops", "time") and entry.goal
@@ -38,18 +38,18 @@ def test_headline_list_covers_every_family_and_names_real_cases():
 def test_a_headline_naming_a_missing_case_baseline_or_family_is_caught(monkeypatch):
     import dataclasses
 
-    entry, *rest = gpu_plan.headlines()
+    entry, *rest = benchmarking.headlines()
     others = tuple(e for e in rest if e.family != entry.family)
-    monkeypatch.setattr(gpu_plan, "headlines", lambda: (dataclasses.replace(entry, case="no-such-case"), *rest))
+    monkeypatch.setattr(benchmarking, "headlines", lambda: (dataclasses.replace(entry, case="no-such-case"), *rest))
     with pytest.raises(LookupError, match="no such case"):
-        gpu_plan.headline_cases(rehearse=False)
+        benchmarking.headline_cases(rehearse=False)
     bad_baseline = (dataclasses.replace(entry, baselines=("no-such",)), *rest)
-    monkeypatch.setattr(gpu_plan, "headlines", lambda: bad_baseline)
+    monkeypatch.setattr(benchmarking, "headlines", lambda: bad_baseline)
     with pytest.raises(LookupError, match="no provider"):
-        gpu_plan.headline_providers(*gpu_plan.headline_cases(rehearse=False)[0])
-    monkeypatch.setattr(gpu_plan, "headlines", lambda: others)  # a family of the compile check without an entry
+        gpu_plan.headline_providers(*benchmarking.headline_cases(rehearse=False)[0])
+    monkeypatch.setattr(benchmarking, "headlines", lambda: others)  # a family of the compile check without an entry
     with pytest.raises(LookupError, match=f"no headline entry for the family \\['{entry.family}'\\]"):
-        gpu_plan.headline_cases(rehearse=False)
+        benchmarking.headline_cases(rehearse=False)
 
 
 def test_sanitizer_run_fails_when_a_kernel_did_not_launch(monkeypatch, capsys):

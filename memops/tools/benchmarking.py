@@ -41,21 +41,10 @@ from pathlib import Path
 
 import torch
 
+from memops.benchmarks import MODULES
+
 # op name -> benchmark module (one module per op family)
-BENCHMARKS = {
-    "weighted_gather": "product_key",
-    "product_key_topk": "product_key_search",
-    "product_key_memory": "product_key_memory",
-    "memory_attention": "attention",
-    "memory_attention_varlen": "attention_varlen",
-    "retention_attention": "retention",
-    "retention_capacity": "retention_capacity",
-    "retention_cache": "retention_cache",
-    "looped_attention": "looped",
-    "block_route": "moe_routing",
-    "block_moe": "moe_layer",
-    "engram": "engram",
-}
+BENCHMARKS = {op: module for module, (op, _) in MODULES.items()}  # op -> its benchmark module
 L2_BYTES_GUESS = 64 << 20
 NOISY_SPREAD = 0.10  # IQR / median above which a case is timed again
 # blocked_autorange's minimum measuring time per provider and case, over all rounds. MEMOPS_BENCH_MIN_RUN_S
@@ -599,3 +588,37 @@ def write_plot(results: list[Result], path: Path, device_label: str, *, metric: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def headlines():
+    """The headline list (memops/benchmarks/headline.py)."""
+    from memops.benchmarks.headline import HEADLINES
+
+    return HEADLINES
+
+
+def headline_cases(*, rehearse: bool) -> list[tuple[object, Case]]:
+    """(headline, case) for every headline entry and mode, the case taken from its benchmark module's CUDA
+    list; ``rehearse``: with the entry's small parameters. A missing case, or a family of the compile check
+    (memops.benchmarks.MODULES) without an entry, raises LookupError."""
+    families = {family for _, family in MODULES.values()}
+    missing = sorted(families - {entry.family for entry in headlines()})
+    if missing:
+        raise LookupError(f"no headline entry for the famil{'ies' if len(missing) > 1 else 'y'} {missing}: add "
+                          "its real-size cases and goal to memops/benchmarks/headline.py")  # fmt: skip
+    out = []
+    for entry in headlines():
+        cases = load(entry.op).cases("cuda", False)
+        for mode in entry.modes:
+            found = [case for case in cases if case.name == entry.case and case.mode == mode]
+            if not found:
+                raise LookupError(
+                    f"headline {entry.op} {entry.case!r} {mode}: no such case in memops.benchmarks."
+                    f"{BENCHMARKS[entry.op]} (its CUDA cases: "
+                    f"{sorted({(c.name, c.mode) for c in cases})})"
+                )
+            case = found[0]
+            if rehearse:
+                case = dataclasses.replace(case, params={**case.params, **entry.small})
+            out.append((entry, case))
+    return out

@@ -4,7 +4,8 @@ machine without a GPU (``memops gpu-check``).
 Triton's interpreter runs our kernels on CPU tensors for the numerics, but it accepts code that no GPU
 compiler will (a reassigned constexpr, a config over the shared-memory limit). This module closes that gap:
 
-1. **Record.** Every family's launchers run at the shapes of its CUDA benchmark cases, on meta tensors
+1. **Record.** Every family's launchers run at the shapes of its CUDA benchmark cases (each benchmark
+   module's ``compile_scenarios``, grouped into ``FAMILIES`` by memops.benchmarks.MODULES), on meta tensors
    (integer index inputs on CPU where a launcher reads them on the host), with the launch configs of a pinned
    GPU architecture (:func:`memops._backend.configs_for_arch`). ``JITFunction.run`` is replaced by a recorder,
    so nothing launches: what is recorded is exactly what each launcher passes, never a hand-kept copy.
@@ -30,7 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
+import importlib
 import json
 import multiprocessing
 import os
@@ -44,6 +45,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+
+from memops.benchmarks import MODULES
+from memops.tools import compile_scenarios
 
 # Per-target limits (CUDA programming guide, compute capabilities table): the opt-in shared memory one block
 # may use, the shared memory of one SM (each resident block also reserves 1 KiB), registers per SM, resident
@@ -123,10 +127,6 @@ def recording() -> Iterator[list[Launch]]:
             cls.run = run
 
 
-def _meta(*shape, dtype=torch.bfloat16):
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
 @contextlib.contextmanager
 def _matmul_precision(dtype: str):
     previous = torch.get_float32_matmul_precision()
@@ -137,538 +137,37 @@ def _matmul_precision(dtype: str):
         torch.set_float32_matmul_precision(previous)
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}[dtype]
-
-
-# While set (:func:`headline_source`): benchmark module -> the cases of the headline list, which then replace
-# each module's CUDA cases as the scenarios' shapes.
-_CASE_SOURCE: list[dict] = []
-
-
 @contextlib.contextmanager
 def headline_source(*, small: bool = False) -> Iterator[None]:
     """Scenarios record only the headline benchmark's cases (memops.benchmarks.headline), each at its own head
     dim; ``small``: at the rehearsal's small parameters."""
-    from memops.tools.benchmarking import BENCHMARKS
-    from memops.tools.gpu_plan import headline_cases
+    from memops.tools.benchmarking import BENCHMARKS, headline_cases
 
     source: dict[str, list] = {}
     for entry, case in headline_cases(rehearse=small):
         source.setdefault(BENCHMARKS[entry.op], []).append(case)
-    _CASE_SOURCE.append(source)
+    compile_scenarios.CASE_SOURCE.append(source)
     try:
         yield
     finally:
-        _CASE_SOURCE.pop()
+        compile_scenarios.CASE_SOURCE.pop()
 
 
-def _cases(module: str, subset: bool = False, keep=None) -> list:
-    """The CUDA benchmark cases of a benchmark module (the headline ones under :func:`headline_source`), one per
-    distinct params (fwd and fwd+bwd share); with ``subset``, only those ``keep(case)`` accepts."""
-    import importlib
+def _family_scenarios(modules: list[str]) -> Callable:
+    """The scenarios of a family: its benchmark modules' ``compile_scenarios(dtype, subset)``, in turn."""
 
-    seen, out = set(), []
-    if _CASE_SOURCE:
-        cases = _CASE_SOURCE[-1].get(module, [])
-    else:
-        cases = importlib.import_module(f"memops.benchmarks.{module}").cases("cuda", False)
-    for case in cases:
-        key = tuple(sorted(case.params.items()))
-        if key not in seen and (not subset or keep is None or keep(case)):
-            seen.add(key)
-            out.append(case)
-    return out
+    def scenarios(dtype: str, subset: bool):
+        for module in modules:
+            yield from importlib.import_module(f"memops.benchmarks.{module}").compile_scenarios(dtype, subset)
 
+    return scenarios
 
-# Each scenario function takes (dtype, subset) and yields (label, thunk); the thunk calls launchers.
 
-
-def _weighted_gather_scenarios(dtype, subset):
-    from memops.kernels import product_key as kernels
-
-    dt = _torch_dtype(dtype)
-    for case in _cases("product_key", subset, keep=lambda case: case.params["D"] == 1024):
-        p = case.params
-
-        def run(p=p):
-            T, K, S, D = p["T"], p["K"], p["S"], p["D"]
-            values, weights = _meta(S, D, dtype=dt), _meta(T, K, dtype=dt)
-            # Indices on CPU: the sorted-segment values grad reads them on the host.
-            indices = torch.randint(0, S, (T, K), dtype=torch.int64)
-            kernels.weighted_gather_fwd(values, indices, weights)
-            for algorithm in ("atomic", "segment"):
-                kernels.weighted_gather_bwd(
-                    _meta(T, D, dtype=dt), values, indices, weights, values_grad_algorithm=algorithm
-                )
-
-        yield case.name, run
-
-
-def _search_scenarios(dtype, subset):
-    from memops.kernels import product_key as kernels
-    from memops.product_key import search_backward
-
-    dt = _torch_dtype(dtype)
-    for case in _cases("product_key_search", subset, keep=lambda case: case.params["key_dim"] == 512):
-        p = case.params
-
-        def run(p=p):
-            T, heads, key_dim, n_keys, topk = p["T"], p["heads"], p["key_dim"], p["n_keys"], p["topk"]
-            queries, sub_keys = _meta(T, heads, key_dim, dtype=dt), _meta(heads, 2, n_keys, key_dim // 2, dtype=dt)
-            if kernels.search_reference_instead(queries):  # the op's "auto" backend runs the reference here
-                return
-            kernels.product_key_search(queries, sub_keys, topk)
-            indices = torch.randint(0, n_keys * n_keys, (T, heads, topk), dtype=torch.int64)
-            search_backward(_meta(T, heads, topk, dtype=torch.float32), queries, sub_keys, indices)
-
-        yield case.name, run
-
-
-def _pkm_layer_scenarios(dtype, subset):
-    """nn.ProductKeyMemory's kernels at its benchmark shapes: the search over (heads, 2, n_keys, key_dim / 2)
-    sub-keys, then the weighted gather of heads x topk rows from the n_keys^2-row value table."""
-    from memops.kernels import product_key as kernels
-    from memops.product_key import search_backward
-
-    dt = _torch_dtype(dtype)
-    for case in _cases("product_key_memory", subset, keep=lambda case: case.name == "xlm"):
-        p = case.params
-
-        def run(p=p):
-            T, heads, key_dim, n_keys, topk, D = (
-                p["T"],
-                p["heads"],
-                p["key_dim"],
-                p["n_keys"],
-                p["topk"],
-                p["value_dim"],
-            )
-            queries, sub_keys = _meta(T, heads, key_dim, dtype=dt), _meta(heads, 2, n_keys, key_dim // 2, dtype=dt)
-            indices = torch.randint(0, n_keys * n_keys, (T, heads * topk), dtype=torch.int64)
-            if not kernels.search_reference_instead(queries):
-                kernels.product_key_search(queries, sub_keys, topk)
-                search_backward(_meta(T, heads, topk, dtype=torch.float32), queries, sub_keys,
-                                indices.view(T, heads, topk))  # fmt: skip
-            # the layer's weights are the search's fp32 softmax
-            values, weights = _meta(n_keys * n_keys, D, dtype=dt), _meta(T, heads * topk, dtype=torch.float32)
-            kernels.weighted_gather_fwd(values, indices, weights)
-            kernels.weighted_gather_bwd(_meta(T, D, dtype=dt), values, indices, weights, values_grad_algorithm="atomic")
-
-        yield f"layer {case.name}", run
-
-
-HEAD_DIMS = (64, 128, 256)
-
-
-def _attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
-    """(path label, thunk) for memory attention's forward and backward kernels at one shape."""
-    from memops.kernels import attention as kernels
-
-    q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
-    paths = [("shared-memory", _meta(Hkv, M, D, dtype=dt), None, False)]
-    if not subset:
-        paths += [
-            ("per-sample-memory+bias", _meta(B, Hkv, M, D, dtype=dt), _meta(B, Hkv, M, dtype=dt), False),
-            ("shared-memory deterministic", _meta(Hkv, M, D, dtype=dt), None, True),
-        ]
-    for label, mem, bias, deterministic in paths:
-
-        def run(mem=mem, bias=bias, deterministic=deterministic):
-            # Where the launch tables have no clean config the ops' "auto" backend runs the reference, so
-            # nothing is launched to check (the report lists those table entries).
-            if kernels.reference_instead(q, "memory", backward=False):
-                return
-            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, causal=causal, scale=D**-0.5)
-            if kernels.reference_instead(q, "memory", backward=True):
-                return
-            kernels.memory_attention_bwd(
-                _meta(B, H, N, D, dtype=dt),
-                q,
-                k,
-                k,
-                mem,
-                mem,
-                bias,
-                _meta(B, H, N, D, dtype=dt),
-                _meta(B, H, N, dtype=torch.float32),
-                causal=causal,
-                scale=D**-0.5,
-                deterministic=deterministic,
-                grad_lse=_meta(B, H, N, dtype=torch.float32),
-            )
-
-        yield label, run
-
-    def composed(mem=paths[0][1]):
-        # memops' part of the composed path (memops.attention._composed_fwd/_bwd): the kernels over the memory
-        # rows alone (no sequence keys, so never causal) and the LSE merge; the vendor op is not Triton's.
-        from memops.kernels.attention_lse_merge import lse_merge
-
-        if kernels.reference_instead(q, "memory", backward=True):
-            return
-        none = k.narrow(2, 0, 0)
-        out, lse = kernels.memory_attention_fwd(q, none, none, mem, mem, None, causal=False, scale=D**-0.5)
-        # The vendor's (out, lse) come first; their layout is the vendor's: contiguous, or with the heads
-        # innermost (torch's flash kernels allocate (B, N, H, ...) and return a transposed view).
-        for heads_inner in (False, True):
-            vendor_out = _meta(B, N, H, D, dtype=dt).transpose(1, 2) if heads_inner else _meta(B, H, N, D, dtype=dt)
-            vendor_lse = _meta(B, N, H, dtype=torch.float32).transpose(1, 2) if heads_inner else _meta(
-                B, H, N, dtype=torch.float32)  # fmt: skip
-            lse_merge(vendor_out, vendor_lse, out, lse, empty_a_rows=max(N - Nk, 0) if causal else 0)
-        kernels.memory_attention_bwd(
-            _meta(B, H, N, D, dtype=dt),
-            q,
-            none,
-            none,
-            mem,
-            mem,
-            None,
-            out,
-            lse,
-            causal=False,
-            scale=D**-0.5,
-            deterministic=False,
-        )
-
-    yield "composed", composed
-    yield from _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset)
-
-
-def _varlen_attention_paths(B, H, Hkv, N, Nk, M, D, causal, dt, subset):
-    """(path label, thunk) for the packed (VARLEN) variants: the case's batch as S = B packed sequences."""
-    from memops.kernels import attention as kernels
-
-    q, k = _meta(B * N, H, D, dtype=dt), _meta(B * Nk, Hkv, D, dtype=dt)
-    cu = _meta(B + 1, dtype=torch.int32)
-    paths = [("varlen shared-memory", _meta(Hkv, M, D, dtype=dt), None)]
-    if not subset:
-        paths.append(("varlen per-sequence-memory+bias", _meta(B, Hkv, M, D, dtype=dt), _meta(B, Hkv, M, dtype=dt)))
-    for label, mem, bias in paths:
-
-        def run(mem=mem, bias=bias):
-            if kernels.reference_instead(q, "varlen-memory", backward=True):
-                return
-            options = dict(causal=causal, scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
-            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, bias, **options)
-            kernels.memory_attention_bwd(q, q, k, k, mem, mem, bias, out, lse, deterministic=False, **options)
-
-        yield label, run
-
-
-def _packed_scenarios(dt, subset):
-    """memory_attention_varlen at the varlen benchmark's packed cases (S sequences of the drawn lengths, shared
-    memory rows, causal), forward and backward."""
-    from memops.benchmarks.attention_varlen import lengths
-    from memops.kernels import attention as kernels
-
-    for case in _cases("attention_varlen", subset):
-        p = case.params
-        lens = lengths(p["S"], p["min_len"], p["max_len"], p["seed"])
-        total, S, H, Hkv, M, D = sum(lens), p["S"], p["H"], p["Hkv"], p["M"], p["D"]
-
-        def run(total=total, S=S, H=H, Hkv=Hkv, M=M, D=D):
-            q, k = _meta(total, H, D, dtype=dt), _meta(total, Hkv, D, dtype=dt)
-            mem = _meta(Hkv, M, D, dtype=dt) if M else None
-            if kernels.reference_instead(q, "varlen-memory", backward=True):
-                return
-            cu = _meta(S + 1, dtype=torch.int32)
-            options = dict(causal=True, scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
-            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, None, **options)
-            kernels.memory_attention_bwd(q, q, k, k, mem, mem, None, out, lse, deterministic=False, **options)
-
-        yield f"{case.name} D={D} packed", run
-
-        longest = max(lens)
-
-        def padded(S=S, H=H, Hkv=Hkv, M=M, D=D, max_len=longest):
-            # the benchmark's memops-padded baseline: memory_attention over the right-padded batch, heads
-            # transposed out of the packed (S, max_len, heads, D) rows
-            q = _meta(S, max_len, H, D, dtype=dt).transpose(1, 2)
-            k = _meta(S, max_len, Hkv, D, dtype=dt).transpose(1, 2)
-            mem = _meta(Hkv, M, D, dtype=dt) if M else None
-            if kernels.reference_instead(q, "memory", backward=True):
-                return
-            out, lse = kernels.memory_attention_fwd(q, k, k, mem, mem, None, causal=True, scale=D**-0.5)
-            kernels.memory_attention_bwd(q, q, k, k, mem, mem, None, out, lse, causal=True, scale=D**-0.5,
-                                         deterministic=False)  # fmt: skip
-
-        yield f"{case.name} D={D} padded", padded
-
-
-def _cases_by_head_dim(module: str, subset: bool, subset_case: str):
-    """(case, params, head dim) of a benchmark module's CUDA cases at every head dim; the subset keeps one case
-    at its own head dim."""
-    for case in _cases(module, subset, keep=lambda case: case.name == subset_case):
-        for D in (case.params["D"],) if subset or _CASE_SOURCE else HEAD_DIMS:
-            yield case, case.params, D
-
-
-def _memory_attention_scenarios(dtype, subset):
-    dt = _torch_dtype(dtype)
-    for case, p, D in _cases_by_head_dim("attention", subset, "dit-mem"):
-        for path, run in _attention_paths(
-            p["B"], p["H"], p["Hkv"], p["N"], p["Nk"], p["M"], D, p["causal"], dt, subset
-        ):
-            yield f"{case.name} D={D} {path}", run
-    yield from _packed_scenarios(dt, subset)
-
-
-def _retention_scenarios(dtype, subset):
-    from memops.kernels import attention, retention
-
-    dt = _torch_dtype(dtype)
-    for case, p, D in _cases_by_head_dim("retention", subset, "llm-4k"):
-        # packed documents (position_ids / cu_seqlens): the DOCUMENTS variants; varlen: the VARLEN ones
-        for documents in (False, True, "varlen"):
-
-            def run(p=p, D=D, documents=documents):
-                B, H, Hkv, N = p["B"], p["H"], p["Hkv"], p["N"]
-                q, k = _meta(B, H, N, D, dtype=dt), _meta(B, Hkv, N, D, dtype=dt)
-                log_beta = _meta(B, Hkv, N, dtype=torch.float32)
-                if documents == "varlen":
-                    q, k = _meta(B * N, H, D, dtype=dt), _meta(B * N, Hkv, D, dtype=dt)
-                    log_beta, cu = _meta(Hkv, B * N, dtype=torch.float32), _meta(B + 1, dtype=torch.int32)
-                    if not attention.reference_instead(q, "varlen-decay", backward=True):
-                        packed = dict(scale=D**-0.5, cu_seqlens_q=cu, cu_seqlens_k=cu)
-                        out, lse = attention.retention_attention_fwd(q, k, k, log_beta, None, None, **packed)
-                        attention.memory_attention_bwd(q, q, k, k, None, None, None, out, lse, causal=True,
-                                                       deterministic=True, log_beta=log_beta, **packed)  # fmt: skip
-                    return
-                bounds = _meta(B, N, dtype=torch.int32) if documents else None
-                if attention.reference_instead(q, "decay", backward=False):  # the ops run the reference
-                    return
-                attention.retention_attention_fwd(q, k, k, log_beta, None, None, scale=D**-0.5, doc_start=bounds)
-                if not attention.reference_instead(q, "decay", backward=True):
-                    attention.memory_attention_bwd(
-                        q,
-                        q,
-                        k,
-                        k,
-                        None,
-                        None,
-                        None,
-                        q,
-                        _meta(B, H, N, dtype=torch.float32),
-                        causal=True,
-                        scale=D**-0.5,
-                        deterministic=True,
-                        log_beta=log_beta,
-                        doc_start=bounds,
-                        doc_end=bounds,
-                    )
-
-            variant = {False: "", True: " documents", "varlen": " varlen"}[documents]
-            yield f"{case.name} D={D} decay{variant}", run
-    if dtype in ("fp32", "bf16"):  # the capacity kernels read log_beta (any float) and compute in fp32
-        for case in _cases("retention_capacity"):
-            p = case.params
-
-            for documents in (False, True):
-
-                def run(p=p, documents=documents):
-                    log_beta = _meta(p["B"], p["Hkv"], p["N"], dtype=dt)
-                    bounds = _meta(p["B"], p["N"], dtype=torch.int32) if documents else None
-                    retention.retention_capacity_fwd(log_beta, bounds)
-                    retention.retention_capacity_bwd(
-                        _meta(p["B"], p["Hkv"], p["N"], dtype=torch.float32), log_beta, bounds
-                    )
-
-                yield f"capacity {case.name}{' documents' if documents else ''}", run
-    for case in _cases("retention_cache"):
-        p = case.params
-
-        def run(p=p):
-            rows, D, budget, buffer = p["B"] * p["Hkv"], p["D"], p["budget"], p["buffer"]
-            # a prompt of `context` rows compacted at once, then the steady state: budget + buffer rows
-            for L in (p["context"], p["context"] + buffer, budget + buffer):
-                log_beta, positions = _meta(rows, L, dtype=torch.float32), _meta(rows, L, dtype=torch.int64)
-                kept = retention.retention_select(log_beta, positions, L, L - 1, budget)
-                # into the cache's storage: budget + buffer rows of room (memops.retention_cache.evict's flat views)
-                room = budget + buffer
-                retention.cache_gather(_meta(rows, L, D, dtype=dt), kept, _meta(rows, room, D, dtype=dt))
-                retention.cache_gather(log_beta[..., None], kept, _meta(rows, room, 1, dtype=torch.float32))
-                retention.cache_gather(positions[..., None], kept, _meta(rows, room, 1, dtype=torch.int64))
-            # decode: one query over the kept rows, a growing view of the (budget + buffer)-row storage
-            B, H, Hkv = p["B"], p["H"], p["Hkv"]
-            storage = _meta(B, Hkv, budget + buffer, D, dtype=dt)
-            for Nk in (budget, budget + 1):
-                if not attention.reference_instead(storage, "memory", backward=False):
-                    cache = storage.narrow(2, 0, Nk)
-                    attention.memory_attention_fwd(_meta(B, H, 1, D, dtype=dt), cache, cache, None, None, None,
-                                                   causal=False, scale=D**-0.5)  # fmt: skip
-
-        yield f"cache {case.name}", run
-
-
-def _looped_scenarios(dtype, subset):
-    from memops.kernels import attention, looped
-
-    dt = _torch_dtype(dtype)
-    for case, p, D in _cases_by_head_dim("looped", subset, "ouro-4k"):
-        for gate_width in (1, D):
-
-            def run(p=p, D=D, gate_width=gate_width):
-                B, H, Hkv, n, Nk = p["B"], p["H"], p["Hkv"], p["n"], p["Nk"]
-                q, cache = _meta(B, H, n, D, dtype=dt), _meta(B, Hkv, Nk, D, dtype=dt)
-                new = _meta(B, Hkv, n, D, dtype=dt)
-                path = attention.fwd_path(gate_per_channel=gate_width != 1)
-                for gate_dtype in dict.fromkeys((dt, torch.float32)):  # gates come in any float dtype
-                    gate = _meta(B, Hkv, n, gate_width, dtype=gate_dtype)
-                    if n == 1:  # decode (memops.looped_attention inplace=True): the update, then plain attention
-                        looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
-                        if not attention.reference_instead(q, "memory", backward=False):
-                            attention.memory_attention_fwd(q, cache, cache, None, None, None, causal=False,
-                                                           scale=D**-0.5)  # fmt: skip
-                        continue
-                    if not attention.reference_instead(q, path, backward=False):  # else the ops run the reference
-                        out, lse = attention.looped_attention_fwd(
-                            q, cache, cache, new, new, gate, cache, cache, causal=True, scale=D**-0.5
-                        )
-                        if not attention.reference_instead(q, path, backward=True):  # looped_attention's backward
-                            attention.memory_attention_bwd(q, q, cache, cache, None, None, None, out, lse, causal=True,
-                                                           scale=D**-0.5, deterministic=True)  # fmt: skip
-                    looped.looped_update_fwd(cache, cache, new, new, gate, None, Nk - n, cache, cache)
-                    looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, None, Nk - n)
-                    if not _CASE_SOURCE:  # looped_kv_update with its rows given: no headline case launches it
-                        rows = torch.empty(n, dtype=torch.int64, device="meta")
-                        looped.looped_update_fwd(cache, cache, new, new, gate, rows, 0, cache, cache)
-                        looped.looped_update_bwd(cache, cache, cache, cache, new, new, gate, rows, 0)
-
-            yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'}", run
-
-            def run_varlen(p=p, D=D, gate_width=gate_width):
-                # the packed training path: S = B sequences of Nk tokens, every cache row blended
-                B, H, Hkv, Nk = p["B"], p["H"], p["Hkv"], p["Nk"]
-                q, rows = _meta(B * Nk, H, D, dtype=dt), _meta(B * Nk, Hkv, D, dtype=dt)
-                gate, cu = _meta(B * Nk, Hkv, gate_width, dtype=dt), _meta(B + 1, dtype=torch.int32)
-                path = attention.fwd_path(gate_per_channel=gate_width != 1)
-                if not attention.reference_instead(q, f"varlen-{path}", backward=False):
-                    attention.looped_attention_fwd(
-                        q, rows, rows, rows, rows, gate, rows, rows, causal=True, scale=D**-0.5, cu_seqlens_q=cu,
-                        cu_seqlens_k=cu,
-                    )
-
-            yield f"{case.name} D={D} gate={'row' if gate_width == 1 else 'channel'} varlen", run_varlen
-
-
-def _moe_scenarios(dtype, subset):
-    from memops.kernels import moe
-
-    dt = _torch_dtype(dtype)
-    for case in _cases("moe_routing", subset, keep=lambda case: case.name.startswith("llada2")):
-        p = case.params
-
-        def run(p=p):
-            logits = _meta(p["B"], p["N"], p["E"], dtype=torch.float32)
-            # block routing and token routing, with and without DeepSeek's expert bias
-            for block_size, bias in itertools.product((32, None), (_meta(p["E"], dtype=torch.float32), None)):
-                moe.block_route(
-                    logits,
-                    bias,
-                    block_size=block_size,
-                    top_k=p["top_k"],
-                    top_p=0.9,
-                    min_experts=p["min_experts"],
-                    softmax=p["score_func"] == "softmax",
-                    n_groups=p["n_groups"],
-                    topk_groups=p["topk_groups"],
-                    routed_scaling=p["routed_scaling"],
-                    normalize=True,
-                )
-
-        yield f"route {case.name}", run
-    for case in _cases("moe_layer", subset, keep=lambda case: case.name == "llada2-64blk"):
-        p = case.params
-
-        def run(p=p):
-            T, d, inter, E, top_k = p["T"], p["d"], p["inter"], p["E"], p["top_k"]
-            x, w_gate_up, w_down = _meta(T, d, dtype=dt), _meta(E, 2 * inter, d, dtype=dt), _meta(E, d, inter, dtype=dt)
-            ids = _meta(T, top_k, dtype=torch.int32)
-            moe.moe_experts_fwd(x, w_gate_up, w_down, ids, save_preact=False)  # the forward op
-            # the backward op: the gate/up GEMM again for its pre-activations, then the grads
-            _, (layout, h, preact) = moe.moe_experts_fwd(x, w_gate_up, w_down, ids, save_preact=True, down=False)
-            moe.moe_experts_bwd(_meta(T * top_k, d, dtype=dt), x, w_gate_up, w_down, ids, layout, h, preact)
-
-        yield f"experts {case.name}", run
-
-
-def _engram_scenarios(dtype, subset):
-    dt = _torch_dtype(dtype)
-    # The benchmark's engram cases (the demo's config: B*L = 8192 tokens, orders 2..3 with 8 heads of d = 64, a
-    # table of about 10.3 M rows, G = 4 streams of C = 1024), kernel 4 at dilation 3; the table's rows are the
-    # module's own (the sum of its heads' primes).
-    # Each distinct shape of the engram cases: the CUDA ones (the demo's config) in a sweep, the headline's in
-    # a headline run.
-    shapes = {}
-    for case in _cases("engram"):
-        if case.cuda_only or _CASE_SOURCE:
-            shape = {k: v for k, v in case.params.items() if k != "part"}
-            shapes.setdefault(tuple(sorted(shape.items())), shape)
-    for p in shapes.values():
-        yield from _engram_shape_scenarios(p, dt)
-
-
-def _engram_shape_scenarios(p, dt):
-    from memops.kernels import engram
-    from memops.kernels.product_key import weighted_gather_bwd
-    from memops.reference.engram import engram_hash_params
-
-    _, primes = engram_hash_params(
-        (1,),
-        [p["vocab"]] * (p["N"] - 1),
-        max_ngram_size=p["N"],
-        n_head_per_ngram=p["h"],
-        seed=0,
-        tokenizer_vocab_size=128000,
-    )[1]  # fmt: skip  (memops.benchmarks.engram's module: layer 1, seed 0)
-    rows = int(primes.sum())
-    B, L, heads, d, G, C, K = p["B"], p["L"], (p["N"] - 1) * p["h"], p["e"] // p["h"], p["G"], p["C"], 4
-
-    def lookup():
-        ids = _meta(B, L, dtype=torch.int64)
-        multipliers = _meta(p["N"], dtype=torch.int64)
-        primes = _meta(p["N"] - 1, p["h"], dtype=torch.int64)
-        offsets, table = _meta(heads, dtype=torch.int64), _meta(rows, d, dtype=dt)
-        engram.engram_lookup_fwd(ids, table, multipliers, primes, offsets, 2)
-        engram.engram_lookup_fwd(_meta(B, 3, dtype=torch.int64), table, multipliers, primes, offsets, 2, 2)  # decode
-        if not _CASE_SOURCE:  # the public hash (bare ids, no offsets): no headline case launches it
-            engram.ngram_hash(ids, multipliers, primes, 2)
-        row_ids = engram.ngram_hash(ids, multipliers, primes, 2, offsets).reshape(-1, 1)
-        weighted_gather_bwd(
-            _meta(B * L * heads, d, dtype=dt), table, row_ids, _meta(B * L * heads, 1, dtype=torch.float32),
-            values_grad_algorithm="atomic", weights_grad=False,
-        )  # fmt: skip
-
-    def gate():
-        key, query, value = _meta(B * L, G, C, dtype=dt), _meta(B * L, G, C, dtype=dt), _meta(B * L, C, dtype=dt)
-        w_k, w_q = _meta(G, C, dtype=dt), _meta(G, C, dtype=dt)
-        engram.engram_gate_fwd(key, query, w_k, w_q, value, 1e-6)
-        engram.engram_gate_bwd(_meta(B * L, G, C, dtype=dt), key, query, w_k, w_q, value, 1e-6)
-
-    def conv():
-        x, weight, norm_weight = _meta(B, L, G, C, dtype=dt), _meta(G * C, K, dtype=dt), _meta(G, C, dtype=dt)
-        options = dict(dilation=3, eps=1e-5, activation=True, residual=True)
-        engram.short_conv_fwd(x, weight, norm_weight, **options)
-        engram.short_conv_bwd(_meta(B, L, G, C, dtype=dt), x, weight, norm_weight, **options)
-
-    shape = f"B={B} L={L} G={G} C={C}"
-    yield f"engram lookup {shape}", lookup
-    yield f"engram gate {shape}", gate
-    yield f"engram short-conv {shape}", conv
-
-
-FAMILIES = {
-    "weighted_gather": _weighted_gather_scenarios,
-    "product_key_search": lambda dtype, subset: itertools.chain(
-        _search_scenarios(dtype, subset), _pkm_layer_scenarios(dtype, subset)
-    ),
-    "memory_attention": _memory_attention_scenarios,
-    "retention": _retention_scenarios,
-    "looped": _looped_scenarios,
-    "moe": _moe_scenarios,
-    "engram": _engram_scenarios,
-}
+# family -> its scenarios, from the one list of benchmark modules (memops/benchmarks/__init__.py)
+_FAMILY_MODULES: dict[str, list[str]] = {}
+for _module, (_, _family) in MODULES.items():
+    _FAMILY_MODULES.setdefault(_family, []).append(_module)
+FAMILIES = {family: _family_scenarios(modules) for family, modules in _FAMILY_MODULES.items()}
 DTYPES = ("bf16", "fp16", "fp32", "tf32")
 
 

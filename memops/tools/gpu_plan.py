@@ -50,40 +50,6 @@ CHECK_FILES = (
 )  # fmt: skip
 
 
-def headlines():
-    from memops.benchmarks.headline import HEADLINES
-
-    return HEADLINES
-
-
-def headline_cases(*, rehearse: bool) -> list[tuple[object, benchmarking.Case]]:
-    """(headline, case) for every headline entry and mode, the case taken from its benchmark module's CUDA
-    list; ``rehearse``: with the entry's small parameters. A missing case, or a family of the compile check
-    (``memops.tools.gpu_check.FAMILIES``) without an entry, raises LookupError."""
-    from memops.tools.gpu_check import FAMILIES
-
-    missing = sorted(set(FAMILIES) - {entry.family for entry in headlines()})
-    if missing:
-        raise LookupError(f"no headline entry for the famil{'ies' if len(missing) > 1 else 'y'} {missing}: add "
-                          "its real-size cases and goal to memops/benchmarks/headline.py")  # fmt: skip
-    out = []
-    for entry in headlines():
-        cases = benchmarking.load(entry.op).cases("cuda", False)
-        for mode in entry.modes:
-            found = [case for case in cases if case.name == entry.case and case.mode == mode]
-            if not found:
-                raise LookupError(
-                    f"headline {entry.op} {entry.case!r} {mode}: no such case in memops.benchmarks."
-                    f"{benchmarking.BENCHMARKS[entry.op]} (its CUDA cases: "
-                    f"{sorted({(c.name, c.mode) for c in cases})})"
-                )
-            case = found[0]
-            if rehearse:
-                case = dataclasses.replace(case, params={**case.params, **entry.small})
-            out.append((entry, case))
-    return out
-
-
 def headline_providers(entry, case) -> list[str]:
     """The providers one headline case times: memops' (not its CPU path) and the goal's baselines. Each baseline
     must exist in at least one of the entry's modes (torch._grouped_mm, for one, has no backward)."""
@@ -176,7 +142,7 @@ def _warm_up(entry, case, names: list[str], device: str) -> dict:
 
 def _warm_compiled_job(job: tuple[int, str, bool]) -> str:
     index, name, rehearse = job
-    entry, case = headline_cases(rehearse=rehearse)[index]
+    entry, case = benchmarking.headline_cases(rehearse=rehearse)[index]
     device = "cuda" if torch.cuda.is_available() and not rehearse else "cpu"
     note = _warm_up(entry, case, [name], device)[name]
     return f"{entry.op} {case.name} {case.mode} {name}: {note or 'compiled'}"
@@ -191,7 +157,7 @@ def warm_compiled(processes: int, *, rehearse: bool = False, progress=print) -> 
 
     jobs = [
         (index, name, rehearse)
-        for index, (entry, case) in enumerate(headline_cases(rehearse=rehearse))
+        for index, (entry, case) in enumerate(benchmarking.headline_cases(rehearse=rehearse))
         for name in headline_providers(entry, case)
         if compiled_provider(name)
     ]
@@ -264,7 +230,7 @@ def run_headline(
     # One compiled FlexAttention graph per case and mode: more than torch's default limit of 8 recompiles.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = headline_cases(rehearse=rehearse)
+    jobs = benchmarking.headline_cases(rehearse=rehearse)
     label = benchmarking.device_name(device) + (" (rehearsal: interpreter, small shapes)" if rehearse else "")
     start = time.perf_counter()
     ceilings = measure_ceilings(device)
@@ -441,7 +407,7 @@ def budget_rows(*, sweep_dir: Path | None = None, tests: tuple[int, int] | None 
     typical = measured[len(measured) // 2] if measured else 2.0  # a kernel the sweep has no figure for
     compile_total = sum(per_kernel.get((v.kernel, v.dtype), typical) for v in variants)
     n_tests, n_at_scale = tests if tests is not None else count_cuda_tests()
-    cases = headline_cases(rehearse=False)
+    cases = benchmarking.headline_cases(rehearse=False)
     jobs = [(entry, case, name) for entry, case in cases for name in headline_providers(entry, case)]
     compiled = [job for job in jobs if compiled_provider(job[2])]
     n_sanitizer = len(sanitizer_cases())
@@ -556,7 +522,7 @@ def _memops_providers_on_cpu(*, small: bool):
     from memops import _backend
 
     def calls():
-        for entry, case in headline_cases(rehearse=small):
+        for entry, case in benchmarking.headline_cases(rehearse=small):
             module = benchmarking.load(entry.op)
             for name in headline_providers(entry, case):
                 if name.startswith("memops"):  # memops' providers, and baselines built on memops ops
