@@ -84,3 +84,38 @@ def test_kernel_modules_are_named_in_imports():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 assert not node.value.startswith("memops.kernels."), f"{path}: {node.value!r}"
+
+
+# What CONTRIBUTING.md's "Adding an op family" says a family touches by hand: its own files (a glob per folder,
+# the family's name in each) and the shared lists that name it. The counts there are these lists' lengths.
+FAMILY_STEMS = ("attention", "product_key", "retention", "looped", "moe", "engram")
+FAMILY_FILES = (
+    "memops/reference/*{}*.py", "kernels/*{}*.py", "memops/*{}*.py", "memops/nn/*{}*.py", "tests/test_*{}*.py",
+    "tests/test_nn_*{}*.py", "benchmarks/*{}*.py", "docs/*{}*.md",
+)  # fmt: skip
+SHARED_LISTS = (
+    "memops/reference/__init__.py", "memops/__init__.py", "memops/nn/__init__.py", "memops/testing/__init__.py",
+    "benchmarks/__init__.py", "benchmarks/headline.py", "benchmarks/gpu_sanitize.py", "docs/index.md",
+    "docs/choosing.md",
+)  # fmt: skip
+
+
+def test_a_family_is_found_by_its_name():
+    for stem in FAMILY_STEMS:
+        for pattern in FAMILY_FILES:
+            assert list(ROOT.glob(pattern.format(stem))), f"family {stem}: no file {pattern.format(stem)}"
+        for shared in SHARED_LISTS:
+            assert stem in (ROOT / shared).read_text(), f"family {stem}: not in {shared}"
+    # an op module launches its own family's kernels; kernels/attention.py also runs retention's and looped's
+    # attention (their forward kernels, the shared backward)
+    shared_kernels = {"attention": ("retention", "looped")}
+    for path in (ROOT / "memops").glob("*.py"):
+        for module in imported_modules(path):
+            kernel = module.removeprefix("memops.kernels.")
+            if module.startswith("memops.kernels.") and not kernel.startswith("_"):
+                owner = next(stem for stem in FAMILY_STEMS if kernel.startswith(stem))
+                assert owner in path.stem or path.stem in shared_kernels.get(owner, ()), (path.name, module)
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    total = len(FAMILY_FILES) + len(SHARED_LISTS)
+    expected = f"That is {total} files by hand ({len(FAMILY_FILES)} of the family's own, {len(SHARED_LISTS)} shared"
+    assert expected in " ".join(text.split()), "CONTRIBUTING.md's count of the files a family touches is stale"

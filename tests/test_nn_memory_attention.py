@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import memops
-from memops.nn import MemoryAttention
+from memops.nn import LoopedAttention, MemoryAttention, RetentionAttention
 from memops.testing import assert_close_to_reference, count_launches
 
 
@@ -120,3 +120,16 @@ def test_bad_configuration():
         MemoryAttention(48, 6, num_kv_heads=4)
     with pytest.raises(ValueError, match="prefix_length must be >= 0"):
         MemoryAttention(48, 6, prefix_length=-1)
+
+
+def test_attention_forms_share_memory_attention_state_dict():
+    torch.manual_seed(0)
+    plain = MemoryAttention(32, 4, num_kv_heads=2, prefix_length=3, causal=True)
+    for form in (
+        RetentionAttention(32, 4, num_kv_heads=2, prefix_length=3),
+        LoopedAttention(32, 4, num_kv_heads=2, prefix_length=3, causal=True),
+    ):
+        form.load_state_dict(plain.state_dict())
+        assert form.state_dict().keys() == plain.state_dict().keys()
+        for key, value in plain.state_dict().items():
+            assert torch.equal(form.state_dict()[key], value)
