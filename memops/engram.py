@@ -146,17 +146,9 @@ _engram_lookup_op = custom_op(
 
 
 def engram_lookup(
-    ids: torch.Tensor,
-    table: torch.Tensor,
-    multipliers: torch.Tensor,
-    primes: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    pad_id: int,
-    context: int = 0,
-    deterministic: bool = False,
-    sparse: bool = False,
-) -> torch.Tensor:
+    ids: torch.Tensor, table: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, offsets: torch.Tensor,
+    *, pad_id: int, context: int = 0, deterministic: bool = False, sparse: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """Engram's multi-head embedding read, hash and gather fused: ``out[b, t, c*d:(c+1)*d] =
     table[offsets[c] + hash_c(ids)[b, t]]`` for every hash head c (see :func:`ngram_hash`), with no id
     tensor materialised.
@@ -328,14 +320,9 @@ def _check_gate_inputs(key, query, w_k, w_q, value, eps, op: str = "engram_gate"
 
 
 def engram_gate(
-    key: torch.Tensor,
-    query: torch.Tensor,
-    w_k: torch.Tensor,
-    w_q: torch.Tensor,
-    value: torch.Tensor,
-    *,
+    key: torch.Tensor, query: torch.Tensor, w_k: torch.Tensor, w_q: torch.Tensor, value: torch.Tensor, *,
     eps: float | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Engram's context gate, fused per token row: the two RMSNorms, their dot, the signed square root, the
     sigmoid and the scaling of the value, forward and backward in one kernel each.
 
@@ -436,15 +423,9 @@ def _check_conv_inputs(x, weight, norm_weight, dilation, eps, op: str, state=Non
 
 
 def short_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor,
-    *,
-    dilation: int,
-    eps: float = 1e-5,
-    activation: bool = True,
-    residual: bool = True,
-) -> torch.Tensor:
+    x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, *, dilation: int, eps: float = 1e-5,
+    activation: bool = True, residual: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """Engram's short convolution in one pass: per-stream RMSNorm, depthwise causal dilated conv over time,
     SiLU and the residual add: ``out = x + silu(conv(RMSNorm(x)))``.
 
@@ -472,16 +453,9 @@ def short_conv(
 
 
 def short_conv_step(
-    x: torch.Tensor,
-    state: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor,
-    *,
-    dilation: int,
-    eps: float = 1e-5,
-    activation: bool = True,
-    residual: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, *, dilation: int,
+    eps: float = 1e-5, activation: bool = True, residual: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One decode step of :func:`short_conv`: x (B, G, C) the new token's rows; state (B, (K-1)*dilation,
     G, C) the normed rows of the previous (K-1)*dilation tokens, oldest first (zeros at the start; a new
     one: ``x.new_zeros(B, (K-1)*dilation, G, C)``). Returns (out (B, G, C), the next state), equal to the

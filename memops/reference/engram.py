@@ -143,15 +143,9 @@ def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tenso
 
 
 def engram_lookup(
-    ids: torch.Tensor,
-    table: torch.Tensor,
-    multipliers: torch.Tensor,
-    primes: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    pad_id: int,
-    context: int = 0,
-) -> torch.Tensor:
+    ids: torch.Tensor, table: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, offsets: torch.Tensor,
+    *, pad_id: int, context: int = 0,
+) -> torch.Tensor:  # fmt: skip
     """(B, context + L) ids -> (B, L, (N - 1) * h * d): row ``offsets[c] + hash_c`` of the (rows, d) table for
     each hash head c, concatenated in head order; the first ``context`` ids only feed the later hashes.
     Differentiable in ``table`` (a dense grad, as F.embedding's)."""
@@ -165,14 +159,9 @@ GATE_SCORE_FLOOR = 1e-6
 
 
 def engram_gate(
-    key: torch.Tensor,
-    query: torch.Tensor,
-    w_k: torch.Tensor,
-    w_q: torch.Tensor,
-    value: torch.Tensor,
-    *,
+    key: torch.Tensor, query: torch.Tensor, w_k: torch.Tensor, w_q: torch.Tensor, value: torch.Tensor, *,
     eps: float | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Engram's context gate: ``out[..., g, :] = sigmoid(sign(s) sqrt(max(|s|, 1e-6))) * value`` with
     ``s = <RMSNorm(key[..., g, :]) * w_k[g], RMSNorm(query[..., g, :]) * w_q[g]> / sqrt(C)``.
 
@@ -198,15 +187,9 @@ def engram_gate(
 
 
 def short_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor,
-    *,
-    dilation: int,
-    eps: float = 1e-5,
-    activation: bool = True,
-    residual: bool = True,
-) -> torch.Tensor:
+    x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, *, dilation: int, eps: float = 1e-5,
+    activation: bool = True, residual: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """Engram's ShortConv (plus the residual the Engram layer adds): per-stream RMSNorm, a depthwise causal
     conv over time (K taps at ``dilation``), SiLU, and ``x +``.
 
@@ -234,16 +217,9 @@ def short_conv(
 
 
 def short_conv_step(
-    x: torch.Tensor,
-    state: torch.Tensor,
-    weight: torch.Tensor,
-    norm_weight: torch.Tensor,
-    *,
-    dilation: int,
-    eps: float = 1e-5,
-    activation: bool = True,
-    residual: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, *, dilation: int,
+    eps: float = 1e-5, activation: bool = True, residual: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One decode step of :func:`short_conv`: x (B, G, C), the new time step; state (B, (K-1)*dilation, G, C)
     the *normed* rows of the last (K-1)*dilation steps, oldest first (zeros before the sequence starts).
     Returns (out (B, G, C), the new state), equal to the last row of short_conv over the whole sequence."""
