@@ -173,9 +173,9 @@ def check_triton_head_dim(q: torch.Tensor, op: str) -> None:
 # Packed (varlen) attention: FlashAttention's layout
 
 
-def check_cu_seqlens(cu, name: str, total: int, max_seqlen, op: str, device) -> None:
-    """cu_seqlens: int32 (S + 1,) on q's device; its values (one host sync, skipped under torch.compile):
-    starting at 0, non-decreasing, ending at total, no length above max_seqlen."""
+def check_cu_seqlens(cu, name: str, total: int, max_seqlen, op: str, device, *, values: bool = True) -> None:
+    """cu_seqlens: int32 (S + 1,) on q's device; with ``values``, also its values (:func:`check_cu_seqlens_values`,
+    one host sync)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -184,6 +184,13 @@ def check_cu_seqlens(cu, name: str, total: int, max_seqlen, op: str, device) -> 
         raise ValueError(f"{op}: {name} must be (S + 1,) with S >= 1 sequences, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{op}: {name} is on {cu.device} but q is on {device}")
+    if values:
+        check_cu_seqlens_values(cu, name, total, max_seqlen, op)
+
+
+def check_cu_seqlens_values(cu, name: str, total: int, max_seqlen, op: str) -> None:
+    """cu_seqlens' values (one host sync, skipped under torch.compile): starting at 0, non-decreasing, ending
+    at total, no length above max_seqlen."""
     if not can_read_values(cu):
         # Under torch.compile max_seqlen is not touched at all: reading a Python int there guards on its
         # value, which would recompile for every new longest length (the kernels never need it).
@@ -215,13 +222,17 @@ def check_varlen_inputs(
             raise ValueError(f"{op}: {name} must be 3-D ({rows}, D) (FlashAttention's varlen layout), got {_shape(t)}")
     if k.shape[2] != q.shape[2] or v.shape != k.shape:
         raise ValueError(f"{op}: k and v must both be (total_k, Hkv, D={q.shape[2]}), got {_shape(k)} and {_shape(v)}")
-    if shared:  # one set of boundaries for queries and keys (the looped ops): named as the op names it
+    # (name, boundaries, total rows, max_seqlen): one set for queries and keys in the looped ops, named as
+    # the op names it
+    if shared:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"{op}: k and q must hold the same total rows, got {k.shape[0]} and {q.shape[0]}")
-        check_cu_seqlens(cu_seqlens_q, "cu_seqlens", q.shape[0], max_seqlen_q, op, q.device)
+        bounds = [("cu_seqlens", cu_seqlens_q, q.shape[0], max_seqlen_q)]
     else:
-        check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, op, q.device)
-        check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, op, q.device)
+        bounds = [("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                  ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)]  # fmt: skip
+    for name, cu, total, max_seqlen in bounds:
+        check_cu_seqlens(cu, name, total, max_seqlen, op, q.device, values=False)
     num_seqs = cu_seqlens_q.shape[0] - 1
     if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
         raise ValueError(
@@ -231,4 +242,6 @@ def check_varlen_inputs(
     # (1, heads, total, D) views: the padded checks then cover heads, head dim, dtypes and devices.
     rows = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
     check_attention_inputs(*rows, mem_k, mem_v, mem_bias, scale, op=op, batch=("S", num_seqs))
+    for name, cu, total, max_seqlen in bounds:  # last: the one host sync
+        check_cu_seqlens_values(cu, name, total, max_seqlen, op)
     return num_seqs

@@ -363,8 +363,8 @@ def memory_attention(
         return reference.memory_attention(
             q, k, v, mem_k, mem_v, causal=causal, scale=scale, mem_bias=mem_bias, return_lse=return_lse
         )
-    check_triton_head_dim(q, "memory_attention")
     chosen, sequence = attention_impl(q, k.shape[2], causal=causal, impl=impl, scale=scale)
+    check_triton_head_dim(q, "memory_attention")
     mem_bias = bias_3d(mem_bias) if mem_bias is not None else None
     if chosen == "composed":
         record_launch(f"memory_attention.composed.{sequence}")
