@@ -801,8 +801,9 @@ DKDV_CONFIGS: dict[tuple[int, str, int], tuple[dict[str, _Config | None], str]] 
     (80, "tf32", 128): ({"*": (32, 64, 8, 1), "varlen-memory": None}, "248-255 regs; 2 stages spill 8-40 B under "
                         "Triton 3.6, 4 warps 64 B-1 KB; packed (varlen) at 32x32 spills"),
     (80, "tf32", 256): ({"*": None}, "as on sm_90"),
-    (90, "fp32", 64): ({"*": (32, 16, 4, 1)}, "FMA dots: 90 regs; 16x32 spills 8 B under Triton 3.6, 32x32 "
-                       "24-288 B"),
+    (90, "fp32", 64): ({"*": (32, 16, 4, 1), "decay": (16, 16, 4, 1)},
+                       "FMA dots: 90 regs; 16x32 spills 8 B under Triton 3.6, 32x32 24-288 B; with decay 32x16 spills "
+                       "8 B under Triton 3.6 (16x16: 77-80 regs)"),
     (90, "fp32", 128): ({"*": None}, "FMA dots spill 88 B-8 KB at every tile tried"),
     (90, "fp32", 256): ({"*": None}, "FMA dots spill at D=128 already"),
     (80, "fp32", 64): ({"*": (16, 16, 4, 1)}, "FMA dots: 80 regs; 16x32 and 32x16 spill 8-24 B"),

@@ -1,0 +1,78 @@
+"""Row-sparse optimizer updates: the definition of memops.optim's kernels, and their CPU path.
+
+A step touches only the rows a gradient names. ``rows`` (n,) int64 may repeat a row (one entry per lookup
+that read it); its gradient is the sum of its entries' ``grads`` rows (n, D). Every update below runs in
+fp32 (fp64 for fp64 tables) on the touched rows alone and writes them back in the table's dtype; the states
+are fp32 (fp64 for fp64 tables).
+
+Lazy Adam (torch.optim.SparseAdam's math, plus AdamW's decoupled weight decay on the touched rows), for each
+touched row r with summed gradient g (negated when maximizing) at the optimizer's step t:
+
+    w_r   <- w_r * (1 - lr * weight_decay)
+    m_r   <- m_r + (1 - beta1) * (g - m_r)
+    v_r   <- v_r + (1 - beta2) * (g * g - v_r)
+    w_r   <- w_r - lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m_r / (sqrt(v_r) + eps)
+
+Exact row-wise Adagrad (FBGEMM's EXACT_ROWWISE_ADAGRAD, weight_decay in its L2 mode as torch.optim.Adagrad's),
+one accumulator G_r per row:
+
+    G_r   <- G_r + mean((g + weight_decay * w_r)^2)
+    w_r   <- (1 - c * weight_decay) * w_r - c * g,     c = lr / (sqrt(G_r) + eps)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unique rows (u,) int64 ascending, their summed gradients (u, D) in ``dtype``)."""
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    summed = torch.zeros((unique.shape[0], grads.shape[1]), dtype=dtype, device=grads.device)
+    return unique, summed.index_add_(0, inverse, grads.to(dtype))
+
+
+def _state_dtype(table: torch.Tensor) -> torch.dtype:
+    return torch.float64 if table.dtype == torch.float64 else torch.float32
+
+
+def sparse_adam_update(
+    table: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
+    *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:  # fmt: skip
+    """Lazy Adam on the rows named by ``rows``, in place: table (R, D), exp_avg and exp_avg_sq (R, D) fp32
+    (fp64 for an fp64 table), rows (n,) int64 in [0, R), grads (n, D); ``step`` >= 1 is the step being taken."""
+    acc = _state_dtype(table)
+    unique, g = coalesce_rows(rows, grads, acc)
+    if maximize:
+        g = -g
+    w = table[unique].to(acc)
+    if weight_decay:
+        w = w * (1 - lr * weight_decay)
+    m_old, v_old = exp_avg[unique], exp_avg_sq[unique]
+    m = m_old + (g - m_old) * (1 - beta1)
+    v = v_old + (g * g - v_old) * (1 - beta2)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    w = w + (m / (v.sqrt() + eps)) * -step_size
+    table[unique] = w.to(table.dtype)
+    exp_avg[unique] = m
+    exp_avg_sq[unique] = v
+
+
+def rowwise_adagrad_update(
+    table: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, *, lr: float, eps: float,
+    weight_decay: float = 0.0,
+) -> None:  # fmt: skip
+    """Exact row-wise Adagrad on the rows named by ``rows``, in place: table (R, D), sum_sq (R,) fp32 (fp64 for
+    an fp64 table), rows (n,) int64 in [0, R), grads (n, D)."""
+    acc = _state_dtype(table)
+    unique, g = coalesce_rows(rows, grads, acc)
+    w = table[unique].to(acc)
+    decayed = g + w * weight_decay if weight_decay else g
+    total = sum_sq[unique] + decayed.square().mean(dim=1)
+    c = (lr / (total.sqrt() + eps)).unsqueeze(1)
+    table[unique] = ((1 - c * weight_decay) * w - c * g).to(table.dtype)
+    sum_sq[unique] = total
