@@ -19,4 +19,5 @@ MODULES = {
     "moe_routing": ("block_route", "moe"),
     "moe_layer": ("block_moe", "moe"),
     "engram": ("engram", "engram"),
+    "optim": ("optim", "optim"),
 }

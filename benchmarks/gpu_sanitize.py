@@ -228,6 +228,26 @@ def engram(device):
     memops.short_conv(x, weight, norm_weight, dilation=3).float().square().sum().backward()
 
 
+@case
+def optim(device):
+    """Both row-sparse optimizers on fp32 and bf16 tables: repeated rows (a hot row read 200 times), a row at
+    each end of the table, D off the block, and an empty step."""
+    from memops.optim import RowwiseAdagrad, SparseAdam
+
+    for rows, D, dtype in [(41, 70, torch.float32), (1000, 1030, torch.bfloat16)]:
+        tables = [_randn(rows, D, device=device, dtype=dtype, grad=True) for _ in range(2)]
+        optimizers = [SparseAdam([tables[0]], weight_decay=0.01), RowwiseAdagrad([tables[1]], weight_decay=0.01)]
+        for n in (300, 0):
+            index = torch.randint(0, rows, (n,), device=device)
+            if n:
+                index[:200] = 7
+                index[-2:] = torch.tensor([0, rows - 1], device=device)
+            values = torch.randn(n, D, device=device, dtype=dtype)
+            for table, optimizer in zip(tables, optimizers):
+                table.grad = torch.sparse_coo_tensor(index.reshape(1, -1), values, table.shape, check_invariants=False)
+                optimizer.step()
+
+
 # Cases whose kernels use atomics (values grads, the deterministic-off dK/dV) or shared scratch (the sorts).
 RACECHECK = ("weighted_gather", "memory_attention", "product_key_search", "moe", "engram")
 

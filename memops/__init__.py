@@ -6,6 +6,7 @@ Public ops run on backend "triton" (CUDA tensors, or CPU tensors under TRITON_IN
 
 from memops import (
     nn,  # noqa: F401 (memops.nn, the modules)
+    optim,  # noqa: F401 (memops.optim: the row-sparse optimizers)
     varlen,  # noqa: F401 (memops.varlen: padded <-> packed conversions)
 )
 from memops._backend import BACKENDS, backend, get_backend

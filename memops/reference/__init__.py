@@ -1,7 +1,10 @@
 """The pure-PyTorch definition of every memops op. Each function here is the spec of the public op with
 the same name, and the implementation of backend ``"reference"``."""
 
-from memops.reference import engram  # noqa: F401 (memops.reference.engram: hash parameters, hash, lookup)
+from memops.reference import (
+    engram,  # noqa: F401 (memops.reference.engram: hash parameters, hash, lookup)
+    optim,  # noqa: F401 (memops.reference.optim: the row-sparse optimizer updates)
+)
 from memops.reference.attention import memory_attention
 from memops.reference.attention_varlen import (
     looped_attention_varlen,
