@@ -236,7 +236,9 @@ def optim(device):
 
     for rows, D, dtype in [(41, 70, torch.float32), (1000, 1030, torch.bfloat16)]:
         tables = [_randn(rows, D, device=device, dtype=dtype, grad=True) for _ in range(2)]
-        optimizers = [SparseAdam([tables[0]], weight_decay=0.01), RowwiseAdagrad([tables[1]], weight_decay=0.01)]
+        rounding = dict(stochastic_rounding=dtype == torch.bfloat16)
+        optimizers = [SparseAdam([tables[0]], weight_decay=0.01, **rounding),
+                      RowwiseAdagrad([tables[1]], weight_decay=0.01, **rounding)]  # fmt: skip
         for n in (300, 0):
             index = torch.randint(0, rows, (n,), device=device)
             if n:

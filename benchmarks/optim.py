@@ -118,10 +118,13 @@ def compile_scenarios(dtype, subset):
             table, grads = scenarios.meta(p["R"], p["D"], dtype=dt), scenarios.meta(p["n"], p["D"], dtype=dt)
             rows = scenarios.meta(p["n"], dtype=torch.int64)
             states = [scenarios.meta(p["R"], p["D"], dtype=torch.float32) for _ in range(2)]
-            for maximize in (False, True):
-                optim.sparse_adam_step(table, *states, rows, grads, step=3, lr=1e-3, beta1=0.9, beta2=0.999,
-                                       eps=1e-8, weight_decay=0.01, maximize=maximize)  # fmt: skip
             sum_sq = scenarios.meta(p["R"], dtype=torch.float32)
-            optim.rowwise_adagrad_step(table, sum_sq, rows, grads, lr=1e-2, eps=1e-8, weight_decay=0.01)
+            # stochastic rounding (a seed) compiles its own variant for bf16 / fp16 tables
+            for seed in (None, 7) if dt in (torch.bfloat16, torch.float16) else (None,):
+                for maximize in (False, True):
+                    optim.sparse_adam_step(table, *states, rows, grads, step=3, lr=1e-3, beta1=0.9, beta2=0.999,
+                                           eps=1e-8, weight_decay=0.01, maximize=maximize, seed=seed)  # fmt: skip
+                optim.rowwise_adagrad_step(table, sum_sq, rows, grads, lr=1e-2, eps=1e-8, weight_decay=0.01,
+                                           seed=seed)  # fmt: skip
 
         yield f"step {case.name}", run

@@ -21,6 +21,11 @@ position, over the row's D columns in two passes (the row mean needs all of them
 
     G <- G + mean((g + weight_decay * w)^2);   c = lr / (sqrt(G) + eps)
     w <- (1 - c * weight_decay) * w - c * g
+
+Stochastic rounding (``ROUND_DROP`` > 0: bf16 tables drop 16 bits of the fp32 result, fp16 tables 13): add a
+uniform random integer below 2^drop to the fp32 bits and clear them, so the value rounds up with probability
+equal to its distance from the lower neighbour (unbiased); the random bits are Philox's at (seed, element).
+For fp16 this is exact in its normal range; below 2^-14 the cast then rounds to nearest. NaN stays NaN.
 """
 
 from __future__ import annotations
@@ -58,9 +63,21 @@ def _run_sum(grads_ptr, stride_g, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, 
 
 
 @triton.jit
+def _store_rounded(ptrs, x, mask, seed, element, ROUND_DROP: tl.constexpr):
+    """x (fp32 or fp64) stored in the table's dtype: rounded to nearest, or stochastically (ROUND_DROP > 0)."""
+    if ROUND_DROP > 0:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        low = (1 << ROUND_DROP) - 1
+        noise = tl.randint(seed, element) & low
+        rounded = ((bits + noise) & ~low).to(tl.float32, bitcast=True)
+        x = tl.where(x == x, rounded, x.to(tl.float32))  # a NaN's bits could carry into the sign: keep it
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def sparse_adam_kernel(
     table_ptr, exp_avg_ptr, exp_avg_sq_ptr, rows_ptr, order_ptr, grads_ptr, hyper_ptr, n, D, stride_t, stride_g,
-    BLOCK_D: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr,
+    seed, BLOCK_D: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr, ROUND_DROP: tl.constexpr,
 ):
     # exp_avg and exp_avg_sq are contiguous (R, D). hyper: (1 - lr * weight_decay, 1 - beta1, 1 - beta2, eps,
     # -lr * sqrt(1 - beta2^t) / (1 - beta1^t)).
@@ -84,15 +101,15 @@ def sparse_adam_kernel(
         m = m + (g - m) * one_minus_beta1
         v = v + (g * g - v) * one_minus_beta2
         w = w + (m / (tl.sqrt(v) + eps)) * neg_step_size
-        tl.store(table_ptr + row * stride_t + offs_d, w.to(table_ptr.dtype.element_ty), mask=d_ok)
+        _store_rounded(table_ptr + row * stride_t + offs_d, w, d_ok, seed, state, ROUND_DROP)
         tl.store(exp_avg_ptr + state, m, mask=d_ok)
         tl.store(exp_avg_sq_ptr + state, v, mask=d_ok)
 
 
 @triton.jit
 def rowwise_adagrad_kernel(
-    table_ptr, sum_sq_ptr, rows_ptr, order_ptr, grads_ptr, hyper_ptr, n, D, stride_t, stride_g,
-    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    table_ptr, sum_sq_ptr, rows_ptr, order_ptr, grads_ptr, hyper_ptr, n, D, stride_t, stride_g, seed,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, ROUND_DROP: tl.constexpr,
 ):
     # hyper: (lr, eps, weight_decay)
     lr = tl.load(hyper_ptr)
@@ -118,7 +135,7 @@ def rowwise_adagrad_kernel(
             g = _run_sum(grads_ptr, stride_g, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC)
             w = tl.load(table_ptr + row * stride_t + offs_d, mask=d_ok, other=0.0).to(ACC)
             w = (1 - c * weight_decay) * w - c * g
-            tl.store(table_ptr + row * stride_t + offs_d, w.to(table_ptr.dtype.element_ty), mask=d_ok)
+            _store_rounded(table_ptr + row * stride_t + offs_d, w, d_ok, seed, row * D + offs_d, ROUND_DROP)
 
 
 def _block_d(D: int, device: torch.device, cap: int) -> int:
@@ -133,6 +150,13 @@ def _hyperparameters(table: torch.Tensor, *values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).to(table.device, non_blocking=True)
 
 
+def round_drop(table: torch.Tensor, stochastic_rounding: bool) -> int:
+    """The fp32 bits stochastic rounding clears for the table's dtype (0: round to nearest)."""
+    if not stochastic_rounding:
+        return 0
+    return {torch.bfloat16: 16, torch.float16: 13}.get(table.dtype, 0)
+
+
 def _sorted_rows(rows: torch.Tensor):
     sorted_rows, order = torch.sort(rows)
     return sorted_rows.contiguous(), order.contiguous()
@@ -140,11 +164,12 @@ def _sorted_rows(rows: torch.Tensor):
 
 def sparse_adam_step(
     table, exp_avg, exp_avg_sq, rows, grads, *, step: int, lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, maximize: bool,
+    weight_decay: float, maximize: bool, seed: int | None = None,
 ) -> None:  # fmt: skip
     """Lazy Adam on the rows named by ``rows`` (n,) int64 (repeats summed), in place. table (R, D) with unit
     last stride; exp_avg, exp_avg_sq (R, D) contiguous fp32 (fp64 for an fp64 table); grads (n, D) with unit
-    last stride; ``step`` >= 1 the step being taken."""
+    last stride; ``step`` >= 1 the step being taken; ``seed``: stochastic rounding of a bf16 / fp16 table
+    (None: round to nearest)."""
     n, D = grads.shape
     if n == 0 or D == 0:
         return
@@ -155,14 +180,17 @@ def sparse_adam_step(
     record_launch("sparse_adam_kernel")
     sparse_adam_kernel[(n, triton.cdiv(D, block_d))](
         table, exp_avg, exp_avg_sq, sorted_rows, order, grads, hyper, n, D, table.stride(0), grads.stride(0),
-        BLOCK_D=block_d, MAXIMIZE=maximize, ACC=accumulator(table), num_warps=4,
+        seed or 0, BLOCK_D=block_d, MAXIMIZE=maximize, ACC=accumulator(table),
+        ROUND_DROP=round_drop(table, seed is not None), num_warps=4,
     )
 
 
-def rowwise_adagrad_step(table, sum_sq, rows, grads, *, lr: float, eps: float, weight_decay: float) -> None:
+def rowwise_adagrad_step(
+    table, sum_sq, rows, grads, *, lr: float, eps: float, weight_decay: float, seed: int | None = None,
+) -> None:  # fmt: skip
     """Exact row-wise Adagrad on the rows named by ``rows`` (n,) int64 (repeats summed), in place. table (R, D)
     with unit last stride; sum_sq (R,) contiguous fp32 (fp64 for an fp64 table); grads (n, D) with unit last
-    stride."""
+    stride; ``seed``: stochastic rounding of a bf16 / fp16 table (None: round to nearest)."""
     n, D = grads.shape
     if n == 0 or D == 0:
         return
@@ -171,7 +199,8 @@ def rowwise_adagrad_step(table, sum_sq, rows, grads, *, lr: float, eps: float, w
     hyper = _hyperparameters(table, lr, eps, weight_decay)
     record_launch("rowwise_adagrad_kernel")
     rowwise_adagrad_kernel[(n,)](
-        table, sum_sq, sorted_rows, order, grads, hyper, n, D, table.stride(0), grads.stride(0),
+        table, sum_sq, sorted_rows, order, grads, hyper, n, D, table.stride(0), grads.stride(0), seed or 0,
+        BLOCK_D=block_d, ACC=accumulator(table), ROUND_DROP=round_drop(table, seed is not None),
         # (a 1024-column block on 4 warps spills 8 B on sm_80: 8 warps hold it)
-        BLOCK_D=block_d, ACC=accumulator(table), num_warps=8 if block_d >= 1024 else 4,
+        num_warps=8 if block_d >= 1024 else 4,
     )

@@ -49,7 +49,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     def _init_state(self, param: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
 
-    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str) -> None:
+    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str, seed) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -67,7 +67,10 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     self._init_state(param, state)
-                self._update(param, state, group, rows, values, resolve_backend(param))
+                # stochastic rounding: a fresh seed per table and step from torch's generator (torch.manual_seed
+                # makes a run repeatable)
+                seed = int(torch.randint(0, 2**31 - 1, ())) if group["stochastic_rounding"] else None
+                self._update(param, state, group, rows, values, resolve_backend(param), seed)
         return loss
 
 
@@ -84,10 +87,12 @@ class SparseAdam(_RowSparseOptimizer):
         lr, betas, eps: as torch.optim.SparseAdam.
         weight_decay: decoupled weight decay of the touched rows.
         maximize: ascend the objective.
-        stochastic_rounding: reserved for low-precision tables (not implemented yet: must be False).
+        stochastic_rounding: write a bf16 / fp16 table back with unbiased stochastic rounding (FBGEMM's option;
+            seeded from torch's generator) instead of round-to-nearest, so updates smaller than half a unit in
+            the last place are not lost on average.
 
     State per table: ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (R, D) fp32 (fp64 for fp64 tables). The
-    update runs in fp32 and a bf16 / fp16 table is written back rounded to nearest.
+    update runs in fp32.
     """
 
     def __init__(
@@ -106,8 +111,6 @@ class SparseAdam(_RowSparseOptimizer):
         check_number(weight_decay, "weight_decay", op, low=0.0)
         check_bool(maximize, "maximize", op)
         check_bool(stochastic_rounding, "stochastic_rounding", op)
-        if stochastic_rounding:
-            raise NotImplementedError(f"{op}: stochastic_rounding is not implemented yet")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
                         stochastic_rounding=stochastic_rounding)  # fmt: skip
         super().__init__(params, defaults)
@@ -117,11 +120,11 @@ class SparseAdam(_RowSparseOptimizer):
         state["exp_avg"] = torch.zeros(param.shape, dtype=_state_dtype(param), device=param.device)
         state["exp_avg_sq"] = torch.zeros(param.shape, dtype=_state_dtype(param), device=param.device)
 
-    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str) -> None:
+    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str, seed) -> None:
         state["step"] += 1
         beta1, beta2 = group["betas"]
         options = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                       weight_decay=group["weight_decay"], maximize=group["maximize"])  # fmt: skip
+                       weight_decay=group["weight_decay"], maximize=group["maximize"], seed=seed)  # fmt: skip
         moments = (state["exp_avg"], state["exp_avg_sq"])
         if backend == "reference":
             reference.optim.sparse_adam_update(param, *moments, rows, values, **options)
@@ -143,9 +146,9 @@ class RowwiseAdagrad(_RowSparseOptimizer):
         params: (R, D) tables (fp32, fp64, bf16 or fp16), or param groups.
         lr, eps: the step size and the denominator's epsilon.
         weight_decay: L2 weight decay of the touched rows.
-        stochastic_rounding: reserved for low-precision tables (not implemented yet: must be False).
+        stochastic_rounding: write a bf16 / fp16 table back with unbiased stochastic rounding (as SparseAdam).
 
-    State per table: ``sum_sq`` (R,) fp32 (fp64 for fp64 tables).
+    State per table: ``sum_sq`` (R,) fp32 (fp64 for fp64 tables). The update runs in fp32.
     """
 
     def __init__(
@@ -157,15 +160,15 @@ class RowwiseAdagrad(_RowSparseOptimizer):
         check_number(eps, "eps", op, low=0.0)
         check_number(weight_decay, "weight_decay", op, low=0.0)
         check_bool(stochastic_rounding, "stochastic_rounding", op)
-        if stochastic_rounding:
-            raise NotImplementedError(f"{op}: stochastic_rounding is not implemented yet")
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, stochastic_rounding=False))
+        super().__init__(
+            params, dict(lr=lr, eps=eps, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding)
+        )
 
     def _init_state(self, param: torch.Tensor, state: dict) -> None:
         state["sum_sq"] = torch.zeros(param.shape[0], dtype=_state_dtype(param), device=param.device)
 
-    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str) -> None:
-        options = dict(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"])
+    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str, seed) -> None:
+        options = dict(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"], seed=seed)
         if backend == "reference":
             reference.optim.rowwise_adagrad_update(param, state["sum_sq"], rows, values, **options)
         else:

@@ -173,8 +173,8 @@ def test_bad_input_is_refused_before_anything_changes():
         SparseAdam([a], maximize=1)
     with pytest.raises(ValueError, match="weight_decay"):
         RowwiseAdagrad([a], weight_decay=-0.1)
-    with pytest.raises(NotImplementedError, match="stochastic_rounding"):
-        RowwiseAdagrad([a], stochastic_rounding=True)
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        RowwiseAdagrad([a], stochastic_rounding="yes")
 
 
 def test_deepcopy_of_an_optimizer_is_independent():
@@ -206,3 +206,27 @@ def test_low_precision_tables_on_cuda(optimizer_class, dtype):
     ulp = torch.finfo(dtype).eps
     a, b = tables["reference"].float(), tables["triton"].float()
     assert ((a - b).abs() <= 2 * ulp * a.abs().clamp_min(1e-3)).float().mean() > 0.99, (a - b).abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer_class", [SparseAdam, RowwiseAdagrad])
+def test_stochastic_rounding_is_unbiased(backend, optimizer_class):
+    """A bf16 row of 10,000 ones whose exact update is +0.3 of a unit in the last place: with stochastic
+    rounding the rounded row's mean lands within 3 sigma of the exact value (sigma = ulp * sqrt(p (1 - p) / N));
+    rounded to nearest it stays at 1 (the bias the option removes)."""
+    D, ulp, p = 10_000, 2.0**-7, 0.3
+    means = {}
+    for stochastic in (True, False):
+        table = torch.nn.Parameter(torch.ones(3, D, dtype=torch.bfloat16))
+        # Adam's first step moves by lr * sign(-g) (to 1e-8); row-wise Adagrad's by lr * g / |g| for a constant g
+        optimizer = optimizer_class([table], lr=p * ulp, eps=1e-12, stochastic_rounding=stochastic)
+        table.grad = sparse_grad(torch.tensor([1]), -torch.ones(1, D, dtype=torch.bfloat16), table.shape)
+        torch.manual_seed(11)
+        with memops.backend(backend):
+            optimizer.step()
+        row = table.detach()[1].double()
+        assert set(row.unique().tolist()) <= {1.0, 1.0 + ulp}
+        means[stochastic] = row.mean().item()
+    sigma = ulp * math.sqrt(p * (1 - p) / D)
+    assert abs(means[True] - (1 + p * ulp)) <= 3 * sigma, (means[True], 1 + p * ulp, sigma)
+    assert means[False] == 1.0

@@ -18,6 +18,11 @@ one accumulator G_r per row:
 
     G_r   <- G_r + mean((g + weight_decay * w_r)^2)
     w_r   <- (1 - c * weight_decay) * w_r - c * g,     c = lr / (sqrt(G_r) + eps)
+
+Stochastic rounding of bf16 / fp16 tables (``seed`` given): a uniform random integer below 2^drop is added to
+the fp32 bits of the result and the low ``drop`` bits cleared (drop = 16 for bf16, 13 for fp16), so a value
+rounds up with probability equal to its distance from the lower neighbour: unbiased. (The kernels draw their
+bits from Philox, so the two backends agree in distribution, not bit for bit.)
 """
 
 from __future__ import annotations
@@ -34,6 +39,18 @@ def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor, dtype: torch.dtype) -
     return unique, summed.index_add_(0, inverse, grads.to(dtype))
 
 
+def round_to_table(values: torch.Tensor, dtype: torch.dtype, seed: int | None) -> torch.Tensor:
+    """values in the table's dtype: rounded to nearest, or stochastically with ``seed`` (bf16 / fp16)."""
+    drop = {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0) if seed is not None else 0
+    if not drop:
+        return values.to(dtype)
+    x = values.to(torch.float32)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    noise = torch.randint(0, 1 << drop, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    rounded = ((x.view(torch.int32) + noise) & ~((1 << drop) - 1)).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded).to(dtype)
+
+
 def _state_dtype(table: torch.Tensor) -> torch.dtype:
     return torch.float64 if table.dtype == torch.float64 else torch.float32
 
@@ -41,10 +58,11 @@ def _state_dtype(table: torch.Tensor) -> torch.dtype:
 def sparse_adam_update(
     table: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
     *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
-    maximize: bool = False,
+    maximize: bool = False, seed: int | None = None,
 ) -> None:  # fmt: skip
     """Lazy Adam on the rows named by ``rows``, in place: table (R, D), exp_avg and exp_avg_sq (R, D) fp32
-    (fp64 for an fp64 table), rows (n,) int64 in [0, R), grads (n, D); ``step`` >= 1 is the step being taken."""
+    (fp64 for an fp64 table), rows (n,) int64 in [0, R), grads (n, D); ``step`` >= 1 is the step being taken;
+    ``seed``: stochastic rounding of a bf16 / fp16 table."""
     acc = _state_dtype(table)
     unique, g = coalesce_rows(rows, grads, acc)
     if maximize:
@@ -57,14 +75,14 @@ def sparse_adam_update(
     v = v_old + (g * g - v_old) * (1 - beta2)
     step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
     w = w + (m / (v.sqrt() + eps)) * -step_size
-    table[unique] = w.to(table.dtype)
+    table[unique] = round_to_table(w, table.dtype, seed)
     exp_avg[unique] = m
     exp_avg_sq[unique] = v
 
 
 def rowwise_adagrad_update(
     table: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, *, lr: float, eps: float,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.0, seed: int | None = None,
 ) -> None:  # fmt: skip
     """Exact row-wise Adagrad on the rows named by ``rows``, in place: table (R, D), sum_sq (R,) fp32 (fp64 for
     an fp64 table), rows (n,) int64 in [0, R), grads (n, D)."""
@@ -74,5 +92,5 @@ def rowwise_adagrad_update(
     decayed = g + w * weight_decay if weight_decay else g
     total = sum_sq[unique] + decayed.square().mean(dim=1)
     c = (lr / (total.sqrt() + eps)).unsqueeze(1)
-    table[unique] = ((1 - c * weight_decay) * w - c * g).to(table.dtype)
+    table[unique] = round_to_table((1 - c * weight_decay) * w - c * g, table.dtype, seed)
     sum_sq[unique] = total
