@@ -8,6 +8,7 @@ import memops
 import memops.distributed
 import memops.models
 import memops.nn
+import memops.optim
 import memops.retention_cache
 
 SECTIONS = [
@@ -25,6 +26,7 @@ SECTIONS = [
     ("Cache primitives", memops.retention_cache, ["evict"]),
     ("Modules (memops.nn)", memops.nn, list(memops.nn.__all__)),
     ("Models (memops.models)", memops.models, list(memops.models.__all__)),
+    ("Optimizers (memops.optim)", memops.optim, ["SparseAdam", "RowwiseAdagrad"]),
     (
         "Scale-out (memops.distributed)",
         memops.distributed,
