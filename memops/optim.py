@@ -1,10 +1,10 @@
 """Row-sparse optimizers for giant memory tables: each step reads and writes only the rows its gradient names.
 
 ``SparseAdam`` (lazy Adam, torch.optim.SparseAdam's math) and ``RowwiseAdagrad`` (FBGEMM's exact row-wise
-Adagrad, one fp32 accumulator per row) take the ``torch.sparse_coo`` gradients that ``engram_lookup(sparse=True)``
-or ``nn.Embedding(sparse=True)`` produce. On CUDA one Triton kernel per step sums the duplicate rows and
-updates them (kernels/optim.py); elsewhere the reference (memops/reference/optim.py) does the same in PyTorch.
-The math of both is in those files' headers.
+Adagrad, one fp32 accumulator per row) take the ``torch.sparse_coo`` gradients that
+``weighted_gather(sparse=True)``, ``engram_lookup(sparse=True)`` or ``nn.Embedding(sparse=True)`` produce. On
+CUDA one Triton kernel per step sums the duplicate rows and updates them (kernels/optim.py); elsewhere the
+reference (memops/reference/optim.py) does the same in PyTorch. The math of both is in those files' headers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from memops._validation import check_bool, check_number
 
 _DENSE_GRAD_HELP = (
     "it needs a sparse gradient (torch.sparse_coo with one sparse dim, one row per entry): use "
-    "memops.engram_lookup(..., sparse=True), nn.Embedding(sparse=True) or another op that produces one, or a "
+    "memops.weighted_gather(..., sparse=True), memops.engram_lookup(..., sparse=True), nn.Embedding(sparse=True) "
+    "or another op that produces one, or a "
     "dense optimizer (torch.optim.AdamW) for this parameter"
 )
 

@@ -100,6 +100,7 @@ def weighted_gather(
     *,
     check_indices: bool = True,
     deterministic: bool = False,
+    sparse: bool = False,
 ) -> torch.Tensor:
     """Weighted sum of gathered table rows: ``out[..., :] = sum_k weights[..., k] * values[indices[..., k], :]``.
 
@@ -116,6 +117,9 @@ def weighted_gather(
         deterministic: the values grad by a sorted segment reduction with no atomics, bit-identical across
             runs; also on under ``torch.use_deterministic_algorithms(True)`` (FlashAttention's and
             engram_lookup's flag of the same name).
+        sparse: give ``values`` a ``torch.sparse_coo`` grad instead (one (D,) row ``weights[t, k] *
+            grad_out[t]`` per pick, uncoalesced, as ``nn.Embedding(sparse=True)``'s) for the row-sparse
+            optimizers (memops.optim, torch.optim.SparseAdam); ``weights`` still get a dense grad.
 
     Returns:
         (..., D) tensor in values.dtype, accumulated in fp32 (fp64 for fp64 inputs).
@@ -125,10 +129,15 @@ def weighted_gather(
     _check_weighted_gather_inputs(values, indices, weights)
     check_bool(check_indices, "check_indices", "weighted_gather")
     check_bool(deterministic, "deterministic", "weighted_gather")
+    check_bool(sparse, "sparse", "weighted_gather")
     backend = resolve_backend(values)
     out_shape = (*indices.shape[:-1], values.shape[1])
     flat_shape = (math.prod(indices.shape[:-1]), indices.shape[-1])
     indices, weights = indices.reshape(flat_shape), weights.reshape(flat_shape)
+    if sparse:
+        if check_indices and can_read_values(indices):
+            _check_index_range(indices, values.shape[0])
+        return _SparseValuesGrad.apply(values, indices, weights, backend, deterministic).reshape(out_shape)
     if backend == "reference":
         # Straight to the reference (autograd through embedding_bag): the custom op's dispatch would cost
         # ~45 us a call, a third of the whole op at small sizes. Under torch.compile the data-dependent range
@@ -149,6 +158,44 @@ def weighted_gather(
     else:
         out = _weighted_gather_op(values, indices, weights, bool(check_indices), bool(deterministic))
     return out.reshape(out_shape)
+
+
+class _SparseValuesGrad(torch.autograd.Function):
+    """weighted_gather with a sparse_coo values grad: one (D,) row weights[t, k] * grad_out[t] per pick
+    (uncoalesced: the optimizers sum repeats), and the dense weights grad from the gather-grad kernel (values
+    grad off) or the reference."""
+
+    @staticmethod
+    def forward(ctx, values, indices, weights, backend, deterministic):
+        ctx.save_for_backward(values, indices, weights)
+        ctx.backend = backend
+        if backend == "reference":
+            return reference.weighted_gather(values.detach(), indices, weights.detach())
+        return _weighted_gather_op(values.detach(), indices, weights.detach(), False, bool(deterministic))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, weights = ctx.saved_tensors
+        (T, K), D = indices.shape, values.shape[1]
+        grad_values = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            picks = (weights.to(grad_out.dtype).unsqueeze(-1) * grad_out.unsqueeze(1)).reshape(T * K, D)
+            grad_values = torch.sparse_coo_tensor(
+                indices.reshape(1, -1).to(torch.int64), picks.to(values.dtype), values.shape, check_invariants=False
+            )  # (the indices were checked, or the caller vouched for them)
+        if ctx.needs_input_grad[2]:
+            if ctx.backend == "reference":  # the weights grad alone: no (S, D) values grad is formed
+                acc = torch.float64 if torch.float64 in (values.dtype, weights.dtype, grad_out.dtype) else torch.float32
+                selected = values.detach()[indices].to(acc)
+                grad_weights = torch.bmm(selected, grad_out.to(acc).unsqueeze(-1)).squeeze(-1).to(weights.dtype)
+            else:
+                from memops.kernels import product_key as product_key_kernels
+
+                grad_out, indices, weights = contiguous(grad_out, indices, weights)
+                _, grad_weights = product_key_kernels.weighted_gather_bwd(
+                    grad_out, _triton_table(values), indices, weights, values_grad=False, weights_grad=True
+                )
+        return grad_values, None, grad_weights, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -408,3 +408,34 @@ def test_deterministic_flag_takes_the_segment_kernel_without_the_global_switch(m
     torch.testing.assert_close(grads[0], grads[1])
     with pytest.raises(TypeError, match="deterministic must be a bool"):
         memops.weighted_gather(values, indices, weights, deterministic="yes")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sparse_values_grad_equals_the_dense_one(backend):
+    """weighted_gather(sparse=True): the values grad is a sparse_coo tensor (one row per pick, repeats
+    included) whose dense form equals the dense path's, and the weights grad is the same; a row-sparse
+    optimizer then steps on it (memops.optim.SparseAdam equals torch.optim.SparseAdam on the same grad)."""
+    from memops.optim import SparseAdam
+
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(40, 24, generator=generator, dtype=torch.float64)
+    indices = torch.randint(0, 40, (6, 5, 7), generator=generator)
+    indices[0, 0, :3] = 9  # repeats
+    weights = torch.rand(6, 5, 7, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(6, 5, 24, generator=generator, dtype=torch.float64)
+    grads = {}
+    with memops.backend(backend), count_launches() as launches:
+        for sparse in (False, True):
+            v, w = values.clone().requires_grad_(), weights.clone().requires_grad_()
+            memops.weighted_gather(v, indices, w, sparse=sparse).backward(grad_out)
+            grads[sparse] = (v.grad, w.grad)
+    assert grads[True][0].is_sparse and grads[True][0]._nnz() == indices.numel()
+    assert torch.allclose(grads[True][0].to_dense(), grads[False][0], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(grads[True][1], grads[False][1], rtol=1e-12, atol=1e-12)
+    assert (launches["weighted_gather_fwd_kernel"] == 2) == (backend == "triton")
+    ours, theirs = (values.clone().requires_grad_() for _ in range(2))
+    ours.grad, theirs.grad = grads[True][0], grads[True][0].clone()
+    with memops.backend(backend):
+        SparseAdam([ours], lr=0.01).step()
+    torch.optim.SparseAdam([theirs], lr=0.01).step()
+    assert torch.allclose(ours, theirs, rtol=1e-13, atol=1e-14)
