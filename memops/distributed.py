@@ -178,6 +178,7 @@ class ShardedProductKeyMemory(ProductKeyMemory):
             indices.view(T, self.heads * self.topk),
             weights.view(T, self.heads * self.topk),
             check_indices=False,
+            sparse=self.sparse,
         )
         if self.gather_output:
             y = _GatherColumns.apply(y, self.process_group)

@@ -408,3 +408,28 @@ def test_dropouts_follow_the_peers_order(device):
     torch.testing.assert_close(out, torch.sigmoid(layer.output_gate(inp)) * y, rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         assert torch.equal(layer.eval()(x), layer(x)), "eval mode draws no dropout"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sparse_value_table_trains_with_a_row_sparse_optimizer(backend):
+    """ProductKeyMemory(sparse=True): the value table's grad is sparse_coo and equals the dense layer's; one
+    memops.optim.SparseAdam step on it equals torch.optim.SparseAdam's; the state dict has the same keys."""
+    from memops.optim import SparseAdam
+
+    torch.manual_seed(0)
+    dense = ProductKeyMemory(32, 32, n_keys=8, heads=2, topk=4, key_dim=16).double()
+    sparse = ProductKeyMemory(32, 32, n_keys=8, heads=2, topk=4, key_dim=16, sparse=True).double()
+    sparse.load_state_dict(dense.state_dict())
+    assert sparse.state_dict().keys() == dense.state_dict().keys()
+    x = torch.randn(5, 32, dtype=torch.float64)
+    with memops.backend(backend):
+        for layer in (dense, sparse):
+            layer(x).square().sum().backward()
+    grad = sparse.values.weight.grad
+    assert grad.is_sparse and torch.allclose(grad.to_dense(), dense.values.weight.grad, rtol=1e-12, atol=1e-12)
+    theirs = sparse.values.weight.detach().clone().requires_grad_()
+    theirs.grad = grad.clone()
+    with memops.backend(backend):
+        SparseAdam([sparse.values.weight], lr=0.01).step()
+    torch.optim.SparseAdam([theirs], lr=0.01).step()
+    assert torch.allclose(sparse.values.weight, theirs, rtol=1e-13, atol=1e-14)

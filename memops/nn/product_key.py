@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memops._validation import check_int, check_module_input
+from memops._validation import check_bool, check_int, check_module_input
 from memops.product_key import product_key_topk, weighted_gather
 
 QUERY_NORMS = ("batchnorm", "layernorm", "layernorm_per_half", None)
@@ -67,6 +67,8 @@ class ProductKeyMemory(nn.Module):
             on the queries after their norm, and on the layer's output before the output gate (XLM, Meta).
         shared_values: another ProductKeyMemory (or an nn.Embedding of n_keys**2 rows) whose value table
             this layer reads and trains too: Memory Layers at Scale shares one table across layers.
+        sparse: the value table gets a ``torch.sparse_coo`` gradient (``weighted_gather(sparse=True)``, as
+            ``nn.Embedding(sparse=True)``) for the row-sparse optimizers of ``memops.optim``.
 
     After each forward, ``last_indices`` holds the (T, heads, topk) slots it read (a reference, no copy);
     :meth:`slot_usage` turns them into routing statistics when asked.
@@ -78,7 +80,7 @@ class ProductKeyMemory(nn.Module):
         shared_values: ProductKeyMemory | nn.Embedding | None = None, output_gate: bool = False,
         key_init: str = "xlm", temperature: float = 1.0, score_softmax: bool = True,
         score_subtract: str | None = None, score_normalize: bool = False, normalize_query: bool = False,
-        input_dropout: float = 0.0, query_dropout: float = 0.0, value_dropout: float = 0.0,
+        input_dropout: float = 0.0, query_dropout: float = 0.0, value_dropout: float = 0.0, sparse: bool = False,
         device=None, dtype=None,
     ) -> None:  # fmt: skip
         super().__init__()
@@ -138,6 +140,7 @@ class ProductKeyMemory(nn.Module):
             normalize_query,
         )
         self.input_dropout, self.query_dropout, self.value_dropout = input_dropout, query_dropout, value_dropout
+        self.sparse = check_bool(sparse, "sparse", "ProductKeyMemory")
         # XLM: uniform in +-1/sqrt(key_dim / 2), the size of each half; Meta's lingua: +-1/sqrt(key_dim).
         bound = (key_dim // 2 if key_init == "xlm" else key_dim) ** -0.5
         self.sub_keys = nn.Parameter(torch.empty(heads, 2, n_keys, key_dim // 2, **factory).uniform_(-bound, bound))
@@ -237,6 +240,7 @@ class ProductKeyMemory(nn.Module):
             indices.view(T, self.heads * self.topk),
             weights.view(T, self.heads * self.topk),
             check_indices=False,
+            sparse=self.sparse,
         )
         out = self.output(y, flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
