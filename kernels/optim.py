@@ -2,10 +2,16 @@
 written, and duplicate entries of a row are summed inside the kernel (no dense temporary of the table's size).
 
 Input of both kernels: ``rows`` (n,) int64 sorted ascending (the launcher sorts them) with ``order`` (n,) the
-entry each sorted position came from, so entry order[i] of ``grads`` (n, D) belongs to row rows[i]. Program i
-owns row rows[i] when i is the first position of that row (rows[i - 1] != rows[i]); it sums the row's run of
-gradient entries, g = sum_{j: rows[j] = row} grads[order[j]], and updates the row; every other program returns
-at once. All math in fp32 (fp64 for fp64 tables); states fp32 (fp64); the table written back rounded to its
+entry each sorted position came from, so entry e = order[i] belongs to row rows[i]. An entry's gradient is
+
+    grad(e) = scales[e] * grads[e // group_size]        (scales absent: 1)
+
+so a sparse_coo gradient is grads (n, D) with group_size 1, and the fused backward of a weighted gather passes
+the output gradient (T, D), the read weights (T * K,) as scales and group_size K: the (T * K, D) entry
+gradients are never formed. A row of -1 names no row (its entries are skipped). Program i owns row rows[i]
+when i is the first position of that row (rows[i - 1] != rows[i]) and the row is not -1; it sums the row's run
+of entries, g = sum_{j: rows[j] = row} grad(order[j]), and updates the row; every other program returns at
+once. All math in fp32 (fp64 for fp64 tables); states fp32 (fp64); the table written back rounded to its
 dtype. The hyperparameters arrive as a small tensor in the accumulator's dtype (as FBGEMM passes its learning
 rate): fp64 tables get fp64 scalars, where a Python float argument would be rounded to fp32.
 
@@ -42,21 +48,27 @@ from memops.kernels._launch import launch_arch, record_launch
 
 @triton.jit
 def _run_start(rows_ptr, i, n):
-    """The row of sorted position i, and whether i is where that row's run of entries starts."""
+    """The row of sorted position i, and whether i is where that row's run of entries starts (never for the
+    skipped row -1)."""
     row = tl.load(rows_ptr + i)
     previous = tl.load(rows_ptr + tl.maximum(i - 1, 0))
-    return row, (i == 0) | (previous != row)
+    return row, ((i == 0) | (previous != row)) & (row >= 0)
 
 
 @triton.jit
-def _run_sum(grads_ptr, stride_g, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC: tl.constexpr):
+def _run_sum(
+    grads_ptr, stride_g, scales_ptr, group_size, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC: tl.constexpr
+):
     """The summed gradient of ``row`` on columns offs_d: its run of sorted positions i, i + 1, ..."""
     g = tl.zeros(offs_d.shape, dtype=ACC)
     j = i
     current = row
     while current == row:
         entry = tl.load(order_ptr + j)
-        g += tl.load(grads_ptr + entry * stride_g + offs_d, mask=d_ok, other=0.0).to(ACC)
+        grad = tl.load(grads_ptr + (entry // group_size) * stride_g + offs_d, mask=d_ok, other=0.0).to(ACC)
+        if scales_ptr is not None:
+            grad = grad * tl.load(scales_ptr + entry).to(ACC)
+        g += grad
         j += 1
         current = tl.load(rows_ptr + j, mask=j < n, other=-1)  # row ids are >= 0: -1 ends the run
     return g
@@ -76,8 +88,9 @@ def _store_rounded(ptrs, x, mask, seed, element, ROUND_DROP: tl.constexpr):
 
 @triton.jit
 def sparse_adam_kernel(
-    table_ptr, exp_avg_ptr, exp_avg_sq_ptr, rows_ptr, order_ptr, grads_ptr, hyper_ptr, n, D, stride_t, stride_g,
-    seed, BLOCK_D: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr, ROUND_DROP: tl.constexpr,
+    table_ptr, exp_avg_ptr, exp_avg_sq_ptr, rows_ptr, order_ptr, grads_ptr, scales_ptr, hyper_ptr, n, D, stride_t,
+    stride_g, group_size, seed, BLOCK_D: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr,
+    ROUND_DROP: tl.constexpr,
 ):
     # exp_avg and exp_avg_sq are contiguous (R, D). hyper: (1 - lr * weight_decay, 1 - beta1, 1 - beta2, eps,
     # -lr * sqrt(1 - beta2^t) / (1 - beta1^t)).
@@ -91,7 +104,7 @@ def sparse_adam_kernel(
     if first:
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        g = _run_sum(grads_ptr, stride_g, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC)
+        g = _run_sum(grads_ptr, stride_g, scales_ptr, group_size, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC)
         if MAXIMIZE:
             g = -g
         w = tl.load(table_ptr + row * stride_t + offs_d, mask=d_ok, other=0.0).to(ACC) * decay_factor
@@ -108,7 +121,8 @@ def sparse_adam_kernel(
 
 @triton.jit
 def rowwise_adagrad_kernel(
-    table_ptr, sum_sq_ptr, rows_ptr, order_ptr, grads_ptr, hyper_ptr, n, D, stride_t, stride_g, seed,
+    table_ptr, sum_sq_ptr, rows_ptr, order_ptr, grads_ptr, scales_ptr, hyper_ptr, n, D, stride_t, stride_g,
+    group_size, seed,
     BLOCK_D: tl.constexpr, ACC: tl.constexpr, ROUND_DROP: tl.constexpr,
 ):
     # hyper: (lr, eps, weight_decay)
@@ -122,7 +136,9 @@ def rowwise_adagrad_kernel(
         for start in range(0, D, BLOCK_D):
             offs_d = start + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
-            g = _run_sum(grads_ptr, stride_g, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC)
+            g = _run_sum(
+                grads_ptr, stride_g, scales_ptr, group_size, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC
+            )
             w = tl.load(table_ptr + row * stride_t + offs_d, mask=d_ok, other=0.0).to(ACC)
             decayed = g + w * weight_decay
             squares += decayed * decayed
@@ -132,7 +148,9 @@ def rowwise_adagrad_kernel(
         for start in range(0, D, BLOCK_D):
             offs_d = start + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
-            g = _run_sum(grads_ptr, stride_g, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC)
+            g = _run_sum(
+                grads_ptr, stride_g, scales_ptr, group_size, order_ptr, rows_ptr, i, n, row, offs_d, d_ok, ACC
+            )
             w = tl.load(table_ptr + row * stride_t + offs_d, mask=d_ok, other=0.0).to(ACC)
             w = (1 - c * weight_decay) * w - c * g
             _store_rounded(table_ptr + row * stride_t + offs_d, w, d_ok, seed, row * D + offs_d, ROUND_DROP)
@@ -164,13 +182,14 @@ def _sorted_rows(rows: torch.Tensor):
 
 def sparse_adam_step(
     table, exp_avg, exp_avg_sq, rows, grads, *, step: int, lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, maximize: bool, seed: int | None = None,
+    weight_decay: float, maximize: bool, seed: int | None = None, scales=None, group_size: int = 1,
 ) -> None:  # fmt: skip
-    """Lazy Adam on the rows named by ``rows`` (n,) int64 (repeats summed), in place. table (R, D) with unit
-    last stride; exp_avg, exp_avg_sq (R, D) contiguous fp32 (fp64 for an fp64 table); grads (n, D) with unit
-    last stride; ``step`` >= 1 the step being taken; ``seed``: stochastic rounding of a bf16 / fp16 table
-    (None: round to nearest)."""
-    n, D = grads.shape
+    """Lazy Adam on the rows named by ``rows`` (n,) int64 (repeats summed, -1 skipped), in place. table (R, D)
+    with unit last stride; exp_avg, exp_avg_sq (R, D) contiguous fp32 (fp64 for an fp64 table); grads
+    (ceil(n / group_size), D) with unit last stride, entry e's gradient ``scales[e] * grads[e // group_size]``
+    (scales (n,) contiguous, or None for 1); ``step`` >= 1 the step being taken; ``seed``: stochastic rounding
+    of a bf16 / fp16 table (None: round to nearest)."""
+    n, D = rows.shape[0], grads.shape[1]
     if n == 0 or D == 0:
         return
     sorted_rows, order = _sorted_rows(rows)
@@ -179,19 +198,21 @@ def sparse_adam_step(
     hyper = _hyperparameters(table, 1 - lr * weight_decay, 1 - beta1, 1 - beta2, eps, -step_size)
     record_launch("sparse_adam_kernel")
     sparse_adam_kernel[(n, triton.cdiv(D, block_d))](
-        table, exp_avg, exp_avg_sq, sorted_rows, order, grads, hyper, n, D, table.stride(0), grads.stride(0),
-        seed or 0, BLOCK_D=block_d, MAXIMIZE=maximize, ACC=accumulator(table),
+        table, exp_avg, exp_avg_sq, sorted_rows, order, grads, scales, hyper, n, D, table.stride(0), grads.stride(0),
+        group_size, seed or 0, BLOCK_D=block_d, MAXIMIZE=maximize, ACC=accumulator(table),
         ROUND_DROP=round_drop(table, seed is not None), num_warps=4,
     )
 
 
 def rowwise_adagrad_step(
     table, sum_sq, rows, grads, *, lr: float, eps: float, weight_decay: float, seed: int | None = None,
+    scales=None, group_size: int = 1,
 ) -> None:  # fmt: skip
-    """Exact row-wise Adagrad on the rows named by ``rows`` (n,) int64 (repeats summed), in place. table (R, D)
-    with unit last stride; sum_sq (R,) contiguous fp32 (fp64 for an fp64 table); grads (n, D) with unit last
-    stride; ``seed``: stochastic rounding of a bf16 / fp16 table (None: round to nearest)."""
-    n, D = grads.shape
+    """Exact row-wise Adagrad on the rows named by ``rows`` (n,) int64 (repeats summed, -1 skipped), in place.
+    table (R, D) with unit last stride; sum_sq (R,) contiguous fp32 (fp64 for an fp64 table); grads, scales and
+    group_size as :func:`sparse_adam_step`; ``seed``: stochastic rounding of a bf16 / fp16 table (None: round
+    to nearest)."""
+    n, D = rows.shape[0], grads.shape[1]
     if n == 0 or D == 0:
         return
     sorted_rows, order = _sorted_rows(rows)
@@ -199,8 +220,8 @@ def rowwise_adagrad_step(
     hyper = _hyperparameters(table, lr, eps, weight_decay)
     record_launch("rowwise_adagrad_kernel")
     rowwise_adagrad_kernel[(n,)](
-        table, sum_sq, sorted_rows, order, grads, hyper, n, D, table.stride(0), grads.stride(0), seed or 0,
-        BLOCK_D=block_d, ACC=accumulator(table), ROUND_DROP=round_drop(table, seed is not None),
+        table, sum_sq, sorted_rows, order, grads, scales, hyper, n, D, table.stride(0), grads.stride(0), group_size,
+        seed or 0, BLOCK_D=block_d, ACC=accumulator(table), ROUND_DROP=round_drop(table, seed is not None),
         # (a 1024-column block on 4 warps spills 8 B on sm_80: 8 warps hold it)
         num_warps=8 if block_d >= 1024 else 4,
     )

@@ -12,6 +12,7 @@ from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import backward_op, custom_op
 from memops._validation import can_read_values, check_int
+from memops.optim import in_backward_optimizer, update_in_backward
 from memops.reference.engram import engram_hash_params, table_offsets  # the spec's helpers, public here too
 
 __all__ = [
@@ -168,7 +169,9 @@ def engram_lookup(
             rows read and their output grads as they are (no reduction): bit-identical either way.
         sparse: give ``table`` a ``torch.sparse_coo`` grad (one (d,) row per token and head, uncoalesced, as
             ``nn.Embedding(sparse=True)``'s) for optimizers that take one (torch.optim.SparseAdam, SGD);
-            eager mode (an autograd.Function around the op).
+            eager mode (an autograd.Function around the op). A table given to
+            :func:`memops.optim.apply_optimizer_in_backward` gets no grad at all: the backward hands its
+            optimizer the rows read and the output grad's (d,) slices.
 
     Returns:
         (B, L - context, (N - 1) * h * d) in table.dtype. Backward gives ``table`` a dense (rows, d) grad that is
@@ -192,8 +195,9 @@ def engram_lookup(
                 f"past the table's {table.shape[0]} rows"
             )
     check_int(context, "context", op, low=0, high=ids.shape[1] + 1)
-    if sparse:
-        return _SparseTableGrad.apply(table, ids, multipliers, primes, offsets, int(pad_id), int(context))
+    fused = in_backward_optimizer(table) is not None
+    if sparse or fused:
+        return _SparseTableGrad.apply(table, ids, multipliers, primes, offsets, int(pad_id), int(context), fused)
     if resolve_backend(table) == "reference":
         return reference.engram.engram_lookup(ids, table, multipliers, primes, offsets, pad_id=pad_id, context=context)
     return _engram_lookup_op(ids, table, multipliers, primes, offsets, int(pad_id), int(context), bool(deterministic))
@@ -201,12 +205,14 @@ def engram_lookup(
 
 class _SparseTableGrad(torch.autograd.Function):
     """engram_lookup with a sparse_coo table grad: the rows read (hashed again in backward) and the output
-    grad's (d,) slices, uncoalesced."""
+    grad's (d,) slices, uncoalesced; or (``fused``) no table grad, the same rows and slices handed to the
+    table's in-backward optimizer."""
 
     @staticmethod
-    def forward(ctx, table, ids, multipliers, primes, offsets, pad_id, context):
+    def forward(ctx, table, ids, multipliers, primes, offsets, pad_id, context, fused):
         ctx.save_for_backward(ids, multipliers, primes, offsets)
         ctx.lookup = (pad_id, context, table.shape, resolve_backend(table))
+        ctx.table = table if fused else None  # (the leaf parameter itself: the optimizer's key)
         args = (ids, table.detach(), multipliers, primes, offsets)
         if ctx.lookup[3] == "reference":
             return reference.engram.engram_lookup(*args, pad_id=pad_id, context=context)
@@ -224,9 +230,12 @@ class _SparseTableGrad(torch.autograd.Function):
             rows = engram_kernels.ngram_hash(ids, multipliers.contiguous(), primes.contiguous(), pad_id,
                                              offsets.contiguous(), context)  # fmt: skip
         values = grad_out.reshape(-1, shape[1])
+        if ctx.table is not None:
+            update_in_backward(ctx.table, rows.reshape(-1), values.contiguous())
+            return None, None, None, None, None, None, None, None
         # rows are in range by construction (offsets + primes were checked against the table): no invariant pass
         grad = torch.sparse_coo_tensor(rows.reshape(1, -1), values, shape, dtype=values.dtype, check_invariants=False)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ Adagrad, one fp32 accumulator per row) take the ``torch.sparse_coo`` gradients t
 ``weighted_gather(sparse=True)``, ``engram_lookup(sparse=True)`` or ``nn.Embedding(sparse=True)`` produce. On
 CUDA one Triton kernel per step sums the duplicate rows and updates them (kernels/optim.py); elsewhere the
 reference (memops/reference/optim.py) does the same in PyTorch. The math of both is in those files' headers.
+
+``apply_optimizer_in_backward`` fuses the update into the backward instead: the memops ops that read a table
+hand its optimizer the rows they read and the rows' gradients, and no gradient of the table is formed.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     def _init_state(self, param: torch.Tensor, state: dict) -> None:
         raise NotImplementedError
 
-    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str, seed) -> None:
+    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, grads, backend: str, seed, **entries):
         raise NotImplementedError
 
     @torch.no_grad()
@@ -62,17 +65,40 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                rows, values = _row_sparse(param.grad, param, type(self).__name__)
-                state = self.state[param]
-                if not state:
-                    self._init_state(param, state)
-                # stochastic rounding: a fresh seed per table and step from torch's generator (torch.manual_seed
-                # makes a run repeatable)
-                seed = int(torch.randint(0, 2**31 - 1, ())) if group["stochastic_rounding"] else None
-                self._update(param, state, group, rows, values, resolve_backend(param), seed)
+                if param.grad is not None:
+                    rows, values = _row_sparse(param.grad, param, type(self).__name__)
+                    self._update_group(param, group, rows, values)
         return loss
+
+    @torch.no_grad()
+    def update_rows(
+        self, param: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, *, scales: torch.Tensor | None = None,
+        group_size: int = 1,
+    ) -> None:  # fmt: skip
+        """One step of ``param`` from row gradients given directly, as the fused backward of a memops op calls it.
+
+        Args:
+            param: one of this optimizer's (R, D) tables.
+            rows: (n,) int64, each in [0, R) or -1 (no row: the entry is skipped); repeats are summed.
+            grads: (ceil(n / group_size), D) floating point, unit last stride: entry e's gradient is
+                ``scales[e] * grads[e // group_size]``.
+            scales: (n,) floating point, contiguous, or None (1).
+            group_size: entries per row of ``grads`` (a weighted gather's K picks share one output gradient).
+        """
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                self._update_group(param, group, rows, grads, scales=scales, group_size=group_size)
+                return
+        raise ValueError(f"{type(self).__name__}.update_rows: param is not one of this optimizer's tables")
+
+    def _update_group(self, param, group, rows, grads, **entries) -> None:
+        state = self.state[param]
+        if not state:
+            self._init_state(param, state)
+        # stochastic rounding: a fresh seed per table and step from torch's generator (torch.manual_seed makes a
+        # run repeatable)
+        seed = int(torch.randint(0, 2**31 - 1, ())) if group["stochastic_rounding"] else None
+        self._update(param, state, group, rows, grads, resolve_backend(param), seed, **entries)
 
 
 class SparseAdam(_RowSparseOptimizer):
@@ -121,18 +147,19 @@ class SparseAdam(_RowSparseOptimizer):
         state["exp_avg"] = torch.zeros(param.shape, dtype=_state_dtype(param), device=param.device)
         state["exp_avg_sq"] = torch.zeros(param.shape, dtype=_state_dtype(param), device=param.device)
 
-    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str, seed) -> None:
+    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, grads, backend: str, seed, **entries):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         options = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                       weight_decay=group["weight_decay"], maximize=group["maximize"], seed=seed)  # fmt: skip
+                       weight_decay=group["weight_decay"], maximize=group["maximize"], seed=seed,
+                       **entries)  # fmt: skip
         moments = (state["exp_avg"], state["exp_avg_sq"])
         if backend == "reference":
-            reference.optim.sparse_adam_update(param, *moments, rows, values, **options)
+            reference.optim.sparse_adam_update(param, *moments, rows, grads, **options)
         else:
             from memops.kernels import optim as optim_kernels
 
-            optim_kernels.sparse_adam_step(param, *moments, rows, values, **options)
+            optim_kernels.sparse_adam_step(param, *moments, rows, grads, **options)
 
 
 class RowwiseAdagrad(_RowSparseOptimizer):
@@ -168,11 +195,123 @@ class RowwiseAdagrad(_RowSparseOptimizer):
     def _init_state(self, param: torch.Tensor, state: dict) -> None:
         state["sum_sq"] = torch.zeros(param.shape[0], dtype=_state_dtype(param), device=param.device)
 
-    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, values, backend: str, seed) -> None:
-        options = dict(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"], seed=seed)
+    def _update(self, param: torch.Tensor, state: dict, group: dict, rows, grads, backend: str, seed, **entries):
+        options = dict(lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"], seed=seed, **entries)
         if backend == "reference":
-            reference.optim.rowwise_adagrad_update(param, state["sum_sq"], rows, values, **options)
+            reference.optim.rowwise_adagrad_update(param, state["sum_sq"], rows, grads, **options)
         else:
             from memops.kernels import optim as optim_kernels
 
-            optim_kernels.rowwise_adagrad_step(param, state["sum_sq"], rows, values, **options)
+            optim_kernels.rowwise_adagrad_step(param, state["sum_sq"], rows, grads, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The optimizer fused into the backward
+
+_IN_BACKWARD = "_in_backward_optimizers"  # torch.distributed.optim's attribute: its helpers find ours too
+
+
+def apply_optimizer_in_backward(optimizer_class: type, params: Iterable, optimizer_kwargs: dict) -> None:
+    """Update ``params`` inside the backward pass, as their row gradients are formed (FBGEMM / torchrec's fused
+    optimizer; torchrec's and ``torch.distributed.optim._apply_optimizer_in_backward``'s signature).
+
+    Every table gets its own ``optimizer_class(**optimizer_kwargs)`` instance. From then on the backward of a
+    memops op that reads the table (``weighted_gather``, ``engram_lookup``, ``nn.ProductKeyMemory``,
+    ``nn.Engram`` and their sharded forms) hands the optimizer the rows it read and their gradients
+    (``update_rows``): the row-sparse kernel sums repeated rows and updates them, and no gradient of the
+    table's size, dense or sparse, is formed. ``param.grad`` stays ``None``. A gradient that reaches
+    ``param.grad`` another way (``nn.Embedding(sparse=True)``, ``sparse=True`` ops) is stepped on and cleared
+    by a hook as it accumulates.
+
+    What this means for training loops:
+
+    - The table is updated once per backward call that reaches it, and once per op call that read it: a table
+      read by two calls in one forward takes two steps. With gradient accumulation over micro-batches each
+      micro-batch updates the table; to accumulate first, do not apply this: read with ``sparse=True`` (the
+      sparse gradients of several backward calls add up in ``param.grad``) and call the optimizer's
+      ``step()`` once.
+    - Gradient clipping and loss scaling do not see these tables' gradients (as with FBGEMM's fused
+      optimizers). Eager mode only.
+    - For a checkpoint, save each optimizer's ``state_dict()`` (:func:`in_backward_optimizers` lists them in
+      parameter order); it holds tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it.
+
+    Args:
+        optimizer_class: :class:`SparseAdam` or :class:`RowwiseAdagrad`.
+        params: (R, D) leaf tables (nn.Parameter) that require grad.
+        optimizer_kwargs: the optimizer's keyword arguments (``lr``, ``betas``, ...).
+    """
+    op = "apply_optimizer_in_backward"
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _RowSparseOptimizer)):
+        raise TypeError(
+            f"{op}: optimizer_class must be memops.optim.SparseAdam or memops.optim.RowwiseAdagrad (a row-sparse "
+            f"optimizer the kernels can run in the backward), got {optimizer_class!r}"
+        )
+    if not isinstance(optimizer_kwargs, dict):
+        raise TypeError(f"{op}: optimizer_kwargs must be a dict of the optimizer's arguments, got {optimizer_kwargs!r}")
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    for index, param in enumerate(params):
+        if not isinstance(param, torch.Tensor) or not param.is_leaf or not param.requires_grad or param.dim() != 2:
+            raise ValueError(f"{op}: params[{index}] must be an (R, D) leaf tensor that requires grad (a table)")
+        if getattr(param, _IN_BACKWARD, None):
+            raise ValueError(f"{op}: params[{index}] already has an optimizer in its backward")
+    optimizers = [optimizer_class([param], **optimizer_kwargs) for param in params]  # all built before any is set
+    for param, optimizer in zip(params, optimizers):
+        setattr(param, _IN_BACKWARD, [optimizer])
+        param.register_post_accumulate_grad_hook(_step_and_clear)
+
+
+def update_in_backward(
+    param: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, *, scales: torch.Tensor | None = None,
+    group_size: int = 1,
+) -> None:  # fmt: skip
+    """From the backward of an op that read ``param``: hand its in-backward optimizer the rows read and their
+    gradients (as :meth:`SparseAdam.update_rows` takes them). The update runs when the backward pass ends, after
+    every gradient that needs the table's current rows (a weighted gather's weights grad) was formed, and all
+    reads of one table in that pass are one step (a table shared by several layers, as Memory Layers at Scale
+    shares its values, steps once on the sum of their gradients)."""
+    optimizer = in_backward_optimizer(param)
+    pending = optimizer.__dict__.setdefault("_pending_reads", {})
+    task = torch._C._current_graph_task_id()
+    reads = pending.get(task)
+    if reads is None:
+        pending.clear()  # reads queued by a backward pass that failed before its end are never applied
+        reads = pending[task] = []
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _apply_reads(optimizer, param, task))
+    reads.append((rows, grads, scales, group_size))
+
+
+def _apply_reads(optimizer: _RowSparseOptimizer, param: torch.Tensor, task: int) -> None:
+    reads = optimizer._pending_reads.pop(task)
+    if len(reads) == 1:
+        rows, grads, scales, group_size = reads[0]
+        optimizer.update_rows(param, rows, grads, scales=scales, group_size=group_size)
+        return
+    # several reads: one step on all their entries (each read's (n, D) entry gradients formed here)
+    entries, dtype = [], _state_dtype(param)
+    for rows, grads, scales, group_size in reads:
+        expanded = grads.to(dtype)
+        if group_size != 1:
+            expanded = expanded.repeat_interleave(group_size, dim=0)[: rows.shape[0]]
+        entries.append(expanded if scales is None else expanded * scales.to(dtype).unsqueeze(1))
+    rows = torch.cat([read[0] for read in reads])
+    optimizer.update_rows(param, rows, torch.cat(entries).contiguous())
+
+
+def _step_and_clear(param: torch.Tensor) -> None:
+    """A gradient that reached ``param.grad`` outside the fused path: step on it, then drop it."""
+    if param.grad is not None:
+        in_backward_optimizer(param).step()
+        param.grad = None
+
+
+def in_backward_optimizer(param: torch.Tensor) -> _RowSparseOptimizer | None:
+    """The optimizer :func:`apply_optimizer_in_backward` put in ``param``'s backward, or None."""
+    optimizers = getattr(param, _IN_BACKWARD, None)
+    return optimizers[0] if optimizers and isinstance(optimizers[0], _RowSparseOptimizer) else None
+
+
+def in_backward_optimizers(module_or_params) -> list[_RowSparseOptimizer]:
+    """The in-backward optimizers of a module's parameters (or of a list of tensors), in parameter order, for
+    checkpointing: ``[o.state_dict() for o in in_backward_optimizers(model)]``."""
+    params = module_or_params.parameters() if isinstance(module_or_params, torch.nn.Module) else module_or_params
+    return [optimizer for optimizer in map(in_backward_optimizer, params) if optimizer is not None]

@@ -14,6 +14,7 @@ from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values, check_bool
+from memops.optim import in_backward_optimizer, update_in_backward
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -119,7 +120,9 @@ def weighted_gather(
             engram_lookup's flag of the same name).
         sparse: give ``values`` a ``torch.sparse_coo`` grad instead (one (D,) row ``weights[t, k] *
             grad_out[t]`` per pick, uncoalesced, as ``nn.Embedding(sparse=True)``'s) for the row-sparse
-            optimizers (memops.optim, torch.optim.SparseAdam); ``weights`` still get a dense grad.
+            optimizers (memops.optim, torch.optim.SparseAdam); ``weights`` still get a dense grad. A table
+            given to :func:`memops.optim.apply_optimizer_in_backward` gets no grad at all: the backward hands
+            its optimizer the picked rows, the weights and grad_out (eager mode).
 
     Returns:
         (..., D) tensor in values.dtype, accumulated in fp32 (fp64 for fp64 inputs).
@@ -134,10 +137,11 @@ def weighted_gather(
     out_shape = (*indices.shape[:-1], values.shape[1])
     flat_shape = (math.prod(indices.shape[:-1]), indices.shape[-1])
     indices, weights = indices.reshape(flat_shape), weights.reshape(flat_shape)
-    if sparse:
+    fused = in_backward_optimizer(values) is not None
+    if sparse or fused:
         if check_indices and can_read_values(indices):
             _check_index_range(indices, values.shape[0])
-        return _SparseValuesGrad.apply(values, indices, weights, backend, deterministic).reshape(out_shape)
+        return _SparseValuesGrad.apply(values, indices, weights, backend, deterministic, fused).reshape(out_shape)
     if backend == "reference":
         # Straight to the reference (autograd through embedding_bag): the custom op's dispatch would cost
         # ~45 us a call, a third of the whole op at small sizes. Under torch.compile the data-dependent range
@@ -162,13 +166,15 @@ def weighted_gather(
 
 class _SparseValuesGrad(torch.autograd.Function):
     """weighted_gather with a sparse_coo values grad: one (D,) row weights[t, k] * grad_out[t] per pick
-    (uncoalesced: the optimizers sum repeats), and the dense weights grad from the gather-grad kernel (values
-    grad off) or the reference."""
+    (uncoalesced: the optimizers sum repeats), or (``fused``) no values grad: the picks handed to the table's
+    in-backward optimizer as (indices, grad_out, weights), the (T * K, D) rows never formed. The dense weights
+    grad from the gather-grad kernel (values grad off) or the reference."""
 
     @staticmethod
-    def forward(ctx, values, indices, weights, backend, deterministic):
+    def forward(ctx, values, indices, weights, backend, deterministic, fused):
         ctx.save_for_backward(values, indices, weights)
         ctx.backend = backend
+        ctx.table = values if fused else None  # (the leaf parameter itself: the optimizer's key)
         if backend == "reference":
             return reference.weighted_gather(values.detach(), indices, weights.detach())
         return _weighted_gather_op(values.detach(), indices, weights.detach(), False, bool(deterministic))
@@ -178,7 +184,10 @@ class _SparseValuesGrad(torch.autograd.Function):
         values, indices, weights = ctx.saved_tensors
         (T, K), D = indices.shape, values.shape[1]
         grad_values = grad_weights = None
-        if ctx.needs_input_grad[0]:
+        if ctx.table is not None:  # (the update runs after the weights grad below: at the backward's end)
+            update_in_backward(ctx.table, indices.reshape(-1).to(torch.int64), grad_out.contiguous(),
+                               scales=weights.reshape(-1).contiguous(), group_size=K)  # fmt: skip
+        elif ctx.needs_input_grad[0]:
             picks = (weights.to(grad_out.dtype).unsqueeze(-1) * grad_out.unsqueeze(1)).reshape(T * K, D)
             grad_values = torch.sparse_coo_tensor(
                 indices.reshape(1, -1).to(torch.int64), picks.to(values.dtype), values.shape, check_invariants=False
@@ -195,7 +204,7 @@ class _SparseValuesGrad(torch.autograd.Function):
                 _, grad_weights = product_key_kernels.weighted_gather_bwd(
                     grad_out, _triton_table(values), indices, weights, values_grad=False, weights_grad=True
                 )
-        return grad_values, None, grad_weights, None, None
+        return grad_values, None, grad_weights, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Row-sparse optimizer updates: the definition of memops.optim's kernels, and their CPU path.
 
 A step touches only the rows a gradient names. ``rows`` (n,) int64 may repeat a row (one entry per lookup
-that read it); its gradient is the sum of its entries' ``grads`` rows (n, D). Every update below runs in
+that read it) and names no row where it is -1; entry e's gradient is ``scales[e] * grads[e // group_size]``
+(scales absent: 1; a sparse_coo gradient is grads (n, D) with group_size 1, a weighted gather's fused backward
+the output gradient (T, D) with its read weights as scales and group_size K), and a row's gradient is the sum
+of its entries'. Every update below runs in
 fp32 (fp64 for fp64 tables) on the touched rows alone and writes them back in the table's dtype; the states
 are fp32 (fp64 for fp64 tables).
 
@@ -32,11 +35,22 @@ import math
 import torch
 
 
-def coalesce_rows(rows: torch.Tensor, grads: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unique rows (u,) int64 ascending, their summed gradients (u, D) in ``dtype``)."""
+def coalesce_rows(
+    rows: torch.Tensor, grads: torch.Tensor, dtype: torch.dtype, scales: torch.Tensor | None = None,
+    group_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(unique rows (u,) int64 ascending, their summed gradients (u, D) in ``dtype``); rows of -1 dropped."""
+    entries = grads.to(dtype)
+    if group_size != 1:
+        entries = entries.repeat_interleave(group_size, dim=0)[: rows.shape[0]]
+    if scales is not None:
+        entries = entries * scales.to(dtype).unsqueeze(1)
+    if rows.numel() and bool((rows < 0).any()):
+        kept = rows >= 0
+        rows, entries = rows[kept], entries[kept]
     unique, inverse = torch.unique(rows, return_inverse=True)
     summed = torch.zeros((unique.shape[0], grads.shape[1]), dtype=dtype, device=grads.device)
-    return unique, summed.index_add_(0, inverse, grads.to(dtype))
+    return unique, summed.index_add_(0, inverse, entries)
 
 
 def round_to_table(values: torch.Tensor, dtype: torch.dtype, seed: int | None) -> torch.Tensor:
@@ -58,13 +72,14 @@ def _state_dtype(table: torch.Tensor) -> torch.dtype:
 def sparse_adam_update(
     table: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
     *, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
-    maximize: bool = False, seed: int | None = None,
+    maximize: bool = False, seed: int | None = None, scales: torch.Tensor | None = None, group_size: int = 1,
 ) -> None:  # fmt: skip
     """Lazy Adam on the rows named by ``rows``, in place: table (R, D), exp_avg and exp_avg_sq (R, D) fp32
-    (fp64 for an fp64 table), rows (n,) int64 in [0, R), grads (n, D); ``step`` >= 1 is the step being taken;
-    ``seed``: stochastic rounding of a bf16 / fp16 table."""
+    (fp64 for an fp64 table), rows (n,) int64 in [0, R) or -1, grads (ceil(n / group_size), D) and scales (n,)
+    or None as above; ``step`` >= 1 is the step being taken; ``seed``: stochastic rounding of a bf16 / fp16
+    table."""
     acc = _state_dtype(table)
-    unique, g = coalesce_rows(rows, grads, acc)
+    unique, g = coalesce_rows(rows, grads, acc, scales, group_size)
     if maximize:
         g = -g
     w = table[unique].to(acc)
@@ -82,12 +97,12 @@ def sparse_adam_update(
 
 def rowwise_adagrad_update(
     table: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor, *, lr: float, eps: float,
-    weight_decay: float = 0.0, seed: int | None = None,
+    weight_decay: float = 0.0, seed: int | None = None, scales: torch.Tensor | None = None, group_size: int = 1,
 ) -> None:  # fmt: skip
     """Exact row-wise Adagrad on the rows named by ``rows``, in place: table (R, D), sum_sq (R,) fp32 (fp64 for
-    an fp64 table), rows (n,) int64 in [0, R), grads (n, D)."""
+    an fp64 table), rows, grads and scales as :func:`sparse_adam_update`."""
     acc = _state_dtype(table)
-    unique, g = coalesce_rows(rows, grads, acc)
+    unique, g = coalesce_rows(rows, grads, acc, scales, group_size)
     w = table[unique].to(acc)
     decayed = g + w * weight_decay if weight_decay else g
     total = sum_sq[unique] + decayed.square().mean(dim=1)
