@@ -11,6 +11,10 @@ expert-parallel block MoE, built from plain collectives with autograd.
 - :class:`ShardedEngram` splits the hashed n-gram table by rows; every rank of a tensor-parallel group
   reads the rows it owns for all tokens and one all-reduce sums the partial embeddings: (N - 1) x e values
   per token forward, nothing backward.
+
+With the row-sparse optimizers of memops.optim (``sparse=True`` or ``apply_optimizer_in_backward``) each rank's
+optimizer holds state for its own shard only (the rank's table is its own parameter) and steps on the rows
+its reads touched: no communication beyond the layer's own.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from memops.moe import moe_ffn, unique_experts
 from memops.nn.engram import Engram
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
+from memops.optim import in_backward_optimizer, update_in_backward
 from memops.product_key import weighted_gather
 
 # Bytes each rank hands to collectives, by scheme and direction: what docs/scale_out.md's model predicts.
@@ -283,6 +288,34 @@ class _SumShards(torch.autograd.Function):
         return grad, None
 
 
+class _OwnedRowsRead(torch.autograd.Function):
+    """A rank's read of the rows it owns, ``local[rows[i]]`` (zeros where rows[i] is -1, a row of another
+    rank), for the row-sparse optimizers: the backward gives ``local`` a sparse_coo grad of the owned entries
+    only, or (``fused``) hands them to its in-backward optimizer. Other ranks' entries touch no row: a zero
+    gradient would still move an Adam row."""
+
+    @staticmethod
+    def forward(ctx, local, rows, fused):
+        ctx.save_for_backward(rows)
+        ctx.table = local if fused else None
+        ctx.shape = local.shape
+        owned = (rows >= 0).to(local.dtype).unsqueeze(1)
+        clamped = rows.clamp_min(0).unsqueeze(1)
+        return weighted_gather(local.detach(), clamped, owned, check_indices=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        if ctx.table is not None:
+            update_in_backward(ctx.table, rows, grad.contiguous())
+            return None, None, None
+        owned = (rows >= 0).nonzero().squeeze(1)  # (one host sync: the sparse path is eager anyway)
+        grad_local = torch.sparse_coo_tensor(
+            rows[owned].unsqueeze(0), grad[owned], ctx.shape, dtype=grad.dtype, check_invariants=False
+        )
+        return grad_local, None, None
+
+
 class ShardedEngram(Engram):
     """An Engram whose hashed embedding table is split by rows over ``process_group`` (row parallelism).
 
@@ -333,9 +366,13 @@ class ShardedEngram(Engram):
         local = table.embedding.weight
         shifted = rows.reshape(-1, 1) - self.row_start
         owned = (shifted >= 0) & (shifted < local.shape[0])
-        partial = weighted_gather(
-            local, shifted.clamp(0, max(local.shape[0] - 1, 0)), owned.to(local.dtype), check_indices=False
-        )
+        fused = in_backward_optimizer(local) is not None
+        if self.sparse or fused:  # row-sparse optimizers: the owned entries alone (see _OwnedRowsRead)
+            partial = _OwnedRowsRead.apply(local, torch.where(owned, shifted, -1).reshape(-1), fused)
+        else:
+            partial = weighted_gather(
+                local, shifted.clamp(0, max(local.shape[0] - 1, 0)), owned.to(local.dtype), check_indices=False
+            )
         out = _SumShards.apply(partial, self.process_group)
         return out.reshape(*rows.shape[:2], rows.shape[2] * local.shape[1])
 

@@ -300,8 +300,10 @@ def _apply_reads(optimizer: _RowSparseOptimizer, param: torch.Tensor, task: int)
 def _step_and_clear(param: torch.Tensor) -> None:
     """A gradient that reached ``param.grad`` outside the fused path: step on it, then drop it."""
     if param.grad is not None:
-        in_backward_optimizer(param).step()
-        param.grad = None
+        try:
+            in_backward_optimizer(param).step()
+        finally:  # (a refused grad is dropped too: the next backward starts clean)
+            param.grad = None
 
 
 def in_backward_optimizer(param: torch.Tensor) -> _RowSparseOptimizer | None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memops._validation import can_read_values, check_int, check_module_input
+from memops._validation import can_read_values, check_bool, check_int, check_module_input
 from memops.engram import (
     engram_gate,
     engram_hash_params,
@@ -83,6 +83,9 @@ class Engram(nn.Module):
         compression: optional (vocab,) int64 lookup, raw token id -> compressed id (the demo's
             CompressedTokenizer.lookup_table, which needs the tokenizer to build). Without it ids are used
             as given.
+        sparse: the hashed table gets a ``torch.sparse_coo`` gradient (``engram_lookup(sparse=True)``, as
+            ``nn.Embedding(sparse=True)``) for the row-sparse optimizers of ``memops.optim``. (A table given to
+            ``memops.optim.apply_optimizer_in_backward`` is updated in the backward either way.)
     """
 
     def __init__(
@@ -101,8 +104,10 @@ class Engram(nn.Module):
         *,
         layer_ids: Sequence[int] | None = None,
         compression: torch.Tensor | None = None,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
+        self.sparse = check_bool(sparse, "sparse", "Engram")
         for name, value, low in (
             ("hidden_size", hidden_size, 1), ("hc_mult", hc_mult, 1), ("max_ngram_size", max_ngram_size, 2),
             ("n_embed_per_ngram", n_embed_per_ngram, 1), ("n_head_per_ngram", n_head_per_ngram, 1),
@@ -169,7 +174,7 @@ class Engram(nn.Module):
         table = self.multi_head_embedding
         width = 0 if context is None else context.shape[1]  # one row per head per new token
         return engram_lookup(ids, table.embedding.weight, self.multipliers, self.primes, table.offsets,
-                                    pad_id=self.pad_id, context=width)  # fmt: skip
+                             pad_id=self.pad_id, context=width, sparse=self.sparse)  # fmt: skip
 
     def forward(
         self, hidden_states: torch.Tensor, input_ids: torch.Tensor, *, state: EngramState | None = None

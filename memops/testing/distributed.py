@@ -245,11 +245,76 @@ def check_sharded_engram(rank: int, world: int) -> dict:
     return errors
 
 
+def check_sharded_optimizers(rank: int, world: int) -> dict:
+    """Row-sparse optimizers on sharded tables: each rank's in-backward optimizer (memops.optim) keeps state for
+    its own shard and steps with no collective beyond the layer's own; after 4 steps every rank's shard equals
+    its part of the single-process table trained by the unfused optimizer on sparse grads."""
+    from memops import distributed as md
+    from memops import optim
+    from memops.nn import Engram, ProductKeyMemory
+
+    errors = {}
+    generator = torch.Generator().manual_seed(2)
+    pkm_kwargs = dict(n_keys=8, heads=2, topk=4, key_dim=16, value_dim=16)
+    engram_config = dict(
+        layer_id=1, hidden_size=16, hc_mult=2, vocab_sizes=(61, 67, 71), max_ngram_size=4, n_embed_per_ngram=8,
+        n_head_per_ngram=1, kernel_size=4, pad_id=2, seed=0, tokenizer_vocab_size=90,
+    )  # fmt: skip
+    cases = [
+        ("pkm SparseAdam", optim.SparseAdam, lambda **kw: ProductKeyMemory(12, 8, **pkm_kwargs, **kw),
+         lambda: md.ShardedProductKeyMemory(12, 8, **pkm_kwargs), lambda m: m.values.weight,
+         lambda: (torch.randn(2, 5, 12, generator=generator),)),
+        ("engram SparseAdam", optim.SparseAdam, lambda **kw: Engram(**engram_config, **kw),
+         lambda: md.ShardedEngram(**engram_config), lambda m: m.multi_head_embedding.embedding.weight,
+         lambda: (torch.randn(2, 7, 2, 16, generator=generator), torch.randint(0, 90, (2, 7), generator=generator))),
+        ("engram RowwiseAdagrad", optim.RowwiseAdagrad, lambda **kw: Engram(**engram_config, **kw),
+         lambda: md.ShardedEngram(**engram_config), lambda m: m.multi_head_embedding.embedding.weight,
+         lambda: (torch.randn(2, 7, 2, 16, generator=generator), torch.randint(0, 90, (2, 7), generator=generator))),
+    ]  # fmt: skip
+    for name, optimizer_class, make_single, make_sharded, table_of, make_inputs in cases:
+        torch.manual_seed(0)
+        single = make_single(sparse=True)
+        torch.manual_seed(0)
+        sharded = make_sharded()
+        unfused = optimizer_class([table_of(single)], lr=0.05)
+        optim.apply_optimizer_in_backward(optimizer_class, [table_of(sharded)], {"lr": 0.05})
+        initial = table_of(sharded).detach().clone()
+        md.COMMUNICATED.clear()
+        for _ in range(4):
+            inputs = make_inputs()
+            single(*inputs).square().sum().backward()
+            unfused.step()
+            unfused.zero_grad()
+            sharded(*inputs).square().sum().backward()
+        table = table_of(sharded)
+        if table.grad is not None:
+            raise AssertionError(f"{name}: the fused path left a grad on the table")
+        if torch.equal(table.detach(), initial):
+            raise AssertionError(f"{name}: the sharded table did not change")
+        expected = table_of(single).detach()
+        if isinstance(sharded, md.ShardedProductKeyMemory):
+            width = expected.shape[1] // world
+            expected = expected[:, rank * width : (rank + 1) * width]
+        else:
+            expected = expected[sharded.row_start : sharded.row_start + table.shape[0]]
+        errors[name] = _close(table.detach(), expected, 1e-5)
+        state = optim.in_backward_optimizer(table).state[table]
+        state_shapes = [tuple(v.shape) for v in state.values() if isinstance(v, torch.Tensor)]
+        if any(shape[0] != table.shape[0] for shape in state_shapes):
+            raise AssertionError(f"{name}: optimizer state {state_shapes} is not the shard's {tuple(table.shape)}")
+        errors[f"{name} state shapes"] = state_shapes
+        keys = {key for key in md.COMMUNICATED if not key.startswith(("pkm ", "engram "))}
+        if keys:
+            raise AssertionError(f"{name}: collectives beyond the layer's own: {keys}")
+    return errors
+
+
 CHECKS = {
     "sharded_pkm": check_sharded_pkm,
     "expert_parallel_moe": check_expert_parallel_moe,
     "ddp_memory_lm": check_ddp_memory_lm,
     "sharded_engram": check_sharded_engram,
+    "sharded_optimizers": check_sharded_optimizers,
 }
 
 
