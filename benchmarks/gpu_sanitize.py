@@ -231,8 +231,9 @@ def engram(device):
 @case
 def optim(device):
     """Both row-sparse optimizers on fp32 and bf16 tables: repeated rows (a hot row read 200 times), a row at
-    each end of the table, D off the block, and an empty step."""
-    from memops.optim import RowwiseAdagrad, SparseAdam
+    each end of the table, D off the block, and an empty step; then fused into the backward of a weighted gather
+    (scales and 5 picks per output row) and of a read whose other-rank rows are -1 (skipped)."""
+    from memops.optim import RowwiseAdagrad, SparseAdam, apply_optimizer_in_backward
 
     for rows, D, dtype in [(41, 70, torch.float32), (1000, 1030, torch.bfloat16)]:
         tables = [_randn(rows, D, device=device, dtype=dtype, grad=True) for _ in range(2)]
@@ -248,6 +249,17 @@ def optim(device):
             for table, optimizer in zip(tables, optimizers):
                 table.grad = torch.sparse_coo_tensor(index.reshape(1, -1), values, table.shape, check_invariants=False)
                 optimizer.step()
+        for optimizer_class in (SparseAdam, RowwiseAdagrad):
+            table = _randn(rows, D, device=device, dtype=dtype, grad=True)
+            apply_optimizer_in_backward(optimizer_class, [table], {"weight_decay": 0.01, **rounding})
+            index = torch.randint(0, rows, (60, 5), device=device)
+            index[:40] = 7
+            weights = torch.softmax(torch.randn(60, 5, device=device), -1).to(dtype)
+            memops.weighted_gather(table, index, weights).float().square().sum().backward()
+            picked = torch.randint(0, rows, (200,), device=device)
+            skipped = torch.where(torch.rand(200, device=device) < 0.5, -1, picked)
+            grads = torch.randn(200, D, device=device, dtype=dtype)
+            optimizer_class([table]).update_rows(table, skipped, grads)
 
 
 # Cases whose kernels use atomics (values grads, the deterministic-off dK/dV) or shared scratch (the sorts).

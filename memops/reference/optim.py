@@ -82,17 +82,17 @@ def sparse_adam_update(
     unique, g = coalesce_rows(rows, grads, acc, scales, group_size)
     if maximize:
         g = -g
-    w = table[unique].to(acc)
+    # (index_select / index_copy_ and in-place math: advanced indexing costs several times more on CPU)
+    w = table.index_select(0, unique).to(acc)
     if weight_decay:
-        w = w * (1 - lr * weight_decay)
-    m_old, v_old = exp_avg[unique], exp_avg_sq[unique]
-    m = m_old + (g - m_old) * (1 - beta1)
-    v = v_old + (g * g - v_old) * (1 - beta2)
+        w.mul_(1 - lr * weight_decay)
+    m = exp_avg.index_select(0, unique).lerp_(g, 1 - beta1)  # m + (1 - beta1) * (g - m)
+    v = exp_avg_sq.index_select(0, unique).lerp_(g * g, 1 - beta2)
     step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    w = w + (m / (v.sqrt() + eps)) * -step_size
-    table[unique] = round_to_table(w, table.dtype, seed)
-    exp_avg[unique] = m
-    exp_avg_sq[unique] = v
+    w.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
+    table.index_copy_(0, unique, round_to_table(w, table.dtype, seed))
+    exp_avg.index_copy_(0, unique, m)
+    exp_avg_sq.index_copy_(0, unique, v)
 
 
 def rowwise_adagrad_update(
@@ -103,9 +103,9 @@ def rowwise_adagrad_update(
     an fp64 table), rows, grads and scales as :func:`sparse_adam_update`."""
     acc = _state_dtype(table)
     unique, g = coalesce_rows(rows, grads, acc, scales, group_size)
-    w = table[unique].to(acc)
+    w = table.index_select(0, unique).to(acc)
     decayed = g + w * weight_decay if weight_decay else g
-    total = sum_sq[unique] + decayed.square().mean(dim=1)
+    total = sum_sq.index_select(0, unique) + decayed.square().mean(dim=1)
     c = (lr / (total.sqrt() + eps)).unsqueeze(1)
-    table[unique] = round_to_table((1 - c * weight_decay) * w - c * g, table.dtype, seed)
-    sum_sq[unique] = total
+    table.index_copy_(0, unique, round_to_table((1 - c * weight_decay) * w - c * g, table.dtype, seed))
+    sum_sq.index_copy_(0, unique, total)

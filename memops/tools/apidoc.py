@@ -26,7 +26,18 @@ SECTIONS = [
     ("Cache primitives", memops.retention_cache, ["evict"]),
     ("Modules (memops.nn)", memops.nn, list(memops.nn.__all__)),
     ("Models (memops.models)", memops.models, list(memops.models.__all__)),
-    ("Optimizers (memops.optim)", memops.optim, ["SparseAdam", "RowwiseAdagrad"]),
+    (
+        "Optimizers (memops.optim)",
+        memops.optim,
+        [
+            "SparseAdam",
+            "RowwiseAdagrad",
+            "apply_optimizer_in_backward",
+            "in_backward_optimizers",
+            "in_backward_optimizer",
+            "update_in_backward",
+        ],
+    ),
     (
         "Scale-out (memops.distributed)",
         memops.distributed,

@@ -38,3 +38,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="recall: associative recall (default); ngram: a 2-gram rule task trained with and without Engram "
         "(200 steps unless --steps is given)",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "sparse-adam", "rowwise-adagrad"),
+        default="adamw",
+        help="the memory tables' optimizer: adamw (dense, with the rest of the model; default), or memops.optim's "
+        "SparseAdam / RowwiseAdagrad fused into the backward (the rest stays AdamW)",
+    )

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-demo":
         from memops.tools import demo as demo_module
 
-        forwarded = ["--seed", str(args.seed), "--task", args.task]
+        forwarded = ["--seed", str(args.seed), "--task", args.task, "--optimizer", args.optimizer]
         if args.task == "recall" or any(a == "--steps" or a.startswith("--steps=") for a in argv):
             forwarded += ["--steps", str(args.steps)]
         return demo_module.main(forwarded)

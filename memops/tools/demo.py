@@ -20,7 +20,35 @@ import time
 import torch
 
 from memops.models import MemoryLM, MemoryLMConfig
+from memops.nn import Engram, ProductKeyMemory
+from memops.optim import RowwiseAdagrad, SparseAdam, apply_optimizer_in_backward
 from memops.tools.arguments import add_demo_arguments
+
+# --optimizer: the memory tables' optimizer (fused into the backward) and its learning rate as a multiple of the
+# dense one (row-wise Adagrad's step shrinks as its accumulator grows: FBGEMM users start it 10x higher).
+MEMORY_OPTIMIZERS = {"sparse-adam": (SparseAdam, 1.0), "rowwise-adagrad": (RowwiseAdagrad, 10.0)}
+
+
+def memory_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The model's memory tables: product-key value tables and Engram's hashed n-gram tables."""
+    tables = []
+    for module in model.modules():
+        if isinstance(module, ProductKeyMemory):
+            tables.append(module.values.weight)
+        elif isinstance(module, Engram):
+            tables.append(module.multi_head_embedding.embedding.weight)
+    return tables
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """AdamW for every parameter (``adamw``), or for all but the memory tables, which get ``name``'s row-sparse
+    optimizer applied in the backward (the returned AdamW never sees them)."""
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer_class, lr_scale = MEMORY_OPTIMIZERS[name]
+    tables = memory_tables(model)
+    apply_optimizer_in_backward(optimizer_class, tables, {"lr": lr * lr_scale})
+    return torch.optim.AdamW([p for p in model.parameters() if all(p is not t for t in tables)], lr=lr)
 
 
 def recall_batch(batch: int, pairs: int, n_keys: int, n_values: int, generator: torch.Generator):
@@ -56,12 +84,14 @@ def train(
     log_every: int = 100,
     progress: bool = True,
     lr: float = 1e-3,
+    optimizer: str = "adamw",
 ):
-    """Train; returns (model, list of (step, loss, accuracy))."""
+    """Train; returns (model, list of (step, loss, accuracy)). ``optimizer``: the memory tables' (see
+    :func:`make_optimizer`)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = MemoryLM(demo_config(n_keys, n_values)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model, optimizer, lr)
     history = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -109,12 +139,16 @@ def ngram_config(engram: bool) -> MemoryLMConfig:
     )  # fmt: skip
 
 
-def train_ngram(steps: int, *, engram: bool, seed: int = 0, batch: int = 32, device: str = "cpu", lr: float = 3e-3):
-    """Train on the n-gram rule task; returns (model, next-token accuracy on 256 held-out sequences)."""
+def train_ngram(
+    steps: int, *, engram: bool, seed: int = 0, batch: int = 32, device: str = "cpu", lr: float = 3e-3,
+    optimizer: str = "adamw", losses: list | None = None,
+):  # fmt: skip
+    """Train on the n-gram rule task; returns (model, next-token accuracy on 256 held-out sequences). Appends
+    each step's loss to ``losses`` when given."""
     rule = torch.randint(0, NGRAM_VOCAB, (NGRAM_VOCAB, NGRAM_VOCAB), generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
     model = MemoryLM(ngram_config(engram)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model, optimizer, lr)
     generator = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
         tokens, targets = ngram_batch(batch, rule, generator)
@@ -122,6 +156,8 @@ def train_ngram(steps: int, *, engram: bool, seed: int = 0, batch: int = 32, dev
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if losses is not None:
+            losses.append(loss.item())
     tokens, targets = ngram_batch(256, rule, torch.Generator().manual_seed(seed + 99))
     with torch.no_grad():
         predicted = model(tokens.to(device)).argmax(-1).cpu()
@@ -129,16 +165,25 @@ def train_ngram(steps: int, *, engram: bool, seed: int = 0, batch: int = 32, dev
     return model, (predicted[known] == targets[known]).float().mean().item()
 
 
-def main_ngram(steps: int, seed: int, device: str) -> int:
+def loss_curve(losses: list[float], points: int = 8) -> str:
+    """The mean loss over ``points`` equal spans of the steps: 'step: loss' pairs."""
+    spans = [(len(losses) * i // points, len(losses) * (i + 1) // points) for i in range(points)]
+    return "  ".join(f"{end}: {sum(losses[a:end]) / (end - a):.3f}" for a, end in spans if end > a)
+
+
+def main_ngram(steps: int, seed: int, device: str, optimizer: str = "adamw") -> int:
     print(
-        f"training MemoryLM on a 2-gram rule task ({NGRAM_VOCAB}**2 contexts), {steps} steps, with and without Engram"
+        f"training MemoryLM on a 2-gram rule task ({NGRAM_VOCAB}**2 contexts), {steps} steps, with and without "
+        f"Engram; memory tables: {optimizer}"
     )
     results = {}
     for engram in (False, True):
-        start = time.perf_counter()
-        _, results[engram] = train_ngram(steps, engram=engram, seed=seed, device=device)
+        start, losses = time.perf_counter(), []
+        _, results[engram] = train_ngram(steps, engram=engram, seed=seed, device=device, optimizer=optimizer,
+                                         losses=losses)  # fmt: skip
         label = "with an Engram in layer 0" if engram else "without Engram           "
         print(f"  {label}: next-token accuracy {results[engram]:.1%} ({time.perf_counter() - start:.0f} s)")
+        print(f"    loss by step: {loss_curve(losses)}")
     print(f"Engram's n-gram table: {results[True] - results[False]:+.1%} at {steps} steps")
     return 0
 
@@ -150,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.task == "ngram":
         given = any(a == "--steps" or a.startswith("--steps=") for a in (sys.argv[1:] if argv is None else argv))
-        return main_ngram(args.steps if given else 200, args.seed, device)
+        return main_ngram(args.steps if given else 200, args.seed, device, args.optimizer)
     print(
         f"training MemoryLM on associative recall ({device}; "
-        f"{'Triton kernels' if device == 'cuda' else 'the PyTorch reference path'})"
+        f"{'Triton kernels' if device == 'cuda' else 'the PyTorch reference path'}; memory tables: {args.optimizer})"
     )
-    model, history = train(args.steps, seed=args.seed, device=device)
+    model, history = train(args.steps, seed=args.seed, device=device, optimizer=args.optimizer)
     generator = torch.Generator().manual_seed(args.seed + 1)
     held_out, answers = recall_batch(512, PAIRS, N_KEYS, N_VALUES, generator)
     with torch.no_grad():
