@@ -61,16 +61,20 @@ def _dtype(case: Case) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[case.params["dtype"]]
 
 
+def _engram_hash(p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(multipliers, primes) of the demo's hash for one layer with these table sizes and heads."""
+    hash_params = engram_hash_params(
+        (1,), [p["vocab"]] * (p["N"] - 1), max_ngram_size=p["N"], n_head_per_ngram=p["h"], seed=0,
+        tokenizer_vocab_size=128000,
+    )  # fmt: skip
+    return hash_params[1]
+
+
 def _read_inputs(case: Case, device: str, generator: torch.Generator) -> dict:
     """The table, a read of it (``read(table, sparse)``: engram_lookup or weighted_gather) and its output grad."""
     p, dtype = case.params, _dtype(case)
     if "B" in p:  # the Engram table, read by engram_lookup with the demo's hash
-        hash_params = engram_hash_params(
-            (1,), [p["vocab"]] * (p["N"] - 1), max_ngram_size=p["N"], n_head_per_ngram=p["h"], seed=0,
-            tokenizer_vocab_size=128000,
-        )  # fmt: skip
-        multipliers, primes = hash_params[1]
-        multipliers, primes = multipliers.to(device), primes.to(device)
+        multipliers, primes = (t.to(device) for t in _engram_hash(p))
         offsets = table_offsets(primes)
         ids = torch.randint(0, 128000, (p["B"], p["L"]), device=device, generator=generator)
         rows = int(primes.sum())
@@ -191,6 +195,22 @@ def _touched_rows(case: Case) -> float:
     """The expected number of distinct rows among n uniform draws from R."""
     R, n = case.params["R"], case.params["n"]
     return R * (1 - (1 - 1 / R) ** n)
+
+
+def note(case: Case, provider: str, device: str) -> str:
+    """The optimizer state the provider keeps for the table (SparseAdam, torch's SparseAdam and AdamW: two fp32
+    values per element; row-wise Adagrad: one fp32 value per row), and AdamW's dense gradient beside it."""
+    R = _engram_rows(case) if "B" in case.params else case.params["R"]
+    D, element = case.params["D"], 4 if case.params["dtype"] == "fp32" else 2
+    state = R * 4 if "adagrad" in provider else R * D * 8
+    text = f"optimizer state {state / 1e6:,.1f} MB"
+    if provider == "torch-adamw":
+        text += f" + dense grad {R * D * element / 1e6:,.1f} MB"
+    return text
+
+
+def _engram_rows(case: Case) -> int:
+    return int(_engram_hash(case.params)[1].sum())
 
 
 def bytes_moved(case: Case, mode: str) -> int:
