@@ -200,7 +200,7 @@ def _touched_rows(case: Case) -> float:
 def note(case: Case, provider: str, device: str) -> str:
     """The optimizer state the provider keeps for the table (SparseAdam, torch's SparseAdam and AdamW: two fp32
     values per element; row-wise Adagrad: one fp32 value per row), and AdamW's dense gradient beside it."""
-    R = _engram_rows(case) if "B" in case.params else case.params["R"]
+    R = _engram_rows(case) if case.mode == "fwd+bwd" and "B" in case.params else case.params["R"]
     D, element = case.params["D"], 4 if case.params["dtype"] == "fp32" else 2
     state = R * 4 if "adagrad" in provider else R * D * 8
     text = f"optimizer state {state / 1e6:,.1f} MB"

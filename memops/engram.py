@@ -12,7 +12,7 @@ from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import backward_op, custom_op
 from memops._validation import can_read_values, check_int
-from memops.optim import in_backward_optimizer, update_in_backward
+from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
 from memops.reference.engram import engram_hash_params, table_offsets  # the spec's helpers, public here too
 
 __all__ = [
@@ -197,10 +197,15 @@ def engram_lookup(
     check_int(context, "context", op, low=0, high=ids.shape[1] + 1)
     fused = in_backward_optimizer(table) is not None
     if sparse or fused:
-        return _SparseTableGrad.apply(table, ids, multipliers, primes, offsets, int(pad_id), int(context), fused)
+        return _row_sparse_lookup(table, ids, multipliers, primes, offsets, int(pad_id), int(context), fused)
     if resolve_backend(table) == "reference":
         return reference.engram.engram_lookup(ids, table, multipliers, primes, offsets, pad_id=pad_id, context=context)
     return _engram_lookup_op(ids, table, multipliers, primes, offsets, int(pad_id), int(context), bool(deterministic))
+
+
+@torch.compiler.disable(reason=ROW_SPARSE_EAGER)
+def _row_sparse_lookup(table, ids, multipliers, primes, offsets, pad_id, context, fused):
+    return _SparseTableGrad.apply(table, ids, multipliers, primes, offsets, pad_id, context, fused)
 
 
 class _SparseTableGrad(torch.autograd.Function):

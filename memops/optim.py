@@ -208,7 +208,14 @@ class RowwiseAdagrad(_RowSparseOptimizer):
 # ---------------------------------------------------------------------------------------------------------
 # The optimizer fused into the backward
 
-_IN_BACKWARD = "_in_backward_optimizers"  # torch.distributed.optim's attribute: its helpers find ours too
+_IN_BACKWARD = "_in_backward_optimizers"
+# Why the ops' row-sparse reads are torch.compiler.disable()d: torch.compile graph-breaks around them (and
+# fullgraph=True refuses them with this reason) instead of tracing a backward that builds a sparse grad or
+# queues a table update.
+ROW_SPARSE_EAGER = (
+    "memops: a sparse=True read, or a read of a table with an optimizer in its backward "
+    "(memops.optim.apply_optimizer_in_backward), runs eagerly: its backward builds a sparse grad or updates the table"
+)  # torch.distributed.optim's attribute: its helpers find ours too
 
 
 def apply_optimizer_in_backward(optimizer_class: type, params: Iterable, optimizer_kwargs: dict) -> None:
@@ -231,7 +238,8 @@ def apply_optimizer_in_backward(optimizer_class: type, params: Iterable, optimiz
       sparse gradients of several backward calls add up in ``param.grad``) and call the optimizer's
       ``step()`` once.
     - Gradient clipping and loss scaling do not see these tables' gradients (as with FBGEMM's fused
-      optimizers). Eager mode only.
+      optimizers). The reads run eagerly: ``torch.compile`` graph-breaks around them, and
+      ``fullgraph=True`` refuses them with that reason.
     - For a checkpoint, save each optimizer's ``state_dict()`` (:func:`in_backward_optimizers` lists them in
       parameter order); it holds tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it.
 

@@ -14,7 +14,7 @@ from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values, check_bool
-from memops.optim import in_backward_optimizer, update_in_backward
+from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -141,7 +141,7 @@ def weighted_gather(
     if sparse or fused:
         if check_indices and can_read_values(indices):
             _check_index_range(indices, values.shape[0])
-        return _SparseValuesGrad.apply(values, indices, weights, backend, deterministic, fused).reshape(out_shape)
+        return _row_sparse_read(values, indices, weights, backend, deterministic, fused).reshape(out_shape)
     if backend == "reference":
         # Straight to the reference (autograd through embedding_bag): the custom op's dispatch would cost
         # ~45 us a call, a third of the whole op at small sizes. Under torch.compile the data-dependent range
@@ -162,6 +162,11 @@ def weighted_gather(
     else:
         out = _weighted_gather_op(values, indices, weights, bool(check_indices), bool(deterministic))
     return out.reshape(out_shape)
+
+
+@torch.compiler.disable(reason=ROW_SPARSE_EAGER)
+def _row_sparse_read(values, indices, weights, backend, deterministic, fused):
+    return _SparseValuesGrad.apply(values, indices, weights, backend, deterministic, fused)
 
 
 class _SparseValuesGrad(torch.autograd.Function):

@@ -311,3 +311,30 @@ def test_bad_input():
     assert table.grad is None
     changed = (table.detach() != before).any(1).nonzero().flatten().tolist()
     assert changed == [3, 7]
+
+
+def test_torch_compile_runs_the_fused_read_eagerly():
+    """torch.compile graph-breaks around the fused read (the update still happens, equal to eager);
+    fullgraph=True refuses it with the reason."""
+    generator = torch.Generator().manual_seed(8)
+    compiled_table = torch.nn.Parameter(torch.randn(30, 8, generator=generator))
+    eager_table = torch.nn.Parameter(compiled_table.detach().clone())
+    initial = eager_table.detach().clone()
+    for table in (compiled_table, eager_table):
+        apply_optimizer_in_backward(SparseAdam, [table], {"lr": 0.1})
+    indices, weights = gather_inputs(generator, 30, dtype=torch.float32)
+
+    def loss(table):
+        return memops.weighted_gather(table, indices, weights).sin().sum()
+
+    torch.compile(loss)(compiled_table).backward()
+    loss(eager_table).backward()
+    assert compiled_table.grad is None
+    torch.testing.assert_close(compiled_table.detach(), eager_table.detach())
+    assert not torch.equal(compiled_table.detach(), initial)
+
+    def another_loss(table):  # (a new code object: dynamo's cache of ``loss`` would skip the fullgraph trace)
+        return memops.weighted_gather(table, indices, weights).sum()
+
+    with pytest.raises(Exception, match="runs eagerly"):
+        torch.compile(another_loss, fullgraph=True)(compiled_table)
