@@ -74,7 +74,7 @@ def test_fused_engram_lookup_equals_the_unfused_step(backend, optimizer_class):
     reference_optimizer = optimizer_class([unfused], lr=0.05)
     apply_optimizer_in_backward(optimizer_class, [fused], {"lr": 0.05})
     with memops.backend(backend), count_launches() as launches:
-        for _ in range(5):
+        for _ in range(3):
             ids = torch.randint(0, 300, ids.shape, generator=generator)
             grad_out = None
             for table in (unfused, fused):
@@ -87,7 +87,7 @@ def test_fused_engram_lookup_equals_the_unfused_step(backend, optimizer_class):
             reference_optimizer.step()
             reference_optimizer.zero_grad()
             assert fused.grad is None
-    assert (launches[KERNEL[optimizer_class]] == 10) == (backend == "triton")
+    assert (launches[KERNEL[optimizer_class]] == 6) == (backend == "triton")
     torch.testing.assert_close(fused.detach(), unfused.detach(), rtol=1e-13, atol=1e-14)
 
 
@@ -182,29 +182,30 @@ def test_micro_batches_accumulate_on_the_unfused_path():
     torch.testing.assert_close(accumulated.detach(), whole.detach(), rtol=1e-13, atol=1e-14)
 
 
-@pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
-def test_layers_with_the_optimizer_in_backward(optimizer_class):
+@pytest.mark.parametrize("layer_name, optimizer_class", [("pkm", SparseAdam), ("engram", RowwiseAdagrad)])
+def test_layers_with_the_optimizer_in_backward(layer_name, optimizer_class):
     """nn.ProductKeyMemory and nn.Engram: the fused table equals the sparse=True layer stepped by the unfused
     optimizer (Triton path), and the sparse=True Engram's table grad equals the dense one."""
     generator = torch.Generator().manual_seed(5)
     pkm = dict(n_keys=8, heads=2, topk=4, key_dim=16, value_dim=16)
     layers = {
-        "pkm": [memops.nn.ProductKeyMemory(12, 8, **pkm, sparse=sparse).double() for sparse in (True, False)],
-        "engram": [memops.nn.Engram(**ENGRAM, sparse=sparse).double() for sparse in (True, False)],
+        "pkm": lambda: [memops.nn.ProductKeyMemory(12, 8, **pkm, sparse=sparse).double() for sparse in (True, False)],
+        "engram": lambda: [memops.nn.Engram(**ENGRAM, sparse=sparse).double() for sparse in (True, False)],
     }
     inputs = {
         "pkm": lambda: (torch.randn(2, 5, 12, generator=generator, dtype=torch.float64),),
         "engram": lambda: (torch.randn(2, 7, 2, 32, generator=generator, dtype=torch.float64),
                            torch.randint(0, 90, (2, 7), generator=generator)),
     }  # fmt: skip
-    for name, (unfused_layer, fused_layer) in layers.items():
+    for name in (layer_name,):
+        unfused_layer, fused_layer = layers[name]()
         fused_layer.load_state_dict(unfused_layer.state_dict())
         table_name = "values.weight" if name == "pkm" else "multi_head_embedding.embedding.weight"
         unfused, fused = (layer.get_parameter(table_name) for layer in (unfused_layer, fused_layer))
         reference_optimizer = optimizer_class([unfused], lr=0.05)
         apply_optimizer_in_backward(optimizer_class, [fused], {"lr": 0.05})
         with memops.backend("triton"), count_launches() as launches:
-            for _ in range(3):
+            for _ in range(2):
                 args = inputs[name]()
                 unfused_layer(*args).square().sum().backward()
                 assert unfused.grad.is_sparse
@@ -212,9 +213,11 @@ def test_layers_with_the_optimizer_in_backward(optimizer_class):
                 reference_optimizer.zero_grad()
                 fused_layer(*args).square().sum().backward()
                 assert fused.grad is None
-        assert launches[KERNEL[optimizer_class]] == 6, name
+        assert launches[KERNEL[optimizer_class]] == 4, name
         torch.testing.assert_close(fused.detach(), unfused.detach(), rtol=1e-12, atol=1e-13, msg=name)
         assert in_backward_optimizers(fused_layer) == [optim.in_backward_optimizer(fused)]
+    if layer_name != "engram":
+        return
     dense_layer, sparse_layer = (memops.nn.Engram(**ENGRAM, sparse=s).double() for s in (False, True))
     sparse_layer.load_state_dict(dense_layer.state_dict())
     args = inputs["engram"]()
