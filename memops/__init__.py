@@ -18,6 +18,7 @@ from memops.moe import block_route, moe_ffn, unique_experts
 from memops.product_key import product_key_topk, weighted_gather
 from memops.retention import capacity_loss, retention_attention, retention_attention_varlen, retention_capacity
 from memops.retention_cache import RetentionKVCache
+from memops.value_embedding import value_embedding_mix
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "short_conv",
     "short_conv_step",
     "unique_experts",
+    "value_embedding_mix",
     "weighted_gather",
     "__version__",
 ]

@@ -35,6 +35,7 @@ from memops.reference.retention import (
     retention_capacity,
     retention_keep,
 )
+from memops.reference.value_embedding import value_embedding_mix
 
 __all__ = [
     "memory_attention",
@@ -62,4 +63,5 @@ __all__ = [
     "retention_attention",
     "retention_capacity",
     "retention_keep",
+    "value_embedding_mix",
 ]

@@ -1,0 +1,128 @@
+"""Token-indexed value memory: ``value_embedding_mix`` and its torch.library registration.
+
+``value_embedding_mix`` -> ``memops::value_embedding_mix`` (custom op) -> ``memops.kernels.value_embedding`` on
+backend "triton"; backend "reference" calls ``memops.reference.value_embedding`` directly (differentiable by
+autograd). The math is in those files' headers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memops import reference
+from memops._backend import resolve_backend
+from memops._registration import backward_op, contiguous, custom_op
+from memops._validation import can_read_values, check_bool
+
+_OP = "value_embedding_mix"
+
+
+def _describe(t) -> str:
+    return f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_inputs(v, gates, ids, bank) -> None:
+    for name, t in (("v", v), ("gates", gates), ("ids", ids), ("bank", bank)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("v", v), ("gates", gates), ("bank", bank)):
+        if not t.is_floating_point():
+            raise TypeError(f"{_OP}: {name} must be floating point, got {_describe(t)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{_OP}: ids must be int32 or int64, got {_describe(ids)}")
+    if v.dim() != 4:
+        raise ValueError(f"{_OP}: v must be (B, N, H, Dh), got shape {tuple(v.shape)}")
+    B, N, H, Dh = v.shape
+    if bank.dim() != 3 or bank.shape[2] != H * Dh:
+        raise ValueError(
+            f"{_OP}: bank must be (V, M, H * Dh) = (V, M, {H * Dh}) for v of {H} heads of {Dh}, got shape "
+            f"{tuple(bank.shape)}"
+        )
+    M = bank.shape[1]
+    if gates.shape != (B, N, H, M + 1):
+        raise ValueError(
+            f"{_OP}: gates must be (B, N, H, M + 1) = {(B, N, H, M + 1)} (one gate for v and one per bank slot), "
+            f"got shape {tuple(gates.shape)}"
+        )
+    if ids.shape != (B, N):
+        raise ValueError(f"{_OP}: ids must be (B, N) = {(B, N)}, got shape {tuple(ids.shape)}")
+    for name, t in (("gates", gates), ("ids", ids), ("bank", bank)):
+        if t.device != v.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device} but v is on {v.device}")
+
+
+def _check_id_range(ids: torch.Tensor, vocab: int) -> None:
+    if ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one reduction and one host sync
+    if low < 0 or high >= vocab:
+        raise IndexError(f"{_OP}: ids must lie in [0, {vocab}) (the rows of bank), found values in [{low}, {high}]")
+
+
+def _mix_fwd(v, gates, ids, bank, deterministic):
+    from memops.kernels import value_embedding as value_embedding_kernels
+
+    v, gates, ids, bank = contiguous(v, gates, ids, bank)
+    return value_embedding_kernels.value_embedding_mix_fwd(v, gates, ids, bank)
+
+
+def _mix_bwd(grad_out, v, gates, ids, bank, deterministic, v_grad, gates_grad, bank_grad):
+    from memops.kernels import value_embedding as value_embedding_kernels
+
+    grad_out, v, gates, ids, bank = contiguous(grad_out, v, gates, ids, bank)
+    return value_embedding_kernels.value_embedding_mix_bwd(
+        grad_out, v, gates, ids, bank, deterministic=deterministic, v_grad=v_grad, gates_grad=gates_grad,
+        bank_grad=bank_grad,
+    )  # fmt: skip
+
+
+_mix_op = custom_op(
+    "value_embedding_mix",
+    _mix_fwd,
+    "(Tensor v, Tensor gates, Tensor ids, Tensor bank, bool deterministic) -> Tensor out",
+    fake=lambda v, gates, ids, bank, deterministic: torch.empty_like(v, memory_format=torch.contiguous_format),
+    backward=backward_op(
+        "value_embedding_mix_backward",
+        _mix_bwd,
+        "(Tensor grad_out, Tensor v, Tensor gates, Tensor ids, Tensor bank, bool deterministic, bool v_grad, "
+        "bool gates_grad, bool bank_grad) -> (Tensor grad_v, Tensor grad_gates, Tensor grad_bank)",
+        grads=("v", "gates", "bank"),
+    ),
+)
+
+
+def value_embedding_mix(
+    v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, *, check_ids: bool = True,
+    deterministic: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Mix a token-indexed bank of value embeddings into attention values (MoVE; layer-wise value embeddings):
+    ``v'[b, n, h] = gates[b, n, h, 0] * v[b, n, h] + sum_i gates[b, n, h, i] * bank[ids[b, n], i - 1, h]``.
+
+    Args:
+        v: (B, N, H, Dh) the layer's values, fp32, bf16, fp16 or fp64 (the (B, N, H, Dh) view of the value
+            projection; transpose to SDPA's (B, H, N, Dh) afterwards).
+        gates: (B, N, H, M + 1) already activated (MoVE's ``2 * sigmoid(W_G h)``), any float dtype; gate 0
+            scales v, gate i slot i - 1.
+        ids: (B, N) int32 or int64 token ids in [0, V).
+        bank: (V, M, H * Dh) the bank, head-major in its last dim (column h * Dh + j is head h's channel j).
+            Shared by every layer that calls this: autograd sums their bank grads.
+        check_ids: raise IndexError for an id outside [0, V) (one min/max reduction and a host sync per call).
+            With False, an out-of-range id reads out of bounds on the Triton path.
+        deterministic: the bank grad by a sorted segment reduction with no atomics, bit-identical across runs;
+            also on under ``torch.use_deterministic_algorithms(True)``.
+
+    Returns:
+        (B, N, H, Dh) in v.dtype, accumulated in fp32 (fp64 when an input is fp64). One kernel reads each
+        token's M slot rows once and mixes them in registers.
+
+    Backward gives grads to ``v``, ``gates`` and ``bank`` (dense (V, M, H * Dh), non-zero only on the rows of
+    the ids read).
+    """
+    _check_inputs(v, gates, ids, bank)
+    check_bool(check_ids, "check_ids", _OP)
+    check_bool(deterministic, "deterministic", _OP)
+    if check_ids and can_read_values(ids):
+        _check_id_range(ids, bank.shape[0])
+    if resolve_backend(v) == "reference":
+        return reference.value_embedding_mix(v, gates, ids, bank)
+    return _mix_op(v, gates, ids, bank, bool(deterministic))
