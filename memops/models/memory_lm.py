@@ -14,6 +14,11 @@ With ``loops > 1`` the layer stack is applied ``loops`` times (a looped transfor
 layer keeps one KV cache for all loops: loop r blends its keys/values into the rows of loop r - 1 with a
 learned per-token, per-KV-head gate (``memops.looped_attention``; the memory prefix rows stay as they are),
 and ``generate`` uses a ``SharedLoopKVCache`` (no eviction) whose memory does not grow with the loop count.
+
+With ``move_slots = M > 0`` (MoVE) one ``ValueEmbeddingBank`` of M value embeddings per token id is mixed into
+every layer's values by that layer's ``MoVEGate`` (``memops.value_embedding_mix``); ``value_embeddings="layer"``
+gives each layer a one-slot bank of its own instead (LaVE). The mixed values are what the caches keep, so
+decoding needs no extra state.
 """
 
 from __future__ import annotations
@@ -26,7 +31,16 @@ from torch import nn
 
 from memops._validation import can_read_values, check_int
 from memops.looped_cache import SharedLoopKVCache
-from memops.nn import BlockMoE, Engram, LoopedAttention, ProductKeyMemory, RetentionAttention, RetentionGate
+from memops.nn import (
+    BlockMoE,
+    Engram,
+    LoopedAttention,
+    MoVEGate,
+    ProductKeyMemory,
+    RetentionAttention,
+    RetentionGate,
+    ValueEmbeddingBank,
+)
 from memops.retention import capacity_loss
 from memops.retention_cache import RetentionKVCache
 
@@ -64,6 +78,8 @@ class MemoryLMConfig:
     engram_heads: int = 2  # hash heads per order
     engram_embed: int = 32  # embedding width per order (engram_heads divides it)
     engram_table: int = 1031  # the minimum table size per order and head (the primes start here)
+    move_slots: int = 0  # > 0: MoVE, one bank of this many value embeddings per token id under every layer's V
+    value_embeddings: str | None = None  # "layer": a value embedding per layer (LaVE: a bank of one slot each)
 
     def validate(self) -> None:
         def fail(message):
@@ -106,6 +122,12 @@ class MemoryLMConfig:
             fail(f"moe_top_k={self.moe_top_k} must not exceed moe_experts={self.moe_experts}")
         if not self.capacity_weight >= 0:
             fail(f"capacity_weight must be >= 0, got {self.capacity_weight}")
+        if self.move_slots < 0:
+            fail(f"move_slots must be >= 0, got {self.move_slots}")
+        if self.value_embeddings not in (None, "layer"):
+            fail(f"value_embeddings must be None or 'layer', got {self.value_embeddings!r}")
+        if self.move_slots and self.value_embeddings:
+            fail("move_slots (MoVE's shared bank) and value_embeddings='layer' (LaVE) are alternatives: pick one")
 
 
 class MemoryLMLayer(nn.Module):
@@ -132,6 +154,14 @@ class MemoryLMLayer(nn.Module):
                 max_ngram_size=c.engram_max_ngram, n_embed_per_ngram=c.engram_embed, n_head_per_ngram=c.engram_heads,
                 kernel_size=4, pad_id=0, seed=0, tokenizer_vocab_size=c.vocab_size, layer_ids=sorted(c.engram_layers),
             )  # fmt: skip
+        # Token-indexed value memory mixed into V (memops.value_embedding_mix): MoVE's router here, its bank
+        # shared by the model; or LaVE, a one-slot bank of this layer's own.
+        head_dim = c.d_model // c.n_heads
+        slots = c.move_slots or (1 if c.value_embeddings == "layer" else 0)
+        self.value_gate = MoVEGate(c.d_model, c.n_kv_heads, slots) if slots else None
+        self.value_embedding = (
+            ValueEmbeddingBank(c.vocab_size, 1, c.n_kv_heads, head_dim) if c.value_embeddings == "layer" else None
+        )
         self.ffn_norm = nn.LayerNorm(c.d_model)
         if index in c.pkm_layers:
             self.ffn = ProductKeyMemory(
@@ -157,21 +187,31 @@ class MemoryLMLayer(nn.Module):
     def _loop_gate(self, h):
         return torch.sigmoid(self.loop_gate(h)).transpose(1, 2).unsqueeze(-1)  # (B, Hkv, N, 1)
 
-    def forward(self, x, cache=None, layer_idx: int = 0, loop: int = 0, shared=None, tokens=None, engram_state=None):
+    def forward(
+        self, x, cache=None, layer_idx: int = 0, loop: int = 0, shared=None, tokens=None, engram_state=None,
+        value_bank=None,
+    ):  # fmt: skip
         """x (B, N, d) -> (x, log_beta (B, Hkv, N), shared). With a cache (generation) the new rows join it:
         a RetentionKVCache, or a SharedLoopKVCache in looped mode. ``shared`` carries the training-time
         looped cache, [prefix ; sequence] keys and values of the previous loop (None on loop 0). ``tokens``
-        (B, N): the ids an Engram layer hashes; ``engram_state``: its decode state (generation)."""
+        (B, N): the ids an Engram layer hashes and the value embeddings are read by; ``engram_state``: the
+        Engram's decode state (generation); ``value_bank``: the model's MoVE bank."""
         if self.engram is not None:
             x = x + self.engram(x.unsqueeze(2), tokens, state=engram_state).squeeze(2)
         h = self.attn_norm(x)
         log_beta = self.retention(h).float()
+        bank = self.value_embedding if self.value_embedding is not None else value_bank
+        value_mix = None
+        if self.value_gate is not None:  # (ids were checked by the model: no second host sync)
+            value_mix = lambda v: bank(v, self.value_gate(h), tokens, check_ids=False)  # noqa: E731
         if self.loop_gate is not None:
             attended, shared = self.attn(
-                h, self._loop_gate(h), shared=shared, cache=cache, layer_idx=layer_idx, loop=loop
+                h, self._loop_gate(h), shared=shared, cache=cache, layer_idx=layer_idx, loop=loop, value_mix=value_mix
             )
         else:
-            attended = self.attn(h, log_beta, cache=cache, layer_idx=layer_idx, check_log_beta=False)
+            attended = self.attn(
+                h, log_beta, cache=cache, layer_idx=layer_idx, check_log_beta=False, value_mix=value_mix
+            )
         x = x + attended
         return x + self.ffn(self.ffn_norm(x)), log_beta, shared
 
@@ -190,6 +230,14 @@ class MemoryLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.positions = nn.Embedding(config.max_positions, config.d_model)
         self.layers = nn.ModuleList(MemoryLMLayer(config, i) for i in range(config.n_layers))
+        # MoVE: one bank under every layer's V (each layer has its own router, MemoryLMLayer.value_gate)
+        self.value_bank = (
+            ValueEmbeddingBank(
+                config.vocab_size, config.move_slots, config.n_kv_heads, config.d_model // config.n_heads
+            )
+            if config.move_slots
+            else None
+        )
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
@@ -225,7 +273,9 @@ class MemoryLM(nn.Module):
         shared = [None] * len(self.layers)
         for loop in range(self.config.loops):
             for index, layer in enumerate(self.layers):
-                x, log_beta, shared[index] = layer(x, loop=loop, shared=shared[index], tokens=tokens)
+                x, log_beta, shared[index] = layer(
+                    x, loop=loop, shared=shared[index], tokens=tokens, value_bank=self.value_bank
+                )
                 if loop == self.config.loops - 1:
                     log_betas.append(log_beta)
         logits = self.head(self.norm(x))
@@ -270,7 +320,8 @@ class MemoryLM(nn.Module):
             x = self._embed(step_input, start)
             for loop in range(self.config.loops):
                 for index, layer in enumerate(self.layers):
-                    x, _, _ = layer(x, cache, index, loop, tokens=step_input, engram_state=engram_states[index])
+                    x, _, _ = layer(x, cache, index, loop, tokens=step_input, engram_state=engram_states[index],
+                                    value_bank=self.value_bank)  # fmt: skip
             next_token = self.head(self.norm(x[:, -1])).argmax(-1, keepdim=True)
             start += step_input.shape[1]
             tokens = torch.cat([tokens, next_token], dim=1)

@@ -6,6 +6,7 @@ from memops.nn.looped import LoopedAttention
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
 from memops.nn.retention import RetentionAttention, RetentionGate
+from memops.nn.value_embedding import MoVEGate, ValueEmbeddingBank
 
 __all__ = [
     "BlockMoE",
@@ -13,8 +14,10 @@ __all__ = [
     "EngramState",
     "LoopedAttention",
     "MemoryAttention",
+    "MoVEGate",
     "ProductKeyMemory",
     "RetentionAttention",
     "RetentionGate",
     "RotaryEmbedding",
+    "ValueEmbeddingBank",
 ]

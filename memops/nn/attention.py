@@ -114,11 +114,14 @@ class MemoryAttention(nn.Module):
             x, name, type(self).__name__, width=self.q_proj.in_features, dims=(3,), like=self.q_proj.weight
         )
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, N, d_model) -> q (B, H, N, head_dim), k and v (B, Hkv, N, head_dim), rotary applied."""
+    def project(self, x: torch.Tensor, value_mix=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, d_model) -> q (B, H, N, head_dim), k and v (B, Hkv, N, head_dim), rotary applied.
+        ``value_mix``: a function of the values (B, N, Hkv, head_dim) returning new ones of that shape, applied
+        before attention and any cache (MoVE's bank, :class:`memops.nn.ValueEmbeddingBank`)."""
         q = self._heads(self.q_proj(x), self.num_heads)
         k = self._heads(self.k_proj(x), self.num_kv_heads)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = (v if value_mix is None else value_mix(v)).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
         return q, k, v

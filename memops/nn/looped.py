@@ -21,23 +21,24 @@ class LoopedAttention(MemoryAttention):
 
     def forward(
         self, x: torch.Tensor, gate: torch.Tensor, *, shared=None, cache=None, layer_idx: int = 0, loop: int = 0,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, value_mix=None,
     ):  # fmt: skip
-        """x (B, N, d_model), gate (B, Hkv, N, 1) or (B, Hkv, N, head_dim) in [0, 1].
+        """x (B, N, d_model), gate (B, Hkv, N, 1) or (B, Hkv, N, head_dim) in [0, 1]. ``value_mix``: as
+        :meth:`MemoryAttention.project`.
 
         Packed (training): x (total, d_model), gate (total, Hkv, 1 | head_dim), ``shared`` the previous loop's
         packed (k, v) (total, Hkv, head_dim), with ``cu_seqlens`` and ``max_seqlen``
         (:func:`memops.looped_attention_varlen`); no cache, and no prefix."""
         if self._packed(x, cu_seqlens, max_seqlen):
-            if cache is not None or self.prefix_k is not None:
-                raise ValueError("LoopedAttention: packed input (cu_seqlens) takes no cache and no prefix")
+            if cache is not None or self.prefix_k is not None or value_mix is not None:
+                raise ValueError("LoopedAttention: packed input (cu_seqlens) takes no cache, prefix or value_mix")
             q, k, v = self.project_packed(x, cu_seqlens)
             k_cache, v_cache = (None, None) if shared is None else shared
             out, k_cache, v_cache = looped_attention_varlen(
                 q, k, v, gate, cu_seqlens, max_seqlen, k_cache, v_cache, causal=self.causal
             )
             return self.out_proj(out.flatten(1)), (k_cache, v_cache)
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, value_mix)
         mem_k, mem_v = self.memory_rows()
         if cache is not None:
             k, v = cache.update(k, v, layer_idx, loop, gate)

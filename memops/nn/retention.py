@@ -104,15 +104,18 @@ class RetentionAttention(MemoryAttention):
 
     def forward(
         self, x: torch.Tensor, log_beta: torch.Tensor, *, cache=None, layer_idx: int = 0, check_log_beta: bool = True,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, value_mix=None,
     ) -> torch.Tensor:  # fmt: skip
         """x (B, N, d_model), log_beta (B, Hkv, N) (from a :class:`memops.nn.RetentionGate`) -> (B, N, d_model).
+        ``value_mix``: as :meth:`MemoryAttention.project` (the mixed values are what the cache keeps).
 
         Packed (training): x (total, d_model), log_beta (Hkv, total) (what the gate gives for packed x),
         ``cu_seqlens`` and ``max_seqlen`` as in :func:`memops.retention_attention_varlen`; no cache."""
         if self._packed(x, cu_seqlens, max_seqlen):
-            if cache is not None:
-                raise ValueError("RetentionAttention: packed input (cu_seqlens) is for training; it takes no cache")
+            if cache is not None or value_mix is not None:
+                raise ValueError(
+                    "RetentionAttention: packed input (cu_seqlens) is for training; it takes no cache and no value_mix"
+                )
             q, k, v = self.project_packed(x, cu_seqlens)
             mem_k, mem_v = self.memory_rows()
             if not isinstance(log_beta, torch.Tensor) or log_beta.dim() != 2:
@@ -127,7 +130,7 @@ class RetentionAttention(MemoryAttention):
                     q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, mem_k, mem_v, causal=True
                 )
             return self.out_proj(out.flatten(1))
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, value_mix)
         mem_k, mem_v = self.memory_rows()
         if cache is not None:
             k, v = cache.update(k, v, layer_idx, log_beta.detach())
