@@ -20,4 +20,5 @@ MODULES = {
     "moe_layer": ("block_moe", "moe"),
     "engram": ("engram", "engram"),
     "optim": ("optim", "optim"),
+    "value_embedding": ("value_embedding", "value_embedding"),
 }

@@ -262,7 +262,23 @@ def optim(device):
             optimizer_class([table]).update_rows(table, skipped, grads)
 
 
+@case
+def value_embedding(device):
+    """The bank mix forward and backward in bf16: 3 heads of Dh = 72 (off the block), M = 5 slots (off the slot
+    block), repeated ids and the last bank row; atomic and deterministic bank grads."""
+    B, N, H, Dh, M, V = 2, 37, 3, 72, 5, 50
+    v = _randn(B, N, H, Dh, device=device, dtype=torch.bfloat16, grad=True)
+    gates = _randn(B, N, H, M + 1, device=device, dtype=torch.bfloat16, grad=True)
+    bank = _randn(V, M, H * Dh, device=device, dtype=torch.bfloat16, grad=True)
+    ids = torch.randint(0, V, (B, N), device=device)
+    ids[0, :20] = 7
+    ids[1, -1] = V - 1
+    for deterministic in (False, True):
+        memops.value_embedding_mix(v, gates, ids, bank, deterministic=deterministic).float().square().sum().backward()
+
+
 # Cases whose kernels use atomics (values grads, the deterministic-off dK/dV) or shared scratch (the sorts).
+# (value_embedding's bank grad is the weighted gather's backward, racechecked there; its own kernels have neither)
 RACECHECK = ("weighted_gather", "memory_attention", "product_key_search", "moe", "engram")
 
 

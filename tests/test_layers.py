@@ -24,7 +24,7 @@ def imported_modules(path: Path) -> set[str]:
 
 FAMILIES = (
     "attention", "attention_lse_merge", "retention", "retention_cache", "looped", "looped_cache", "product_key",
-    "moe", "engram", "optim",
+    "moe", "engram", "optim", "value_embedding",
 )  # fmt: skip
 
 
@@ -88,7 +88,7 @@ def test_kernel_modules_are_named_in_imports():
 
 # What CONTRIBUTING.md's "Adding an op family" says a family touches by hand: its own files (a glob per folder,
 # the family's name in each) and the shared lists that name it. The counts there are these lists' lengths.
-FAMILY_STEMS = ("attention", "product_key", "retention", "looped", "moe", "engram")
+FAMILY_STEMS = ("attention", "product_key", "retention", "looped", "moe", "engram", "value_embedding")
 FAMILY_FILES = (
     "memops/reference/*{}*.py", "kernels/*{}*.py", "memops/*{}*.py", "memops/nn/*{}*.py", "tests/test_*{}*.py",
     "tests/test_nn_*{}*.py", "benchmarks/*{}*.py", "docs/*{}*.md",

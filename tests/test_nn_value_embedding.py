@@ -116,5 +116,6 @@ def test_bad_input():
     with pytest.raises(ValueError, match="value_embeddings must be None or 'layer'"):
         MemoryLMConfig(**{**TINY_MEMORY_LM, "value_embeddings": "global"}).validate()
     with pytest.raises(ValueError, match="no value_mix"):
-        memops.nn.RetentionAttention(8, 2)(torch.randn(5, 8), torch.zeros(2, 5), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
-                                           max_seqlen=5, value_mix=lambda v: v)  # fmt: skip
+        cu_seqlens = torch.tensor([0, 5], dtype=torch.int32)
+        memops.nn.RetentionAttention(8, 2)(torch.randn(5, 8), torch.zeros(2, 5), cu_seqlens=cu_seqlens, max_seqlen=5,
+                                           value_mix=lambda v: v)  # fmt: skip

@@ -40,9 +40,22 @@ def kernel_names() -> set[str]:
     import pkgutil
 
     import memops.kernels
-    from memops.kernels import attention, attention_lse_merge, engram, looped, moe, optim, product_key, retention, topk
+    from memops.kernels import (
+        attention,
+        attention_lse_merge,
+        engram,
+        looped,
+        moe,
+        optim,
+        product_key,
+        retention,
+        topk,
+        value_embedding,
+    )
 
-    modules = (attention, attention_lse_merge, engram, looped, moe, optim, product_key, retention, topk)
+    modules = (
+        attention, attention_lse_merge, engram, looped, moe, optim, product_key, retention, topk, value_embedding,
+    )  # fmt: skip
     on_disk = {info.name for info in pkgutil.iter_modules(memops.kernels.__path__) if not info.name.startswith("_")}
     unlisted = on_disk - {module.__name__.rsplit(".", 1)[1] for module in modules}
     if unlisted:  # a new kernel module must be listed above, or its kernels would go unchecked

@@ -39,7 +39,7 @@ MAX_FILES = 8  # what comes back from the device call
 MAX_FILE_BYTES = 16 << 20
 PLAN_SECONDS = 9 * 60  # plan "check" must fit in one device call of 10 minutes, with a minute spare
 # Each step's time limit in run.sh (SIGINT at the limit, SIGKILL 15 s later): they sum to at most PLAN_SECONDS.
-STEP_LIMITS = dict(info=25, compile=90, tests=100, sanitize=75, bench=240)
+STEP_LIMITS = dict(info=25, compile=80, tests=100, sanitize=85, bench=240)
 # Plan "tune": the sweeps' limits (info 30 s first), also summing to at most PLAN_SECONDS.
 TUNE_LIMITS = {"tune-attention": 150, "tune-gather": 90, "tune-search": 100, "tune-moe": 90, "tune-engram": 50}
 # The files plan "check" leaves in $OUT (the rehearsal checks them): bench.tar holds the per-op JSON and plots,
