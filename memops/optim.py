@@ -12,6 +12,7 @@ hand its optimizer the rows they read and the rows' gradients, and no gradient o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -29,17 +30,24 @@ _DENSE_GRAD_HELP = (
 
 
 def _row_sparse(grad: torch.Tensor, param: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (n,) int64, values (n, D)) of a row-sparse grad of the (R, D) table ``param``; repeats allowed."""
+    """(rows (n,) int64, values (n, D)) of a row-sparse grad of the (R, ...) table ``param`` (D the product of
+    its trailing dims); repeats allowed."""
     if not grad.is_sparse:
         raise TypeError(f"{name}: got a dense gradient for a ({', '.join(map(str, param.shape))}) table; "
                         f"{_DENSE_GRAD_HELP}")  # fmt: skip
-    if param.dim() != 2 or grad.sparse_dim() != 1 or grad.shape != param.shape:
+    if param.dim() < 2 or grad.sparse_dim() != 1 or grad.shape != param.shape:
         raise ValueError(
-            f"{name}: expects (R, D) tables with row-sparse gradients (sparse_dim 1) of their shape, got a "
-            f"{tuple(param.shape)} table and a {tuple(grad.shape)} gradient with sparse_dim {grad.sparse_dim()}"
+            f"{name}: expects (R, D) (or (R, ...)) tables with row-sparse gradients (sparse_dim 1) of their shape, "
+            f"got a {tuple(param.shape)} table and a {tuple(grad.shape)} gradient with sparse_dim {grad.sparse_dim()}"
         )
     values = grad._values()
+    values = values.reshape(values.shape[0], math.prod(param.shape[1:]))  # (an (R, ...) table's rows flattened)
     return grad._indices()[0], values if values.stride(-1) == 1 else values.contiguous()
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """An (R, ...) table or state as (R, D): the kernels and the reference address rows of D elements."""
+    return t if t.dim() <= 2 else t.view(t.shape[0], math.prod(t.shape[1:]))
 
 
 def _state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -78,7 +86,8 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         """One step of ``param`` from row gradients given directly, as the fused backward of a memops op calls it.
 
         Args:
-            param: one of this optimizer's (R, D) tables.
+            param: one of this optimizer's (R, D) tables (an (R, ...) table counts as rows of D = its trailing
+                dims' product elements).
             rows: (n,) int64, each in [0, R) or -1 (no row: the entry is skipped); repeats are summed.
             grads: (ceil(n / group_size), D) floating point, unit last stride: entry e's gradient is
                 ``scales[e] * grads[e // group_size]``.
@@ -98,7 +107,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         # stochastic rounding: a fresh seed per table and step from torch's generator (torch.manual_seed makes a
         # run repeatable)
         seed = int(torch.randint(0, 2**31 - 1, ())) if group["stochastic_rounding"] else None
-        self._update(param, state, group, rows, grads, resolve_backend(param), seed, **entries)
+        self._update(_rows_view(param), state, group, rows, grads, resolve_backend(param), seed, **entries)
 
 
 class SparseAdam(_RowSparseOptimizer):
@@ -153,7 +162,7 @@ class SparseAdam(_RowSparseOptimizer):
         options = dict(step=state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], maximize=group["maximize"], seed=seed,
                        **entries)  # fmt: skip
-        moments = (state["exp_avg"], state["exp_avg_sq"])
+        moments = (_rows_view(state["exp_avg"]), _rows_view(state["exp_avg_sq"]))
         if backend == "reference":
             reference.optim.sparse_adam_update(param, *moments, rows, grads, **options)
         else:
@@ -258,8 +267,9 @@ def apply_optimizer_in_backward(optimizer_class: type, params: Iterable, optimiz
         raise TypeError(f"{op}: optimizer_kwargs must be a dict of the optimizer's arguments, got {optimizer_kwargs!r}")
     params = [params] if isinstance(params, torch.Tensor) else list(params)
     for index, param in enumerate(params):
-        if not isinstance(param, torch.Tensor) or not param.is_leaf or not param.requires_grad or param.dim() != 2:
-            raise ValueError(f"{op}: params[{index}] must be an (R, D) leaf tensor that requires grad (a table)")
+        if not isinstance(param, torch.Tensor) or not param.is_leaf or not param.requires_grad or param.dim() < 2:
+            raise ValueError(f"{op}: params[{index}] must be an (R, D) (or (R, ...)) leaf tensor that requires grad "
+                             "(a table)")  # fmt: skip
         if getattr(param, _IN_BACKWARD, None):
             raise ValueError(f"{op}: params[{index}] already has an optimizer in its backward")
     optimizers = [optimizer_class([param], **optimizer_kwargs) for param in params]  # all built before any is set

@@ -13,6 +13,7 @@ from memops import reference
 from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values, check_bool
+from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
 
 _OP = "value_embedding_mix"
 
@@ -93,7 +94,7 @@ _mix_op = custom_op(
 
 def value_embedding_mix(
     v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, *, check_ids: bool = True,
-    deterministic: bool = False,
+    deterministic: bool = False, sparse: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Mix a token-indexed bank of value embeddings into attention values (MoVE; layer-wise value embeddings):
     ``v'[b, n, h] = gates[b, n, h, 0] * v[b, n, h] + sum_i gates[b, n, h, i] * bank[ids[b, n], i - 1, h]``.
@@ -110,6 +111,10 @@ def value_embedding_mix(
             With False, an out-of-range id reads out of bounds on the Triton path.
         deterministic: the bank grad by a sorted segment reduction with no atomics, bit-identical across runs;
             also on under ``torch.use_deterministic_algorithms(True)``.
+        sparse: give ``bank`` a ``torch.sparse_coo`` grad instead (one (M, H * Dh) row per token, uncoalesced,
+            as ``nn.Embedding(sparse=True)``'s) for the row-sparse optimizers of ``memops.optim``; eager mode. A
+            bank given to :func:`memops.optim.apply_optimizer_in_backward` gets no grad at all: the backward hands
+            its optimizer the ids and those rows.
 
     Returns:
         (B, N, H, Dh) in v.dtype, accumulated in fp32 (fp64 when an input is fp64). One kernel reads each
@@ -121,8 +126,60 @@ def value_embedding_mix(
     _check_inputs(v, gates, ids, bank)
     check_bool(check_ids, "check_ids", _OP)
     check_bool(deterministic, "deterministic", _OP)
+    check_bool(sparse, "sparse", _OP)
     if check_ids and can_read_values(ids):
         _check_id_range(ids, bank.shape[0])
+    fused = in_backward_optimizer(bank) is not None
+    if sparse or fused:
+        return _row_sparse_mix(v, gates, ids, bank, fused)
     if resolve_backend(v) == "reference":
         return reference.value_embedding_mix(v, gates, ids, bank)
     return _mix_op(v, gates, ids, bank, bool(deterministic))
+
+
+@torch.compiler.disable(reason=ROW_SPARSE_EAGER)
+def _row_sparse_mix(v, gates, ids, bank, fused):
+    return _SparseBankGrad.apply(v, gates, ids, bank, fused)
+
+
+class _SparseBankGrad(torch.autograd.Function):
+    """value_embedding_mix with a sparse_coo bank grad: per token its (M, H * Dh) row of g[t, h, i] * dv'[t, h]
+    (uncoalesced), or (``fused``) those rows handed to the bank's in-backward optimizer. The v and gate grads
+    from the backward kernels (bank grad off) or the reference formulas."""
+
+    @staticmethod
+    def forward(ctx, v, gates, ids, bank, fused):
+        ctx.save_for_backward(v, gates, ids, bank)
+        ctx.backend = resolve_backend(v)
+        ctx.table = bank if fused else None  # (the leaf parameter itself: the optimizer's key)
+        if ctx.backend == "reference":
+            return reference.value_embedding_mix(v, gates, ids, bank.detach())
+        return _mix_op(v, gates, ids, bank.detach(), False)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        v, gates, ids, bank = ctx.saved_tensors
+        B, N, H, Dh = v.shape
+        V, M = bank.shape[0], bank.shape[1]
+        acc = reference.value_embedding._accumulator(v, gates, bank, grad_out)
+        if ctx.backend == "reference":
+            g, dout = gates.to(acc), grad_out.to(acc)
+            rows = bank.detach()[ids].to(acc).view(B, N, M, H, Dh)
+            grad_v = (g[..., :1] * dout).to(v.dtype)
+            grad_gates = torch.cat([(v.to(acc) * dout).sum(-1, keepdim=True),
+                                    torch.einsum("bnmhd,bnhd->bnhm", rows, dout)], dim=-1).to(gates.dtype)  # fmt: skip
+        else:
+            grad_v, grad_gates, _ = _mix_bwd(grad_out, v, gates, ids, bank, False, ctx.needs_input_grad[0],
+                                             ctx.needs_input_grad[1], False)  # fmt: skip
+        # each token's (M, H * Dh) bank row: slot i, head h holds g[t, h, i + 1] * dv'[t, h]
+        entries = torch.einsum("bnhm,bnhd->bnmhd", gates[..., 1:].to(acc), grad_out.to(acc))
+        entries = entries.reshape(B * N, M * H * Dh).to(bank.dtype)
+        token_ids = ids.reshape(-1).to(torch.int64)
+        if ctx.table is not None:
+            update_in_backward(ctx.table, token_ids, entries)
+            grad_bank = None
+        else:
+            grad_bank = torch.sparse_coo_tensor(
+                token_ids.unsqueeze(0), entries.view(B * N, M, H * Dh), (V, M, H * Dh), check_invariants=False
+            )  # fmt: skip  (the ids were checked)
+        return grad_v, grad_gates, None, grad_bank, None

@@ -156,3 +156,40 @@ def test_d20_heads_on_cuda(M):
     assert_close_to_reference(out, ref_out, torch.bfloat16)
     for name, grad, ref in zip(("v", "gates", "bank"), grads, ref_grads):
         assert_close_to_reference(grad, ref, torch.bfloat16, name=f"grad {name}", scale=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_bank_grad_equals_the_dense_one(backend, device):
+    v, gates, ids, bank = mix_case(device, M=3, Dh=16)
+    dense = [t.clone().requires_grad_() for t in (v, gates, bank)]
+    sparse = [t.clone().requires_grad_() for t in (v, gates, bank)]
+    grad_out = torch.randn_like(v)
+    with memops.backend(backend):
+        memops.value_embedding_mix(dense[0], dense[1], ids, dense[2]).backward(grad_out)
+        out = memops.value_embedding_mix(sparse[0], sparse[1], ids, sparse[2], sparse=True)
+        out.backward(grad_out)
+    assert sparse[2].grad.is_sparse and sparse[2].grad._nnz() == ids.numel()
+    for a, b in zip(sparse, dense):
+        grad = a.grad.to_dense() if a.grad.is_sparse else a.grad
+        torch.testing.assert_close(grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_with_the_optimizer_in_backward(backend, device):
+    """A (V, M, H * Dh) bank (rows of M * H * Dh) with SparseAdam fused into the backward equals SparseAdam on
+    the sparse grad after 3 steps; the bank's grad stays None."""
+    from memops.optim import SparseAdam, apply_optimizer_in_backward
+
+    _, _, _, bank = mix_case(device, M=2, Dh=16, dtype=torch.float64)
+    unfused, fused = torch.nn.Parameter(bank.clone()), torch.nn.Parameter(bank.clone())
+    optimizer = SparseAdam([unfused], lr=0.05)
+    apply_optimizer_in_backward(SparseAdam, [fused], {"lr": 0.05})
+    with memops.backend(backend):
+        for seed in range(3):
+            v, gates, ids, _ = mix_case(device, M=2, Dh=16, dtype=torch.float64, seed=seed + 10)
+            memops.value_embedding_mix(v, gates, ids, unfused, sparse=True).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            memops.value_embedding_mix(v, gates, ids, fused).square().sum().backward()
+    assert fused.grad is None and not torch.equal(fused.detach(), bank)
+    torch.testing.assert_close(fused.detach(), unfused.detach(), rtol=1e-12, atol=1e-13)

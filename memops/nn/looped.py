@@ -31,7 +31,9 @@ class LoopedAttention(MemoryAttention):
         (:func:`memops.looped_attention_varlen`); no cache, and no prefix."""
         if self._packed(x, cu_seqlens, max_seqlen):
             if cache is not None or self.prefix_k is not None or value_mix is not None:
-                raise ValueError("LoopedAttention: packed input (cu_seqlens) takes no cache, prefix or value_mix")
+                raise ValueError(
+                    "LoopedAttention: packed input (cu_seqlens) takes no cache and no prefix (or value_mix)"
+                )
             q, k, v = self.project_packed(x, cu_seqlens)
             k_cache, v_cache = (None, None) if shared is None else shared
             out, k_cache, v_cache = looped_attention_varlen(

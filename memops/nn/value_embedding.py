@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from memops._validation import check_int, check_module_input
+from memops._validation import check_bool, check_int, check_module_input
 from memops.value_embedding import value_embedding_mix
 
 
@@ -24,11 +24,19 @@ class ValueEmbeddingBank(nn.Module):
     Initialisation: MoVE releases no code; the bank starts as nanochat's value embeddings (the paper's LaVE
     baseline) do, uniform in [-s, s] with s = sqrt(3 / (n_heads * head_dim)) (unit variance per channel
     after a value projection's 1 / d scale).
+
+    ``sparse=True``: the bank gets a ``torch.sparse_coo`` gradient for the row-sparse optimizers of
+    ``memops.optim`` (a bank given to ``memops.optim.apply_optimizer_in_backward`` is updated in the backward
+    either way).
     """
 
-    def __init__(self, vocab_size: int, slots: int, n_heads: int, head_dim: int, *, device=None, dtype=None):
+    def __init__(
+        self, vocab_size: int, slots: int, n_heads: int, head_dim: int, *, sparse: bool = False, device=None,
+        dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         op = "ValueEmbeddingBank"
+        self.sparse = check_bool(sparse, "sparse", op)
         for name, value in (("vocab_size", vocab_size), ("slots", slots), ("n_heads", n_heads),
                             ("head_dim", head_dim)):  # fmt: skip
             check_int(value, name, op, low=1)
@@ -42,7 +50,7 @@ class ValueEmbeddingBank(nn.Module):
 
     def forward(self, v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, *, check_ids: bool = True):
         """v (B, N, H, Dh), gates (B, N, H, M + 1), ids (B, N) -> v' (B, N, H, Dh) in v.dtype."""
-        return value_embedding_mix(v, gates, ids, self.weight, check_ids=check_ids)
+        return value_embedding_mix(v, gates, ids, self.weight, check_ids=check_ids, sparse=self.sparse)
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, slots={self.slots}, n_heads={self.n_heads}, head_dim={self.head_dim}"
