@@ -8,6 +8,7 @@ expert-parallel block MoE, built from plain collectives with autograd.
 - :class:`ExpertParallelBlockMoE` gives each rank E / world_size experts. After block routing (replicated
   router), every (token, k) slot travels to the rank owning its expert (``all_to_all_single``), runs there
   through ``moe_ffn`` and travels back: 2 x k x d values per token each way, plus split sizes.
+- :class:`ShardedValueEmbeddingBank` splits MoVE's bank by token ids, as ShardedEngram splits its table.
 - :class:`ShardedEngram` splits the hashed n-gram table by rows; every rank of a tensor-parallel group
   reads the rows it owns for all tokens and one all-reduce sums the partial embeddings: (N - 1) x e values
   per token forward, nothing backward.
@@ -26,13 +27,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memops._validation import can_read_values
 from memops.engram import ngram_hash
 from memops.moe import moe_ffn, unique_experts
 from memops.nn.engram import Engram
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
+from memops.nn.value_embedding import ValueEmbeddingBank
 from memops.optim import in_backward_optimizer, update_in_backward
 from memops.product_key import weighted_gather
+from memops.value_embedding import check_id_range, check_value_embedding_inputs, row_sparse_mix, value_embedding_mix
 
 # Bytes each rank hands to collectives, by scheme and direction: what docs/scale_out.md's model predicts.
 COMMUNICATED: Counter = Counter()
@@ -53,16 +57,16 @@ class _AllReduceGrad(torch.autograd.Function):
     split over ranks)."""
 
     @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
+    def forward(ctx, tensor, group, label="pkm backward all_reduce"):
+        ctx.group, ctx.label = group, label
         return tensor.view_as(tensor)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        _count("pkm backward all_reduce", grad)
+        _count(ctx.label, grad)
         dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return grad, None, None
 
 
 class _GatherColumns(torch.autograd.Function):
@@ -277,15 +281,15 @@ class _SumShards(torch.autograd.Function):
     unchanged, as Megatron's vocab-parallel embedding does: each rank's rows get their grad locally."""
 
     @staticmethod
-    def forward(ctx, partial, group):
+    def forward(ctx, partial, group, label="engram forward all_reduce"):
         out = partial.contiguous().clone()
-        _count("engram forward all_reduce", out)
+        _count(label, out)
         dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class _OwnedRowsRead(torch.autograd.Function):
@@ -375,6 +379,79 @@ class ShardedEngram(Engram):
             )
         out = _SumShards.apply(partial, self.process_group)
         return out.reshape(*rows.shape[:2], rows.shape[2] * local.shape[1])
+
+
+class ShardedValueEmbeddingBank(ValueEmbeddingBank):
+    """MoVE's value-embedding bank split by rows (token ids) over ``process_group`` (row parallelism, as
+    :class:`ShardedEngram`).
+
+    Rank r holds ids [r * ceil(V / W), (r + 1) * ceil(V / W)) of ``weight`` (the last shard may be shorter).
+    Every rank sees the same tokens (a tensor-parallel group: activations replicated): each mixes the slots of
+    the ids it owns (the other tokens' slot gates masked to 0), one all-reduce sums the partial mixes, and the
+    gate of v is applied once. Per token that moves H * Dh values forward and, backward, the H * M slot-gate
+    grads (each rank has them for its own tokens); the bank's rows take their grad locally. With ``sparse=True``
+    or an optimizer in its backward (memops.optim) each rank's optimizer holds state for its own rows and steps
+    on the ids it owns.
+
+    The state dict holds the local shard and its (rank, world_size); :func:`gather_value_bank` assembles the
+    full bank for a single-process checkpoint.
+    """
+
+    def __init__(
+        self, vocab_size: int, slots: int, n_heads: int, head_dim: int, *, process_group=None, sparse: bool = False,
+        device=None, dtype=None,
+    ) -> None:  # fmt: skip
+        world, rank = _group_size_and_rank(process_group)
+        if vocab_size < world:
+            raise ValueError(f"ShardedValueEmbeddingBank: vocab_size={vocab_size} is below world_size={world}")
+        super().__init__(vocab_size, slots, n_heads, head_dim, sparse=sparse, device=device, dtype=dtype)
+        self.process_group, self.world_size, self.rank = process_group, world, rank
+        per_rank = -(-vocab_size // world)
+        self.row_start = min(rank * per_rank, vocab_size)
+        row_end = min(self.row_start + per_rank, vocab_size)
+        # Every rank draws the full bank with the same seed and keeps its rows: sharded training starts from
+        # exactly the single-process initialisation.
+        self.weight = nn.Parameter(self.weight.detach()[self.row_start : row_end].clone())
+
+    def get_extra_state(self):
+        return {"rank": self.rank, "world_size": self.world_size}
+
+    def set_extra_state(self, state) -> None:
+        if state["world_size"] != self.world_size or state["rank"] != self.rank:
+            raise ValueError(
+                f"ShardedValueEmbeddingBank: checkpoint shard is rank {state['rank']} of {state['world_size']}, this "
+                f"module is rank {self.rank} of {self.world_size}; convert with memops.distributed.gather_value_bank"
+            )
+
+    def forward(self, v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, *, check_ids: bool = True):
+        """v (B, N, H, Dh), gates (B, N, H, M + 1), ids (B, N) in [0, vocab_size) -> v' (B, N, H, Dh)."""
+        check_value_embedding_inputs(v, gates, ids, self.weight)
+        if check_ids and can_read_values(ids):
+            check_id_range(ids, self.vocab_size)
+        local = ids - self.row_start
+        owned = (local >= 0) & (local < self.weight.shape[0])
+        slot_gates = _AllReduceGrad.apply(gates[..., 1:], self.process_group, "value bank backward all_reduce")
+        local_gates = torch.cat([torch.zeros_like(gates[..., :1]), slot_gates * owned[..., None, None]], dim=-1)
+        rows = local.clamp(0, self.weight.shape[0] - 1)
+        fused = in_backward_optimizer(self.weight) is not None
+        if self.sparse or fused:  # the other ranks' ids touch no row (-1): a zero grad would still move Adam's
+            partial = row_sparse_mix(v.new_zeros(v.shape), local_gates, rows, self.weight, fused,
+                                     torch.where(owned, local, -1))  # fmt: skip
+        else:
+            partial = value_embedding_mix(v.new_zeros(v.shape), local_gates, rows, self.weight, check_ids=False)
+        return gates[..., :1] * v + _SumShards.apply(partial, self.process_group, "value bank forward all_reduce")
+
+
+@torch.no_grad()
+def gather_value_bank(module: ShardedValueEmbeddingBank) -> torch.Tensor:
+    """The full (V, M, H * Dh) bank on every rank (a collective: call it on every rank)."""
+    local = module.weight.contiguous()
+    per_rank = -(-module.vocab_size // module.world_size)
+    padded = local.new_zeros(per_rank, *local.shape[1:])
+    padded[: local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(module.world_size)]
+    dist.all_gather(pieces, padded, group=module.process_group)
+    return torch.cat(pieces)[: module.vocab_size]
 
 
 @torch.no_grad()

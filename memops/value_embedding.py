@@ -22,7 +22,8 @@ def _describe(t) -> str:
     return f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check_inputs(v, gates, ids, bank) -> None:
+def check_value_embedding_inputs(v, gates, ids, bank) -> None:
+    """The checks of value_embedding_mix's tensors (types, shapes, devices), raised in its name."""
     for name, t in (("v", v), ("gates", gates), ("ids", ids), ("bank", bank)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,7 +53,8 @@ def _check_inputs(v, gates, ids, bank) -> None:
             raise ValueError(f"{_OP}: {name} is on {t.device} but v is on {v.device}")
 
 
-def _check_id_range(ids: torch.Tensor, vocab: int) -> None:
+def check_id_range(ids: torch.Tensor, vocab: int) -> None:
+    """IndexError unless every id lies in [0, vocab) (one reduction and a host sync)."""
     if ids.numel() == 0:
         return
     low, high = torch.stack(torch.aminmax(ids)).tolist()  # one reduction and one host sync
@@ -123,23 +125,26 @@ def value_embedding_mix(
     Backward gives grads to ``v``, ``gates`` and ``bank`` (dense (V, M, H * Dh), non-zero only on the rows of
     the ids read).
     """
-    _check_inputs(v, gates, ids, bank)
+    check_value_embedding_inputs(v, gates, ids, bank)
     check_bool(check_ids, "check_ids", _OP)
     check_bool(deterministic, "deterministic", _OP)
     check_bool(sparse, "sparse", _OP)
     if check_ids and can_read_values(ids):
-        _check_id_range(ids, bank.shape[0])
+        check_id_range(ids, bank.shape[0])
     fused = in_backward_optimizer(bank) is not None
     if sparse or fused:
-        return _row_sparse_mix(v, gates, ids, bank, fused)
+        return row_sparse_mix(v, gates, ids, bank, fused)
     if resolve_backend(v) == "reference":
         return reference.value_embedding_mix(v, gates, ids, bank)
     return _mix_op(v, gates, ids, bank, bool(deterministic))
 
 
 @torch.compiler.disable(reason=ROW_SPARSE_EAGER)
-def _row_sparse_mix(v, gates, ids, bank, fused):
-    return _SparseBankGrad.apply(v, gates, ids, bank, fused)
+def row_sparse_mix(v, gates, ids, bank, fused: bool, row_ids: torch.Tensor | None = None):
+    """value_embedding_mix (inputs checked) with a sparse_coo bank grad, or (``fused``) the bank's rows handed
+    to its in-backward optimizer. ``row_ids`` (B, N): the bank row each token's grad belongs to, -1 for none
+    (a sharded bank's other ranks' ids); default ``ids``."""
+    return _SparseBankGrad.apply(v, gates, ids, bank, fused, ids if row_ids is None else row_ids)
 
 
 class _SparseBankGrad(torch.autograd.Function):
@@ -148,8 +153,8 @@ class _SparseBankGrad(torch.autograd.Function):
     from the backward kernels (bank grad off) or the reference formulas."""
 
     @staticmethod
-    def forward(ctx, v, gates, ids, bank, fused):
-        ctx.save_for_backward(v, gates, ids, bank)
+    def forward(ctx, v, gates, ids, bank, fused, row_ids):
+        ctx.save_for_backward(v, gates, ids, bank, row_ids)
         ctx.backend = resolve_backend(v)
         ctx.table = bank if fused else None  # (the leaf parameter itself: the optimizer's key)
         if ctx.backend == "reference":
@@ -158,7 +163,7 @@ class _SparseBankGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        v, gates, ids, bank = ctx.saved_tensors
+        v, gates, ids, bank, row_ids = ctx.saved_tensors
         B, N, H, Dh = v.shape
         V, M = bank.shape[0], bank.shape[1]
         acc = reference.value_embedding._accumulator(v, gates, bank, grad_out)
@@ -174,12 +179,15 @@ class _SparseBankGrad(torch.autograd.Function):
         # each token's (M, H * Dh) bank row: slot i, head h holds g[t, h, i + 1] * dv'[t, h]
         entries = torch.einsum("bnhm,bnhd->bnmhd", gates[..., 1:].to(acc), grad_out.to(acc))
         entries = entries.reshape(B * N, M * H * Dh).to(bank.dtype)
-        token_ids = ids.reshape(-1).to(torch.int64)
+        token_ids = row_ids.reshape(-1).to(torch.int64)
         if ctx.table is not None:
-            update_in_backward(ctx.table, token_ids, entries)
+            update_in_backward(ctx.table, token_ids, entries)  # (rows of -1 are skipped)
             grad_bank = None
         else:
+            if not torch.equal(row_ids, ids):  # the tokens whose grad belongs to no row of this bank are dropped
+                kept = (token_ids >= 0).nonzero().squeeze(1)
+                token_ids, entries = token_ids[kept], entries[kept]
             grad_bank = torch.sparse_coo_tensor(
                 token_ids.unsqueeze(0), entries.view(B * N, M, H * Dh), (V, M, H * Dh), check_invariants=False
             )  # fmt: skip  (the ids were checked)
-        return grad_v, grad_gates, None, grad_bank, None
+        return grad_v, grad_gates, None, grad_bank, None, None

@@ -131,3 +131,40 @@ def test_insert_engram_generates_like_full_recomputation(llama):
     assert torch.equal(out, expected)
     with pytest.raises(ValueError, match="n_head_per_ngram= is required"):
         insert_engram(llama, [0], vocab_sizes=[101, 103], n_embed_per_ngram=16)
+
+
+def test_insert_value_embeddings_generates_like_full_recomputation(llama):
+    from memops.integrations.hf import insert_value_embeddings
+
+    prompt = torch.randint(1, 50, (2, 5))
+    with torch.no_grad():
+        plain_logits = llama(prompt, use_cache=False).logits
+    bank = insert_value_embeddings(llama, slots=2)
+    state = llama.state_dict()
+    assert bank.weight.shape == (50, 2, 2 * 8) and "model.value_bank.weight" in state
+    assert "model.layers.1.self_attn.value_gate.proj.weight" in state and "model.layers.0.mlp.up_proj.weight" in state
+    with torch.no_grad():
+        torch.nn.init.normal_(llama.model.layers[0].self_attn.value_gate.proj.weight, std=0.5)
+        mixed_logits = llama(prompt, use_cache=False).logits
+    assert not torch.allclose(mixed_logits, plain_logits)  # the bank moves the logits
+    out = full_cache_output(llama, prompt, 6)  # the cache keeps the mixed values
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            step = llama(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, step], dim=1)
+    assert torch.equal(out, expected)
+    # a fresh model with the same insertion loads the checkpoint and gives the same logits
+    torch.manual_seed(1)
+    other = transformers.LlamaForCausalLM(llama.config).eval()
+    insert_value_embeddings(other, slots=2)
+    other.load_state_dict(llama.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(prompt, use_cache=False).logits, mixed_logits)
+    # the bank trains through the model
+    llama(prompt, labels=prompt).loss.backward()
+    assert bank.weight.grad[prompt.unique()].ne(0).any()
+    with pytest.raises(ValueError, match="already has a value bank"):
+        insert_value_embeddings(llama, slots=2)
+    with pytest.raises(ValueError, match="slots must be an int >= 1"):
+        insert_value_embeddings(other, slots=0)

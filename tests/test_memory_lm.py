@@ -182,3 +182,11 @@ def test_ngram_batch_follows_the_rule():
     rule = torch.randint(0, demo.NGRAM_VOCAB, (demo.NGRAM_VOCAB, demo.NGRAM_VOCAB))
     tokens, targets = demo.ngram_batch(3, rule, torch.Generator().manual_seed(0))
     assert torch.equal(targets[:, 1:], rule[tokens[:, :-1], tokens[:, 1:]]) and (targets[:, 0] == -100).all()
+
+
+def test_facts_batch_targets_the_previous_tokens_fact():
+    facts = torch.randint(0, demo.FACTS_VOCAB, (demo.FACTS_VOCAB,), generator=torch.Generator().manual_seed(0))
+    tokens, targets = demo.facts_batch(4, facts, torch.Generator().manual_seed(1))
+    assert tokens.shape == targets.shape == (4, demo.FACTS_LENGTH) and (targets[:, 0] == -100).all()
+    assert torch.equal(targets[:, 1:], facts[tokens[:, :-1]])
+    assert demo.facts_config("move").move_slots == 4 and demo.facts_config("lave").value_embeddings == "layer"

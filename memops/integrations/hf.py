@@ -9,6 +9,7 @@
 - :func:`replace_mlp`: swap chosen MLPs of a Llama-family model for ProductKeyMemory or BlockMoE layers.
 - :func:`insert_engram`: add an Engram (hashed n-gram memory) before chosen decoder layers of a Llama-family
   model, fed the model's input_ids, decoding with per-layer Engram state under ``generate``.
+- :func:`insert_value_embeddings`: MoVE's value-embedding bank mixed into every layer's values.
 
 The attention mask treats the rows a layer holds as the most recent past: every held row is visible to
 every new query, new rows are causal among themselves; positions (RoPE) keep counting every token seen.
@@ -26,7 +27,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError('memops.integrations.hf needs transformers: pip install "memops[hf]"') from error
 
 from memops.looped_cache import SharedLoopKVCache
-from memops.nn import BlockMoE, Engram, ProductKeyMemory
+from memops.nn import BlockMoE, Engram, MoVEGate, ProductKeyMemory, ValueEmbeddingBank
 from memops.retention_cache import RetentionKVCache
 
 LogBetaFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -177,13 +178,38 @@ def replace_mlp(model, layer_indices, kind: str, **kwargs):
     return created
 
 
-class _EngramInputs:
-    """What the Engram layers of one model share in a call: its input_ids, and the decode states of a
-    generation (created when a call starts an empty cache, continued while the cache grows)."""
+class _ModelInputs:
+    """What the token-reading layers (Engram, value embeddings) of one model share in a call: its input_ids,
+    and the Engram decode states of a generation (created when a call starts an empty cache, continued while
+    the cache grows)."""
 
     def __init__(self) -> None:
         self.ids: torch.Tensor | None = None
         self.states: dict[int, object] | None = None
+
+
+def _model_inputs(model) -> _ModelInputs:
+    """The model's _ModelInputs, filled by one forward pre-hook on the model (registered on first use)."""
+    inputs = getattr(model, "_memops_inputs", None)
+    if inputs is not None:
+        return inputs
+    inputs = _ModelInputs()
+
+    def capture(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise ValueError("memops: the model was called without input_ids; its Engram / value embeddings read "
+                             "token ids")  # fmt: skip
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renamed it "cache"
+        inputs.ids = ids
+        if past is None:
+            inputs.states = None
+        elif past.get_seq_length() == 0 or inputs.states is None:
+            inputs.states = {}
+
+    model.register_forward_pre_hook(capture, with_kwargs=True)
+    model._memops_inputs = inputs
+    return inputs
 
 
 def insert_engram(model, layer_indices, **engram_kwargs) -> list[Engram]:
@@ -213,22 +239,7 @@ def insert_engram(model, layer_indices, **engram_kwargs) -> list[Engram]:
         pad_id=config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0,
         tokenizer_vocab_size=config.vocab_size, layer_ids=sorted(indices),
     )  # fmt: skip
-    inputs = _EngramInputs()
-
-    def capture(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            raise ValueError("insert_engram: the model was called without input_ids; Engram hashes token ids")
-        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renamed it "cache"
-        inputs.ids = ids
-        if past is None:
-            inputs.states = None
-        elif past.get_seq_length() == 0 or inputs.states is None:
-            inputs.states = {}
-
-    if not getattr(model, "_memops_engram_hook", False):
-        model.register_forward_pre_hook(capture, with_kwargs=True)
-        model._memops_engram_hook = True
+    inputs = _model_inputs(model)
     reference = next(model.parameters())
     created = []
     for index in indices:
@@ -250,3 +261,42 @@ def insert_engram(model, layer_indices, **engram_kwargs) -> list[Engram]:
         layers[index].register_forward_pre_hook(add, with_kwargs=True)
         created.append(engram)
     return created
+
+
+def insert_value_embeddings(model, *, slots: int, layer_indices=None, sparse: bool = False) -> ValueEmbeddingBank:
+    """Give a Llama-family model MoVE's value memory: one :class:`memops.nn.ValueEmbeddingBank` of ``slots``
+    value embeddings per token id (stored as ``model.model.value_bank``), mixed into the values of every layer
+    in ``layer_indices`` (default: all) by a :class:`memops.nn.MoVEGate` of its own
+    (``model.model.layers[i].self_attn.value_gate``), zero-initialised so the model starts as ``v`` plus the
+    plain sum of the token's slots. A forward hook on each ``v_proj`` mixes the bank into its output
+    (:func:`memops.value_embedding_mix`), reading the hidden state ``v_proj`` saw and the model's
+    ``input_ids`` (a forward pre-hook on the model); the mixed values are what the cache keeps, so
+    ``generate`` needs no extra state. Returns the bank. Inputs must come as ``input_ids``.
+    """
+    op = "insert_value_embeddings"
+    layers = _decoder_layers(model)
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+        raise ValueError(f"{op}: slots must be an int >= 1, got {slots!r}")
+    indices = list(range(len(layers)) if layer_indices is None else layer_indices)
+    for index in indices:
+        if not 0 <= index < len(layers):
+            raise ValueError(f"{op}: layer {index} is not in [0, {len(layers)})")
+    if getattr(model.model, "value_bank", None) is not None:
+        raise ValueError(f"{op}: the model already has a value bank")
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    reference = next(model.parameters())
+    bank = ValueEmbeddingBank(config.vocab_size, slots, heads, head_dim, sparse=sparse)
+    model.model.value_bank = bank.to(reference.device, reference.dtype)
+    inputs = _model_inputs(model)
+    for index in indices:
+        attention = layers[index].self_attn
+        attention.value_gate = MoVEGate(config.hidden_size, heads, slots).to(reference.device, reference.dtype)
+
+        def mix(module, args, out, gate=attention.value_gate):
+            v = out.unflatten(-1, (heads, head_dim))
+            return bank(v, gate(args[0]), inputs.ids, check_ids=False).flatten(-2)
+
+        attention.v_proj.register_forward_hook(mix)
+    return model.model.value_bank

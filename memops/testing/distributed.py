@@ -309,12 +309,74 @@ def check_sharded_optimizers(rank: int, world: int) -> dict:
     return errors
 
 
+def check_sharded_value_bank(rank: int, world: int) -> dict:
+    """ShardedValueEmbeddingBank against the single-process bank: output, the grads of v, gates and the rank's
+    rows, the bytes communicated, and 3 steps of SparseAdam fused into the backward against the unfused
+    optimizer on the single bank's sparse grad; the full bank gathers back."""
+    from memops import distributed as md
+    from memops import optim
+    from memops.nn import ValueEmbeddingBank
+
+    V, M, H, Dh = 37, 3, 2, 8  # an odd vocabulary: the last shard is shorter
+    torch.manual_seed(0)
+    single = ValueEmbeddingBank(V, M, H, Dh)
+    torch.manual_seed(0)
+    sharded = md.ShardedValueEmbeddingBank(V, M, H, Dh)
+    generator = torch.Generator().manual_seed(3)
+
+    def inputs():
+        v = torch.randn(2, 6, H, Dh, generator=generator)
+        gates = 2 * torch.sigmoid(torch.randn(2, 6, H, M + 1, generator=generator))
+        return v, gates, torch.randint(0, V, (2, 6), generator=generator)
+
+    v, gates, ids = inputs()
+    results = {}
+    md.COMMUNICATED.clear()
+    for name, module in (("single", single), ("sharded", sharded)):
+        leaves = [v.clone().requires_grad_(), gates.clone().requires_grad_()]
+        out = module(leaves[0], leaves[1], ids)
+        out.square().sum().backward()
+        results[name] = (out.detach(), *(t.grad for t in leaves), module.weight.grad)
+    start, rows = sharded.row_start, sharded.weight.shape[0]
+    errors = {name: _close(results["sharded"][i], results["single"][i])
+              for i, name in enumerate(("out", "dv", "dgates"))}  # fmt: skip
+    errors["dbank rows"] = _close(results["sharded"][3], results["single"][3][start : start + rows])
+    tokens = ids.numel()
+    expected = {
+        "value bank forward all_reduce": tokens * H * Dh * 4,
+        "value bank backward all_reduce": tokens * H * M * 4,
+    }
+    if dict(md.COMMUNICATED) != expected:
+        raise AssertionError(f"communicated bytes {dict(md.COMMUNICATED)} differ from the model {expected}")
+    errors["bytes"] = dict(md.COMMUNICATED)
+    # the bank trained by SparseAdam: fused into the sharded backward, unfused on the single bank's sparse grad
+    single.weight.grad = sharded.weight.grad = None
+    single.sparse = True
+    unfused = optim.SparseAdam([single.weight], lr=0.05)
+    optim.apply_optimizer_in_backward(optim.SparseAdam, [sharded.weight], {"lr": 0.05})
+    for _ in range(3):
+        v, gates, ids = inputs()
+        single(v, gates, ids).square().sum().backward()
+        unfused.step()
+        unfused.zero_grad()
+        sharded(v, gates, ids).square().sum().backward()
+    if sharded.weight.grad is not None:
+        raise AssertionError("the fused path left a grad on the bank")
+    errors["trained rows"] = _close(sharded.weight.detach(), single.weight.detach()[start : start + rows])
+    state = optim.in_backward_optimizer(sharded.weight).state[sharded.weight]
+    if state["exp_avg"].shape != sharded.weight.shape:
+        raise AssertionError(f"optimizer state {tuple(state['exp_avg'].shape)} is not the shard's")
+    errors["gathered bank"] = _close(md.gather_value_bank(sharded), single.weight.detach())
+    return errors
+
+
 CHECKS = {
     "sharded_pkm": check_sharded_pkm,
     "expert_parallel_moe": check_expert_parallel_moe,
     "ddp_memory_lm": check_ddp_memory_lm,
     "sharded_engram": check_sharded_engram,
     "sharded_optimizers": check_sharded_optimizers,
+    "sharded_value_bank": check_sharded_value_bank,
 }
 
 

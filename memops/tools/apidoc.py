@@ -41,7 +41,15 @@ SECTIONS = [
     (
         "Scale-out (memops.distributed)",
         memops.distributed,
-        ["ShardedProductKeyMemory", "ExpertParallelBlockMoE", "gather_value_table"],
+        [
+            "ShardedProductKeyMemory",
+            "ExpertParallelBlockMoE",
+            "gather_value_table",
+            "ShardedEngram",
+            "gather_engram_table",
+            "ShardedValueEmbeddingBank",
+            "gather_value_bank",
+        ],  # fmt: skip
     ),
 ]
 

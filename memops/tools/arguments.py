@@ -33,10 +33,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the seed of the model, data and sampling (default 0)")
     parser.add_argument(
         "--task",
-        choices=("recall", "ngram"),
+        choices=("recall", "ngram", "facts"),
         default="recall",
         help="recall: associative recall (default); ngram: a 2-gram rule task trained with and without Engram "
-        "(200 steps unless --steps is given)",
+        "(200 steps unless --steps is given); facts: token-identity facts trained without value memory, with LaVE "
+        "and with MoVE (200 steps unless --steps is given)",
     )
     parser.add_argument(
         "--optimizer",

@@ -188,14 +188,72 @@ def main_ngram(steps: int, seed: int, device: str, optimizer: str = "adamw") -> 
     return 0
 
 
+# --task facts: every token id carries a fixed random fact (another token); the target at each position is the
+# fact of the token before it, so attention must carry token identity one step and the model must remember
+# FACTS_VOCAB facts. MoVE's bank gives every token id its own value vectors to carry. Measured 2026-12-07 (2-core
+# CPU, seed 0; next-token accuracy without value memory / LaVE / MoVE): 100 steps 0.8% / 0.8% / 1.0%; 200 steps
+# (the default, 9 s) 0.8% / 3.4% / 98.6%; 300 steps 2.1% / 99.9% / 100.0%; without value memory 99.96% at 1,500.
+FACTS_VOCAB, FACTS_LENGTH = 512, 32
+
+
+def facts_batch(batch: int, facts: torch.Tensor, generator: torch.Generator, length: int = FACTS_LENGTH):
+    """(tokens (B, length), targets (B, length)): targets[t] = facts[tokens[t - 1]], -100 at t = 0."""
+    tokens = torch.randint(0, facts.shape[0], (batch, length), generator=generator)
+    targets = torch.full_like(tokens, -100)
+    targets[:, 1:] = facts[tokens[:, :-1]]
+    return tokens, targets
+
+
+def facts_config(variant: str) -> MemoryLMConfig:
+    """A small model for the facts task: no value memory, LaVE (a one-slot bank per layer) or MoVE (4 slots)."""
+    memory = {"none": {}, "lave": dict(value_embeddings="layer"), "move": dict(move_slots=4)}[variant]
+    sizes = dict(vocab_size=FACTS_VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_positions=64)
+    return MemoryLMConfig(**sizes, prefix_length=0, pkm_layers=(), moe_block_size=None, kv_budget=64, **memory)
+
+
+def train_facts(steps: int, *, variant: str, seed: int = 0, batch: int = 32, device: str = "cpu", lr: float = 3e-3):
+    """Train on the facts task; returns (model, accuracy on 256 held-out sequences)."""
+    facts = torch.randint(0, FACTS_VOCAB, (FACTS_VOCAB,), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    model = MemoryLM(facts_config(variant)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        tokens, targets = facts_batch(batch, facts, generator)
+        loss = model.loss(tokens.to(device), targets.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    tokens, targets = facts_batch(256, facts, torch.Generator().manual_seed(seed + 99))
+    with torch.no_grad():
+        predicted = model(tokens.to(device)).argmax(-1).cpu()
+    known = targets != -100
+    return model, (predicted[known] == targets[known]).float().mean().item()
+
+
+def main_facts(steps: int, seed: int, device: str) -> int:
+    print(f"training MemoryLM on a token-facts task ({FACTS_VOCAB} ids, one fact each), {steps} steps: without value "
+          "memory, with LaVE and with MoVE")  # fmt: skip
+    results = {}
+    for variant, label in (("none", "no value memory     "), ("lave", "LaVE (per-layer, M=1)"),
+                           ("move", "MoVE (shared, M=4)  ")):  # fmt: skip
+        start = time.perf_counter()
+        _, results[variant] = train_facts(steps, variant=variant, seed=seed, device=device)
+        print(f"  {label}: next-token accuracy {results[variant]:.1%} ({time.perf_counter() - start:.0f} s)")
+    print(f"MoVE's bank: {results['move'] - results['none']:+.1%} at {steps} steps")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memops train-demo", description=__doc__.splitlines()[0])
     add_demo_arguments(parser)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    given = any(a == "--steps" or a.startswith("--steps=") for a in (sys.argv[1:] if argv is None else argv))
     if args.task == "ngram":
-        given = any(a == "--steps" or a.startswith("--steps=") for a in (sys.argv[1:] if argv is None else argv))
         return main_ngram(args.steps if given else 200, args.seed, device, args.optimizer)
+    if args.task == "facts":
+        return main_facts(args.steps if given else 200, args.seed, device)
     print(
         f"training MemoryLM on associative recall ({device}; "
         f"{'Triton kernels' if device == 'cuda' else 'the PyTorch reference path'}; memory tables: {args.optimizer})"
