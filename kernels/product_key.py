@@ -19,7 +19,12 @@ Gather (T tokens, K selected rows each, a value table V of S rows by D columns):
 
 The values grad has two kernels: one adds each term with atomics as it goes (fast, order-dependent in
 the last bits), the other reduces the terms of each row in a fixed order over the positions sorted by
-row (deterministic, no atomics). Loads of 16-bit data are converted to the accumulator type at once,
+row (deterministic, no atomics).
+
+An 8-bit table (memops.QuantizedTable: e4m3 or int8 data with one scale per row per block of B columns)
+is read by the forward and the weights grad through ``_table_rows``: V[s, c] = data[s, c] * scale[s, c // B],
+dequantized in registers (an e8m0 scale byte b is the float whose exponent field is b: 2^(b - 127), built
+from its bits, exact). Loads of 16-bit data are converted to the accumulator type at once,
 and every index offset is int64, so tables past 2**31 elements are addressed correctly.
 """
 from __future__ import annotations
@@ -34,10 +39,26 @@ from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_en
 
 
 @triton.jit
+def _table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
+                E8M0: tl.constexpr, ACC: tl.constexpr):
+    """The (rows, offs_d) tile of the table in ACC: a float table's values, or an 8-bit table's data times its
+    block scales (scales_ptr not None)."""
+    tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    if scales_ptr is not None:
+        scale = tl.load(scales_ptr + rows[:, None] * stride_scales + (offs_d // block_size)[None, :], mask=mask,
+                        other=0)
+        if E8M0:  # the byte as a float's exponent field: 2^(b - 127) (b = 0: 2^-127, a subnormal)
+            bits = scale.to(tl.int32)
+            scale = tl.where(bits == 0, 0x00400000, bits << 23).to(tl.float32, bitcast=True)
+        tile = tile * scale.to(ACC)
+    return tile
+
+
+@triton.jit
 def weighted_gather_fwd_kernel(
     values_ptr, indices_ptr, weights_ptr, out_ptr,
-    K, D, stride_values,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    K, D, stride_values, scales_ptr, stride_scales, block_size,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, E8M0: tl.constexpr,
 ):
     # One program per (token, D-slice): BLOCK_K rows of BLOCK_D contiguous columns are in flight at once.
     token = tl.program_id(0).to(tl.int64)
@@ -49,10 +70,8 @@ def weighted_gather_fwd_kernel(
         mask_k = offs_k < K
         rows = tl.load(indices_ptr + token * K + offs_k, mask=mask_k, other=0).to(tl.int64)
         w = tl.load(weights_ptr + token * K + offs_k, mask=mask_k, other=0).to(ACC)
-        tile = tl.load(
-            values_ptr + rows[:, None] * stride_values + offs_d[None, :],
-            mask=mask_k[:, None] & mask_d[None, :], other=0,
-        ).to(ACC)
+        tile = _table_rows(values_ptr, scales_ptr, rows, offs_d, mask_k[:, None] & mask_d[None, :], stride_values,
+                           stride_scales, block_size, E8M0, ACC)
         acc += tl.sum(tile * w[:, None], axis=0)
     tl.store(out_ptr + token * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -60,8 +79,8 @@ def weighted_gather_fwd_kernel(
 @triton.jit
 def weighted_gather_bwd_kernel(
     grad_out_ptr, values_ptr, indices_ptr, weights_ptr, grad_values_ptr, grad_weights_ptr,
-    K, D, stride_values,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    K, D, stride_values, scales_ptr, stride_scales, block_size,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, E8M0: tl.constexpr,
 ):
     # One program per (token, K-slice). It walks D once: each step reads one slice of dout[t] and, for
     # the weights grad, the same slice of the selected rows; the atomic values grad reuses that dout slice.
@@ -79,7 +98,8 @@ def weighted_gather_bwd_kernel(
         mask = mask_k[:, None] & mask_d[None, :]
         g = tl.load(grad_out_ptr + token * D + offs_d, mask=mask_d, other=0).to(ACC)
         if grad_weights_ptr is not None:
-            tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0).to(ACC)
+            tile = _table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
+                               E8M0, ACC)
             dw += tl.sum(tile * g[None, :], axis=1)
         if grad_values_ptr is not None:
             # grad_values is dense, contiguous and in ACC precision (fp32 or fp64).
@@ -143,14 +163,26 @@ def segment_config(D: int) -> dict:
     return {"BLOCK_N": 2, "BLOCK_D": _block_d(D, 1024), "num_warps": 4}
 
 
+def _scale_args(scales: torch.Tensor | None, block_size: int) -> dict:
+    """The kernels' 8-bit table arguments: scales (S, blocks) (None: a float table), their row stride, the block
+    size, and whether they are e8m0 bytes."""
+    if scales is None:
+        return dict(scales_ptr=None, stride_scales=0, block_size=1, E8M0=False)
+    return dict(scales_ptr=scales, stride_scales=scales.stride(0), block_size=block_size,
+                E8M0=scales.dtype == torch.uint8)  # fmt: skip
+
+
 def weighted_gather_fwd(
-    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *, config: dict | None = None
-) -> torch.Tensor:
-    """out (T, D) in values.dtype from values (S, D) with unit column stride, indices (T, K) int32/int64
-    contiguous, weights (T, K) float contiguous. ``config`` overrides the launch parameters (tuning)."""
+    values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *, config: dict | None = None,
+    scales: torch.Tensor | None = None, block_size: int = 1, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """out (T, D) in values.dtype (or ``out_dtype``) from values (S, D) with unit column stride, indices (T, K)
+    int32/int64 contiguous, weights (T, K) float contiguous. An 8-bit table: values its data (e4m3 or int8) and
+    ``scales`` (S, ceil(D / block_size)) with unit column stride (uint8 e8m0 or fp32). ``config`` overrides the
+    launch parameters (tuning)."""
     T, K = indices.shape
     D = values.shape[1]
-    out = torch.empty((T, D), dtype=values.dtype, device=values.device)
+    out = torch.empty((T, D), dtype=out_dtype or values.dtype, device=values.device)
     if T == 0 or D == 0:
         return out
     if K == 0:
@@ -158,7 +190,7 @@ def weighted_gather_fwd(
     cfg = config or gather_config(K, D, values.element_size())
     record_launch("weighted_gather_fwd_kernel")
     weighted_gather_fwd_kernel[(T, triton.cdiv(D, cfg["BLOCK_D"]))](
-        values, indices, weights, out, K, D, values.stride(0),
+        values, indices, weights, out, K, D, values.stride(0), **_scale_args(scales, block_size),
         BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=accumulator(values, weights),
         num_warps=cfg["num_warps"],
     )
@@ -242,11 +274,13 @@ def _segment_values_grad(grad_out, weights, sorted_positions, segment_rows, segm
 def weighted_gather_bwd(
     grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *,
     values_grad_algorithm: str = "auto", values_grad: bool = True, weights_grad: bool = True,
-    config: dict | None = None, segment_kernel_config: dict | None = None,
+    config: dict | None = None, segment_kernel_config: dict | None = None, scales: torch.Tensor | None = None,
+    block_size: int = 1,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(grad_values (S, D) in values.dtype, grad_weights (T, K) in weights.dtype); None where not asked.
 
-    grad_out (T, D) contiguous; the other arguments as for :func:`weighted_gather_fwd`.
+    grad_out (T, D) contiguous; the other arguments as for :func:`weighted_gather_fwd` (an 8-bit table, with
+    ``scales``, gives a weights grad only).
     ``values_grad_algorithm``: "segment" (sorted segment reduction: deterministic, each row written once
     straight into values.dtype), "atomic" (atomic adds into a dense fp32 buffer, then a cast), or "auto":
     :func:`pick_values_grad_algorithm`, and atomics after all when one row was chosen more than
@@ -282,7 +316,7 @@ def weighted_gather_bwd(
             record_launch("weighted_gather_bwd_kernel")
             weighted_gather_bwd_kernel[(T, triton.cdiv(K, cfg["BLOCK_K"]))](
                 grad_out, values, indices, weights, grad_values if atomic else None, grad_weights,
-                K, D, values.stride(0),
+                K, D, values.stride(0), **_scale_args(scales, block_size),
                 BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=acc, num_warps=cfg["num_warps"],
             )
         if values_grad and not atomic:

@@ -16,6 +16,7 @@ from memops.looped import looped_attention, looped_attention_varlen, looped_kv_u
 from memops.looped_cache import SharedLoopKVCache
 from memops.moe import block_route, moe_ffn, unique_experts
 from memops.product_key import product_key_topk, weighted_gather
+from memops.quantized import QuantizedTable, dequantize_table, quantize_table
 from memops.retention import capacity_loss, retention_attention, retention_attention_varlen, retention_capacity
 from memops.retention_cache import RetentionKVCache
 from memops.value_embedding import value_embedding_mix
@@ -24,11 +25,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "QuantizedTable",
     "RetentionKVCache",
     "SharedLoopKVCache",
     "backend",
     "block_route",
     "capacity_loss",
+    "dequantize_table",
     "engram_gate",
     "engram_lookup",
     "get_backend",
@@ -40,6 +43,7 @@ __all__ = [
     "moe_ffn",
     "ngram_hash",
     "product_key_topk",
+    "quantize_table",
     "retention_attention",
     "retention_attention_varlen",
     "retention_capacity",

@@ -15,17 +15,22 @@ from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values, check_bool
 from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
+from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _check_weighted_gather_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    """values: the float table, or a QuantizedTable's data."""
     for name, t in (("values", values), ("indices", indices), ("weights", weights)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"weighted_gather: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(
+                f"weighted_gather: {name} must be a torch.Tensor{' or a memops.QuantizedTable' * (name == 'values')}"
+                f", got {type(t).__name__}"
+            )
     if values.dim() != 2:
         raise ValueError(f"weighted_gather: values must be a 2-D (S, D) table, got shape {tuple(values.shape)}")
-    if not values.is_floating_point():
+    if not values.is_floating_point() and values.dtype != torch.int8:
         raise TypeError(f"weighted_gather: values must be a floating-point tensor, got {values.dtype}")
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"weighted_gather: indices must be int32 or int64, got {indices.dtype}")
@@ -79,6 +84,44 @@ def _weighted_gather_bwd(grad_out, values, indices, weights, deterministic, valu
     return product_key_kernels.weighted_gather_bwd(grad_out, _triton_table(values), indices, weights, **options)
 
 
+def _quantized_gather_fwd(data, scales, indices, weights, block_size, out_dtype):
+    from memops.kernels import product_key as product_key_kernels
+
+    return product_key_kernels.weighted_gather_fwd(
+        _triton_table(data), *contiguous(indices, weights), scales=_triton_table(scales), block_size=block_size,
+        out_dtype=out_dtype,
+    )  # fmt: skip
+
+
+def _quantized_gather_bwd(grad_out, data, scales, indices, weights, block_size, out_dtype):
+    from memops.kernels import product_key as product_key_kernels
+
+    grad_out, indices, weights = contiguous(grad_out, indices, weights)
+    _, grad_weights = product_key_kernels.weighted_gather_bwd(
+        grad_out, _triton_table(data), indices, weights, values_grad=False, scales=_triton_table(scales),
+        block_size=block_size,
+    )  # fmt: skip
+    return grad_weights
+
+
+# An 8-bit table's gather: for inference, so the table gets no gradient (the weights still do).
+_quantized_gather_op = custom_op(
+    "weighted_gather_quantized",
+    _quantized_gather_fwd,
+    "(Tensor data, Tensor scales, Tensor indices, Tensor weights, int block_size, ScalarType out_dtype) -> Tensor out",
+    fake=lambda data, scales, indices, weights, block_size, out_dtype: data.new_empty(
+        (indices.shape[0], data.shape[1]), dtype=out_dtype
+    ),
+    backward=backward_op(
+        "weighted_gather_quantized_backward",
+        _quantized_gather_bwd,
+        "(Tensor grad_out, Tensor data, Tensor scales, Tensor indices, Tensor weights, int block_size, "
+        "ScalarType out_dtype) -> Tensor grad_weights",
+        grads=("weights",),
+    ),
+)
+
+
 _weighted_gather_op = custom_op(
     "weighted_gather",
     _weighted_gather_fwd,
@@ -102,6 +145,7 @@ def weighted_gather(
     check_indices: bool = True,
     deterministic: bool = False,
     sparse: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted sum of gathered table rows: ``out[..., :] = sum_k weights[..., k] * values[indices[..., k], :]``.
 
@@ -109,7 +153,9 @@ def weighted_gather(
     ``F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights)``.
 
     Args:
-        values: (S, D) fp32, fp16, bf16 or fp64 table. S can be millions of rows. Any row stride.
+        values: (S, D) fp32, fp16, bf16 or fp64 table. S can be millions of rows. Any row stride. Or a
+            :class:`memops.QuantizedTable` (8-bit rows dequantized in registers; for inference: it gets no
+            gradient, the weights still do).
         indices: (..., K) int32 or int64, each in [0, S). Duplicates within and across rows are fine.
         weights: (..., K) floating point, any float dtype.
         check_indices: raise IndexError for an index outside [0, S) (one min/max reduction and a host
@@ -124,15 +170,26 @@ def weighted_gather(
             given to :func:`memops.optim.apply_optimizer_in_backward` gets no grad at all: the backward hands
             its optimizer the picked rows, the weights and grad_out (eager mode).
 
+        out_dtype: the output's dtype (default: values.dtype, or for a QuantizedTable the dtype it was
+            quantized from).
+
     Returns:
-        (..., D) tensor in values.dtype, accumulated in fp32 (fp64 for fp64 inputs).
+        (..., D) tensor in ``out_dtype``, accumulated in fp32 (fp64 for fp64 inputs).
 
     Backward gives grads to ``values`` (dense (S, D), non-zero only on the gathered rows) and ``weights``.
     """
-    _check_weighted_gather_inputs(values, indices, weights)
+    quantized = isinstance(values, QuantizedTable)
+    _check_weighted_gather_inputs(values.data if quantized else values, indices, weights)
     check_bool(check_indices, "check_indices", "weighted_gather")
     check_bool(deterministic, "deterministic", "weighted_gather")
     check_bool(sparse, "sparse", "weighted_gather")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"weighted_gather: out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
+    if quantized:
+        return _quantized_weighted_gather(values, indices, weights, check_indices, sparse, out_dtype)
+    if out_dtype is not None and out_dtype != values.dtype:
+        return weighted_gather(values, indices, weights, check_indices=check_indices, deterministic=deterministic,
+                               sparse=sparse).to(out_dtype)  # fmt: skip
     backend = resolve_backend(values)
     out_shape = (*indices.shape[:-1], values.shape[1])
     flat_shape = (math.prod(indices.shape[:-1]), indices.shape[-1])
@@ -161,6 +218,22 @@ def weighted_gather(
             raise
     else:
         out = _weighted_gather_op(values, indices, weights, bool(check_indices), bool(deterministic))
+    return out.reshape(out_shape)
+
+
+def _quantized_weighted_gather(qt, indices, weights, check_indices, sparse, out_dtype):
+    if sparse:
+        raise TypeError(QUANTIZED_NO_GRAD.format(op="weighted_gather", what="sparse=True asks for its gradient"))
+    out_shape = (*indices.shape[:-1], qt.shape[1])
+    flat_shape = (math.prod(indices.shape[:-1]), indices.shape[-1])
+    indices, weights = indices.reshape(flat_shape), weights.reshape(flat_shape)
+    if check_indices and can_read_values(indices):
+        _check_index_range(indices, qt.shape[0])
+    out_dtype = out_dtype or qt.dtype
+    if resolve_backend(qt.data) == "reference":
+        out = reference.quantized.weighted_gather(qt.data, qt.scales, qt.block_size, indices, weights, out_dtype)
+    else:
+        out = _quantized_gather_op(qt.data, qt.scales, indices, weights, qt.block_size, out_dtype)
     return out.reshape(out_shape)
 
 

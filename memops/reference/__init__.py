@@ -4,6 +4,7 @@ the same name, and the implementation of backend ``"reference"``."""
 from memops.reference import (
     engram,  # noqa: F401 (memops.reference.engram: hash parameters, hash, lookup)
     optim,  # noqa: F401 (memops.reference.optim: the row-sparse optimizer updates)
+    quantized,  # noqa: F401 (memops.reference.quantized: 8-bit tables)
 )
 from memops.reference.attention import memory_attention
 from memops.reference.attention_varlen import (

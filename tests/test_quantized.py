@@ -1,0 +1,134 @@
+"""8-bit memory tables: quantize_table / dequantize_table round trips within each format's bound, and the
+table-reading ops on a QuantizedTable equal the same op on its dequantized table (both backends, the kernels
+through the interpreter), with the weights' grad; opcheck, compile, bad input."""
+
+import io
+
+import pytest
+import torch
+
+import memops
+from memops.reference.quantized import expand_scales
+from memops.testing import check_compiled_grads, count_launches
+
+BACKENDS = ["reference", "triton"]
+FORMATS = [(torch.float8_e4m3fn, "e8m0"), (torch.float8_e4m3fn, "fp32"), (torch.int8, "e8m0"), (torch.int8, "fp32")]
+FORMAT_IDS = ["e4m3-e8m0", "e4m3-fp32", "int8-e8m0", "int8-fp32"]
+BLOCKS = [None, 32, 128]
+
+
+def table(rows=40, D=300, seed=0, dtype=torch.float32):
+    """Rows spanning five decades of magnitude, a zero row and a zero block."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.randn(rows, D, generator=generator) * torch.logspace(-3, 2, rows)[:, None]
+    t[3] = 0
+    t[5, :64] = 0
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("block_size", BLOCKS)
+@pytest.mark.parametrize("dtype, scale_format", FORMATS, ids=FORMAT_IDS)
+def test_round_trip_within_the_bound(dtype, scale_format, block_size):
+    t = table()
+    qt = memops.quantize_table(t, dtype=dtype, block_size=block_size, scale_format=scale_format)
+    block = block_size or t.shape[1]
+    assert qt.data.dtype == dtype and qt.scales.shape == (40, -(-300 // block)) and qt.dtype == torch.float32
+    assert qt.scales.dtype == (torch.uint8 if scale_format == "e8m0" else torch.float32)
+    scale = expand_scales(qt.scales, qt.block_size, 300)
+    error = (memops.dequantize_table(qt) - t).abs()
+    if dtype == torch.int8:
+        assert (error <= scale / 2 * (1 + 1e-6)).all()
+    else:  # e4m3: 2^-4 relative in its normal range, 2^-10 of the scale (half its subnormal step) below it
+        assert (error <= t.abs() * 2**-4 + scale * 2**-10).all()
+    # the scale is the smallest of its format at which nothing saturates: the block maximum reaches the top
+    # binade (e8m0: above half the largest value; fp32: the largest value itself)
+    top = qt.data.float().abs().amax(dim=1)
+    limit = 448.0 if dtype == torch.float8_e4m3fn else 127.0
+    nonzero = t.abs().amax(dim=1) > 0
+    assert (top[nonzero] <= limit).all() and (top[nonzero] > limit / 2 - 1).all()
+    assert torch.equal(qt.data[3].float(), torch.zeros(300)) and (scale[3] == 1).all()  # a zero row: scale 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size", BLOCKS)
+@pytest.mark.parametrize("dtype, scale_format", FORMATS, ids=FORMAT_IDS)
+def test_weighted_gather_equals_the_dequantized_table(dtype, scale_format, block_size, backend, poison_empty):
+    t = table()
+    qt = memops.quantize_table(t, dtype=dtype, block_size=block_size, scale_format=scale_format)
+    generator = torch.Generator().manual_seed(1)
+    indices = torch.randint(0, 40, (2, 3, 5), generator=generator)
+    weights = torch.randn(2, 3, 5, generator=generator)
+    ours, theirs = weights.clone().requires_grad_(), weights.double().requires_grad_()
+    expected = memops.reference.weighted_gather(memops.dequantize_table(qt).double(), indices.view(6, 5),
+                                                theirs.view(6, 5)).view(2, 3, 300)  # fmt: skip
+    with memops.backend(backend), count_launches() as launches:
+        out = memops.weighted_gather(qt, indices, ours)
+        out.backward(torch.ones_like(out))
+    expected.backward(torch.ones_like(expected))
+    assert (launches["weighted_gather_fwd_kernel"] == 1) == (backend == "triton")
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 300)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_out_dtype_and_bf16_tables():
+    qt = memops.quantize_table(table(dtype=torch.bfloat16), block_size=64)
+    assert qt.dtype == torch.bfloat16
+    indices, weights = torch.randint(0, 40, (4, 3)), torch.rand(4, 3)
+    with memops.backend("triton"):
+        assert memops.weighted_gather(qt, indices, weights).dtype == torch.bfloat16
+        out = memops.weighted_gather(qt, indices, weights, out_dtype=torch.float32)
+    torch.testing.assert_close(out, memops.weighted_gather(qt.dequantize(), indices, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trips_and_to():
+    qt = memops.quantize_table(table(), dtype=torch.int8, block_size=32, scale_format="fp32")
+    buffer = io.BytesIO()
+    torch.save(qt.state_dict(), buffer)
+    loaded = memops.QuantizedTable.from_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert torch.equal(loaded.dequantize(), qt.dequantize()) and loaded.block_size == 32
+    assert loaded.to("cpu").device.type == "cpu" and "int8, fp32 scales per 32 columns" in repr(loaded)
+    assert qt.nbytes() == 40 * 300 + 40 * 10 * 4
+
+
+def test_opcheck_and_compile(device):
+    qt = memops.quantize_table(table(D=64), block_size=32).to(device)
+    indices = torch.randint(0, 40, (6, 4), device=device)
+    weights = torch.rand(6, 4, device=device, requires_grad=True)
+    op = torch.ops.memops.weighted_gather_quantized.default
+    int8 = memops.quantize_table(table(D=64), dtype=torch.int8, block_size=32, scale_format="fp32").to(device)
+    torch.library.opcheck(op, (int8.data, int8.scales, indices, weights, 32, torch.float32))
+    # (opcheck's schema test multiplies every input, which PyTorch does not implement for float8 on CPU)
+    checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(op, (qt.data, qt.scales, indices, weights, 32, torch.float32), test_utils=checks)
+
+    def loss(weights):
+        return memops.weighted_gather(qt, indices, weights, check_indices=False).sin().sum()
+
+    for backend in BACKENDS:
+        check_compiled_grads(loss, [weights], backend=backend, device=device, kernel="weighted_gather_fwd_kernel")
+
+
+def test_bad_input():
+    t = table(D=64)
+    with pytest.raises(TypeError, match="dtype must be torch.float8_e4m3fn or torch.int8"):
+        memops.quantize_table(t, dtype=torch.float16)
+    with pytest.raises(ValueError, match="scale_format must be 'e8m0' or 'fp32'"):
+        memops.quantize_table(t, scale_format="e4m3")
+    with pytest.raises(ValueError, match="block_size must be an int >= 1 or None"):
+        memops.quantize_table(t, block_size=0)
+    with pytest.raises(TypeError, match="table must be a floating-point"):
+        memops.quantize_table(t.long())
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        memops.quantize_table(torch.full((2, 4), float("inf")))
+    qt = memops.quantize_table(t)
+    with pytest.raises(TypeError, match="the table is quantized"):
+        memops.weighted_gather(qt, torch.zeros(2, 3, dtype=torch.long), torch.rand(2, 3), sparse=True)
+    with pytest.raises(TypeError, match="quantized tables are for inference"):
+        qt.requires_grad_()
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 40\)"):
+        memops.weighted_gather(qt, torch.full((2, 3), 40), torch.rand(2, 3))
+    with pytest.raises(TypeError, match="out_dtype must be a floating-point"):
+        memops.weighted_gather(qt, torch.zeros(2, 3, dtype=torch.long), torch.rand(2, 3), out_dtype=torch.int8)
+    with pytest.raises(TypeError, match="dequantize_table: qt must be a memops.QuantizedTable"):
+        memops.dequantize_table(t)
