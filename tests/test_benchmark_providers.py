@@ -40,6 +40,7 @@ EQUIVALENT_JOBS = [
     for case in benchmarking.load(op).cases("cpu", quick=True)
     if case.mode in ("fwd", "evict")
     for name in getattr(benchmarking.load(op), "EQUIVALENT", ())
+    if name in benchmarking.load(op).providers(case, "cpu")  # (as cpu_ratio.py: the formulations a case has)
 ]
 
 
