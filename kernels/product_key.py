@@ -19,13 +19,14 @@ Gather (T tokens, K selected rows each, a value table V of S rows by D columns):
 
 The values grad has two kernels: one adds each term with atomics as it goes (fast, order-dependent in
 the last bits), the other reduces the terms of each row in a fixed order over the positions sorted by
-row (deterministic, no atomics).
+row (deterministic, no atomics). Loads of 16-bit data are converted to the accumulator type at once,
+and every index offset is int64, so tables past 2**31 elements are addressed correctly.
 
 An 8-bit table (memops.QuantizedTable: e4m3 or int8 data with one scale per row per block of B columns)
 is read by the forward and the weights grad through ``_table_rows``: V[s, c] = data[s, c] * scale[s, c // B],
 dequantized in registers (an e8m0 scale byte b is the float whose exponent field is b: 2^(b - 127), built
-from its bits, exact). Loads of 16-bit data are converted to the accumulator type at once,
-and every index offset is int64, so tables past 2**31 elements are addressed correctly.
+from its bits, exact). GPUs before sm_89 have no e4m3 type: there the data is read as bytes and decoded from
+its bits (sign, 4 exponent bits of bias 7, 3 mantissa bits; exponent 0 is subnormal: m * 2^-9), exact too.
 """
 from __future__ import annotations
 
@@ -39,11 +40,27 @@ from memops.kernels.topk import empty_entries, merge_topk, pack_entries, topk_en
 
 
 @triton.jit
+def _e4m3_from_bytes(raw):
+    """e4m3fn values from their bytes (uint8), in fp32: 1.m * 2^(e - 7), or m * 2^-9 where e = 0."""
+    bits = raw.to(tl.int32)
+    exponent = (bits >> 3) & 0xF
+    mantissa = bits & 0x7
+    negative = (bits >> 7) == 1
+    normal = (((bits >> 7) << 31) | ((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    subnormal = mantissa.to(tl.float32) * 0.001953125
+    return tl.where(exponent == 0, tl.where(negative, -subnormal, subnormal), normal)
+
+
+@triton.jit
 def _table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
-                E8M0: tl.constexpr, ACC: tl.constexpr):
+                E8M0: tl.constexpr, FP8_BYTES: tl.constexpr, ACC: tl.constexpr):
     """The (rows, offs_d) tile of the table in ACC: a float table's values, or an 8-bit table's data times its
-    block scales (scales_ptr not None)."""
-    tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    block scales (scales_ptr not None); FP8_BYTES: e4m3 data passed as bytes, decoded here (before sm_89)."""
+    if FP8_BYTES:
+        raw = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0)
+        tile = _e4m3_from_bytes(raw).to(ACC)
+    else:
+        tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0.0).to(ACC)
     if scales_ptr is not None:
         scale = tl.load(scales_ptr + rows[:, None] * stride_scales + (offs_d // block_size)[None, :], mask=mask,
                         other=0)
@@ -58,7 +75,7 @@ def _table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, strid
 def weighted_gather_fwd_kernel(
     values_ptr, indices_ptr, weights_ptr, out_ptr,
     K, D, stride_values, scales_ptr, stride_scales, block_size,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, E8M0: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, E8M0: tl.constexpr, FP8_BYTES: tl.constexpr,
 ):
     # One program per (token, D-slice): BLOCK_K rows of BLOCK_D contiguous columns are in flight at once.
     token = tl.program_id(0).to(tl.int64)
@@ -71,7 +88,7 @@ def weighted_gather_fwd_kernel(
         rows = tl.load(indices_ptr + token * K + offs_k, mask=mask_k, other=0).to(tl.int64)
         w = tl.load(weights_ptr + token * K + offs_k, mask=mask_k, other=0).to(ACC)
         tile = _table_rows(values_ptr, scales_ptr, rows, offs_d, mask_k[:, None] & mask_d[None, :], stride_values,
-                           stride_scales, block_size, E8M0, ACC)
+                           stride_scales, block_size, E8M0, FP8_BYTES, ACC)
         acc += tl.sum(tile * w[:, None], axis=0)
     tl.store(out_ptr + token * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -80,7 +97,7 @@ def weighted_gather_fwd_kernel(
 def weighted_gather_bwd_kernel(
     grad_out_ptr, values_ptr, indices_ptr, weights_ptr, grad_values_ptr, grad_weights_ptr,
     K, D, stride_values, scales_ptr, stride_scales, block_size,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, E8M0: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, E8M0: tl.constexpr, FP8_BYTES: tl.constexpr,
 ):
     # One program per (token, K-slice). It walks D once: each step reads one slice of dout[t] and, for
     # the weights grad, the same slice of the selected rows; the atomic values grad reuses that dout slice.
@@ -99,7 +116,7 @@ def weighted_gather_bwd_kernel(
         g = tl.load(grad_out_ptr + token * D + offs_d, mask=mask_d, other=0).to(ACC)
         if grad_weights_ptr is not None:
             tile = _table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
-                               E8M0, ACC)
+                               E8M0, FP8_BYTES, ACC)
             dw += tl.sum(tile * g[None, :], axis=1)
         if grad_values_ptr is not None:
             # grad_values is dense, contiguous and in ACC precision (fp32 or fp64).
@@ -163,12 +180,16 @@ def segment_config(D: int) -> dict:
     return {"BLOCK_N": 2, "BLOCK_D": _block_d(D, 1024), "num_warps": 4}
 
 
-def _scale_args(scales: torch.Tensor | None, block_size: int) -> dict:
-    """The kernels' 8-bit table arguments: scales (S, blocks) (None: a float table), their row stride, the block
-    size, and whether they are e8m0 bytes."""
+def _table_args(values: torch.Tensor, scales: torch.Tensor | None, block_size: int) -> dict:
+    """The kernels' table arguments: the table (e4m3 data as bytes before sm_89, which has no e4m3 type), the
+    scales (S, blocks) (None: a float table), their row stride, the block size, whether they are e8m0 bytes."""
+    arch = launch_arch(values.device)
+    fp8_bytes = values.dtype == torch.float8_e4m3fn and arch is not None and arch < 89
+    table = dict(values_ptr=values.view(torch.uint8) if fp8_bytes else values, stride_values=values.stride(0),
+                 FP8_BYTES=fp8_bytes)  # fmt: skip
     if scales is None:
-        return dict(scales_ptr=None, stride_scales=0, block_size=1, E8M0=False)
-    return dict(scales_ptr=scales, stride_scales=scales.stride(0), block_size=block_size,
+        return dict(table, scales_ptr=None, stride_scales=0, block_size=1, E8M0=False)
+    return dict(table, scales_ptr=scales, stride_scales=scales.stride(0), block_size=block_size,
                 E8M0=scales.dtype == torch.uint8)  # fmt: skip
 
 
@@ -190,7 +211,7 @@ def weighted_gather_fwd(
     cfg = config or gather_config(K, D, values.element_size())
     record_launch("weighted_gather_fwd_kernel")
     weighted_gather_fwd_kernel[(T, triton.cdiv(D, cfg["BLOCK_D"]))](
-        values, indices, weights, out, K, D, values.stride(0), **_scale_args(scales, block_size),
+        indices_ptr=indices, weights_ptr=weights, out_ptr=out, K=K, D=D, **_table_args(values, scales, block_size),
         BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=accumulator(values, weights),
         num_warps=cfg["num_warps"],
     )
@@ -315,8 +336,9 @@ def weighted_gather_bwd(
             cfg = config or gather_bwd_config(K, D)
             record_launch("weighted_gather_bwd_kernel")
             weighted_gather_bwd_kernel[(T, triton.cdiv(K, cfg["BLOCK_K"]))](
-                grad_out, values, indices, weights, grad_values if atomic else None, grad_weights,
-                K, D, values.stride(0), **_scale_args(scales, block_size),
+                grad_out_ptr=grad_out, indices_ptr=indices, weights_ptr=weights,
+                grad_values_ptr=grad_values if atomic else None, grad_weights_ptr=grad_weights, K=K, D=D,
+                **_table_args(values, scales, block_size),
                 BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=acc, num_warps=cfg["num_warps"],
             )
         if values_grad and not atomic:

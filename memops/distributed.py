@@ -33,6 +33,7 @@ from memops.moe import moe_ffn, unique_experts
 from memops.nn.engram import Engram
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
+from memops.nn.quantized import QuantizedEmbedding
 from memops.nn.value_embedding import ValueEmbeddingBank
 from memops.optim import in_backward_optimizer, update_in_backward
 from memops.product_key import weighted_gather
@@ -183,7 +184,7 @@ class ShardedProductKeyMemory(ProductKeyMemory):
         # the all-reduce in _AllReduceGrad's backward completes it.
         weights = _AllReduceGrad.apply(weights, self.process_group)
         y = weighted_gather(
-            self.values.weight,
+            self.values.table if isinstance(self.values, QuantizedEmbedding) else self.values.weight,
             indices.view(T, self.heads * self.topk),
             weights.view(T, self.heads * self.topk),
             check_indices=False,

@@ -24,7 +24,7 @@ def imported_modules(path: Path) -> set[str]:
 
 FAMILIES = (
     "attention", "attention_lse_merge", "retention", "retention_cache", "looped", "looped_cache", "product_key",
-    "moe", "engram", "optim", "value_embedding",
+    "moe", "engram", "optim", "value_embedding", "quantized",
 )  # fmt: skip
 
 

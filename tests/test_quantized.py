@@ -2,6 +2,7 @@
 table-reading ops on a QuantizedTable equal the same op on its dequantized table (both backends, the kernels
 through the interpreter), with the weights' grad; opcheck, compile, bad input."""
 
+import copy
 import io
 
 import pytest
@@ -132,3 +133,47 @@ def test_bad_input():
         memops.weighted_gather(qt, torch.zeros(2, 3, dtype=torch.long), torch.rand(2, 3), out_dtype=torch.int8)
     with pytest.raises(TypeError, match="dequantize_table: qt must be a memops.QuantizedTable"):
         memops.dequantize_table(t)
+
+
+@pytest.mark.parametrize("dtype, scale_format", [FORMATS[0], FORMATS[3]], ids=[FORMAT_IDS[0], FORMAT_IDS[3]])
+def test_product_key_memory_quantizes_in_place_and_checkpoints(dtype, scale_format):
+    """quantize_() gives the output of the same layer on the dequantized table (Triton path); its state_dict
+    loads into another layer quantized alike; the query network still trains."""
+    torch.manual_seed(0)
+    layer = memops.nn.ProductKeyMemory(16, 16, n_keys=8, heads=2, topk=4, key_dim=16)
+    x = torch.randn(2, 5, 16)
+    assert layer.quantize_(dtype=dtype, block_size=32, scale_format=scale_format) is layer
+    dequantized = copy.deepcopy(layer)
+    dequantized.values = torch.nn.Embedding.from_pretrained(layer.values.table.dequantize())
+    with memops.backend("triton"):
+        with count_launches() as launches:
+            out = layer(x)
+        out.square().sum().backward()
+    assert launches["weighted_gather_fwd_kernel"] == 1 and layer.query_proj.weight.grad is not None
+    torch.testing.assert_close(out, dequantized(x), rtol=1e-5, atol=1e-6)
+    assert set(layer.values.state_dict()) == {"data", "scales", "_extra_state"}
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    torch.manual_seed(1)
+    other = memops.nn.ProductKeyMemory(16, 16, n_keys=8, heads=2, topk=4, key_dim=16).quantize_(
+        dtype=dtype, block_size=32, scale_format=scale_format
+    )
+    other.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    torch.testing.assert_close(other(x), out.detach())
+    with pytest.raises(TypeError, match="quantized"):
+        _ = layer.values.weight
+
+
+def test_e4m3_bytes_decode_before_sm89():
+    """Before sm_89 (no e4m3 type) the kernels read e4m3 data as bytes and decode the bits: every finite e4m3
+    value (the 254 non-NaN codes) comes out as PyTorch's float8 cast gives it; launch configs pinned to sm_80."""
+    from memops.kernels._launch import configs_for_arch
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    data = codes.view(torch.float8_e4m3fn).view(-1, 1)
+    qt = memops.QuantizedTable(data, torch.full((data.shape[0], 1), 127, dtype=torch.uint8), 1, torch.float32)
+    indices = torch.arange(data.shape[0]).view(-1, 1)
+    with memops.backend("triton"), configs_for_arch(80):
+        out = memops.weighted_gather(qt, indices, torch.ones(data.shape[0], 1))
+    assert torch.equal(out, data.float())

@@ -5,6 +5,7 @@ from memops.nn.engram import Engram, EngramState
 from memops.nn.looped import LoopedAttention
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
+from memops.nn.quantized import QuantizedEmbedding
 from memops.nn.retention import RetentionAttention, RetentionGate
 from memops.nn.value_embedding import MoVEGate, ValueEmbeddingBank
 
@@ -16,6 +17,7 @@ __all__ = [
     "MemoryAttention",
     "MoVEGate",
     "ProductKeyMemory",
+    "QuantizedEmbedding",
     "RetentionAttention",
     "RetentionGate",
     "RotaryEmbedding",

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memops._validation import check_bool, check_int, check_module_input
+from memops.nn.quantized import QuantizedEmbedding
 from memops.product_key import product_key_topk, weighted_gather
+from memops.quantized import quantize_table
 
 QUERY_NORMS = ("batchnorm", "layernorm", "layernorm_per_half", None)
 KEY_INITS = ("xlm", "meta")
@@ -236,7 +238,7 @@ class ProductKeyMemory(nn.Module):
         T = flat.shape[0]
         # The search only returns slots in [0, n_keys**2): no range check (and no host sync) needed.
         y = weighted_gather(
-            self.values.weight,
+            self.values.table if isinstance(self.values, QuantizedEmbedding) else self.values.weight,
             indices.view(T, self.heads * self.topk),
             weights.view(T, self.heads * self.topk),
             check_indices=False,
@@ -244,6 +246,18 @@ class ProductKeyMemory(nn.Module):
         )
         out = self.output(y, flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @torch.no_grad()
+    def quantize_(
+        self, *, dtype: torch.dtype = torch.float8_e4m3fn, block_size: int | None = 128, scale_format: str = "e8m0"
+    ) -> ProductKeyMemory:
+        """For inference: store the value table in 8 bits (:func:`memops.quantize_table`'s arguments), read by
+        the gather kernel as it is; ``values`` becomes a :class:`memops.nn.QuantizedEmbedding` (state-dict keys
+        ``values.data``, ``values.scales``). Returns the module. The output's dtype stays the table's."""
+        self.values = QuantizedEmbedding(
+            quantize_table(self.values.weight, dtype=dtype, block_size=block_size, scale_format=scale_format)
+        )
+        return self
 
     @torch.no_grad()
     def slot_usage(self) -> dict[str, float]:
