@@ -40,7 +40,7 @@ def _randn(*shape, device, dtype=torch.float32, grad=False):
 @case
 def weighted_gather(device):
     """Forward, weights grad and both values grads (atomic; the sorted-segment reduction under deterministic
-    algorithms), a hot row that takes the chunked segment path, D off the block, K = 1."""
+    algorithms), a hot row that takes the chunked segment path, D off the block, K = 1; 8-bit tables."""
     for S, D, T, K, dtype in [(37, 70, 9, 5, torch.float32), (300, 1030, 17, 33, torch.bfloat16),
                               (5, 1, 3, 1, torch.float16)]:  # fmt: skip
         values = _randn(S, D, device=device, dtype=dtype, grad=True)
@@ -55,6 +55,11 @@ def weighted_gather(device):
     torch.use_deterministic_algorithms(True)
     memops.weighted_gather(values, indices, torch.rand(64, 40, device=device)).square().sum().backward()
     torch.use_deterministic_algorithms(False)
+    # 8-bit tables: e4m3 and int8, e8m0 and fp32 scales, a last block shorter than the others (300 = 2 x 128 + 44)
+    for dtype, scale_format in ((torch.float8_e4m3fn, "e8m0"), (torch.int8, "fp32")):
+        qt = memops.quantize_table(values.detach(), dtype=dtype, block_size=128, scale_format=scale_format)
+        weights = torch.rand(64, 40, device=device, requires_grad=True)
+        memops.weighted_gather(qt, indices, weights).square().sum().backward()
 
 
 @case

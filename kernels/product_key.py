@@ -209,6 +209,9 @@ def weighted_gather_fwd(
     if K == 0:
         return out.zero_()
     cfg = config or gather_config(K, D, values.element_size())
+    if scales is not None and config is None and cfg["BLOCK_K"] * cfg["BLOCK_D"] >= 8192:
+        # 8-bit rows and their scales dequantized in fp32: 8 warps hold the tile (4 spill on sm_80, Triton 3.6)
+        cfg = dict(cfg, num_warps=8)
     record_launch("weighted_gather_fwd_kernel")
     weighted_gather_fwd_kernel[(T, triton.cdiv(D, cfg["BLOCK_D"]))](
         indices_ptr=indices, weights_ptr=weights, out_ptr=out, K=K, D=D, **_table_args(values, scales, block_size),
