@@ -271,6 +271,11 @@ def _engram_shape_scenarios(p, dt):
         engram.engram_lookup_fwd(
             scenarios.meta(B, 3, dtype=torch.int64), table, multipliers, primes, offsets, 2, 2
         )  # decode
+        if not scenarios.headline_run():  # 8-bit tables (inference): e4m3 with e8m0 scales, int8 with fp32 ones
+            for data_dtype, scale_dtype in ((torch.float8_e4m3fn, torch.uint8), (torch.int8, torch.float32)):
+                engram.engram_lookup_fwd(ids, scenarios.meta(rows, d, dtype=data_dtype), multipliers, primes, offsets,
+                                         2, scales=scenarios.meta(rows, 1, dtype=scale_dtype), block_size=d,
+                                         out_dtype=dt)  # fmt: skip
         if not scenarios.headline_run():  # the public hash (bare ids, no offsets): no headline case launches it
             engram.ngram_hash(ids, multipliers, primes, 2)
         row_ids = engram.ngram_hash(ids, multipliers, primes, 2, offsets).reshape(-1, 1)

@@ -12,6 +12,9 @@ Lookup (a (rows, d) table holding every head's rows at offsets[c]):
 
     out[t, c*d : (c+1)*d] = table[offsets[c] + id_c[t], :]
 
+An 8-bit table (memops.QuantizedTable) is read as the weighted gather reads one: data * block scale,
+dequantized in registers (kernels/product_key.py's table_rows), written in the output dtype.
+
 The lookup kernel recomputes the hash of its head from the ids (N int64 loads per token, against d
 table elements it moves), so no id tensor is written or read back. Its table gradient is the weighted
 gather's values grad with one row per (token, head) and weight 1: the backward hashes once more into
@@ -51,7 +54,7 @@ import triton.language as tl
 
 from memops.kernels._common import accumulator, accumulator_torch_dtype
 from memops.kernels._launch import record_launch
-from memops.kernels.product_key import weighted_gather_bwd
+from memops.kernels.product_key import table_rows, table_args, weighted_gather_bwd
 
 
 @triton.jit
@@ -99,9 +102,10 @@ def ngram_hash_kernel(
 
 @triton.jit
 def engram_lookup_fwd_kernel(
-    ids_ptr, table_ptr, multipliers_ptr, primes_ptr, offsets_ptr, out_ptr,
-    n_tokens, L_out, context, D, stride_b, stride_l, stride_table, pad_id,
-    N_MAX: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ids_ptr, values_ptr, multipliers_ptr, primes_ptr, offsets_ptr, out_ptr,
+    n_tokens, L_out, context, D, stride_b, stride_l, stride_values, pad_id, scales_ptr, stride_scales, block_size,
+    N_MAX: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    E8M0: tl.constexpr, FP8_BYTES: tl.constexpr,
 ):
     # One program per (BLOCK_T tokens, hash head c). Head c is of order n = c // h + 2: it mixes the ids
     # x_0..x_{n-1}; the loads of higher orders are masked off, so they move no memory.
@@ -121,8 +125,10 @@ def engram_lookup_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = mask_t[:, None] & (offs_d < D)[None, :]
-        tile = tl.load(table_ptr + rows[:, None] * stride_table + offs_d[None, :], mask=mask, other=0)
-        tl.store(out_ptr + out_row[:, None] + offs_d[None, :], tile, mask=mask)
+        # (a float table's rows as they are; an 8-bit table's dequantized: kernels/product_key.py's table_rows)
+        tile = table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size, E8M0,
+                           FP8_BYTES, ACC)
+        tl.store(out_ptr + out_row[:, None] + offs_d[None, :], tile.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _hash_config(heads: int) -> dict:
@@ -163,23 +169,25 @@ def ngram_hash(
 def engram_lookup_fwd(
     ids: torch.Tensor, table: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor,
     offsets: torch.Tensor, pad_id: int, context: int = 0, *, config: dict | None = None,
-) -> torch.Tensor:
-    """(B, L, (N - 1) * h * d) in table.dtype from ids (B, context + L), a (rows, d) table with unit column
-    stride and the hash parameters (int64, contiguous). ``config`` overrides the launch parameters (tuning)."""
+    scales: torch.Tensor | None = None, block_size: int = 1, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """(B, L, (N - 1) * h * d) in table.dtype (or ``out_dtype``) from ids (B, context + L), a (rows, d) table with
+    unit column stride and the hash parameters (int64, contiguous). An 8-bit table: its data and ``scales`` as
+    for :func:`memops.kernels.product_key.weighted_gather_fwd`. ``config`` overrides the launch parameters."""
     B, L = ids.shape[0], ids.shape[1] - context
     orders, heads = primes.shape
     D = table.shape[1]
-    out = torch.empty((B, L, orders * heads * D), dtype=table.dtype, device=table.device)
+    out = torch.empty((B, L, orders * heads * D), dtype=out_dtype or table.dtype, device=table.device)
     n_tokens = B * L
     if out.numel() == 0:
         return out
     cfg = config or _lookup_config(D, table.element_size())
     record_launch("engram_lookup_fwd_kernel")
     engram_lookup_fwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]), orders * heads)](
-        ids, table, multipliers, primes, offsets, out,
-        n_tokens, L, context, D, ids.stride(0), ids.stride(1), table.stride(0), pad_id,
-        N_MAX=orders + 1, HEADS=heads, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
+        ids_ptr=ids, multipliers_ptr=multipliers, primes_ptr=primes, offsets_ptr=offsets, out_ptr=out,
+        n_tokens=n_tokens, L_out=L, context=context, D=D, stride_b=ids.stride(0), stride_l=ids.stride(1),
+        pad_id=pad_id, **table_args(table, scales, block_size), N_MAX=orders + 1, HEADS=heads,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], ACC=accumulator(table), num_warps=cfg["num_warps"],
     )
     return out
 

@@ -23,7 +23,7 @@ row (deterministic, no atomics). Loads of 16-bit data are converted to the accum
 and every index offset is int64, so tables past 2**31 elements are addressed correctly.
 
 An 8-bit table (memops.QuantizedTable: e4m3 or int8 data with one scale per row per block of B columns)
-is read by the forward and the weights grad through ``_table_rows``: V[s, c] = data[s, c] * scale[s, c // B],
+is read by the forward and the weights grad through ``table_rows``: V[s, c] = data[s, c] * scale[s, c // B],
 dequantized in registers (an e8m0 scale byte b is the float whose exponent field is b: 2^(b - 127), built
 from its bits, exact). GPUs before sm_89 have no e4m3 type: there the data is read as bytes and decoded from
 its bits (sign, 4 exponent bits of bias 7, 3 mantissa bits; exponent 0 is subnormal: m * 2^-9), exact too.
@@ -52,7 +52,7 @@ def _e4m3_from_bytes(raw):
 
 
 @triton.jit
-def _table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
+def table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
                 E8M0: tl.constexpr, FP8_BYTES: tl.constexpr, ACC: tl.constexpr):
     """The (rows, offs_d) tile of the table in ACC: a float table's values, or an 8-bit table's data times its
     block scales (scales_ptr not None); FP8_BYTES: e4m3 data passed as bytes, decoded here (before sm_89)."""
@@ -87,7 +87,7 @@ def weighted_gather_fwd_kernel(
         mask_k = offs_k < K
         rows = tl.load(indices_ptr + token * K + offs_k, mask=mask_k, other=0).to(tl.int64)
         w = tl.load(weights_ptr + token * K + offs_k, mask=mask_k, other=0).to(ACC)
-        tile = _table_rows(values_ptr, scales_ptr, rows, offs_d, mask_k[:, None] & mask_d[None, :], stride_values,
+        tile = table_rows(values_ptr, scales_ptr, rows, offs_d, mask_k[:, None] & mask_d[None, :], stride_values,
                            stride_scales, block_size, E8M0, FP8_BYTES, ACC)
         acc += tl.sum(tile * w[:, None], axis=0)
     tl.store(out_ptr + token * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
@@ -115,7 +115,7 @@ def weighted_gather_bwd_kernel(
         mask = mask_k[:, None] & mask_d[None, :]
         g = tl.load(grad_out_ptr + token * D + offs_d, mask=mask_d, other=0).to(ACC)
         if grad_weights_ptr is not None:
-            tile = _table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
+            tile = table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
                                E8M0, FP8_BYTES, ACC)
             dw += tl.sum(tile * g[None, :], axis=1)
         if grad_values_ptr is not None:
@@ -180,7 +180,7 @@ def segment_config(D: int) -> dict:
     return {"BLOCK_N": 2, "BLOCK_D": _block_d(D, 1024), "num_warps": 4}
 
 
-def _table_args(values: torch.Tensor, scales: torch.Tensor | None, block_size: int) -> dict:
+def table_args(values: torch.Tensor, scales: torch.Tensor | None, block_size: int) -> dict:
     """The kernels' table arguments: the table (e4m3 data as bytes before sm_89, which has no e4m3 type), the
     scales (S, blocks) (None: a float table), their row stride, the block size, whether they are e8m0 bytes."""
     arch = launch_arch(values.device)
@@ -214,7 +214,7 @@ def weighted_gather_fwd(
         cfg = dict(cfg, num_warps=8)
     record_launch("weighted_gather_fwd_kernel")
     weighted_gather_fwd_kernel[(T, triton.cdiv(D, cfg["BLOCK_D"]))](
-        indices_ptr=indices, weights_ptr=weights, out_ptr=out, K=K, D=D, **_table_args(values, scales, block_size),
+        indices_ptr=indices, weights_ptr=weights, out_ptr=out, K=K, D=D, **table_args(values, scales, block_size),
         BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=accumulator(values, weights),
         num_warps=cfg["num_warps"],
     )
@@ -341,7 +341,7 @@ def weighted_gather_bwd(
             weighted_gather_bwd_kernel[(T, triton.cdiv(K, cfg["BLOCK_K"]))](
                 grad_out_ptr=grad_out, indices_ptr=indices, weights_ptr=weights,
                 grad_values_ptr=grad_values if atomic else None, grad_weights_ptr=grad_weights, K=K, D=D,
-                **_table_args(values, scales, block_size),
+                **table_args(values, scales, block_size),
                 BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], ACC=acc, num_warps=cfg["num_warps"],
             )
         if values_grad and not atomic:

@@ -368,10 +368,10 @@ class ShardedEngram(Engram):
         width = 0 if context is None else context.shape[1]
         table = self.multi_head_embedding
         rows = ngram_hash(ids, self.multipliers, self.primes, pad_id=self.pad_id)[:, width:] + table.offsets
-        local = table.embedding.weight
+        local = table.table  # (the weight, or the 8-bit table of a quantized layer)
         shifted = rows.reshape(-1, 1) - self.row_start
         owned = (shifted >= 0) & (shifted < local.shape[0])
-        fused = in_backward_optimizer(local) is not None
+        fused = isinstance(local, torch.Tensor) and in_backward_optimizer(local) is not None
         if self.sparse or fused:  # row-sparse optimizers: the owned entries alone (see _OwnedRowsRead)
             partial = _OwnedRowsRead.apply(local, torch.where(owned, shifted, -1).reshape(-1), fused)
         else:

@@ -13,6 +13,7 @@ from memops._backend import resolve_backend
 from memops._registration import backward_op, custom_op
 from memops._validation import can_read_values, check_int
 from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
+from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable
 from memops.reference.engram import engram_hash_params, table_offsets  # the spec's helpers, public here too
 
 __all__ = [
@@ -149,6 +150,7 @@ _engram_lookup_op = custom_op(
 def engram_lookup(
     ids: torch.Tensor, table: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, offsets: torch.Tensor,
     *, pad_id: int, context: int = 0, deterministic: bool = False, sparse: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Engram's multi-head embedding read, hash and gather fused: ``out[b, t, c*d:(c+1)*d] =
     table[offsets[c] + hash_c(ids)[b, t]]`` for every hash head c (see :func:`ngram_hash`), with no id
@@ -157,7 +159,8 @@ def engram_lookup(
     Args:
         ids: (B, L) int32 or int64 compressed token ids.
         table: (rows, d) fp32, fp16, bf16 or fp64: every head's rows (the demo's
-            ``multi_head_embedding.embedding.weight``). Any row stride.
+            ``multi_head_embedding.embedding.weight``). Any row stride. Or a :class:`memops.QuantizedTable`
+            (8-bit rows dequantized in registers; for inference, no gradient).
         multipliers: (N,) int64.
         primes: (N - 1, h) int64 per-head table sizes.
         offsets: ((N - 1) * h,) int64 first row of each head (:func:`memops.reference.engram.table_offsets`).
@@ -173,6 +176,10 @@ def engram_lookup(
             :func:`memops.optim.apply_optimizer_in_backward` gets no grad at all: the backward hands its
             optimizer the rows read and the output grad's (d,) slices.
 
+        out_dtype: the output's dtype for a QuantizedTable (default: the dtype it was quantized from).
+
+        out_dtype: a QuantizedTable's output dtype (default: the dtype it was quantized from).
+
     Returns:
         (B, L - context, (N - 1) * h * d) in table.dtype. Backward gives ``table`` a dense (rows, d) grad that is
         non-zero only on the rows read.
@@ -181,9 +188,14 @@ def engram_lookup(
     """
     op = "engram_lookup"
     _check_hash_inputs(ids, multipliers, primes, pad_id, op, offsets)
-    if not isinstance(table, torch.Tensor) or not table.is_floating_point():
-        raise TypeError(f"{op}: table: expected a floating-point tensor, got {_describe(table)}")
-    if table.dim() != 2:
+    quantized = isinstance(table, QuantizedTable)
+    if not quantized and (not isinstance(table, torch.Tensor) or not table.is_floating_point()):
+        raise TypeError(f"{op}: table: expected a floating-point tensor or a memops.QuantizedTable, got "
+                        f"{_describe(table)}")  # fmt: skip
+    if out_dtype is not None and not (quantized and isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"{op}: out_dtype is for a QuantizedTable's output: a floating-point torch.dtype, got "
+                        f"{out_dtype!r} for a {'quantized' if quantized else 'float'} table")  # fmt: skip
+    if not quantized and table.dim() != 2:
         raise ValueError(f"{op}: table: expected (rows, d), got shape {tuple(table.shape)}")
     if table.device != ids.device:
         raise ValueError(f"{op}: table: expected a tensor on {ids.device} (ids' device), got {table.device}")
@@ -195,6 +207,15 @@ def engram_lookup(
                 f"past the table's {table.shape[0]} rows"
             )
     check_int(context, "context", op, low=0, high=ids.shape[1] + 1)
+    if quantized:
+        if sparse:
+            raise TypeError(QUANTIZED_NO_GRAD.format(op=op, what="sparse=True asks for its gradient"))
+        out_dtype = out_dtype or table.dtype
+        if resolve_backend(table.data) == "reference":
+            rows = reference.engram.ngram_hash(ids, multipliers, primes, pad_id=pad_id)[:, context:] + offsets
+            return reference.quantized.gather_rows(table.data, table.scales, table.block_size, rows, out_dtype)
+        return _quantized_lookup_op(ids, table.data, table.scales, multipliers, primes, offsets, int(pad_id),
+                                    int(context), table.block_size, out_dtype)  # fmt: skip
     fused = in_backward_optimizer(table) is not None
     if sparse or fused:
         return _row_sparse_lookup(table, ids, multipliers, primes, offsets, int(pad_id), int(context), fused)
@@ -206,6 +227,28 @@ def engram_lookup(
 @torch.compiler.disable(reason=ROW_SPARSE_EAGER)
 def _row_sparse_lookup(table, ids, multipliers, primes, offsets, pad_id, context, fused):
     return _SparseTableGrad.apply(table, ids, multipliers, primes, offsets, pad_id, context, fused)
+
+
+def _quantized_lookup_fwd(ids, data, scales, multipliers, primes, offsets, pad_id, context, block_size, out_dtype):
+    from memops.kernels import engram as engram_kernels
+
+    data, scales = (t if t.stride(1) == 1 else t.contiguous() for t in (data, scales))
+    return engram_kernels.engram_lookup_fwd(
+        ids, data, multipliers.contiguous(), primes.contiguous(), offsets.contiguous(), pad_id, context,
+        scales=scales, block_size=block_size, out_dtype=out_dtype,
+    )  # fmt: skip
+
+
+# An 8-bit table's lookup: for inference (no autograd: nothing here takes a gradient).
+_quantized_lookup_op = custom_op(
+    "engram_lookup_quantized",
+    _quantized_lookup_fwd,
+    "(Tensor ids, Tensor data, Tensor scales, Tensor multipliers, Tensor primes, Tensor offsets, int pad_id, "
+    "int context, int block_size, ScalarType out_dtype) -> Tensor out",
+    fake=lambda ids, data, scales, multipliers, primes, offsets, pad_id, context, block_size, out_dtype: data.new_empty(
+        (ids.shape[0], ids.shape[1] - context, primes.numel() * data.shape[1]), dtype=out_dtype
+    ),
+)
 
 
 class _SparseTableGrad(torch.autograd.Function):

@@ -177,3 +177,50 @@ def test_e4m3_bytes_decode_before_sm89():
     with memops.backend("triton"), configs_for_arch(80):
         out = memops.weighted_gather(qt, indices, torch.ones(data.shape[0], 1))
     assert torch.equal(out, data.float())
+
+
+def engram_case():
+    from memops.reference.engram import engram_hash_params, table_offsets
+
+    multipliers, primes = engram_hash_params((5,), (23, 30), max_ngram_size=3, n_head_per_ngram=4, seed=0,
+                                             tokenizer_vocab_size=300)[5]  # fmt: skip
+    rows = int(primes.sum())
+    return multipliers, primes, table_offsets(primes), table(rows=rows, D=24)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, scale_format", FORMATS, ids=FORMAT_IDS)
+def test_engram_lookup_equals_the_dequantized_table(dtype, scale_format, backend, poison_empty):
+    multipliers, primes, offsets, t = engram_case()
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    for block_size in (None, 16):
+        qt = memops.quantize_table(t, dtype=dtype, block_size=block_size, scale_format=scale_format)
+        expected = memops.engram_lookup(ids, qt.dequantize(), multipliers, primes, offsets, pad_id=1, context=1)
+        with memops.backend(backend), count_launches() as launches:
+            out = memops.engram_lookup(ids, qt, multipliers, primes, offsets, pad_id=1, context=1)
+        assert (launches["engram_lookup_fwd_kernel"] == 1) == (backend == "triton")
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)  # a copy of dequantized rows: exact
+    with pytest.raises(TypeError, match="the table is quantized"):
+        memops.engram_lookup(ids, qt, multipliers, primes, offsets, pad_id=1, sparse=True)
+    with pytest.raises(TypeError, match="out_dtype is for a QuantizedTable"):
+        memops.engram_lookup(ids, t, multipliers, primes, offsets, pad_id=1, out_dtype=torch.float16)
+
+
+def test_engram_layer_quantizes_in_place_and_checkpoints():
+    from engram_demo import ENGRAM
+
+    torch.manual_seed(0)
+    layer = memops.nn.Engram(**ENGRAM)
+    hidden, ids = torch.randn(2, 7, 2, 32), torch.randint(0, 90, (2, 7))
+    dequantized = copy.deepcopy(layer)
+    assert layer.quantize_() is layer
+    dequantized.multi_head_embedding.embedding.weight.data = layer.multi_head_embedding.table.dequantize()
+    with memops.backend("triton"), count_launches() as launches:
+        out = layer(hidden, ids)
+    assert launches["engram_lookup_fwd_kernel"] == 1
+    torch.testing.assert_close(out, dequantized(hidden, ids), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(1)
+    other = memops.nn.Engram(**ENGRAM).quantize_()
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other(hidden, ids), out)

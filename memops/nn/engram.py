@@ -19,6 +19,8 @@ from memops.engram import (
     short_conv_step,
     table_offsets,
 )
+from memops.nn.quantized import QuantizedEmbedding
+from memops.quantized import quantize_table
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -29,6 +31,11 @@ class MultiHeadEmbedding(nn.Module):
         sizes = torch.tensor(list(sizes), dtype=torch.int64)
         self.register_buffer("offsets", table_offsets(sizes))  # persistent, as in the official state_dict
         self.embedding = nn.Embedding(int(sizes.sum()), dim)
+
+    @property
+    def table(self):
+        """What the lookup reads: the embedding's weight, or its 8-bit table once quantized."""
+        return self.embedding.table if isinstance(self.embedding, QuantizedEmbedding) else self.embedding.weight
 
 
 class ShortConv(nn.Module):
@@ -151,6 +158,24 @@ class Engram(nn.Module):
         self.norm1 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
         self.norm2 = nn.ModuleList([nn.RMSNorm(hidden_size) for _ in range(hc_mult)])
 
+    @torch.no_grad()
+    def quantize_(
+        self, *, dtype: torch.dtype = torch.float8_e4m3fn, block_size: int | None = 128, scale_format: str = "e8m0"
+    ) -> Engram:
+        """For inference: store the hashed table in 8 bits (:func:`memops.quantize_table`'s arguments), read by
+        the lookup kernel as it is (vLLM serves Engram tables as e4m3 with e8m0 scales);
+        ``multi_head_embedding.embedding`` becomes a :class:`memops.nn.QuantizedEmbedding` (state-dict keys
+        ``...embedding.data`` / ``.scales``). Returns the module; its outputs keep the table's dtype."""
+        if self.sparse:
+            raise ValueError(
+                "Engram.quantize_: a sparse=True layer trains its table; quantized tables are for inference"
+            )
+        table = self.multi_head_embedding
+        table.embedding = QuantizedEmbedding(
+            quantize_table(table.embedding.weight, dtype=dtype, block_size=block_size, scale_format=scale_format)
+        )
+        return self
+
     def compress(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Raw ids -> compressed ids through ``compression`` (negative ids pass through, as in the demo)."""
         if self.compression is None:
@@ -159,7 +184,7 @@ class Engram(nn.Module):
 
     def new_state(self, batch: int) -> EngramState:
         """The decode state at the start of ``batch`` sequences."""
-        device = self.multi_head_embedding.embedding.weight.device
+        device = self.multi_head_embedding.offsets.device
         dtype = self.value_proj.weight.dtype
         rows = (self.kernel_size - 1) * self.max_ngram_size
         return EngramState(
@@ -173,7 +198,7 @@ class Engram(nn.Module):
         ids = input_ids if context is None else torch.cat([context, input_ids], dim=1)
         table = self.multi_head_embedding
         width = 0 if context is None else context.shape[1]  # one row per head per new token
-        return engram_lookup(ids, table.embedding.weight, self.multipliers, self.primes, table.offsets,
+        return engram_lookup(ids, table.table, self.multipliers, self.primes, table.offsets,
                              pad_id=self.pad_id, context=width, sparse=self.sparse)  # fmt: skip
 
     def forward(

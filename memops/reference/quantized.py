@@ -76,3 +76,11 @@ def weighted_gather(data, scales, block_size: int, indices, weights, out_dtype: 
     flat = indices.reshape(-1).long()
     rows = dequantize_table(data[flat], scales[flat], block_size).to(acc).view(T, K, -1)
     return torch.einsum("tk,tkd->td", weights.to(acc), rows).to(out_dtype)
+
+
+def gather_rows(data, scales, block_size: int, rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The 8-bit table's rows ``rows`` (..., c) dequantized and laid side by side: (..., c * D) in ``out_dtype``
+    (an engram_lookup of the table: one row per hash head)."""
+    flat = rows.reshape(-1).long()
+    picked = dequantize_table(data[flat], scales[flat], block_size)
+    return picked.view(*rows.shape[:-1], rows.shape[-1] * data.shape[1]).to(out_dtype)
