@@ -54,7 +54,7 @@ import triton.language as tl
 
 from memops.kernels._common import accumulator, accumulator_torch_dtype
 from memops.kernels._launch import record_launch
-from memops.kernels.product_key import table_rows, table_args, weighted_gather_bwd
+from memops.kernels.product_key import table_args, table_rows, weighted_gather_bwd
 
 
 @triton.jit
@@ -181,7 +181,8 @@ def engram_lookup_fwd(
     n_tokens = B * L
     if out.numel() == 0:
         return out
-    cfg = config or _lookup_config(D, table.element_size())
+    # (an 8-bit table's tile is dequantized to fp32 in registers: sized as an fp32 one, or it takes 255 registers)
+    cfg = config or _lookup_config(D, table.element_size() if scales is None else 4)
     record_launch("engram_lookup_fwd_kernel")
     engram_lookup_fwd_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_T"]), orders * heads)](
         ids_ptr=ids, multipliers_ptr=multipliers, primes_ptr=primes, offsets_ptr=offsets, out_ptr=out,

@@ -190,3 +190,15 @@ def test_facts_batch_targets_the_previous_tokens_fact():
     assert tokens.shape == targets.shape == (4, demo.FACTS_LENGTH) and (targets[:, 0] == -100).all()
     assert torch.equal(targets[:, 1:], facts[tokens[:, :-1]])
     assert demo.facts_config("move").move_slots == 4 and demo.facts_config("lave").value_embeddings == "layer"
+
+
+def test_quantized_quality_reports_each_table_format():
+    """The n-gram task's 8-bit evaluation: every format of demo.TABLE_FORMATS (and bf16) on the model's Engram
+    table, the rest unchanged; the original model keeps its float table."""
+    torch.manual_seed(0)
+    model = MemoryLM(demo.ngram_config(True))
+    quality = demo.quantized_quality(model)
+    assert list(quality) == ["as trained (fp32)", "bf16", *demo.TABLE_FORMATS]
+    base = quality["as trained (fp32)"][0]
+    assert all(abs(loss - base) / base < 0.01 for loss, _ in quality.values())
+    assert isinstance(model.layers[0].engram.multi_head_embedding.embedding, torch.nn.Embedding)

@@ -201,6 +201,10 @@ def test_engram_lookup_equals_the_dequantized_table(dtype, scale_format, backend
         assert (launches["engram_lookup_fwd_kernel"] == 1) == (backend == "triton")
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, expected, rtol=0, atol=0)  # a copy of dequantized rows: exact
+    if backend == "triton" and dtype == torch.int8:  # (opcheck multiplies inputs: no float8 on CPU)
+        torch.library.opcheck(torch.ops.memops.engram_lookup_quantized.default,
+                              (ids, qt.data, qt.scales, multipliers, primes, offsets, 1, 1, qt.block_size,
+                               torch.float32))  # fmt: skip
     with pytest.raises(TypeError, match="the table is quantized"):
         memops.engram_lookup(ids, qt, multipliers, primes, offsets, pad_id=1, sparse=True)
     with pytest.raises(TypeError, match="out_dtype is for a QuantizedTable"):

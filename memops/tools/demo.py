@@ -158,11 +158,46 @@ def train_ngram(
         optimizer.step()
         if losses is not None:
             losses.append(loss.item())
+    return model, evaluate_ngram(model, seed, device)[1]
+
+
+def evaluate_ngram(model: MemoryLM, seed: int = 0, device: str = "cpu") -> tuple[float, float]:
+    """(cross-entropy, next-token accuracy) on 256 held-out sequences of the seed's rule."""
+    rule = torch.randint(0, NGRAM_VOCAB, (NGRAM_VOCAB, NGRAM_VOCAB), generator=torch.Generator().manual_seed(seed))
     tokens, targets = ngram_batch(256, rule, torch.Generator().manual_seed(seed + 99))
     with torch.no_grad():
-        predicted = model(tokens.to(device)).argmax(-1).cpu()
+        logits = model(tokens.to(device)).float().cpu()
     known = targets != -100
-    return model, (predicted[known] == targets[known]).float().mean().item()
+    loss = torch.nn.functional.cross_entropy(logits[known], targets[known]).item()
+    return loss, (logits.argmax(-1)[known] == targets[known]).float().mean().item()
+
+
+# The 8-bit forms of the Engram table the n-gram task reports (memops.quantize_table's arguments)
+TABLE_FORMATS = {
+    "fp8 (e4m3, e8m0 scales per 128)": dict(dtype=torch.float8_e4m3fn, block_size=128, scale_format="e8m0"),
+    "int8 (fp32 scale per row)": dict(dtype=torch.int8, block_size=None, scale_format="fp32"),
+}
+
+
+def quantized_quality(model: MemoryLM, seed: int = 0, device: str = "cpu") -> dict[str, tuple[float, float]]:
+    """The trained model's held-out (loss, accuracy) with its Engram tables as trained, in bf16 and in each
+    8-bit form of TABLE_FORMATS (the rest of the model unchanged)."""
+    import copy
+
+    results = {"as trained (fp32)": evaluate_ngram(model, seed, device)}
+    bf16 = copy.deepcopy(model)
+    for layer in bf16.layers:
+        if layer.engram is not None:
+            weight = layer.engram.multi_head_embedding.embedding.weight
+            weight.data = weight.data.to(torch.bfloat16).float()
+    results["bf16"] = evaluate_ngram(bf16, seed, device)
+    for name, options in TABLE_FORMATS.items():
+        quantized = copy.deepcopy(model)
+        for layer in quantized.layers:
+            if layer.engram is not None:
+                layer.engram.quantize_(**options)
+        results[name] = evaluate_ngram(quantized, seed, device)
+    return results
 
 
 def loss_curve(losses: list[float], points: int = 8) -> str:
@@ -179,11 +214,17 @@ def main_ngram(steps: int, seed: int, device: str, optimizer: str = "adamw") -> 
     results = {}
     for engram in (False, True):
         start, losses = time.perf_counter(), []
-        _, results[engram] = train_ngram(steps, engram=engram, seed=seed, device=device, optimizer=optimizer,
-                                         losses=losses)  # fmt: skip
+        model, results[engram] = train_ngram(steps, engram=engram, seed=seed, device=device, optimizer=optimizer,
+                                             losses=losses)  # fmt: skip
         label = "with an Engram in layer 0" if engram else "without Engram           "
         print(f"  {label}: next-token accuracy {results[engram]:.1%} ({time.perf_counter() - start:.0f} s)")
         print(f"    loss by step: {loss_curve(losses)}")
+        if engram:  # the trained table served from 8 bits
+            quality = quantized_quality(model, seed, device)
+            base = quality["as trained (fp32)"][0]
+            for name, (loss, accuracy) in quality.items():
+                print(f"    Engram table {name}: held-out loss {loss:.4f} ({(loss - base) / base:+.2%}), "
+                      f"accuracy {accuracy:.1%}")  # fmt: skip
     print(f"Engram's n-gram table: {results[True] - results[False]:+.1%} at {steps} steps")
     return 0
 
