@@ -16,7 +16,7 @@ from memops.tools import benchmarking
 def test_bench_quick_writes_table_json_and_png(tmp_path):
     # Every op, case and provider of the main job, with short timing windows: this checks what the run writes,
     # not its times.
-    env = {**os.environ, "TRITON_INTERPRET": "0", "MEMOPS_BENCH_MIN_RUN_S": "0.03", "MEMOPS_BENCH_RERUNS": "0"}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "MEMOPS_BENCH_MIN_RUN_S": "0.01", "MEMOPS_BENCH_RERUNS": "0"}
     result = subprocess.run(
         [sys.executable, "-m", "memops.tools.cli", "bench", "--quick", "--out", str(tmp_path)],
         capture_output=True,

@@ -41,7 +41,7 @@ def engram_case(rows_per_head=(211, 223), B=2, L=9, seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
 def test_fused_weighted_gather_equals_the_unfused_step(backend, optimizer_class):
-    """6 steps: the fused table equals the table SparseAdam / RowwiseAdagrad stepped on the sparse_coo grad, the
+    """4 steps: the fused table equals the table SparseAdam / RowwiseAdagrad stepped on the sparse_coo grad, the
     weights grads agree (taken before the update), param.grad stays None and the kernel ran."""
     generator = torch.Generator().manual_seed(0)
     unfused = torch.nn.Parameter(torch.randn(50, 8, generator=generator, dtype=torch.float64))
@@ -50,7 +50,7 @@ def test_fused_weighted_gather_equals_the_unfused_step(backend, optimizer_class)
     reference_optimizer = optimizer_class([unfused], lr=0.05, weight_decay=0.01)
     apply_optimizer_in_backward(optimizer_class, [fused], {"lr": 0.05, "weight_decay": 0.01})
     with memops.backend(backend), count_launches() as launches:
-        for _ in range(6):
+        for _ in range(4):
             indices, weights = gather_inputs(generator, 50)
             weights_a, weights_b = weights.clone().requires_grad_(), weights.clone().requires_grad_()
             memops.weighted_gather(unfused, indices, weights_a, sparse=True).sin().sum().backward()
@@ -59,7 +59,7 @@ def test_fused_weighted_gather_equals_the_unfused_step(backend, optimizer_class)
             memops.weighted_gather(fused, indices, weights_b).sin().sum().backward()
             assert fused.grad is None
             torch.testing.assert_close(weights_b.grad, weights_a.grad, rtol=1e-13, atol=1e-14)
-    assert (launches[KERNEL[optimizer_class]] == 12) == (backend == "triton")
+    assert (launches[KERNEL[optimizer_class]] == 8) == (backend == "triton")
     assert not torch.equal(fused.detach(), initial)
     torch.testing.assert_close(fused.detach(), unfused.detach(), rtol=1e-13, atol=1e-14)
 
@@ -115,8 +115,9 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
+@pytest.mark.parametrize(
+    "backend, optimizer_class", [("reference", SparseAdam), ("triton", SparseAdam), ("triton", RowwiseAdagrad)]
+)
 def test_backward_and_step_allocate_nothing_of_the_table_size(backend, optimizer_class):
     """A 4,096 x 16 table read by 8 x 4 picks: in steady state (the states exist after the first step) no op of
     the fused backward + step outputs more than 1/16 of the table; the dense backward does (so the check sees

@@ -50,9 +50,14 @@ def test_round_trip_within_the_bound(dtype, scale_format, block_size):
     assert torch.equal(qt.data[3].float(), torch.zeros(300)) and (scale[3] == 1).all()  # a zero row: scale 1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("block_size", BLOCKS)
-@pytest.mark.parametrize("dtype, scale_format", FORMATS, ids=FORMAT_IDS)
+# the kernels at every format and blocking; the reference (one dequantizing path for all) at block 32
+GATHER_RUNS = [(*f, b, "triton") for f in FORMATS for b in BLOCKS] + [(*f, 32, "reference") for f in FORMATS]
+
+
+GATHER_IDS = [f"{FORMAT_IDS[FORMATS.index((d, s))]}-{b}-{be}" for d, s, b, be in GATHER_RUNS]
+
+
+@pytest.mark.parametrize("dtype, scale_format, block_size, backend", GATHER_RUNS, ids=GATHER_IDS)
 def test_weighted_gather_equals_the_dequantized_table(dtype, scale_format, block_size, backend, poison_empty):
     t = table()
     qt = memops.quantize_table(t, dtype=dtype, block_size=block_size, scale_format=scale_format)

@@ -37,8 +37,14 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "segment"])
-@pytest.mark.parametrize("dtype, M, Dh", CASES, ids=[f"{str(d)[6:]}-M{m}-D{h}" for d, m, h in CASES])
+# the deterministic bank grad on fp32's shapes and bf16 M = 32; the atomic one everywhere
+RUNS = [(*case, False) for case in CASES] + [(*case, True) for case in CASES[:3] + CASES[4:5]]
+
+
+RUN_IDS = [f"{str(d)[6:]}-M{m}-D{h}-{'segment' if det else 'atomic'}" for d, m, h, det in RUNS]
+
+
+@pytest.mark.parametrize("dtype, M, Dh, deterministic", RUNS, ids=RUN_IDS)
 def test_mix_matches_float64(dtype, deterministic, M, Dh, device, poison_empty):
     v, gates, ids, bank = mix_case(device, M=M, Dh=Dh, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (v, gates, bank)]
