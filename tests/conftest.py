@@ -28,11 +28,27 @@ settings.register_profile("memops-long", max_examples=300, deadline=None, derand
 settings.load_profile("memops")
 
 
+# The suite's longest tests (tens of seconds each on 2 cores), started first: a long test that starts last keeps
+# one xdist worker busy after the other has run out of work.
+LONG_TESTS = (
+    "test_gpu_check.py::test_ci_subset_compiles_clean_for_sm90", "test_cli.py::test_bench_quick_writes_table",
+    "test_fuzz.py::test_fuzz_block_route_and_experts", "test_fuzz_new_surfaces.py::",
+    "test_fuzz.py::test_fuzz_retention", "test_gpu_plan.py::", "test_memory_lm.py::test_ngram_demo",
+    "test_memory_lm.py::test_demo",
+)  # fmt: skip
+
+
+def _start_rank(item) -> int:
+    """Where a test starts: the long ones first, longest first; every other test after them, in file order."""
+    return next((rank for rank, name in enumerate(LONG_TESTS) if name in item.nodeid), len(LONG_TESTS))
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "cuda" in item.keywords and not CUDA:
             item.add_marker(skip_cuda)
+    items.sort(key=_start_rank)  # (a stable sort)
 
 
 @pytest.fixture
