@@ -1,22 +1,36 @@
 """`memops bench`: the table, the JSON and the PNG; refusing interpreter timings; unknown ops."""
 
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
 
-from memops.tools import benchmarking
+from memops.tools import benchmarking, cli
+
+
+def memops_cli(*argv: str) -> subprocess.CompletedProcess:
+    """``memops ARGV`` in this process (a subprocess pays ~3 s of imports; the main-job and train-demo tests
+    keep the real entry point): its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = cli.main(list(argv)) or 0
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU quick run; the GPU run is benchmarks/gpu/run.sh")
 def test_bench_quick_writes_table_json_and_png(tmp_path):
     # Every op, case and provider of the main job, with short timing windows: this checks what the run writes,
     # not its times.
-    env = {**os.environ, "TRITON_INTERPRET": "0", "MEMOPS_BENCH_MIN_RUN_S": "0.01", "MEMOPS_BENCH_RERUNS": "0"}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "MEMOPS_BENCH_MIN_RUN_S": "0.001", "MEMOPS_BENCH_RERUNS": "0"}
     result = subprocess.run(
         [sys.executable, "-m", "memops.tools.cli", "bench", "--quick", "--out", str(tmp_path)],
         capture_output=True,
@@ -63,11 +77,7 @@ def test_bench_refuses_interpreter_timings(monkeypatch):
 
 
 def test_bench_unknown_op():
-    result = subprocess.run(
-        [sys.executable, "-m", "memops.tools.cli", "bench", "--op", "nope"],
-        capture_output=True,
-        text=True,
-    )
+    result = memops_cli("bench", "--op", "nope")
     assert result.returncode == 2
     assert "unknown op 'nope'" in result.stderr and "weighted_gather" in result.stderr
 
@@ -115,11 +125,7 @@ def test_report_renders_committed_results(tmp_path):
     }
     (results / "weighted_gather.json").write_text(json.dumps(payload))
     out = tmp_path / "docs" / "benchmarks.md"
-    result = subprocess.run(
-        [sys.executable, "-m", "memops.tools.cli", "report", "--results", str(tmp_path / "results"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    result = memops_cli("report", "--results", str(tmp_path / "results"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert "### weighted_gather on Some GPU" in text and "embedding_bag 2.00x" in text and "date 2026-11-25" in text
@@ -135,7 +141,7 @@ def test_report_renders_committed_results(tmp_path):
     ],
 )
 def test_cli_bad_arguments_give_clear_errors(argv, message):
-    result = subprocess.run([sys.executable, "-m", "memops.tools.cli", *argv], capture_output=True, text=True)
+    result = memops_cli(*argv)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
@@ -143,11 +149,7 @@ def test_report_reads_what_bench_writes_and_refuses_an_empty_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "other.json").write_text("[1, 2]")
-    refused = subprocess.run(
-        [sys.executable, "-m", "memops.tools.cli", "report", "--results", str(empty), "--out", str(tmp_path / "r.md")],
-        capture_output=True,
-        text=True,
-    )
+    refused = memops_cli("report", "--results", str(empty), "--out", str(tmp_path / "r.md"))
     assert refused.returncode == 2 and "no benchmark results" in refused.stderr
     # memops bench --out writes <op>.json (and <op>.png) with no device folder; report reads that layout too
     bench_out = tmp_path / "bench"
@@ -156,21 +158,8 @@ def test_report_reads_what_bench_writes_and_refuses_an_empty_folder(tmp_path):
                                  device="cpu", median_ms=1.0, gbps=1.0)  # fmt: skip
     benchmarking.write_json([result], bench_out / "weighted_gather.json", "cpu", 10.0)
     page = tmp_path / "page" / "r.md"
-    rendered = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "memops.tools.cli",
-            "report",
-            "--results",
-            str(bench_out),
-            "--out",
-            str(page),
-            "--compile-out",
-            str(tmp_path / "c.md"),
-        ],
-        capture_output=True,
-        text=True,
+    rendered = memops_cli(
+        "report", "--results", str(bench_out), "--out", str(page), "--compile-out", str(tmp_path / "c.md")
     )
     assert rendered.returncode == 0 and "from 1 result files" in rendered.stdout, rendered.stderr
     assert "### weighted_gather on cpu" in page.read_text()
@@ -186,10 +175,9 @@ def test_compare_runs_reads_two_bench_folders(tmp_path):
     run(tmp_path / "a", 1.0, 0.95, 1.05)
     run(tmp_path / "b", 1.02, 0.99, 1.06)  # overlapping quartiles: agree
     run(tmp_path / "c", 1.5, 1.4, 1.6)  # disjoint: disagree
-    cli = [sys.executable, "-m", "memops.tools.cli", "compare"]
-    agree = subprocess.run([*cli, str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    agree = memops_cli("compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert agree.returncode == 0 and "1 of 1 medians agree" in agree.stdout and "+2.0%" in agree.stdout
-    differ = subprocess.run([*cli, str(tmp_path / "a"), str(tmp_path / "c")], capture_output=True, text=True)
+    differ = memops_cli("compare", str(tmp_path / "a"), str(tmp_path / "c"))
     assert differ.returncode == 0 and "0 of 1 medians agree" in differ.stdout and "| no |" in differ.stdout
-    missing = subprocess.run([*cli, str(tmp_path / "a"), str(tmp_path / "nope")], capture_output=True, text=True)
+    missing = memops_cli("compare", str(tmp_path / "a"), str(tmp_path / "nope"))
     assert missing.returncode == 2 and "no such folder" in missing.stderr and "Traceback" not in missing.stderr
