@@ -11,6 +11,11 @@ sqrt, sigmoid, value scale), ``conv`` (RMSNorm, causal dilated depthwise conv, S
 - ``demo``: the official demo's formulation: the hash in NumPy on the host (ids copied to the host and the
   hashes back), nn.Embedding, then the PyTorch gate and conv (lookup and layer cases).
 
+The ``lookup-<shape>-fp8`` / ``-int8`` cases read an 8-bit copy of the table (memops.quantize_table, block 128,
+e8m0 scales; inference, forward only): providers memops-fp8 / memops-int8 against the bf16 table's own memops
+lookup (memops-bf16) and plain PyTorch that hashes and dequantizes the picked rows (dequantize_torch). Their
+bytes are the ids, the 8-bit rows and their scales, and the output.
+
 Shapes: ``small`` (CPU: B*L = 512, G = 2, C = 128, 8 heads of d = 16, tables of ~40 K rows) and ``demo``
 (CUDA: the demo's config, B*L = 8192, G = 4, C = 1024, orders 2..3 with 8 heads of d = 64 in a table of
 ~10.3 M rows, bf16). Bytes: the lookup reads the ids and one table row per head and token and writes them;
@@ -32,10 +37,11 @@ from memops.tools.benchmarking import Case
 
 OP = "engram"
 METRIC = "bandwidth"
-MEMOPS_PROVIDERS = ("memops", "memops-reference")
-BASELINES = ("torch", "torch_compile", "demo")
+MEMOPS_PROVIDERS = ("memops", "memops-reference", "memops-fp8", "memops-int8")
+BASELINES = ("torch", "torch_compile", "demo", "memops-bf16", "dequantize_torch")
 # Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
-EQUIVALENT = ("torch",)
+EQUIVALENT = ("torch", "dequantize_torch")
+QUANTIZED = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 SHAPES = {
     "small": dict(B=2, L=256, G=2, C=128, N=3, h=4, e=64, vocab=5003, dtype="float32"),
@@ -52,6 +58,11 @@ def cases(device: str, quick: bool) -> list[Case]:
         for part in PARTS:
             out.append(Case(f"{part}-{shape}", "fwd", dict(params, part=part), quick=True, cuda_only=cuda_only))
         out.append(Case(f"layer-{shape}", "fwd+bwd", dict(params, part="layer"), quick=True, cuda_only=cuda_only))
+    # 8-bit tables, for inference: the lookup's forward
+    out.append(Case("lookup-small-fp8", "fwd", dict(SHAPES["small"], part="lookup", table="fp8"), quick=True))
+    if device == "cuda":
+        out += [Case(f"lookup-demo-{table}", "fwd", dict(SHAPES["demo"], part="lookup", table=table), cuda_only=True)
+                for table in QUANTIZED]  # fmt: skip
     return out
 
 
@@ -74,6 +85,9 @@ def make_inputs(case: Case, device: str, seed: int):
     if p["part"] in ("lookup", "layer"):
         torch.manual_seed(seed)
         inputs["module"] = _module(p, device, dtype)
+    if "table" in p:  # (the float table's lookup is the baseline; its 8-bit copy is read by memops-fp8/int8)
+        weight = inputs["module"].multi_head_embedding.embedding.weight.detach()
+        inputs["table"] = memops.quantize_table(weight, dtype=QUANTIZED[p["table"]], block_size=128)
     if p["part"] == "gate":
         inputs["key"] = torch.randn(B, L, G, C, device=device, generator=generator).to(dtype)
         inputs["value"] = torch.randn(B, L, C, device=device, generator=generator).to(dtype)
@@ -203,8 +217,37 @@ def _build(part: str, mode: str, flavour: str, compile_it: bool = False):
     return build
 
 
+def _quantized_lookup(flavour: str):
+    def build(inputs):
+        module, ids, qt = inputs["module"], inputs["ids"], inputs["table"]
+        table = module.multi_head_embedding
+        if flavour == "memops-bf16":
+            return lambda: memops.engram_lookup(ids, table.embedding.weight, module.multipliers, module.primes,
+                                                table.offsets, pad_id=module.pad_id)  # fmt: skip
+        if flavour == "memops":
+            return lambda: memops.engram_lookup(ids, qt, module.multipliers, module.primes, table.offsets,
+                                                pad_id=module.pad_id)  # fmt: skip
+
+        def dequantize_torch():  # plain PyTorch: hash, then dequantize the picked rows
+            rows = (torch_hash(ids, module.multipliers, module.primes, module.pad_id) + table.offsets).reshape(-1)
+            scales = memops.reference.quantized.expand_scales(qt.scales[rows], qt.block_size, qt.shape[1])
+            picked = qt.data[rows].float() * scales
+            return picked.view(*ids.shape, -1).to(qt.dtype)
+
+        return dequantize_torch
+
+    return build
+
+
 def providers(case: Case, device: str) -> dict:
     part = case.params["part"]
+    if "table" in case.params:
+        # (on CPU the memops provider is the reference, named as every module's CPU path is)
+        ours = f"memops-{case.params['table']}" if device == "cuda" else "memops-reference"
+        out = {ours: _quantized_lookup("memops"), "dequantize_torch": _quantized_lookup("torch")}
+        if device == "cuda":
+            out["memops-bf16"] = _quantized_lookup("memops-bf16")
+        return out
     out = {("memops" if device == "cuda" else "memops-reference"): _build(part, case.mode, "memops")}
     out["torch"] = _build(part, case.mode, "torch")
     if device == "cuda":
@@ -220,6 +263,8 @@ def bytes_moved(case: Case, mode: str) -> int:
     rows = p["B"] * p["L"]
     heads, d = (p["N"] - 1) * p["h"], p["e"] // p["h"]
     lookup = rows * 8 + 2 * rows * heads * d * item
+    if "table" in p:  # the 8-bit rows, their e8m0 scales (one byte per block of 128) and the output
+        lookup = rows * 8 + rows * heads * (d + -(-d // 128) + d * item)
     gate = rows * (3 * p["G"] + 1) * p["C"] * item
     conv = 2 * rows * p["G"] * p["C"] * item
     moved = {"lookup": lookup, "gate": gate, "conv": conv, "layer": lookup + gate + conv}[p["part"]]

@@ -270,7 +270,8 @@ def optim(device):
 @case
 def value_embedding(device):
     """The bank mix forward and backward in bf16: 3 heads of Dh = 72 (off the block), M = 5 slots (off the slot
-    block), repeated ids and the last bank row; atomic and deterministic bank grads."""
+    block), repeated ids and the last bank row; atomic and deterministic bank grads; then the bank in 8 bits
+    (e4m3 with e8m0 scales per 24 columns, int8 with one fp32 scale per row) with the gates' grad."""
     B, N, H, Dh, M, V = 2, 37, 3, 72, 5, 50
     v = _randn(B, N, H, Dh, device=device, dtype=torch.bfloat16, grad=True)
     gates = _randn(B, N, H, M + 1, device=device, dtype=torch.bfloat16, grad=True)
@@ -280,6 +281,10 @@ def value_embedding(device):
     ids[1, -1] = V - 1
     for deterministic in (False, True):
         memops.value_embedding_mix(v, gates, ids, bank, deterministic=deterministic).float().square().sum().backward()
+    for dtype, block_size, scale_format in ((torch.float8_e4m3fn, 24, "e8m0"), (torch.int8, None, "fp32")):
+        qt = memops.quantize_table(bank.detach().flatten(1), dtype=dtype, block_size=block_size,
+                                   scale_format=scale_format)  # fmt: skip
+        memops.value_embedding_mix(v, gates, ids, qt).float().square().sum().backward()
 
 
 # Cases whose kernels use atomics (values grads, the deterministic-off dK/dV) or shared scratch (the sorts).

@@ -12,6 +12,8 @@ grads) and their grad rows written, the gates read and their grads written.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import memops
@@ -133,5 +135,17 @@ def compile_scenarios(dtype, subset):
             for deterministic in (False,) if scenarios.headline_run() else (False, True):
                 kernels.value_embedding_mix_bwd(scenarios.meta(B, N, H, Dh, dtype=dt), v, gates, ids, bank,
                                                 deterministic=deterministic)  # fmt: skip
+            if scenarios.headline_run():
+                return
+            # 8-bit banks (inference; v and the gates' grads): e4m3 with e8m0 scales per block of the head dim (up
+            # to 128 columns), int8 with one fp32 scale per row
+            for data_dtype, scale_dtype, block in ((torch.float8_e4m3fn, torch.uint8, math.gcd(128, Dh)),
+                                                   (torch.int8, torch.float32, M * H * Dh)):  # fmt: skip
+                data = scenarios.meta(V, M * H * Dh, dtype=data_dtype)
+                scales = scenarios.meta(V, M * H * Dh // block, dtype=scale_dtype)
+                kernels.value_embedding_mix_fwd(v, gates, ids, data, scales=scales, block_size=block)
+                kernels.value_embedding_mix_bwd(scenarios.meta(B, N, H, Dh, dtype=dt), v, gates, ids, data,
+                                                deterministic=False, bank_grad=False, scales=scales,
+                                                block_size=block)  # fmt: skip
 
         yield f"{case.name} M={p['M']}", run

@@ -55,20 +55,22 @@ def _e4m3_from_bytes(raw):
 def table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride_scales, block_size,
                 E8M0: tl.constexpr, FP8_BYTES: tl.constexpr, ACC: tl.constexpr):
     """The (rows, offs_d) tile of the table in ACC: a float table's values, or an 8-bit table's data times its
-    block scales (scales_ptr not None); FP8_BYTES: e4m3 data passed as bytes, decoded here (before sm_89)."""
+    block scales (scales_ptr not None), multiplied in fp32 as dequantize_table defines it (exact for e8m0);
+    FP8_BYTES: e4m3 data passed as bytes, decoded here (before sm_89)."""
     if FP8_BYTES:
         raw = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0)
-        tile = _e4m3_from_bytes(raw).to(ACC)
+        tile = _e4m3_from_bytes(raw)
     else:
-        tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+        tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0.0)
     if scales_ptr is not None:
         scale = tl.load(scales_ptr + rows[:, None] * stride_scales + (offs_d // block_size)[None, :], mask=mask,
                         other=0)
         if E8M0:  # the byte as a float's exponent field: 2^(b - 127) (b = 0: 2^-127, a subnormal)
             bits = scale.to(tl.int32)
             scale = tl.where(bits == 0, 0x00400000, bits << 23).to(tl.float32, bitcast=True)
-        tile = tile * scale.to(ACC)
-    return tile
+        # (through fp32 also because there is no e4m3 -> fp64 cast)
+        tile = tile.to(tl.float32) * scale.to(tl.float32)
+    return tile.to(ACC)
 
 
 @triton.jit

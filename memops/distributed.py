@@ -37,6 +37,7 @@ from memops.nn.quantized import QuantizedEmbedding
 from memops.nn.value_embedding import ValueEmbeddingBank
 from memops.optim import in_backward_optimizer, update_in_backward
 from memops.product_key import weighted_gather
+from memops.quantized import QuantizedTable
 from memops.value_embedding import check_id_range, check_value_embedding_inputs, row_sparse_mix, value_embedding_mix
 
 # Bytes each rank hands to collectives, by scheme and direction: what docs/scale_out.md's model predicts.
@@ -162,6 +163,21 @@ class ShardedProductKeyMemory(ProductKeyMemory):
             )
         self.values = other.values
 
+    def quantize_(
+        self, *, dtype: torch.dtype = torch.float8_e4m3fn, block_size: int | None = 128, scale_format: str = "e8m0"
+    ) -> ShardedProductKeyMemory:
+        """:meth:`ProductKeyMemory.quantize_` on this rank's columns. A block must not straddle two shards, so
+        ``block_size`` must divide the shard width value_dim / world_size, or be at least that width (then one
+        scale per shard row); :func:`gather_value_table` then assembles the full 8-bit table."""
+        width = self.values.weight.shape[1]
+        valid = isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1
+        if valid and block_size < width and width % block_size:  # (other bad values: quantize_table's error)
+            raise ValueError(
+                f"ShardedProductKeyMemory.quantize_: block_size={block_size} must divide the shard width {width} "
+                "(value_dim / world_size) or be at least it, so that no block straddles two ranks"
+            )
+        return super().quantize_(dtype=dtype, block_size=block_size, scale_format=scale_format)
+
     def get_extra_state(self):
         return {"rank": self.rank, "world_size": self.world_size}
 
@@ -198,12 +214,24 @@ class ShardedProductKeyMemory(ProductKeyMemory):
 
 
 @torch.no_grad()
-def gather_value_table(module: ShardedProductKeyMemory) -> torch.Tensor:
+def gather_value_table(module: ShardedProductKeyMemory) -> torch.Tensor | QuantizedTable:
     """The full (n_keys**2, value_dim) value table on every rank, for a single-process checkpoint (a
-    collective: call it on every rank)."""
-    pieces = [torch.empty_like(module.values.weight) for _ in range(module.world_size)]
-    dist.all_gather(pieces, module.values.weight.contiguous(), group=module.process_group)
-    return torch.cat(pieces, dim=1)
+    collective: call it on every rank); of a quantized layer, the full 8-bit :class:`memops.QuantizedTable`,
+    whose blocks are the shards' (``quantize_`` keeps them inside a shard)."""
+    table = module.values.table if isinstance(module.values, QuantizedEmbedding) else module.values.weight
+    if not isinstance(table, QuantizedTable):
+        return _all_gather_columns(table, module.process_group)
+    data = _all_gather_columns(table.data, module.process_group)
+    scales = _all_gather_columns(table.scales, module.process_group)
+    return QuantizedTable(data, scales, min(table.block_size, table.shape[1]), table.dtype)
+
+
+def _all_gather_columns(local: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's (R, w) columns side by side in rank order: (R, world * w) on every rank (a collective)."""
+    wire = _on_the_wire(local)
+    pieces = [torch.empty_like(wire) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, wire, group=group)
+    return torch.cat(pieces, dim=1).view(local.dtype)
 
 
 class ExpertParallelBlockMoE(BlockMoE):
@@ -426,42 +454,61 @@ class ShardedValueEmbeddingBank(ValueEmbeddingBank):
 
     def forward(self, v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, *, check_ids: bool = True):
         """v (B, N, H, Dh), gates (B, N, H, M + 1), ids (B, N) in [0, vocab_size) -> v' (B, N, H, Dh)."""
-        check_value_embedding_inputs(v, gates, ids, self.weight)
+        bank = self.table  # (the weight, or the 8-bit table of a quantized bank)
+        check_value_embedding_inputs(v, gates, ids, bank)
         if check_ids and can_read_values(ids):
             check_id_range(ids, self.vocab_size)
         local = ids - self.row_start
-        owned = (local >= 0) & (local < self.weight.shape[0])
+        owned = (local >= 0) & (local < bank.shape[0])
         slot_gates = _AllReduceGrad.apply(gates[..., 1:], self.process_group, "value bank backward all_reduce")
         local_gates = torch.cat([torch.zeros_like(gates[..., :1]), slot_gates * owned[..., None, None]], dim=-1)
-        rows = local.clamp(0, self.weight.shape[0] - 1)
-        fused = in_backward_optimizer(self.weight) is not None
+        rows = local.clamp(0, bank.shape[0] - 1)
+        fused = isinstance(bank, torch.Tensor) and in_backward_optimizer(bank) is not None
         if self.sparse or fused:  # the other ranks' ids touch no row (-1): a zero grad would still move Adam's
-            partial = row_sparse_mix(v.new_zeros(v.shape), local_gates, rows, self.weight, fused,
+            partial = row_sparse_mix(v.new_zeros(v.shape), local_gates, rows, bank, fused,
                                      torch.where(owned, local, -1))  # fmt: skip
         else:
-            partial = value_embedding_mix(v.new_zeros(v.shape), local_gates, rows, self.weight, check_ids=False)
+            partial = value_embedding_mix(v.new_zeros(v.shape), local_gates, rows, bank, check_ids=False)
         return gates[..., :1] * v + _SumShards.apply(partial, self.process_group, "value bank forward all_reduce")
 
 
+def _on_the_wire(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous, e4m3 as its bytes (gloo has no float8 type)."""
+    t = t.contiguous()
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _all_gather_rows(local: torch.Tensor, per_rank: int, total: int, group) -> torch.Tensor:
+    """Every rank's (<= per_rank, ...) rows stacked in rank order: (total, ...) on every rank (a collective)."""
+    wire = _on_the_wire(local)
+    padded = wire.new_zeros(per_rank, *wire.shape[1:])
+    padded[: wire.shape[0]] = wire
+    pieces = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat(pieces)[:total].view(local.dtype)
+
+
+def _gather_rows_of(table, per_rank: int, total: int, group):
+    """A row-sharded table (a tensor or a QuantizedTable, whose rows quantize independently) made whole."""
+    if isinstance(table, QuantizedTable):
+        data, scales = (_all_gather_rows(t, per_rank, total, group) for t in (table.data, table.scales))
+        return QuantizedTable(data, scales, table.block_size, table.dtype)
+    return _all_gather_rows(table, per_rank, total, group)
+
+
 @torch.no_grad()
-def gather_value_bank(module: ShardedValueEmbeddingBank) -> torch.Tensor:
-    """The full (V, M, H * Dh) bank on every rank (a collective: call it on every rank)."""
-    local = module.weight.contiguous()
+def gather_value_bank(module: ShardedValueEmbeddingBank) -> torch.Tensor | QuantizedTable:
+    """The full (V, M, H * Dh) bank on every rank (a collective: call it on every rank); of a quantized bank,
+    the full 8-bit (V, M * H * Dh) :class:`memops.QuantizedTable` (each row's scales are its own, so the
+    shards' rows stack as they are: it loads at any world size)."""
     per_rank = -(-module.vocab_size // module.world_size)
-    padded = local.new_zeros(per_rank, *local.shape[1:])
-    padded[: local.shape[0]] = local
-    pieces = [torch.empty_like(padded) for _ in range(module.world_size)]
-    dist.all_gather(pieces, padded, group=module.process_group)
-    return torch.cat(pieces)[: module.vocab_size]
+    return _gather_rows_of(module.table, per_rank, module.vocab_size, module.process_group)
 
 
 @torch.no_grad()
-def gather_engram_table(module: ShardedEngram) -> torch.Tensor:
-    """The full (rows, d) hashed embedding table on every rank (a collective: call it on every rank)."""
-    local = module.multi_head_embedding.embedding.weight.contiguous()
+def gather_engram_table(module: ShardedEngram) -> torch.Tensor | QuantizedTable:
+    """The full (rows, d) hashed embedding table on every rank (a collective: call it on every rank); of a
+    quantized layer, the full 8-bit :class:`memops.QuantizedTable` (rows quantize independently, so it loads at
+    any world size)."""
     per_rank = -(-module.total_rows // module.world_size)
-    padded = local.new_zeros(per_rank, local.shape[1])
-    padded[: local.shape[0]] = local
-    pieces = [torch.empty_like(padded) for _ in range(module.world_size)]
-    dist.all_gather(pieces, padded, group=module.process_group)
-    return torch.cat(pieces)[: module.total_rows]
+    return _gather_rows_of(module.multi_head_embedding.table, per_rank, module.total_rows, module.process_group)

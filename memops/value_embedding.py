@@ -14,6 +14,7 @@ from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values, check_bool
 from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
+from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable
 
 _OP = "value_embedding_mix"
 
@@ -23,11 +24,14 @@ def _describe(t) -> str:
 
 
 def check_value_embedding_inputs(v, gates, ids, bank) -> None:
-    """The checks of value_embedding_mix's tensors (types, shapes, devices), raised in its name."""
-    for name, t in (("v", v), ("gates", gates), ("ids", ids), ("bank", bank)):
+    """The checks of value_embedding_mix's inputs (types, shapes, devices; an 8-bit bank's layout), raised in
+    its name."""
+    quantized = isinstance(bank, QuantizedTable)
+    for name, t in (("v", v), ("gates", gates), ("ids", ids)) + ((("bank", bank),) if not quantized else ()):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("v", v), ("gates", gates), ("bank", bank)):
+            extra = " (or a memops.QuantizedTable)" if name == "bank" else ""
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor{extra}, got {type(t).__name__}")
+    for name, t in (("v", v), ("gates", gates)) + ((("bank", bank),) if not quantized else ()):
         if not t.is_floating_point():
             raise TypeError(f"{_OP}: {name} must be floating point, got {_describe(t)}")
     if ids.dtype not in (torch.int32, torch.int64):
@@ -35,12 +39,25 @@ def check_value_embedding_inputs(v, gates, ids, bank) -> None:
     if v.dim() != 4:
         raise ValueError(f"{_OP}: v must be (B, N, H, Dh), got shape {tuple(v.shape)}")
     B, N, H, Dh = v.shape
-    if bank.dim() != 3 or bank.shape[2] != H * Dh:
+    if quantized:
+        M = gates.shape[-1] - 1 if gates.dim() == 4 else -1
+        if bank.shape[1] != M * H * Dh or M < 1:
+            raise ValueError(
+                f"{_OP}: a quantized bank must be (V, M * H * Dh) for gates (B, N, H, M + 1) and v of {H} heads of "
+                f"{Dh} (quantize the bank's (V, M * H * Dh) view), got shape {tuple(bank.shape)} and gates of shape "
+                f"{tuple(gates.shape)}"
+            )
+        if bank.scales.shape[1] > 1 and Dh % bank.block_size:
+            raise ValueError(
+                f"{_OP}: the quantized bank's block_size ({bank.block_size}) must divide the head dim Dh = {Dh} "
+                "(each head's slice takes whole blocks), or the bank must have one scale per row (block_size=None)"
+            )
+    elif bank.dim() != 3 or bank.shape[2] != H * Dh:
         raise ValueError(
             f"{_OP}: bank must be (V, M, H * Dh) = (V, M, {H * Dh}) for v of {H} heads of {Dh}, got shape "
             f"{tuple(bank.shape)}"
         )
-    M = bank.shape[1]
+    M = gates.shape[-1] - 1 if quantized else bank.shape[1]
     if gates.shape != (B, N, H, M + 1):
         raise ValueError(
             f"{_OP}: gates must be (B, N, H, M + 1) = {(B, N, H, M + 1)} (one gate for v and one per bank slot), "
@@ -94,9 +111,43 @@ _mix_op = custom_op(
 )
 
 
+def _quantized_mix_fwd(v, gates, ids, data, scales, block_size):
+    from memops.kernels import value_embedding as value_embedding_kernels
+
+    v, gates, ids, data, scales = contiguous(v, gates, ids, data, scales)
+    return value_embedding_kernels.value_embedding_mix_fwd(v, gates, ids, data, scales=scales, block_size=block_size)
+
+
+def _quantized_mix_bwd(grad_out, v, gates, ids, data, scales, block_size, v_grad, gates_grad):
+    from memops.kernels import value_embedding as value_embedding_kernels
+
+    grad_out, v, gates, ids, data, scales = contiguous(grad_out, v, gates, ids, data, scales)
+    grad_v, grad_gates, _ = value_embedding_kernels.value_embedding_mix_bwd(
+        grad_out, v, gates, ids, data, deterministic=False, v_grad=v_grad, gates_grad=gates_grad, bank_grad=False,
+        scales=scales, block_size=block_size,
+    )  # fmt: skip
+    return grad_v, grad_gates
+
+
+# An 8-bit bank's mix: for inference, so the bank gets no gradient (v and the gates still do).
+_quantized_mix_op = custom_op(
+    "value_embedding_mix_quantized",
+    _quantized_mix_fwd,
+    "(Tensor v, Tensor gates, Tensor ids, Tensor data, Tensor scales, int block_size) -> Tensor out",
+    fake=lambda v, gates, ids, data, scales, block_size: torch.empty_like(v, memory_format=torch.contiguous_format),
+    backward=backward_op(
+        "value_embedding_mix_quantized_backward",
+        _quantized_mix_bwd,
+        "(Tensor grad_out, Tensor v, Tensor gates, Tensor ids, Tensor data, Tensor scales, int block_size, "
+        "bool v_grad, bool gates_grad) -> (Tensor grad_v, Tensor grad_gates)",
+        grads=("v", "gates"),
+    ),
+)
+
+
 def value_embedding_mix(
-    v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, *, check_ids: bool = True,
-    deterministic: bool = False, sparse: bool = False,
+    v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor | QuantizedTable, *,
+    check_ids: bool = True, deterministic: bool = False, sparse: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Mix a token-indexed bank of value embeddings into attention values (MoVE; layer-wise value embeddings):
     ``v'[b, n, h] = gates[b, n, h, 0] * v[b, n, h] + sum_i gates[b, n, h, i] * bank[ids[b, n], i - 1, h]``.
@@ -108,7 +159,10 @@ def value_embedding_mix(
             scales v, gate i slot i - 1.
         ids: (B, N) int32 or int64 token ids in [0, V).
         bank: (V, M, H * Dh) the bank, head-major in its last dim (column h * Dh + j is head h's channel j).
-            Shared by every layer that calls this: autograd sums their bank grads.
+            Shared by every layer that calls this: autograd sums their bank grads. Or, for inference, a
+            :class:`memops.QuantizedTable` of the bank's (V, M * H * Dh) view (``quantize_table(bank.flatten(1))``)
+            whose block size divides Dh, or with one scale per row: its 8-bit rows are dequantized in registers
+            and it gets no gradient (v and gates still do).
         check_ids: raise IndexError for an id outside [0, V) (one min/max reduction and a host sync per call).
             With False, an out-of-range id reads out of bounds on the Triton path.
         deterministic: the bank grad by a sorted segment reduction with no atomics, bit-identical across runs;
@@ -131,6 +185,12 @@ def value_embedding_mix(
     check_bool(sparse, "sparse", _OP)
     if check_ids and can_read_values(ids):
         check_id_range(ids, bank.shape[0])
+    if isinstance(bank, QuantizedTable):
+        if sparse:
+            raise TypeError(QUANTIZED_NO_GRAD.format(op=_OP, what="sparse=True asks for its gradient"))
+        if resolve_backend(v) == "reference":
+            return reference.quantized.value_embedding_mix(v, gates, ids, bank.data, bank.scales, bank.block_size)
+        return _quantized_mix_op(v, gates, ids, bank.data, bank.scales, bank.block_size)
     fused = in_backward_optimizer(bank) is not None
     if sparse or fused:
         return row_sparse_mix(v, gates, ids, bank, fused)

@@ -31,6 +31,20 @@ class QuantizedEmbedding(nn.Module):
             ".table.dequantize()"
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        # A buffer's load copies across dtypes: uint8 e8m0 scales into fp32 ones (or int8 data into e4m3) would
+        # load as wrong numbers, so another format is refused, naming both.
+        for name in ("data", "scales"):
+            saved, ours = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(saved, torch.Tensor) and saved.dtype != ours.dtype:
+                error_msgs.append(
+                    f"QuantizedEmbedding {prefix}{name}: the checkpoint holds {saved.dtype}, this layer {ours.dtype}; "
+                    "quantize the layer with the checkpoint's dtype and scale_format before loading"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+
     def get_extra_state(self) -> dict:
         return {"block_size": self.block_size, "dtype": str(self.source_dtype).removeprefix("torch.")}
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from memops._validation import check_bool, check_int, check_module_input
+from memops.nn.quantized import QuantizedEmbedding
+from memops.quantized import QuantizedTable, quantize_table
 from memops.value_embedding import value_embedding_mix
 
 
@@ -28,6 +30,9 @@ class ValueEmbeddingBank(nn.Module):
     ``sparse=True``: the bank gets a ``torch.sparse_coo`` gradient for the row-sparse optimizers of
     ``memops.optim`` (a bank given to ``memops.optim.apply_optimizer_in_backward`` is updated in the backward
     either way).
+
+    ``quantize_()`` stores the bank in 8 bits for inference (``weight`` becomes a
+    :class:`memops.nn.QuantizedEmbedding` of its (vocab_size, slots * n_heads * head_dim) view).
     """
 
     def __init__(
@@ -48,9 +53,39 @@ class ValueEmbeddingBank(nn.Module):
         bound = math.sqrt(3.0 / (self.n_heads * self.head_dim))
         nn.init.uniform_(self.weight, -bound, bound)
 
+    @property
+    def table(self) -> torch.Tensor | QuantizedTable:
+        """What the mix reads: ``weight`` (V, M, H * Dh), or its 8-bit (V, M * H * Dh) table once quantized."""
+        return self.weight.table if isinstance(self.weight, QuantizedEmbedding) else self.weight
+
+    def quantize_(
+        self, *, dtype: torch.dtype = torch.float8_e4m3fn, block_size: int | None = 128, scale_format: str = "e8m0"
+    ) -> ValueEmbeddingBank:
+        """For inference: store the bank in 8 bits (:func:`memops.quantize_table`'s arguments, over the
+        (vocab_size, slots * n_heads * head_dim) view; ``block_size`` must divide head_dim, or None for one scale
+        per row), read by the mix kernel as it is. ``weight`` becomes a :class:`memops.nn.QuantizedEmbedding`
+        (state-dict keys ``weight.data``, ``weight.scales``). Returns the module; v' keeps v's dtype."""
+        if self.sparse:
+            raise ValueError(
+                "ValueEmbeddingBank.quantize_: a sparse=True bank trains; quantized tables are for inference"
+            )
+        if isinstance(self.weight, QuantizedEmbedding):
+            raise ValueError("ValueEmbeddingBank.quantize_: the bank is already quantized")
+        valid = isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1
+        if valid and self.head_dim % block_size:  # (other bad values: quantize_table's error)
+            raise ValueError(
+                f"ValueEmbeddingBank.quantize_: block_size={block_size} must divide head_dim={self.head_dim} (each "
+                "head's slice takes whole blocks), or be None (one scale per row)"
+            )
+        qt = quantize_table(self.weight.detach().flatten(1), dtype=dtype, block_size=block_size,
+                            scale_format=scale_format)  # fmt: skip
+        del self.weight
+        self.weight = QuantizedEmbedding(qt)
+        return self
+
     def forward(self, v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, *, check_ids: bool = True):
         """v (B, N, H, Dh), gates (B, N, H, M + 1), ids (B, N) -> v' (B, N, H, Dh) in v.dtype."""
-        return value_embedding_mix(v, gates, ids, self.weight, check_ids=check_ids, sparse=self.sparse)
+        return value_embedding_mix(v, gates, ids, self.table, check_ids=check_ids, sparse=self.sparse)
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, slots={self.slots}, n_heads={self.n_heads}, head_dim={self.head_dim}"

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from memops.reference.value_embedding import _accumulator, mix_slots
+
 FORMATS = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}  # each 8-bit dtype's largest value
 
 
@@ -84,3 +86,13 @@ def gather_rows(data, scales, block_size: int, rows: torch.Tensor, out_dtype: to
     flat = rows.reshape(-1).long()
     picked = dequantize_table(data[flat], scales[flat], block_size)
     return picked.view(*rows.shape[:-1], rows.shape[-1] * data.shape[1]).to(out_dtype)
+
+
+def value_embedding_mix(v, gates, ids, data, scales, block_size: int) -> torch.Tensor:
+    """memops.value_embedding_mix on an 8-bit bank (data (V, M * H * Dh)): only the ids' rows dequantized;
+    differentiable in v and gates. (B, N, H, Dh) in v.dtype."""
+    B, N = ids.shape
+    M = gates.shape[-1] - 1
+    flat = ids.reshape(-1).long()
+    slots = dequantize_table(data[flat], scales[flat], block_size).view(B, N, M, -1)
+    return mix_slots(v, gates, slots, _accumulator(v, gates))

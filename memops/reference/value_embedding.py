@@ -32,10 +32,14 @@ def _accumulator(*tensors: torch.Tensor) -> torch.dtype:
 def value_embedding_mix(v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """v (B, N, H, Dh), gates (B, N, H, M + 1), ids (B, N) int in [0, V), bank (V, M, H * Dh) -> (B, N, H, Dh)
     in v.dtype. Differentiable in v, gates and bank (autograd through the gather and the einsum)."""
+    return mix_slots(v, gates, bank[ids], _accumulator(v, gates, bank))
+
+
+def mix_slots(v: torch.Tensor, gates: torch.Tensor, slots: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """The mix given every token's M slot rows ``slots`` (B, N, M, H * Dh), accumulated in ``acc``."""
     B, N, H, Dh = v.shape
-    M = bank.shape[1]
-    acc = _accumulator(v, gates, bank)
-    rows = bank[ids].to(acc).view(B, N, M, H, Dh)  # the M slots of every token: (B, N, M, H, Dh)
+    M = slots.shape[2]
+    rows = slots.to(acc).view(B, N, M, H, Dh)
     g = gates.to(acc)
     mixed = g[..., 0:1] * v.to(acc) + torch.einsum("bnhm,bnmhd->bnhd", g[..., 1:], rows)
     return mixed.to(v.dtype)

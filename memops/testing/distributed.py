@@ -7,6 +7,7 @@ compares the sharded module against the single-process module built from the sam
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import traceback
@@ -370,6 +371,105 @@ def check_sharded_value_bank(rank: int, world: int) -> dict:
     return errors
 
 
+def _same_table(a, b) -> bool:
+    """Two QuantizedTables hold the same bits (data, scales) and the same blocking."""
+    return (a.block_size == b.block_size and a.dtype == b.dtype and torch.equal(a.scales, b.scales)
+            and torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)))  # fmt: skip
+
+
+def _saved_and_loaded(qt):
+    """``qt`` through torch.save and torch.load(weights_only=True), as a checkpoint file carries it."""
+    from memops import QuantizedTable
+
+    buffer = io.BytesIO()
+    torch.save(qt.state_dict(), buffer)
+    buffer.seek(0)
+    return QuantizedTable.from_state_dict(torch.load(buffer, weights_only=True))
+
+
+def check_sharded_quantized(rank: int, world: int) -> dict:
+    """8-bit tables quantized per shard: each sharded layer's output equals the single-process layer quantized
+    alike; the gather helpers assemble the full 8-bit table with the same bits as the single layer's, and that
+    table, saved and loaded, serves a single-process layer (another world size) with the sharded output."""
+    from memops import distributed as md
+    from memops.nn import Engram, ProductKeyMemory, ValueEmbeddingBank
+
+    errors = {}
+    generator = torch.Generator().manual_seed(5)
+    # ProductKeyMemory: columns sharded (width 16 / world); blocks of 4 and one scale per shard row
+    kwargs = dict(n_keys=8, heads=2, topk=4, key_dim=16, query_norm="layernorm", gated=True)
+    x = torch.randn(2, 5, 12, generator=generator)
+    for block, fmt in ((4, dict(dtype=torch.float8_e4m3fn, scale_format="e8m0")),
+                       (None, dict(dtype=torch.int8, scale_format="fp32"))):  # fmt: skip
+        torch.manual_seed(0)
+        sharded = md.ShardedProductKeyMemory(12, 8, value_dim=16, **kwargs).quantize_(block_size=block, **fmt)
+        full = _saved_and_loaded(md.gather_value_table(sharded))
+        width = 16 // world
+        torch.manual_seed(0)
+        single = ProductKeyMemory(12, 8, value_dim=16, **kwargs).quantize_(block_size=block or width, **fmt)
+        if not _same_table(full, single.values.table):
+            raise AssertionError(f"pkm block {block}: the gathered 8-bit table differs from the single layer's")
+        torch.manual_seed(0)
+        loaded = ProductKeyMemory(12, 8, value_dim=16, **kwargs).quantize_(block_size=full.block_size, **fmt)
+        state = loaded.state_dict()
+        state.update({"values.data": full.data, "values.scales": full.scales})
+        loaded.load_state_dict(state)
+        with torch.no_grad():
+            errors[f"pkm block {block} out"] = _close(sharded(x), loaded(x))
+    torch.manual_seed(0)
+    try:
+        md.ShardedProductKeyMemory(12, 8, value_dim=16, **kwargs).quantize_(block_size=3)
+    except ValueError as error:
+        errors["straddling block message"] = "must divide the shard width" in str(error)
+    else:
+        raise AssertionError("a block straddling two shards was accepted")
+    # Engram: rows sharded (an odd row count: the last shard is shorter)
+    config = dict(
+        layer_id=1, hidden_size=16, hc_mult=2, vocab_sizes=(61, 67, 71), max_ngram_size=4, n_embed_per_ngram=8,
+        n_head_per_ngram=1, kernel_size=4, pad_id=2, seed=0, tokenizer_vocab_size=90,
+    )  # fmt: skip
+    fmt = dict(dtype=torch.int8, block_size=4, scale_format="fp32")
+    torch.manual_seed(0)
+    sharded = md.ShardedEngram(**config).quantize_(**fmt)
+    torch.manual_seed(0)
+    single = Engram(**config).quantize_(**fmt)
+    full = _saved_and_loaded(md.gather_engram_table(sharded))
+    if not _same_table(full, single.multi_head_embedding.table):
+        raise AssertionError("engram: the gathered 8-bit table differs from the single layer's")
+    torch.manual_seed(0)
+    loaded = Engram(**config).quantize_(**fmt)
+    state = loaded.state_dict()
+    state.update({"multi_head_embedding.embedding.data": full.data,
+                  "multi_head_embedding.embedding.scales": full.scales})  # fmt: skip
+    loaded.load_state_dict(state)
+    hidden = torch.randn(2, 7, 2, 16, generator=generator)
+    ids = torch.randint(0, 90, (2, 7), generator=generator)
+    with torch.no_grad():
+        errors["engram out"] = _close(sharded(hidden, ids), loaded(hidden, ids))
+    # the MoVE bank: rows (token ids) sharded, blocks of the head dim; the gates' grad still flows
+    V, M, H, Dh = 37, 3, 2, 8
+    fmt = dict(dtype=torch.float8_e4m3fn, block_size=4, scale_format="e8m0")
+    torch.manual_seed(0)
+    sharded = md.ShardedValueEmbeddingBank(V, M, H, Dh).quantize_(**fmt)
+    torch.manual_seed(0)
+    single = ValueEmbeddingBank(V, M, H, Dh).quantize_(**fmt)
+    full = _saved_and_loaded(md.gather_value_bank(sharded))
+    if not _same_table(full, single.table):
+        raise AssertionError("value bank: the gathered 8-bit bank differs from the single bank's")
+    v = torch.randn(2, 6, H, Dh, generator=generator)
+    gates = 2 * torch.sigmoid(torch.randn(2, 6, H, M + 1, generator=generator))
+    token_ids = torch.randint(0, V, (2, 6), generator=generator)
+    results = {}
+    for name, module in (("single", single), ("sharded", sharded)):
+        leaf = gates.clone().requires_grad_()
+        out = module(v, leaf, token_ids)
+        out.square().sum().backward()
+        results[name] = (out.detach(), leaf.grad)
+    errors["value bank out"] = _close(results["sharded"][0], results["single"][0])
+    errors["value bank dgates"] = _close(results["sharded"][1], results["single"][1])
+    return errors
+
+
 CHECKS = {
     "sharded_pkm": check_sharded_pkm,
     "expert_parallel_moe": check_expert_parallel_moe,
@@ -377,6 +477,7 @@ CHECKS = {
     "sharded_engram": check_sharded_engram,
     "sharded_optimizers": check_sharded_optimizers,
     "sharded_value_bank": check_sharded_value_bank,
+    "sharded_quantized": check_sharded_quantized,
 }
 
 
