@@ -202,3 +202,12 @@ def test_quantized_quality_reports_each_table_format():
     base = quality["as trained (fp32)"][0]
     assert all(abs(loss - base) / base < 0.01 for loss, _ in quality.values())
     assert isinstance(model.layers[0].engram.multi_head_embedding.embedding, torch.nn.Embedding)
+    # the facts task's MoVE bank (head dim 8: the fp8 form's blocks are cut to 8 columns)
+    torch.manual_seed(0)
+    model = MemoryLM(demo.facts_config("move"))
+    quality = demo.quantized_quality(model, demo.evaluate_facts)
+    assert list(quality) == ["as trained (fp32)", "bf16", *demo.TABLE_FORMATS]
+    base = quality["as trained (fp32)"][0]
+    assert all(abs(loss - base) / base < 0.01 for loss, _ in quality.values())
+    assert isinstance(model.value_bank.weight, torch.nn.Parameter)
+    assert demo.table_layers(model) == [model.value_bank]

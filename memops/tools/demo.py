@@ -20,7 +20,7 @@ import time
 import torch
 
 from memops.models import MemoryLM, MemoryLMConfig
-from memops.nn import Engram, ProductKeyMemory
+from memops.nn import Engram, ProductKeyMemory, ValueEmbeddingBank
 from memops.optim import RowwiseAdagrad, SparseAdam, apply_optimizer_in_backward
 from memops.tools.arguments import add_demo_arguments
 
@@ -29,15 +29,22 @@ from memops.tools.arguments import add_demo_arguments
 MEMORY_OPTIMIZERS = {"sparse-adam": (SparseAdam, 1.0), "rowwise-adagrad": (RowwiseAdagrad, 10.0)}
 
 
+def table_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers that hold the model's memory tables: product-key memories, Engrams and value-embedding banks
+    (a bank shared by every layer once)."""
+    return [m for m in model.modules() if isinstance(m, (ProductKeyMemory, Engram, ValueEmbeddingBank))]
+
+
+def table_weight(layer: torch.nn.Module) -> torch.nn.Parameter:
+    """A table layer's float table: the PKM's values, the Engram's hashed n-gram rows, the bank."""
+    if isinstance(layer, ProductKeyMemory):
+        return layer.values.weight
+    return layer.multi_head_embedding.embedding.weight if isinstance(layer, Engram) else layer.weight
+
+
 def memory_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The model's memory tables: product-key value tables and Engram's hashed n-gram tables."""
-    tables = []
-    for module in model.modules():
-        if isinstance(module, ProductKeyMemory):
-            tables.append(module.values.weight)
-        elif isinstance(module, Engram):
-            tables.append(module.multi_head_embedding.embedding.weight)
-    return tables
+    """The model's memory tables (of :func:`table_layers`)."""
+    return [table_weight(layer) for layer in table_layers(model)]
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
@@ -148,23 +155,26 @@ def train_ngram(
     rule = torch.randint(0, NGRAM_VOCAB, (NGRAM_VOCAB, NGRAM_VOCAB), generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
     model = MemoryLM(ngram_config(engram)).to(device)
-    optimizer = make_optimizer(model, optimizer, lr)
     generator = torch.Generator().manual_seed(seed + 1)
+    fit(model, make_optimizer(model, optimizer, lr), lambda: ngram_batch(batch, rule, generator), steps, device,
+        losses)  # fmt: skip
+    return model, evaluate_ngram(model, seed, device)[1]
+
+
+def fit(model: MemoryLM, optimizer, next_batch, steps: int, device: str, losses: list | None = None) -> None:
+    """``steps`` optimizer steps on ``next_batch()``'s (tokens, targets); each loss appended to ``losses``."""
     for _ in range(steps):
-        tokens, targets = ngram_batch(batch, rule, generator)
+        tokens, targets = next_batch()
         loss = model.loss(tokens.to(device), targets.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if losses is not None:
             losses.append(loss.item())
-    return model, evaluate_ngram(model, seed, device)[1]
 
 
-def evaluate_ngram(model: MemoryLM, seed: int = 0, device: str = "cpu") -> tuple[float, float]:
-    """(cross-entropy, next-token accuracy) on 256 held-out sequences of the seed's rule."""
-    rule = torch.randint(0, NGRAM_VOCAB, (NGRAM_VOCAB, NGRAM_VOCAB), generator=torch.Generator().manual_seed(seed))
-    tokens, targets = ngram_batch(256, rule, torch.Generator().manual_seed(seed + 99))
+def held_out_quality(model: MemoryLM, tokens: torch.Tensor, targets: torch.Tensor, device: str):
+    """(cross-entropy, next-token accuracy) over the known (!= -100) targets."""
     with torch.no_grad():
         logits = model(tokens.to(device)).float().cpu()
     known = targets != -100
@@ -172,32 +182,48 @@ def evaluate_ngram(model: MemoryLM, seed: int = 0, device: str = "cpu") -> tuple
     return loss, (logits.argmax(-1)[known] == targets[known]).float().mean().item()
 
 
-# The 8-bit forms of the Engram table the n-gram task reports (memops.quantize_table's arguments)
+def evaluate_ngram(model: MemoryLM, seed: int = 0, device: str = "cpu") -> tuple[float, float]:
+    """(cross-entropy, next-token accuracy) on 256 held-out sequences of the seed's rule."""
+    rule = torch.randint(0, NGRAM_VOCAB, (NGRAM_VOCAB, NGRAM_VOCAB), generator=torch.Generator().manual_seed(seed))
+    return held_out_quality(model, *ngram_batch(256, rule, torch.Generator().manual_seed(seed + 99)), device)
+
+
+# The 8-bit forms of the memory tables the demos report (memops.quantize_table's arguments; a value bank's
+# blocks are cut to its head dim, which they must divide)
 TABLE_FORMATS = {
-    "fp8 (e4m3, e8m0 scales per 128)": dict(dtype=torch.float8_e4m3fn, block_size=128, scale_format="e8m0"),
+    "fp8 (e4m3, e8m0 scales per 128 columns; a bank's per head)": dict(
+        dtype=torch.float8_e4m3fn, block_size=128, scale_format="e8m0"
+    ),
     "int8 (fp32 scale per row)": dict(dtype=torch.int8, block_size=None, scale_format="fp32"),
 }
 
 
-def quantized_quality(model: MemoryLM, seed: int = 0, device: str = "cpu") -> dict[str, tuple[float, float]]:
-    """The trained model's held-out (loss, accuracy) with its Engram tables as trained, in bf16 and in each
-    8-bit form of TABLE_FORMATS (the rest of the model unchanged)."""
+def quantized_quality(model: MemoryLM, evaluate=evaluate_ngram, seed: int = 0, device: str = "cpu") -> dict:
+    """The trained model's held-out (loss, accuracy) (``evaluate(model, seed, device)``) with its memory tables
+    as trained, in bf16 and in each 8-bit form of TABLE_FORMATS (the rest of the model unchanged)."""
     import copy
+    import math
 
-    results = {"as trained (fp32)": evaluate_ngram(model, seed, device)}
+    results = {"as trained (fp32)": evaluate(model, seed, device)}
     bf16 = copy.deepcopy(model)
-    for layer in bf16.layers:
-        if layer.engram is not None:
-            weight = layer.engram.multi_head_embedding.embedding.weight
-            weight.data = weight.data.to(torch.bfloat16).float()
-    results["bf16"] = evaluate_ngram(bf16, seed, device)
+    for weight in memory_tables(bf16):
+        weight.data = weight.data.to(torch.bfloat16).float()
+    results["bf16"] = evaluate(bf16, seed, device)
     for name, options in TABLE_FORMATS.items():
         quantized = copy.deepcopy(model)
-        for layer in quantized.layers:
-            if layer.engram is not None:
-                layer.engram.quantize_(**options)
-        results[name] = evaluate_ngram(quantized, seed, device)
+        for layer in table_layers(quantized):
+            block = options["block_size"]
+            if isinstance(layer, ValueEmbeddingBank) and block is not None:
+                block = math.gcd(block, layer.head_dim)
+            layer.quantize_(**{**options, "block_size": block})
+        results[name] = evaluate(quantized, seed, device)
     return results
+
+
+def print_quality(quality: dict, table: str) -> None:
+    base = quality["as trained (fp32)"][0]
+    for name, (loss, accuracy) in quality.items():
+        print(f"    {table} {name}: held-out loss {loss:.4f} ({(loss - base) / base:+.2%}), accuracy {accuracy:.1%}")
 
 
 def loss_curve(losses: list[float], points: int = 8) -> str:
@@ -220,11 +246,7 @@ def main_ngram(steps: int, seed: int, device: str, optimizer: str = "adamw") -> 
         print(f"  {label}: next-token accuracy {results[engram]:.1%} ({time.perf_counter() - start:.0f} s)")
         print(f"    loss by step: {loss_curve(losses)}")
         if engram:  # the trained table served from 8 bits
-            quality = quantized_quality(model, seed, device)
-            base = quality["as trained (fp32)"][0]
-            for name, (loss, accuracy) in quality.items():
-                print(f"    Engram table {name}: held-out loss {loss:.4f} ({(loss - base) / base:+.2%}), "
-                      f"accuracy {accuracy:.1%}")  # fmt: skip
+            print_quality(quantized_quality(model, evaluate_ngram, seed, device), "Engram table")
     print(f"Engram's n-gram table: {results[True] - results[False]:+.1%} at {steps} steps")
     return 0
 
@@ -257,19 +279,16 @@ def train_facts(steps: int, *, variant: str, seed: int = 0, batch: int = 32, dev
     facts = torch.randint(0, FACTS_VOCAB, (FACTS_VOCAB,), generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
     model = MemoryLM(facts_config(variant)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        tokens, targets = facts_batch(batch, facts, generator)
-        loss = model.loss(tokens.to(device), targets.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    tokens, targets = facts_batch(256, facts, torch.Generator().manual_seed(seed + 99))
-    with torch.no_grad():
-        predicted = model(tokens.to(device)).argmax(-1).cpu()
-    known = targets != -100
-    return model, (predicted[known] == targets[known]).float().mean().item()
+    fit(model, torch.optim.AdamW(model.parameters(), lr=lr), lambda: facts_batch(batch, facts, generator), steps,
+        device)  # fmt: skip
+    return model, evaluate_facts(model, seed, device)[1]
+
+
+def evaluate_facts(model: MemoryLM, seed: int = 0, device: str = "cpu") -> tuple[float, float]:
+    """(cross-entropy, next-token accuracy) on 256 held-out sequences of the seed's facts."""
+    facts = torch.randint(0, FACTS_VOCAB, (FACTS_VOCAB,), generator=torch.Generator().manual_seed(seed))
+    return held_out_quality(model, *facts_batch(256, facts, torch.Generator().manual_seed(seed + 99)), device)
 
 
 def main_facts(steps: int, seed: int, device: str) -> int:
@@ -279,8 +298,10 @@ def main_facts(steps: int, seed: int, device: str) -> int:
     for variant, label in (("none", "no value memory     "), ("lave", "LaVE (per-layer, M=1)"),
                            ("move", "MoVE (shared, M=4)  ")):  # fmt: skip
         start = time.perf_counter()
-        _, results[variant] = train_facts(steps, variant=variant, seed=seed, device=device)
+        model, results[variant] = train_facts(steps, variant=variant, seed=seed, device=device)
         print(f"  {label}: next-token accuracy {results[variant]:.1%} ({time.perf_counter() - start:.0f} s)")
+        if variant == "move":  # the trained bank served from 8 bits
+            print_quality(quantized_quality(model, evaluate_facts, seed, device), "MoVE bank")
     print(f"MoVE's bank: {results['move'] - results['none']:+.1%} at {steps} steps")
     return 0
 
