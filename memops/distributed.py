@@ -109,7 +109,25 @@ class _AllToAll(torch.autograd.Function):
         return back, None, None, None
 
 
-class ShardedProductKeyMemory(ProductKeyMemory):
+class _ShardCheckpoint:
+    """The extra state of a sharded layer's checkpoint: its (rank, world_size). A shard saved at another rank or
+    world size is refused, naming ``gather_helper``, the collective that assembles the full table."""
+
+    gather_helper: str
+
+    def get_extra_state(self):
+        return {"rank": self.rank, "world_size": self.world_size}
+
+    def set_extra_state(self, state) -> None:
+        if state["world_size"] != self.world_size or state["rank"] != self.rank:
+            raise ValueError(
+                f"{type(self).__name__}: checkpoint shard is rank {state['rank']} of {state['world_size']}, this "
+                f"module is rank {self.rank} of {self.world_size}; convert with memops.distributed."
+                f"{self.gather_helper} (the full table) and load that into modules of the new world size"
+            )
+
+
+class ShardedProductKeyMemory(_ShardCheckpoint, ProductKeyMemory):
     """A ProductKeyMemory whose value table is split by columns over ``process_group``.
 
     Each rank holds ``values.weight`` of (n_keys**2, value_dim / world_size): columns
@@ -121,6 +139,8 @@ class ShardedProductKeyMemory(ProductKeyMemory):
     The state dict holds the local shard plus its (rank, world_size); loading it at another world size raises
     and names :func:`gather_value_table`, which assembles the full table for a single-process checkpoint.
     """
+
+    gather_helper = "gather_value_table"
 
     def __init__(
         self, input_dim: int, output_dim: int, *, process_group=None, gather_output: bool = True, **kwargs
@@ -177,17 +197,6 @@ class ShardedProductKeyMemory(ProductKeyMemory):
                 "(value_dim / world_size) or be at least it, so that no block straddles two ranks"
             )
         return super().quantize_(dtype=dtype, block_size=block_size, scale_format=scale_format)
-
-    def get_extra_state(self):
-        return {"rank": self.rank, "world_size": self.world_size}
-
-    def set_extra_state(self, state) -> None:
-        if state["world_size"] != self.world_size or state["rank"] != self.rank:
-            raise ValueError(
-                f"ShardedProductKeyMemory: checkpoint shard is rank {state['rank']} of {state['world_size']}, this "
-                f"module is rank {self.rank} of {self.world_size}; convert with memops.distributed.gather_value_table "
-                "(full table) and load that into modules of the new world size"
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (the dropouts draw on each rank's own generator: seed ranks alike for identical replicas)
@@ -349,7 +358,7 @@ class _OwnedRowsRead(torch.autograd.Function):
         return grad_local, None, None
 
 
-class ShardedEngram(Engram):
+class ShardedEngram(_ShardCheckpoint, Engram):
     """An Engram whose hashed embedding table is split by rows over ``process_group`` (row parallelism).
 
     Rank r holds rows [r * ceil(rows / W), (r + 1) * ceil(rows / W)) of
@@ -367,6 +376,8 @@ class ShardedEngram(Engram):
     table for a single-process (official-layout) checkpoint.
     """
 
+    gather_helper = "gather_engram_table"
+
     def __init__(self, *args, process_group=None, **kwargs) -> None:
         world, rank = _group_size_and_rank(process_group)
         super().__init__(*args, **kwargs)
@@ -380,16 +391,6 @@ class ShardedEngram(Engram):
         # exactly the single-process initialisation.
         local = full[self.row_start : row_end].clone()
         self.multi_head_embedding.embedding = nn.Embedding.from_pretrained(local, freeze=False)
-
-    def get_extra_state(self):
-        return {"rank": self.rank, "world_size": self.world_size}
-
-    def set_extra_state(self, state) -> None:
-        if state["world_size"] != self.world_size or state["rank"] != self.rank:
-            raise ValueError(
-                f"ShardedEngram: checkpoint shard is rank {state['rank']} of {state['world_size']}, this module is "
-                f"rank {self.rank} of {self.world_size}; convert with memops.distributed.gather_engram_table"
-            )
 
     def embed(self, input_ids: torch.Tensor, *, context: torch.Tensor | None = None) -> torch.Tensor:
         ids = input_ids if context is None else torch.cat([context, input_ids], dim=1)
@@ -410,7 +411,7 @@ class ShardedEngram(Engram):
         return out.reshape(*rows.shape[:2], rows.shape[2] * local.shape[1])
 
 
-class ShardedValueEmbeddingBank(ValueEmbeddingBank):
+class ShardedValueEmbeddingBank(_ShardCheckpoint, ValueEmbeddingBank):
     """MoVE's value-embedding bank split by rows (token ids) over ``process_group`` (row parallelism, as
     :class:`ShardedEngram`).
 
@@ -425,6 +426,8 @@ class ShardedValueEmbeddingBank(ValueEmbeddingBank):
     The state dict holds the local shard and its (rank, world_size); :func:`gather_value_bank` assembles the
     full bank for a single-process checkpoint.
     """
+
+    gather_helper = "gather_value_bank"
 
     def __init__(
         self, vocab_size: int, slots: int, n_heads: int, head_dim: int, *, process_group=None, sparse: bool = False,
@@ -441,16 +444,6 @@ class ShardedValueEmbeddingBank(ValueEmbeddingBank):
         # Every rank draws the full bank with the same seed and keeps its rows: sharded training starts from
         # exactly the single-process initialisation.
         self.weight = nn.Parameter(self.weight.detach()[self.row_start : row_end].clone())
-
-    def get_extra_state(self):
-        return {"rank": self.rank, "world_size": self.world_size}
-
-    def set_extra_state(self, state) -> None:
-        if state["world_size"] != self.world_size or state["rank"] != self.rank:
-            raise ValueError(
-                f"ShardedValueEmbeddingBank: checkpoint shard is rank {state['rank']} of {state['world_size']}, this "
-                f"module is rank {self.rank} of {self.world_size}; convert with memops.distributed.gather_value_bank"
-            )
 
     def forward(self, v: torch.Tensor, gates: torch.Tensor, ids: torch.Tensor, *, check_ids: bool = True):
         """v (B, N, H, Dh), gates (B, N, H, M + 1), ids (B, N) in [0, vocab_size) -> v' (B, N, H, Dh)."""

@@ -6,6 +6,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from decoding import greedy  # noqa: E402
+
 from memops.integrations.hf import RetentionCache, SharedLoopCache, constant_decay, replace_mlp  # noqa: E402
 from memops.nn import BlockMoE, ProductKeyMemory  # noqa: E402
 
@@ -123,12 +125,7 @@ def test_insert_engram_generates_like_full_recomputation(llama):
         engram.value_proj.bias.add_(1.0)  # the Engram's output moves the logits
         assert not torch.allclose(llama(prompt, use_cache=False).logits, plain_logits)
     out = full_cache_output(llama, prompt, 6)
-    expected = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            step = llama(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            expected = torch.cat([expected, step], dim=1)
-    assert torch.equal(out, expected)
+    assert torch.equal(out, greedy(lambda tokens: llama(tokens, use_cache=False).logits, prompt, 6))
     with pytest.raises(ValueError, match="n_head_per_ngram= is required"):
         insert_engram(llama, [0], vocab_sizes=[101, 103], n_embed_per_ngram=16)
 
@@ -148,12 +145,7 @@ def test_insert_value_embeddings_generates_like_full_recomputation(llama):
         mixed_logits = llama(prompt, use_cache=False).logits
     assert not torch.allclose(mixed_logits, plain_logits)  # the bank moves the logits
     out = full_cache_output(llama, prompt, 6)  # the cache keeps the mixed values
-    expected = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            step = llama(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            expected = torch.cat([expected, step], dim=1)
-    assert torch.equal(out, expected)
+    assert torch.equal(out, greedy(lambda tokens: llama(tokens, use_cache=False).logits, prompt, 6))
     # a fresh model with the same insertion loads the checkpoint and gives the same logits
     torch.manual_seed(1)
     other = transformers.LlamaForCausalLM(llama.config).eval()

@@ -3,6 +3,7 @@ bounded cache (equal to full recomputation while nothing is evicted), compiles, 
 
 import pytest
 import torch
+from decoding import greedy, tiny_model
 
 import memops
 from memops.models import MemoryLM, MemoryLMConfig
@@ -11,20 +12,6 @@ from memops.tools import demo
 
 # a MemoryLM of every part at the smallest sizes (shared with the distributed checks)
 TINY = TINY_MEMORY_LM
-
-
-def tiny_model(**overrides):
-    torch.manual_seed(0)
-    return MemoryLM(MemoryLMConfig(**{**TINY, **overrides})).eval()
-
-
-def greedy(model, prompt, new_tokens):
-    """Greedy decoding by full recomputation: the reference for the cached generate."""
-    tokens = prompt
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return tokens
 
 
 def test_forward_and_loss():

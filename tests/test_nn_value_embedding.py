@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from decoding import greedy, tiny_model
 
 import memops
 from memops import reference
@@ -57,19 +58,6 @@ def test_attention_layer_with_a_bank_matches_float64(backend):
     assert_close_to_reference(gate.proj.weight.grad, modules64[1].proj.weight.grad, torch.float32, name="W_G grad")
     assert_close_to_reference(bank.weight.grad, modules64[2].weight.grad, torch.float32, name="bank grad")
     assert bank.weight.grad[5].ne(0).any() and bank.weight.grad[[i for i in range(23) if i not in ids]].eq(0).all()
-
-
-def tiny_model(**overrides):
-    torch.manual_seed(0)
-    return MemoryLM(MemoryLMConfig(**{**TINY_MEMORY_LM, **overrides})).eval()
-
-
-def greedy(model, prompt, new_tokens):
-    tokens = prompt
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return tokens
 
 
 @pytest.mark.parametrize("overrides", [dict(move_slots=3), dict(value_embeddings="layer"), dict(move_slots=2, loops=2)],
