@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import memops
 from memops.tools import compile_scenarios as scenarios
-from memops.tools.benchmarking import Case
+from memops.tools.benchmarking import Case, quantized_providers
 
 OP = "engram"
 METRIC = "bandwidth"
@@ -242,12 +242,7 @@ def _quantized_lookup(flavour: str):
 def providers(case: Case, device: str) -> dict:
     part = case.params["part"]
     if "table" in case.params:
-        # (on CPU the memops provider is the reference, named as every module's CPU path is)
-        ours = f"memops-{case.params['table']}" if device == "cuda" else "memops-reference"
-        out = {ours: _quantized_lookup("memops"), "dequantize_torch": _quantized_lookup("torch")}
-        if device == "cuda":
-            out["memops-bf16"] = _quantized_lookup("memops-bf16")
-        return out
+        return quantized_providers(case, device, _quantized_lookup, "dequantize_torch")
     out = {("memops" if device == "cuda" else "memops-reference"): _build(part, case.mode, "memops")}
     out["torch"] = _build(part, case.mode, "torch")
     if device == "cuda":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import memops
 from memops.tools import compile_scenarios as scenarios
-from memops.tools.benchmarking import Case, case_grid
+from memops.tools.benchmarking import Case, case_grid, quantized_providers
 
 OP = "weighted_gather"
 METRIC = "bandwidth"  # the plot's third panel: % of the bandwidth ceiling
@@ -125,12 +125,7 @@ def _quantized(flavour: str):
 
 def providers(case: Case, device: str) -> dict:
     if "table" in case.params:
-        # (on CPU the memops provider is the reference, named as every module's CPU path is)
-        ours = f"memops-{case.params['table']}" if device == "cuda" else "memops-reference"
-        out = {ours: _quantized("memops"), "dequantize_einsum": _quantized("torch")}
-        if device == "cuda":
-            out["memops-bf16"] = _quantized("memops-bf16")
-        return out
+        return quantized_providers(case, device, _quantized, "dequantize_einsum")
     ours = "memops" if device == "cuda" else "memops-reference"
     out = {ours: _build(_memops(), case.mode)}
     if device == "cuda":

@@ -90,6 +90,18 @@ class Result:
     note: str | None = None
 
 
+def quantized_providers(case: Case, device: str, build, plain: str) -> dict:
+    """The providers of an 8-bit table case (``case.params["table"]``: "fp8" or "int8"): memops on the 8-bit
+    table (``memops-fp8`` / ``memops-int8``; on CPU ``memops-reference``, named as every module's CPU path is),
+    the plain-PyTorch dequantizing formulation named ``plain`` and, on CUDA, memops on the bf16 table
+    (``memops-bf16``). ``build(flavour)`` makes each, flavour "memops", "torch" or "memops-bf16"."""
+    ours = f"memops-{case.params['table']}" if device == "cuda" else "memops-reference"
+    out = {ours: build("memops"), plain: build("torch")}
+    if device == "cuda":
+        out["memops-bf16"] = build("memops-bf16")
+    return out
+
+
 def case_grid(
     device: str, quick: bool, *, quick_cases=(), full_cases=(), cuda_quick=(), cuda_full=(), modes=("fwd", "fwd+bwd"),
 ) -> list[Case]:  # fmt: skip
