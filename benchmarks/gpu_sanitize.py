@@ -281,10 +281,12 @@ def value_embedding(device):
     ids[1, -1] = V - 1
     for deterministic in (False, True):
         memops.value_embedding_mix(v, gates, ids, bank, deterministic=deterministic).float().square().sum().backward()
+    # (the last 6 tokens, the last bank row among them: the 8-bit reads' bounds at a sixth of the work)
+    last = (v.detach()[:, -6:].requires_grad_(), gates.detach()[:, -6:].requires_grad_(), ids[:, -6:])
     for dtype, block_size, scale_format in ((torch.float8_e4m3fn, 24, "e8m0"), (torch.int8, None, "fp32")):
         qt = memops.quantize_table(bank.detach().flatten(1), dtype=dtype, block_size=block_size,
                                    scale_format=scale_format)  # fmt: skip
-        memops.value_embedding_mix(v, gates, ids, qt).float().square().sum().backward()
+        memops.value_embedding_mix(last[0], last[1], last[2], qt).float().square().sum().backward()
 
 
 # Cases whose kernels use atomics (values grads, the deterministic-off dK/dV) or shared scratch (the sorts).
