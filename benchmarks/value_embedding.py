@@ -5,6 +5,11 @@ torch.compile on CUDA).
 Shapes: MoVE's D20 model (vocab 65,536, d_model 1,280 = 10 heads of 128, sequences of 2,048, B * N = 16,384
 tokens) at M = 1, 4, 8 and 32 slots, bf16; ``small`` on CPU.
 
+The ``-fp8`` / ``-int8`` cases read an 8-bit copy of the bank (memops.quantize_table of its (V, M * H * Dh)
+view, e8m0 scales per 128 columns; inference, forward only): providers memops-fp8 / memops-int8 against the bf16
+bank's own memops mix (memops-bf16) and plain PyTorch that dequantizes the gathered rows before the einsum
+(dequantize_einsum). Their bytes count the 8-bit rows and their scales.
+
 Bytes (the fewest the op must move): forward, per token the ids, its M bank rows of H * Dh, v read and v'
 written, the gates; backward, dv' read, v read and dv written, the M bank rows read again (the slot gates'
 grads) and their grad rows written, the gates read and their grads written.
@@ -18,14 +23,15 @@ import torch
 
 import memops
 from memops.tools import compile_scenarios as scenarios
-from memops.tools.benchmarking import Case
+from memops.tools.benchmarking import Case, quantized_providers
 
 OP = "value_embedding"
 METRIC = "bandwidth"
-MEMOPS_PROVIDERS = ("memops", "memops-reference")
-BASELINES = ("gather_einsum", "gather_einsum_compile")
+MEMOPS_PROVIDERS = ("memops", "memops-reference", "memops-fp8", "memops-int8")
+BASELINES = ("gather_einsum", "gather_einsum_compile", "memops-bf16", "dequantize_einsum")
 # Baselines that compute this very op in plain PyTorch: benchmarks/cpu_ratio.py holds the reference to them.
-EQUIVALENT = ("gather_einsum",)
+EQUIVALENT = ("gather_einsum", "dequantize_einsum")
+QUANTIZED = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 D20 = dict(V=65536, B=8, N=2048, H=10, Dh=128, dtype="bf16")
 
@@ -38,6 +44,10 @@ def cases(device: str, quick: bool) -> list[Case]:
             out += [
                 Case(f"d20-m{M}", mode, dict(D20, M=M), quick=M == 4, cuda_only=True) for mode in ("fwd", "fwd+bwd")
             ]
+    # 8-bit banks, for inference: the forward
+    out.append(Case("small-fp8", "fwd", dict(small, table="fp8"), quick=True))
+    if device == "cuda":
+        out += [Case(f"d20-m8-{table}", "fwd", dict(D20, M=8, table=table), cuda_only=True) for table in QUANTIZED]
     return out
 
 
@@ -58,14 +68,21 @@ def make_inputs(case: Case, device: str, seed: int):
     )
     if case.mode != "fwd":
         inputs["grad"] = torch.randn(B, N, H, Dh, device=device, generator=generator).to(dtype)
+    if "table" in p:  # (the float bank's mix is the baseline; its 8-bit copy is read by memops-fp8/int8)
+        block = math.gcd(128, Dh)
+        inputs["qt"] = memops.quantize_table(inputs["bank"].flatten(1), dtype=QUANTIZED[p["table"]], block_size=block)
     return inputs
 
 
 def gather_einsum(v, gates, ids, bank):
     """The known formulation (MoVE's and nanochat's code shape): gather the M rows, reduce with the gates."""
+    return mix_rows(v, gates, bank[ids])
+
+
+def mix_rows(v, gates, rows):
+    """gather_einsum's sum over every token's gathered M rows ``rows`` (B, N, M, H * Dh)."""
     B, N, H, Dh = v.shape
-    rows = bank[ids].view(B, N, bank.shape[1], H, Dh)
-    return gates[..., :1] * v + torch.einsum("bnhm,bnmhd->bnhd", gates[..., 1:], rows)
+    return gates[..., :1] * v + torch.einsum("bnhm,bnmhd->bnhd", gates[..., 1:], rows.view(B, N, -1, H, Dh))
 
 
 def _build(flavour: str, mode: str, compile_it: bool = False):
@@ -92,7 +109,27 @@ def _build(flavour: str, mode: str, compile_it: bool = False):
     return build
 
 
+def _quantized(flavour: str):
+    def build(inputs):
+        v, gates, ids, qt = inputs["v"], inputs["gates"], inputs["ids"], inputs["qt"]
+        if flavour in ("memops", "memops-bf16"):
+            bank = qt if flavour == "memops" else inputs["bank"]
+            return lambda: memops.value_embedding_mix(v, gates, ids, bank, check_ids=False)
+
+        def dequantize_einsum():  # plain PyTorch: dequantize the gathered rows, then gather_einsum's sum
+            flat = ids.reshape(-1)
+            scales = memops.reference.quantized.expand_scales(qt.scales[flat], qt.block_size, qt.shape[1])
+            rows = (qt.data[flat].float() * scales).to(v.dtype)
+            return mix_rows(v, gates, rows.view(*ids.shape, gates.shape[-1] - 1, -1))
+
+        return dequantize_einsum
+
+    return build
+
+
 def providers(case: Case, device: str) -> dict:
+    if "table" in case.params:
+        return quantized_providers(case, device, _quantized, "dequantize_einsum")
     out = {("memops" if device == "cuda" else "memops-reference"): _build("memops", case.mode)}
     out["gather_einsum"] = _build("torch", case.mode)
     if device == "cuda":
@@ -106,6 +143,8 @@ def bytes_moved(case: Case, mode: str) -> int:
     T, HD, M = p["B"] * p["N"], p["H"] * p["Dh"], p["M"]
     gates = T * p["H"] * (M + 1) * item
     forward = T * 8 + T * M * HD * item + 2 * T * HD * item + gates
+    if "table" in p:  # 8-bit rows and their e8m0 scales (one byte per block of up to 128 columns)
+        forward += T * M * HD * (1 - item) + T * M * HD // math.gcd(128, p["Dh"])
     if mode == "fwd":
         return forward
     return forward + 3 * T * HD * item + 2 * T * M * HD * item + 2 * gates
