@@ -62,15 +62,18 @@ def table_rows(values_ptr, scales_ptr, rows, offs_d, mask, stride_values, stride
         tile = _e4m3_from_bytes(raw)
     else:
         tile = tl.load(values_ptr + rows[:, None] * stride_values + offs_d[None, :], mask=mask, other=0.0)
-    if scales_ptr is not None:
+    if scales_ptr is None:
+        out = tile.to(ACC)
+    else:
+        tile = tile.to(tl.float32)  # (converted as soon as loaded: the raw bytes need not stay live with the scales)
         scale = tl.load(scales_ptr + rows[:, None] * stride_scales + (offs_d // block_size)[None, :], mask=mask,
                         other=0)
         if E8M0:  # the byte as a float's exponent field: 2^(b - 127) (b = 0: 2^-127, a subnormal)
             bits = scale.to(tl.int32)
             scale = tl.where(bits == 0, 0x00400000, bits << 23).to(tl.float32, bitcast=True)
-        # (through fp32 also because there is no e4m3 -> fp64 cast)
-        tile = tile.to(tl.float32) * scale.to(tl.float32)
-    return tile.to(ACC)
+        # the product in fp32, as dequantize_table defines it (also: there is no e4m3 -> fp64 cast)
+        out = (tile * scale.to(tl.float32)).to(ACC)
+    return out
 
 
 @triton.jit
