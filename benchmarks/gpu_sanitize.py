@@ -313,10 +313,9 @@ def run(names: list[str], device: str) -> Counter:
     return launches
 
 
-def _run_one(name_and_device) -> str:
+def _run_one(name_and_device) -> tuple[str, Counter]:
     name, device = name_and_device
-    run([name], device)
-    return name
+    return name, run([name], device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,24 +325,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--case", action="append", help="only this case (repeatable); default: all")
     parser.add_argument("--warm", type=int, metavar="N", help="run each case in its own process, N at a time")
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="run the cases in N processes (the rehearsal: one per core)"
+    )
     parser.add_argument("--list", action="store_true", help="print the case names")
     args = parser.parse_args(argv)
     names = args.case or [name for name, _ in CASES]
     if args.list:
         print("\n".join(names))
         return 0
-    if args.warm:
+    if args.warm or args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        start = time.perf_counter()
+        start, launches = time.perf_counter(), Counter()
         # spawn: a forked process would inherit the parent's CUDA and torch thread state
-        with ProcessPoolExecutor(args.warm, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for name in pool.map(_run_one, [(name, args.device) for name in names]):
-                print(f"warm: {name}", flush=True)
-        print(f"warm: {len(names)} cases in {time.perf_counter() - start:.1f} s")
-        return 0
-    launches = run(names, args.device)
+        with ProcessPoolExecutor(args.warm or args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for name, launched in pool.map(_run_one, [(name, args.device) for name in names]):
+                launches.update(launched)
+                print(f"{'warm' if args.warm else 'ran'}: {name}", flush=True)
+        if args.warm:
+            print(f"warm: {len(names)} cases in {time.perf_counter() - start:.1f} s")
+            return 0
+    else:
+        launches = run(names, args.device)
     print("launched: " + ", ".join(f"{k} x{n}" for k, n in sorted(launches.items())))
     if not args.case:  # the whole list: every kernel must have launched
         missing = sorted(kernel_names() - set(launches))

@@ -24,9 +24,10 @@ and every index offset is int64, so tables past 2**31 elements are addressed cor
 
 An 8-bit table (memops.QuantizedTable: e4m3 or int8 data with one scale per row per block of B columns)
 is read by the forward and the weights grad through ``table_rows``: V[s, c] = data[s, c] * scale[s, c // B],
-dequantized in registers (an e8m0 scale byte b is the float whose exponent field is b: 2^(b - 127), built
-from its bits, exact). GPUs before sm_89 have no e4m3 type: there the data is read as bytes and decoded from
-its bits (sign, 4 exponent bits of bias 7, 3 mantissa bits; exponent 0 is subnormal: m * 2^-9), exact too.
+dequantized in registers, the product in fp32 as memops.dequantize_table defines it (an e8m0 scale byte b is
+the float whose exponent field is b: 2^(b - 127), built from its bits, exact). GPUs before sm_89 have no e4m3
+type: there the data is read as bytes and decoded from its bits (sign, 4 exponent bits of bias 7, 3 mantissa
+bits; exponent 0 is subnormal: m * 2^-9), exact too.
 """
 from __future__ import annotations
 

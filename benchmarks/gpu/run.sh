@@ -163,7 +163,7 @@ step_sanitize() {
   # memcheck over one awkward case per kernel (memops.benchmarks.gpu_sanitize fails when a kernel did not launch);
   # without PyTorch's caching allocator, so an overrun lands outside any allocation where memcheck sees it.
   if ((REHEARSE)); then
-    "$python" -m memops.benchmarks.gpu_sanitize --device cpu >"$WORK/sanitize-run.log" 2>&1
+    "$python" -m memops.benchmarks.gpu_sanitize --device cpu --jobs "$(nproc)" >"$WORK/sanitize-run.log" 2>&1
     local rc=$?
     { echo "rehearsal: no compute-sanitizer; the cases ran through the interpreter (exit $rc)"; tail -2 "$WORK/sanitize-run.log"; } >"$OUT/sanitize.log"
   else
