@@ -139,9 +139,11 @@ step_tests() {
   # must still print its summary).
   local timeout_flag="" rc=0
   "$python" -c "import pytest_timeout" 2>/dev/null && timeout_flag="--timeout=100"
-  if ((REHEARSE)); then
-    "$python" -m pytest tests -m "cuda and not at_scale" --collect-only -q -n 0 >"$OUT/tests.log" 2>&1 || rc=1
+  if ((REHEARSE)); then  # (the two collections side by side: one per core)
+    "$python" -m pytest tests -m "cuda and not at_scale" --collect-only -q -n 0 >"$OUT/tests.log" 2>&1 &
+    local collecting=$!
     "$python" -m pytest tests -m "cuda and at_scale" --collect-only -q -n 0 >"$OUT/tests-at-scale.log" 2>&1 || rc=1
+    wait "$collecting" || rc=1
     tail -q -n 1 "$OUT/tests.log" "$OUT/tests-at-scale.log"
     grep -q "tests collected" "$OUT/tests.log" && grep -q "tests collected" "$OUT/tests-at-scale.log" || rc=1
     return "$rc"
