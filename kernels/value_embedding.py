@@ -104,10 +104,9 @@ def value_embedding_mix_fwd(
     if out.numel() == 0:
         return out
     cfg = _fwd_config(M, Dh, v.device)
+    # (one scale per row: its block covers the row, so every slot's scale offsets are 0)
     table = table_args(bank, scales, block_size)
-    if scales is not None and scales.shape[1] == 1:
-        table["block_size"] = M * H * Dh  # one scale per row: every slot of the row reads scale column 0
-    acc = accumulator(v, gates) if scales is not None else accumulator(v, gates, bank)
+    acc = accumulator(v, gates, bank)
     record_launch("value_embedding_mix_fwd_kernel")
     value_embedding_mix_fwd_kernel[(B * N, H)](
         v, gates, ids, table["values_ptr"], out, H, M, Dh, table["stride_values"], table["scales_ptr"],
@@ -143,7 +142,7 @@ def value_embedding_mix_bwd(
     if T * H == 0:
         grad_bank = torch.zeros_like(bank) if bank_grad else None
         return grad_v, grad_gates, grad_bank
-    acc = accumulator(grad_out, v, gates) if scales is not None else accumulator(grad_out, v, gates, bank)
+    acc = accumulator(grad_out, v, gates, bank)
     if v_grad or gates_grad:
         record_launch("value_embedding_mix_bwd_kernel")
         value_embedding_mix_bwd_kernel[(T * H,)](
@@ -158,7 +157,7 @@ def value_embedding_mix_bwd(
             # (V * M * H scale entries, beside the V * M * H * Dh bytes of data)
             scales, block_size = scales.repeat_interleave(M * H, dim=0), Dh
         elif scales is not None:
-            scales, block_size = scales.view(V * M * H, -1), min(block_size, Dh)
+            scales = scales.view(V * M * H, -1)
         grad_rows, grad_slot_gates = weighted_gather_bwd(
             grad_out.reshape(T * H, Dh), bank.view(V * M * H, Dh), rows, slot_gates,
             values_grad_algorithm="segment" if deterministic else "auto", values_grad=bank_grad,

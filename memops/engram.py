@@ -13,7 +13,7 @@ from memops._backend import resolve_backend
 from memops._registration import backward_op, custom_op
 from memops._validation import can_read_values, check_int
 from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
-from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable
+from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable, check_float_table
 from memops.reference.engram import engram_hash_params, table_offsets  # the spec's helpers, public here too
 
 __all__ = [
@@ -178,8 +178,6 @@ def engram_lookup(
 
         out_dtype: the output's dtype for a QuantizedTable (default: the dtype it was quantized from).
 
-        out_dtype: a QuantizedTable's output dtype (default: the dtype it was quantized from).
-
     Returns:
         (B, L - context, (N - 1) * h * d) in table.dtype. Backward gives ``table`` a dense (rows, d) grad that is
         non-zero only on the rows read.
@@ -189,6 +187,8 @@ def engram_lookup(
     op = "engram_lookup"
     _check_hash_inputs(ids, multipliers, primes, pad_id, op, offsets)
     quantized = isinstance(table, QuantizedTable)
+    if isinstance(table, torch.Tensor):
+        check_float_table(table, "table", op)
     if not quantized and (not isinstance(table, torch.Tensor) or not table.is_floating_point()):
         raise TypeError(f"{op}: table: expected a floating-point tensor or a memops.QuantizedTable, got "
                         f"{_describe(table)}")  # fmt: skip

@@ -15,13 +15,15 @@ from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values, check_bool
 from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
-from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable
+from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable, check_float_table
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_weighted_gather_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
-    """values: the float table, or a QuantizedTable's data."""
+def _check_weighted_gather_inputs(values, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    """values: the float table or a QuantizedTable (whose own checks hold its data and scales)."""
+    quantized = isinstance(values, QuantizedTable)
+    values = values.data if quantized else values
     for name, t in (("values", values), ("indices", indices), ("weights", weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
@@ -30,8 +32,10 @@ def _check_weighted_gather_inputs(values: torch.Tensor, indices: torch.Tensor, w
             )
     if values.dim() != 2:
         raise ValueError(f"weighted_gather: values must be a 2-D (S, D) table, got shape {tuple(values.shape)}")
-    if not values.is_floating_point() and values.dtype != torch.int8:
-        raise TypeError(f"weighted_gather: values must be a floating-point tensor, got {values.dtype}")
+    if not quantized:
+        check_float_table(values, "values", "weighted_gather")
+        if not values.is_floating_point():
+            raise TypeError(f"weighted_gather: values must be a floating-point tensor, got {values.dtype}")
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"weighted_gather: indices must be int32 or int64, got {indices.dtype}")
     if indices.dim() < 1:
@@ -179,7 +183,7 @@ def weighted_gather(
     Backward gives grads to ``values`` (dense (S, D), non-zero only on the gathered rows) and ``weights``.
     """
     quantized = isinstance(values, QuantizedTable)
-    _check_weighted_gather_inputs(values.data if quantized else values, indices, weights)
+    _check_weighted_gather_inputs(values, indices, weights)
     check_bool(check_indices, "check_indices", "weighted_gather")
     check_bool(deterministic, "deterministic", "weighted_gather")
     check_bool(sparse, "sparse", "weighted_gather")

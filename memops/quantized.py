@@ -87,6 +87,16 @@ class QuantizedTable:
         )
 
 
+def check_float_table(table: torch.Tensor, name: str, op: str) -> None:
+    """TypeError for a bare 8-bit tensor where an op reads a float table as it is: without its scales its
+    values mean nothing (pass the QuantizedTable of memops.quantize_table)."""
+    if table.dtype in reference_quantized.FORMATS:
+        raise TypeError(
+            f"{op}: {name} is a bare {table.dtype} tensor; an 8-bit table is read with its scales: pass the "
+            "memops.QuantizedTable that memops.quantize_table returns"
+        )
+
+
 def quantize_table(
     table: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn, block_size: int | None = 128,
     scale_format: str = "e8m0",

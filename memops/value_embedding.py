@@ -14,7 +14,7 @@ from memops._backend import resolve_backend
 from memops._registration import backward_op, contiguous, custom_op
 from memops._validation import can_read_values, check_bool
 from memops.optim import ROW_SPARSE_EAGER, in_backward_optimizer, update_in_backward
-from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable
+from memops.quantized import QUANTIZED_NO_GRAD, QuantizedTable, check_float_table
 
 _OP = "value_embedding_mix"
 
@@ -31,6 +31,8 @@ def check_value_embedding_inputs(v, gates, ids, bank) -> None:
         if not isinstance(t, torch.Tensor):
             extra = " (or a memops.QuantizedTable)" if name == "bank" else ""
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor{extra}, got {type(t).__name__}")
+    if not quantized:
+        check_float_table(bank, "bank", _OP)
     for name, t in (("v", v), ("gates", gates)) + ((("bank", bank),) if not quantized else ()):
         if not t.is_floating_point():
             raise TypeError(f"{_OP}: {name} must be floating point, got {_describe(t)}")

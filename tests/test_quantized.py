@@ -139,6 +139,20 @@ def test_bad_input():
         memops.weighted_gather(qt, torch.zeros(2, 3, dtype=torch.long), torch.rand(2, 3), out_dtype=torch.int8)
     with pytest.raises(TypeError, match="dequantize_table: qt must be a memops.QuantizedTable"):
         memops.dequantize_table(t)
+    # a bare 8-bit tensor (its scales left behind) is refused where a float table is read as it is
+    indices, weights = torch.zeros(2, 3, dtype=torch.long), torch.rand(2, 3)
+    for data in (qt.data, memops.quantize_table(t, dtype=torch.int8).data):
+        with pytest.raises(TypeError, match=f"values is a bare {data.dtype} tensor"):
+            memops.weighted_gather(data, indices, weights)
+    multipliers, primes, offsets, engram_table = engram_case()
+    with pytest.raises(TypeError, match="table is a bare torch.float8_e4m3fn tensor"):
+        memops.engram_lookup(torch.zeros(2, 3, dtype=torch.long), memops.quantize_table(engram_table).data,
+                             multipliers, primes, offsets, pad_id=1)  # fmt: skip
+    v, gates, ids, bank = bank_case(M=1, H=1, Dh=64)
+    with pytest.raises(TypeError, match="bank is a bare torch.int8 tensor"):
+        memops.value_embedding_mix(
+            v, gates, ids, memops.quantize_table(bank.flatten(1), dtype=torch.int8).data.view(bank.shape)
+        )
 
 
 @pytest.mark.parametrize("dtype, scale_format", [FORMATS[0], FORMATS[3]], ids=[FORMAT_IDS[0], FORMAT_IDS[3]])
