@@ -33,7 +33,6 @@ from memops.moe import moe_ffn, unique_experts
 from memops.nn.engram import Engram
 from memops.nn.moe import BlockMoE
 from memops.nn.product_key import ProductKeyMemory
-from memops.nn.quantized import QuantizedEmbedding
 from memops.nn.value_embedding import ValueEmbeddingBank
 from memops.optim import in_backward_optimizer, update_in_backward
 from memops.product_key import weighted_gather
@@ -209,7 +208,7 @@ class ShardedProductKeyMemory(_ShardCheckpoint, ProductKeyMemory):
         # the all-reduce in _AllReduceGrad's backward completes it.
         weights = _AllReduceGrad.apply(weights, self.process_group)
         y = weighted_gather(
-            self.values.table if isinstance(self.values, QuantizedEmbedding) else self.values.weight,
+            self.table,
             indices.view(T, self.heads * self.topk),
             weights.view(T, self.heads * self.topk),
             check_indices=False,
@@ -227,7 +226,7 @@ def gather_value_table(module: ShardedProductKeyMemory) -> torch.Tensor | Quanti
     """The full (n_keys**2, value_dim) value table on every rank, for a single-process checkpoint (a
     collective: call it on every rank); of a quantized layer, the full 8-bit :class:`memops.QuantizedTable`,
     whose blocks are the shards' (``quantize_`` keeps them inside a shard)."""
-    table = module.values.table if isinstance(module.values, QuantizedEmbedding) else module.values.weight
+    table = module.table
     if not isinstance(table, QuantizedTable):
         return _all_gather_columns(table, module.process_group)
     data = _all_gather_columns(table.data, module.process_group)

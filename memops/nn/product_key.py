@@ -238,7 +238,7 @@ class ProductKeyMemory(nn.Module):
         T = flat.shape[0]
         # The search only returns slots in [0, n_keys**2): no range check (and no host sync) needed.
         y = weighted_gather(
-            self.values.table if isinstance(self.values, QuantizedEmbedding) else self.values.weight,
+            self.table,
             indices.view(T, self.heads * self.topk),
             weights.view(T, self.heads * self.topk),
             check_indices=False,
@@ -246,6 +246,11 @@ class ProductKeyMemory(nn.Module):
         )
         out = self.output(y, flat)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @property
+    def table(self):
+        """What the gather reads: the value table's weight, or its 8-bit table once quantized."""
+        return self.values.table if isinstance(self.values, QuantizedEmbedding) else self.values.weight
 
     @torch.no_grad()
     def quantize_(

@@ -14,6 +14,8 @@ next tokens vs 55.6% without; 200 steps (the default, 17 s), 89.0% vs 80.3%).
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import sys
 import time
 
@@ -201,9 +203,6 @@ TABLE_FORMATS = {
 def quantized_quality(model: MemoryLM, evaluate=evaluate_ngram, seed: int = 0, device: str = "cpu") -> dict:
     """The trained model's held-out (loss, accuracy) (``evaluate(model, seed, device)``) with its memory tables
     as trained, in bf16 and in each 8-bit form of TABLE_FORMATS (the rest of the model unchanged)."""
-    import copy
-    import math
-
     results = {"as trained (fp32)": evaluate(model, seed, device)}
     bf16 = copy.deepcopy(model)
     for weight in memory_tables(bf16):
